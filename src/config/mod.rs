@@ -1,0 +1,275 @@
+//! Configuration: the typed [`Config`] every other module reads.
+//!
+//! The YAML file keeps the Go loraplex's keys (see `file.rs` for the on-disk shape and its
+//! conversion, `units.rs` for sizes and durations, `env.rs` for `${VAR}` expansion). Every value
+//! is checked once, here, at start: a bad value is refused with a message naming the key and
+//! the value, and nothing downstream re-parses strings.
+
+use std::{path::PathBuf, time::Duration};
+
+/// Everything loraplex runs with, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Listen address as written (`:8080`, `0.0.0.0:9090`, `127.0.0.1:0`).
+    pub listen: String,
+    /// This node's address as peers know it (`--self`); `None`: derived from `listen`.
+    pub self_addr: Option<String>,
+    /// vLLM base URL, `http://host:port` (no TLS: vLLM is on the same host or pod).
+    pub vllm_url: String,
+    pub storage: StorageConfig,
+    /// Tried in order for every cold adapter.
+    pub origins: Vec<OriginConfig>,
+    pub invalidation: InvalidationConfig,
+    pub discovery: DiscoveryConfig,
+    pub routing: RoutingConfig,
+    pub vllm: VllmConfig,
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub cluster: ClusterConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageConfig {
+    /// The directory vLLM's filesystem resolver reads (`VLLM_LORA_RESOLVER_CACHE_DIR`).
+    pub dir: PathBuf,
+    /// Disk budget in bytes for all adapters together.
+    pub max_size: u64,
+    /// Rewrite `base_model_name_or_path` in stored adapter configs to the served base model
+    /// (vLLM's resolver compares it exactly with `--model`).
+    pub rewrite_base_model: bool,
+    /// How adapter files are written.
+    pub direct_io: DirectIo,
+}
+
+/// O_DIRECT policy for adapter writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectIo {
+    /// O_DIRECT where the filesystem accepts it, buffered + fsync where it does not (tmpfs).
+    Auto,
+    /// Always buffered + fsync.
+    Off,
+}
+
+/// Per-origin transfer settings shared by every origin type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferConfig {
+    pub connect_timeout: Duration,
+    /// A transfer with no byte for this long is aborted (never a total-time limit).
+    pub idle_timeout: Duration,
+    /// Retries of one file after a 5xx, reset or stall (with `Range` where allowed).
+    pub retries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OriginConfig {
+    /// `{base_url}/{name}/adapter_config.json`, `adapter_model.safetensors` (or `.bin`).
+    Http {
+        base_url: String,
+        token: Option<String>,
+        transfer: TransferConfig,
+    },
+    /// A local or NFS directory with the same layout: `{path}/{name}/...`.
+    File { path: PathBuf },
+    /// The Hugging Face Hub; repo id = adapter name.
+    HuggingFace {
+        endpoint: String,
+        token: Option<String>,
+        transfer: TransferConfig,
+    },
+    /// S3 or an S3-compatible store: objects under `{prefix}{name}/`.
+    S3 {
+        bucket: String,
+        region: Option<String>,
+        prefix: String,
+        endpoint: Option<String>,
+        transfer: TransferConfig,
+    },
+}
+
+impl OriginConfig {
+    /// `http`, `file`, `huggingface`, `s3`: the config `type` and the metric label.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            OriginConfig::Http { .. } => "http",
+            OriginConfig::File { .. } => "file",
+            OriginConfig::HuggingFace { .. } => "huggingface",
+            OriginConfig::S3 { .. } => "s3",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidationConfig {
+    /// Revalidate a stored adapter after this long; `None` (`ttl: "0"`) disables.
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DiscoveryConfig {
+    Static {
+        peers: Vec<String>,
+    },
+    File {
+        dir: PathBuf,
+        heartbeat_interval: Duration,
+        stale_threshold: Duration,
+    },
+    K8s {
+        service: String,
+        namespace: String,
+    },
+}
+
+impl DiscoveryConfig {
+    pub fn mode(&self) -> &'static str {
+        match self {
+            DiscoveryConfig::Static { .. } => "static",
+            DiscoveryConfig::File { .. } => "file",
+            DiscoveryConfig::K8s { .. } => "k8s",
+        }
+    }
+}
+
+/// What a request is hashed on to pick its node (`routing.hash_on`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    /// The `model` field (default).
+    Model,
+    /// `X-Tenant-ID`.
+    Tenant,
+    /// `X-Tenant-ID` + `/` + model; the model alone when the header is missing.
+    TenantModel,
+    /// A header's value (session pinning).
+    Header(String),
+    /// A header's value + `/` + model; the model alone when the header is missing.
+    HeaderModel(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingConfig {
+    pub hash_on: HashOn,
+    /// Accepted for compatibility; placement uses a fixed slot table instead of vnodes.
+    pub vnodes_per_peer: u32,
+    /// Bounds connect + response headers of a forward, never the generation itself.
+    pub forward_timeout: Duration,
+    /// Load (0..=1) above which an owner sheds requests to the next node of the key.
+    pub overflow_threshold: f64,
+    pub fallback_to_base_model: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VllmConfig {
+    /// The served base model (`--model`); `None`: learnt from `GET /v1/models`.
+    pub model_name: Option<String>,
+    pub max_loras: u32,
+    pub max_lora_rank: u32,
+    pub health_check_interval: Duration,
+}
+
+/// Which io driver the workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+/// New keys of ours (not in the Go project).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// Data-plane threads; default one per core.
+    pub workers: usize,
+    pub driver: Driver,
+    pub max_body_size: usize,
+    /// Largest accepted request head.
+    pub max_header_size: usize,
+    /// A client must send a whole request head within this.
+    pub header_read_timeout: Duration,
+    /// An idle keep-alive client connection is closed after this.
+    pub idle_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    /// Idle pooled upstream connections are dropped after this.
+    pub upstream_idle_timeout: Duration,
+    /// How long SIGTERM waits for requests in flight.
+    pub shutdown_grace: Duration,
+    /// `text` or `json` logs.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AdminConfig {
+    /// Bearer token required on `/admin/*` when set.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClusterConfig {
+    /// Shared secret that authenticates forwards between peers when set.
+    pub token: Option<String>,
+}
+
+impl Default for Config {
+    /// The Go project's defaults, plus ours for the new keys.
+    fn default() -> Self {
+        Config {
+            listen: ":8080".into(),
+            self_addr: None,
+            vllm_url: "http://localhost:8000".into(),
+            storage: StorageConfig {
+                dir: "/mnt/nvme/loraplex".into(),
+                max_size: 100 << 30,
+                rewrite_base_model: false,
+                direct_io: DirectIo::Auto,
+            },
+            origins: Vec::new(),
+            invalidation: InvalidationConfig {
+                ttl: Some(Duration::from_secs(3600)),
+            },
+            discovery: DiscoveryConfig::Static { peers: Vec::new() },
+            routing: RoutingConfig {
+                hash_on: HashOn::Model,
+                vnodes_per_peer: 150,
+                forward_timeout: Duration::from_secs(5),
+                overflow_threshold: 0.8,
+                fallback_to_base_model: false,
+            },
+            vllm: VllmConfig {
+                model_name: None,
+                max_loras: 200,
+                max_lora_rank: 64,
+                health_check_interval: Duration::from_secs(10),
+            },
+            server: ServerConfig {
+                workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                driver: Driver::Auto,
+                max_body_size: 32 << 20,
+                max_header_size: 64 << 10,
+                header_read_timeout: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(120),
+                upstream_connect_timeout: Duration::from_secs(5),
+                upstream_idle_timeout: Duration::from_secs(60),
+                shutdown_grace: Duration::from_secs(15),
+                log_format: LogFormat::Text,
+            },
+            admin: AdminConfig::default(),
+            cluster: ClusterConfig::default(),
+        }
+    }
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        TransferConfig {
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            retries: 3,
+        }
+    }
+}

@@ -1,0 +1,657 @@
+//! Request and response heads.
+//!
+//! A head is parsed with `httparse` into spans over the raw bytes (kept as a cheap `Bytes`),
+//! then its framing is decided once: how long the body is, whether the connection stays open,
+//! whether the client waits for `100 Continue`. Ambiguous framing that enables request smuggling
+//! (both `Transfer-Encoding` and `Content-Length`, conflicting lengths, a transfer coding other
+//! than a final `chunked`) is refused with 400 instead of guessed.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+
+use crate::error::{Error, ErrorKind};
+
+/// Most headers accepted in one head; more is 431.
+pub const MAX_HEADERS: usize = 128;
+
+/// Header name prefix of loraplex's own headers (forward mark, fallback notice).
+pub const INTERNAL_PREFIX: &[u8] = b"x-loraplex-";
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+    /// Response only: the body runs until the upstream closes.
+    UntilClose,
+}
+
+/// The request methods the proxy cares to tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Options,
+    Patch,
+    Other,
+}
+
+impl Method {
+    fn parse(s: &str) -> Method {
+        match s {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "DELETE" => Method::Delete,
+            "OPTIONS" => Method::Options,
+            "PATCH" => Method::Patch,
+            _ => Method::Other,
+        }
+    }
+}
+
+type Span = Range<u32>;
+
+#[derive(Debug, Clone)]
+struct HeaderSpan {
+    name: Span,
+    value: Span,
+    /// Dropped when the head is forwarded (hop-by-hop or re-framed by us).
+    hop: bool,
+}
+
+/// What both heads share: the raw bytes and the header spans.
+#[derive(Debug, Clone)]
+struct Fields {
+    raw: Bytes,
+    headers: Vec<HeaderSpan>,
+}
+
+impl Fields {
+    fn new(buf: &[u8], len: usize, parsed: &[httparse::Header<'_>]) -> Fields {
+        let base = buf.as_ptr() as usize;
+        let span = |s: &[u8]| {
+            let start = (s.as_ptr() as usize - base) as u32;
+            start..start + s.len() as u32
+        };
+        let headers = parsed
+            .iter()
+            .map(|h| HeaderSpan {
+                name: span(h.name.as_bytes()),
+                value: span(h.value),
+                hop: false,
+            })
+            .collect();
+        Fields {
+            raw: Bytes::copy_from_slice(&buf[..len]),
+            headers,
+        }
+    }
+
+    fn bytes(&self, s: &Span) -> &[u8] {
+        &self.raw[s.start as usize..s.end as usize]
+    }
+
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers
+            .iter()
+            .map(|h| (self.bytes(&h.name), self.bytes(&h.value)))
+    }
+
+    /// Decide framing and mark hop-by-hop headers. `request`: refuse non-chunked codings.
+    fn frame(&mut self, minor: u8, request: bool) -> Result<Framing, Error> {
+        let mut framing = Framing {
+            keep_alive: minor == 1,
+            ..Framing::default()
+        };
+        let mut connection_tokens: Vec<Vec<u8>> = Vec::new();
+        let mut te: Option<Span> = None;
+        let mut length: Option<u64> = None;
+        for i in 0..self.headers.len() {
+            let name = self.bytes(&self.headers[i].name);
+            let value = self.bytes(&self.headers[i].value);
+            let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+            let hop = if is(b"connection") || is(b"proxy-connection") {
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        framing.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        framing.keep_alive_token = true;
+                    } else if !token.is_empty() {
+                        connection_tokens.push(token.to_vec());
+                    }
+                }
+                true
+            } else if is(b"transfer-encoding") {
+                if te.is_some() {
+                    return Err(Error::bad_request("repeated Transfer-Encoding header"));
+                }
+                te = Some(self.headers[i].value.clone());
+                true
+            } else if is(b"content-length") {
+                let n = parse_content_length(value)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(Error::bad_request("conflicting Content-Length headers"));
+                }
+                length = Some(n);
+                true
+            } else if is(b"expect") {
+                framing.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
+                true
+            } else {
+                is(b"keep-alive")
+                    || is(b"te")
+                    || is(b"trailer")
+                    || is(b"upgrade")
+                    || name
+                        .get(..INTERNAL_PREFIX.len())
+                        .is_some_and(|p| p.eq_ignore_ascii_case(INTERNAL_PREFIX))
+            };
+            self.headers[i].hop = hop;
+        }
+        if !connection_tokens.is_empty() {
+            for h in &mut self.headers {
+                let name = &self.raw[h.name.start as usize..h.name.end as usize];
+                if connection_tokens
+                    .iter()
+                    .any(|t| t.eq_ignore_ascii_case(name))
+                {
+                    h.hop = true;
+                }
+            }
+        }
+        framing.keep_alive = if minor == 1 {
+            !framing.close
+        } else {
+            framing.keep_alive_token
+        };
+        framing.body = match (te, length) {
+            (Some(_), Some(_)) if request => {
+                return Err(Error::bad_request(
+                    "both Transfer-Encoding and Content-Length: refused (request smuggling)",
+                ));
+            }
+            (Some(te), _) => {
+                let value = self.bytes(&te);
+                let last = value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .unwrap_or(b"")
+                    .trim_ascii();
+                if last.eq_ignore_ascii_case(b"chunked") {
+                    if minor == 0 && request {
+                        return Err(Error::bad_request(
+                            "Transfer-Encoding in an HTTP/1.0 request",
+                        ));
+                    }
+                    BodyKind::Chunked
+                } else if request {
+                    return Err(Error::bad_request("unsupported Transfer-Encoding"));
+                } else {
+                    BodyKind::UntilClose
+                }
+            }
+            (None, Some(n)) => BodyKind::Length(n),
+            (None, None) if request => BodyKind::None,
+            (None, None) => BodyKind::UntilClose,
+        };
+        Ok(framing)
+    }
+
+    /// Append the end-to-end headers (hop-by-hop and internal ones left out).
+    fn write_end_to_end(&self, out: &mut Vec<u8>) {
+        for h in self.headers.iter().filter(|h| !h.hop) {
+            out.extend_from_slice(self.bytes(&h.name));
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(self.bytes(&h.value));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Framing {
+    body: BodyKind,
+    keep_alive: bool,
+    keep_alive_token: bool,
+    close: bool,
+    expect_continue: bool,
+}
+
+impl Default for BodyKind {
+    fn default() -> Self {
+        BodyKind::None
+    }
+}
+
+fn parse_content_length(v: &[u8]) -> Result<u64, Error> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return Err(Error::bad_request("invalid Content-Length"));
+    }
+    // 19 digits always fit in a u64.
+    Ok(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+fn parse_error(e: httparse::Error) -> Error {
+    match e {
+        httparse::Error::TooManyHeaders => {
+            Error::new(ErrorKind::HeaderTooLarge, "too many request headers")
+        }
+        e => Error::bad_request(format!("malformed request head: {e}")),
+    }
+}
+
+/// A parsed request head.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    fields: Fields,
+    method: Span,
+    target: Span,
+    pub kind: Method,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor: u8,
+    pub body: BodyKind,
+    /// The client connection may stay open after this exchange.
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+}
+
+impl RequestHead {
+    /// Parse a head at the start of `buf`. `Ok(None)`: more bytes are needed.
+    /// Returns the head and its length in bytes.
+    pub fn parse(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, Error> {
+        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut storage);
+        let len = match req.parse(buf).map_err(parse_error)? {
+            httparse::Status::Complete(len) => len,
+            httparse::Status::Partial => return Ok(None),
+        };
+        let base = buf.as_ptr() as usize;
+        let span = |s: &str| {
+            let start = (s.as_ptr() as usize - base) as u32;
+            start..start + s.len() as u32
+        };
+        let (method_str, path) = (req.method.unwrap_or(""), req.path.unwrap_or(""));
+        let (method, target, minor) = (span(method_str), span(path), req.version.unwrap_or(1));
+        let kind = Method::parse(method_str);
+        let mut fields = Fields::new(buf, len, req.headers);
+        let framing = fields.frame(minor, true)?;
+        let head = RequestHead {
+            fields,
+            method,
+            target,
+            kind,
+            minor,
+            body: framing.body,
+            keep_alive: framing.keep_alive,
+            expect_continue: framing.expect_continue && minor == 1,
+        };
+        Ok(Some((head, len)))
+    }
+
+    pub fn method(&self) -> &str {
+        // httparse only accepts token characters, which are ASCII.
+        std::str::from_utf8(self.fields.bytes(&self.method)).unwrap_or("")
+    }
+
+    /// The request target as sent: path and query string.
+    pub fn target(&self) -> &str {
+        std::str::from_utf8(self.fields.bytes(&self.target)).unwrap_or("")
+    }
+
+    /// The path without the query string.
+    pub fn path(&self) -> &str {
+        let t = self.target();
+        t.split_once('?').map_or(t, |(p, _)| p)
+    }
+
+    /// First value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.fields.get(name)
+    }
+
+    /// A header's value as trimmed UTF-8, when present and valid.
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
+    }
+
+    pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter()
+    }
+
+    /// Whether the body is JSON (or untyped), so its `model` is worth reading.
+    pub fn is_json(&self) -> bool {
+        match self.header("content-type") {
+            None => true,
+            Some(ct) => memchr::memmem::find(&ct.to_ascii_lowercase(), b"json").is_some(),
+        }
+    }
+
+    /// Serialise this head for the next hop: same method and target, end-to-end headers only,
+    /// then `extra` headers, then the framing of a body of `body_len` bytes (the proxy always
+    /// sends bodies with a length, having read them whole).
+    pub fn write_forward(&self, out: &mut Vec<u8>, extra: &[(&str, &[u8])], body_len: usize) {
+        out.extend_from_slice(self.method().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.target().as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        self.fields.write_end_to_end(out);
+        for (name, value) in extra {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        if body_len > 0 || matches!(self.kind, Method::Post | Method::Put | Method::Patch) {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa_buf(body_len as u64).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A parsed response head from an upstream (vLLM or a peer).
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    fields: Fields,
+    pub status: u16,
+    reason: Span,
+    pub minor: u8,
+    pub body: BodyKind,
+    /// The upstream connection may be reused after this response.
+    pub keep_alive: bool,
+}
+
+impl ResponseHead {
+    /// Parse a response head. `request` is the method it answers (HEAD has no body).
+    pub fn parse(buf: &[u8], request: Method) -> Result<Option<(ResponseHead, usize)>, Error> {
+        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut storage);
+        let len = match res.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::BadGateway,
+                    format!("bad upstream head: {e}"),
+                ));
+            }
+        };
+        let base = buf.as_ptr() as usize;
+        let reason = res.reason.unwrap_or("");
+        let start = (reason.as_ptr() as usize).saturating_sub(base) as u32;
+        let reason = if reason.is_empty() {
+            0..0
+        } else {
+            start..start + reason.len() as u32
+        };
+        let (status, minor) = (res.code.unwrap_or(502), res.version.unwrap_or(1));
+        let mut fields = Fields::new(buf, len, res.headers);
+        let framing = fields
+            .frame(minor, false)
+            .map_err(|e| Error::new(ErrorKind::BadGateway, format!("upstream: {}", e.message)))?;
+        let mut body = framing.body;
+        if request == Method::Head || status == 204 || status == 304 || (100..200).contains(&status)
+        {
+            body = BodyKind::None;
+        }
+        let keep_alive = framing.keep_alive && body != BodyKind::UntilClose;
+        Ok(Some((
+            ResponseHead {
+                fields,
+                status,
+                reason,
+                minor,
+                body,
+                keep_alive,
+            },
+            len,
+        )))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.fields.get(name)
+    }
+
+    pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter()
+    }
+
+    pub fn reason(&self) -> &[u8] {
+        self.fields.bytes(&self.reason)
+    }
+
+    /// Serialise for the client. `body` is the framing the client will see (the proxy passes
+    /// chunked through to HTTP/1.1 clients and decodes it for HTTP/1.0 ones); `keep_alive`
+    /// whether the client connection stays open; `extra` headers are appended.
+    pub fn write_client(
+        &self,
+        out: &mut Vec<u8>,
+        body: BodyKind,
+        keep_alive: bool,
+        client_minor: u8,
+        extra: &[(&str, &[u8])],
+    ) {
+        out.extend_from_slice(if client_minor == 0 {
+            b"HTTP/1.0 "
+        } else {
+            b"HTTP/1.1 "
+        });
+        out.extend_from_slice(itoa_buf(u64::from(self.status)).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.reason());
+        out.extend_from_slice(b"\r\n");
+        self.fields.write_end_to_end(out);
+        for (name, value) in extra {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        match body {
+            BodyKind::Length(n) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa_buf(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            BodyKind::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            BodyKind::None | BodyKind::UntilClose => {
+                // A response to HEAD keeps the length it would have had.
+                if let Some(n) = self
+                    .header("content-length")
+                    .filter(|_| self.body_none_by_rule())
+                {
+                    out.extend_from_slice(b"content-length: ");
+                    out.extend_from_slice(n);
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+        if !keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if client_minor == 0 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// No body although the head may describe one (HEAD, 204, 304).
+    fn body_none_by_rule(&self) -> bool {
+        self.body == BodyKind::None && self.status != 204 && !(100..200).contains(&self.status)
+    }
+}
+
+/// Decimal formatting without allocation.
+pub fn itoa_buf(n: u64) -> ItoaBuf {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    ItoaBuf {
+        buf,
+        start: i as u8,
+    }
+}
+
+pub struct ItoaBuf {
+    buf: [u8; 20],
+    start: u8,
+}
+
+impl ItoaBuf {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.start as usize..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(s: &str) -> RequestHead {
+        RequestHead::parse(s.as_bytes()).unwrap().unwrap().0
+    }
+
+    fn forwarded(h: &RequestHead, body_len: usize) -> String {
+        let mut out = Vec::new();
+        h.write_forward(&mut out, &[], body_len);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn partial_head_needs_more() {
+        assert!(
+            RequestHead::parse(b"GET / HTTP/1.1\r\nHost: a\r\n")
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn framing_and_keep_alive() {
+        let h = req("POST /v1/completions?x=1 HTTP/1.1\r\nContent-Length: 12\r\n\r\n");
+        assert_eq!(h.body, BodyKind::Length(12));
+        assert!(h.keep_alive);
+        assert_eq!(h.path(), "/v1/completions");
+        assert_eq!(h.target(), "/v1/completions?x=1");
+        let h = req("GET / HTTP/1.0\r\n\r\n");
+        assert!(!h.keep_alive);
+        let h = req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert!(h.keep_alive);
+        let h = req("GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(!h.keep_alive);
+        let h = req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert_eq!(h.body, BodyKind::Chunked);
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        for bad in [
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            let e = RequestHead::parse(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.status(), 400, "{bad:?}");
+        }
+        // The same length twice is fine.
+        let h = req("POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n");
+        assert_eq!(h.body, BodyKind::Length(2));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let h = req(
+            "POST /v1/x?q=1 HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret\r\n\
+             X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\n\
+             X-Loraplex-Forwarded: 1\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\
+             Authorization: Bearer t\r\n\r\n",
+        );
+        assert!(h.expect_continue);
+        let out = forwarded(&h, 5);
+        assert_eq!(
+            out,
+            "POST /v1/x?q=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\n\
+             content-length: 5\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn too_many_headers_is_431() {
+        let mut s = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..MAX_HEADERS + 1 {
+            s.push_str(&format!("X-{i}: v\r\n"));
+        }
+        s.push_str("\r\n");
+        assert_eq!(RequestHead::parse(s.as_bytes()).unwrap_err().status(), 431);
+    }
+
+    #[test]
+    fn response_framing() {
+        let p = |s: &str, m| ResponseHead::parse(s.as_bytes(), m).unwrap().unwrap().0;
+        let r = p("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Method::Get);
+        assert_eq!((r.body, r.keep_alive), (BodyKind::Length(3), true));
+        let r = p(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::Post,
+        );
+        assert_eq!(r.body, BodyKind::Chunked);
+        let r = p("HTTP/1.1 200 OK\r\n\r\n", Method::Get);
+        assert_eq!((r.body, r.keep_alive), (BodyKind::UntilClose, false));
+        let r = p("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Method::Head);
+        assert_eq!(r.body, BodyKind::None);
+        let r = p("HTTP/1.1 204 No Content\r\n\r\n", Method::Get);
+        assert_eq!((r.body, r.keep_alive), (BodyKind::None, true));
+    }
+
+    #[test]
+    fn response_is_rewritten_for_the_client() {
+        let (r, _) = ResponseHead::parse(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: keep-alive\r\n\
+              Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5\r\n\r\n",
+            Method::Post,
+        )
+        .unwrap()
+        .unwrap();
+        let mut out = Vec::new();
+        r.write_client(&mut out, BodyKind::Chunked, true, 1, &[]);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn itoa() {
+        assert_eq!(itoa_buf(0).as_bytes(), b"0");
+        assert_eq!(
+            itoa_buf(u64::MAX).as_bytes(),
+            u64::MAX.to_string().as_bytes()
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! Small complete answers of the proxy's own: errors in OpenAI's shape, JSON, plain text.
+
+use crate::{error::Error, http::head::itoa_buf};
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        507 => "Insufficient Storage",
+        _ => "Unknown",
+    }
+}
+
+/// A whole response: status, content type, extra headers, body.
+pub fn write(
+    out: &mut Vec<u8>,
+    status: u16,
+    content_type: &str,
+    extra: &[(&str, &[u8])],
+    body: &[u8],
+    keep_alive: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa_buf(u64::from(status)).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(b"\r\ncontent-length: ");
+    out.extend_from_slice(itoa_buf(body.len() as u64).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in extra {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+/// An error as an OpenAI-shaped JSON response.
+pub fn error(out: &mut Vec<u8>, err: &Error, keep_alive: bool) {
+    write(
+        out,
+        err.status(),
+        "application/json",
+        &[],
+        &err.to_json(),
+        keep_alive,
+    );
+}
+
+/// A JSON response.
+pub fn json(out: &mut Vec<u8>, status: u16, value: &serde_json::Value, keep_alive: bool) {
+    let body = serde_json::to_vec(value).expect("a Value always serializes");
+    write(out, status, "application/json", &[], &body, keep_alive);
+}
+
+/// The interim answer to `Expect: 100-continue`.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_response() {
+        let mut out = Vec::new();
+        error(&mut out, &Error::model_not_found("x"), false);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"));
+        assert!(s.contains("connection: close\r\n\r\n{\"error\":"));
+    }
+}

@@ -1,0 +1,384 @@
+//! The `loraplex_*` Prometheus metrics, served at `GET /metrics`.
+//!
+//! Names and labels of the Go project are kept (`loraplex_requests_total{tenant,cache_tier}`,
+//! `loraplex_cache_hits_total{tier}`, ...); new ones are added for fetches, errors and
+//! unloads. Every label has a bounded set of values: the tenant label keeps the first
+//! [`MAX_TENANTS`] tenants seen and folds the rest into `_other` (the Go original's tenant label
+//! was unbounded), peers are bounded by the cluster size, origins by the config.
+//!
+//! One process-wide [`Metrics`] is shared by every thread; counters are atomics.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Mutex,
+        atomic::{AtomicI64, AtomicU64},
+    },
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Distinct tenant label values kept before folding into `_other`.
+pub const MAX_TENANTS: usize = 100;
+
+/// How a request was served (the Go project's `cache_tier` values, plus `error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Base-model request passed straight to vLLM.
+    Passthrough,
+    /// Sent on to the owning peer.
+    Forwarded,
+    /// The adapter was missing and the request went to the base model instead.
+    FallbackBase,
+    /// The adapter was fetched from an origin for this request.
+    Origin,
+    /// The adapter was already on local disk.
+    Local,
+    /// Routed by a header key and served here without an adapter.
+    Routed,
+    /// Answered with an error by loraplex itself.
+    Error,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Passthrough => "passthrough",
+            Tier::Forwarded => "forwarded",
+            Tier::FallbackBase => "fallback-base",
+            Tier::Origin => "origin",
+            Tier::Local => "local",
+            Tier::Routed => "routed",
+            Tier::Error => "error",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub tenant: String,
+    pub cache_tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabel {
+    pub tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub target_peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabel {
+    pub origin: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginResult {
+    pub origin: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginReason {
+    pub origin: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Request latency buckets: the Go project's (Prometheus defaults) plus long generations.
+const REQUEST_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+const FORWARD_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+const FETCH_BUCKETS: [f64; 12] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+fn request_histogram() -> Histogram {
+    Histogram::new(REQUEST_BUCKETS)
+}
+fn forward_histogram() -> Histogram {
+    Histogram::new(FORWARD_BUCKETS)
+}
+fn fetch_histogram() -> Histogram {
+    Histogram::new(FETCH_BUCKETS)
+}
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    tenants: Mutex<HashSet<String>>,
+    // Go-compatible.
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistFamily<RequestLabels>,
+    pub peer_forwards: Family<PeerLabel, Counter>,
+    pub overflow_local: Counter,
+    pub cache_hits: Family<TierLabel, Counter>,
+    pub cache_evictions: Family<TierLabel, Counter>,
+    pub cache_size_bytes: Family<TierLabel, Gauge>,
+    pub cache_items: Family<TierLabel, Gauge>,
+    pub peers_active: Gauge,
+    pub ring_rebuilds: Counter,
+    pub vllm_healthy: Gauge,
+    pub forward_duration: Histogram,
+    // New in loraplex (Rust).
+    pub cache_misses: Family<TierLabel, Counter>,
+    pub fetches: Family<OriginResult, Counter>,
+    pub fetch_bytes: Family<OriginLabel, Counter>,
+    pub fetch_failures: Family<OriginReason, Counter>,
+    pub fetch_duration: HistFamily<OriginLabel>,
+    pub errors: Family<KindLabel, Counter>,
+    pub vllm_unloads: Family<ResultLabel, Counter>,
+    pub revalidations: Family<ResultLabel, Counter>,
+    pub inflight_requests: Gauge<i64, AtomicI64>,
+    pub fetches_inflight: Gauge<i64, AtomicI64>,
+    pub upstream_connects: Counter<u64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("loraplex"),
+            tenants: Mutex::new(HashSet::new()),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(request_histogram),
+            peer_forwards: Family::default(),
+            overflow_local: Counter::default(),
+            cache_hits: Family::default(),
+            cache_evictions: Family::default(),
+            cache_size_bytes: Family::default(),
+            cache_items: Family::default(),
+            peers_active: Gauge::default(),
+            ring_rebuilds: Counter::default(),
+            vllm_healthy: Gauge::default(),
+            forward_duration: forward_histogram(),
+            cache_misses: Family::default(),
+            fetches: Family::default(),
+            fetch_bytes: Family::default(),
+            fetch_failures: Family::default(),
+            fetch_duration: Family::new_with_constructor(fetch_histogram),
+            errors: Family::default(),
+            vllm_unloads: Family::default(),
+            revalidations: Family::default(),
+            inflight_requests: Gauge::default(),
+            fetches_inflight: Gauge::default(),
+            upstream_connects: Counter::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "requests",
+            "Requests by tenant and how they were served",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Request duration, head in to last byte out",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "peer_forwards",
+            "Requests forwarded to a peer",
+            m.peer_forwards.clone(),
+        );
+        r.register(
+            "overflow_local",
+            "Requests served by another node because the owner was overloaded",
+            m.overflow_local.clone(),
+        );
+        r.register(
+            "cache_hits",
+            "Adapter requests found on local disk",
+            m.cache_hits.clone(),
+        );
+        r.register(
+            "cache_evictions",
+            "Adapters evicted",
+            m.cache_evictions.clone(),
+        );
+        r.register(
+            "cache_size_bytes",
+            "Bytes of adapters stored",
+            m.cache_size_bytes.clone(),
+        );
+        r.register("cache_items", "Adapters stored", m.cache_items.clone());
+        r.register(
+            "peers_active",
+            "Peers in the placement table",
+            m.peers_active.clone(),
+        );
+        r.register(
+            "ring_rebuilds",
+            "Placement rebuilds after a real membership change",
+            m.ring_rebuilds.clone(),
+        );
+        r.register(
+            "vllm_healthy",
+            "1 when vLLM's /health answers 200",
+            m.vllm_healthy.clone(),
+        );
+        r.register(
+            "forward_duration_seconds",
+            "Time to a forwarded request's response headers",
+            m.forward_duration.clone(),
+        );
+        r.register(
+            "cache_misses",
+            "Adapter requests not on local disk",
+            m.cache_misses.clone(),
+        );
+        r.register(
+            "fetches",
+            "Adapter fetches by origin and result",
+            m.fetches.clone(),
+        );
+        r.register(
+            "fetch_bytes",
+            "Bytes fetched from origins",
+            m.fetch_bytes.clone(),
+        );
+        r.register(
+            "fetch_failures",
+            "Failed origin fetches by reason",
+            m.fetch_failures.clone(),
+        );
+        r.register(
+            "fetch_duration_seconds",
+            "Duration of successful fetches",
+            m.fetch_duration.clone(),
+        );
+        r.register(
+            "errors",
+            "Error answers of loraplex itself, by kind",
+            m.errors.clone(),
+        );
+        r.register(
+            "vllm_unloads",
+            "Unload calls to vLLM by result",
+            m.vllm_unloads.clone(),
+        );
+        r.register(
+            "revalidations",
+            "TTL revalidations by result",
+            m.revalidations.clone(),
+        );
+        r.register(
+            "inflight_requests",
+            "Requests in flight",
+            m.inflight_requests.clone(),
+        );
+        r.register(
+            "fetches_inflight",
+            "Adapter fetches in flight",
+            m.fetches_inflight.clone(),
+        );
+        r.register(
+            "upstream_connects",
+            "New TCP connections to vLLM or peers",
+            m.upstream_connects.clone(),
+        );
+        m
+    }
+
+    /// The tenant label for `tenant` (bounded; `_default` when absent).
+    pub fn tenant_label(&self, tenant: Option<&str>) -> String {
+        let Some(tenant) = tenant.filter(|t| !t.is_empty()) else {
+            return "_default".into();
+        };
+        let mut seen = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(tenant) {
+            return tenant.into();
+        }
+        if seen.len() < MAX_TENANTS {
+            seen.insert(tenant.into());
+            return tenant.into();
+        }
+        "_other".into()
+    }
+
+    /// Count one finished request.
+    pub fn record_request(&self, tenant: Option<&str>, tier: Tier, seconds: f64) {
+        let labels = RequestLabels {
+            tenant: self.tenant_label(tenant),
+            cache_tier: tier.as_str(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.request_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_names_are_exposed() {
+        let m = Metrics::new();
+        m.record_request(Some("t1"), Tier::Local, 0.01);
+        m.cache_hits
+            .get_or_create(&TierLabel { tier: "local" })
+            .inc();
+        m.peer_forwards
+            .get_or_create(&PeerLabel {
+                target_peer: "10.0.0.2:9090".into(),
+            })
+            .inc();
+        let text = m.encode();
+        for name in [
+            "loraplex_requests_total{tenant=\"t1\",cache_tier=\"local\"} 1",
+            "loraplex_request_duration_seconds_bucket",
+            "loraplex_cache_hits_total{tier=\"local\"} 1",
+            "loraplex_peer_forwards_total{target_peer=\"10.0.0.2:9090\"} 1",
+            "loraplex_overflow_local_total",
+            "loraplex_ring_rebuilds_total",
+            "loraplex_peers_active",
+            "loraplex_vllm_healthy",
+            "loraplex_forward_duration_seconds_bucket",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn tenant_label_is_bounded() {
+        let m = Metrics::new();
+        for i in 0..MAX_TENANTS {
+            assert_eq!(m.tenant_label(Some(&format!("t{i}"))), format!("t{i}"));
+        }
+        assert_eq!(m.tenant_label(Some("one-too-many")), "_other");
+        assert_eq!(m.tenant_label(Some("t0")), "t0");
+        assert_eq!(m.tenant_label(None), "_default");
+    }
+}
