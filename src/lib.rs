@@ -28,15 +28,15 @@
 //! - [`testkit`]: stand-in vLLM and origins, used by the demo and the tests.
 //! - [`demo`]: the built-in demo (`loraplex demo`).
 
-// pub mod cli;
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod error;
 pub mod http;
 pub mod metrics;
-// pub mod proxy;
-// pub mod server;
+pub mod proxy;
+pub mod server;
 pub mod store;
-// pub mod vllm;
+pub mod vllm;
 
 pub use error::{Error, ErrorKind, Result};

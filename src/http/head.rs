@@ -334,11 +334,20 @@ impl RequestHead {
         self.fields.iter()
     }
 
-    /// Whether the body is JSON (or untyped), so its `model` is worth reading.
-    pub fn is_json(&self) -> bool {
-        match self.header("content-type") {
-            None => true,
-            Some(ct) => memchr::memmem::find(&ct.to_ascii_lowercase(), b"json").is_some(),
+    /// Whether `body` should be read for a `model`: JSON content types always (a body that
+    /// isn't a JSON object is then a 400), multipart never, anything else (curl's `-d` sends
+    /// `application/x-www-form-urlencoded`) when it looks like a JSON object.
+    pub fn carries_model(&self, body: &[u8]) -> bool {
+        let ct = self.header("content-type").unwrap_or_default();
+        let has = |needle: &[u8]| {
+            ct.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+        };
+        if has(b"json") {
+            true
+        } else if has(b"multipart/") {
+            false
+        } else {
+            body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
         }
     }
 

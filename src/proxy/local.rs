@@ -1,0 +1,99 @@
+//! The proxy's own endpoints; everything else goes to vLLM.
+//!
+//! - `GET /healthz`: liveness, always 200, the Go project's JSON: `status` (`ok`|`degraded`),
+//!   `load`, `pending`, `vllm_healthy`.
+//! - `GET /readyz`: readiness, 503 while vLLM is unhealthy.
+//! - `GET /metrics`: Prometheus text. (vLLM's own `/metrics` stays on vLLM's port.)
+//! - `/admin/*`: see `crate::admin`; Bearer `admin.token` required when set.
+
+use std::{rc::Rc, sync::atomic::Ordering};
+
+use serde_json::json;
+
+use crate::{
+    error::{Error, ErrorKind},
+    http::{Method, RequestHead, response},
+    metrics::Tier,
+    server::{conn::Conn, worker::Worker},
+};
+
+use super::Outcome;
+
+/// Requests in flight that count as full load (the Go project's `Load(200)`).
+pub const FULL_LOAD: i64 = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Healthz,
+    Readyz,
+    Metrics,
+    Admin,
+}
+
+/// Which own endpoint `path` is, if any.
+pub fn route(path: &str) -> Option<Endpoint> {
+    match path {
+        "/healthz" => Some(Endpoint::Healthz),
+        "/readyz" => Some(Endpoint::Readyz),
+        "/metrics" => Some(Endpoint::Metrics),
+        p if p == "/admin" || p.starts_with("/admin/") => Some(Endpoint::Admin),
+        _ => None,
+    }
+}
+
+/// This node's load in 0..=1, as peers see it in `/healthz`.
+pub fn load(pending: i64) -> f64 {
+    (pending.max(0) as f64 / FULL_LOAD as f64).min(1.0)
+}
+
+pub(super) async fn serve(
+    w: &Rc<Worker>,
+    conn: &mut Conn,
+    head: &RequestHead,
+    body: &[u8],
+    endpoint: Endpoint,
+) -> Result<(bool, Outcome), Error> {
+    let shared = &w.shared;
+    let keep_alive = head.keep_alive;
+    let mut out = Vec::with_capacity(1024);
+    if endpoint != Endpoint::Admin && !matches!(head.kind, Method::Get | Method::Head) {
+        return Err(Error::new(ErrorKind::MethodNotAllowed, format!("{} is GET only", head.path())));
+    }
+    let status = match endpoint {
+        Endpoint::Healthz => {
+            // This request counts itself; report the others.
+            let pending = shared.pending.load(Ordering::Relaxed) - 1;
+            let healthy = shared.vllm.is_healthy();
+            let body = json!({
+                "status": if healthy { "ok" } else { "degraded" },
+                "load": load(pending),
+                "pending": pending,
+                "vllm_healthy": healthy,
+            });
+            response::json(&mut out, 200, &body, keep_alive);
+            200
+        }
+        Endpoint::Readyz => {
+            let healthy = shared.vllm.is_healthy();
+            let status = if healthy { 200 } else { 503 };
+            let body = json!({ "ready": healthy, "vllm_healthy": healthy });
+            response::json(&mut out, status, &body, keep_alive);
+            status
+        }
+        Endpoint::Metrics => {
+            let text = shared.metrics.encode();
+            let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+            response::write(&mut out, 200, ct, &[], text.as_bytes(), keep_alive);
+            200
+        }
+        Endpoint::Admin => crate::admin::serve(w, head, body, &mut out).await?,
+    };
+    if head.kind == Method::Head {
+        // Same head, no body.
+        if let Some(end) = out.windows(4).position(|p| p == b"\r\n\r\n") {
+            out.truncate(end + 4);
+        }
+    }
+    let written = conn.write_all(out).await.is_ok();
+    Ok((keep_alive && written, Outcome { tier: Tier::Passthrough, status }))
+}

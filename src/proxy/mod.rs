@@ -1,0 +1,149 @@
+//! The request pipeline: one function, [`process_request`], that runs every phase in order.
+//!
+//! 1. the proxy's own endpoints (`/healthz`, `/readyz`, `/metrics`, `/admin/*`);
+//! 2. the body, read whole (bounded by `server.max_body_size`);
+//! 3. the top-level `model` of a JSON body;
+//! 4. base model or adapter (adapter names validated before anything touches the disk);
+//! 5. upstream: vLLM, streaming the answer back;
+//! 6. metrics.
+//!
+//! - `upstream.rs`: pooled connections and streaming an answer back.
+//! - `local.rs`: the proxy's own endpoints.
+
+pub mod local;
+pub mod upstream;
+
+use std::{
+    rc::Rc,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use bytes::Bytes;
+
+use crate::{
+    error::{Error, ErrorKind},
+    http::{RequestHead, model::extract_model, response},
+    metrics::Tier,
+    server::{conn::Conn, conn::kind_label, worker::Worker},
+    store::AdapterName,
+};
+
+use self::upstream::{ClientSide, Request, Stage, Target};
+
+/// What one request became, for metrics and logs.
+struct Outcome {
+    tier: Tier,
+    status: u16,
+}
+
+/// Handle one request; returns whether the client connection stays open.
+pub async fn process_request(w: &Rc<Worker>, conn: &mut Conn, head: RequestHead) -> bool {
+    let started = Instant::now();
+    let shared = &w.shared;
+    shared.pending.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.inflight_requests.inc();
+    let mut body_read = false;
+    let result = pipeline(w, conn, &head, &mut body_read).await;
+    shared.pending.fetch_sub(1, Ordering::Relaxed);
+    shared.metrics.inflight_requests.dec();
+
+    let (keep_alive, outcome) = match result {
+        Ok((keep_alive, outcome)) => (keep_alive, outcome),
+        Err(err) => {
+            shared.metrics.errors.get_or_create(&kind_label(&err)).inc();
+            if err.kind == ErrorKind::Internal {
+                tracing::error!(path = head.path(), error = %err, "internal error");
+            } else {
+                tracing::debug!(path = head.path(), error = %err, "request refused");
+            }
+            // Unread body bytes would be taken for the next request: close instead.
+            let keep_alive = body_read && head.keep_alive;
+            let mut out = Vec::new();
+            response::error(&mut out, &err, keep_alive);
+            let written = conn.write_all(out).await.is_ok();
+            (keep_alive && written, Outcome { tier: Tier::Error, status: err.status() })
+        }
+    };
+    let tenant = head.header_str("x-tenant-id");
+    shared.metrics.record_request(tenant, outcome.tier, started.elapsed().as_secs_f64());
+    tracing::trace!(status = outcome.status, tier = outcome.tier.as_str(), "done");
+    keep_alive
+}
+
+async fn pipeline(
+    w: &Rc<Worker>,
+    conn: &mut Conn,
+    head: &RequestHead,
+    body_read: &mut bool,
+) -> Result<(bool, Outcome), Error> {
+    let shared = &w.shared;
+    let cfg = &shared.config.server;
+
+    // 1. The proxy's own endpoints.
+    let own = local::route(head.path());
+
+    // 2. The body.
+    let body = conn.read_body(head, cfg.max_body_size, cfg.idle_timeout).await?;
+    *body_read = true;
+    if let Some(endpoint) = own {
+        return local::serve(w, conn, head, &body, endpoint).await;
+    }
+
+    // 3. The model.
+    let model = if head.carries_model(&body) { extract_model(&body)? } else { None };
+
+    // 4. Base model or adapter.
+    let adapter = match model.as_deref() {
+        None | Some("") => None,
+        Some(name) => {
+            let base = base_model(w).await?;
+            if name == &*base { None } else { Some(AdapterName::parse(name)?) }
+        }
+    };
+    let tier = if adapter.is_some() { Tier::Local } else { Tier::Passthrough };
+
+    // 5. Upstream.
+    let status = to_vllm(w, conn, head, body, &[]).await?;
+    Ok((status.1, Outcome { tier, status: status.0 }))
+}
+
+/// The served base model, learnt from vLLM on first need when not configured.
+async fn base_model(w: &Worker) -> Result<Arc<str>, Error> {
+    if let Some(base) = w.shared.vllm.base_model() {
+        return Ok(base);
+    }
+    let vllm = w.shared.vllm.clone();
+    w.shared.control.run(async move { vllm.learn_base_model().await }).await
+}
+
+/// Send the request to the local vLLM and stream the answer; (status, keep-alive).
+async fn to_vllm(
+    w: &Worker,
+    conn: &mut Conn,
+    head: &RequestHead,
+    body: Bytes,
+    extra: &[(&str, &[u8])],
+) -> Result<(u16, bool), Error> {
+    let vllm = &w.shared.vllm;
+    let target = Target { addrs: &vllm.addrs, name: "vLLM", head_timeout: None };
+    let mut bytes = Vec::with_capacity(512 + body.len());
+    head.write_forward(&mut bytes, &[], body.len());
+    bytes.extend_from_slice(&body);
+    let req = Request {
+        bytes,
+        method: head.kind,
+        client: ClientSide { minor: head.minor, keep_alive: head.keep_alive, extra },
+    };
+    match w.pool.exchange(conn, &target, req).await {
+        Ok(answered) => Ok((answered.status, answered.keep_alive)),
+        Err(e) => match e.stage {
+            Stage::Connect | Stage::Sent => Err(e.error),
+            // The client saw a head already, or is gone: nothing to answer, just close.
+            Stage::Streaming | Stage::ClientGone => {
+                tracing::debug!(error = %e.error, stage = ?e.stage, "exchange cut short");
+                Ok((499, false))
+            }
+        },
+    }
+}

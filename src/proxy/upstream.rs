@@ -1,0 +1,499 @@
+//! Sending a request to an upstream (vLLM or a peer) and streaming its answer to the client.
+//!
+//! Each worker owns a [`Pool`] of keep-alive connections per upstream address. A pooled
+//! connection is checked with a non-blocking `MSG_PEEK` before reuse (an upstream that closed
+//! an idle connection shows EOF), and if a reused connection still fails before any byte of the
+//! answer, the request is sent once more on a fresh connection: the upstream closed it without
+//! reading the request, so nothing ran twice.
+//!
+//! The answer is streamed: every read from the upstream is written to the client at once, so
+//! SSE events arrive one by one. Chunked bodies pass through as they are to HTTP/1.1 clients
+//! (the decoder only finds their end) and are decoded for HTTP/1.0 ones. While the proxy waits
+//! on the upstream it also watches the client socket: a client that hangs up cancels the
+//! upstream request (the upstream connection is closed, which vLLM takes as an abort).
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use monoio::{
+    buf::IoBufMut,
+    io::{AsyncReadRent, AsyncWriteRentExt},
+    net::TcpStream,
+};
+
+use crate::{
+    config::ServerConfig,
+    error::{Error, ErrorKind},
+    http::{BodyKind, Method, ResponseHead, chunked::ChunkedDecoder},
+    metrics::Metrics,
+    server::conn::Conn,
+};
+
+/// Idle connections kept per upstream address and worker.
+const MAX_IDLE_PER_ADDR: usize = 256;
+/// Largest upstream response head.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Read size for response bodies.
+const BODY_CHUNK: usize = 64 * 1024;
+/// How long an answer may take before the proxy starts watching the client for a hang-up.
+/// Quick answers (most of them) never pay for the extra poll.
+const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(5);
+
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+/// A worker's keep-alive connections to its upstreams.
+pub struct Pool {
+    idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// Where a request goes.
+pub struct Target<'a> {
+    pub addrs: &'a [SocketAddr],
+    /// For messages: `vLLM` or the peer's address.
+    pub name: &'a str,
+    /// Bounds connect + response head (forwards); `None` for the local vLLM, whose long
+    /// non-streaming generations may take minutes before the head.
+    pub head_timeout: Option<Duration>,
+}
+
+/// How far a failed exchange got; decides what the caller may still do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Nothing reached the upstream: the request may go elsewhere.
+    Connect,
+    /// The request was (or may have been) delivered: it must not be sent elsewhere,
+    /// but the client has not seen anything yet and gets an error answer.
+    Sent,
+    /// The client has seen the head; the connection can only be closed.
+    Streaming,
+    /// The client hung up.
+    ClientGone,
+}
+
+#[derive(Debug)]
+pub struct UpstreamError {
+    pub stage: Stage,
+    pub error: Error,
+}
+
+impl UpstreamError {
+    fn new(stage: Stage, kind: ErrorKind, msg: String) -> UpstreamError {
+        UpstreamError { stage, error: Error::new(kind, msg) }
+    }
+}
+
+/// What the client saw.
+pub struct Answered {
+    pub status: u16,
+    /// The client connection may serve another request.
+    pub keep_alive: bool,
+    /// When the response head arrived (for forward-duration metrics).
+    pub head_at: Instant,
+}
+
+impl Pool {
+    pub fn new(cfg: &ServerConfig, metrics: Arc<Metrics>) -> Pool {
+        Pool {
+            idle: RefCell::new(HashMap::new()),
+            connect_timeout: cfg.upstream_connect_timeout,
+            idle_timeout: cfg.upstream_idle_timeout,
+            metrics,
+        }
+    }
+
+    /// A live idle connection to `addr`, most recently used first.
+    fn take_idle(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some(c) = list.pop() {
+            if c.since.elapsed() < self.idle_timeout && still_open(&c.stream) {
+                return Some(c.stream);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, stream: TcpStream) {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_ADDR {
+            list.push(Idle { stream, since: Instant::now() });
+        }
+    }
+
+    async fn connect(
+        &self,
+        target: &Target<'_>,
+        budget: Duration,
+    ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+        let mut last = String::from("no address");
+        for &addr in target.addrs {
+            match monoio::time::timeout(budget, TcpStream::connect_addr(addr)).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    self.metrics.upstream_connects.inc();
+                    return Ok((stream, addr));
+                }
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = format!("connect timed out after {budget:?}"),
+            }
+        }
+        let kind = if last.contains("timed out") { ErrorKind::Timeout } else { ErrorKind::Unavailable };
+        Err(UpstreamError::new(
+            Stage::Connect,
+            kind,
+            format!("{} is unreachable: {last}", target.name),
+        ))
+    }
+
+    /// Send `req` to `target` and stream the answer to `client`.
+    pub async fn exchange(
+        &self,
+        client: &mut Conn,
+        target: &Target<'_>,
+        req: Request<'_>,
+    ) -> Result<Answered, UpstreamError> {
+        let started = Instant::now();
+        let connect_budget =
+            target.head_timeout.map_or(self.connect_timeout, |t| t.min(self.connect_timeout));
+        let deadline = target.head_timeout.map(|t| started + t);
+        let mut bytes = req.bytes;
+        // A pooled connection first; if it proves dead before answering, one fresh connection.
+        let mut pooled = target.addrs.iter().find_map(|&a| self.take_idle(a).map(|s| (s, a)));
+        loop {
+            let reused = pooled.is_some();
+            let (mut stream, addr) = match pooled.take() {
+                Some(c) => c,
+                None => self.connect(target, connect_budget).await?,
+            };
+            let (res, back) = stream.write_all(bytes).await;
+            bytes = back;
+            if let Err(e) = res {
+                if reused {
+                    continue;
+                }
+                let msg = format!("sending to {}: {e}", target.name);
+                return Err(UpstreamError::new(Stage::Sent, ErrorKind::BadGateway, msg));
+            }
+            match read_head(&mut stream, client, req.method, target, deadline).await {
+                Ok(head) => {
+                    return relay(self, stream, addr, client, head, &req.client).await;
+                }
+                Err(HeadError::ClosedEarly) if reused => continue,
+                Err(HeadError::ClosedEarly) => {
+                    let msg = format!("{} closed the connection without answering", target.name);
+                    return Err(UpstreamError::new(Stage::Sent, ErrorKind::BadGateway, msg));
+                }
+                Err(HeadError::Failed(e)) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A request ready to go upstream.
+pub struct Request<'a> {
+    /// The whole serialised request: head and body.
+    pub bytes: Vec<u8>,
+    pub method: Method,
+    pub client: ClientSide<'a>,
+}
+
+/// What the answer must look like for the client.
+pub struct ClientSide<'a> {
+    /// The client's HTTP minor version.
+    pub minor: u8,
+    /// The client wants the connection kept open.
+    pub keep_alive: bool,
+    /// Headers added to the answer.
+    pub extra: &'a [(&'a str, &'a [u8])],
+}
+
+/// A response head and the body bytes that came with it.
+struct Head {
+    head: ResponseHead,
+    buf: Vec<u8>,
+    /// Start of body bytes in `buf`.
+    body_start: usize,
+    at: Instant,
+}
+
+enum HeadError {
+    /// EOF before any byte: the upstream closed a (reused) connection.
+    ClosedEarly,
+    Failed(UpstreamError),
+}
+
+async fn read_head(
+    stream: &mut TcpStream,
+    client: &Conn,
+    method: Method,
+    target: &Target<'_>,
+    deadline: Option<Instant>,
+) -> Result<Head, HeadError> {
+    let fail = |kind, msg: String| HeadError::Failed(UpstreamError::new(Stage::Sent, kind, msg));
+    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    loop {
+        if buf.len() == buf.capacity() {
+            if buf.len() >= MAX_RESPONSE_HEAD {
+                return Err(fail(ErrorKind::BadGateway, format!("{}: response head too large", target.name)));
+            }
+            buf.reserve(buf.len());
+        }
+        let before = buf.len();
+        let (back, outcome) = read_watching(stream, buf, client, deadline).await;
+        buf = back;
+        match outcome {
+            Outcome::Data => {}
+            Outcome::Eof if before == 0 => return Err(HeadError::ClosedEarly),
+            Outcome::Eof => {
+                return Err(fail(ErrorKind::BadGateway, format!("{}: truncated response head", target.name)));
+            }
+            Outcome::Failed(e) if before == 0 && is_reset(&e) => return Err(HeadError::ClosedEarly),
+            Outcome::Failed(e) => return Err(fail(ErrorKind::BadGateway, format!("{}: {e}", target.name))),
+            Outcome::TimedOut => {
+                return Err(fail(ErrorKind::Timeout, format!("{} did not answer in time", target.name)));
+            }
+            Outcome::ClientGone => return Err(HeadError::Failed(client_gone_error())),
+        }
+        match ResponseHead::parse(&buf, method) {
+            Ok(Some((head, len))) if (100..200).contains(&head.status) && head.status != 101 => {
+                // An interim answer (103 Early Hints, a stray 100 Continue): not for the client.
+                buf.drain(..len);
+            }
+            Ok(Some((head, len))) => {
+                return Ok(Head { head, buf, body_start: len, at: Instant::now() });
+            }
+            Ok(None) => {}
+            Err(error) => return Err(HeadError::Failed(UpstreamError { stage: Stage::Sent, error })),
+        }
+    }
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)
+}
+
+fn client_gone_error() -> UpstreamError {
+    UpstreamError::new(Stage::ClientGone, ErrorKind::BadRequest, "client went away".into())
+}
+
+/// How a body is taken from the upstream.
+enum Relay {
+    Done,
+    Length(u64),
+    Chunked { decoder: ChunkedDecoder, decode: bool },
+    UntilClose,
+}
+
+impl Relay {
+    fn is_done(&self) -> bool {
+        match self {
+            Relay::Done => true,
+            Relay::Length(n) => *n == 0,
+            Relay::Chunked { decoder, .. } => decoder.is_done(),
+            Relay::UntilClose => false,
+        }
+    }
+
+    /// Take the body bytes at the start of `data`. Returns how many belong to the body and
+    /// whether they were decoded into `decoded` (else they go to the client as they are).
+    fn feed(&mut self, data: &[u8], decoded: &mut Vec<u8>) -> Result<(usize, bool), Error> {
+        match self {
+            Relay::Done => Ok((0, false)),
+            Relay::Length(n) => {
+                let take = data.len().min(usize::try_from(*n).unwrap_or(usize::MAX));
+                *n -= take as u64;
+                Ok((take, false))
+            }
+            Relay::Chunked { decoder, decode: false } => Ok((decoder.feed(data, None)?, false)),
+            Relay::Chunked { decoder, decode: true } => {
+                Ok((decoder.feed(data, Some(decoded))?, true))
+            }
+            Relay::UntilClose => Ok((data.len(), false)),
+        }
+    }
+}
+
+/// Stream the answer to the client; pool the upstream connection when it ended cleanly.
+async fn relay(
+    pool: &Pool,
+    mut upstream: TcpStream,
+    addr: SocketAddr,
+    client: &mut Conn,
+    head: Head,
+    side: &ClientSide<'_>,
+) -> Result<Answered, UpstreamError> {
+    let Head { head, mut buf, body_start, at } = head;
+    let (client_body, mut relay) = match head.body {
+        BodyKind::None => (BodyKind::None, Relay::Done),
+        BodyKind::Length(n) => (BodyKind::Length(n), Relay::Length(n)),
+        BodyKind::Chunked if side.minor == 1 => {
+            (BodyKind::Chunked, Relay::Chunked { decoder: ChunkedDecoder::new(), decode: false })
+        }
+        // HTTP/1.0 clients don't know chunked: decode, and end the body by closing.
+        BodyKind::Chunked => {
+            (BodyKind::UntilClose, Relay::Chunked { decoder: ChunkedDecoder::new(), decode: true })
+        }
+        BodyKind::UntilClose => (BodyKind::UntilClose, Relay::UntilClose),
+    };
+    let keep_alive = side.keep_alive && client_body != BodyKind::UntilClose;
+    let streaming = |e: Error| UpstreamError { stage: Stage::Streaming, error: e };
+    let mut clean = head.keep_alive;
+
+    // The head and whatever body bytes came with it, in one write.
+    let mut out = Vec::with_capacity(1024 + buf.len() - body_start);
+    head.write_client(&mut out, client_body, keep_alive, side.minor, side.extra);
+    let mut decoded = Vec::new();
+    let (used, was_decoded) = relay.feed(&buf[body_start..], &mut decoded).map_err(streaming)?;
+    clean &= used == buf.len() - body_start;
+    if was_decoded {
+        out.extend_from_slice(&decoded);
+    } else {
+        out.extend_from_slice(&buf[body_start..body_start + used]);
+    }
+    client.write_all(out).await.map_err(|_| client_gone_error())?;
+
+    let mut ended_by_close = false;
+    while !relay.is_done() {
+        buf.clear();
+        if buf.capacity() < BODY_CHUNK {
+            buf.reserve(BODY_CHUNK);
+        }
+        let (back, outcome) = read_watching(&mut upstream, buf, client, None).await;
+        buf = back;
+        match outcome {
+            Outcome::Data => {}
+            Outcome::Eof if matches!(relay, Relay::UntilClose) => {
+                ended_by_close = true;
+                break;
+            }
+            Outcome::Eof => {
+                return Err(streaming(Error::new(ErrorKind::BadGateway, "upstream closed mid-body")));
+            }
+            Outcome::Failed(e) => {
+                return Err(streaming(Error::new(ErrorKind::BadGateway, format!("upstream: {e}"))));
+            }
+            Outcome::TimedOut => unreachable!("no deadline while streaming a body"),
+            Outcome::ClientGone => return Err(client_gone_error()),
+        }
+        decoded.clear();
+        let (used, was_decoded) = relay.feed(&buf, &mut decoded).map_err(streaming)?;
+        clean &= used == buf.len();
+        if was_decoded {
+            if !decoded.is_empty() {
+                decoded = client.write_all(decoded).await.map_err(|_| client_gone_error())?;
+            }
+        } else {
+            buf.truncate(used);
+            buf = client.write_all(buf).await.map_err(|_| client_gone_error())?;
+        }
+    }
+    if clean && !ended_by_close && relay.is_done() {
+        pool.put(addr, upstream);
+    }
+    Ok(Answered { status: head.status, keep_alive, head_at: at })
+}
+
+/// What one read from an upstream gave.
+enum Outcome {
+    /// Bytes were appended to the buffer.
+    Data,
+    Eof,
+    Failed(std::io::Error),
+    TimedOut,
+    ClientGone,
+}
+
+/// Read from `stream`, appending to `buf`, while watching the client for a hang-up and an
+/// optional deadline. When the read is abandoned its buffer is lost with it (the connection
+/// is closed anyway), so an empty one comes back.
+async fn read_watching(
+    stream: &mut TcpStream,
+    buf: Vec<u8>,
+    client: &Conn,
+    deadline: Option<Instant>,
+) -> (Vec<u8>, Outcome) {
+    let (len, cap) = (buf.len(), buf.capacity());
+    let read = stream.read(buf.slice_mut(len..cap));
+    let deadline = async move {
+        match deadline {
+            Some(d) => monoio::time::sleep_until(monoio::time::Instant::from_std(d)).await,
+            None => std::future::pending().await,
+        }
+    };
+    monoio::select! {
+        (res, slice) = read => {
+            let buf = slice.into_inner();
+            match res {
+                Ok(0) => (buf, Outcome::Eof),
+                Ok(_) => (buf, Outcome::Data),
+                Err(e) => (buf, Outcome::Failed(e)),
+            }
+        }
+        _ = client_gone(&client.stream) => (Vec::new(), Outcome::ClientGone),
+        _ = deadline => (Vec::new(), Outcome::TimedOut),
+    }
+}
+
+/// Resolves when the client has closed its side (EOF or error). Starts watching only after
+/// [`WATCH_CLIENT_AFTER`]. If the client has sent more bytes (a pipelined request), a hang-up
+/// can't be seen without reading them, so it stops watching.
+async fn client_gone(client: &TcpStream) {
+    monoio::time::sleep(WATCH_CLIENT_AFTER).await;
+    loop {
+        if client.readable(false).await.is_err() {
+            return;
+        }
+        match peek(client) {
+            PeekResult::Eof | PeekResult::Error => return,
+            PeekResult::Data => std::future::pending::<()>().await,
+            PeekResult::Nothing => {}
+        }
+    }
+}
+
+enum PeekResult {
+    Eof,
+    Data,
+    Nothing,
+    Error,
+}
+
+fn peek(stream: &TcpStream) -> PeekResult {
+    let mut byte = 0u8;
+    // SAFETY: a 1-byte read into a local buffer on an fd this stream owns.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => PeekResult::Eof,
+        n if n > 0 => PeekResult::Data,
+        _ => match std::io::Error::last_os_error().kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => PeekResult::Nothing,
+            _ => PeekResult::Error,
+        },
+    }
+}
+
+/// An idle pooled connection is usable if the upstream has neither closed it nor sent
+/// anything unasked.
+fn still_open(stream: &TcpStream) -> bool {
+    matches!(peek(stream), PeekResult::Nothing)
+}

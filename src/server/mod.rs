@@ -1,0 +1,162 @@
+//! The server: binds the listeners, starts the control plane and one worker per core, waits for
+//! a signal, shuts down gracefully.
+//!
+//! - `runtime.rs`: a monoio runtime on io_uring or epoll.
+//! - `worker.rs`: a worker thread and its accept loop.
+//! - `conn.rs`: one client connection (heads, bodies, keep-alive, timeouts).
+//! - `shutdown.rs`: the shutdown signal.
+
+pub mod conn;
+pub mod runtime;
+pub mod shutdown;
+pub mod worker;
+
+use std::{
+    net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs},
+    sync::{Arc, atomic::AtomicI64},
+    thread::JoinHandle,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+pub use self::shutdown::Shutdown;
+use crate::{
+    config::Config,
+    control::{Control, ControlPlane},
+    error::Error,
+    metrics::Metrics,
+    server::runtime::DriverKind,
+    vllm::Vllm,
+};
+
+/// What every worker shares.
+pub struct Shared {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub vllm: Arc<Vllm>,
+    pub control: Control,
+    pub shutdown: Shutdown,
+    /// Requests in flight on this node (the Go project's `pending`).
+    pub pending: AtomicI64,
+    pub driver: DriverKind,
+}
+
+/// A running loraplex: its workers, control plane and shared state.
+pub struct Server {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    workers: Vec<JoinHandle<()>>,
+    control_plane: ControlPlane,
+}
+
+impl Server {
+    /// Bind, start every thread, return at once.
+    pub fn start(config: Config) -> Result<Server, Error> {
+        let driver = runtime::resolve(config.server.driver)?;
+        let control_plane = ControlPlane::start(2)?;
+        let control = control_plane.control();
+        let metrics = Arc::new(Metrics::new());
+        let vllm = Vllm::new(&config, metrics.clone())?;
+        let listeners = bind(&config.listen, config.server.workers.max(1))?;
+        let addr = listeners[0].local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            metrics,
+            vllm,
+            control,
+            shutdown: Shutdown::new(),
+            pending: AtomicI64::new(0),
+            driver,
+        });
+        shared.vllm.spawn_health_poll(&shared.control, shared.shutdown.clone());
+        let mut workers = Vec::new();
+        for (id, listener) in listeners.into_iter().enumerate() {
+            workers.push(worker::spawn(id, shared.clone(), listener, driver)?);
+        }
+        log_summary(&shared, addr);
+        Ok(Server { shared, addr, workers, control_plane })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shared.shutdown.clone()
+    }
+
+    pub fn control(&self) -> Control {
+        self.control_plane.control()
+    }
+
+    /// Stop on SIGTERM/SIGINT.
+    pub fn stop_on_signals(&self) {
+        let shutdown = self.shared.shutdown.clone();
+        self.control().spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) =
+                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+            else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+            shutdown.trigger();
+        });
+    }
+
+    /// Wait until every worker has stopped (after shutdown is triggered and drained).
+    pub fn wait(self) {
+        for w in self.workers {
+            let _ = w.join();
+        }
+        tracing::info!("stopped");
+    }
+}
+
+fn log_summary(shared: &Shared, addr: SocketAddr) {
+    let cfg = &shared.config;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        driver = shared.driver.as_str(),
+        workers = cfg.server.workers,
+        listen = %addr,
+        vllm = %cfg.vllm_url,
+        base_model = cfg.vllm.model_name.as_deref().unwrap_or("(learnt from /v1/models)"),
+        "loraplex started"
+    );
+}
+
+/// Parse a Go-style listen address (`:8080` means every interface).
+pub fn listen_addr(listen: &str) -> Result<SocketAddr, Error> {
+    let full = if listen.starts_with(':') { format!("0.0.0.0{listen}") } else { listen.into() };
+    full.to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| Error::internal(format!("listen: cannot resolve {listen:?}")))
+}
+
+/// One `SO_REUSEPORT` listener per worker, all on the same port (the kernel spreads
+/// connections over them). With port 0 the first bind picks the port for the rest.
+fn bind(listen: &str, n: usize) -> Result<Vec<StdListener>, Error> {
+    let mut addr = listen_addr(listen)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket
+            .bind(&addr.into())
+            .map_err(|e| Error::internal(format!("listen on {addr}: {e}")))?;
+        socket.listen(4096)?;
+        let listener: StdListener = socket.into();
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
