@@ -93,6 +93,9 @@ async fn vllm_resolves_a_generated_adapter_once_and_names_its_weights() {
     assert_eq!(vllm.loads("acme/sum"), 1);
     assert_eq!(vllm.requests("acme/sum"), 2);
     assert_eq!(vllm.loaded_hash("acme/sum"), Some(hash));
+    let want = completion_text(Some(("acme/sum", hash)), 2, 8);
+    assert_eq!(vllm.expected_text("acme/sum", 2, 8), Some(want));
+    assert_eq!(vllm.expected_text("acme/none", 2, 8), None);
 
     let models: Value = client()
         .get(format!("{}/v1/models", vllm.url()))

@@ -16,7 +16,7 @@
 //!   Range, HEAD, 404), with GET counts per path, runtime content replacement, a bearer token,
 //!   throttling and injected faults (error status, cut after K bytes, stall, per-request
 //!   throttle).
-//! - [`server`] and [`wire`]: the small HTTP/1.1 server under both, written on tokio rather
+//! - [`server`], [`wire`] and [`response`]: the small HTTP/1.1 server under both, written on tokio rather
 //!   than hyper so a stand-in controls framing byte by byte and sees requests exactly as sent.
 //!
 //! Starting: `VllmStandIn::start(config)` / `OriginStandIn::start(config)` inside a tokio
@@ -35,12 +35,15 @@
 
 pub mod adapters;
 pub mod origin;
+pub mod origin_faults;
 pub mod probes;
 pub mod range;
+pub mod response;
 pub mod server;
 pub mod vllm;
 pub mod vllm_api;
 pub mod vllm_resolve;
+mod vllm_routes;
 pub mod wire;
 
 pub use adapters::{AdapterSpec, Defect, Weights, check_safetensors, write_adapter};
