@@ -67,6 +67,28 @@ pub struct AdapterSpec {
     pub rank: u32,
     pub target_modules: Vec<String>,
     pub defect: Option<Defect>,
+    /// Exact model dimensions (then `size` is ignored), for a real vLLM to load the adapter.
+    pub dims: Option<ModelDims>,
+}
+
+/// The dimensions of the model an adapter targets, for the attention projections
+/// (`q_proj`/`o_proj`: hidden → hidden, `k_proj`/`v_proj`: hidden → kv_dim).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelDims {
+    pub layers: usize,
+    pub hidden: usize,
+    /// `num_key_value_heads * head_dim`.
+    pub kv_dim: usize,
+}
+
+impl ModelDims {
+    /// The tiny Llama of `shared/vllm-cpu/make_tiny_model.py` (2 layers, hidden 256, 2 KV heads
+    /// of 64): adapters with these dims and `q/k/v/o_proj` load in the real CPU vLLM.
+    pub const TINY_LLAMA: ModelDims = ModelDims {
+        layers: 2,
+        hidden: 256,
+        kv_dim: 128,
+    };
 }
 
 impl AdapterSpec {
@@ -80,7 +102,19 @@ impl AdapterSpec {
             rank: 8,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             defect: None,
+            dims: None,
         }
+    }
+
+    /// Shape the tensors for a real model (see [`ModelDims`]); `size` no longer applies.
+    pub fn dims(mut self, dims: ModelDims) -> AdapterSpec {
+        self.dims = Some(dims);
+        self
+    }
+
+    pub fn target_modules(mut self, modules: &[&str]) -> AdapterSpec {
+        self.target_modules = modules.iter().map(|m| m.to_string()).collect();
+        self
     }
 
     pub fn weights(mut self, weights: Weights) -> AdapterSpec {
@@ -160,23 +194,43 @@ impl SplitMix {
     }
 }
 
-/// `len` deterministic pseudo-random bytes from `seed`.
-pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = SplitMix::new(seed);
-    let mut out = Vec::with_capacity(len + 8);
+/// Bytes drawn per call; longer outputs are slices of this pool at random offsets, because a
+/// per-word loop is slow in debug builds (100 MB took 2 s) and tests only need bytes that are
+/// deterministic and differ between seeds, not statistical quality.
+const POOL: usize = 256 * 1024;
+
+/// Copy slices of `pool` (each at least half of it, from a random 4-aligned offset) until `len`.
+fn tile(rng: &mut SplitMix, pool: &[u8], len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let starts = (pool.len() / 2 / 4).max(1) as u64;
     while out.len() < len {
-        out.extend_from_slice(&rng.next_u64().to_le_bytes());
+        let start = (rng.next_u64() % starts) as usize * 4;
+        let take = (len - out.len()).min(pool.len() - start);
+        out.extend_from_slice(&pool[start..start + take]);
     }
-    out.truncate(len);
     out
 }
 
-/// Small finite F32 values in [-0.02, 0.02), little-endian.
-fn f32_tensor(rng: &mut SplitMix, elements: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(elements * 4);
-    for _ in 0..elements {
-        let unit = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        out.extend_from_slice(&((unit - 0.5) * 0.04).to_le_bytes());
+/// `len` deterministic pseudo-random bytes from `seed`.
+pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = SplitMix::new(seed);
+    let mut pool = Vec::with_capacity(POOL.min(len) + 8);
+    while pool.len() < POOL.min(len) {
+        pool.extend_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    tile(&mut rng, &pool, len)
+}
+
+/// Small finite F32 values, little-endian: random sign and mantissa under a fixed exponent,
+/// so |v| is in [2^-7, 2^-6). Made once per adapter; tensors are tiled from it.
+fn f32_pool(rng: &mut SplitMix) -> Vec<u8> {
+    const KEEP: u32 = 0x807F_FFFF; // sign and mantissa
+    const EXP: u32 = 0x3C00_0000; // exponent 120: 2^-7
+    let mut out = Vec::with_capacity(POOL);
+    while out.len() < POOL {
+        let r = rng.next_u64();
+        out.extend_from_slice(&((r as u32 & KEEP) | EXP).to_le_bytes());
+        out.extend_from_slice(&(((r >> 32) as u32 & KEEP) | EXP).to_le_bytes());
     }
     out
 }
@@ -193,23 +247,37 @@ fn module_path(module: &str) -> &'static str {
 pub fn safetensors_bytes(spec: &AdapterSpec) -> Vec<u8> {
     let rank = spec.rank.max(1) as usize;
     let modules = spec.target_modules.len().max(1);
-    // Few layers for small files, at most 32 so the header stays small for large ones.
-    let layers = (spec.size / (256 * 1024)).clamp(1, 32) as usize;
-    let tensors_count = layers * modules * 2;
-    let hidden = ((spec.size as usize) / (tensors_count * rank * 4)).max(1);
+    // (layers, in, out of a module). Without dims: few layers for small files, at most 32 so
+    // the header stays small for large ones, and a square size that reaches `spec.size`.
+    let (layers, dims): (usize, Box<dyn Fn(&str) -> (usize, usize)>) = match spec.dims {
+        Some(d) => (
+            d.layers,
+            Box::new(move |m: &str| match m {
+                "k_proj" | "v_proj" => (d.hidden, d.kv_dim),
+                _ => (d.hidden, d.hidden),
+            }),
+        ),
+        None => {
+            let layers = (spec.size / (256 * 1024)).clamp(1, 32) as usize;
+            let hidden = ((spec.size as usize) / (layers * modules * 2 * rank * 4)).max(1);
+            (layers, Box::new(move |_: &str| (hidden, hidden)))
+        }
+    };
 
     let mut rng = SplitMix::new(spec.seed);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors_count);
+    let pool = f32_pool(&mut rng);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(layers * modules * 2);
     for layer in 0..layers {
         for module in spec.target_modules.iter().take(modules) {
             let prefix = format!(
                 "base_model.model.model.layers.{layer}.{}{module}",
                 module_path(module)
             );
-            let a = f32_tensor(&mut rng, rank * hidden);
-            let b = f32_tensor(&mut rng, hidden * rank);
-            tensors.push((format!("{prefix}.lora_A.weight"), vec![rank, hidden], a));
-            tensors.push((format!("{prefix}.lora_B.weight"), vec![hidden, rank], b));
+            let (input, output) = dims(module);
+            let a = tile(&mut rng, &pool, rank * input * 4);
+            let b = tile(&mut rng, &pool, output * rank * 4);
+            tensors.push((format!("{prefix}.lora_A.weight"), vec![rank, input], a));
+            tensors.push((format!("{prefix}.lora_B.weight"), vec![output, rank], b));
         }
     }
     let views: Vec<(String, TensorView<'_>)> = tensors
@@ -371,6 +439,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn dims_shape_the_tensors_for_a_real_model() {
+        let spec = AdapterSpec::new("base", 0, 1)
+            .target_modules(&["q_proj", "k_proj", "v_proj", "o_proj"])
+            .dims(ModelDims::TINY_LLAMA);
+        let bytes = safetensors_bytes(&spec);
+        let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(parsed.len(), 2 * 4 * 2);
+        let shape = |n: &str| parsed.tensor(n).unwrap().shape().to_vec();
+        let k = "base_model.model.model.layers.1.self_attn.k_proj";
+        assert_eq!(shape(&format!("{k}.lora_A.weight")), vec![8, 256]);
+        assert_eq!(shape(&format!("{k}.lora_B.weight")), vec![128, 8]);
+        let o = "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight";
+        assert_eq!(shape(o), vec![256, 8]);
     }
 
     #[test]

@@ -46,6 +46,6 @@ pub mod vllm_resolve;
 mod vllm_routes;
 pub mod wire;
 
-pub use adapters::{AdapterSpec, Defect, Weights, check_safetensors, write_adapter};
+pub use adapters::{AdapterSpec, Defect, ModelDims, Weights, check_safetensors, write_adapter};
 pub use origin::{Fault, FaultKind, OriginConfig, OriginStandIn};
 pub use vllm::{VllmConfig, VllmFault, VllmStandIn};
