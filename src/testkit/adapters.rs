@@ -247,21 +247,18 @@ fn module_path(module: &str) -> &'static str {
 pub fn safetensors_bytes(spec: &AdapterSpec) -> Vec<u8> {
     let rank = spec.rank.max(1) as usize;
     let modules = spec.target_modules.len().max(1);
-    // (layers, in, out of a module). Without dims: few layers for small files, at most 32 so
-    // the header stays small for large ones, and a square size that reaches `spec.size`.
-    let (layers, dims): (usize, Box<dyn Fn(&str) -> (usize, usize)>) = match spec.dims {
-        Some(d) => (
-            d.layers,
-            Box::new(move |m: &str| match m {
-                "k_proj" | "v_proj" => (d.hidden, d.kv_dim),
-                _ => (d.hidden, d.hidden),
-            }),
-        ),
-        None => {
-            let layers = (spec.size / (256 * 1024)).clamp(1, 32) as usize;
-            let hidden = ((spec.size as usize) / (layers * modules * 2 * rank * 4)).max(1);
-            (layers, Box::new(move |_: &str| (hidden, hidden)))
-        }
+    // Without dims: few layers for small files, at most 32 so the header stays small for large
+    // ones, and a square size that reaches `spec.size`.
+    let layers = match spec.dims {
+        Some(d) => d.layers,
+        None => (spec.size / (256 * 1024)).clamp(1, 32) as usize,
+    };
+    let square = ((spec.size as usize) / (layers * modules * 2 * rank * 4)).max(1);
+    // (in, out) of a module.
+    let dims = |module: &str| match (spec.dims, module) {
+        (Some(d), "k_proj" | "v_proj") => (d.hidden, d.kv_dim),
+        (Some(d), _) => (d.hidden, d.hidden),
+        (None, _) => (square, square),
     };
 
     let mut rng = SplitMix::new(spec.seed);

@@ -9,7 +9,9 @@
 //!
 //! The server also notices a peer that goes away while a request is in progress (while the
 //! handler runs, between body pieces, on a failed write) and counts it as *cancelled*: that is
-//! how tests prove a proxy closes its upstream connection when its client disconnects.
+//! how tests prove a proxy closes its upstream connection when its client disconnects. A peer
+//! that half-closes (shuts down its write side) while waiting counts as gone too, as it does
+//! for uvicorn in front of vLLM.
 //!
 //! Request parsing lives in [`super::wire`], response writing in [`super::response`]; this file
 //! owns the listener, the connection loop and the counters.
