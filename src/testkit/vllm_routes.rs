@@ -21,7 +21,11 @@ pub(super) async fn route(state: Arc<State>, req: Request) -> Response {
     if let Some(resp) = probes::handle(&req).await {
         return resp;
     }
-    let method = req.head.method.as_str();
+    // Starlette answers HEAD on every GET route (the server drops the body).
+    let method = match req.head.method.as_str() {
+        "HEAD" => "GET",
+        other => other,
+    };
     match (method, req.head.path()) {
         ("GET", "/health") => Response::new(if state.healthy.load(Ordering::SeqCst) {
             200
