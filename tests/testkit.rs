@@ -546,6 +546,8 @@ async fn origin_serves_etag_range_head_and_404() {
         .await
         .unwrap();
     assert_eq!(cached.status(), 304);
+    let escaped = format!("{}/acme%2Fa/adapter%5Fconfig.json", origin.base_url());
+    assert_eq!(c.get(escaped).send().await.unwrap().status(), 200);
     let missing = c
         .get(format!("{}/acme/a/adapter_model.bin", origin.base_url()))
         .send()

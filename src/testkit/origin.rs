@@ -263,9 +263,11 @@ fn serve(state: &State, req: &Request) -> Response {
         .path()
         .strip_prefix(state.prefix.as_str())
         .and_then(|p| p.strip_prefix('/'))
+        .and_then(percent_decode)
     else {
         return Response::text(404, "not found");
     };
+    let rel = rel.as_str();
     let mut inner = lock(&state.inner);
     let counts = if is_get {
         &mut inner.gets
@@ -327,4 +329,23 @@ fn serve(state: &State, req: &Request) -> Response {
         resp = resp.header("content-range", range);
     }
     body_with_faults(resp, body, fault, throttle)
+}
+
+/// Decode `%XX` escapes as a web server does before mapping a path to a file (`None` when the
+/// escapes are malformed or the result is not UTF-8).
+fn percent_decode(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
