@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod testkit;
 pub mod vllm;
 
 pub use error::{Error, ErrorKind, Result};
