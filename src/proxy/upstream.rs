@@ -240,7 +240,7 @@ async fn read_head(
     client: &Conn,
     method: Method,
     target: &Target<'_>,
-    deadline: Option<Instant>,
+    mut deadline: Option<Instant>,
 ) -> Result<Head, HeadError> {
     let fail = |kind, msg: String| HeadError::Failed(UpstreamError::new(Stage::Sent, kind, msg));
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
@@ -269,8 +269,11 @@ async fn read_head(
         }
         match ResponseHead::parse(&buf, method) {
             Ok(Some((head, len))) if (100..200).contains(&head.status) && head.status != 101 => {
-                // An interim answer (103 Early Hints, a stray 100 Continue): not for the client.
+                // An interim answer: not for the client. A peer sends `100 Continue` as soon as
+                // it has a forwarded request, which ends the forward timeout: what follows is
+                // the generation, which may take as long as it takes.
                 buf.drain(..len);
+                deadline = None;
             }
             Ok(Some((head, len))) => {
                 return Ok(Head { head, buf, body_start: len, at: Instant::now() });
