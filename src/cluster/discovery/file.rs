@@ -80,44 +80,40 @@ pub(super) fn start(
     let (publisher, rx) = Publisher::new(Members::build(found, me));
 
     let (me, hb) = (me.clone(), heartbeat.clone());
+    // Shared with each blocking tick; a panicking tick poisons it, and the next one goes on
+    // with what is inside (a bug must not make this node leave the cluster).
+    let scanner = Arc::new(Mutex::new(scanner));
     control.spawn(async move {
         let mut tick = tokio::time::interval(timing.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate: we just wrote and scanned
-        let mut state = Some((scanner, me));
         loop {
             tokio::select! {
                 _ = shutdown.wait() => break,
                 _ = tick.tick() => {}
             }
-            let (mut scanner, me) = state.take().expect("state is returned after every tick");
-            let hb2 = hb.clone();
-            let done = tokio::task::spawn_blocking(move || {
-                if let Err(e) = hb2.write() {
+            let (scanner, me, hb) = (scanner.clone(), me.clone(), hb.clone());
+            let members = tokio::task::spawn_blocking(move || {
+                if let Err(e) = hb.write() {
                     tracing::warn!(error = %e, "discovery.file: cannot write heartbeat");
                 }
-                let members = match scanner.scan(Instant::now(), wall_nanos()) {
+                let mut scanner = scanner.lock().unwrap_or_else(PoisonError::into_inner);
+                match scanner.scan(Instant::now(), wall_nanos()) {
                     Ok(found) => Some(Members::build(found, &me)),
                     Err(e) => {
                         // Keep the last set: a flaky NFS mount must not empty the cluster.
                         tracing::warn!(error = %e, "discovery.file: cannot scan");
                         None
                     }
-                };
-                (scanner, me, members)
+                }
             })
             .await;
-            match done {
-                Ok((scanner, me, members)) => {
-                    state = Some((scanner, me));
-                    if let Some(m) = members {
-                        publisher.publish(m);
-                    }
+            match members {
+                Ok(Some(m)) => {
+                    publisher.publish(m);
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "discovery.file: scan task failed; stopping");
-                    break;
-                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "discovery.file: scan task failed"),
             }
         }
         let _ = tokio::task::spawn_blocking(move || hb.leave()).await;

@@ -76,14 +76,11 @@ impl Members {
             );
         }
         let mine = mine.unwrap_or_else(|| me.canonical().to_owned());
-        let mut keep = 0;
-        for i in 0..peers.len() {
-            if !selves.contains(&i) {
-                peers.swap(keep, i);
-                keep += 1;
-            }
-        }
-        peers.truncate(keep);
+        let mut i = 0;
+        peers.retain(|_| {
+            i += 1;
+            !selves.contains(&(i - 1))
+        });
         let at = peers.binary_search(&mine).unwrap_err();
         peers.insert(at, mine);
         Members { peers, me: at }
