@@ -28,7 +28,7 @@
 //! - [`testkit`]: stand-in vLLM and origins, used by the demo and the tests.
 //! - [`demo`]: the built-in demo (`loraplex demo`).
 
-// pub mod cli;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;

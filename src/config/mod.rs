@@ -66,6 +66,8 @@ pub struct Overrides {
     pub discovery: Option<String>,
     pub peers: Option<Vec<String>>,
     pub workers: Option<usize>,
+    /// `--model`: the served base model (`vllm.model_name`).
+    pub model: Option<String>,
 }
 
 impl Overrides {
@@ -100,6 +102,10 @@ impl Overrides {
             disc.static_.get_or_insert_default().peers =
                 Some(peers.iter().map(|p| Some(Scalar::Str(p.clone()))).collect());
             set.push(("discovery.static.peers", "--peers"));
+        }
+        if let Some(v) = given(&self.model) {
+            f.vllm.get_or_insert_default().model_name = Some(v);
+            set.push(("vllm.model_name", "--model"));
         }
         if let Some(n) = self.workers {
             f.server.get_or_insert_default().workers = Some(Scalar::UInt(n as u64));

@@ -417,6 +417,7 @@ fn overrides_win_and_errors_name_the_flag() {
         discovery: Some("static".into()),
         peers: Some(vec!["10.0.0.9:7000".into(), "10.0.0.8:7000".into()]),
         workers: Some(3),
+        model: Some("base/m".into()),
     };
     let file = "listen: \":9090\"\nstorage:\n  dir: /data\ndiscovery:\n  mode: file\n  file:\n    dir: /peers\n";
     let c = Config::resolve(Some(file), &ov, no_env).unwrap().config;
@@ -425,6 +426,7 @@ fn overrides_win_and_errors_name_the_flag() {
     assert_eq!(c.vllm_url, "http://127.0.0.1:8001");
     assert_eq!(c.storage.dir, PathBuf::from("/tmp/x"));
     assert_eq!(c.server.workers, 3);
+    assert_eq!(c.vllm.model_name.as_deref(), Some("base/m"));
     assert_eq!(
         c.discovery,
         DiscoveryConfig::Static {
