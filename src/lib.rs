@@ -32,6 +32,8 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod http;
 pub mod metrics;
 // pub mod proxy;

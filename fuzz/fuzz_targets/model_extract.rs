@@ -1,0 +1,11 @@
+//! The top-level `model` of a JSON body; when there is one, rewriting it gives a body that reads as the new name.
+//! The property lives in `loraplex::fuzz_checks::model_extract`, shared with the corpus replay test.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Err(broken) = loraplex::fuzz_checks::model_extract(data) {
+        panic!("{broken}");
+    }
+});
