@@ -1,5 +1,6 @@
-//! The chunked decoder; the first byte picks how the rest is split, and every split must decode alike.
-//! The property lives in `loraplex::fuzz_checks::chunked`, shared with the corpus replay test.
+//! The chunked decoder: the first byte picks how the rest is split; decoding whole and
+//! in pieces must agree.
+//! The property lives in `loraplex::fuzz_checks`, shared with `tests/fuzz_corpus.rs`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -1,5 +1,5 @@
-//! Config text; loading never panics, and what check-config prints loads back the same.
-//! The property lives in `loraplex::fuzz_checks::config_load`, shared with the corpus replay test.
+//! Config text: loading never panics, and what `check-config` prints loads back the same.
+//! The property lives in `loraplex::fuzz_checks`, shared with `tests/fuzz_corpus.rs`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -1,5 +1,6 @@
-//! The top-level `model` of a JSON body; when there is one, rewriting it gives a body that reads as the new name.
-//! The property lives in `loraplex::fuzz_checks::model_extract`, shared with the corpus replay test.
+//! The top-level `model` of a JSON body: when one is read, rewriting it gives a body
+//! that reads as the new name.
+//! The property lives in `loraplex::fuzz_checks`, shared with `tests/fuzz_corpus.rs`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

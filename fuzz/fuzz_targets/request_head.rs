@@ -1,5 +1,5 @@
-//! Request heads; one that parses, forwarded, parses again to the same request.
-//! The property lives in `loraplex::fuzz_checks::request_head`, shared with the corpus replay test.
+//! Request heads: one that parses, once forwarded, parses again to the same request.
+//! The property lives in `loraplex::fuzz_checks`, shared with `tests/fuzz_corpus.rs`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
