@@ -24,10 +24,18 @@ else
     run=("$which")
 fi
 
+failed=()
 for t in "${run[@]}"; do
     work="fuzz/target/work-corpus/$t"
     mkdir -p "$work" "fuzz/regressions/$t"
     echo "== $t for ${secs}s"
-    cargo fuzz run "$t" "$work" "fuzz/corpus/$t" "fuzz/regressions/$t" -- \
-        -max_total_time="$secs" -print_final_stats=1
+    # One target's crash does not stop the others; the exit status says whether any failed.
+    if ! cargo fuzz run "$t" "$work" "fuzz/corpus/$t" "fuzz/regressions/$t" -- \
+        -max_total_time="$secs" -print_final_stats=1; then
+        failed+=("$t")
+    fi
 done
+if ((${#failed[@]})); then
+    echo "crashed: ${failed[*]} (inputs in fuzz/artifacts/)" >&2
+    exit 1
+fi

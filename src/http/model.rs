@@ -10,7 +10,7 @@
 //! - a `model` that is not a string: 400;
 //! - `model` twice: 400 (Python's `json` keeps the last one and a streaming parser the first;
 //!   refusing the ambiguity means loraplex and vLLM can never route on different names);
-//! - invalid JSON, or a top level that is not an object: 400.
+//! - invalid JSON, a body that is not UTF-8, or a top level that is not an object: 400.
 
 use std::borrow::Cow;
 
@@ -33,7 +33,11 @@ pub fn extract_model(body: &[u8]) -> Result<Option<Cow<'_, str>>, Error> {
         Some(b'{') => {}
         Some(_) => return Err(Error::bad_request("the request body must be a JSON object")),
     }
-    match serde_json::from_slice::<Peek<'_>>(body) {
+    // JSON is UTF-8 (RFC 8259 §8.1). serde_json skips strings it ignores without checking
+    // them, so check the whole body here: a body vLLM would refuse is refused here too.
+    let text = std::str::from_utf8(body)
+        .map_err(|e| Error::bad_request(format!("the request body is not UTF-8: {e}")))?;
+    match serde_json::from_str::<Peek<'_>>(text) {
         Ok(peek) => Ok(peek.model),
         Err(e) => Err(Error::bad_request(format!("invalid JSON body: {e}"))),
     }
@@ -142,6 +146,9 @@ mod tests {
         assert_eq!(model(r#"{"model":"a""#), Err(400));
         assert_eq!(model(r#"["model"]"#), Err(400));
         assert_eq!(model("{\"model\":\"\u{0}\"}"), Err(400));
+        // Found by the model_extract fuzz target: invalid UTF-8 in a value that is skipped.
+        let bad_utf8 = b"{\"model\":\"m\",\"prompt\":\"\xff\"}";
+        assert_eq!(extract_model(bad_utf8).unwrap_err().status(), 400);
     }
 
     #[test]
