@@ -29,10 +29,13 @@
 //! - [`demo`]: the built-in demo (`loraplex demo`).
 
 pub mod admin;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod http;
 pub mod metrics;
 pub mod proxy;
