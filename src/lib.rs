@@ -33,6 +33,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz_checks;

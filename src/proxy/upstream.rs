@@ -32,7 +32,7 @@ use crate::{
     error::{Error, ErrorKind},
     http::{BodyKind, Method, ResponseHead, chunked::ChunkedDecoder},
     metrics::Metrics,
-    server::conn::Conn,
+    server::{Shutdown, conn::Conn},
 };
 
 /// Idle connections kept per upstream address and worker.
@@ -232,6 +232,8 @@ pub struct ClientSide<'a> {
     pub keep_alive: bool,
     /// Headers added to the answer.
     pub extra: &'a [(&'a str, &'a [u8])],
+    /// Checked when the answer's head is written: a node shutting down says `connection: close`.
+    pub shutdown: &'a Shutdown,
 }
 
 /// A response head and the body bytes that came with it.
@@ -415,7 +417,8 @@ async fn relay(
         ),
         BodyKind::UntilClose => (BodyKind::UntilClose, Relay::UntilClose),
     };
-    let keep_alive = side.keep_alive && client_body != BodyKind::UntilClose;
+    let keep_alive =
+        side.keep_alive && client_body != BodyKind::UntilClose && !side.shutdown.is_triggered();
     let streaming = |e: Error| UpstreamError {
         stage: Stage::Streaming,
         error: e,
