@@ -29,6 +29,7 @@
 //! - [`demo`]: the built-in demo (`loraplex demo`).
 
 // pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod error;
