@@ -63,11 +63,15 @@
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use self::table::{SlotTable, pack, unpack};
+
+mod table;
+
 /// log2 of the slot count.
-pub const SLOT_BITS: u32 = 16;
+pub const SLOT_BITS: u32 = 17;
 const SLOTS: usize = 1 << SLOT_BITS;
 /// log2 of the block length; each peer is hot in exactly one slot per block.
-const HOT_BLOCK_BITS: u32 = 4;
+const HOT_BLOCK_BITS: u32 = 5;
 const HOT_BLOCK: usize = 1 << HOT_BLOCK_BITS;
 const BLOCKS: usize = SLOTS / HOT_BLOCK;
 
@@ -79,6 +83,7 @@ pub const MAX_PEERS: usize = u16::MAX as usize;
 // Independent hash families per use, derived from the peer's address hash.
 const SALT_HOT: u64 = 0x6c6f_7261_706c_6578; // "loraplex"
 const SALT_KEY: u64 = 0x9e37_79b9_7f4a_7c15;
+const SALT_SLOT: u64 = 0xd6e8_feb8_6659_fd93;
 
 /// Peers and the slot table, immutable once built; share it in an `Arc` and swap the `Arc`
 /// when membership changes.
@@ -92,10 +97,9 @@ pub struct Placement {
     hot_seeds: Vec<u64>,
     /// Seeds the key-level score.
     key_seeds: Vec<u64>,
-    /// `candidates[offsets[s]..offsets[s + 1]]`: hot peers of slot `s` (ascending), or its
-    /// single slot-level winner when no peer is hot there. Empty when there are no peers.
-    offsets: Vec<u32>,
-    candidates: Vec<u16>,
+    /// Per slot: its hot peers (ascending), or its single slot-level winner when no peer is
+    /// hot there. Empty when there are no peers.
+    table: SlotTable,
 }
 
 /// Jump consistent hash: maps `key` to a bucket in `0..buckets` so that growing the bucket
@@ -123,19 +127,6 @@ fn fmix64(mut x: u64) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     x ^ (x >> 33)
-}
-
-/// A score in the high 48 bits and the peer's rank in the low 16 bits, so that comparing
-/// packed values is a total order and exact ties go to the peer first in address order (an
-/// order that does not depend on which other peers exist).
-#[inline]
-fn pack(score: u64, index: usize) -> u64 {
-    (score & !0xffff) | (0xffff - index as u64)
-}
-
-#[inline]
-fn unpack(packed: u64) -> usize {
-    0xffff - (packed & 0xffff) as usize
 }
 
 #[inline]
@@ -173,8 +164,7 @@ impl Placement {
             slot_seeds,
             hot_seeds,
             key_seeds,
-            offsets: Vec::new(),
-            candidates: Vec::new(),
+            table: SlotTable::default(),
         };
         if !placement.peers.is_empty() {
             placement.fill_table();
@@ -215,14 +205,15 @@ impl Placement {
                 .map_or(0, unpack);
             candidates[offsets[slot] as usize] = winner as u16;
         }
-        self.offsets = offsets;
-        self.candidates = candidates;
+        self.table = SlotTable::new(&offsets, &candidates);
     }
 
-    /// Slot-level score of peer `index` for `slot`, packed.
+    /// Slot-level score of peer `index` for `slot`, packed. (The peer side is already an
+    /// xxh3; one finalizer round over it and the slot number is a full-avalanche score, and
+    /// three times cheaper than a seeded xxh3 call, which the fallback walk pays per peer.)
     #[inline]
     fn slot_rank(&self, slot: usize, index: usize) -> u64 {
-        let score = xxh3_64_with_seed(&(slot as u32).to_le_bytes(), self.slot_seeds[index]);
+        let score = fmix64(self.slot_seeds[index] ^ (slot as u64).wrapping_mul(SALT_SLOT));
         pack(score, index)
     }
 
@@ -232,10 +223,8 @@ impl Placement {
         pack(fmix64(key_hash ^ self.key_seeds[index]), index)
     }
 
-    #[inline]
     fn slot_candidates(&self, slot: usize) -> &[u16] {
-        let (start, end) = (self.offsets[slot], self.offsets[slot + 1]);
-        &self.candidates[start as usize..end as usize]
+        self.table.candidates(slot)
     }
 
     /// Whether the slot's candidate list holds hot peers (rather than one slot-level winner).
@@ -272,14 +261,14 @@ impl Placement {
             return None;
         }
         let key_hash = xxh3_64(key);
-        match self.slot_candidates(slot_of(key_hash)) {
-            [only] => Some(*only as usize),
-            many => many
-                .iter()
-                .map(|&i| self.key_rank(key_hash, i as usize))
-                .max()
-                .map(unpack),
-        }
+        self.table.best(slot_of(key_hash), |i| {
+            self.key_rank(key_hash, usize::from(i))
+        })
+    }
+
+    /// Bytes held by the slot table (what a placement costs beyond its peer list).
+    pub fn table_bytes(&self) -> usize {
+        self.table.bytes()
     }
 
     /// Every peer once, by decreasing score for `key`: the owner first, then the peer that
@@ -324,21 +313,19 @@ pub struct Order<'a> {
 }
 
 impl Order<'_> {
-    fn tail(&mut self) -> &[u64] {
-        let (placement, slot, head_len) = (self.placement, self.slot, self.head.len());
-        self.tail.get_or_insert_with(|| {
-            let hot = if head_len > 0 {
-                placement.slot_candidates(slot)
-            } else {
-                &[]
-            };
-            let mut tail: Vec<u64> = (0..placement.peers.len())
-                .filter(|&i| hot.binary_search(&(i as u16)).is_err())
-                .map(|i| placement.slot_rank(slot, i))
-                .collect();
-            tail.sort_unstable_by(|a, b| b.cmp(a));
-            tail
-        })
+    fn build_tail(&self) -> Vec<u64> {
+        let (placement, slot) = (self.placement, self.slot);
+        let hot = if self.head.is_empty() {
+            &[]
+        } else {
+            placement.slot_candidates(slot)
+        };
+        let mut tail: Vec<u64> = (0..placement.peers.len())
+            .filter(|&i| hot.binary_search(&(i as u16)).is_err())
+            .map(|i| placement.slot_rank(slot, i))
+            .collect();
+        tail.sort_unstable_by(|a, b| b.cmp(a));
+        tail
     }
 }
 
@@ -346,12 +333,13 @@ impl Iterator for Order<'_> {
     type Item = usize;
 
     fn next(&mut self) -> Option<usize> {
-        let pos = self.pos;
-        let packed = match self.head.get(pos) {
+        let packed = match self.head.get(self.pos) {
             Some(&p) => p,
             None => {
-                let at = pos - self.head.len();
-                *self.tail().get(at)?
+                if self.tail.is_none() {
+                    self.tail = Some(self.build_tail());
+                }
+                *self.tail.as_ref()?.get(self.pos - self.head.len())?
             }
         };
         self.pos += 1;
