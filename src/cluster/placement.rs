@@ -95,8 +95,8 @@ pub struct Placement {
     slot_seeds: Vec<u64>,
     /// Seeds the hot-slot choice.
     hot_seeds: Vec<u64>,
-    /// Seeds the key-level score.
-    key_seeds: Vec<u64>,
+    /// Seeds the key-level score: an xor mask and an odd multiplier.
+    key_seeds: Vec<[u64; 2]>,
     /// Per slot: its hot peers (ascending), or its single slot-level winner when no peer is
     /// hot there. Empty when there are no peers.
     table: SlotTable,
@@ -118,8 +118,16 @@ pub fn jump_hash(mut key: u64, buckets: u32) -> u32 {
     b.max(0) as u32
 }
 
-/// The murmur3 64-bit finalizer: a full-avalanche mix, used for the per-key scores so that
-/// the candidates of a slot get independent, uniform shares.
+/// Both halves of the 128-bit product, xored: the mixing step of wyhash and foldhash. One
+/// multiply per candidate keeps the key-level scores cheap; the key hash going in is already
+/// an xxh3, and the per-peer mask and multiplier make the candidates' scores independent.
+#[inline]
+fn folded_multiply(x: u64, y: u64) -> u64 {
+    let full = u128::from(x) * u128::from(y);
+    (full as u64) ^ ((full >> 64) as u64)
+}
+
+/// The murmur3 64-bit finalizer: a full-avalanche mix, for seeds and slot-level scores.
 #[inline]
 fn fmix64(mut x: u64) -> u64 {
     x ^= x >> 33;
@@ -158,7 +166,10 @@ impl Placement {
         }
         let slot_seeds: Vec<u64> = peers.iter().map(|p| xxh3_64(p.as_bytes())).collect();
         let hot_seeds: Vec<u64> = slot_seeds.iter().map(|s| fmix64(s ^ SALT_HOT)).collect();
-        let key_seeds: Vec<u64> = slot_seeds.iter().map(|s| fmix64(s ^ SALT_KEY)).collect();
+        let key_seeds: Vec<[u64; 2]> = slot_seeds
+            .iter()
+            .map(|s| [fmix64(s ^ SALT_KEY), fmix64(s ^ SALT_SLOT) | 1])
+            .collect();
         let mut placement = Placement {
             peers,
             slot_seeds,
@@ -220,7 +231,8 @@ impl Placement {
     /// Key-level score of peer `index` for a key hash, packed.
     #[inline]
     fn key_rank(&self, key_hash: u64, index: usize) -> u64 {
-        pack(fmix64(key_hash ^ self.key_seeds[index]), index)
+        let [mask, mul] = self.key_seeds[index];
+        pack(folded_multiply(key_hash ^ mask, mul), index)
     }
 
     fn slot_candidates(&self, slot: usize) -> &[u16] {
@@ -294,10 +306,14 @@ impl Placement {
             slot,
             head,
             tail: None,
+            sorted: 0,
             pos: 0,
         }
     }
 }
+
+/// Tail entries sorted on the first step past the slot's hot peers.
+const TAIL_CHUNK: usize = 8;
 
 /// Iterator returned by [`Placement::order`]. Yields peer indices.
 #[derive(Debug)]
@@ -306,8 +322,11 @@ pub struct Order<'a> {
     slot: usize,
     /// Packed key-level ranks of the slot's hot peers, best first.
     head: Vec<u64>,
-    /// Packed slot-level ranks of the other peers, best first; computed on first need.
+    /// Packed slot-level ranks of the other peers; computed on first need, and sorted
+    /// (best first) up to `sorted`: a walk rarely goes far, so only the first
+    /// [`TAIL_CHUNK`] are sorted at first, the rest when the walk gets there.
     tail: Option<Vec<u64>>,
+    sorted: usize,
     /// Entries yielded so far.
     pos: usize,
 }
@@ -320,12 +339,30 @@ impl Order<'_> {
         } else {
             placement.slot_candidates(slot)
         };
-        let mut tail: Vec<u64> = (0..placement.peers.len())
+        (0..placement.peers.len())
             .filter(|&i| hot.binary_search(&(i as u16)).is_err())
             .map(|i| placement.slot_rank(slot, i))
-            .collect();
-        tail.sort_unstable_by(|a, b| b.cmp(a));
-        tail
+            .collect()
+    }
+
+    /// Tail entry `at`, sorting as far as needed.
+    fn tail_entry(&mut self, at: usize) -> Option<u64> {
+        if self.tail.is_none() {
+            self.tail = Some(self.build_tail());
+        }
+        let tail = self.tail.as_mut()?;
+        if at >= self.sorted && self.sorted < tail.len() {
+            let rest = &mut tail[self.sorted..];
+            if self.sorted == 0 && rest.len() > TAIL_CHUNK {
+                rest.select_nth_unstable_by(TAIL_CHUNK - 1, |a, b| b.cmp(a));
+                rest[..TAIL_CHUNK].sort_unstable_by(|a, b| b.cmp(a));
+                self.sorted = TAIL_CHUNK;
+            } else {
+                rest.sort_unstable_by(|a, b| b.cmp(a));
+                self.sorted = tail.len();
+            }
+        }
+        tail.get(at).copied()
     }
 }
 
@@ -335,12 +372,7 @@ impl Iterator for Order<'_> {
     fn next(&mut self) -> Option<usize> {
         let packed = match self.head.get(self.pos) {
             Some(&p) => p,
-            None => {
-                if self.tail.is_none() {
-                    self.tail = Some(self.build_tail());
-                }
-                *self.tail.as_ref()?.get(self.pos - self.head.len())?
-            }
+            None => self.tail_entry(self.pos - self.head.len())?,
         };
         self.pos += 1;
         Some(unpack(packed))

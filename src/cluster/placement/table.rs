@@ -4,7 +4,7 @@
 //! padded with copies of the last one. A lookup then reads one record and scores exactly
 //! `width` entries in an unrolled, branch-free loop (a copy scores the same as its original,
 //! so padding never changes the maximum); with variable-length lists, the unpredictable loop
-//! exit cost more than the scoring. `width` is the smallest power of two that holds the
+//! exit cost more than the scoring. `width` is the smallest of [`WIDTHS`] that holds the
 //! candidates of all but [`MAX_SPILL_PER_MILLE`]‰ of the slots; the longer lists are spilled
 //! to a side array, marked by [`SPILLED`] in the record's first entry.
 
@@ -13,7 +13,9 @@ const SPILLED: u16 = u16::MAX;
 /// Largest record width; beyond it (more than ~600 peers) more slots spill.
 const MAX_WIDTH: usize = 32;
 /// Slots allowed to spill when choosing the width, per thousand.
-const MAX_SPILL_PER_MILLE: usize = 8;
+const MAX_SPILL_PER_MILLE: usize = 80;
+/// Record widths, each with its own unrolled scoring loop.
+const WIDTHS: [usize; 10] = [1, 2, 3, 4, 6, 8, 12, 16, 24, MAX_WIDTH];
 
 #[derive(Debug, Clone, Default)]
 pub(super) struct SlotTable {
@@ -52,12 +54,13 @@ impl SlotTable {
     pub(super) fn new(offsets: &[u32], candidates: &[u16]) -> SlotTable {
         let slots = offsets.len() - 1;
         let len = |s: usize| (offsets[s + 1] - offsets[s]) as usize;
-        let mut width = 1;
-        while width < MAX_WIDTH
-            && (0..slots).filter(|&s| len(s) > width).count() * 1000 > slots * MAX_SPILL_PER_MILLE
-        {
-            width *= 2;
-        }
+        let mut histogram = vec![0usize; MAX_WIDTH + 2];
+        (0..slots).for_each(|s| histogram[len(s).min(MAX_WIDTH + 1)] += 1);
+        let spilled_at = |w: usize| histogram[w + 1..].iter().sum::<usize>();
+        let width = WIDTHS
+            .into_iter()
+            .find(|&w| spilled_at(w) * 1000 <= slots * MAX_SPILL_PER_MILLE)
+            .unwrap_or(MAX_WIDTH);
         let mut table = SlotTable {
             width,
             records: vec![0; slots * width],
@@ -123,9 +126,13 @@ impl SlotTable {
         let best = match self.width {
             1 => return Some(usize::from(first)),
             2 => max_rank::<2>(record, rank),
+            3 => max_rank::<3>(record, rank),
             4 => max_rank::<4>(record, rank),
+            6 => max_rank::<6>(record, rank),
             8 => max_rank::<8>(record, rank),
+            12 => max_rank::<12>(record, rank),
             16 => max_rank::<16>(record, rank),
+            24 => max_rank::<24>(record, rank),
             _ => max_rank::<MAX_WIDTH>(record, rank),
         };
         Some(unpack(best))
@@ -154,14 +161,14 @@ mod tests {
 
     #[test]
     fn records_pad_and_long_lists_spill() {
-        // 1000 slots of 1-3 candidates and 5 long ones: width 4, the long ones spill.
+        // 1000 slots of 1-3 candidates and 5 long ones: width 3, the long ones spill.
         let mut lists: Vec<Vec<u16>> = (0..1000u16).map(|s| (0..s % 3 + 1).collect()).collect();
         for s in [3, 400, 401, 998, 999] {
             lists[s] = (10..10 + 7 + s as u16 % 5).collect();
         }
         let (offsets, candidates) = csr(&lists);
         let table = SlotTable::new(&offsets, &candidates);
-        assert_eq!(table.width, 4);
+        assert_eq!(table.width, 3);
         assert_eq!(table.spilled.len(), 5);
         for (slot, list) in lists.iter().enumerate() {
             assert_eq!(table.candidates(slot), &list[..], "slot {slot}");
@@ -180,7 +187,7 @@ mod tests {
 
     #[test]
     fn width_grows_with_list_length() {
-        for (len, width) in [(1, 1), (2, 2), (3, 4), (9, 16), (40, 32)] {
+        for (len, width) in [(1, 1), (2, 2), (3, 3), (5, 6), (9, 12), (40, 32)] {
             let lists: Vec<Vec<u16>> = (0..64).map(|_| (0..len).collect()).collect();
             let (offsets, candidates) = csr(&lists);
             let table = SlotTable::new(&offsets, &candidates);
