@@ -8,8 +8,8 @@
 //! - When any one peer leaves (first, middle or last), only the keys it owned move, and they
 //!   spread over the others; when a peer joins, only the keys it now owns move, all to it.
 //! - Load is as even as hashing allows (see the figures below).
-//! - [`Placement::owner`] costs one xxh3 of the key, two table reads and a handful of 64-bit
-//!   mixes; [`Placement::order`] (the fallback walk) is cheap for the first few entries.
+//! - [`Placement::owner`] costs one xxh3 of the key, one table record read and a few
+//!   multiplies; [`Placement::order`] (the fallback walk) is cheap for its first entries.
 //!
 //! # Scheme: rendezvous hashing, made O(1) by a slot table
 //!
@@ -21,45 +21,56 @@
 //! membership catches up. Plain rendezvous costs one hash per peer per lookup (N of them);
 //! the score used here is shaped so that a table can cache the few peers that can win:
 //!
-//! 1. `h = xxh3(key)`; its top [`SLOT_BITS`] bits pick one of `S` = 65536 slots.
-//! 2. Each peer is *hot* in exactly one slot of every block of 16 (the slot within the block
-//!    is picked by `xxh3(block, peer)`): a stratified 1/16 of the table, so every peer has
-//!    exactly `S/16` hot slots whatever the other peers are.
-//! 3. `score(key, peer) = (hot(slot, peer), hot ? mix(h, peer) : xxh3(slot, peer))`,
-//!    compared lexicographically. The hot peers of a slot (about N/16 of them) share its keys
-//!    by a key-level rendezvous; a slot no peer is hot in (likely only with few peers) goes
-//!    whole to its plain slot-level rendezvous winner.
+//! 1. `h = xxh3(key)`; its top [`SLOT_BITS`] bits pick one of `S` = 2^18 slots.
+//! 2. Each peer is *hot* in exactly one slot of every block of 64 (which one is picked by
+//!    `xxh3(block, peer)`): a stratified 1/64 of the table, so every peer has exactly `S/64`
+//!    hot slots, whatever the other peers are.
+//! 3. `score(key, peer) = (hot(slot, peer), hot ? mul(h, peer) : mix(slot, peer))`, compared
+//!    lexicographically. The hot peers of a slot (about N/64 of them) share its keys by a
+//!    key-level rendezvous (one folded multiply each); a slot no peer is hot in (common below
+//!    ~100 peers) goes whole to its slot-level rendezvous winner.
 //!
-//! The table stores, per slot, the hot peers (or the single slot winner): `owner` is one
-//! key-level mix per stored candidate. Building it costs `N·S/16` hashes for the hot sets
-//! plus `N` hashes per slot without hot peers.
+//! The table (`placement/table.rs`) stores per slot its hot peers, or its slot winner, in a fixed-width
+//! record: `owner` scores exactly `width` entries, branch-free. Building it costs `N·S/64`
+//! hashes for the hot sets plus `N` per slot without hot peers: 10–40 ms for 3–256 peers.
 //!
-//! # Why not what the first sketch said
+//! # Why not the first sketch
 //!
 //! - *Jump hash onto the slots.* With a fixed slot count, jump hash (Lamping & Veach) only
 //!   yields a uniform slot, which the top bits of xxh3 already are; its consistency under a
-//!   growing bucket count is never used, and its ~ln(S) float divisions cost more than the
-//!   whole lookup budget (see `jump_hash/65536` in the bench). [`jump_hash`] is kept, tested
-//!   and measured, but the lookup path uses the top bits.
+//!   growing bucket count is never exercised, and its ~ln(S) dependent float divisions cost
+//!   more than a whole lookup (bench: `parts/jump_hash/65536` ≈ 100 ns here, `owner/256`
+//!   ≈ 55–75 ns). [`jump_hash`] is kept, tested and benched; the lookup uses the top bits.
 //! - *One rendezvous winner per slot.* Slot counts are then multinomial: at 256 peers and
 //!   65536 slots, 256 ± 16 slots per peer, so the busiest peer carries ~1.17× the mean.
 //! - *Capping slots per peer (bounded loads, or a round-robin fill like Maglev).* Slot balance
 //!   becomes perfect, but a membership change reshuffles the capped assignment far beyond the
-//!   leaving peer's share: measured on the same table, a middle peer leaving moves 2.3–2.8/N of
-//!   the slots at 256 peers (1.2–1.3/N at 64), versus 1/N here. Random second choices put
-//!   Poisson-many orphans on each survivor and the caps then push the excess along chains;
-//!   that noise only shrinks with S/N² slots per survivor, i.e. tens of millions of slots.
+//!   leaving peer's share. Measured (65536 slots, middle peer leaving): bounded-load greedy
+//!   with cap `ceil(S/N)` moves 1.25/N at 64 peers and 2.8/N at 256 (2.3/N with 2 slots of
+//!   slack); Maglev 1.33/N and 2.9/N. Random second choices give each survivor a
+//!   Poisson-many share of the orphans and the caps push the excess along chains; that noise
+//!   only fades with S/N² slots per survivor, i.e. tens of millions of slots.
 //!
 //! # Trade-off and measured figures
 //!
-//! The price of exact minimal movement is that slot-level structure still adds a little
-//! imbalance on top of the sampling noise of the keys themselves. With 1M random keys the
-//! ideal (every key on an independent uniform peer) already has a peak-to-mean of about
-//! 1 + 2.8·√(N/1M): ≈1.045 at 256 peers. The hot tier (16 candidates per slot at 256 peers)
-//! keeps the structural part to ≈0.4 % standard deviation, which moves that peak by about
-//! +0.002. More hot peers per slot or more slots lower it further, at the cost of lookup time
-//! and table memory (`S·N/16·2` bytes: ≈2 MiB at 256 peers). Figures from
-//! `cargo bench --bench placement` are in the project report.
+//! Exact minimal movement is kept; the price is that the table's structure adds some
+//! imbalance to the sampling noise of the keys. With 1M random keys even the ideal (each key
+//! on an independent uniform peer) has a peak-to-mean of about 1 + 2.8·√(N/1M), ≈1.045 at 256
+//! peers, so a 1.05 goal is at the noise floor there. The table's own load spread (16M keys)
+//! is ≈1 % (sd) at 64 and 256 peers, 0.4 % at 3; at 1M keys and 256 peers that puts the peak
+//! at 1.044–1.055 over six key sets, against 1.036–1.049 for the ideal.
+//!
+//! The knob is the block length (`HOT_BLOCK_BITS`) with the slot count: more hot peers per
+//! slot even the load but cost a multiply each per lookup. Measured at 256 peers (thread CPU
+//! time on a shared 2-vCPU VM; sd from 16M keys):
+//!
+//! | slots / block | hot peers per slot | load sd | `owner` (cached table) | table |
+//! |---------------|--------------------|---------|------------------------|-------|
+//! | 2^17 / 32     | 8                  | 0.74 %  | 80–114 ns (50–54)      | 3.3 MiB |
+//! | 2^18 / 64 (*) | 4                  | 1.08 %  | 54–75 ns (30–32)       | 4.2 MiB |
+//! | 2^19 / 128    | 2                  | —       | 42 ns (23)             | 4.6 MiB |
+//!
+//! 2^19/128 lifts the 1M-key peak to ≈1.051 on average; 2^17/32 lowers it by ≈0.001 only.
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -68,10 +79,10 @@ use self::table::{SlotTable, pack, unpack};
 mod table;
 
 /// log2 of the slot count.
-pub const SLOT_BITS: u32 = 17;
+pub const SLOT_BITS: u32 = 18;
 const SLOTS: usize = 1 << SLOT_BITS;
 /// log2 of the block length; each peer is hot in exactly one slot per block.
-const HOT_BLOCK_BITS: u32 = 5;
+const HOT_BLOCK_BITS: u32 = 6;
 const HOT_BLOCK: usize = 1 << HOT_BLOCK_BITS;
 const BLOCKS: usize = SLOTS / HOT_BLOCK;
 
