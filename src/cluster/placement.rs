@@ -365,8 +365,24 @@ impl Order<'_> {
         if at >= self.sorted && self.sorted < tail.len() {
             let rest = &mut tail[self.sorted..];
             if self.sorted == 0 && rest.len() > TAIL_CHUNK {
-                rest.select_nth_unstable_by(TAIL_CHUNK - 1, |a, b| b.cmp(a));
-                rest[..TAIL_CHUNK].sort_unstable_by(|a, b| b.cmp(a));
+                // One pass keeping the best few (they rarely change after the first entries:
+                // predictable branches), then move them to the front. Packed ranks are unique.
+                let mut top: Vec<u64> = Vec::with_capacity(TAIL_CHUNK + 1);
+                for &v in rest.iter() {
+                    if top.len() < TAIL_CHUNK || v > top[TAIL_CHUNK - 1] {
+                        top.insert(top.partition_point(|&t| t > v), v);
+                        top.truncate(TAIL_CHUNK);
+                    }
+                }
+                let cut = top[TAIL_CHUNK - 1];
+                let mut front = 0;
+                for i in 0..rest.len() {
+                    if rest[i] >= cut {
+                        rest.swap(front, i);
+                        front += 1;
+                    }
+                }
+                rest[..TAIL_CHUNK].copy_from_slice(&top);
                 self.sorted = TAIL_CHUNK;
             } else {
                 rest.sort_unstable_by(|a, b| b.cmp(a));

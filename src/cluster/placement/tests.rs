@@ -258,3 +258,33 @@ fn jump_hash_grows_consistently() {
     assert_eq!(jump_hash(42, 0), 0);
     assert_eq!(jump_hash(42, 1), 0);
 }
+
+#[test]
+fn order_is_the_full_score_ranking() {
+    // Brute force: every peer scored by (hot in the key's slot, key-level or slot-level rank).
+    for n in [2, 9, 64, 200] {
+        let p = Placement::build(&addrs(n, 0));
+        for k in keys(60) {
+            let h = xxh3_64(k.as_bytes());
+            let slot = slot_of(h);
+            let hot = if p.slot_is_hot(slot) {
+                p.slot_candidates(slot).to_vec()
+            } else {
+                Vec::new()
+            };
+            let mut expected: Vec<(bool, u64)> = (0..n)
+                .map(|i| match hot.contains(&(i as u16)) {
+                    true => (true, p.key_rank(h, i)),
+                    false => (false, p.slot_rank(slot, i)),
+                })
+                .collect();
+            expected.sort_unstable_by(|a, b| b.cmp(a));
+            let expected: Vec<usize> = expected.into_iter().map(|(_, r)| unpack(r)).collect();
+            assert_eq!(
+                p.order(k.as_bytes()).collect::<Vec<_>>(),
+                expected,
+                "n={n} key={k}"
+            );
+        }
+    }
+}
