@@ -316,14 +316,15 @@ impl Placement {
             placement: self,
             slot,
             head,
+            tail_top: None,
             tail: None,
-            sorted: 0,
             pos: 0,
         }
     }
 }
 
-/// Tail entries sorted on the first step past the slot's hot peers.
+/// Tail entries found by one selection pass on the first step past the slot's hot peers; a
+/// walk going further sorts the whole tail.
 const TAIL_CHUNK: usize = 8;
 
 /// Iterator returned by [`Placement::order`]. Yields peer indices.
@@ -333,17 +334,17 @@ pub struct Order<'a> {
     slot: usize,
     /// Packed key-level ranks of the slot's hot peers, best first.
     head: Vec<u64>,
-    /// Packed slot-level ranks of the other peers; computed on first need, and sorted
-    /// (best first) up to `sorted`: a walk rarely goes far, so only the first
-    /// [`TAIL_CHUNK`] are sorted at first, the rest when the walk gets there.
+    /// The best [`TAIL_CHUNK`] packed slot-level ranks of the other peers, best first.
+    tail_top: Option<Vec<u64>>,
+    /// All of them, best first: only for walks past `tail_top`.
     tail: Option<Vec<u64>>,
-    sorted: usize,
     /// Entries yielded so far.
     pos: usize,
 }
 
 impl Order<'_> {
-    fn build_tail(&self) -> Vec<u64> {
+    /// Packed slot-level ranks of the peers not in the head.
+    fn tail_ranks(&self) -> impl Iterator<Item = u64> + '_ {
         let (placement, slot) = (self.placement, self.slot);
         let hot = if self.head.is_empty() {
             &[]
@@ -351,45 +352,33 @@ impl Order<'_> {
             placement.slot_candidates(slot)
         };
         (0..placement.peers.len())
-            .filter(|&i| hot.binary_search(&(i as u16)).is_err())
-            .map(|i| placement.slot_rank(slot, i))
-            .collect()
+            .filter(move |&i| hot.binary_search(&(i as u16)).is_err())
+            .map(move |i| placement.slot_rank(slot, i))
     }
 
-    /// Tail entry `at`, sorting as far as needed.
+    /// Tail entry `at`. Packed ranks are unique, so the selection and the sort agree.
     fn tail_entry(&mut self, at: usize) -> Option<u64> {
-        if self.tail.is_none() {
-            self.tail = Some(self.build_tail());
-        }
-        let tail = self.tail.as_mut()?;
-        if at >= self.sorted && self.sorted < tail.len() {
-            let rest = &mut tail[self.sorted..];
-            if self.sorted == 0 && rest.len() > TAIL_CHUNK {
-                // One pass keeping the best few (they rarely change after the first entries:
-                // predictable branches), then move them to the front. Packed ranks are unique.
+        if at < TAIL_CHUNK {
+            if self.tail_top.is_none() {
+                // One pass keeping the best few: after the first entries a new one rarely
+                // qualifies, so the branch is predictable and nothing else is allocated.
                 let mut top: Vec<u64> = Vec::with_capacity(TAIL_CHUNK + 1);
-                for &v in rest.iter() {
+                for v in self.tail_ranks() {
                     if top.len() < TAIL_CHUNK || v > top[TAIL_CHUNK - 1] {
                         top.insert(top.partition_point(|&t| t > v), v);
                         top.truncate(TAIL_CHUNK);
                     }
                 }
-                let cut = top[TAIL_CHUNK - 1];
-                let mut front = 0;
-                for i in 0..rest.len() {
-                    if rest[i] >= cut {
-                        rest.swap(front, i);
-                        front += 1;
-                    }
-                }
-                rest[..TAIL_CHUNK].copy_from_slice(&top);
-                self.sorted = TAIL_CHUNK;
-            } else {
-                rest.sort_unstable_by(|a, b| b.cmp(a));
-                self.sorted = tail.len();
+                self.tail_top = Some(top);
             }
+            return self.tail_top.as_ref()?.get(at).copied();
         }
-        tail.get(at).copied()
+        if self.tail.is_none() {
+            let mut tail: Vec<u64> = self.tail_ranks().collect();
+            tail.sort_unstable_by(|a, b| b.cmp(a));
+            self.tail = Some(tail);
+        }
+        self.tail.as_ref()?.get(at).copied()
     }
 }
 
