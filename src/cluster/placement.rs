@@ -351,8 +351,10 @@ impl Order<'_> {
         } else {
             placement.slot_candidates(slot)
         };
+        // Both ascending: skip the hot ones merge-style.
+        let mut hot = hot.iter().map(|&i| usize::from(i)).peekable();
         (0..placement.peers.len())
-            .filter(move |&i| hot.binary_search(&(i as u16)).is_err())
+            .filter(move |&i| hot.next_if_eq(&i).is_none())
             .map(move |i| placement.slot_rank(slot, i))
     }
 
@@ -362,14 +364,20 @@ impl Order<'_> {
             if self.tail_top.is_none() {
                 // One pass keeping the best few: after the first entries a new one rarely
                 // qualifies, so the branch is predictable and nothing else is allocated.
-                let mut top: Vec<u64> = Vec::with_capacity(TAIL_CHUNK + 1);
+                let (mut top, mut len) = ([0u64; TAIL_CHUNK], 0);
                 for v in self.tail_ranks() {
-                    if top.len() < TAIL_CHUNK || v > top[TAIL_CHUNK - 1] {
-                        top.insert(top.partition_point(|&t| t > v), v);
-                        top.truncate(TAIL_CHUNK);
+                    if len < TAIL_CHUNK || v > top[TAIL_CHUNK - 1] {
+                        // Insertion into the sorted prefix, dropping the last when full.
+                        let mut at = len.min(TAIL_CHUNK - 1);
+                        while at > 0 && top[at - 1] < v {
+                            top[at] = top[at - 1];
+                            at -= 1;
+                        }
+                        top[at] = v;
+                        len = (len + 1).min(TAIL_CHUNK);
                     }
                 }
-                self.tail_top = Some(top);
+                self.tail_top = Some(top[..len].to_vec());
             }
             return self.tail_top.as_ref()?.get(at).copied();
         }
