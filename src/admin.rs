@@ -2,11 +2,12 @@
 //!
 //! When `admin.token` is set every admin request needs `Authorization: Bearer <token>`.
 
-use std::rc::Rc;
+use std::{rc::Rc, sync::atomic::Ordering};
 
 use crate::{
     error::{Error, ErrorKind},
-    http::RequestHead,
+    http::{Method, RequestHead, response},
+    proxy::local::load,
     server::worker::Worker,
 };
 
@@ -15,13 +16,22 @@ pub async fn serve(
     w: &Rc<Worker>,
     head: &RequestHead,
     _body: &[u8],
-    _out: &mut Vec<u8>,
+    out: &mut Vec<u8>,
 ) -> Result<u16, Error> {
-    authorize(w.shared.config.admin.token.as_deref(), head)?;
-    Err(Error::new(
-        ErrorKind::NotFound,
-        format!("no admin endpoint {} {}", head.method(), head.path()),
-    ))
+    let shared = &w.shared;
+    authorize(shared.config.admin.token.as_deref(), head)?;
+    let body = match (head.kind, head.path()) {
+        (Method::Get, "/admin/peers") => {
+            let load = load(shared.pending.load(Ordering::Relaxed) - 1);
+            shared.router.topology().to_json(load)
+        }
+        _ => {
+            let msg = format!("no admin endpoint {} {}", head.method(), head.path());
+            return Err(Error::new(ErrorKind::NotFound, msg));
+        }
+    };
+    response::json(out, 200, &body, head.keep_alive);
+    Ok(200)
 }
 
 /// Check the Bearer token when one is configured.

@@ -133,10 +133,12 @@ async fn pipeline(
         Tier::Passthrough
     };
 
-    // 5. Routing.
-    if forward::is_trusted_forward(&shared.router, conn, head) {
+    // 5. Routing. A forwarded request is acknowledged whether its mark is trusted or not
+    // (the sender learns it was delivered); only a trusted mark skips routing.
+    if forward::is_marked(head) {
         forward::acknowledge(conn).await?;
-    } else {
+    }
+    if !forward::is_trusted_forward(&shared.router, conn, head) {
         let base = if model.is_some() {
             shared.vllm.base_model()
         } else {
@@ -195,6 +197,8 @@ async fn to_vllm(
         addrs: &vllm.addrs,
         name: "vLLM",
         head_timeout: None,
+        acknowledges: false,
+        source: None,
     };
     let mut bytes = Vec::with_capacity(512 + body.len());
     head.write_forward(&mut bytes, &[], body.len());
