@@ -266,7 +266,7 @@ impl OriginChain {
     pub async fn head(&self, name: &AdapterName) -> Result<(String, Option<String>), OriginError> {
         let mut first: Option<OriginError> = None;
         for origin in &self.origins {
-            match origin.head(name).await {
+            match transfer::with_retries(origin.as_ref(), "head", || origin.head(name)).await {
                 Ok(id) => return Ok((origin.kind().to_owned(), id)),
                 Err(e) => {
                     if e.kind != OriginErrorKind::NotFound && first.is_none() {

@@ -40,6 +40,40 @@ pub struct Transferred {
     pub retries: u32,
 }
 
+/// Run a metadata request of `origin` (manifest, head) with its timeouts, retrying
+/// transient failures with backoff like a transfer.
+pub async fn with_retries<T, F, Fut>(
+    origin: &dyn Origin,
+    what: &str,
+    mut call: F,
+) -> Result<T, OriginError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, OriginError>>,
+{
+    let cfg = origin.transfer();
+    let limit = cfg.connect_timeout + cfg.idle_timeout;
+    let mut backoff = BACKOFF_START;
+    let mut retries = 0;
+    loop {
+        let result = match tokio::time::timeout(limit, call()).await {
+            Ok(r) => r,
+            Err(_) => Err(OriginError::transient(format!(
+                "{what}: no answer within {limit:?}"
+            ))),
+        };
+        match result {
+            Err(e) if e.kind == OriginErrorKind::Transient && retries < cfg.retries => {
+                retries += 1;
+                tracing::warn!(origin = %origin.describe(), what, retry = retries, error = %e.message, "retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_CAP);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Stream `file` of adapter `name` from `origin` into `sink`.
 pub async fn pull_file<S: ChunkSink>(
     origin: &dyn Origin,

@@ -24,7 +24,7 @@ use crate::{
     origin::{
         CONFIG_FILE, FileSpec, Origin, OriginError, OriginErrorKind, SAFETENSORS_FILE,
         check_manifest,
-        transfer::{ChunkSink, TransferError, pull_file},
+        transfer::{ChunkSink, TransferError, pull_file, with_retries},
     },
 };
 
@@ -111,7 +111,9 @@ impl Store {
         name: &AdapterName,
         replacing: Option<&Arc<Entry>>,
     ) -> Result<Pin, Failure> {
-        let manifest = origin.manifest(name).await.map_err(Failure::Origin)?;
+        let manifest = with_retries(origin, "manifest", || origin.manifest(name))
+            .await
+            .map_err(Failure::Origin)?;
         check_manifest(&manifest).map_err(Failure::Origin)?;
         let known = manifest.known_size();
         let mut reservation = self

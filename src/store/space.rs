@@ -80,7 +80,10 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.store.ledger().reserved -= self.bytes;
+        // After `take` there is nothing to give back (and the caller holds the ledger lock).
+        if self.bytes > 0 {
+            self.store.ledger().reserved -= self.bytes;
+        }
     }
 }
 
