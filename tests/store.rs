@@ -105,8 +105,9 @@ fn concurrent_cold_ensures_download_once() {
             })
         })
         .collect();
-    wait_until(20, "200 waiters", || store.stats()["misses"] == 200);
-    assert_eq!(origin.manifests(), 1);
+    wait_until(20, "200 waiters and the held download", || {
+        store.stats()["misses"] == 200 && origin.manifests() == 1
+    });
     origin.release();
     let results: Vec<_> = threads
         .into_iter()
@@ -273,6 +274,33 @@ fn larger_than_max_size_is_507_with_nothing_written() {
     assert_eq!(origin.opens.load(Ordering::SeqCst), 0);
     assert!(!store_dir.path().join("big").exists());
     assert!(tmp_entries(store_dir.path()).is_empty());
+}
+
+#[test]
+fn unknown_sizes_reserve_as_they_go_and_stop_at_the_budget() {
+    let origin_dir = tempfile::tempdir().unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let fits = write_adapter(origin_dir.path(), "fits", 300_000); // 1.2 MB
+    write_adapter(origin_dir.path(), "toobig", 1_000_000); // 4 MB
+    let env = Env::new(store_dir.path());
+    let origin = Counted::file(origin_dir.path());
+    origin.strip_sizes.store(true, Ordering::SeqCst);
+    // Budget 3 MB: reservations grow in steps of 375 KB.
+    let store = env.open(options(store_dir.path(), 3_000_000), vec![origin.clone()]);
+    let s = store.clone();
+    let (fits_r, toobig_r) = mono(move || async move {
+        (
+            s.ensure(&name("fits")).await.map(|e| e.pin.size()),
+            s.ensure(&name("toobig")).await.map(|_| ()),
+        )
+    });
+    assert!(fits_r.unwrap() > fits);
+    let e = toobig_r.unwrap_err();
+    assert_eq!(e.status(), 507, "{e}");
+    assert!(!store_dir.path().join("toobig").exists());
+    assert!(tmp_entries(store_dir.path()).is_empty());
+    assert_eq!(store.stats()["reserved"], 0);
+    assert!(store.stats()["size"].as_u64().unwrap() <= 3_000_000);
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 use std::{
     fs, io,
-    os::unix::fs::{FileExt, MetadataExt},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -83,6 +83,33 @@ fn scan(dir: &Path) -> Result<(Vec<FileSpec>, String), OriginError> {
     Ok((specs, id))
 }
 
+/// `pread` up to `n` bytes at `pos` into a fresh buffer, without zeroing it first (a 1 GB
+/// adapter would otherwise be memset once more on its way through).
+fn read_at(f: &fs::File, n: usize, pos: u64) -> io::Result<BytesMut> {
+    let mut buf = BytesMut::with_capacity(n);
+    loop {
+        // SAFETY: the kernel writes at most `n` bytes into the buffer's capacity; only the
+        // bytes it reports written are then marked initialised.
+        let got = unsafe {
+            libc::pread(
+                std::os::fd::AsRawFd::as_raw_fd(f),
+                buf.as_mut_ptr().cast(),
+                n,
+                pos as libc::off_t,
+            )
+        };
+        if got >= 0 {
+            // SAFETY: `got` <= n bytes were just written by pread.
+            unsafe { buf.set_len(got as usize) };
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, OriginError> + Send + 'static,
 ) -> Result<T, OriginError> {
@@ -151,10 +178,9 @@ impl Origin for FileOrigin {
                     let want = CHUNK.min((len - pos) as usize);
                     let f2 = f.clone();
                     let chunk = blocking(move || {
-                        let mut buf = BytesMut::zeroed(want);
-                        let n = f2.read_at(&mut buf, pos).map_err(|e| io_error(&path, e))?;
-                        buf.truncate(n);
-                        Ok(buf.freeze())
+                        read_at(&f2, want, pos)
+                            .map(BytesMut::freeze)
+                            .map_err(|e| io_error(&path, e))
                     })
                     .await?;
                     if chunk.is_empty() {

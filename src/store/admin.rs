@@ -160,8 +160,8 @@ impl Store {
             "reserved": reserved,
             "fetches_in_flight": self.flights.count(FlightKind::Fetch),
             "revalidations_in_flight": self.flights.count(FlightKind::Revalidate),
-            "hits": self.hits.load(Ordering::Relaxed),
-            "misses": self.misses.load(Ordering::Relaxed),
+            "hits": self.hits.get(),
+            "misses": self.misses.get(),
             "pinned": pinned,
         })
     }

@@ -98,6 +98,11 @@ impl Store {
         self.fetch_version(name, None).await
     }
 
+    /// How much to reserve at a time when sizes are unknown (small budgets get small steps).
+    fn grow_step(&self) -> u64 {
+        GROW_STEP.min(self.opts.max_size / 8).max(1)
+    }
+
     fn count_failure(&self, origin: &'static str, reason: &'static str) {
         self.metrics
             .fetch_failures
@@ -117,7 +122,7 @@ impl Store {
         check_manifest(&manifest).map_err(Failure::Origin)?;
         let known = manifest.known_size();
         let mut reservation = self
-            .reserve(known.map_or(GROW_STEP, |k| k + META_RESERVE))
+            .reserve(known.map_or(self.grow_step(), |k| k + META_RESERVE))
             .await
             .map_err(Failure::Local)?;
         let tmp = self.tmp_path("fetch", name);
@@ -126,6 +131,7 @@ impl Store {
             .begin(&self.opts.dir, tmp)
             .map_err(Failure::Local)?;
         let progress = self.progress.start(name, origin.describe(), known);
+        let step = self.grow_step();
         let base = match self.opts.rewrite_base_model {
             true => self.hooks.base_model(),
             false => None,
@@ -139,6 +145,7 @@ impl Store {
                 kind: FileKind::Other,
                 config: Vec::new(),
                 probe: SafetensorsProbe::default(),
+                step,
             };
             for file in &manifest.files {
                 sink.begin(file).await?;
@@ -165,8 +172,11 @@ impl Store {
             .unwrap_or_else(|_| Err(Error::internal("the storage thread stopped")));
         let (meta, committed) = match (sent, committed) {
             (Ok(meta), Ok(c)) => (meta, c),
-            // The writer's error is the cause when the channel closed under the sender.
-            (Ok(_) | Err(TransferError::Sink(_)), Err(e)) => return Err(Failure::Local(e)),
+            // The channel closed under the sender: the writer's error (ENOSPC...) is the cause.
+            (Ok(_), Err(e)) => return Err(Failure::Local(e)),
+            (Err(TransferError::Sink(e)), Err(we)) => {
+                return Err(Failure::Local(if e == writer_gone() { we } else { e }));
+            }
             (Err(TransferError::Sink(e)), Ok(_)) => return Err(Failure::Local(e)),
             (Err(TransferError::Origin(e)), _) => return Err(Failure::Origin(e)),
         };
@@ -256,6 +266,13 @@ struct Sink<'a> {
     /// The config is held whole: it is validated (and maybe rewritten) before being written.
     config: Vec<u8>,
     probe: SafetensorsProbe,
+    /// Reservation growth step.
+    step: u64,
+}
+
+/// The error a send sees when the writer has stopped; its own result says why.
+fn writer_gone() -> Error {
+    Error::internal("the storage writer stopped")
 }
 
 fn invalid(msg: String) -> TransferError {
@@ -267,7 +284,7 @@ impl Sink<'_> {
         self.tx
             .send(msg)
             .await
-            .map_err(|_| TransferError::Sink(Error::internal("the storage writer stopped")))
+            .map_err(|_| TransferError::Sink(writer_gone()))
     }
 
     async fn begin(&mut self, file: &FileSpec) -> Result<(), TransferError> {
@@ -301,7 +318,7 @@ impl Sink<'_> {
     async fn account(&mut self, n: u64) -> Result<(), TransferError> {
         self.written += n;
         if self.written > self.reservation.bytes() {
-            let more = (self.written - self.reservation.bytes()).max(GROW_STEP);
+            let more = (self.written - self.reservation.bytes()).max(self.step);
             self.reservation
                 .grow(more)
                 .await

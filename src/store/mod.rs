@@ -41,6 +41,7 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
 
 pub use self::{
     admin::FetchProgress,
@@ -126,8 +127,10 @@ pub struct Store {
     writer: Writer,
     progress: ProgressBoard,
     seq: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
+    /// `loraplex_cache_hits_total{tier="local"}`, resolved once: the hit path must not
+    /// look the label set up (a lock) every time.
+    hits: Counter,
+    misses: Counter,
 }
 
 const LOCAL: TierLabel = TierLabel { tier: "local" };
@@ -145,6 +148,8 @@ impl Store {
         let direct = recovered.direct_ok && opts.direct_io == DirectIo::Auto;
         let writer = Writer::start(opts.driver, direct, opts.faults.clone())
             .map_err(|e| Error::internal(format!("starting the storage thread: {e}")))?;
+        let hits = metrics.cache_hits.get_or_create(&LOCAL).clone();
+        let misses = metrics.cache_misses.get_or_create(&LOCAL).clone();
         let store = Arc::new(Store {
             tmp: opts.dir.join(fsops::TMP_DIR),
             index: Index::default(),
@@ -153,12 +158,12 @@ impl Store {
             origins,
             hooks,
             control,
-            metrics,
             writer,
             progress: ProgressBoard::default(),
             seq: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            hits,
+            misses,
+            metrics,
             opts,
         });
         store.adopt(recovered.entries);
@@ -180,8 +185,7 @@ impl Store {
         let pin = self.index.pin(name)?;
         let now = now_ms();
         pin.entry().touch(now);
-        self.hits.fetch_add(1, Ordering::Relaxed);
-        self.metrics.cache_hits.get_or_create(&LOCAL).inc();
+        self.hits.inc();
         self.maybe_revalidate(pin.entry(), now);
         Some(pin)
     }
@@ -207,8 +211,7 @@ impl Store {
                 Join::Follow(flight) => flight,
             };
             if flight.kind == FlightKind::Fetch {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                self.metrics.cache_misses.get_or_create(&LOCAL).inc();
+                self.misses.inc();
                 fetched = true;
             }
             match flight.wait().await {

@@ -83,6 +83,8 @@ pub struct Counted {
     pub heads: AtomicU32,
     gate: watch::Sender<bool>,
     pub wrong_sha: AtomicBool,
+    /// Announce no sizes (as an origin answering without Content-Length).
+    pub strip_sizes: AtomicBool,
     pub extra_path: Mutex<Option<String>>,
     /// Stream in 64 KiB chunks with a short pause between (polling tests).
     pub slow: AtomicBool,
@@ -99,6 +101,7 @@ impl Counted {
             heads: AtomicU32::new(0),
             gate: watch::channel(true).0,
             wrong_sha: AtomicBool::new(false),
+            strip_sizes: AtomicBool::new(false),
             extra_path: Mutex::new(None),
             slow: AtomicBool::new(false),
             body_gate: watch::channel(true).0,
@@ -165,6 +168,11 @@ impl Origin for Counted {
                     f.sha256 = Some([0xAB; 32]);
                 }
             }
+            if self.strip_sizes.load(Ordering::SeqCst) {
+                for f in &mut m.files {
+                    f.size = None;
+                }
+            }
             if let Some(p) = self.extra_path.lock().unwrap().clone() {
                 m.files.push(FileSpec::new(p, Some(1)));
             }
@@ -183,6 +191,9 @@ impl Origin for Counted {
         let slow = self.slow.load(Ordering::SeqCst);
         async move {
             let mut s = self.inner.open(name, manifest, file, offset).await?;
+            if self.strip_sizes.load(Ordering::SeqCst) {
+                s.total = None;
+            }
             if slow {
                 use futures_util::StreamExt;
                 let gate_rx = self.body_gate.subscribe();
