@@ -392,11 +392,10 @@ async fn serve_file(
         .lock()
         .unwrap()
         .get_mut(&format!("{method} {path}"))
+        && *left > 0
     {
-        if *left > 0 {
-            *left -= 1;
-            return status(*code);
-        }
+        *left -= 1;
+        return status(*code);
     }
     let Ok(data) = std::fs::read(st.root.join(path.trim_start_matches('/'))) else {
         return status(404);
