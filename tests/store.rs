@@ -386,6 +386,83 @@ fn crash_leftovers_and_corrupt_entries_are_cleaned_at_open() {
     assert_eq!(store.stats()["items"], 2);
 }
 
+/// Run by `kill_9_during_a_fetch_leaves_nothing_partial` in a child process, which it kills.
+#[test]
+#[ignore = "a child process of kill_9_during_a_fetch_leaves_nothing_partial"]
+fn child_fetch_that_never_ends() {
+    let origin_dir = std::env::var("LORAPLEX_TEST_ORIGIN").expect("run by the parent test");
+    let store_dir = std::env::var("LORAPLEX_TEST_STORE").unwrap();
+    let env = Env::new(store_dir.as_ref());
+    let origin = Counted::file(origin_dir.as_ref());
+    origin.slow.store(true, Ordering::SeqCst);
+    // 48 × 64 KiB = 3 MiB of weights pass (one 2 MiB write reaches the disk), then it stalls.
+    origin.hold_after.store(48, Ordering::SeqCst);
+    origin.hold_body();
+    let store = env.open(options(store_dir.as_ref(), 1 << 30), vec![origin.clone()]);
+    let s = store.clone();
+    mono(move || async move { s.ensure(&name("org/big")).await.map(|_| ()) }).unwrap();
+    unreachable!("the parent kills this process mid-fetch");
+}
+
+#[test]
+fn kill_9_during_a_fetch_leaves_nothing_partial() {
+    let origin_dir = tempfile::tempdir().unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    write_adapter(origin_dir.path(), "org/big", 2 << 20); // 8 MiB of weights
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_fetch_that_never_ends",
+            "--nocapture",
+        ])
+        .env("LORAPLEX_TEST_ORIGIN", origin_dir.path())
+        .env("LORAPLEX_TEST_STORE", store_dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until part of the weights is on disk in the temp area.
+    let partial = || {
+        std::fs::read_dir(store_dir.path().join(".loraplex-tmp"))
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let w = e.path().join("adapter_model.safetensors");
+                std::fs::metadata(&w)
+                    .ok()
+                    .filter(|m| m.len() > 0)
+                    .map(|_| w)
+            })
+    };
+    wait_until(60, "a partial download in the temp area", || {
+        partial().is_some()
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        partial().is_some(),
+        "the killed fetch left its partial files"
+    );
+    assert!(
+        !store_dir.path().join("org/big").exists(),
+        "nothing partial is visible"
+    );
+
+    let env = Env::new(store_dir.path());
+    let origin = Counted::file(origin_dir.path());
+    let store = env.open(options(store_dir.path(), 1 << 30), vec![origin.clone()]);
+    assert!(
+        tmp_entries(store_dir.path()).is_empty(),
+        "leftovers removed at open"
+    );
+    assert_eq!(store.stats()["items"], 0);
+    let s = store.clone();
+    let fetched = mono(move || async move { s.ensure(&name("org/big")).await.map(|e| e.fetched) });
+    assert_eq!(fetched, Ok(true));
+    validate::check_dir(&store_dir.path().join("org/big")).unwrap();
+}
+
 #[test]
 fn startup_enforces_max_size() {
     let store_dir = tempfile::tempdir().unwrap();

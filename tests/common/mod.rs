@@ -88,8 +88,9 @@ pub struct Counted {
     pub extra_path: Mutex<Option<String>>,
     /// Stream in 64 KiB chunks with a short pause between (polling tests).
     pub slow: AtomicBool,
-    /// In slow mode, hold every stream after its first chunk until released.
+    /// In slow mode, hold every stream after `hold_after` chunks until released.
     body_gate: watch::Sender<bool>,
+    pub hold_after: std::sync::atomic::AtomicUsize,
 }
 
 impl Counted {
@@ -105,6 +106,7 @@ impl Counted {
             extra_path: Mutex::new(None),
             slow: AtomicBool::new(false),
             body_gate: watch::channel(true).0,
+            hold_after: std::sync::atomic::AtomicUsize::new(1),
         })
     }
 
@@ -197,6 +199,7 @@ impl Origin for Counted {
             if slow {
                 use futures_util::StreamExt;
                 let gate_rx = self.body_gate.subscribe();
+                let hold_after = self.hold_after.load(Ordering::SeqCst);
                 // Re-chunk into 64 KiB pieces with a pause between.
                 let body = s
                     .body
@@ -214,7 +217,7 @@ impl Origin for Counted {
                     .then(move |(i, r)| {
                         let mut gate = gate_rx.clone();
                         async move {
-                            if i > 0 {
+                            if i >= hold_after {
                                 let _ = gate.wait_for(|open| *open).await;
                             }
                             tokio::time::sleep(Duration::from_millis(2)).await;
