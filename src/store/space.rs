@@ -152,9 +152,13 @@ impl Store {
                 tokio::time::sleep(PINNED_POLL).await;
                 continue;
             }
-            for v in victims {
-                self.evict_claimed(v.entry, v.lead).await;
-            }
+            // Victims go in parallel: each waits for vLLM's unload before its delete.
+            futures_util::future::join_all(
+                victims
+                    .into_iter()
+                    .map(|v| self.evict_claimed(v.entry, v.lead)),
+            )
+            .await;
         }
     }
 
