@@ -19,6 +19,7 @@
 mod admin;
 pub mod aligned;
 mod fetch;
+mod file_writer;
 pub mod flight;
 pub mod fsops;
 pub mod index;
