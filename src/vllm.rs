@@ -231,3 +231,21 @@ mod tests {
         assert!(resolve("not a url").is_err());
     }
 }
+
+/// The store's view of vLLM: unload calls run on the control plane (reqwest needs tokio), so
+/// they can be awaited from any thread.
+pub struct Hooks {
+    pub vllm: Arc<Vllm>,
+    pub control: Control,
+}
+
+impl crate::store::VllmHooks for Hooks {
+    fn unload(&self, name: &str) -> futures_util::future::BoxFuture<'static, Result<(), Error>> {
+        let (vllm, name) = (self.vllm.clone(), name.to_owned());
+        Box::pin(self.control.run(async move { vllm.unload(&name).await }))
+    }
+
+    fn base_model(&self) -> Option<String> {
+        self.vllm.base_model().map(|m| m.to_string())
+    }
+}

@@ -116,10 +116,10 @@ async fn poll_peers(router: &Router, client: &reqwest::Client) {
                         p.health.observe(h.vllm_healthy, h.load);
                     }
                     Err(e) => {
-                        if p.health.is_up() {
-                            tracing::warn!(peer = %p.addr, error = %e, "peer health check failed");
+                        let was_up = p.health.is_up();
+                        if p.health.check_failed() && was_up {
+                            tracing::warn!(peer = %p.addr, error = %e, "peer is down");
                         }
-                        p.health.mark_down();
                     }
                 }
             }

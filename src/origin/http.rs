@@ -88,6 +88,16 @@ fn etag(resp: &Response) -> Option<String> {
     Some(resp.headers().get(ETAG)?.to_str().ok()?.to_owned())
 }
 
+/// The content id of an adapter: the config's ETag and the weights' ETag, so new weights under
+/// an unchanged config are noticed too (the Go project looked at the config's ETag only).
+fn content_id(config: &Response, weights: Option<&Response>) -> Option<String> {
+    let cfg = etag(config)?;
+    Some(match weights.and_then(etag) {
+        Some(w) => format!("{cfg}+{w}"),
+        None => cfg,
+    })
+}
+
 /// `bytes 100-199/1000` → (100, Some(1000)).
 fn content_range(resp: &Response) -> Option<(u64, Option<u64>)> {
     let v = resp.headers().get(CONTENT_RANGE)?.to_str().ok()?;
@@ -127,10 +137,17 @@ impl Origin for HttpOrigin {
         name: &'a AdapterName,
     ) -> BoxFuture<'a, Result<Option<String>, OriginError>> {
         async move {
-            match self.probe(name, CONFIG_FILE).await? {
-                Some(resp) => Ok(etag(&resp)),
-                None => Err(OriginError::not_found(self.url(name, CONFIG_FILE))),
+            let Some(cfg) = self.probe(name, CONFIG_FILE).await? else {
+                return Err(OriginError::not_found(self.url(name, CONFIG_FILE)));
+            };
+            let mut weights = None;
+            for file in [SAFETENSORS_FILE, BIN_FILE] {
+                if let Some(resp) = self.probe(name, file).await? {
+                    weights = Some(resp);
+                    break;
+                }
             }
+            Ok(content_id(&cfg, weights.as_ref()))
         }
         .boxed()
     }
@@ -144,13 +161,15 @@ impl Origin for HttpOrigin {
                 return Err(OriginError::not_found(self.url(name, CONFIG_FILE)));
             };
             let mut files = vec![FileSpec::new(CONFIG_FILE, header_len(&cfg))];
-            let etag = etag(&cfg);
+            let mut weights_resp = None;
             for weights in [SAFETENSORS_FILE, BIN_FILE] {
                 if let Some(resp) = self.probe(name, weights).await? {
                     files.push(FileSpec::new(weights, header_len(&resp)));
+                    weights_resp = Some(resp);
                     break;
                 }
             }
+            let etag = content_id(&cfg, weights_resp.as_ref());
             Ok(Manifest {
                 files,
                 etag,
