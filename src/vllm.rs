@@ -218,20 +218,6 @@ fn resolve(url: &str) -> Result<Vec<SocketAddr>, Error> {
     Ok(addrs)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resolves_localhost_and_refuses_https() {
-        let addrs = resolve("http://127.0.0.1:8000").unwrap();
-        assert_eq!(addrs, vec!["127.0.0.1:8000".parse().unwrap()]);
-        assert!(!resolve("http://localhost:8000/").unwrap().is_empty());
-        assert!(resolve("https://vllm:8000").is_err());
-        assert!(resolve("not a url").is_err());
-    }
-}
-
 /// The store's view of vLLM: unload calls run on the control plane (reqwest needs tokio), so
 /// they can be awaited from any thread.
 pub struct Hooks {
@@ -247,5 +233,19 @@ impl crate::store::VllmHooks for Hooks {
 
     fn base_model(&self) -> Option<String> {
         self.vllm.base_model().map(|m| m.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_localhost_and_refuses_https() {
+        let addrs = resolve("http://127.0.0.1:8000").unwrap();
+        assert_eq!(addrs, vec!["127.0.0.1:8000".parse().unwrap()]);
+        assert!(!resolve("http://localhost:8000/").unwrap().is_empty());
+        assert!(resolve("https://vllm:8000").is_err());
+        assert!(resolve("not a url").is_err());
     }
 }
