@@ -13,7 +13,6 @@ use crate::{
     http::{
         BodyKind, Method, RequestHead,
         chunked::ChunkedDecoder,
-        head::MAX_HEADERS,
         model::{extract_model, rewrite_model},
     },
 };
