@@ -54,17 +54,26 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     // A modest link, so the cold fetch is visible next to the warm hits.
     origin.set_throttle(Some(400 << 20));
 
-    let mut cfg = Config::default();
-    cfg.listen = "127.0.0.1:0".into();
-    cfg.vllm_url = vllm.url();
-    cfg.vllm.model_name = Some(BASE.into());
-    cfg.storage.dir = store.clone();
-    cfg.storage.max_size = 1 << 30;
-    cfg.origins = vec![OriginSettings::Http {
-        base_url: origin.base_url(),
-        token: None,
-        transfer: TransferConfig::default(),
-    }];
+    let defaults = Config::default();
+    let cfg = Config {
+        listen: "127.0.0.1:0".into(),
+        vllm_url: vllm.url(),
+        vllm: crate::config::VllmConfig {
+            model_name: Some(BASE.into()),
+            ..defaults.vllm.clone()
+        },
+        storage: crate::config::StorageConfig {
+            dir: store.clone(),
+            max_size: 1 << 30,
+            ..defaults.storage.clone()
+        },
+        origins: vec![OriginSettings::Http {
+            base_url: origin.base_url(),
+            token: None,
+            transfer: TransferConfig::default(),
+        }],
+        ..defaults
+    };
     let server = Server::start(cfg)?;
     let url = format!("http://{}", server.local_addr());
 
