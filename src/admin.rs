@@ -19,7 +19,7 @@ use crate::{
     cluster::peering::broadcast_evict,
     error::{Error, ErrorKind},
     http::{Method, RequestHead, response},
-    proxy::{forward::is_trusted_forward, local::load},
+    proxy::{forward::is_marked, local::load},
     server::{conn::Conn, worker::Worker},
     store::AdapterName,
 };
@@ -27,7 +27,7 @@ use crate::{
 /// Answer an admin request into `out`; returns the status written.
 pub async fn serve(
     w: &Rc<Worker>,
-    conn: &Conn,
+    _conn: &Conn,
     head: &RequestHead,
     body: &[u8],
     out: &mut Vec<u8>,
@@ -50,8 +50,9 @@ pub async fn serve(
             let req: EvictRequest = parse(body)?;
             let name = AdapterName::parse(&req.adapter)?;
             let evicted = store.evict(&name).await?;
-            // A broadcast from a peer is not broadcast again.
-            let from_peer = is_trusted_forward(&shared.router, conn, head);
+            // A broadcast from a peer is not broadcast again. Any mark stops it (a client that
+            // sends one only keeps its own evict local), so evicts can never loop.
+            let from_peer = is_marked(head);
             let peers = if from_peer || shared.router.topology().is_single() {
                 Vec::new()
             } else {

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 use common::{Node, Raw, post};
 use loraplex::{
     cluster::placement::Placement,
-    testkit::vllm::{VllmConfig, VllmStandIn},
+    testkit::{
+        adapters::AdapterSpec,
+        origin::{OriginConfig, OriginStandIn},
+        vllm::{VllmConfig, VllmStandIn},
+    },
 };
 
 const BASE: &str = "tiny-base";
@@ -35,22 +39,50 @@ fn free_port(ip: &str) -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// Three nodes, each with its own stand-in vLLM reading the node's store, all with `origin`
+/// (when given) as their http origin.
 async fn cluster(extra: &str) -> Cluster {
+    cluster_with(extra, None).await
+}
+
+async fn cluster_with(extra: &str, origin: Option<&OriginStandIn>) -> Cluster {
     let net = subnet();
     let port = free_port(&format!("{net}.1"));
     let peers: Vec<String> = (1..=3).map(|i| format!("{net}.{i}:{port}")).collect();
-    let vllms: Vec<VllmStandIn> = (0..3)
-        .map(|_| VllmStandIn::start(VllmConfig::new(BASE)).unwrap())
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let vllms: Vec<VllmStandIn> = dirs
+        .iter()
+        .map(|d| {
+            let store = d.path().join("store");
+            std::fs::create_dir_all(&store).unwrap();
+            VllmStandIn::start(VllmConfig::new(BASE).lora_dir(store)).unwrap()
+        })
         .collect();
-    let nodes = (0..3)
-        .map(|i| {
-            Some(tokio::task::block_in_place(|| Node::start(&format!(
-                "listen: \"{peer}\"\nvllm_url: \"{url}\"\nvllm:\n  model_name: \"{BASE}\"\n  health_check_interval: 200ms\n\
-                 discovery:\n  mode: static\n  static:\n    peers: [{list}]\n{extra}",
+    let origins = origin.map_or(String::new(), |o| {
+        format!(
+            "origins:\n  - type: http\n    base_url: \"{}\"\n",
+            o.base_url()
+        )
+    });
+    let list = peers
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let nodes = dirs
+        .into_iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            let yaml = format!(
+                "listen: \"{peer}\"\nvllm_url: \"{url}\"\nvllm:\n  model_name: \"{BASE}\"\n  \
+                 health_check_interval: 200ms\ndiscovery:\n  mode: static\n  static:\n    \
+                 peers: [{list}]\n{origins}{extra}",
                 peer = peers[i],
                 url = vllms[i].url(),
-                list = peers.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(", "),
-            ))))
+            );
+            Some(tokio::task::block_in_place(|| {
+                Node::start_in(dir, &yaml, &[])
+            }))
         })
         .collect();
     let c = Cluster {
@@ -366,4 +398,118 @@ async fn a_request_a_peer_acknowledged_is_never_sent_elsewhere() {
         !slow_seen(&c.vllms[0]) && !slow_seen(&c.vllms[2]),
         "re-sent elsewhere"
     );
+}
+
+async fn post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> common::RawResponse {
+    let mut raw = Raw::connect(addr).await;
+    raw.send(&post(path, body, "")).await;
+    raw.response(false).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_adapter_lives_on_its_owner_only() {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    let c = cluster_with("", Some(&origin)).await;
+    let names: Vec<String> = (0..6).map(|i| format!("acme/lora-{i}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        origin.put_adapter(n, &AdapterSpec::new(BASE, 50_000, i as u64));
+    }
+    for n in &names {
+        for entry in 0..3 {
+            let body = format!(r#"{{"model":"{n}","messages":[]}}"#);
+            let r = post_json(c.node(entry).addr, "/v1/chat/completions", &body).await;
+            assert_eq!(r.status, 200, "{n} via {entry}");
+        }
+        let owner = c.owner_of(n);
+        for i in 0..3 {
+            let stored = c.node(i).path("store").join(n).exists();
+            assert_eq!(stored, i == owner, "{n} on node {i} (owner {owner})");
+            assert_eq!(
+                c.vllms[i].served(n),
+                if i == owner { 3 } else { 0 },
+                "{n} served by {i}"
+            );
+        }
+        assert_eq!(origin.adapter_gets(n), 2, "{n}: one download");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_owner_copies_the_adapter_from_a_peer_not_the_origin() {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    let c = cluster_with("", Some(&origin)).await;
+    let name = c.key_owned_by(2, "acme/moved");
+    origin.put_adapter(&name, &AdapterSpec::new(BASE, 400_000, 9));
+    // Node 0 holds it already (as after a ring change that gave it to node 2).
+    let warm = post_json(
+        c.node(0).addr,
+        "/admin/cache/warmup",
+        &format!(r#"{{"adapters":["{name}"]}}"#),
+    )
+    .await;
+    assert_eq!(warm.json()["results"][0]["status"], "ok");
+    let gets = origin.adapter_gets(&name);
+    // Asked through node 1, the owner (node 2) fetches it: from node 0.
+    let body = format!(r#"{{"model":"{name}","messages":[]}}"#);
+    let r = post_json(c.node(1).addr, "/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        origin.adapter_gets(&name),
+        gets,
+        "the origin was not asked again"
+    );
+    assert_eq!(c.vllms[2].served(&name), 1);
+    let copied = std::fs::read(
+        c.node(2)
+            .path("store")
+            .join(&name)
+            .join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        copied.as_slice(),
+        &origin.file(&name, "adapter_model.safetensors").unwrap()[..]
+    );
+    let m = reqwest::get(format!("{}/metrics", c.node(2).url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("origin=\"peer\",result=\"ok\""), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_evict_reaches_every_peer() {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    let c = cluster_with("", Some(&origin)).await;
+    origin.put_adapter("acme/everywhere", &AdapterSpec::new(BASE, 50_000, 3));
+    for i in 0..3 {
+        let r = post_json(
+            c.node(i).addr,
+            "/admin/cache/warmup",
+            r#"{"adapters":["acme/everywhere"]}"#,
+        )
+        .await;
+        assert_eq!(r.json()["results"][0]["status"], "ok");
+        assert!(c.node(i).path("store/acme/everywhere").exists());
+    }
+    let r = post_json(
+        c.node(1).addr,
+        "/admin/cache/evict",
+        r#"{"adapter":"acme/everywhere"}"#,
+    )
+    .await
+    .json();
+    assert_eq!(r["status"], "evicted");
+    let peers = r["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2);
+    assert!(peers.iter().all(|p| p["ok"] == true), "{r}");
+    for i in 0..3 {
+        assert!(
+            !c.node(i).path("store/acme/everywhere").exists(),
+            "still on node {i}"
+        );
+    }
+    // A client can't spoof a broadcast into a loop or past the token: the peers got it once.
 }

@@ -44,6 +44,7 @@ pub fn start(
     // A peer gets a few seconds to answer whatever the poll interval: a busy node is slow,
     // not dead (the Go project uses 3 s too).
     let client = reqwest::Client::builder()
+        .local_address(router.source_ip)
         .timeout(PEER_CHECK_TIMEOUT)
         .no_proxy()
         .build()
@@ -135,11 +136,13 @@ pub async fn broadcast_evict(
     admin_token: Option<&str>,
 ) -> Vec<(String, bool)> {
     let topo = router.topology();
-    let client = reqwest::Client::builder()
+    let mut client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
-        .no_proxy()
-        .build()
-        .expect("a plain HTTP client always builds");
+        .no_proxy();
+    if let Some(ip) = router.source_ip {
+        client = client.local_address(ip);
+    }
+    let client = client.build().expect("a plain HTTP client always builds");
     let calls = topo
         .peers
         .iter()

@@ -16,6 +16,7 @@
 
 pub mod file;
 pub mod http;
+pub mod peer;
 pub mod transfer;
 
 use std::{fmt, sync::Arc};

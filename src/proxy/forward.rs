@@ -41,9 +41,12 @@ pub fn is_marked(head: &RequestHead) -> bool {
 
 /// Whether `head` carries a forwarded mark this node trusts.
 pub fn is_trusted_forward(router: &Router, conn: &Conn, head: &RequestHead) -> bool {
-    if !is_marked(head) {
-        return false;
-    }
+    is_marked(head) && is_trusted_peer(router, conn, head)
+}
+
+/// Whether the request comes from a peer: it carries `cluster.token` when one is set, else
+/// it comes from a peer's address.
+pub fn is_trusted_peer(router: &Router, conn: &Conn, head: &RequestHead) -> bool {
     match &router.token {
         Some(token) => head
             .header(TOKEN_HEADER)

@@ -28,6 +28,8 @@ pub enum Endpoint {
     Readyz,
     Metrics,
     Admin,
+    /// Adapter files for peers (`/_loraplex/adapters/...`).
+    Peer,
 }
 
 /// Which own endpoint `path` is, if any.
@@ -37,6 +39,7 @@ pub fn route(path: &str) -> Option<Endpoint> {
         "/readyz" => Some(Endpoint::Readyz),
         "/metrics" => Some(Endpoint::Metrics),
         p if p == "/admin" || p.starts_with("/admin/") => Some(Endpoint::Admin),
+        p if p.starts_with(super::peer_files::PREFIX) => Some(Endpoint::Peer),
         _ => None,
     }
 }
@@ -55,6 +58,16 @@ pub(super) async fn serve(
 ) -> Result<(bool, Outcome), Error> {
     let shared = &w.shared;
     let keep_alive = head.keep_alive;
+    if endpoint == Endpoint::Peer {
+        let (status, keep_alive) = super::peer_files::serve(w, conn, head).await?;
+        return Ok((
+            keep_alive,
+            Outcome {
+                tier: Tier::Passthrough,
+                status,
+            },
+        ));
+    }
     let mut out = Vec::with_capacity(1024);
     if endpoint != Endpoint::Admin && !matches!(head.kind, Method::Get | Method::Head) {
         return Err(Error::new(
@@ -90,6 +103,7 @@ pub(super) async fn serve(
             200
         }
         Endpoint::Admin => crate::admin::serve(w, conn, head, body, &mut out).await?,
+        Endpoint::Peer => unreachable!("answered above"),
     };
     if head.kind == Method::Head {
         // Same head, no body.

@@ -12,9 +12,11 @@
 //! - `upstream.rs`: pooled connections and streaming an answer back.
 //! - `forward.rs`: the routing phase.
 //! - `local.rs`: the proxy's own endpoints.
+//! - `peer_files.rs`: stored adapters served to peers.
 
 pub mod forward;
 pub mod local;
+pub mod peer_files;
 pub mod upstream;
 
 use std::{

@@ -26,7 +26,7 @@ use crate::{
     control::{Control, ControlPlane},
     error::Error,
     metrics::Metrics,
-    origin::OriginChain,
+    origin::{Origin, OriginChain, peer::PeerOrigin},
     server::runtime::DriverKind,
     store::{Store, StoreOptions},
     vllm::{Hooks, Vllm},
@@ -62,7 +62,32 @@ impl Server {
         let control = control_plane.control();
         let metrics = Arc::new(Metrics::new());
         let vllm = Vllm::new(&config, metrics.clone())?;
-        let origins = OriginChain::from_config(&config, &control)?;
+        let listeners = bind(&config.listen, config.server.workers.max(1))?;
+        let addr = listeners[0].local_addr()?;
+        let shutdown = Shutdown::new();
+
+        // The cluster: who we are, who the peers are, where each key lives.
+        let me = Identity::new(addr, config.self_addr.as_deref())?;
+        let discovery = Discovery::start(&config.discovery, &me, &control, shutdown.clone())?;
+        let router = Arc::new(Router::new(&config, me, metrics.clone()));
+        let interval = config.vllm.health_check_interval;
+        peering::start(
+            router.clone(),
+            discovery,
+            &control,
+            interval,
+            shutdown.clone(),
+        );
+
+        // The store: peers first (an adapter already in the cluster is copied, not refetched),
+        // then the configured origins in order.
+        let peers: Arc<dyn Origin> = Arc::new(PeerOrigin::new(router.clone())?);
+        let configured = OriginChain::from_config(&config, &control)?;
+        let origins = OriginChain::new(
+            std::iter::once(peers)
+                .chain(configured.iter().cloned())
+                .collect(),
+        );
         let hooks = Arc::new(Hooks {
             vllm: vllm.clone(),
             control: control.clone(),
@@ -74,19 +99,6 @@ impl Server {
             control.clone(),
             metrics.clone(),
         )?;
-        let listeners = bind(&config.listen, config.server.workers.max(1))?;
-        let addr = listeners[0].local_addr()?;
-        let shutdown = Shutdown::new();
-        let me = Identity::new(addr, config.self_addr.as_deref())?;
-        let discovery = Discovery::start(&config.discovery, &me, &control, shutdown.clone())?;
-        let router = Arc::new(Router::new(&config, me, metrics.clone()));
-        peering::start(
-            router.clone(),
-            discovery,
-            &control,
-            config.vllm.health_check_interval,
-            shutdown.clone(),
-        );
         let shared = Arc::new(Shared {
             config,
             metrics,

@@ -1,0 +1,159 @@
+//! Serving stored adapters to peers (`/_loraplex/adapters/...`), so a node that becomes an
+//! adapter's owner (scale-up, ring change) copies it from the node that has it instead of going
+//! back to Hugging Face or S3.
+//!
+//! - `GET /_loraplex/adapters/{name}/manifest`: `{"content_id", "files": [{"path","size"}]}`
+//!   for a stored adapter (404 when not stored here; this never starts a fetch).
+//! - `GET /_loraplex/adapters/{name}/files/{path}`: the file's bytes, `Range: bytes=N-` honoured.
+//!
+//! Only peers may ask (the same trust as the forwarded mark: `cluster.token`, else a peer's
+//! address). Only files listed in the manifest are served, so a path can never leave the
+//! adapter's directory; the adapter is pinned while its files stream.
+
+use std::path::Path;
+
+use monoio::fs::File;
+use serde_json::json;
+
+use crate::{
+    error::{Error, ErrorKind},
+    http::{RequestHead, head::itoa_buf, response},
+    proxy::forward::is_trusted_peer,
+    server::{conn::Conn, worker::Worker},
+    store::AdapterName,
+};
+
+/// Path prefix of the peer endpoints.
+pub const PREFIX: &str = "/_loraplex/adapters/";
+const META_FILE: &str = ".loraplex_meta";
+const CHUNK: usize = 256 * 1024;
+
+/// The files of an adapter directory, relative, sorted (loraplex's own meta file left out).
+pub fn list_files(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(root, &entry.path(), out)?;
+            } else if kind.is_file() && entry.file_name() != META_FILE {
+                let rel = entry
+                    .path()
+                    .strip_prefix(root)
+                    .expect("under root")
+                    .to_owned();
+                if let Some(rel) = rel.to_str() {
+                    out.push((rel.to_owned(), entry.metadata()?.len()));
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// Answer a peer endpoint request; returns the status and whether the connection stays open.
+pub async fn serve(w: &Worker, conn: &mut Conn, head: &RequestHead) -> Result<(u16, bool), Error> {
+    if !is_trusted_peer(&w.shared.router, conn, head) {
+        return Err(Error::new(
+            ErrorKind::Unauthorized,
+            "peer endpoints are for cluster peers",
+        ));
+    }
+    let rest = &head.path()[PREFIX.len()..];
+    let (name, what) = if let Some(name) = rest.strip_suffix("/manifest") {
+        (name, None)
+    } else if let Some((name, file)) = rest.split_once("/files/") {
+        (name, Some(file))
+    } else {
+        return Err(Error::new(ErrorKind::NotFound, "no such peer endpoint"));
+    };
+    let name = AdapterName::parse(name)?;
+    let not_here = || Error::model_not_found(name.as_str());
+    let (dir, pin) = w.shared.store.adapter_dir(&name).ok_or_else(not_here)?;
+    let files = list_files(&dir).map_err(|_| not_here())?;
+    let keep_alive = head.keep_alive;
+    let Some(wanted) = what else {
+        let files: Vec<_> = files
+            .iter()
+            .map(|(p, s)| json!({"path": p, "size": s}))
+            .collect();
+        let body =
+            json!({"adapter": name.as_str(), "content_id": pin.content_id(), "files": files});
+        let mut out = Vec::new();
+        response::json(&mut out, 200, &body, keep_alive);
+        let written = conn.write_all(out).await.is_ok();
+        return Ok((200, keep_alive && written));
+    };
+    let size = files
+        .iter()
+        .find(|(p, _)| p == wanted)
+        .map(|(_, s)| *s)
+        .ok_or_else(not_here)?;
+    let offset = range_start(head).unwrap_or(0).min(size);
+    let status = if offset > 0 { 206 } else { 200 };
+    let file = File::open(dir.join(wanted)).await?;
+    let whole = send_file(conn, &file, offset, size, status, keep_alive).await;
+    drop(pin);
+    if let Err(e) = &whole {
+        tracing::debug!(adapter = %name, file = wanted, error = %e, "peer file transfer cut short");
+    }
+    // After the head, a failure can only be told by closing the connection.
+    Ok((status, keep_alive && whole.is_ok()))
+}
+
+/// `Range: bytes=N-` (the only form a peer sends).
+fn range_start(head: &RequestHead) -> Option<u64> {
+    head.header_str("range")?
+        .strip_prefix("bytes=")?
+        .strip_suffix('-')?
+        .parse()
+        .ok()
+}
+
+async fn send_file(
+    conn: &mut Conn,
+    file: &File,
+    offset: u64,
+    size: u64,
+    status: u16,
+    keep_alive: bool,
+) -> std::io::Result<()> {
+    let len = size - offset;
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(if status == 206 {
+        b"HTTP/1.1 206 Partial Content\r\n"
+    } else {
+        b"HTTP/1.1 200 OK\r\n"
+    });
+    head.extend_from_slice(b"content-type: application/octet-stream\r\ncontent-length: ");
+    head.extend_from_slice(itoa_buf(len).as_bytes());
+    if status == 206 {
+        let range = format!("\r\ncontent-range: bytes {offset}-{}/{size}", size - 1);
+        head.extend_from_slice(range.as_bytes());
+    }
+    if !keep_alive {
+        head.extend_from_slice(b"\r\nconnection: close");
+    }
+    head.extend_from_slice(b"\r\n\r\n");
+    conn.write_all(head).await?;
+    let mut pos = offset;
+    let mut buf = Vec::with_capacity(CHUNK);
+    while pos < size {
+        buf.clear();
+        let (res, back) = file.read_at(buf, pos).await;
+        let n = res?;
+        if n == 0 {
+            // The file shrank under us: the peer sees a short body and retries elsewhere.
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut chunk = back;
+        chunk.truncate(n.min((size - pos) as usize));
+        pos += chunk.len() as u64;
+        buf = conn.write_all(chunk).await?;
+    }
+    Ok(())
+}
