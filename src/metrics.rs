@@ -45,6 +45,16 @@ pub enum Tier {
 }
 
 impl Tier {
+    pub const ALL: [Tier; 7] = [
+        Tier::Passthrough,
+        Tier::Forwarded,
+        Tier::FallbackBase,
+        Tier::Origin,
+        Tier::Local,
+        Tier::Routed,
+        Tier::Error,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Tier::Passthrough => "passthrough",
@@ -120,6 +130,20 @@ fn forward_histogram() -> Histogram {
 }
 fn fetch_histogram() -> Histogram {
     Histogram::new(FETCH_BUCKETS)
+}
+
+/// Handles on the request metrics of one label set.
+#[derive(Clone)]
+pub struct RequestHandles {
+    count: Counter,
+    duration: Histogram,
+}
+
+impl RequestHandles {
+    pub fn record(&self, seconds: f64) {
+        self.count.inc();
+        self.duration.observe(seconds);
+    }
 }
 
 /// Every metric of the process.
@@ -321,14 +345,20 @@ impl Metrics {
 
     /// Count one finished request.
     pub fn record_request(&self, tenant: Option<&str>, tier: Tier, seconds: f64) {
+        self.request_handles(tenant, tier).record(seconds);
+    }
+
+    /// The counter and histogram of one (tenant, tier) pair, to keep and reuse: workers keep
+    /// those of requests without a tenant, skipping the label lookup on the hot path.
+    pub fn request_handles(&self, tenant: Option<&str>, tier: Tier) -> RequestHandles {
         let labels = RequestLabels {
             tenant: self.tenant_label(tenant),
             cache_tier: tier.as_str(),
         };
-        self.requests.get_or_create(&labels).inc();
-        self.request_duration
-            .get_or_create(&labels)
-            .observe(seconds);
+        RequestHandles {
+            count: self.requests.get_or_create(&labels).clone(),
+            duration: self.request_duration.get_or_create(&labels).clone(),
+        }
     }
 
     /// Prometheus text exposition.

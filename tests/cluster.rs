@@ -114,8 +114,9 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    /// Every node has checked every peer successfully at least once (nodes start one after
-    /// the other, so the first checks of the early ones fail).
+    /// Every node has checked every peer successfully at least once and seen its vLLM healthy
+    /// (nodes start one after the other, so the first checks of the early ones fail, and a
+    /// node answers `/healthz` before its own first vLLM check has come back).
     async fn wait_until_all_see_each_other(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         for n in self.nodes.iter().flatten() {
@@ -125,7 +126,10 @@ impl Cluster {
                     .await;
                 let peers = raw.response(false).await.json();
                 let all_ok = peers["peers"].as_array().unwrap().iter().all(|p| {
-                    p["self"] == true || (p["healthy"] == true && p["checks_ok"].as_u64() > Some(0))
+                    p["self"] == true
+                        || (p["healthy"] == true
+                            && p["vllm_healthy"] == true
+                            && p["checks_ok"].as_u64() > Some(0))
                 });
                 if all_ok && peers["count"] == 3 {
                     break;

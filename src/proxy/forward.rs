@@ -99,7 +99,7 @@ pub(super) async fn route(
             acknowledges: true,
             source: router.source_ip,
         };
-        let mut bytes = Vec::with_capacity(512 + body.len());
+        let mut bytes = w.pool.take_buf();
         head.write_forward(&mut bytes, &extra, body.len());
         bytes.extend_from_slice(body);
         let req = Request {

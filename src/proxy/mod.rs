@@ -86,9 +86,7 @@ pub async fn process_request(w: &Rc<Worker>, conn: &mut Conn, head: RequestHead)
         }
     };
     let tenant = head.header_str("x-tenant-id");
-    shared
-        .metrics
-        .record_request(tenant, outcome.tier, started.elapsed().as_secs_f64());
+    w.record_request(tenant, outcome.tier, started.elapsed().as_secs_f64());
     tracing::trace!(
         status = outcome.status,
         tier = outcome.tier.as_str(),
@@ -236,7 +234,7 @@ async fn to_vllm(
         acknowledges: false,
         source: None,
     };
-    let mut bytes = Vec::with_capacity(512 + body.len());
+    let mut bytes = w.pool.take_buf();
     head.write_forward(&mut bytes, &[], body.len());
     bytes.extend_from_slice(&body);
     let req = Request {

@@ -37,6 +37,9 @@ use crate::{
 
 /// Idle connections kept per upstream address and worker.
 const MAX_IDLE_PER_ADDR: usize = 256;
+/// Spare buffers kept per worker, and the largest kept.
+const MAX_SPARE_BUFS: usize = 64;
+const MAX_SPARE_BUF: usize = 256 * 1024;
 /// Largest upstream response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Read size for response bodies.
@@ -53,6 +56,8 @@ struct Idle {
 /// A worker's keep-alive connections to its upstreams.
 pub struct Pool {
     idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
+    /// Spare buffers, so a request costs no allocation for its head and body bytes.
+    bufs: RefCell<Vec<Vec<u8>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -117,9 +122,27 @@ impl Pool {
     pub fn new(cfg: &ServerConfig, metrics: Arc<Metrics>) -> Pool {
         Pool {
             idle: RefCell::new(HashMap::new()),
+            bufs: RefCell::new(Vec::new()),
             connect_timeout: cfg.upstream_connect_timeout,
             idle_timeout: cfg.upstream_idle_timeout,
             metrics,
+        }
+    }
+
+    /// An empty buffer (a spare one when there is one).
+    pub fn take_buf(&self) -> Vec<u8> {
+        self.bufs
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(16 * 1024))
+    }
+
+    /// Hand a buffer back for reuse (big ones are let go).
+    pub fn give_buf(&self, mut buf: Vec<u8>) {
+        let mut bufs = self.bufs.borrow_mut();
+        if buf.capacity() <= MAX_SPARE_BUF && bufs.len() < MAX_SPARE_BUFS {
+            buf.clear();
+            bufs.push(buf);
         }
     }
 
@@ -209,8 +232,9 @@ impl Pool {
                 let msg = format!("sending to {}: {e}", target.name);
                 return Err(UpstreamError::new(Stage::Sent, ErrorKind::BadGateway, msg));
             }
-            match read_head(&mut stream, client, req.method, target, deadline).await {
+            match read_head(self, &mut stream, client, req.method, target, deadline).await {
                 Ok(head) => {
+                    self.give_buf(bytes);
                     return relay(self, stream, addr, client, head, &req.client).await;
                 }
                 Err(HeadError::ClosedEarly) if reused => continue,
@@ -310,6 +334,7 @@ enum HeadError {
 }
 
 async fn read_head(
+    pool: &Pool,
     stream: &mut TcpStream,
     client: &Conn,
     method: Method,
@@ -317,7 +342,7 @@ async fn read_head(
     mut deadline: Option<Instant>,
 ) -> Result<Head, HeadError> {
     let fail = |kind, msg: String| HeadError::Failed(UpstreamError::new(Stage::Sent, kind, msg));
-    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut buf = pool.take_buf();
     // Any byte at all from the upstream: from then on the request was surely delivered.
     let mut answered = false;
     loop {
@@ -486,7 +511,7 @@ async fn relay(
     let mut clean = head.keep_alive;
 
     // The head and whatever body bytes came with it, in one write.
-    let mut out = Vec::with_capacity(1024 + buf.len() - body_start);
+    let mut out = pool.take_buf();
     head.write_client(&mut out, client_body, keep_alive, side.minor, side.extra);
     let mut decoded = Vec::new();
     let (used, was_decoded) = relay
@@ -498,10 +523,11 @@ async fn relay(
     } else {
         out.extend_from_slice(&buf[body_start..body_start + used]);
     }
-    client
+    let out = client
         .write_all(out)
         .await
         .map_err(|_| client_gone_error())?;
+    pool.give_buf(out);
 
     let mut ended_by_close = false;
     while !relay.is_done() {
@@ -550,6 +576,7 @@ async fn relay(
                 .map_err(|_| client_gone_error())?;
         }
     }
+    pool.give_buf(buf);
     let pooled = clean && !ended_by_close && relay.is_done();
     tracing::trace!(%addr, status = head.status, pooled, "answer relayed");
     if pooled {

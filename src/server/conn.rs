@@ -91,14 +91,13 @@ impl Conn {
             } else {
                 cfg.idle_timeout
             };
-            let shutdown = worker.shared.shutdown.clone();
             monoio::select! {
                 read = monoio::time::timeout(wait, self.fill()) => match read {
                     Ok(Ok(n)) if n > 0 => {}
                     // EOF, a reset, or idle too long: close quietly.
                     _ => return Ok(Next::Closed),
                 },
-                _ = shutdown.wait() => return Ok(Next::Closed),
+                _ = worker.closing.wait() => return Ok(Next::Closed),
             }
         }
         let deadline = monoio::time::Instant::now() + cfg.header_read_timeout;

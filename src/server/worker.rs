@@ -15,10 +15,12 @@ use std::{
 use monoio::net::TcpListener;
 
 use crate::{
+    metrics::{RequestHandles, Tier},
     proxy::upstream::Pool,
     server::{
         Shared, conn,
         runtime::{self, DriverKind},
+        shutdown::Closing,
     },
 };
 
@@ -28,6 +30,10 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     /// Keep-alive connections to vLLM and peers, owned by this thread.
     pub pool: Pool,
+    /// Wakes this worker's idle connections at shutdown.
+    pub closing: Closing,
+    /// Request metrics of requests without a tenant, by tier (`Tier::ALL` order).
+    pub untenanted: Vec<RequestHandles>,
     conns: Cell<usize>,
 }
 
@@ -41,6 +47,20 @@ impl Drop for ConnGuard<'_> {
 }
 
 impl Worker {
+    /// Count one finished request.
+    pub fn record_request(&self, tenant: Option<&str>, tier: Tier, seconds: f64) {
+        match tenant.filter(|t| !t.is_empty()) {
+            None => {
+                let i = Tier::ALL
+                    .iter()
+                    .position(|&t| t == tier)
+                    .expect("every tier is in ALL");
+                self.untenanted[i].record(seconds);
+            }
+            Some(_) => self.shared.metrics.record_request(tenant, tier, seconds),
+        }
+    }
+
     pub fn conn_guard(&self) -> ConnGuard<'_> {
         self.conns.set(self.conns.get() + 1);
         ConnGuard(&self.conns)
@@ -82,6 +102,11 @@ async fn run(id: usize, shared: Arc<Shared>, listener: StdListener) {
         id,
         pool: Pool::new(&shared.config.server, shared.metrics.clone()),
         shared: shared.clone(),
+        closing: Closing::default(),
+        untenanted: Tier::ALL
+            .iter()
+            .map(|&t| shared.metrics.request_handles(None, t))
+            .collect(),
         conns: Cell::new(0),
     });
     let shutdown = shared.shutdown.clone();
@@ -102,6 +127,7 @@ async fn run(id: usize, shared: Arc<Shared>, listener: StdListener) {
         }
     }
     drop(listener);
+    worker.closing.close();
     drain(&worker).await;
 }
 
