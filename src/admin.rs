@@ -18,7 +18,10 @@ pub async fn serve(
     _out: &mut Vec<u8>,
 ) -> Result<u16, Error> {
     authorize(w.shared.config.admin.token.as_deref(), head)?;
-    Err(Error::new(ErrorKind::NotFound, format!("no admin endpoint {} {}", head.method(), head.path())))
+    Err(Error::new(
+        ErrorKind::NotFound,
+        format!("no admin endpoint {} {}", head.method(), head.path()),
+    ))
 }
 
 /// Check the Bearer token when one is configured.
@@ -31,7 +34,10 @@ pub fn authorize(token: Option<&str>, head: &RequestHead) -> Result<(), Error> {
     if constant_time_eq(given, token.as_bytes()) {
         Ok(())
     } else {
-        Err(Error::new(ErrorKind::Unauthorized, "admin endpoints need Authorization: Bearer <admin.token>"))
+        Err(Error::new(
+            ErrorKind::Unauthorized,
+            "admin endpoints need Authorization: Bearer <admin.token>",
+        ))
     }
 }
 
@@ -45,7 +51,9 @@ mod tests {
     use super::*;
 
     fn head(auth: Option<&str>) -> RequestHead {
-        let h = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        let h = auth
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
         let raw = format!("GET /admin/cache/stats HTTP/1.1\r\n{h}\r\n");
         RequestHead::parse(raw.as_bytes()).unwrap().unwrap().0
     }
@@ -54,8 +62,21 @@ mod tests {
     fn token_is_required_when_set() {
         assert!(authorize(None, &head(None)).is_ok());
         assert!(authorize(Some("s3cret"), &head(Some("Bearer s3cret"))).is_ok());
-        assert_eq!(authorize(Some("s3cret"), &head(None)).unwrap_err().status(), 401);
-        assert_eq!(authorize(Some("s3cret"), &head(Some("Bearer s3cre"))).unwrap_err().status(), 401);
-        assert_eq!(authorize(Some("s3cret"), &head(Some("s3cret"))).unwrap_err().status(), 401);
+        assert_eq!(
+            authorize(Some("s3cret"), &head(None)).unwrap_err().status(),
+            401
+        );
+        assert_eq!(
+            authorize(Some("s3cret"), &head(Some("Bearer s3cre")))
+                .unwrap_err()
+                .status(),
+            401
+        );
+        assert_eq!(
+            authorize(Some("s3cret"), &head(Some("s3cret")))
+                .unwrap_err()
+                .status(),
+            401
+        );
     }
 }

@@ -34,6 +34,7 @@ pub mod control;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod origin;
 pub mod proxy;
 pub mod server;
 pub mod store;

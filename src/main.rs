@@ -1,8 +1,10 @@
 //! Temporary entry point until the CLI lands: `loraplex --listen ADDR --vllm-url URL`.
 fn main() {
-    tracing_subscriber::fmt().with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-    ).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let mut cfg = loraplex::config::Config::default();
     let args: Vec<String> = std::env::args().collect();
     for pair in args[1..].chunks(2) {

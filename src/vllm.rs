@@ -80,7 +80,9 @@ impl Vllm {
 
     /// The served base model: configured, or learnt from vLLM.
     pub fn base_model(&self) -> Option<Arc<str>> {
-        self.configured_model.clone().or_else(|| self.learnt_model.get().cloned())
+        self.configured_model
+            .clone()
+            .or_else(|| self.learnt_model.get().cloned())
     }
 
     /// `GET /v1/models` and keep the first model without a parent (the base model).
@@ -91,7 +93,10 @@ impl Vllm {
         let unreachable = |e: reqwest::Error| {
             Error::new(
                 ErrorKind::Unavailable,
-                format!("vLLM at {} is unreachable and vllm.model_name is unset: {e}", self.url),
+                format!(
+                    "vLLM at {} is unreachable and vllm.model_name is unset: {e}",
+                    self.url
+                ),
             )
         };
         let list: ModelList = self
@@ -128,17 +133,27 @@ impl Vllm {
             Ok(_) => "error",
             Err(_) => "unreachable",
         };
-        self.metrics.vllm_unloads.get_or_create(&ResultLabel { result }).inc();
+        self.metrics
+            .vllm_unloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
         match res {
             Ok(r) if result != "error" => {
-                tracing::debug!(adapter = name, status = r.status().as_u16(), "unloaded from vLLM");
+                tracing::debug!(
+                    adapter = name,
+                    status = r.status().as_u16(),
+                    "unloaded from vLLM"
+                );
                 Ok(())
             }
             Ok(r) => Err(Error::new(
                 ErrorKind::BadGateway,
                 format!("vLLM refused to unload {name}: HTTP {}", r.status()),
             )),
-            Err(e) => Err(Error::new(ErrorKind::Unavailable, format!("unload {name}: {e}"))),
+            Err(e) => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("unload {name}: {e}"),
+            )),
         }
     }
 
@@ -185,7 +200,9 @@ fn resolve(url: &str) -> Result<Vec<SocketAddr>, Error> {
     let bad = |why: &str| Error::internal(format!("vllm_url {url:?}: {why}"));
     let parsed = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
     if parsed.scheme() != "http" {
-        return Err(bad("only http:// is supported (vLLM runs next to loraplex)"));
+        return Err(bad(
+            "only http:// is supported (vLLM runs next to loraplex)",
+        ));
     }
     let host = parsed.host_str().ok_or_else(|| bad("no host"))?;
     let port = parsed.port_or_known_default().unwrap_or(80);

@@ -340,7 +340,8 @@ impl RequestHead {
     pub fn carries_model(&self, body: &[u8]) -> bool {
         let ct = self.header("content-type").unwrap_or_default();
         let has = |needle: &[u8]| {
-            ct.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+            ct.windows(needle.len())
+                .any(|w| w.eq_ignore_ascii_case(needle))
         };
         if has(b"json") {
             true

@@ -57,7 +57,10 @@ pub(super) async fn serve(
     let keep_alive = head.keep_alive;
     let mut out = Vec::with_capacity(1024);
     if endpoint != Endpoint::Admin && !matches!(head.kind, Method::Get | Method::Head) {
-        return Err(Error::new(ErrorKind::MethodNotAllowed, format!("{} is GET only", head.path())));
+        return Err(Error::new(
+            ErrorKind::MethodNotAllowed,
+            format!("{} is GET only", head.path()),
+        ));
     }
     let status = match endpoint {
         Endpoint::Healthz => {
@@ -95,5 +98,11 @@ pub(super) async fn serve(
         }
     }
     let written = conn.write_all(out).await.is_ok();
-    Ok((keep_alive && written, Outcome { tier: Tier::Passthrough, status }))
+    Ok((
+        keep_alive && written,
+        Outcome {
+            tier: Tier::Passthrough,
+            status,
+        },
+    ))
 }

@@ -62,12 +62,24 @@ pub async fn process_request(w: &Rc<Worker>, conn: &mut Conn, head: RequestHead)
             let mut out = Vec::new();
             response::error(&mut out, &err, keep_alive);
             let written = conn.write_all(out).await.is_ok();
-            (keep_alive && written, Outcome { tier: Tier::Error, status: err.status() })
+            (
+                keep_alive && written,
+                Outcome {
+                    tier: Tier::Error,
+                    status: err.status(),
+                },
+            )
         }
     };
     let tenant = head.header_str("x-tenant-id");
-    shared.metrics.record_request(tenant, outcome.tier, started.elapsed().as_secs_f64());
-    tracing::trace!(status = outcome.status, tier = outcome.tier.as_str(), "done");
+    shared
+        .metrics
+        .record_request(tenant, outcome.tier, started.elapsed().as_secs_f64());
+    tracing::trace!(
+        status = outcome.status,
+        tier = outcome.tier.as_str(),
+        "done"
+    );
     keep_alive
 }
 
@@ -84,28 +96,48 @@ async fn pipeline(
     let own = local::route(head.path());
 
     // 2. The body.
-    let body = conn.read_body(head, cfg.max_body_size, cfg.idle_timeout).await?;
+    let body = conn
+        .read_body(head, cfg.max_body_size, cfg.idle_timeout)
+        .await?;
     *body_read = true;
     if let Some(endpoint) = own {
         return local::serve(w, conn, head, &body, endpoint).await;
     }
 
     // 3. The model.
-    let model = if head.carries_model(&body) { extract_model(&body)? } else { None };
+    let model = if head.carries_model(&body) {
+        extract_model(&body)?
+    } else {
+        None
+    };
 
     // 4. Base model or adapter.
     let adapter = match model.as_deref() {
         None | Some("") => None,
         Some(name) => {
             let base = base_model(w).await?;
-            if name == &*base { None } else { Some(AdapterName::parse(name)?) }
+            if name == &*base {
+                None
+            } else {
+                Some(AdapterName::parse(name)?)
+            }
         }
     };
-    let tier = if adapter.is_some() { Tier::Local } else { Tier::Passthrough };
+    let tier = if adapter.is_some() {
+        Tier::Local
+    } else {
+        Tier::Passthrough
+    };
 
     // 5. Upstream.
     let status = to_vllm(w, conn, head, body, &[]).await?;
-    Ok((status.1, Outcome { tier, status: status.0 }))
+    Ok((
+        status.1,
+        Outcome {
+            tier,
+            status: status.0,
+        },
+    ))
 }
 
 /// The served base model, learnt from vLLM on first need when not configured.
@@ -114,7 +146,10 @@ async fn base_model(w: &Worker) -> Result<Arc<str>, Error> {
         return Ok(base);
     }
     let vllm = w.shared.vllm.clone();
-    w.shared.control.run(async move { vllm.learn_base_model().await }).await
+    w.shared
+        .control
+        .run(async move { vllm.learn_base_model().await })
+        .await
 }
 
 /// Send the request to the local vLLM and stream the answer; (status, keep-alive).
@@ -126,14 +161,22 @@ async fn to_vllm(
     extra: &[(&str, &[u8])],
 ) -> Result<(u16, bool), Error> {
     let vllm = &w.shared.vllm;
-    let target = Target { addrs: &vllm.addrs, name: "vLLM", head_timeout: None };
+    let target = Target {
+        addrs: &vllm.addrs,
+        name: "vLLM",
+        head_timeout: None,
+    };
     let mut bytes = Vec::with_capacity(512 + body.len());
     head.write_forward(&mut bytes, &[], body.len());
     bytes.extend_from_slice(&body);
     let req = Request {
         bytes,
         method: head.kind,
-        client: ClientSide { minor: head.minor, keep_alive: head.keep_alive, extra },
+        client: ClientSide {
+            minor: head.minor,
+            keep_alive: head.keep_alive,
+            extra,
+        },
     };
     match w.pool.exchange(conn, &target, req).await {
         Ok(answered) => Ok((answered.status, answered.keep_alive)),

@@ -90,7 +90,10 @@ pub struct UpstreamError {
 
 impl UpstreamError {
     fn new(stage: Stage, kind: ErrorKind, msg: String) -> UpstreamError {
-        UpstreamError { stage, error: Error::new(kind, msg) }
+        UpstreamError {
+            stage,
+            error: Error::new(kind, msg),
+        }
     }
 }
 
@@ -129,7 +132,10 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
-            list.push(Idle { stream, since: Instant::now() });
+            list.push(Idle {
+                stream,
+                since: Instant::now(),
+            });
         }
     }
 
@@ -150,7 +156,11 @@ impl Pool {
                 Err(_) => last = format!("connect timed out after {budget:?}"),
             }
         }
-        let kind = if last.contains("timed out") { ErrorKind::Timeout } else { ErrorKind::Unavailable };
+        let kind = if last.contains("timed out") {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Unavailable
+        };
         Err(UpstreamError::new(
             Stage::Connect,
             kind,
@@ -166,12 +176,16 @@ impl Pool {
         req: Request<'_>,
     ) -> Result<Answered, UpstreamError> {
         let started = Instant::now();
-        let connect_budget =
-            target.head_timeout.map_or(self.connect_timeout, |t| t.min(self.connect_timeout));
+        let connect_budget = target
+            .head_timeout
+            .map_or(self.connect_timeout, |t| t.min(self.connect_timeout));
         let deadline = target.head_timeout.map(|t| started + t);
         let mut bytes = req.bytes;
         // A pooled connection first; if it proves dead before answering, one fresh connection.
-        let mut pooled = target.addrs.iter().find_map(|&a| self.take_idle(a).map(|s| (s, a)));
+        let mut pooled = target
+            .addrs
+            .iter()
+            .find_map(|&a| self.take_idle(a).map(|s| (s, a)));
         loop {
             let reused = pooled.is_some();
             let (mut stream, addr) = match pooled.take() {
@@ -247,7 +261,10 @@ async fn read_head(
     loop {
         if buf.len() == buf.capacity() {
             if buf.len() >= MAX_RESPONSE_HEAD {
-                return Err(fail(ErrorKind::BadGateway, format!("{}: response head too large", target.name)));
+                return Err(fail(
+                    ErrorKind::BadGateway,
+                    format!("{}: response head too large", target.name),
+                ));
             }
             buf.reserve(buf.len());
         }
@@ -258,12 +275,22 @@ async fn read_head(
             Outcome::Data => {}
             Outcome::Eof if before == 0 => return Err(HeadError::ClosedEarly),
             Outcome::Eof => {
-                return Err(fail(ErrorKind::BadGateway, format!("{}: truncated response head", target.name)));
+                return Err(fail(
+                    ErrorKind::BadGateway,
+                    format!("{}: truncated response head", target.name),
+                ));
             }
-            Outcome::Failed(e) if before == 0 && is_reset(&e) => return Err(HeadError::ClosedEarly),
-            Outcome::Failed(e) => return Err(fail(ErrorKind::BadGateway, format!("{}: {e}", target.name))),
+            Outcome::Failed(e) if before == 0 && is_reset(&e) => {
+                return Err(HeadError::ClosedEarly);
+            }
+            Outcome::Failed(e) => {
+                return Err(fail(ErrorKind::BadGateway, format!("{}: {e}", target.name)));
+            }
             Outcome::TimedOut => {
-                return Err(fail(ErrorKind::Timeout, format!("{} did not answer in time", target.name)));
+                return Err(fail(
+                    ErrorKind::Timeout,
+                    format!("{} did not answer in time", target.name),
+                ));
             }
             Outcome::ClientGone => return Err(HeadError::Failed(client_gone_error())),
         }
@@ -273,27 +300,47 @@ async fn read_head(
                 buf.drain(..len);
             }
             Ok(Some((head, len))) => {
-                return Ok(Head { head, buf, body_start: len, at: Instant::now() });
+                return Ok(Head {
+                    head,
+                    buf,
+                    body_start: len,
+                    at: Instant::now(),
+                });
             }
             Ok(None) => {}
-            Err(error) => return Err(HeadError::Failed(UpstreamError { stage: Stage::Sent, error })),
+            Err(error) => {
+                return Err(HeadError::Failed(UpstreamError {
+                    stage: Stage::Sent,
+                    error,
+                }));
+            }
         }
     }
 }
 
 fn is_reset(e: &std::io::Error) -> bool {
-    matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 fn client_gone_error() -> UpstreamError {
-    UpstreamError::new(Stage::ClientGone, ErrorKind::BadRequest, "client went away".into())
+    UpstreamError::new(
+        Stage::ClientGone,
+        ErrorKind::BadRequest,
+        "client went away".into(),
+    )
 }
 
 /// How a body is taken from the upstream.
 enum Relay {
     Done,
     Length(u64),
-    Chunked { decoder: ChunkedDecoder, decode: bool },
+    Chunked {
+        decoder: ChunkedDecoder,
+        decode: bool,
+    },
     UntilClose,
 }
 
@@ -317,10 +364,14 @@ impl Relay {
                 *n -= take as u64;
                 Ok((take, false))
             }
-            Relay::Chunked { decoder, decode: false } => Ok((decoder.feed(data, None)?, false)),
-            Relay::Chunked { decoder, decode: true } => {
-                Ok((decoder.feed(data, Some(decoded))?, true))
-            }
+            Relay::Chunked {
+                decoder,
+                decode: false,
+            } => Ok((decoder.feed(data, None)?, false)),
+            Relay::Chunked {
+                decoder,
+                decode: true,
+            } => Ok((decoder.feed(data, Some(decoded))?, true)),
             Relay::UntilClose => Ok((data.len(), false)),
         }
     }
@@ -335,35 +386,56 @@ async fn relay(
     head: Head,
     side: &ClientSide<'_>,
 ) -> Result<Answered, UpstreamError> {
-    let Head { head, mut buf, body_start, at } = head;
+    let Head {
+        head,
+        mut buf,
+        body_start,
+        at,
+    } = head;
     let (client_body, mut relay) = match head.body {
         BodyKind::None => (BodyKind::None, Relay::Done),
         BodyKind::Length(n) => (BodyKind::Length(n), Relay::Length(n)),
-        BodyKind::Chunked if side.minor == 1 => {
-            (BodyKind::Chunked, Relay::Chunked { decoder: ChunkedDecoder::new(), decode: false })
-        }
+        BodyKind::Chunked if side.minor == 1 => (
+            BodyKind::Chunked,
+            Relay::Chunked {
+                decoder: ChunkedDecoder::new(),
+                decode: false,
+            },
+        ),
         // HTTP/1.0 clients don't know chunked: decode, and end the body by closing.
-        BodyKind::Chunked => {
-            (BodyKind::UntilClose, Relay::Chunked { decoder: ChunkedDecoder::new(), decode: true })
-        }
+        BodyKind::Chunked => (
+            BodyKind::UntilClose,
+            Relay::Chunked {
+                decoder: ChunkedDecoder::new(),
+                decode: true,
+            },
+        ),
         BodyKind::UntilClose => (BodyKind::UntilClose, Relay::UntilClose),
     };
     let keep_alive = side.keep_alive && client_body != BodyKind::UntilClose;
-    let streaming = |e: Error| UpstreamError { stage: Stage::Streaming, error: e };
+    let streaming = |e: Error| UpstreamError {
+        stage: Stage::Streaming,
+        error: e,
+    };
     let mut clean = head.keep_alive;
 
     // The head and whatever body bytes came with it, in one write.
     let mut out = Vec::with_capacity(1024 + buf.len() - body_start);
     head.write_client(&mut out, client_body, keep_alive, side.minor, side.extra);
     let mut decoded = Vec::new();
-    let (used, was_decoded) = relay.feed(&buf[body_start..], &mut decoded).map_err(streaming)?;
+    let (used, was_decoded) = relay
+        .feed(&buf[body_start..], &mut decoded)
+        .map_err(streaming)?;
     clean &= used == buf.len() - body_start;
     if was_decoded {
         out.extend_from_slice(&decoded);
     } else {
         out.extend_from_slice(&buf[body_start..body_start + used]);
     }
-    client.write_all(out).await.map_err(|_| client_gone_error())?;
+    client
+        .write_all(out)
+        .await
+        .map_err(|_| client_gone_error())?;
 
     let mut ended_by_close = false;
     while !relay.is_done() {
@@ -380,10 +452,16 @@ async fn relay(
                 break;
             }
             Outcome::Eof => {
-                return Err(streaming(Error::new(ErrorKind::BadGateway, "upstream closed mid-body")));
+                return Err(streaming(Error::new(
+                    ErrorKind::BadGateway,
+                    "upstream closed mid-body",
+                )));
             }
             Outcome::Failed(e) => {
-                return Err(streaming(Error::new(ErrorKind::BadGateway, format!("upstream: {e}"))));
+                return Err(streaming(Error::new(
+                    ErrorKind::BadGateway,
+                    format!("upstream: {e}"),
+                )));
             }
             Outcome::TimedOut => unreachable!("no deadline while streaming a body"),
             Outcome::ClientGone => return Err(client_gone_error()),
@@ -393,17 +471,27 @@ async fn relay(
         clean &= used == buf.len();
         if was_decoded {
             if !decoded.is_empty() {
-                decoded = client.write_all(decoded).await.map_err(|_| client_gone_error())?;
+                decoded = client
+                    .write_all(decoded)
+                    .await
+                    .map_err(|_| client_gone_error())?;
             }
         } else {
             buf.truncate(used);
-            buf = client.write_all(buf).await.map_err(|_| client_gone_error())?;
+            buf = client
+                .write_all(buf)
+                .await
+                .map_err(|_| client_gone_error())?;
         }
     }
     if clean && !ended_by_close && relay.is_done() {
         pool.put(addr, upstream);
     }
-    Ok(Answered { status: head.status, keep_alive, head_at: at })
+    Ok(Answered {
+        status: head.status,
+        keep_alive,
+        head_at: at,
+    })
 }
 
 /// What one read from an upstream gave.

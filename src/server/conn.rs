@@ -43,7 +43,12 @@ enum Next {
 /// Serve a connection until it closes.
 pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
     let _guard = worker.conn_guard();
-    let mut conn = Conn { stream, peer, buf: BytesMut::with_capacity(READ_CHUNK), requests: 0 };
+    let mut conn = Conn {
+        stream,
+        peer,
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        requests: 0,
+    };
     loop {
         let head = match conn.next_head(&worker).await {
             Ok(Next::Head(head)) => head,
@@ -51,7 +56,12 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
             Err(err) => {
                 let mut out = Vec::new();
                 response::error(&mut out, &err, false);
-                worker.shared.metrics.errors.get_or_create(&kind_label(&err)).inc();
+                worker
+                    .shared
+                    .metrics
+                    .errors
+                    .get_or_create(&kind_label(&err))
+                    .inc();
                 let _ = conn.write_all(out).await;
                 break;
             }
@@ -66,7 +76,9 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
 }
 
 pub fn kind_label(err: &Error) -> crate::metrics::KindLabel {
-    crate::metrics::KindLabel { kind: err.kind.as_str() }
+    crate::metrics::KindLabel {
+        kind: err.kind.as_str(),
+    }
 }
 
 impl Conn {
@@ -74,7 +86,11 @@ impl Conn {
         let cfg = &worker.shared.config.server;
         // Between requests: wait for the first byte, at most the idle timeout, or shutdown.
         if self.buf.is_empty() {
-            let wait = if self.requests == 0 { cfg.header_read_timeout } else { cfg.idle_timeout };
+            let wait = if self.requests == 0 {
+                cfg.header_read_timeout
+            } else {
+                cfg.idle_timeout
+            };
             let shutdown = worker.shared.shutdown.clone();
             monoio::select! {
                 read = monoio::time::timeout(wait, self.fill()) => match read {
@@ -92,7 +108,10 @@ impl Conn {
                 return Ok(Next::Head(head));
             }
             if self.buf.len() > cfg.max_header_size {
-                return Err(Error::new(ErrorKind::HeaderTooLarge, "request head too large"));
+                return Err(Error::new(
+                    ErrorKind::HeaderTooLarge,
+                    "request head too large",
+                ));
             }
             match monoio::time::timeout_at(deadline, self.fill()).await {
                 Ok(Ok(0)) => return Ok(Next::Closed),

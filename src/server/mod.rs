@@ -68,13 +68,20 @@ impl Server {
             pending: AtomicI64::new(0),
             driver,
         });
-        shared.vllm.spawn_health_poll(&shared.control, shared.shutdown.clone());
+        shared
+            .vllm
+            .spawn_health_poll(&shared.control, shared.shutdown.clone());
         let mut workers = Vec::new();
         for (id, listener) in listeners.into_iter().enumerate() {
             workers.push(worker::spawn(id, shared.clone(), listener, driver)?);
         }
         log_summary(&shared, addr);
-        Ok(Server { shared, addr, workers, control_plane })
+        Ok(Server {
+            shared,
+            addr,
+            workers,
+            control_plane,
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -95,9 +102,10 @@ impl Server {
         let shutdown = self.shared.shutdown.clone();
         self.control().spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) =
-                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-            else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 tracing::error!("cannot install signal handlers");
                 return;
             };
@@ -133,7 +141,11 @@ fn log_summary(shared: &Shared, addr: SocketAddr) {
 
 /// Parse a Go-style listen address (`:8080` means every interface).
 pub fn listen_addr(listen: &str) -> Result<SocketAddr, Error> {
-    let full = if listen.starts_with(':') { format!("0.0.0.0{listen}") } else { listen.into() };
+    let full = if listen.starts_with(':') {
+        format!("0.0.0.0{listen}")
+    } else {
+        listen.into()
+    };
     full.to_socket_addrs()
         .ok()
         .and_then(|mut addrs| addrs.next())

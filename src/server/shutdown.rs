@@ -23,7 +23,10 @@ impl Default for Shutdown {
 impl Shutdown {
     pub fn new() -> Shutdown {
         let (tx, rx) = watch::channel(false);
-        Shutdown { tx: Arc::new(tx), rx }
+        Shutdown {
+            tx: Arc::new(tx),
+            rx,
+        }
     }
 
     pub fn trigger(&self) {

@@ -54,17 +54,19 @@ pub fn spawn(
     listener: StdListener,
     driver: DriverKind,
 ) -> std::io::Result<JoinHandle<()>> {
-    thread::Builder::new().name(format!("loraplex-w{id}")).spawn(move || {
-        let mut rt = match runtime::build(driver) {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!(worker = id, error = %e, "cannot build the worker runtime");
-                shared.shutdown.trigger();
-                return;
-            }
-        };
-        rt.block_on(run(id, shared, listener));
-    })
+    thread::Builder::new()
+        .name(format!("loraplex-w{id}"))
+        .spawn(move || {
+            let mut rt = match runtime::build(driver) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(worker = id, error = %e, "cannot build the worker runtime");
+                    shared.shutdown.trigger();
+                    return;
+                }
+            };
+            rt.block_on(run(id, shared, listener));
+        })
 }
 
 async fn run(id: usize, shared: Arc<Shared>, listener: StdListener) {

@@ -1,0 +1,461 @@
+//! The Hugging Face Hub origin (`type: huggingface`): repo id = adapter name, `org/name@rev`
+//! pins a revision.
+//!
+//! A download resolves the revision once (`GET /api/models/{repo}/revision/{rev}?blobs=true`:
+//! commit `sha`, and every file with its size and, for LFS files, its SHA-256), picks the files
+//! an adapter needs ([`select_files`]), and fetches each one from `/{repo}/resolve/{sha}/{file}`
+//! of that same commit, so a push to `main` during a download cannot mix two versions. LFS
+//! files answer with a redirect to a CDN; the `X-Linked-Etag` (SHA-256), `X-Linked-Size` and
+//! `X-Repo-Commit` of that first answer are checked against the listing, and the bytes are
+//! hashed while they stream ([`super::download::FileBody`]): a mismatch rejects the adapter.
+//!
+//! Redirects are followed by hand (`redirect::Policy::none()`), for two reasons: the
+//! `X-Linked-*` headers are on the redirect itself, which reqwest's automatic policy hides, and
+//! the `Authorization` header must go only to the Hub's own origin (same scheme, host and
+//! port; `127.0.0.1` and `localhost`, or two ports, are different origins), never to the CDN.
+//!
+//! Why not the `hf-hub` crate: 0.4/0.5 download only into their own cache directory (they
+//! cannot stream into our writer) and bring a second reqwest; 1.x streams but pulls in `hf-xet`
+//! and its storage stack (88 crates more than this crate already builds, measured with
+//! `cargo tree`), while what we need from the Hub is two GET endpoints and three headers.
+//!
+//! Errors: 404 (or the Hub's `X-Error-Code: RepoNotFound`/`RevisionNotFound`) is "not found",
+//! so the chain tries the next origin; 401/403 are a 502 naming authentication; 5xx, resets
+//! and stalls are retried.
+
+use std::sync::Arc;
+
+use futures_util::{StreamExt, TryStreamExt, future::BoxFuture};
+use reqwest::{StatusCode, Url, header, redirect};
+use serde::Deserialize;
+
+use super::{
+    download::{Download, Manifest, Opened, Opener, RemoteFile, parse_sha256_hex, record_miss},
+    transfer::{FailClass, FetchError, RetryPolicy, classify_reqwest},
+};
+use crate::{error::Error, metrics::Metrics, store::AdapterName};
+
+/// The metric label and config `type`.
+pub const ORIGIN: &str = "huggingface";
+/// Files other than the config and the weights are fetched only up to this size.
+pub const MAX_EXTRA_FILE: u64 = 64 << 20;
+/// Extensions of the small companion files fetched with an adapter (tokenizer, chat template).
+const EXTRA_EXTENSIONS: [&str; 5] = ["json", "txt", "model", "jinja", "tiktoken"];
+/// Redirect hops followed for one file (the Hub uses one, renamed repos two).
+const MAX_REDIRECTS: usize = 5;
+
+/// One file of a repo at a commit (`siblings[]` of the revision API with `blobs=true`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Sibling {
+    pub rfilename: String,
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub lfs: Option<LfsInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct LfsInfo {
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// A revision resolved to its commit.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RepoRevision {
+    /// The commit sha: the adapter's content id.
+    pub sha: String,
+    #[serde(default)]
+    pub siblings: Vec<Sibling>,
+}
+
+/// HTTP client for the Hub's API: resolve a revision, open a file at an offset.
+#[derive(Debug)]
+pub struct HubClient {
+    http: reqwest::Client,
+    endpoint: Url,
+    token: Option<String>,
+    policy: RetryPolicy,
+}
+
+impl HubClient {
+    /// `endpoint` is the Hub's base URL (`https://huggingface.co`, or `HF_ENDPOINT`).
+    pub fn new(endpoint: &str, token: Option<String>, policy: RetryPolicy) -> Result<Self, Error> {
+        let endpoint = Url::parse(endpoint.trim_end_matches('/'))
+            .map_err(|e| Error::bad_request(format!("huggingface endpoint {endpoint:?}: {e}")))?;
+        if !matches!(endpoint.scheme(), "http" | "https") {
+            return Err(Error::bad_request(format!(
+                "huggingface endpoint {endpoint}: not http(s)"
+            )));
+        }
+        // No total timeout: `read_timeout` bounds each read (a stall), never the transfer.
+        let http = reqwest::Client::builder()
+            .redirect(redirect::Policy::none())
+            .connect_timeout(policy.connect_timeout)
+            .read_timeout(policy.idle_timeout)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| Error::internal(format!("building the Hub HTTP client: {e}")))?;
+        let token = token.filter(|t| !t.is_empty());
+        Ok(HubClient {
+            http,
+            endpoint,
+            token,
+            policy,
+        })
+    }
+
+    pub fn endpoint(&self) -> &Url {
+        &self.endpoint
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.endpoint.clone();
+        url.path_segments_mut()
+            .expect("an http(s) URL has a path")
+            .pop_if_empty()
+            .extend(segments.iter().flat_map(|s| s.split('/')));
+        url
+    }
+
+    /// Whether `url` is on the Hub's own origin, the only one that may see the token.
+    fn same_origin(&self, url: &Url) -> bool {
+        url.scheme() == self.endpoint.scheme()
+            && url.host_str() == self.endpoint.host_str()
+            && url.port_or_known_default() == self.endpoint.port_or_known_default()
+    }
+
+    fn get(&self, url: Url) -> reqwest::RequestBuilder {
+        let with_token = self.same_origin(&url);
+        let req = self.http.get(url);
+        match (&self.token, with_token) {
+            (Some(token), true) => req.bearer_auth(token),
+            _ => req,
+        }
+    }
+
+    /// Resolve `revision` of `repo` to its commit and file list (retried on 5xx and resets).
+    pub async fn resolve(&self, repo: &str, revision: &str) -> Result<RepoRevision, FetchError> {
+        let mut url = self.url(&["api", "models", repo, "revision", revision]);
+        url.query_pairs_mut().append_pair("blobs", "true");
+        let what = format!("Hugging Face {repo}@{revision}");
+        self.policy
+            .run(|| async {
+                let resp = self
+                    .get(url.clone())
+                    .send()
+                    .await
+                    .map_err(|e| classify_reqwest(&e, &what))?;
+                if !resp.status().is_success() {
+                    return Err(self.refusal(&resp, &what));
+                }
+                resp.json::<RepoRevision>()
+                    .await
+                    .map_err(|e| classify_reqwest(&e, &what))
+            })
+            .await
+    }
+
+    /// Open `file` of `repo` at `commit` from byte `offset`, following the CDN redirect.
+    pub async fn open(
+        &self,
+        repo: &str,
+        commit: &str,
+        file: &str,
+        offset: u64,
+    ) -> Result<Opened, FetchError> {
+        let what = format!("Hugging Face {repo}/{file}@{commit}");
+        let mut url = self.url(&[repo, "resolve", commit, file]);
+        let mut linked: Option<Linked> = None;
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = self.get(url.clone());
+            if offset > 0 {
+                req = req.header(header::RANGE, format!("bytes={offset}-"));
+            }
+            let resp = req.send().await.map_err(|e| classify_reqwest(&e, &what))?;
+            // The first answer carries the LFS facts, whether it redirects or not.
+            let facts = linked.get_or_insert_with(|| Linked::from_headers(resp.headers()));
+            if let Some(c) = &facts.commit {
+                if c != commit {
+                    return Err(FetchError::invalid(format!(
+                        "{what}: the Hub answered for commit {c}"
+                    )));
+                }
+            }
+            let status = resp.status();
+            if status.is_redirection() {
+                let location = resp
+                    .headers()
+                    .get(header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or_else(|| {
+                        FetchError::invalid(format!("{what}: redirect without Location"))
+                    })?;
+                url = url
+                    .join(location)
+                    .map_err(|e| FetchError::invalid(format!("{what}: bad Location: {e}")))?;
+                continue;
+            }
+            if !status.is_success() {
+                return Err(self.refusal(&resp, &what));
+            }
+            let (start, total) = body_range(&resp, offset)?;
+            let facts = linked.take().unwrap_or_default();
+            let body = resp
+                .bytes_stream()
+                .map_err(move |e| classify_reqwest(&e, "reading the Hub's body"))
+                .boxed();
+            return Ok(Opened {
+                body,
+                start,
+                size: facts.size.or(total),
+                sha256: facts.sha256,
+            });
+        }
+        Err(FetchError::invalid(format!(
+            "{what}: more than {MAX_REDIRECTS} redirects"
+        )))
+    }
+
+    /// Classify a non-success answer of the Hub.
+    fn refusal(&self, resp: &reqwest::Response, what: &str) -> FetchError {
+        let status = resp.status();
+        let code = resp
+            .headers()
+            .get("x-error-code")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        match (status, code) {
+            (_, "RepoNotFound" | "RevisionNotFound" | "EntryNotFound")
+            | (StatusCode::NOT_FOUND, _) => {
+                let hint = match self.token {
+                    None => " (a private repo needs a token on the huggingface origin)",
+                    Some(_) => "",
+                };
+                FetchError::not_found(format!("{what}: not found ({status}){hint}"))
+            }
+            (StatusCode::UNAUTHORIZED, _) => FetchError::new(
+                FailClass::Auth,
+                format!(
+                    "{what}: the Hub refused authentication ({status}): the token is {}; set \
+                     `token` on the huggingface origin (usually ${{HF_TOKEN}})",
+                    if self.token.is_some() {
+                        "wrong or expired"
+                    } else {
+                        "missing"
+                    }
+                ),
+            ),
+            (StatusCode::FORBIDDEN, _) => FetchError::new(
+                FailClass::Auth,
+                format!(
+                    "{what}: the Hub denied access ({status}{}): authentication: the token has \
+                     no access to this repo (gated or private)",
+                    if code.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {code}")
+                    }
+                ),
+            ),
+            _ => FetchError::from_status(status.as_u16(), what),
+        }
+    }
+}
+
+/// Facts of the first `/resolve/` answer.
+#[derive(Debug, Default)]
+struct Linked {
+    sha256: Option<[u8; 32]>,
+    size: Option<u64>,
+    commit: Option<String>,
+}
+
+impl Linked {
+    fn from_headers(h: &header::HeaderMap) -> Self {
+        let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+        Linked {
+            sha256: text("x-linked-etag").and_then(parse_sha256_hex),
+            size: text("x-linked-size").and_then(|s| s.trim().parse().ok()),
+            commit: text("x-repo-commit").map(str::to_owned),
+        }
+    }
+}
+
+/// Where the body starts and the file's full size, from a 200 or 206 answer to a request for
+/// `offset..`.
+fn body_range(resp: &reqwest::Response, offset: u64) -> Result<(u64, Option<u64>), FetchError> {
+    if resp.status() == StatusCode::PARTIAL_CONTENT {
+        let range = resp
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_content_range)
+            .ok_or_else(|| FetchError::invalid("206 without a usable Content-Range"))?;
+        if range.0 != offset {
+            return Err(FetchError::invalid(format!(
+                "asked for offset {offset}, got Content-Range from {}",
+                range.0
+            )));
+        }
+        return Ok(range);
+    }
+    // 200: the whole file (a server that ignores Range starts at 0; the body skips).
+    Ok((0, resp.content_length()))
+}
+
+/// `bytes 100-199/1000` → (100, Some(1000)); `bytes 100-199/*` → (100, None).
+pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    let total = match total {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((start.parse().ok()?, total))
+}
+
+/// Which files of a repo make the adapter.
+///
+/// Rule: top-level files only (subfolders such as `checkpoint-500/` or `runs/` are training
+/// leftovers), with plain names (`[A-Za-z0-9._-]`, not starting with `.`):
+/// - `adapter_config.json` (required: without it the repo is not an adapter: not found);
+/// - the weights: `adapter_model.safetensors`, else `adapter_model.bin` (vLLM reads the same
+///   order; a repo with neither is refused, never stored config-only);
+/// - small companions: `*.json`, `*.txt`, `*.model`, `*.jinja`, `*.tiktoken` up to
+///   [`MAX_EXTRA_FILE`] (tokenizer files, chat templates, special tokens).
+///
+/// Everything else (READMEs, images, other `*.safetensors`/`*.bin` such as full model weights
+/// or `training_args.bin`, `*.pt` optimizer states) is skipped.
+pub fn select_files(siblings: &[Sibling]) -> Result<Vec<RemoteFile>, FetchError> {
+    let plain = |n: &str| {
+        !n.is_empty()
+            && !n.starts_with('.')
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    let top: Vec<&Sibling> = siblings.iter().filter(|s| plain(&s.rfilename)).collect();
+    let find = |name: &str| top.iter().copied().find(|s| s.rfilename == name);
+    let Some(config) = find("adapter_config.json") else {
+        return Err(FetchError::not_found(
+            "no adapter_config.json: not a LoRA adapter",
+        ));
+    };
+    let Some(weights) = find("adapter_model.safetensors").or_else(|| find("adapter_model.bin"))
+    else {
+        return Err(FetchError::invalid(
+            "adapter_config.json without adapter_model.safetensors or adapter_model.bin",
+        ));
+    };
+    let mut files = vec![remote(config)?, remote(weights)?];
+    for s in &top {
+        let ext = s.rfilename.rsplit_once('.').map_or("", |(_, e)| e);
+        let small = file_size(s).is_some_and(|n| n <= MAX_EXTRA_FILE);
+        if EXTRA_EXTENSIONS.contains(&ext) && small && s.rfilename != config.rfilename {
+            files.push(remote(s)?);
+        }
+    }
+    Ok(files)
+}
+
+fn file_size(s: &Sibling) -> Option<u64> {
+    s.lfs.as_ref().map(|l| l.size).or(s.size)
+}
+
+fn remote(s: &Sibling) -> Result<RemoteFile, FetchError> {
+    let sha256 = match &s.lfs {
+        Some(lfs) => Some(parse_sha256_hex(&lfs.sha256).ok_or_else(|| {
+            FetchError::invalid(format!("{}: bad lfs.sha256 {:?}", s.rfilename, lfs.sha256))
+        })?),
+        None => None,
+    };
+    Ok(RemoteFile {
+        path: s.rfilename.clone(),
+        locator: s.rfilename.clone(),
+        size: file_size(s),
+        sha256,
+    })
+}
+
+/// Opens the files of one repo at one commit.
+struct CommitOpener {
+    client: Arc<HubClient>,
+    repo: String,
+    commit: String,
+}
+
+impl Opener for CommitOpener {
+    fn open(
+        &self,
+        file: &RemoteFile,
+        offset: u64,
+    ) -> BoxFuture<'static, Result<Opened, FetchError>> {
+        let (client, repo, commit) = (self.client.clone(), self.repo.clone(), self.commit.clone());
+        let locator = file.locator.clone();
+        Box::pin(async move { client.open(&repo, &commit, &locator, offset).await })
+    }
+}
+
+/// The `huggingface` origin.
+#[derive(Clone)]
+pub struct HuggingFace {
+    client: Arc<HubClient>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl HuggingFace {
+    pub fn new(
+        endpoint: &str,
+        token: Option<String>,
+        policy: RetryPolicy,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Self, Error> {
+        Ok(HuggingFace {
+            client: Arc::new(HubClient::new(endpoint, token, policy)?),
+            metrics,
+        })
+    }
+
+    pub fn client(&self) -> &HubClient {
+        &self.client
+    }
+
+    /// The content id of `name` now: the commit sha its revision (default `main`) points to.
+    pub async fn head(&self, name: &AdapterName) -> Result<String, FetchError> {
+        let rev = name.revision().unwrap_or("main");
+        Ok(self.client.resolve(name.repo(), rev).await?.sha)
+    }
+
+    /// Resolve `name` and plan its download. Nothing is transferred until the bodies are read.
+    pub async fn download(&self, name: &AdapterName) -> Result<Download, FetchError> {
+        let planned = self.plan(name).await;
+        if let Err(e) = &planned {
+            record_miss(self.metrics.as_deref(), ORIGIN, e);
+        }
+        planned
+    }
+
+    async fn plan(&self, name: &AdapterName) -> Result<Download, FetchError> {
+        let (repo, rev) = (name.repo(), name.revision().unwrap_or("main"));
+        let revision = self.client.resolve(repo, rev).await?;
+        let files = select_files(&revision.siblings)
+            .map_err(|e| e.context(format_args!("Hugging Face {repo}@{}", revision.sha)))?;
+        let opener = CommitOpener {
+            client: self.client.clone(),
+            repo: repo.to_owned(),
+            commit: revision.sha.clone(),
+        };
+        let manifest = Manifest {
+            content_id: revision.sha,
+            files,
+        };
+        Ok(Download::new(
+            ORIGIN,
+            manifest,
+            Arc::new(opener),
+            self.client.policy,
+            self.metrics.clone(),
+        ))
+    }
+}
