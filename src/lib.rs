@@ -38,6 +38,7 @@ pub mod origin;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod testkit;
 pub mod vllm;
 
 pub use error::{Error, ErrorKind, Result};

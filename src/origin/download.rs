@@ -145,6 +145,15 @@ pub struct Download {
     verify: bool,
 }
 
+impl std::fmt::Debug for Download {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Download")
+            .field("origin", &self.meter.origin)
+            .field("manifest", &self.manifest)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Download {
     pub fn new(
         origin: &'static str,

@@ -175,12 +175,10 @@ impl HubClient {
             let resp = req.send().await.map_err(|e| classify_reqwest(&e, &what))?;
             // The first answer carries the LFS facts, whether it redirects or not.
             let facts = linked.get_or_insert_with(|| Linked::from_headers(resp.headers()));
-            if let Some(c) = &facts.commit {
-                if c != commit {
-                    return Err(FetchError::invalid(format!(
-                        "{what}: the Hub answered for commit {c}"
-                    )));
-                }
+            if let Some(c) = facts.commit.as_ref().filter(|c| *c != commit) {
+                return Err(FetchError::invalid(format!(
+                    "{what}: the Hub answered for commit {c}"
+                )));
             }
             let status = resp.status();
             if status.is_redirection() {
@@ -203,7 +201,15 @@ impl HubClient {
             let facts = linked.take().unwrap_or_default();
             let body = resp
                 .bytes_stream()
-                .map_err(move |e| classify_reqwest(&e, "reading the Hub's body"))
+                .map_err(|e| {
+                    // A body that breaks mid-way (reqwest calls it a decode error) is a reset:
+                    // resume it, never reject the adapter for it.
+                    let mut e = classify_reqwest(&e, "reading the Hub's body");
+                    if e.class == FailClass::Invalid {
+                        e.class = FailClass::Transient;
+                    }
+                    e
+                })
                 .boxed();
             return Ok(Opened {
                 body,
@@ -457,5 +463,120 @@ impl HuggingFace {
             self.client.policy,
             self.metrics.clone(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sib(name: &str, size: u64, lfs: bool) -> Sibling {
+        Sibling {
+            rfilename: name.into(),
+            size: Some(size),
+            lfs: lfs.then(|| LfsInfo {
+                sha256: "ab".repeat(32),
+                size,
+            }),
+        }
+    }
+
+    fn names(files: &[RemoteFile]) -> Vec<&str> {
+        files.iter().map(|f| f.path.as_str()).collect()
+    }
+
+    #[test]
+    fn selects_config_weights_and_small_companions() {
+        let repo = [
+            sib("adapter_config.json", 500, false),
+            sib("adapter_model.bin", 9 << 20, true),
+            sib("adapter_model.safetensors", 8 << 20, true),
+            sib("tokenizer.json", 3 << 20, false),
+            sib("tokenizer.model", 500_000, true),
+            sib("chat_template.jinja", 900, false),
+            sib("huge.json", 100 << 20, true),
+            sib("README.md", 100, false),
+            sib(".gitattributes", 100, false),
+            sib("model.safetensors", 5 << 30, true),
+            sib("training_args.bin", 5000, true),
+            sib("checkpoint-5/adapter_config.json", 500, false),
+            sib("weird name.json", 10, false),
+        ];
+        let files = select_files(&repo).unwrap();
+        assert_eq!(
+            names(&files),
+            [
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "tokenizer.json",
+                "tokenizer.model",
+                "chat_template.jinja",
+            ]
+        );
+        assert_eq!(files[1].size, Some(8 << 20));
+        assert_eq!(files[1].sha256, Some([0xab; 32]));
+        assert_eq!(files[0].sha256, None, "git files have no sha256");
+    }
+
+    #[test]
+    fn bin_weights_when_no_safetensors_and_refusals() {
+        let repo = [
+            sib("adapter_config.json", 5, false),
+            sib("adapter_model.bin", 9, true),
+        ];
+        assert_eq!(
+            names(&select_files(&repo).unwrap()),
+            ["adapter_config.json", "adapter_model.bin"]
+        );
+        let no_weights = [sib("adapter_config.json", 5, false)];
+        assert_eq!(
+            select_files(&no_weights).unwrap_err().class,
+            FailClass::Invalid
+        );
+        let nested = [
+            sib("sub/adapter_config.json", 5, false),
+            sib("adapter_model.bin", 9, true),
+        ];
+        assert_eq!(
+            select_files(&nested).unwrap_err().class,
+            FailClass::NotFound
+        );
+        let mut bad_sha = sib("adapter_model.bin", 9, true);
+        bad_sha.lfs.as_mut().unwrap().sha256 = "xyz".into();
+        let repo = [sib("adapter_config.json", 5, false), bad_sha];
+        assert_eq!(select_files(&repo).unwrap_err().class, FailClass::Invalid);
+    }
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(
+            parse_content_range("bytes 100-199/1000"),
+            Some((100, Some(1000)))
+        );
+        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, None)));
+        assert_eq!(parse_content_range("bytes */1000"), None);
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+
+    #[test]
+    fn token_only_for_the_hub_origin() {
+        let policy = RetryPolicy::from_transfer(&crate::config::TransferConfig::default());
+        let c = HubClient::new("https://hub.example:443/", Some("t".into()), policy).unwrap();
+        for (url, same) in [
+            ("https://hub.example/org/x/resolve/abc/f", true),
+            ("https://hub.example:443/x", true),
+            ("http://hub.example/x", false),
+            ("https://hub.example:8443/x", false),
+            ("https://cdn-lfs.hub.example/x", false),
+            ("https://other.example/x", false),
+        ] {
+            assert_eq!(c.same_origin(&Url::parse(url).unwrap()), same, "{url}");
+        }
+        assert_eq!(
+            c.url(&["org/x", "resolve", "main", "a b.json"]).as_str(),
+            "https://hub.example/org/x/resolve/main/a%20b.json"
+        );
+        assert!(HubClient::new("ftp://x", None, policy).is_err());
+        assert!(HubClient::new("not a url", None, policy).is_err());
     }
 }

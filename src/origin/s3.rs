@@ -23,7 +23,10 @@
 //! Retries are ours (the SDK's are off), with the same schedule and stall timeout as the
 //! other origins; the SDK's stalled-stream protection is off for the same reason.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use aws_sdk_s3::{
     Client,
@@ -70,6 +73,9 @@ pub fn relative_path(dir: &str, key: &str) -> Result<Option<String>, FetchError>
         ))
     };
     let rel = key.strip_prefix(dir).ok_or_else(hostile)?;
+    if rel.is_empty() {
+        return Ok(None); // the directory's own marker
+    }
     let rel = match rel.strip_suffix('/') {
         Some(folder) if folder.is_empty() || check_segments(folder) => return Ok(None),
         Some(_) => return Err(hostile()),
@@ -160,6 +166,11 @@ impl S3Client {
         &self.prefix
     }
 
+    /// The SDK client (tests use it to upload objects with checksums).
+    pub fn sdk(&self) -> &Client {
+        &self.client
+    }
+
     /// `{prefix}{name}/`.
     pub fn adapter_dir(&self, name: &AdapterName) -> String {
         format!("{}{}/", self.prefix, name.as_str())
@@ -221,24 +232,34 @@ impl S3Client {
         Ok(head.e_tag().unwrap_or_default().to_owned())
     }
 
-    /// Open `key` from `offset`, only if its ETag is still `etag`. At offset 0 a `HeadObject`
-    /// in checksum mode first reads the object's full SHA-256, if it has one.
-    pub async fn get(&self, key: &str, etag: &str, offset: u64) -> Result<Opened, FetchError> {
+    /// Open `key` from `offset`, only if its ETag is still `etag` (`""`: unguarded). At offset
+    /// 0 a `HeadObject` in checksum mode first reads the object's full SHA-256, if it has one,
+    /// and its ETag, returned to guard later resumes.
+    pub async fn get(
+        &self,
+        key: &str,
+        etag: &str,
+        offset: u64,
+    ) -> Result<(Opened, Option<String>), FetchError> {
         let what = self.what(key);
+        // Some S3-compatible stores list no ETag; then there is nothing to guard with.
+        let guard = (!etag.is_empty()).then(|| etag.to_owned());
         let mut sha256 = None;
         let mut size = None;
+        let mut seen_etag = None;
         if offset == 0 {
             let head = self
                 .client
                 .head_object()
                 .bucket(&self.bucket)
                 .key(key)
-                .if_match(etag)
+                .set_if_match(guard.clone())
                 .checksum_mode(ChecksumMode::Enabled)
                 .send()
                 .await
                 .map_err(|e| classify(e, &what))?;
             size = head.content_length().and_then(|n| u64::try_from(n).ok());
+            seen_etag = head.e_tag().map(str::to_owned);
             let full = head.checksum_type() != Some(&ChecksumType::Composite);
             if let Some(b64) = head.checksum_sha256().filter(|_| full) {
                 sha256 = Some(decode_sha256_b64(b64).ok_or_else(|| {
@@ -260,12 +281,13 @@ impl S3Client {
             Some((start, total)) => (start, total),
             None => (0, out.content_length().and_then(|n| u64::try_from(n).ok())),
         };
-        Ok(Opened {
+        let opened = Opened {
             body: byte_stream(out.body, what),
             start,
             size: size.or(total),
             sha256,
-        })
+        };
+        Ok((opened, seen_etag))
     }
 }
 
@@ -331,10 +353,15 @@ fn decode_sha256_b64(s: &str) -> Option<[u8; 32]> {
     v.try_into().ok()
 }
 
-/// Opens the objects of one listing, guarded by their listed ETags.
+/// Opens the objects of one listing, guarded by their ETags (from the listing, else from
+/// the first `HeadObject`, for stores whose listings carry none).
 struct ListingOpener {
     client: S3Client,
-    etags: HashMap<String, String>,
+    etags: Arc<Mutex<HashMap<String, String>>>,
+}
+
+fn lock(m: &Mutex<HashMap<String, String>>) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Opener for ListingOpener {
@@ -345,8 +372,15 @@ impl Opener for ListingOpener {
     ) -> BoxFuture<'static, Result<Opened, FetchError>> {
         let client = self.client.clone();
         let key = file.locator.clone();
-        let etag = self.etags.get(&key).cloned().unwrap_or_default();
-        Box::pin(async move { client.get(&key, &etag, offset).await })
+        let etags = self.etags.clone();
+        let etag = lock(&etags).get(&key).cloned().unwrap_or_default();
+        Box::pin(async move {
+            let (opened, seen) = client.get(&key, &etag, offset).await?;
+            if let Some(seen) = seen.filter(|_| etag.is_empty()) {
+                lock(&etags).insert(key, seen);
+            }
+            Ok(opened)
+        })
     }
 }
 
@@ -400,19 +434,30 @@ impl S3 {
                 size: Some(o.size),
                 sha256: None,
             });
-            etags.insert(o.key, o.etag);
+            if !o.etag.is_empty() {
+                etags.insert(o.key, o.etag);
+            }
         }
-        let Some(content_id) = content_id else {
-            return Err(FetchError::not_found(format!(
-                "{}: no adapter_config.json",
-                self.client.what(&dir)
-            )));
+        let content_id = match content_id {
+            None => {
+                return Err(FetchError::not_found(format!(
+                    "{}: no adapter_config.json",
+                    self.client.what(&dir)
+                )));
+            }
+            // Some S3-compatible stores list no ETags: ask the object itself.
+            Some(etag) if etag.is_empty() => {
+                self.client
+                    .etag(&format!("{dir}adapter_config.json"))
+                    .await?
+            }
+            Some(etag) => etag,
         };
         // adapter_config.json first: a reader can check it before the weights arrive.
         files.sort_by_key(|f| f.path != "adapter_config.json");
         let opener = ListingOpener {
             client: self.client.clone(),
-            etags,
+            etags: Arc::new(Mutex::new(etags)),
         };
         let manifest = Manifest { content_id, files };
         Ok(Download::new(
