@@ -3,8 +3,8 @@
 //!
 //! A `FileBody` hides the unreliable network from its reader: it aborts a read that stalls
 //! longer than the idle timeout, reopens the file *at the offset already received* (`Range`)
-//! after a reset, a 5xx or a stall, and hashes the bytes with SHA-256 in the same pass as they
-//! go by. Its last call returns `Ok(None)` only when the size and the checksum announced by the
+//! after a reset, a 5xx or a stall, and hashes the bytes with SHA-256 as they go by (on a
+//! thread beside the transfer, [`super::digest`]; no second read). Its last call returns `Ok(None)` only when the size and the checksum announced by the
 //! origin matched; any mismatch is an error, so a reader that publishes only after `Ok(None)`
 //! never publishes bad bytes. The origin-specific part is only "open this file at offset N"
 //! ([`Opener`]).
@@ -25,7 +25,10 @@ use futures_util::{StreamExt, future::BoxFuture, stream::BoxStream};
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 
-use super::transfer::{FailClass, FetchError, RetryPolicy};
+use super::{
+    digest::PipelinedSha256,
+    transfer::{FailClass, FetchError, RetryPolicy},
+};
 use crate::metrics::{Metrics, OriginLabel, OriginReason, OriginResult};
 
 /// A stream of body chunks from an origin.
@@ -197,7 +200,8 @@ impl Download {
         FileBody {
             expected_size: file.size,
             expected_sha: file.sha256,
-            hasher: self.verify.then(Sha256::new),
+            verify: self.verify,
+            hasher: None,
             file,
             opener: self.opener.clone(),
             policy: self.policy,
@@ -247,7 +251,9 @@ pub struct FileBody {
     failures: u32,
     expected_size: Option<u64>,
     expected_sha: Option<[u8; 32]>,
-    hasher: Option<Sha256>,
+    verify: bool,
+    /// Started on the first byte (it needs the tokio runtime).
+    hasher: Option<PipelinedSha256>,
 }
 
 impl FileBody {
@@ -297,6 +303,11 @@ impl FileBody {
                             );
                             self.retry_or_fail(e).await?;
                         }
+                        // Every byte arrived and only the ending broke: verify, don't reopen
+                        // (a Range at the end of the file is unsatisfiable).
+                        Ok(Some(Err(_))) if self.expected_size == Some(self.received) => {
+                            return self.end().await;
+                        }
                         Ok(Some(Err(e))) => self.retry_or_fail(e).await?,
                         Ok(None) => match self.expected_size {
                             // A clean end before the announced size is a truncation: resume.
@@ -307,7 +318,7 @@ impl FileBody {
                                 ));
                                 self.retry_or_fail(e).await?;
                             }
-                            _ => return self.end(),
+                            _ => return self.end().await,
                         },
                         Ok(Some(Ok(mut chunk))) => {
                             if *skip > 0 {
@@ -318,7 +329,7 @@ impl FileBody {
                             if chunk.is_empty() {
                                 continue;
                             }
-                            return self.deliver(chunk).map(Some);
+                            return self.deliver(chunk).await.map(Some);
                         }
                     }
                 }
@@ -344,15 +355,16 @@ impl FileBody {
         Ok(())
     }
 
-    fn deliver(&mut self, chunk: Bytes) -> Result<Bytes, FetchError> {
+    async fn deliver(&mut self, chunk: Bytes) -> Result<Bytes, FetchError> {
         let total = self.received + chunk.len() as u64;
         if let Some(size) = self.expected_size.filter(|&s| total > s) {
             return Err(FetchError::invalid(format!(
                 "more bytes than the announced {size}"
             )));
         }
-        if let Some(h) = &mut self.hasher {
-            h.update(&chunk);
+        if self.verify && self.expected_sha.is_some() {
+            let h = self.hasher.get_or_insert_with(PipelinedSha256::new);
+            h.update(chunk.clone()).await;
         }
         if let Some(c) = &self.meter.bytes {
             c.inc_by(chunk.len() as u64);
@@ -363,9 +375,12 @@ impl FileBody {
     }
 
     /// The origin closed the body: check size and checksum.
-    fn end(&mut self) -> Result<Option<Bytes>, FetchError> {
-        if let (Some(h), Some(want)) = (self.hasher.take(), self.expected_sha) {
-            let got: [u8; 32] = h.finalize().into();
+    async fn end(&mut self) -> Result<Option<Bytes>, FetchError> {
+        if let (true, Some(want)) = (self.verify, self.expected_sha) {
+            let got: [u8; 32] = match self.hasher.take() {
+                Some(h) => h.finish().await,
+                None => Sha256::digest(b"").into(),
+            };
             if got != want {
                 return Err(FetchError::new(
                     FailClass::Checksum,
@@ -432,4 +447,44 @@ pub fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
         out[i] = (hi * 16 + lo) as u8;
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bodies are read on the control plane and may move between its threads (a compile-time
+    /// check: this test fails to build, not to run, if it breaks).
+    #[test]
+    fn bodies_and_their_reads_are_send() {
+        fn is_send<T: Send>() {}
+        is_send::<FileBody>();
+        is_send::<Download>();
+        fn read_is_send(b: &mut FileBody) -> impl Send + '_ {
+            b.next_chunk()
+        }
+        let _ = read_is_send;
+    }
+
+    #[test]
+    fn sha256_hex_parsing() {
+        let h = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let quoted = format!("\"{h}\"");
+        let v = parse_sha256_hex(&quoted).unwrap();
+        assert_eq!(hex(&v), h);
+        assert_eq!(parse_sha256_hex(&format!("W/{quoted}")), Some(v));
+        assert_eq!(parse_sha256_hex("abc"), None);
+        assert_eq!(parse_sha256_hex(&"zz".repeat(32)), None);
+    }
+
+    #[test]
+    fn announcements_must_agree() {
+        assert_eq!(merge("size", Some(1u64), None), Ok(Some(1)));
+        assert_eq!(merge("size", None, Some(2u64)), Ok(Some(2)));
+        assert_eq!(merge("size", Some(3u64), Some(3)), Ok(Some(3)));
+        assert_eq!(
+            merge("size", Some(3u64), Some(4)).unwrap_err().class,
+            FailClass::Invalid
+        );
+    }
 }

@@ -1,0 +1,265 @@
+//! Origin throughput: one adapter with a 1 GiB weights file fetched through each remote
+//! origin type from loopback servers, into a sink, against `curl` fetching the same bytes from
+//! the same server; and the cost of the SHA-256 check (verification on vs off).
+//!
+//! Run with `scripts/bench-origins.sh` (or `cargo bench --bench origins -- [repeats] [MiB]`).
+//! Servers and client share one 2-thread tokio runtime, as the control plane would; curl is a
+//! separate process. Every figure is the median of the repeats; MB/s is 10^6 bytes/s.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aws_sdk_s3::primitives::ByteStream;
+use base64::{Engine, engine::general_purpose::STANDARD};
+use bytes::Bytes;
+use common::s3::{ACCESS_KEY, S3Server, SECRET_KEY, credentials};
+use loraplex::{
+    config::TransferConfig,
+    origin::{
+        download::Download,
+        huggingface::HuggingFace,
+        s3::{S3, S3Client, S3Settings},
+        transfer::RetryPolicy,
+    },
+    store::AdapterName,
+    testkit::hub::{CdnHost, HubFile, StandInHub},
+};
+use sha2::{Digest, Sha256};
+
+const CONFIG: &[u8] = br#"{"peft_type":"LORA","base_model_name_or_path":"base","r":8}"#;
+
+/// Incompressible-looking bytes, fast to make (xorshift).
+fn weights(len: usize) -> Bytes {
+    let mut v = vec![0u8; len];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    v.into()
+}
+
+/// Read every file into a sink; bytes read.
+async fn sink(d: Download, verify: bool) -> u64 {
+    let mut d = d;
+    d.set_verify(verify);
+    let mut total = 0;
+    for i in 0..d.files().len() {
+        let mut body = d.body(i);
+        while let Some(chunk) = body.next_chunk().await.expect("fetch") {
+            total += chunk.len() as u64;
+        }
+    }
+    d.finish();
+    total
+}
+
+fn mbps(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / took.as_secs_f64() / 1e6
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// curl the URL into /dev/null; MB/s from its own byte count and total time.
+fn curl(args: &[&str]) -> f64 {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-f",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{time_total}",
+        ])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    assert!(out.status.success(), "curl {args:?}: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace();
+    let bytes: f64 = it.next().unwrap().parse().unwrap();
+    let secs: f64 = it.next().unwrap().parse().unwrap();
+    bytes / secs / 1e6
+}
+
+async fn curl_async(args: Vec<String>) -> f64 {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&args)
+    })
+    .await
+    .unwrap()
+}
+
+struct Row {
+    what: &'static str,
+    samples: Vec<f64>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let repeats: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let mib: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1024);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(repeats, mib));
+}
+
+async fn run(repeats: usize, mib: usize) {
+    let data = weights(mib << 20);
+    let size = data.len() as u64;
+    let name = AdapterName::parse("bench/big").unwrap();
+    let policy = RetryPolicy::from_transfer(&TransferConfig::default());
+    println!("adapter: {mib} MiB weights + config; {repeats} repeats; median MB/s (10^6 B/s)");
+
+    // Reference: SHA-256 alone over the same bytes, in memory.
+    let mut sha_alone = Vec::new();
+    for _ in 0..repeats {
+        let t = Instant::now();
+        std::hint::black_box(Sha256::digest(&data));
+        sha_alone.push(mbps(size, t.elapsed()));
+    }
+
+    // Hugging Face stand-in: /resolve/ redirects to /cdn/ on the same server.
+    let hub = StandInHub::start(None, CdnHost::Same).await.unwrap();
+    let lfs = HubFile::lfs("adapter_model.safetensors", data.clone());
+    let files = vec![HubFile::small("adapter_config.json", CONFIG), lfs];
+    hub.add_commit("bench/big", "be9c4000", &["main"], files);
+    let hf = HuggingFace::new(&hub.url(), None, policy, None).unwrap();
+
+    // S3: s3s-fs over a temporary directory; the object carries x-amz-checksum-sha256.
+    let s3_server = S3Server::start(&["bench"]).await;
+    let settings = S3Settings {
+        bucket: "bench".into(),
+        region: Some("us-east-1".into()),
+        prefix: String::new(),
+        endpoint: Some(s3_server.url.clone()),
+    };
+    let s3 = S3::new(
+        S3Client::connect(&settings, policy, Some(credentials())).await,
+        None,
+    );
+    let sum = STANDARD.encode(Sha256::digest(&data));
+    for (key, body, sum) in [
+        (
+            "bench/big/adapter_config.json",
+            Bytes::from_static(CONFIG),
+            None,
+        ),
+        (
+            "bench/big/adapter_model.safetensors",
+            data.clone(),
+            Some(sum),
+        ),
+    ] {
+        let put = s3.client().sdk().put_object().bucket("bench").key(key);
+        put.set_checksum_sha256(sum)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .unwrap();
+    }
+    let s3_url = format!(
+        "{}/bench/bench/big/adapter_model.safetensors",
+        s3_server.url
+    );
+    let sigv4 = |url: &str| -> Vec<String> {
+        [
+            "--aws-sigv4",
+            "aws:amz:us-east-1:s3",
+            "--user",
+            &format!("{ACCESS_KEY}:{SECRET_KEY}"),
+            "-H",
+            "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+            url,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+
+    let mut rows = vec![
+        Row {
+            what: "sha256 alone (in memory)",
+            samples: sha_alone,
+        },
+        Row {
+            what: "huggingface: curl -L /resolve/ (same bytes)",
+            samples: vec![],
+        },
+        Row {
+            what: "huggingface: origin, sha256 on",
+            samples: vec![],
+        },
+        Row {
+            what: "huggingface: origin, sha256 off",
+            samples: vec![],
+        },
+        Row {
+            what: "s3 (s3s-fs): curl --aws-sigv4 (same bytes)",
+            samples: vec![],
+        },
+        Row {
+            what: "s3 (s3s-fs): origin, sha256 on",
+            samples: vec![],
+        },
+        Row {
+            what: "s3 (s3s-fs): origin, sha256 off",
+            samples: vec![],
+        },
+    ];
+    let resolve = format!(
+        "{}/bench/big/resolve/main/adapter_model.safetensors",
+        hub.url()
+    );
+    for _ in 0..repeats {
+        rows[1]
+            .samples
+            .push(curl_async(vec!["-L".into(), resolve.clone()]).await);
+        for (row, verify) in [(2, true), (3, false)] {
+            let t = Instant::now();
+            let n = sink(hf.download(&name).await.unwrap(), verify).await;
+            rows[row].samples.push(mbps(n, t.elapsed()));
+        }
+        rows[4].samples.push(curl_async(sigv4(&s3_url)).await);
+        for (row, verify) in [(5, true), (6, false)] {
+            let t = Instant::now();
+            let n = sink(s3.download(&name).await.unwrap(), verify).await;
+            rows[row].samples.push(mbps(n, t.elapsed()));
+        }
+    }
+    for r in &rows {
+        let all: Vec<String> = r.samples.iter().map(|s| format!("{s:.0}")).collect();
+        println!(
+            "{:<46} {:>7.0}   [{}]",
+            r.what,
+            median(r.samples.clone()),
+            all.join(" ")
+        );
+    }
+    for (name, on, off) in [("huggingface", 2, 3), ("s3", 5, 6)] {
+        let (on, off) = (
+            median(rows[on].samples.clone()),
+            median(rows[off].samples.clone()),
+        );
+        println!(
+            "{name}: sha256 costs {:.1}% of throughput",
+            (1.0 - on / off) * 100.0
+        );
+    }
+}
