@@ -6,8 +6,8 @@
 //! Servers and client share one 2-thread tokio runtime, as the control plane would; curl is a
 //! separate process. Every figure is the median of the repeats; MB/s is 10^6 bytes/s.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+#[path = "../tests/common/s3.rs"]
+mod s3_server;
 
 use std::{
     process::Command,
@@ -17,7 +17,6 @@ use std::{
 use aws_sdk_s3::primitives::ByteStream;
 use base64::{Engine, engine::general_purpose::STANDARD};
 use bytes::Bytes;
-use common::s3::{ACCESS_KEY, S3Server, SECRET_KEY, credentials};
 use loraplex::{
     config::TransferConfig,
     origin::{
@@ -29,6 +28,7 @@ use loraplex::{
     store::AdapterName,
     testkit::hub::{CdnHost, HubFile, StandInHub},
 };
+use s3_server::{ACCESS_KEY, S3Server, SECRET_KEY, credentials};
 use sha2::{Digest, Sha256};
 
 const CONFIG: &[u8] = br#"{"peft_type":"LORA","base_model_name_or_path":"base","r":8}"#;

@@ -29,9 +29,14 @@
 //! - [`demo`]: the built-in demo (`loraplex demo`).
 
 pub mod admin;
+pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod http;
 pub mod metrics;
 pub mod origin;

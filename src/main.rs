@@ -1,22 +1,84 @@
-//! Temporary entry point until the CLI lands: `loraplex --listen ADDR --vllm-url URL`.
-fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let mut cfg = loraplex::config::Config::default();
-    let args: Vec<String> = std::env::args().collect();
-    for pair in args[1..].chunks(2) {
-        match pair[0].as_str() {
-            "--listen" => cfg.listen = pair[1].clone(),
-            "--vllm-url" => cfg.vllm_url = pair[1].clone(),
-            "--workers" => cfg.server.workers = pair[1].parse().unwrap(),
-            "--model" => cfg.vllm.model_name = Some(pair[1].clone()),
-            other => panic!("unknown flag {other}"),
+//! The `loraplex` binary: parse the command line, set up logging, run.
+
+use std::process::ExitCode;
+
+use loraplex::{
+    cli::{self, Command},
+    config::{Config, LogFormat},
+    server::Server,
+};
+
+fn main() -> ExitCode {
+    let command = match cli::parse_from(std::env::args_os()) {
+        Ok(c) => c,
+        Err(e) => {
+            e.print();
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    match command {
+        Command::Version => {
+            println!("{}", cli::version_line());
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { path } => match cli::check_config(&path) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                e.print();
+                ExitCode::from(e.exit_code() as u8)
+            }
+        },
+        Command::Demo(args) => {
+            init_logging(LogFormat::Text, "warn");
+            match loraplex::demo::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve { config, warnings } => {
+            init_logging(config.server.log_format, "info");
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            serve(*config)
         }
     }
-    let server = loraplex::server::Server::start(cfg).expect("start");
+}
+
+fn serve(config: Config) -> ExitCode {
+    let server = match Server::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e.message, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
     server.stop_on_signals();
     server.wait();
+    ExitCode::SUCCESS
+}
+
+/// `RUST_LOG` filters (default `default_level`); text or JSON lines on stderr.
+/// `LORAPLEX_LOG_FORMAT=json|text` overrides `server.log_format`.
+fn init_logging(format: LogFormat, default_level: &str) {
+    let format = match std::env::var("LORAPLEX_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        Ok("text") => LogFormat::Text,
+        _ => format,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }

@@ -5,7 +5,193 @@
 //! is checked once, here, at start: a bad value is refused with a message naming the key and
 //! the value, and nothing downstream re-parses strings.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+mod convert;
+pub mod env;
+pub mod file;
+mod render;
+pub mod units;
+
+#[cfg(test)]
+mod tests;
+
+pub use render::Redact;
+
+/// Why a config was refused. `Display` is the message for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Not YAML, or not a mapping at the top.
+    #[error("parse config: {0}")]
+    Syntax(String),
+    /// A value refused: `key` is the full key (`origins[1].type`), `message` says why and
+    /// quotes the value.
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The key at fault, when one is.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// Settings given on the command line; each replaces the file's value when set and not empty
+/// (as the Go flags do).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub self_addr: Option<String>,
+    pub vllm_url: Option<String>,
+    pub dir: Option<String>,
+    pub discovery: Option<String>,
+    pub peers: Option<Vec<String>>,
+    pub workers: Option<usize>,
+    /// `--model`: the served base model (`vllm.model_name`).
+    pub model: Option<String>,
+}
+
+impl Overrides {
+    /// Write the overrides into the file; returns `(key, flag)` for each key it set, so errors
+    /// can name the flag.
+    fn apply(&self, f: &mut file::FileConfig) -> Vec<(&'static str, &'static str)> {
+        use file::Scalar;
+        let mut set = Vec::new();
+        let given = |v: &Option<String>| v.clone().filter(|s| !s.is_empty()).map(Scalar::Str);
+        if let Some(v) = given(&self.listen) {
+            f.listen = Some(v);
+            set.push(("listen", "--listen"));
+        }
+        if let Some(v) = given(&self.self_addr) {
+            f.self_addr = Some(v);
+            set.push(("self_addr", "--self"));
+        }
+        if let Some(v) = given(&self.vllm_url) {
+            f.vllm_url = Some(v);
+            set.push(("vllm_url", "--vllm-url"));
+        }
+        if let Some(v) = given(&self.dir) {
+            f.storage.get_or_insert_default().dir = Some(v);
+            set.push(("storage.dir", "--dir"));
+        }
+        if let Some(v) = given(&self.discovery) {
+            f.discovery.get_or_insert_default().mode = Some(v);
+            set.push(("discovery.mode", "--discovery"));
+        }
+        if let Some(peers) = &self.peers {
+            let disc = f.discovery.get_or_insert_default();
+            disc.static_.get_or_insert_default().peers =
+                Some(peers.iter().map(|p| Some(Scalar::Str(p.clone()))).collect());
+            set.push(("discovery.static.peers", "--peers"));
+        }
+        if let Some(v) = given(&self.model) {
+            f.vllm.get_or_insert_default().model_name = Some(v);
+            set.push(("vllm.model_name", "--model"));
+        }
+        if let Some(n) = self.workers {
+            f.server.get_or_insert_default().workers = Some(Scalar::UInt(n as u64));
+            set.push(("server.workers", "--workers"));
+        }
+        set
+    }
+}
+
+/// A loaded config and what the operator should be told about it (unknown keys, keys that
+/// an origin's type does not use).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+/// The process environment as a lookup, for [`Config::from_yaml_str`] and friends.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+}
+
+/// Read a config file as text.
+pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    String::from_utf8(bytes).map_err(|_| ConfigError::Read {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"),
+    })
+}
+
+impl Config {
+    /// Load a file (with `${VAR}` from the process environment), logging its warnings.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::from_yaml_str(&read_file(path)?, process_env)
+    }
+
+    /// Parse config text, logging its warnings. `env` answers `${VAR}` and `HF_ENDPOINT`.
+    pub fn from_yaml_str(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let loaded = Config::resolve(Some(text), &Overrides::default(), env)?;
+        for w in &loaded.warnings {
+            tracing::warn!("config: {w}");
+        }
+        Ok(loaded.config)
+    }
+
+    /// The whole pipeline: expand and parse `text` (`None`: no file, all defaults), apply the
+    /// command-line `overrides`, apply Go's defaults, check every value. Warnings are returned,
+    /// not logged, so the caller can log them once logging is set up.
+    pub fn resolve(
+        text: Option<&str>,
+        overrides: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Loaded, ConfigError> {
+        let (mut f, unknown) = match text {
+            Some(text) => file::parse(text, &env)?,
+            None => Default::default(),
+        };
+        let flags = overrides.apply(&mut f);
+        let mut conv = convert::Convert {
+            env: &env,
+            flags,
+            warnings: unknown
+                .into_iter()
+                .map(|k| format!("unknown key {k} (ignored)"))
+                .collect(),
+        };
+        let config = conv.config(&f)?;
+        Ok(Loaded {
+            config,
+            warnings: conv.warnings,
+        })
+    }
+
+    /// The effective settings as a YAML config file with every key (Go's key names first,
+    /// ours after), which loads back to the same `Config`. `Redact::Secrets` hides tokens.
+    pub fn to_yaml(&self, redact: Redact) -> String {
+        render::render(self, redact)
+    }
+}
 
 /// Everything loraplex runs with, validated.
 #[derive(Debug, Clone, PartialEq)]

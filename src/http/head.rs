@@ -19,8 +19,9 @@ pub const MAX_HEADERS: usize = 128;
 pub const INTERNAL_PREFIX: &[u8] = b"x-loraplex-";
 
 /// How a message body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BodyKind {
+    #[default]
     None,
     Length(u64),
     Chunked,
@@ -228,12 +229,6 @@ struct Framing {
     keep_alive_token: bool,
     close: bool,
     expect_continue: bool,
-}
-
-impl Default for BodyKind {
-    fn default() -> Self {
-        BodyKind::None
-    }
 }
 
 fn parse_content_length(v: &[u8]) -> Result<u64, Error> {

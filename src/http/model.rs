@@ -10,11 +10,12 @@
 //! - a `model` that is not a string: 400;
 //! - `model` twice: 400 (Python's `json` keeps the last one and a streaming parser the first;
 //!   refusing the ambiguity means loraplex and vLLM can never route on different names);
-//! - invalid JSON, or a top level that is not an object: 400.
+//! - invalid JSON, a body that is not UTF-8, or a top level that is not an object: 400.
 
 use std::borrow::Cow;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::error::Error;
 
@@ -32,19 +33,76 @@ pub fn extract_model(body: &[u8]) -> Result<Option<Cow<'_, str>>, Error> {
         Some(b'{') => {}
         Some(_) => return Err(Error::bad_request("the request body must be a JSON object")),
     }
-    match serde_json::from_slice::<Peek<'_>>(body) {
+    // JSON is UTF-8 (RFC 8259 §8.1). serde_json skips strings it ignores without checking
+    // them, so check the whole body here: a body vLLM would refuse is refused here too.
+    let text = std::str::from_utf8(body)
+        .map_err(|e| Error::bad_request(format!("the request body is not UTF-8: {e}")))?;
+    match serde_json::from_str::<Peek<'_>>(text) {
         Ok(peek) => Ok(peek.model),
         Err(e) => Err(Error::bad_request(format!("invalid JSON body: {e}"))),
     }
 }
 
-/// The same body with its top-level `model` set to `model`; other keys keep their order.
-/// Used by `fallback_to_base_model`, a rare path, so a full parse is fine here.
+/// The top-level members of an object, values kept as their raw JSON text.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    members.push(entry);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The same body with its top-level `model` set to `model`; other members keep their order and
+/// their exact text. Values are copied raw, not re-parsed: a body that [`extract_model`] reads
+/// (a lone `\ud800` escape in a prompt, a number like `1e400`) is never refused here, and
+/// nothing else in it changes.
 pub fn rewrite_model(body: &[u8], model: &str) -> Result<Vec<u8>, Error> {
-    let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+    let Members(members) = serde_json::from_slice(body)
         .map_err(|e| Error::bad_request(format!("invalid JSON body: {e}")))?;
-    map.insert("model".into(), serde_json::Value::String(model.into()));
-    serde_json::to_vec(&map).map_err(|e| Error::internal(e.to_string()))
+    let new_value = serde_json::to_string(model).map_err(|e| Error::internal(e.to_string()))?;
+    let mut out = Vec::with_capacity(body.len() + model.len());
+    out.push(b'{');
+    let mut replaced = false;
+    for (key, value) in &members {
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        let key_json = serde_json::to_string(key).map_err(|e| Error::internal(e.to_string()))?;
+        out.extend_from_slice(key_json.as_bytes());
+        out.push(b':');
+        if key == "model" && !replaced {
+            out.extend_from_slice(new_value.as_bytes());
+            replaced = true;
+        } else {
+            out.extend_from_slice(value.get().as_bytes());
+        }
+    }
+    if !replaced {
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"model\":");
+        out.extend_from_slice(new_value.as_bytes());
+    }
+    out.push(b'}');
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -88,11 +146,38 @@ mod tests {
         assert_eq!(model(r#"{"model":"a""#), Err(400));
         assert_eq!(model(r#"["model"]"#), Err(400));
         assert_eq!(model("{\"model\":\"\u{0}\"}"), Err(400));
+        // Found by the model_extract fuzz target: invalid UTF-8 in a value that is skipped.
+        let bad_utf8 = b"{\"model\":\"m\",\"prompt\":\"\xff\"}";
+        assert_eq!(extract_model(bad_utf8).unwrap_err().status(), 400);
     }
 
     #[test]
     fn rewrite_keeps_other_keys_in_order() {
         let out = rewrite_model(br#"{"a":1,"model":"x","b":{"model":"y"}}"#, "base").unwrap();
         assert_eq!(out, br#"{"a":1,"model":"base","b":{"model":"y"}}"#);
+        let out = rewrite_model(br#" { "prompt" : "p" } "#, "base").unwrap();
+        assert_eq!(out, br#"{"prompt":"p","model":"base"}"#);
+        assert_eq!(
+            rewrite_model(b"{}", "b\"q").unwrap(),
+            br#"{"model":"b\"q"}"#
+        );
+    }
+
+    /// Found by the `model_extract` fuzz target: values the extraction skips without decoding
+    /// must be copied, not re-parsed (serde_json refuses to decode both).
+    #[test]
+    fn rewrite_accepts_what_extraction_accepts() {
+        for body in [
+            &br#"{"model":"acme/x","prompt":"\ud800"}"#[..],
+            br#"{"model":"acme/x","temperature":1e400}"#,
+        ] {
+            assert!(model(std::str::from_utf8(body).unwrap()).is_ok());
+            let out = rewrite_model(body, "base").unwrap();
+            assert_eq!(extract_model(&out).unwrap().as_deref(), Some("base"));
+            let tail = &body[body.iter().position(|&b| b == b',').unwrap()..];
+            assert!(out.ends_with(tail), "{}", String::from_utf8_lossy(&out));
+        }
+        assert_eq!(rewrite_model(b"[1]", "b").unwrap_err().status(), 400);
+        assert_eq!(rewrite_model(b"{\"a\":}", "b").unwrap_err().status(), 400);
     }
 }

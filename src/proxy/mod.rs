@@ -176,6 +176,7 @@ async fn to_vllm(
             minor: head.minor,
             keep_alive: head.keep_alive,
             extra,
+            shutdown: &w.shared.shutdown,
         },
     };
     match w.pool.exchange(conn, &target, req).await {

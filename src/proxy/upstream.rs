@@ -32,7 +32,7 @@ use crate::{
     error::{Error, ErrorKind},
     http::{BodyKind, Method, ResponseHead, chunked::ChunkedDecoder},
     metrics::Metrics,
-    server::conn::Conn,
+    server::{Shutdown, conn::Conn},
 };
 
 /// Idle connections kept per upstream address and worker.
@@ -232,6 +232,8 @@ pub struct ClientSide<'a> {
     pub keep_alive: bool,
     /// Headers added to the answer.
     pub extra: &'a [(&'a str, &'a [u8])],
+    /// Checked when the answer's head is written: a node shutting down says `connection: close`.
+    pub shutdown: &'a Shutdown,
 }
 
 /// A response head and the body bytes that came with it.
@@ -254,7 +256,7 @@ async fn read_head(
     client: &Conn,
     method: Method,
     target: &Target<'_>,
-    deadline: Option<Instant>,
+    mut deadline: Option<Instant>,
 ) -> Result<Head, HeadError> {
     let fail = |kind, msg: String| HeadError::Failed(UpstreamError::new(Stage::Sent, kind, msg));
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
@@ -296,8 +298,11 @@ async fn read_head(
         }
         match ResponseHead::parse(&buf, method) {
             Ok(Some((head, len))) if (100..200).contains(&head.status) && head.status != 101 => {
-                // An interim answer (103 Early Hints, a stray 100 Continue): not for the client.
+                // An interim answer: not for the client. A peer sends `100 Continue` as soon as
+                // it has a forwarded request, which ends the forward timeout: what follows is
+                // the generation, which may take as long as it takes.
                 buf.drain(..len);
+                deadline = None;
             }
             Ok(Some((head, len))) => {
                 return Ok(Head {
@@ -412,7 +417,8 @@ async fn relay(
         ),
         BodyKind::UntilClose => (BodyKind::UntilClose, Relay::UntilClose),
     };
-    let keep_alive = side.keep_alive && client_body != BodyKind::UntilClose;
+    let keep_alive =
+        side.keep_alive && client_body != BodyKind::UntilClose && !side.shutdown.is_triggered();
     let streaming = |e: Error| UpstreamError {
         stage: Stage::Streaming,
         error: e,

@@ -43,10 +43,10 @@ impl AdapterName {
             Some((repo, rev)) => (repo, Some(rev)),
             None => (name, None),
         };
-        if let Some(rev) = revision {
-            if !segment_ok(rev) {
-                return bad("the revision after '@' must be [A-Za-z0-9._-] and not start with '.'");
-            }
+        if let Some(rev) = revision
+            && !segment_ok(rev)
+        {
+            return bad("the revision after '@' must be [A-Za-z0-9._-] and not start with '.'");
         }
         for segment in repo.split('/') {
             if !segment_ok(segment) {

@@ -18,25 +18,22 @@ use std::{
     collections::HashMap,
     io,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
 };
 
-use axum::{
-    Router,
-    body::Body,
-    extract::{Request, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::{IntoResponse, Response},
-};
 use bytes::Bytes;
-use futures_util::{StreamExt, stream};
 use sha2::{Digest, Sha256};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::runtime::Handle;
 
+use super::{
+    range::{RangeAnswer, pick_range},
+    server::{Framing, Piece, Request, Response, Server, handler},
+};
 use crate::origin::download::hex;
 
-/// Chunk size of served bodies.
-const CHUNK: usize = 256 << 10;
+/// How long an armed stall holds the rest of a body back (longer than any test waits).
+const STALL: Duration = Duration::from_secs(3600);
 
 /// A file of a commit.
 #[derive(Debug, Clone)]
@@ -114,7 +111,8 @@ struct Inner {
 struct HubState {
     token: Option<String>,
     cdn: CdnHost,
-    cdn_base: String,
+    /// Base URL of the second listener, set once both are up.
+    cdn_base: OnceLock<String>,
     inner: Mutex<Inner>,
 }
 
@@ -126,50 +124,50 @@ impl HubState {
 
 /// A running stand-in Hub; stops when dropped.
 pub struct StandInHub {
-    addr: SocketAddr,
-    cdn_addr: SocketAddr,
+    hub: Server,
+    cdn: Server,
     state: Arc<HubState>,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 impl StandInHub {
     /// Start on two ports of 127.0.0.1 (the Hub and its "other host" CDN). Call inside tokio.
     pub async fn start(token: Option<&str>, cdn: CdnHost) -> io::Result<StandInHub> {
-        let hub = TcpListener::bind("127.0.0.1:0").await?;
-        let other = TcpListener::bind("127.0.0.1:0").await?;
-        let (addr, cdn_addr) = (hub.local_addr()?, other.local_addr()?);
+        StandInHub::start_on(&Handle::current(), token, cdn)
+    }
+
+    /// Start on the runtime behind `rt`, from any thread.
+    pub fn start_on(rt: &Handle, token: Option<&str>, cdn: CdnHost) -> io::Result<StandInHub> {
         let state = Arc::new(HubState {
             token: token.map(str::to_owned),
             cdn,
-            cdn_base: format!("http://{cdn_addr}"),
+            cdn_base: OnceLock::new(),
             inner: Mutex::default(),
         });
-        let app = Router::new().fallback(handle).with_state(state.clone());
-        let tasks = [hub, other]
-            .into_iter()
-            .map(|l| {
-                let app = app.clone();
-                tokio::spawn(async move {
-                    let _ = axum::serve(l, app).await;
-                })
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let serve = |st: Arc<HubState>| {
+            handler(move |req: Request| {
+                let st = st.clone();
+                async move { handle(&st, req) }
             })
-            .collect();
+        };
+        let hub = Server::start_on(rt, any, 0, serve(state.clone()))?;
+        let cdn_server = Server::start_on(rt, any, 0, serve(state.clone()))?;
+        let _ = state.cdn_base.set(cdn_server.url());
         Ok(StandInHub {
-            addr,
-            cdn_addr,
+            hub,
+            cdn: cdn_server,
             state,
-            tasks,
         })
     }
 
     /// The Hub's base URL (the origin's `endpoint`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.hub.url()
     }
 
     /// The other-origin CDN's base URL.
     pub fn cdn_url(&self) -> String {
-        format!("http://{}", self.cdn_addr)
+        self.cdn.url()
     }
 
     /// Add a commit of `repo` reachable by its sha and by each of `refs` (`main`, tags). A
@@ -231,64 +229,43 @@ impl StandInHub {
     }
 }
 
-impl Drop for StandInHub {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-async fn handle(State(st): State<Arc<HubState>>, req: Request) -> Response {
-    let path = req.uri().path().to_owned();
-    let auth = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let range = range_start(req.headers());
+fn handle(st: &HubState, req: Request) -> Response {
+    let head = &req.head;
+    let path = head.path().to_owned();
+    let auth = head.header("authorization").map(str::to_owned);
+    let range = range_start(head.header("range"));
     let fault = {
         let mut inner = st.lock();
         *inner.hits.entry(path.clone()).or_default() += 1;
-        inner
-            .auth_seen
-            .entry(path.clone())
-            .or_default()
-            .push(auth.clone());
+        let seen = inner.auth_seen.entry(path.clone()).or_default();
+        seen.push(auth.clone());
         inner.ranges.entry(path.clone()).or_default().push(range);
-        inner
-            .faults
-            .get_mut(&path)
-            .and_then(|q| (!q.is_empty()).then(|| q.remove(0)))
+        let queue = inner.faults.get_mut(&path);
+        queue.and_then(|q| (!q.is_empty()).then(|| q.remove(0)))
     };
     if let Some(Fault::Status(code)) = fault {
-        let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return (code, "armed fault").into_response();
+        return Response::text(code, "armed fault");
     }
     if let Some(sha) = path.strip_prefix("/cdn/") {
         let blob = st.lock().blobs.get(sha).cloned();
         return match blob {
-            Some(bytes) => serve_bytes(bytes, range, fault, HeaderMap::new()),
-            None => StatusCode::NOT_FOUND.into_response(),
+            Some(bytes) => serve_bytes(head, bytes, fault, Vec::new()),
+            None => Response::text(404, "no such blob"),
         };
     }
     let expected = st.token.as_ref().map(|t| format!("Bearer {t}"));
     if expected.is_some() && auth != expected {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "Invalid credentials in Authorization header",
-        )
-            .into_response();
+        return Response::text(401, "Invalid credentials in Authorization header");
     }
     if let Some(rest) = path.strip_prefix("/api/models/") {
-        let blobs = req.uri().query().is_some_and(|q| q.contains("blobs=true"));
+        let blobs = head.query_param("blobs") == Some("true");
         return match rest.split_once("/revision/") {
-            Some((repo, rev)) => repo_info(&st, repo, rev, blobs),
+            Some((repo, rev)) => repo_info(st, repo, rev, blobs),
             None => not_found("RepoNotFound"),
         };
     }
     match parse_resolve(&path) {
-        Some((repo, rev, file)) => resolve(&st, repo, rev, file, range, fault),
+        Some((repo, rev, file)) => resolve(st, head, repo, rev, file, fault),
         None => not_found("EntryNotFound"),
     }
 }
@@ -301,10 +278,7 @@ fn parse_resolve(path: &str) -> Option<(&str, &str, &str)> {
 }
 
 fn not_found(code: &'static str) -> Response {
-    let mut resp = (StatusCode::NOT_FOUND, code).into_response();
-    resp.headers_mut()
-        .insert("x-error-code", HeaderValue::from_static(code));
-    resp
+    Response::text(404, code).header("x-error-code", code)
 }
 
 /// Find the commit `rev` (a ref or a sha) of `repo`, and run `f` on it.
@@ -348,95 +322,94 @@ fn repo_info(st: &HubState, repo: &str, rev: &str, blobs: bool) -> Response {
             })
             .collect();
         let body = serde_json::json!({ "id": repo, "sha": c.sha, "siblings": siblings });
-        axum::Json(body).into_response()
+        Response::json(200, &body)
     })
 }
 
 fn resolve(
     st: &HubState,
+    head: &super::server::RequestHead,
     repo: &str,
     rev: &str,
     name: &str,
-    range: Option<u64>,
     fault: Option<Fault>,
 ) -> Response {
     with_commit(st, repo, rev, |c| {
         let Some(file) = c.files.iter().find(|f| f.name == name) else {
             return not_found("EntryNotFound");
         };
-        let mut headers = HeaderMap::new();
-        let commit = HeaderValue::from_str(&c.sha).expect("a sha is a header value");
-        headers.insert("x-repo-commit", commit);
+        let commit = ("x-repo-commit".to_owned(), c.sha.clone());
         if !file.lfs {
-            return serve_bytes(file.bytes.clone(), range, fault, headers);
+            return serve_bytes(head, file.bytes.clone(), fault, vec![commit]);
         }
         let sha = file.announced_sha256();
         let location = match st.cdn {
             CdnHost::Same => format!("/cdn/{sha}"),
-            CdnHost::Other => format!("{}/cdn/{sha}", st.cdn_base),
+            CdnHost::Other => format!("{}/cdn/{sha}", st.cdn_base.get().expect("set at start")),
         };
-        let etag = HeaderValue::from_str(&format!("\"{sha}\"")).expect("hex");
-        headers.insert("x-linked-etag", etag.clone());
-        headers.insert(header::ETAG, etag);
-        headers.insert("x-linked-size", file.bytes.len().into());
-        headers.insert(
-            header::LOCATION,
-            HeaderValue::from_str(&location).expect("url"),
-        );
-        (StatusCode::FOUND, headers).into_response()
+        Response::new(302)
+            .header("x-repo-commit", c.sha.clone())
+            .header("x-linked-etag", format!("\"{sha}\""))
+            .header("x-linked-size", file.bytes.len().to_string())
+            .header("etag", format!("\"{sha}\""))
+            .header("location", location)
     })
 }
 
-/// `Range: bytes=N-` (or `N-M`, served to the end anyway: loraplex only asks open ranges).
-fn range_start(h: &HeaderMap) -> Option<u64> {
-    let v = h.get(header::RANGE)?.to_str().ok()?;
-    let (start, _) = v.strip_prefix("bytes=")?.split_once('-')?;
-    start.parse().ok()
+/// The start of `Range: bytes=N-` (recorded for the tests).
+fn range_start(v: Option<&str>) -> Option<u64> {
+    let (start, _) = v?.trim().strip_prefix("bytes=")?.split_once('-')?;
+    start.trim().parse().ok()
 }
 
+/// The bytes, honouring `Range`, with the armed fault applied to the body.
 fn serve_bytes(
+    head: &super::server::RequestHead,
     bytes: Bytes,
-    range: Option<u64>,
     fault: Option<Fault>,
-    mut headers: HeaderMap,
+    headers: Vec<(String, String)>,
 ) -> Response {
-    let len = bytes.len() as u64;
-    let start = range.unwrap_or(0);
-    if start > len || (range.is_some() && start == len) {
-        let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
-        let cr = HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii");
-        resp.headers_mut().insert(header::CONTENT_RANGE, cr);
-        return resp;
+    let total = bytes.len() as u64;
+    let etag = format!(
+        "\"{}\"",
+        hex(&Sha256::digest(&bytes[..bytes.len().min(4096)]))
+    );
+    let (status, start, end) = match pick_range(head, &etag, total) {
+        RangeAnswer::Whole => (200, 0, total),
+        RangeAnswer::Partial(a, b) => (206, a, b + 1),
+        RangeAnswer::Unsatisfiable => {
+            return Response::new(416).header("content-range", format!("bytes */{total}"));
+        }
+    };
+    let mut resp = Response::new(status)
+        .header("accept-ranges", "bytes")
+        .header("etag", etag);
+    for (k, v) in headers {
+        resp = resp.header(k, v);
     }
-    let status = if range.is_some() {
-        let cr = format!("bytes {start}-{}/{len}", len - 1);
-        headers.insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_str(&cr).expect("ascii"),
+    if status == 206 {
+        resp = resp.header(
+            "content-range",
+            format!("bytes {start}-{}/{total}", end - 1),
         );
-        StatusCode::PARTIAL_CONTENT
-    } else {
-        StatusCode::OK
-    };
-    headers.insert(header::CONTENT_LENGTH, (len - start).into());
-    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    let body = bytes.slice(start as usize..);
-    let (limit, after) = match fault {
-        Some(Fault::Cut(n)) => (n as usize, Some(false)),
-        Some(Fault::Stall(n)) => (n as usize, Some(true)),
-        _ => (body.len(), None),
-    };
-    let sent = body.slice(..limit.min(body.len()));
-    let chunks = (0..sent.len())
-        .step_by(CHUNK)
-        .map(move |i| Ok::<_, io::Error>(sent.slice(i..(i + CHUNK).min(sent.len()))));
-    let head = stream::iter(chunks);
-    let body = match after {
-        None => Body::from_stream(head),
-        Some(false) => Body::from_stream(head.chain(stream::once(async {
-            Err(io::Error::new(io::ErrorKind::ConnectionReset, "armed cut"))
-        }))),
-        Some(true) => Body::from_stream(head.chain(stream::pending())),
-    };
-    (status, headers, body).into_response()
+    }
+    let body = bytes.slice(start as usize..end as usize);
+    let len = body.len() as u64;
+    match fault {
+        Some(Fault::Cut(n)) => {
+            let sent = body.slice(..(n.min(len)) as usize);
+            resp.pieces(Framing::Length, vec![Piece::new(Duration::ZERO, sent)])
+                .announce_len(len)
+                .abort_after_pieces()
+        }
+        Some(Fault::Stall(n)) => {
+            let cut = n.min(len) as usize;
+            let pieces = vec![
+                Piece::new(Duration::ZERO, body.slice(..cut)),
+                Piece::new(STALL, body.slice(cut..)),
+            ];
+            resp.pieces(Framing::Length, pieces)
+        }
+        _ => resp.pieces(Framing::Length, vec![Piece::new(Duration::ZERO, body)]),
+    }
 }

@@ -1,3 +1,278 @@
-//! Test servers shared by the integration tests and the benchmarks.
+//! Shared harness of the integration tests: the real `loraplex` binary on `127.0.0.1:0`, its
+//! config in a tempdir, its JSON log lines, and raw-HTTP helpers for byte-exact checks.
+#![allow(dead_code)]
 
 pub mod s3;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// A running loraplex process.
+pub struct Node {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Node {
+    /// Start the binary with `yaml` (a full config; `listen` and log format are added).
+    pub fn start(yaml: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        Node::start_in(dir, yaml, &[])
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, yaml: &str, env: &[(&str, &str)]) -> Node {
+        let cfg = dir.path().join("loraplex.yaml");
+        // `{DIR}` in the YAML is the node's own tempdir; a store there unless the test says.
+        let yaml = yaml.replace("{DIR}", &dir.path().display().to_string());
+        let storage = if yaml.contains("storage:") {
+            String::new()
+        } else {
+            format!(
+                "storage:\n  dir: {:?}\n",
+                dir.path().join("store").display().to_string()
+            )
+        };
+        let server = if yaml.contains("server:") {
+            String::new()
+        } else {
+            "server:\n  workers: 2\n".to_owned()
+        };
+        let full = format!("listen: \"127.0.0.1:0\"\n{yaml}\n{storage}{server}");
+        std::fs::write(&cfg, full).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_loraplex"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .env("LORAPLEX_LOG_FORMAT", "json")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn loraplex");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("loraplex started") {
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    let _ = tx.send(v["listen"].as_str().unwrap().parse::<SocketAddr>().unwrap());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("loraplex did not start: {:#?}", logs.lock().unwrap());
+            }
+        };
+        Node {
+            child,
+            addr,
+            dir,
+            logs,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        wait_exit(&mut self.child, Duration::from_secs(20))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A YAML path value.
+pub fn yaml_path(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// One HTTP response read off a raw connection.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// A raw client connection that reads responses one by one (keeps extra bytes).
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        Raw {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    async fn fill(&mut self) -> usize {
+        let mut tmp = [0u8; 16384];
+        let n = tokio::time::timeout(Duration::from_secs(20), self.stream.read(&mut tmp))
+            .await
+            .expect("read timed out")
+            .unwrap();
+        self.buf.extend_from_slice(&tmp[..n]);
+        n
+    }
+
+    /// Read one response (Content-Length, chunked, or until close). HEAD: pass `head_only`.
+    pub async fn response(&mut self, head_only: bool) -> RawResponse {
+        let end = loop {
+            if let Some(p) = find(&self.buf, b"\r\n\r\n") {
+                break p + 4;
+            }
+            assert!(self.fill().await > 0, "closed before a response head");
+        };
+        let head = String::from_utf8(self.buf[..end].to_vec()).unwrap();
+        self.buf.drain(..end);
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut resp = RawResponse {
+            status,
+            head,
+            body: Vec::new(),
+        };
+        if head_only || status == 204 || status == 304 || (100..200).contains(&status) {
+            return resp;
+        }
+        if let Some(len) = resp.header("content-length") {
+            let len: usize = len.parse().unwrap();
+            while self.buf.len() < len {
+                assert!(self.fill().await > 0, "closed mid-body");
+            }
+            resp.body = self.buf.drain(..len).collect();
+        } else if resp
+            .header("transfer-encoding")
+            .is_some_and(|t| t.contains("chunked"))
+        {
+            resp.body = self.dechunk().await;
+        } else {
+            while self.fill().await > 0 {}
+            resp.body = std::mem::take(&mut self.buf);
+        }
+        resp
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(p) = find(&self.buf, b"\r\n") {
+                let line = String::from_utf8(self.buf[..p].to_vec()).unwrap();
+                self.buf.drain(..p + 2);
+                return line;
+            }
+            assert!(self.fill().await > 0, "closed mid-chunk");
+        }
+    }
+
+    async fn dechunk(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let size =
+                usize::from_str_radix(self.line().await.split(';').next().unwrap(), 16).unwrap();
+            if size == 0 {
+                while !self.line().await.is_empty() {}
+                return body;
+            }
+            while self.buf.len() < size + 2 {
+                assert!(self.fill().await > 0, "closed mid-chunk");
+            }
+            body.extend(self.buf.drain(..size));
+            self.buf.drain(..2);
+        }
+    }
+
+    /// True when the server closed the connection (EOF, nothing more to read).
+    pub async fn closed(&mut self) -> bool {
+        self.buf.is_empty() && self.fill().await == 0
+    }
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A POST with a JSON body, as raw bytes.
+pub fn post(path: &str, body: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Poll `cond` every 10 ms; fail after 15 s.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

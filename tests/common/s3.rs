@@ -2,6 +2,8 @@
 //! directory per bucket) on a 127.0.0.1 port, wrapped to inject what a filesystem cannot hold
 //! (a hostile `..` key in listings) and transfer faults (a body cut after N bytes), and to
 //! record every GetObject with its range start.
+// Shared by the tests and the benchmark; each uses part of it.
+#![allow(dead_code)]
 
 use std::{
     collections::HashMap,

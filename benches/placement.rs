@@ -1,0 +1,289 @@
+//! Placement: lookup and fallback-walk cost (criterion), and, printed once before the timed
+//! part, the quality figures: table build time, keys moved when a middle peer leaves or a
+//! peer joins, and peak-to-mean load over 1M random keys next to the ideal for the same keys.
+//!
+//! Run: `cargo bench --bench placement`.
+//!
+//! Times are the benchmark thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), not wall time: the
+//! machines this runs on are shared, and wall time counts the slices other processes take.
+
+use std::{hint::black_box, time::Instant};
+
+use criterion::{
+    BenchmarkId, Criterion, Throughput,
+    measurement::{Measurement, ValueFormatter},
+};
+use loraplex::cluster::placement::{Placement, jump_hash};
+use xxhash_rust::xxh3::xxh3_64;
+
+const SIZES: [usize; 3] = [3, 64, 256];
+
+/// Criterion measurement: CPU time of the calling thread, in nanoseconds.
+struct ThreadCpuTime;
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; this clock exists on every Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Measurement for ThreadCpuTime {
+    type Intermediate = u64;
+    type Value = u64;
+
+    fn start(&self) -> u64 {
+        thread_cpu_ns()
+    }
+    fn end(&self, start: u64) -> u64 {
+        thread_cpu_ns() - start
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, v: &u64) -> f64 {
+        *v as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        &NanosFormatter
+    }
+}
+
+struct NanosFormatter;
+
+impl ValueFormatter for NanosFormatter {
+    fn scale_values(&self, typical: f64, values: &mut [f64]) -> &'static str {
+        let (factor, unit) = match typical {
+            t if t < 1e3 => (1.0, "ns (cpu)"),
+            t if t < 1e6 => (1e-3, "µs (cpu)"),
+            _ => (1e-6, "ms (cpu)"),
+        };
+        values.iter_mut().for_each(|v| *v *= factor);
+        unit
+    }
+    fn scale_throughputs(&self, typical: f64, t: &Throughput, values: &mut [f64]) -> &'static str {
+        let n = match *t {
+            Throughput::Elements(n) | Throughput::Bytes(n) | Throughput::BytesDecimal(n) => n,
+            Throughput::Bits(n) => n,
+            Throughput::ElementsAndBytes { elements, .. } => elements,
+        } as f64;
+        let _ = typical;
+        values.iter_mut().for_each(|v| *v = n * 1e9 / *v);
+        "per s"
+    }
+    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
+        "ns"
+    }
+}
+
+fn addrs(n: usize, from: usize) -> Vec<String> {
+    (from..from + n)
+        .map(|i| format!("10.{}.{}.{}:8000", i / 65536, (i / 256) % 256, i % 256))
+        .collect()
+}
+
+/// splitmix64: the key generator's randomness.
+fn splitmix(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Adapter-like names: `org{k}/lora-{random hex}`.
+fn make_keys(n: usize, seed: u64) -> Vec<String> {
+    (0..n as u64)
+        .map(|i| format!("org{}/lora-{:016x}", i % 500, splitmix(i ^ seed)))
+        .collect()
+}
+
+fn owners<'a>(p: &'a Placement, keys: &[String]) -> Vec<&'a str> {
+    keys.iter()
+        .map(|k| p.peers()[p.owner(k.as_bytes()).unwrap()].as_str())
+        .collect()
+}
+
+fn moved(a: &[&str], b: &[&str]) -> f64 {
+    a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / a.len() as f64
+}
+
+fn peak_to_mean(load: &[usize]) -> f64 {
+    let total: usize = load.iter().sum();
+    *load.iter().max().unwrap() as f64 / (total as f64 / load.len() as f64)
+}
+
+/// Computed once, not timed by criterion.
+fn quality() {
+    let keys = make_keys(1_000_000, 0);
+    println!("placement quality over {} random keys", keys.len());
+    for n in SIZES {
+        let peers = addrs(n, 0);
+        let mut builds: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                black_box(Placement::build(&peers));
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        builds.sort_by(f64::total_cmp);
+        let full = Placement::build(&peers);
+        let base = owners(&full, &keys);
+
+        let gone = full.peers()[n / 2].clone();
+        let shrunk: Vec<String> = peers.iter().filter(|p| **p != gone).cloned().collect();
+        let removed = moved(&base, &owners(&Placement::build(&shrunk), &keys));
+        let mut grown = peers.clone();
+        grown.push(addrs(1, 100_000)[0].clone());
+        let added = moved(&base, &owners(&Placement::build(&grown), &keys));
+
+        let mut load = vec![0usize; n];
+        let mut ideal = vec![0usize; n];
+        for k in &keys {
+            load[full.owner(k.as_bytes()).unwrap()] += 1;
+            // An independent uniform peer per key: the sampling noise any scheme has.
+            ideal[(xxh3_64(k.as_bytes()) % n as u64) as usize] += 1;
+        }
+        println!(
+            "  peers={n:>3}  build={:.1} ms (median of 5), table {:.2} MiB  remove middle: moved {:.4} = {:.3}/N  \
+             add: moved {:.4} = {:.3}/(N+1)  peak-to-mean {:.4} (ideal for these keys {:.4})",
+            builds[2],
+            full.table_bytes() as f64 / (1 << 20) as f64,
+            removed,
+            removed * n as f64,
+            added,
+            added * (n + 1) as f64,
+            peak_to_mean(&load),
+            peak_to_mean(&ideal),
+        );
+    }
+    // With 16M keys the sampling noise is 4x smaller, so what remains is the table's own
+    // imbalance. Keys are 8 random bytes here (no string building).
+    for n in SIZES {
+        let full = Placement::build(&addrs(n, 0));
+        let mut load = vec![0usize; n];
+        for i in 0..16_000_000u64 {
+            load[full.owner(&splitmix(i ^ 0xabcd).to_le_bytes()).unwrap()] += 1;
+        }
+        let mean = 16e6 / n as f64;
+        let sd = (load
+            .iter()
+            .map(|&l| (l as f64 / mean - 1.0).powi(2))
+            .sum::<f64>()
+            / n as f64)
+            .sqrt();
+        let noise = (n as f64 / 16e6).sqrt();
+        println!(
+            "  peers={n:>3}  16M keys: peak-to-mean {:.4}, load sd {:.2}% (key noise alone {:.2}%)",
+            peak_to_mean(&load),
+            sd * 100.0,
+            noise * 100.0
+        );
+    }
+    // Peak-to-mean over more key sets at 256 peers: how much is luck of the draw.
+    let full = Placement::build(&addrs(256, 0));
+    let (mut ours, mut ideal) = (Vec::new(), Vec::new());
+    for seed in 1..=5u64 {
+        let (mut load, mut base) = (vec![0usize; 256], vec![0usize; 256]);
+        for k in make_keys(1_000_000, seed << 40) {
+            load[full.owner(k.as_bytes()).unwrap()] += 1;
+            base[(xxh3_64(k.as_bytes()) % 256) as usize] += 1;
+        }
+        ours.push(format!("{:.4}", peak_to_mean(&load)));
+        ideal.push(format!("{:.4}", peak_to_mean(&base)));
+    }
+    println!("  peers=256, 5 more 1M-key sets: peak-to-mean {ours:?}, ideal {ideal:?}");
+}
+
+fn lookups(c: &mut Criterion<ThreadCpuTime>) {
+    let keys = make_keys(1 << 16, 7);
+    let mut group = c.benchmark_group("owner");
+    for n in SIZES {
+        let p = Placement::build(&addrs(n, 0));
+        let mut i = 0;
+        group.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                i = (i + 1) & (keys.len() - 1);
+                p.owner(black_box(keys[i].as_bytes()))
+            })
+        });
+    }
+    // The same lookups over 64 keys only: the table lines stay cached, which separates the
+    // scoring cost from the cache misses of the full runs above.
+    for n in SIZES {
+        let p = Placement::build(&addrs(n, 0));
+        let mut i = 0;
+        group.bench_function(BenchmarkId::new("cached", n), |b| {
+            b.iter(|| {
+                i = (i + 1) & 63;
+                p.owner(black_box(keys[i].as_bytes()))
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("order");
+    for n in SIZES {
+        let p = Placement::build(&addrs(n, 0));
+        let mut i = 0;
+        group.bench_function(BenchmarkId::new("first3", n), |b| {
+            b.iter(|| {
+                i = (i + 1) & (keys.len() - 1);
+                p.order(black_box(keys[i].as_bytes()))
+                    .take(3)
+                    .fold(0, |a, x| a ^ x)
+            })
+        });
+        group.bench_function(BenchmarkId::new("first8", n), |b| {
+            b.iter(|| {
+                i = (i + 1) & (keys.len() - 1);
+                p.order(black_box(keys[i].as_bytes()))
+                    .take(8)
+                    .fold(0, |a, x| a ^ x)
+            })
+        });
+        group.bench_function(BenchmarkId::new("all", n), |b| {
+            b.iter(|| {
+                i = (i + 1) & (keys.len() - 1);
+                p.order(black_box(keys[i].as_bytes())).fold(0, |a, x| a ^ x)
+            })
+        });
+    }
+    group.finish();
+
+    // Parts, for the record: hashing a key, and the jump hash the slot map does not use.
+    let mut group = c.benchmark_group("parts");
+    let mut i = 0;
+    group.bench_function("xxh3_key", |b| {
+        b.iter(|| {
+            i = (i + 1) & (keys.len() - 1);
+            xxh3_64(black_box(keys[i].as_bytes()))
+        })
+    });
+    for buckets in [256u32, 65536] {
+        let mut k = 0u64;
+        group.bench_function(BenchmarkId::new("jump_hash", buckets), |b| {
+            b.iter(|| {
+                k = k.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                jump_hash(black_box(k), buckets)
+            })
+        });
+    }
+    group.finish();
+}
+
+fn main() {
+    quality();
+    let mut c = Criterion::default()
+        .with_measurement(ThreadCpuTime)
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(3))
+        .configure_from_args();
+    lookups(&mut c);
+    c.final_summary();
+}

@@ -1,0 +1,195 @@
+//! The properties the fuzz targets check, one function per target. The targets in `fuzz/`
+//! panic when one returns an error; `tests/fuzz_corpus.rs` replays every committed corpus file
+//! through the same functions under plain `cargo test`.
+//!
+//! Why a public (doc-hidden) module rather than `#[cfg(fuzzing)]` or `#[cfg(test)]`: the fuzz
+//! crate and the integration test are both *other crates*, which never see the library built
+//! with `cfg(test)`, and a cargo feature would let `cargo test` skip the replay silently when
+//! the feature is off. These functions are small and only read their input, so compiling them
+//! always costs nothing at run time.
+
+use crate::{
+    config::{Config, Overrides, Redact},
+    http::{
+        BodyKind, Method, RequestHead,
+        chunked::ChunkedDecoder,
+        model::{extract_model, rewrite_model},
+    },
+};
+
+/// A check: `Err` describes a broken property.
+pub type Check = fn(&[u8]) -> Result<(), String>;
+
+/// Every target, by the name of its directory under `fuzz/corpus/`.
+pub const TARGETS: &[(&str, Check)] = &[
+    ("model_extract", model_extract),
+    ("request_head", request_head),
+    ("chunked", chunked),
+    ("config_load", config_load),
+];
+
+/// A body whose `model` can be read can have it rewritten, and the result reads as the new
+/// name (what `fallback_to_base_model` relies on).
+pub fn model_extract(data: &[u8]) -> Result<(), String> {
+    let Ok(Some(model)) = extract_model(data) else {
+        return Ok(());
+    };
+    let new = if model == "fuzz/renamed" {
+        "fuzz/other"
+    } else {
+        "fuzz/renamed"
+    };
+    let body = rewrite_model(data, new)
+        .map_err(|e| format!("extracted {model:?} but rewriting failed: {e}"))?;
+    match extract_model(&body) {
+        Ok(Some(m)) if m == new => Ok(()),
+        other => Err(format!(
+            "rewritten body reads as {other:?}, not {new:?}: {}",
+            String::from_utf8_lossy(&body)
+        )),
+    }
+}
+
+/// A head that parses, once forwarded, parses again to the same request with the framing the
+/// proxy gave it.
+pub fn request_head(data: &[u8]) -> Result<(), String> {
+    let Ok(Some((head, len))) = RequestHead::parse(data) else {
+        return Ok(());
+    };
+    if len == 0 || len > data.len() {
+        return Err(format!("head length {len} of {} bytes", data.len()));
+    }
+    let body_len = match head.body {
+        BodyKind::Length(n) => n.min(1 << 20) as usize,
+        _ => 0,
+    };
+    let mut out = Vec::new();
+    head.write_forward(&mut out, &[("x-forwarded-for", b"127.0.0.1")], body_len);
+    let shown = || String::from_utf8_lossy(&out).into_owned();
+    let again = match RequestHead::parse(&out) {
+        Ok(Some((again, n))) if n == out.len() => again,
+        other => {
+            let other = other.map(|o| o.map(|(_, n)| n));
+            return Err(format!(
+                "forwarded head does not parse: {other:?}\n{}",
+                shown()
+            ));
+        }
+    };
+    let framed = body_len > 0 || matches!(head.kind, Method::Post | Method::Put | Method::Patch);
+    let want_body = if framed {
+        BodyKind::Length(body_len as u64)
+    } else {
+        BodyKind::None
+    };
+    if again.method() != head.method()
+        || again.target() != head.target()
+        || again.kind != head.kind
+        || again.minor != 1
+        || !again.keep_alive
+        || again.body != want_body
+    {
+        return Err(format!("forwarded head differs: {again:?}\n{}", shown()));
+    }
+    Ok(())
+}
+
+#[derive(Debug, PartialEq)]
+enum Decoded {
+    Failed,
+    Ok {
+        payload: Vec<u8>,
+        used: usize,
+        done: bool,
+    },
+}
+
+fn decode(input: &[u8], pieces: &[usize], copy: bool) -> Decoded {
+    let mut d = ChunkedDecoder::new();
+    let mut payload = Vec::new();
+    let mut used = 0;
+    let mut at = 0;
+    for &size in pieces {
+        let piece = &input[at..(at + size).min(input.len())];
+        at += piece.len();
+        match d.feed(piece, copy.then_some(&mut payload)) {
+            Ok(n) if n <= piece.len() => used += n,
+            Ok(n) => panic!("feed took {n} bytes of {}", piece.len()),
+            Err(_) => return Decoded::Failed,
+        }
+        if d.is_done() || at == input.len() {
+            break;
+        }
+    }
+    Decoded::Ok {
+        payload,
+        used,
+        done: d.is_done(),
+    }
+}
+
+/// The first byte seeds how the rest is split; decoding in one piece, in those pieces, and
+/// without copying the payload out must agree.
+pub fn chunked(data: &[u8]) -> Result<(), String> {
+    let Some((&seed, input)) = data.split_first() else {
+        return Ok(());
+    };
+    // xorshift32: every split pattern is reachable from some seed, and replays are exact.
+    let mut state = u32::from(seed) | 0x9e37_0000;
+    let max = usize::from(seed % 32) + 1;
+    let mut pieces = Vec::new();
+    let mut total = 0;
+    while total < input.len() {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let size = (state as usize % max) + 1;
+        pieces.push(size);
+        total += size;
+    }
+    let whole = decode(input, &[input.len().max(1)], true);
+    let split = decode(input, &pieces, true);
+    if whole != split {
+        return Err(format!("whole: {whole:?}\nsplit {pieces:?}: {split:?}"));
+    }
+    let uncopied = decode(input, &pieces, false);
+    let same = match (&whole, &uncopied) {
+        (Decoded::Failed, Decoded::Failed) => true,
+        (
+            Decoded::Ok { used, done, .. },
+            Decoded::Ok {
+                used: u, done: d, ..
+            },
+        ) => used == u && done == d,
+        _ => false,
+    };
+    if !same {
+        return Err(format!("copying: {whole:?}\nnot copying: {uncopied:?}"));
+    }
+    Ok(())
+}
+
+/// Any text: loading never panics, and a config that loads prints (as `check-config` does)
+/// to YAML that loads back to the same config.
+pub fn config_load(data: &[u8]) -> Result<(), String> {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return Ok(());
+    };
+    let Ok(loaded) = Config::resolve(Some(text), &Overrides::default(), |_| None) else {
+        return Ok(());
+    };
+    let printed = loaded.config.to_yaml(Redact::Nothing);
+    // `$` has no escape in this format (Go expands the whole file), so a value holding one
+    // cannot print back as itself.
+    if printed.contains('$') {
+        return Ok(());
+    }
+    match Config::resolve(Some(&printed), &Overrides::default(), |_| None) {
+        Ok(again) if again.config == loaded.config => Ok(()),
+        Ok(again) => Err(format!(
+            "printed config loads differently:\n{printed}\nfirst: {:?}\nthen: {:?}",
+            loaded.config, again.config
+        )),
+        Err(e) => Err(format!("printed config does not load: {e}\n{printed}")),
+    }
+}

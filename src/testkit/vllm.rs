@@ -1,0 +1,287 @@
+//! The stand-in vLLM: an OpenAI-compatible server that resolves LoRA adapters from a directory
+//! exactly as vLLM's `lora_filesystem_resolver` does, and tells which weights answered.
+//!
+//! What it mirrors (vLLM 0.32, `OpenAIServingModels` and the filesystem resolver):
+//! - `model` equal to `--model` (or absent) is the base model; a name already loaded is served
+//!   from memory for the server's lifetime, whatever happens to its directory afterwards;
+//!   any other name is resolved ([`super::vllm_resolve`]) once, under a per-name lock, so many
+//!   concurrent first requests cause one directory read.
+//! - Unknown or unresolvable: 404 with vLLM's exact body; found but not loadable (no weights,
+//!   weights not whole): 400 `BadRequestError`; the resolver raising (bad JSON, missing key):
+//!   500 `InternalServerError`. Failures are not cached: the next request resolves again.
+//! - `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter` with vLLM's status codes and
+//!   messages; `GET /v1/models` lists the base then the loaded adapters (`parent` = base).
+//!
+//! What it adds for tests: counters per model and per adapter, the content hash of each loaded
+//! adapter (printed in every answer), faults such as a loaded adapter's weights vanishing from
+//! disk, SSE pacing per server or per request (`x-test-event-gap-ms`), a delay before the
+//! answer (`x-test-ttft-ms`), and the transparency probes of [`super::probes`].
+//!
+//! This file owns the configuration, the state and the handle; the routes are in
+//! `vllm_routes.rs`.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::runtime::Handle;
+
+use super::{
+    server::{RequestHead, Server, handler, lock},
+    vllm_api,
+    vllm_resolve::LoadedAdapter,
+    vllm_routes::route,
+};
+
+/// How to run the stand-in.
+#[derive(Debug, Clone)]
+pub struct VllmConfig {
+    /// Where to listen; `127.0.0.1:0` picks a free port.
+    pub bind: SocketAddr,
+    /// The `--model` string: the served base name and what adapters must name as their base.
+    pub base_model: String,
+    /// `VLLM_LORA_RESOLVER_CACHE_DIR`; `None` disables the resolver (every adapter name 404s).
+    pub lora_dir: Option<PathBuf>,
+    /// Gap between SSE events (a request's `x-test-event-gap-ms` overrides it).
+    pub event_gap: Duration,
+    /// `max_tokens` when the request has none.
+    pub max_tokens: u64,
+    pub max_model_len: u64,
+    /// Re-read a loaded adapter's weights on every request, as vLLM does after its LoRA cache
+    /// evicted them: a vanished or broken file then fails the request with 500.
+    pub reread_weights: bool,
+    /// Request heads kept for [`VllmStandIn::recent_heads`].
+    pub keep_heads: usize,
+}
+
+impl VllmConfig {
+    pub fn new(base_model: impl Into<String>) -> VllmConfig {
+        VllmConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            base_model: base_model.into(),
+            lora_dir: None,
+            event_gap: Duration::from_millis(5),
+            max_tokens: 8,
+            max_model_len: 2048,
+            reread_weights: false,
+            keep_heads: 64,
+        }
+    }
+
+    pub fn lora_dir(mut self, dir: impl Into<PathBuf>) -> VllmConfig {
+        self.lora_dir = Some(dir.into());
+        self
+    }
+
+    pub fn event_gap(mut self, gap: Duration) -> VllmConfig {
+        self.event_gap = gap;
+        self
+    }
+
+    pub fn reread_weights(mut self, on: bool) -> VllmConfig {
+        self.reread_weights = on;
+        self
+    }
+
+    pub fn bind(mut self, addr: SocketAddr) -> VllmConfig {
+        self.bind = addr;
+        self
+    }
+}
+
+/// Something that went wrong under vLLM's feet, for tests to assert on (or against).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VllmFault {
+    /// A request used a loaded adapter whose weights file is no longer on disk: the next time
+    /// vLLM re-reads it (LoRA cache eviction) that request fails.
+    WeightsGoneWhileLoaded { name: String, path: PathBuf },
+    /// With `reread_weights`: the weights under a loaded name changed without an unload.
+    WeightsChangedWhileLoaded { name: String, old: u64, new: u64 },
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) loaded: Vec<LoadedAdapter>,
+    pub(super) requests: HashMap<String, u64>,
+    pub(super) served: HashMap<String, u64>,
+    pub(super) resolutions: HashMap<String, u64>,
+    pub(super) loads: HashMap<String, u64>,
+    pub(super) unloads: HashMap<String, u64>,
+    pub(super) faults: Vec<VllmFault>,
+}
+
+pub(super) struct State {
+    pub(super) config: VllmConfig,
+    pub(super) healthy: AtomicBool,
+    pub(super) event_gap_ms: AtomicU64,
+    pub(super) next_id: AtomicU64,
+    pub(super) inner: Mutex<Counters>,
+    /// vLLM's `lora_resolver_lock`: one resolution or load per name at a time.
+    pub(super) name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A running stand-in vLLM. Dropping it stops the server.
+pub struct VllmStandIn {
+    server: Server,
+    state: Arc<State>,
+}
+
+pub(super) fn bump(map: &mut HashMap<String, u64>, key: &str) {
+    *map.entry(key.to_owned()).or_default() += 1;
+}
+
+impl VllmStandIn {
+    /// Start on the current tokio runtime (call from inside `#[tokio::test]` or a runtime).
+    pub fn start(config: VllmConfig) -> io::Result<VllmStandIn> {
+        VllmStandIn::start_on(&Handle::current(), config)
+    }
+
+    /// Start on the runtime behind `rt` (usable from a plain thread, e.g. the control plane).
+    pub fn start_on(rt: &Handle, config: VllmConfig) -> io::Result<VllmStandIn> {
+        let state = Arc::new(State {
+            healthy: AtomicBool::new(true),
+            event_gap_ms: AtomicU64::new(config.event_gap.as_millis() as u64),
+            next_id: AtomicU64::new(1),
+            inner: Mutex::new(Counters::default()),
+            name_locks: Mutex::new(HashMap::new()),
+            config,
+        });
+        let routed = state.clone();
+        let h = handler(move |req| route(routed.clone(), req));
+        let server = Server::start_on(rt, state.config.bind, state.config.keep_heads, h)?;
+        Ok(VllmStandIn { server, state })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub fn base_model(&self) -> &str {
+        &self.state.config.base_model
+    }
+
+    /// `GET /health` answers 200 when healthy, 503 otherwise.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    pub fn set_event_gap(&self, gap: Duration) {
+        self.state
+            .event_gap_ms
+            .store(gap.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Counters) -> T) -> T {
+        f(&lock(&self.state.inner))
+    }
+
+    /// Inference requests that named `model` (base or adapter), whatever their outcome.
+    pub fn requests(&self, model: &str) -> u64 {
+        self.read(|c| c.requests.get(model).copied().unwrap_or(0))
+    }
+
+    /// Inference requests for `model` that got an answer from the model.
+    pub fn served(&self, model: &str) -> u64 {
+        self.read(|c| c.served.get(model).copied().unwrap_or(0))
+    }
+
+    /// Times the resolver read the directory for `name`.
+    pub fn resolutions(&self, name: &str) -> u64 {
+        self.read(|c| c.resolutions.get(name).copied().unwrap_or(0))
+    }
+
+    /// Successful loads of `name` (resolver or load endpoint).
+    pub fn loads(&self, name: &str) -> u64 {
+        self.read(|c| c.loads.get(name).copied().unwrap_or(0))
+    }
+
+    /// Successful unloads of `name`.
+    pub fn unloads(&self, name: &str) -> u64 {
+        self.read(|c| c.unloads.get(name).copied().unwrap_or(0))
+    }
+
+    /// The adapters in memory, in load order.
+    pub fn loaded(&self) -> Vec<LoadedAdapter> {
+        self.read(|c| c.loaded.clone())
+    }
+
+    /// xxh3 of the weights loaded under `name`, if loaded.
+    pub fn loaded_hash(&self, name: &str) -> Option<u64> {
+        self.read(|c| {
+            c.loaded
+                .iter()
+                .find(|l| l.name == name)
+                .map(|l| l.weights_hash)
+        })
+    }
+
+    /// The text an answer for `model` carries now (`None` for an adapter not loaded), given the
+    /// prompt's word count and `max_tokens`.
+    pub fn expected_text(
+        &self,
+        model: &str,
+        prompt_tokens: u64,
+        max_tokens: u64,
+    ) -> Option<String> {
+        if model == self.base_model() {
+            return Some(vllm_api::completion_text(None, prompt_tokens, max_tokens));
+        }
+        let hash = self.loaded_hash(model)?;
+        Some(vllm_api::completion_text(
+            Some((model, hash)),
+            prompt_tokens,
+            max_tokens,
+        ))
+    }
+
+    pub fn faults(&self) -> Vec<VllmFault> {
+        self.read(|c| c.faults.clone())
+    }
+
+    /// Forget every loaded adapter, as a restarted vLLM would (counters are kept).
+    pub fn forget_all(&self) {
+        lock(&self.state.inner).loaded.clear();
+    }
+
+    /// Requests whose client (the proxy) went away before the answer was complete.
+    pub fn cancelled(&self) -> u64 {
+        self.server.stats().cancelled()
+    }
+
+    pub fn cancelled_targets(&self) -> Vec<String> {
+        self.server.stats().cancelled_targets()
+    }
+
+    /// TCP connections accepted.
+    pub fn connections(&self) -> u64 {
+        self.server.stats().connections()
+    }
+
+    /// HTTP requests received, all routes.
+    pub fn http_requests(&self) -> u64 {
+        self.server.stats().requests()
+    }
+
+    /// The last request heads received, oldest first.
+    pub fn recent_heads(&self) -> Vec<RequestHead> {
+        self.server.stats().recent_heads()
+    }
+
+    /// Stop and wait until the port is closed.
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
+    }
+}

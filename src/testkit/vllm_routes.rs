@@ -1,0 +1,300 @@
+//! The routes of the stand-in vLLM: inference with on-demand resolution, the model list, load
+//! and unload, health. Decisions follow vLLM's `OpenAIServingModels` (see [`super::vllm`]).
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use super::{
+    probes,
+    server::{Request, Response, lock},
+    vllm::{State, VllmFault, bump},
+    vllm_api::{self, Endpoint, error, model_not_found},
+    vllm_resolve::{self, LoadError, Resolution},
+};
+
+pub(super) async fn route(state: Arc<State>, req: Request) -> Response {
+    if let Some(resp) = probes::handle(&req).await {
+        return resp;
+    }
+    // Starlette answers HEAD on every GET route (the server drops the body).
+    let method = match req.head.method.as_str() {
+        "HEAD" => "GET",
+        other => other,
+    };
+    match (method, req.head.path()) {
+        ("GET", "/health") => Response::new(if state.healthy.load(Ordering::SeqCst) {
+            200
+        } else {
+            503
+        }),
+        ("GET", "/v1/models") => {
+            let loaded = lock(&state.inner).loaded.clone();
+            let config = &state.config;
+            vllm_api::models(&config.base_model, config.max_model_len, &loaded)
+        }
+        ("POST", "/v1/chat/completions") => inference(&state, &req, Endpoint::Chat).await,
+        ("POST", "/v1/completions") => inference(&state, &req, Endpoint::Completions).await,
+        ("POST", "/v1/load_lora_adapter") => load_adapter(&state, &req).await,
+        ("POST", "/v1/unload_lora_adapter") => unload_adapter(&state, &req).await,
+        (
+            _,
+            "/health"
+            | "/v1/models"
+            | "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/load_lora_adapter"
+            | "/v1/unload_lora_adapter",
+        ) => Response::json(405, &serde_json::json!({"detail": "Method Not Allowed"})),
+        _ => Response::json(404, &serde_json::json!({"detail": "Not Found"})),
+    }
+}
+
+fn json_body(req: &Request) -> Result<Value, Response> {
+    match serde_json::from_slice::<Value>(&req.body) {
+        Ok(v) if v.is_object() => Ok(v),
+        Ok(_) => Err(error(
+            400,
+            "BadRequestError",
+            "the body must be a JSON object",
+            None,
+        )),
+        Err(e) => Err(error(
+            400,
+            "BadRequestError",
+            &format!("invalid JSON: {e}"),
+            None,
+        )),
+    }
+}
+
+fn header_ms(req: &Request, name: &str) -> Option<Duration> {
+    req.head
+        .header(name)
+        .and_then(|v| v.trim().parse().ok())
+        .map(Duration::from_millis)
+}
+
+async fn inference(state: &Arc<State>, req: &Request, endpoint: Endpoint) -> Response {
+    let body = match json_body(req) {
+        Ok(body) => body,
+        Err(resp) => return resp,
+    };
+    let base = state.config.base_model.as_str();
+    // vLLM serves the base model when `model` is absent; a non-string fails validation.
+    let model = match body.get("model") {
+        None | Some(Value::Null) => base,
+        Some(Value::String(model)) => model.as_str(),
+        Some(_) => return error(400, "BadRequestError", "`model` must be a string", None),
+    };
+    bump(&mut lock(&state.inner).requests, model);
+    let max_tokens = body
+        .get("max_tokens")
+        .or_else(|| body.get("max_completion_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(state.config.max_tokens);
+    if max_tokens == 0 {
+        return error(
+            400,
+            "BadRequestError",
+            "max_tokens must be at least 1, got 0.",
+            None,
+        );
+    }
+    let adapter = if model == base {
+        None
+    } else {
+        match ensure_loaded(state, model).await {
+            Ok(hash) => Some((model, hash)),
+            Err(resp) => return resp,
+        }
+    };
+    bump(&mut lock(&state.inner).served, model);
+    if let Some(ttft) = header_ms(req, "x-test-ttft-ms") {
+        tokio::time::sleep(ttft).await;
+    }
+    let prompt = vllm_api::prompt_tokens(endpoint, &body);
+    let tokens = vllm_api::completion_tokens(adapter, prompt, max_tokens);
+    let id = state.next_id.fetch_add(1, Ordering::SeqCst);
+    if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        let gap = header_ms(req, "x-test-event-gap-ms").unwrap_or(Duration::from_millis(
+            state.event_gap_ms.load(Ordering::SeqCst),
+        ));
+        vllm_api::stream(endpoint, id, model, &tokens, gap)
+    } else {
+        vllm_api::whole(endpoint, id, model, &tokens, prompt)
+    }
+}
+
+fn name_lock(state: &State, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    lock(&state.name_locks)
+        .entry(name.to_owned())
+        .or_default()
+        .clone()
+}
+
+/// Run blocking file work off the runtime threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| error(500, "InternalServerError", &e.to_string(), None))
+}
+
+/// The weights hash for a name already in memory, after the checks a re-read would make.
+async fn cached(state: &State, name: &str) -> Result<Option<u64>, Response> {
+    let found = lock(&state.inner)
+        .loaded
+        .iter()
+        .find(|l| l.name == name)
+        .cloned();
+    let Some(loaded) = found else {
+        return Ok(None);
+    };
+    if !state.config.reread_weights {
+        if !loaded.weights_file.is_file() {
+            lock(&state.inner)
+                .faults
+                .push(VllmFault::WeightsGoneWhileLoaded {
+                    name: name.to_owned(),
+                    path: loaded.path.clone(),
+                });
+        }
+        return Ok(Some(loaded.weights_hash));
+    }
+    let path = loaded.path.clone();
+    let reread = blocking(move || vllm_resolve::read_weights(&path)).await?;
+    let mut inner = lock(&state.inner);
+    match reread {
+        Err(why) => {
+            inner.faults.push(VllmFault::WeightsGoneWhileLoaded {
+                name: name.to_owned(),
+                path: loaded.path,
+            });
+            Err(error(500, "InternalServerError", &why, None))
+        }
+        Ok((_, hash)) => {
+            if hash != loaded.weights_hash {
+                inner.faults.push(VllmFault::WeightsChangedWhileLoaded {
+                    name: name.to_owned(),
+                    old: loaded.weights_hash,
+                    new: hash,
+                });
+                if let Some(l) = inner.loaded.iter_mut().find(|l| l.name == name) {
+                    l.weights_hash = hash;
+                }
+            }
+            Ok(Some(hash))
+        }
+    }
+}
+
+/// The loaded weights' hash for `name`, resolving it from the directory on first use.
+async fn ensure_loaded(state: &Arc<State>, name: &str) -> Result<u64, Response> {
+    if let Some(hash) = cached(state, name).await? {
+        return Ok(hash);
+    }
+    let Some(dir) = state.config.lora_dir.clone() else {
+        return Err(model_not_found(name));
+    };
+    let name_lock = name_lock(state, name);
+    let _guard = name_lock.lock().await;
+    if let Some(hash) = cached(state, name).await? {
+        return Ok(hash);
+    }
+    bump(&mut lock(&state.inner).resolutions, name);
+    let (owned, base) = (name.to_owned(), state.config.base_model.clone());
+    match blocking(move || vllm_resolve::resolve(&dir, &owned, &base)).await? {
+        Resolution::Loaded(loaded) => {
+            let hash = loaded.weights_hash;
+            let mut inner = lock(&state.inner);
+            bump(&mut inner.loads, name);
+            inner.loaded.push(loaded);
+            Ok(hash)
+        }
+        Resolution::NotFound => Err(model_not_found(name)),
+        Resolution::Unloadable(_) => Err(error(
+            400,
+            "BadRequestError",
+            &format!("LoRA adapter '{name}' was found but could not be loaded."),
+            None,
+        )),
+        Resolution::Crashed(why) => Err(error(500, "InternalServerError", &why, None)),
+    }
+}
+
+async fn load_adapter(state: &Arc<State>, req: &Request) -> Response {
+    let body = match json_body(req) {
+        Ok(body) => body,
+        Err(resp) => return resp,
+    };
+    let name = body.get("lora_name").and_then(Value::as_str).unwrap_or("");
+    let path = body.get("lora_path").and_then(Value::as_str).unwrap_or("");
+    let inplace = body
+        .get("load_inplace")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if name.is_empty() || path.is_empty() {
+        let msg = "Both 'lora_name' and 'lora_path' must be provided.";
+        return error(400, "InvalidUserInput", msg, None);
+    }
+    let name_lock = name_lock(state, name);
+    let _guard = name_lock.lock().await;
+    let already = lock(&state.inner).loaded.iter().any(|l| l.name == name);
+    if already && !inplace {
+        let msg = format!(
+            "The lora adapter '{name}' has already been loaded. If you want to load the adapter \
+             in place, set 'load_inplace' to True."
+        );
+        return error(400, "InvalidUserInput", &msg, None);
+    }
+    let (owned, dir) = (name.to_owned(), PathBuf::from(path));
+    let loaded = match blocking(move || vllm_resolve::load_from_path(&owned, &dir)).await {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(LoadError::NotFound)) => {
+            let msg = format!("Loading lora {name} failed: No adapter found for {path}");
+            return error(404, "NotFoundError", &msg, None);
+        }
+        Ok(Err(LoadError::Broken(why))) => return error(500, "InternalServerError", &why, None),
+        Err(resp) => return resp,
+    };
+    let mut inner = lock(&state.inner);
+    inner.loaded.retain(|l| l.name != name);
+    inner.loaded.push(loaded);
+    bump(&mut inner.loads, name);
+    Response::text(
+        200,
+        format!("Success: LoRA adapter '{name}' added successfully."),
+    )
+}
+
+async fn unload_adapter(state: &Arc<State>, req: &Request) -> Response {
+    let body = match json_body(req) {
+        Ok(body) => body,
+        Err(resp) => return resp,
+    };
+    let name = body.get("lora_name").and_then(Value::as_str).unwrap_or("");
+    if name.is_empty() {
+        let msg = "'lora_name' needs to be provided to unload a LoRA adapter.";
+        return error(400, "InvalidUserInput", msg, None);
+    }
+    let name_lock = name_lock(state, name);
+    let _guard = name_lock.lock().await;
+    let mut inner = lock(&state.inner);
+    let before = inner.loaded.len();
+    inner.loaded.retain(|l| l.name != name);
+    if inner.loaded.len() == before {
+        let msg = format!("The lora adapter '{name}' cannot be found.");
+        return error(404, "NotFoundError", &msg, None);
+    }
+    bump(&mut inner.unloads, name);
+    Response::text(
+        200,
+        format!("Success: LoRA adapter '{name}' removed successfully."),
+    )
+}
