@@ -171,11 +171,10 @@ impl Vllm {
             }
         }
         self.metrics.vllm_healthy.set(i64::from(ok));
-        if ok && self.base_model().is_none() {
-            if let Err(e) = self.learn_base_model().await {
+        if ok && self.base_model().is_none()
+            && let Err(e) = self.learn_base_model().await {
                 tracing::warn!(error = %e, "cannot learn the base model yet");
             }
-        }
         ok
     }
 

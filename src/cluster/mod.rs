@@ -4,8 +4,12 @@
 //! - [`placement`]: a key onto the peer set (owner, then fallbacks).
 //! - [`identity`]: this node's address, and whether a peer entry is this node.
 //! - [`discovery`]: the peer set (static, shared directory, Kubernetes).
+//! - [`router`]: the topology snapshot and the routing decision (owner, overflow, dead peers).
+//! - [`peering`]: control-plane work: rebuilds on membership changes, peer health, evict broadcast.
 
 pub mod discovery;
 pub mod hashkey;
 pub mod identity;
+pub mod peering;
 pub mod placement;
+pub mod router;

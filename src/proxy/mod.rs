@@ -4,12 +4,15 @@
 //! 2. the body, read whole (bounded by `server.max_body_size`);
 //! 3. the top-level `model` of a JSON body;
 //! 4. base model or adapter (adapter names validated before anything touches the disk);
-//! 5. upstream: vLLM, streaming the answer back;
-//! 6. metrics.
+//! 5. routing: forward to the node owning the request's hash key, or keep it here;
+//! 6. upstream: vLLM, streaming the answer back;
+//! 7. metrics.
 //!
 //! - `upstream.rs`: pooled connections and streaming an answer back.
+//! - `forward.rs`: the routing phase.
 //! - `local.rs`: the proxy's own endpoints.
 
+pub mod forward;
 pub mod local;
 pub mod upstream;
 
@@ -22,6 +25,7 @@ use std::{
 use bytes::Bytes;
 
 use crate::{
+    cluster::hashkey::hash_key,
     error::{Error, ErrorKind},
     http::{RequestHead, model::extract_model, response},
     metrics::Tier,
@@ -123,13 +127,39 @@ async fn pipeline(
             }
         }
     };
-    let tier = if adapter.is_some() {
+    let mut tier = if adapter.is_some() {
         Tier::Local
     } else {
         Tier::Passthrough
     };
 
-    // 5. Upstream.
+    // 5. Routing.
+    if forward::is_trusted_forward(&shared.router, conn, head) {
+        forward::acknowledge(conn).await?;
+    } else {
+        let base = if model.is_some() {
+            shared.vllm.base_model()
+        } else {
+            None
+        };
+        let header = |name: &str| head.header_str(name);
+        let key = hash_key(
+            &shared.router.hash_on,
+            model.as_deref(),
+            base.as_deref(),
+            header,
+        );
+        if let Some(key) = key {
+            if let Some(done) = forward::route(w, conn, head, &body, &key).await? {
+                return Ok(done);
+            }
+            if adapter.is_none() {
+                tier = Tier::Routed;
+            }
+        }
+    }
+
+    // 6. Upstream.
     let status = to_vllm(w, conn, head, body, &[]).await?;
     Ok((
         status.1,

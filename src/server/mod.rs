@@ -21,6 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 pub use self::shutdown::Shutdown;
 use crate::{
+    cluster::{discovery::Discovery, identity::Identity, peering, router::Router},
     config::Config,
     control::{Control, ControlPlane},
     error::Error,
@@ -39,6 +40,7 @@ pub struct Shared {
     /// Requests in flight on this node (the Go project's `pending`).
     pub pending: AtomicI64,
     pub driver: DriverKind,
+    pub router: Arc<Router>,
 }
 
 /// A running loraplex: its workers, control plane and shared state.
@@ -59,14 +61,26 @@ impl Server {
         let vllm = Vllm::new(&config, metrics.clone())?;
         let listeners = bind(&config.listen, config.server.workers.max(1))?;
         let addr = listeners[0].local_addr()?;
+        let shutdown = Shutdown::new();
+        let me = Identity::new(addr, config.self_addr.as_deref())?;
+        let discovery = Discovery::start(&config.discovery, &me, &control, shutdown.clone())?;
+        let router = Arc::new(Router::new(&config, me, metrics.clone()));
+        peering::start(
+            router.clone(),
+            discovery,
+            &control,
+            config.vllm.health_check_interval,
+            shutdown.clone(),
+        );
         let shared = Arc::new(Shared {
             config,
             metrics,
             vllm,
             control,
-            shutdown: Shutdown::new(),
+            shutdown,
             pending: AtomicI64::new(0),
             driver,
+            router,
         });
         shared
             .vllm
@@ -133,6 +147,8 @@ fn log_summary(shared: &Shared, addr: SocketAddr) {
         driver = shared.driver.as_str(),
         workers = cfg.server.workers,
         listen = %addr,
+        node = %shared.router.me.canonical(),
+        discovery = cfg.discovery.mode(),
         vllm = %cfg.vllm_url,
         base_model = cfg.vllm.model_name.as_deref().unwrap_or("(learnt from /v1/models)"),
         "loraplex started"

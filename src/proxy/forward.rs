@@ -1,0 +1,139 @@
+//! The routing phase: send a request to the node that owns its hash key, or keep it here.
+//!
+//! A request is forwarded at most once: the receiving peer sees the forwarded mark and serves it
+//! itself. The mark is trusted only from peers: with `cluster.token` set, the token must come
+//! with it; without one, the connection must come from a peer's address. Anything else is
+//! ignored (and never passed on), so a client cannot bypass routing by sending the header.
+//!
+//! Only connect failures (nothing delivered) move a request to the next peer of its key; once a
+//! peer has the request it is never sent elsewhere, because inference is not idempotent.
+//! `routing.forward_timeout` bounds the connect and the peer's acknowledgement (`100 Continue`,
+//! sent as soon as it has the request), never the generation.
+
+use std::{sync::atomic::Ordering, time::Instant};
+
+use bytes::Bytes;
+
+use crate::{
+    admin::constant_time_eq,
+    cluster::{
+        peering::{FORWARDED_HEADER, TOKEN_HEADER},
+        router::{Decision, Router},
+    },
+    error::Error,
+    http::{RequestHead, response},
+    metrics::{PeerLabel, Tier},
+    proxy::{
+        local::load,
+        upstream::{ClientSide, Request, Stage, Target},
+    },
+    server::{conn::Conn, worker::Worker},
+};
+
+use super::Outcome;
+
+/// Whether `head` carries a forwarded mark this node trusts.
+pub fn is_trusted_forward(router: &Router, conn: &Conn, head: &RequestHead) -> bool {
+    if head.header(FORWARDED_HEADER).is_none() {
+        return false;
+    }
+    match &router.token {
+        Some(token) => head
+            .header(TOKEN_HEADER)
+            .is_some_and(|given| constant_time_eq(given, token.as_bytes())),
+        None => router.topology().is_peer_ip(conn.peer.ip()),
+    }
+}
+
+/// Tell the forwarding peer its request arrived (ends its forward timeout).
+pub async fn acknowledge(conn: &mut Conn) -> Result<(), Error> {
+    conn.write_all(response::CONTINUE.to_vec())
+        .await
+        .map(drop)
+        .map_err(|e| Error::bad_request(format!("peer went away: {e}")))
+}
+
+/// Route by `key`. `Some(done)` when a peer answered (or the client is gone); `None` when the
+/// request is to be served here.
+pub(super) async fn route(
+    w: &Worker,
+    conn: &mut Conn,
+    head: &RequestHead,
+    body: &Bytes,
+    key: &str,
+) -> Result<Option<(bool, Outcome)>, Error> {
+    let shared = &w.shared;
+    let router = &shared.router;
+    let topo = router.topology();
+    let my_load = load(shared.pending.load(Ordering::Relaxed) - 1);
+    let peers = match router.decide(&topo, key.as_bytes(), my_load) {
+        Decision::Local { overflow } => {
+            if overflow {
+                shared.metrics.overflow_local.inc();
+            }
+            return Ok(None);
+        }
+        Decision::Forward { peers, .. } => peers,
+    };
+    let mut extra: Vec<(&str, &[u8])> = vec![(FORWARDED_HEADER, b"1")];
+    if let Some(token) = &router.token {
+        extra.push((TOKEN_HEADER, token.as_bytes()));
+    }
+    for idx in peers {
+        let peer = &topo.peers[idx];
+        let started = Instant::now();
+        let target = Target {
+            addrs: &peer.sockaddrs,
+            name: &peer.addr,
+            head_timeout: Some(router.forward_timeout),
+        };
+        let mut bytes = Vec::with_capacity(512 + body.len());
+        head.write_forward(&mut bytes, &extra, body.len());
+        bytes.extend_from_slice(body);
+        let req = Request {
+            bytes,
+            method: head.kind,
+            client: ClientSide {
+                minor: head.minor,
+                keep_alive: head.keep_alive,
+                extra: &[],
+                shutdown: &shared.shutdown,
+            },
+        };
+        let result = w.pool.exchange(conn, &target, req).await;
+        let m = &shared.metrics;
+        match result {
+            Ok(answered) => {
+                m.peer_forwards
+                    .get_or_create(&PeerLabel {
+                        target_peer: peer.addr.clone(),
+                    })
+                    .inc();
+                m.forward_duration
+                    .observe((answered.head_at - started).as_secs_f64());
+                let outcome = Outcome {
+                    tier: Tier::Forwarded,
+                    status: answered.status,
+                };
+                return Ok(Some((answered.keep_alive, outcome)));
+            }
+            Err(e) if e.stage == Stage::Connect => {
+                tracing::warn!(peer = %peer.addr, error = %e.error, "peer unreachable, trying the next");
+                peer.health.mark_down();
+            }
+            Err(e) if e.stage == Stage::Sent => return Err(e.error),
+            Err(e) => {
+                tracing::debug!(peer = %peer.addr, error = %e.error, "forward cut short");
+                return Ok(Some((
+                    false,
+                    Outcome {
+                        tier: Tier::Forwarded,
+                        status: 499,
+                    },
+                )));
+            }
+        }
+    }
+    tracing::warn!(key, "no peer of the key reachable: serving here");
+    Ok(None)
+}
