@@ -20,10 +20,10 @@ use bytes::Bytes;
 use loraplex::{
     config::TransferConfig,
     origin::{
-        download::Download,
+        Origin,
         huggingface::HuggingFace,
-        s3::{S3, S3Client, S3Settings},
-        transfer::RetryPolicy,
+        s3::{S3, S3Settings},
+        transfer::{ChunkSink, TransferError, pull_file},
     },
     store::AdapterName,
     testkit::hub::{CdnHost, HubFile, StandInHub},
@@ -46,19 +46,31 @@ fn weights(len: usize) -> Bytes {
     v.into()
 }
 
-/// Read every file into a sink; bytes read.
-async fn sink(d: Download, verify: bool) -> u64 {
-    let mut d = d;
-    d.set_verify(verify);
-    let mut total = 0;
-    for i in 0..d.files().len() {
-        let mut body = d.body(i);
-        while let Some(chunk) = body.next_chunk().await.expect("fetch") {
-            total += chunk.len() as u64;
-        }
+/// Counts the bytes, keeps none.
+struct Sink(u64);
+
+impl ChunkSink for Sink {
+    async fn accept(&mut self, chunk: Bytes) -> Result<(), TransferError> {
+        self.0 += chunk.len() as u64;
+        Ok(())
     }
-    d.finish();
-    total
+}
+
+/// Fetch every file of `name` the way the store does (manifest, then `pull_file` per file)
+/// into a counting sink; bytes read. `verify: false` drops the announced sha256s, which is how
+/// the transfer runs for an origin that has none (it then hashes nothing).
+async fn fetch(origin: &dyn Origin, name: &AdapterName, verify: bool) -> u64 {
+    let mut manifest = origin.manifest(name).await.expect("manifest");
+    if !verify {
+        manifest.files.iter_mut().for_each(|f| f.sha256 = None);
+    }
+    let mut sink = Sink(0);
+    for file in &manifest.files {
+        pull_file(origin, name, &manifest, file, &mut sink)
+            .await
+            .unwrap_or_else(|e| panic!("fetch {}: {e:?}", file.path));
+    }
+    sink.0
 }
 
 fn mbps(bytes: u64, took: Duration) -> f64 {
@@ -125,7 +137,7 @@ async fn run(repeats: usize, mib: usize) {
     let data = weights(mib << 20);
     let size = data.len() as u64;
     let name = AdapterName::parse("bench/big").unwrap();
-    let policy = RetryPolicy::from_transfer(&TransferConfig::default());
+    let transfer = TransferConfig::default();
     println!("adapter: {mib} MiB weights + config; {repeats} repeats; median MB/s (10^6 B/s)");
 
     // Reference: SHA-256 alone over the same bytes, in memory.
@@ -141,7 +153,7 @@ async fn run(repeats: usize, mib: usize) {
     let lfs = HubFile::lfs("adapter_model.safetensors", data.clone());
     let files = vec![HubFile::small("adapter_config.json", CONFIG), lfs];
     hub.add_commit("bench/big", "be9c4000", &["main"], files);
-    let hf = HuggingFace::new(&hub.url(), None, policy, None).unwrap();
+    let hf = HuggingFace::new(&hub.url(), None, transfer.clone()).unwrap();
 
     // S3: s3s-fs over a temporary directory; the object carries x-amz-checksum-sha256.
     let s3_server = S3Server::start(&["bench"]).await;
@@ -151,10 +163,7 @@ async fn run(repeats: usize, mib: usize) {
         prefix: String::new(),
         endpoint: Some(s3_server.url.clone()),
     };
-    let s3 = S3::new(
-        S3Client::connect(&settings, policy, Some(credentials())).await,
-        None,
-    );
+    let s3 = S3::with_credentials(settings, transfer, Some(credentials()));
     let sum = STANDARD.encode(Sha256::digest(&data));
     for (key, body, sum) in [
         (
@@ -168,7 +177,13 @@ async fn run(repeats: usize, mib: usize) {
             Some(sum),
         ),
     ] {
-        let put = s3.client().sdk().put_object().bucket("bench").key(key);
+        let put = s3
+            .client()
+            .await
+            .sdk()
+            .put_object()
+            .bucket("bench")
+            .key(key);
         put.set_checksum_sha256(sum)
             .body(ByteStream::from(body))
             .send()
@@ -233,13 +248,13 @@ async fn run(repeats: usize, mib: usize) {
             .push(curl_async(vec!["-L".into(), resolve.clone()]).await);
         for (row, verify) in [(2, true), (3, false)] {
             let t = Instant::now();
-            let n = sink(hf.download(&name).await.unwrap(), verify).await;
+            let n = fetch(&hf, &name, verify).await;
             rows[row].samples.push(mbps(n, t.elapsed()));
         }
         rows[4].samples.push(curl_async(sigv4(&s3_url)).await);
         for (row, verify) in [(5, true), (6, false)] {
             let t = Instant::now();
-            let n = sink(s3.download(&name).await.unwrap(), verify).await;
+            let n = fetch(&s3, &name, verify).await;
             rows[row].samples.push(mbps(n, t.elapsed()));
         }
     }

@@ -1,27 +1,100 @@
 //! The admin API under `/admin/*` (the Go project's paths and JSON shapes).
 //!
+//! - `GET /admin/cache/stats`: `items`, `size`, `max_size`, `dir` (Go) plus write mode, hits,
+//!   misses, fetches in flight, pinned.
+//! - `GET /admin/cache/fetches`: fetches in flight with bytes, total, rate, elapsed.
+//! - `POST /admin/cache/warmup {"adapters": [...]}`: fetch now; per adapter `ok` or the error.
+//! - `POST /admin/cache/evict {"adapter": NAME}`: remove it here (vLLM is told to unload it)
+//!   and on every peer. The name is validated: nothing outside the storage dir is touched.
+//! - `GET /admin/peers`: the peers with load and health.
+//!
 //! When `admin.token` is set every admin request needs `Authorization: Bearer <token>`.
 
-use std::rc::Rc;
+use std::{rc::Rc, sync::atomic::Ordering};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
 
 use crate::{
+    cluster::peering::broadcast_evict,
     error::{Error, ErrorKind},
-    http::RequestHead,
-    server::worker::Worker,
+    http::{Method, RequestHead, response},
+    proxy::{forward::is_trusted_forward, local::load},
+    server::{conn::Conn, worker::Worker},
+    store::AdapterName,
 };
 
 /// Answer an admin request into `out`; returns the status written.
 pub async fn serve(
     w: &Rc<Worker>,
+    conn: &Conn,
     head: &RequestHead,
-    _body: &[u8],
-    _out: &mut Vec<u8>,
+    body: &[u8],
+    out: &mut Vec<u8>,
 ) -> Result<u16, Error> {
-    authorize(w.shared.config.admin.token.as_deref(), head)?;
-    Err(Error::new(
-        ErrorKind::NotFound,
-        format!("no admin endpoint {} {}", head.method(), head.path()),
-    ))
+    let shared = &w.shared;
+    authorize(shared.config.admin.token.as_deref(), head)?;
+    let store = &shared.store;
+    let answer = match (head.kind, head.path()) {
+        (Method::Get, "/admin/cache/stats") => store.stats(),
+        (Method::Get, "/admin/cache/fetches") => store.fetches(),
+        (Method::Get, "/admin/peers") => {
+            let load = load(shared.pending.load(Ordering::Relaxed) - 1);
+            shared.router.topology().to_json(load)
+        }
+        (Method::Post, "/admin/cache/warmup") => {
+            let req: WarmupRequest = parse(body)?;
+            store.warmup(&req.adapters).await
+        }
+        (Method::Post, "/admin/cache/evict") => {
+            let req: EvictRequest = parse(body)?;
+            let name = AdapterName::parse(&req.adapter)?;
+            let evicted = store.evict(&name).await?;
+            // A broadcast from a peer is not broadcast again.
+            let from_peer = is_trusted_forward(&shared.router, conn, head);
+            let peers = if from_peer || shared.router.topology().is_single() {
+                Vec::new()
+            } else {
+                let (router, adapter) = (shared.router.clone(), name.to_string());
+                let token = shared.config.admin.token.clone();
+                shared
+                    .control
+                    .run(async move { broadcast_evict(&router, &adapter, token.as_deref()).await })
+                    .await
+            };
+            let peers: Vec<Value> = peers
+                .into_iter()
+                .map(|(peer, ok)| json!({"peer": peer, "ok": ok}))
+                .collect();
+            json!({"status": "evicted", "adapter": name.as_str(), "evicted": evicted, "peers": peers})
+        }
+        (_, "/admin/cache/stats" | "/admin/cache/fetches" | "/admin/peers") => {
+            return Err(Error::new(ErrorKind::MethodNotAllowed, "GET only"));
+        }
+        (_, "/admin/cache/warmup" | "/admin/cache/evict") => {
+            return Err(Error::new(ErrorKind::MethodNotAllowed, "POST only"));
+        }
+        _ => {
+            let msg = format!("no admin endpoint {} {}", head.method(), head.path());
+            return Err(Error::new(ErrorKind::NotFound, msg));
+        }
+    };
+    response::json(out, 200, &answer, head.keep_alive);
+    Ok(200)
+}
+
+#[derive(Deserialize)]
+struct WarmupRequest {
+    adapters: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct EvictRequest {
+    adapter: String,
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|e| Error::bad_request(format!("invalid JSON body: {e}")))
 }
 
 /// Check the Bearer token when one is configured.

@@ -64,7 +64,9 @@ pub fn request_head(data: &[u8]) -> Result<(), String> {
         _ => 0,
     };
     let mut out = Vec::new();
-    head.write_forward(&mut out, &[("x-forwarded-for", b"127.0.0.1")], body_len);
+    // What a forward to a peer adds.
+    let extra: [(&str, &[u8]); 2] = [("x-loraplex-forwarded", b"1"), ("x-loraplex-token", b"t0k")];
+    head.write_forward(&mut out, &extra, body_len);
     let shown = || String::from_utf8_lossy(&out).into_owned();
     let again = match RequestHead::parse(&out) {
         Ok(Some((again, n))) if n == out.len() => again,

@@ -171,10 +171,12 @@ impl Vllm {
             }
         }
         self.metrics.vllm_healthy.set(i64::from(ok));
-        if ok && self.base_model().is_none()
-            && let Err(e) = self.learn_base_model().await {
-                tracing::warn!(error = %e, "cannot learn the base model yet");
-            }
+        if ok
+            && self.base_model().is_none()
+            && let Err(e) = self.learn_base_model().await
+        {
+            tracing::warn!(error = %e, "cannot learn the base model yet");
+        }
         ok
     }
 
@@ -214,6 +216,24 @@ fn resolve(url: &str) -> Result<Vec<SocketAddr>, Error> {
         return Err(bad("resolves to no address"));
     }
     Ok(addrs)
+}
+
+/// The store's view of vLLM: unload calls run on the control plane (reqwest needs tokio), so
+/// they can be awaited from any thread.
+pub struct Hooks {
+    pub vllm: Arc<Vllm>,
+    pub control: Control,
+}
+
+impl crate::store::VllmHooks for Hooks {
+    fn unload(&self, name: &str) -> futures_util::future::BoxFuture<'static, Result<(), Error>> {
+        let (vllm, name) = (self.vllm.clone(), name.to_owned());
+        Box::pin(self.control.run(async move { vllm.unload(&name).await }))
+    }
+
+    fn base_model(&self) -> Option<String> {
+        self.vllm.base_model().map(|m| m.to_string())
+    }
 }
 
 #[cfg(test)]

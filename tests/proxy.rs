@@ -114,7 +114,7 @@ async fn expect_100_continue_is_answered_before_the_body() {
         .as_bytes(),
     )
     .await;
-    let interim = c.response(false).await;
+    let interim = c.any_response(false).await;
     assert_eq!(interim.status, 100);
     c.send(body.as_bytes()).await;
     let r = c.response(false).await;

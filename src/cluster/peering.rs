@@ -18,6 +18,8 @@ use crate::{
 pub const FORWARDED_HEADER: &str = "x-loraplex-forwarded";
 pub const TOKEN_HEADER: &str = "x-loraplex-token";
 
+const PEER_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The Go project's `/healthz` answer.
 #[derive(Deserialize)]
 struct Healthz {
@@ -39,22 +41,27 @@ pub fn start(
     interval: Duration,
     shutdown: Shutdown,
 ) {
+    // A peer gets a few seconds to answer whatever the poll interval: a busy node is slow,
+    // not dead (the Go project uses 3 s too).
     let client = reqwest::Client::builder()
-        .timeout(interval.clamp(Duration::from_millis(200), Duration::from_secs(3)))
+        .timeout(PEER_CHECK_TIMEOUT)
         .no_proxy()
         .build()
         .expect("a plain HTTP client always builds");
+    // The first topology is in place before the workers take a request.
+    let mut rx = discovery.subscribe();
+    let members = rx.borrow_and_update().clone();
+    router.rebuild(&members, control.handle().block_on(resolve(&members)));
     let (r, s) = (router.clone(), shutdown.clone());
     control.spawn(async move {
-        let mut rx = discovery.subscribe();
         loop {
-            let members = rx.borrow_and_update().clone();
-            let resolved = resolve(&members).await;
-            r.rebuild(&members, resolved);
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = s.wait() => { discovery.leave(); return }
             }
+            let members = rx.borrow_and_update().clone();
+            let resolved = resolve(&members).await;
+            r.rebuild(&members, resolved);
         }
     });
     control.spawn(async move {
@@ -109,10 +116,10 @@ async fn poll_peers(router: &Router, client: &reqwest::Client) {
                         p.health.observe(h.vllm_healthy, h.load);
                     }
                     Err(e) => {
-                        if p.health.is_up() {
-                            tracing::warn!(peer = %p.addr, error = %e, "peer health check failed");
+                        let was_up = p.health.is_up();
+                        if p.health.check_failed() && was_up {
+                            tracing::warn!(peer = %p.addr, error = %e, "peer is down");
                         }
-                        p.health.mark_down();
                     }
                 }
             }

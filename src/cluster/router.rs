@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -29,6 +29,9 @@ use crate::{
 /// spreads over at most this many nodes.
 pub const SPREAD: usize = 3;
 
+/// Health checks that must fail in a row before a peer counts as down.
+pub const FAILED_CHECKS_DOWN: u32 = 2;
+
 /// What is known about a peer, updated by the health poll and by failed forwards.
 #[derive(Debug)]
 pub struct PeerHealth {
@@ -37,6 +40,10 @@ pub struct PeerHealth {
     vllm_healthy: AtomicBool,
     /// Load in thousandths (0..=1000), from its `/healthz`.
     load_milli: AtomicU32,
+    /// Successful checks so far.
+    checks_ok: AtomicU64,
+    /// Failed checks in a row.
+    failures: AtomicU32,
 }
 
 impl Default for PeerHealth {
@@ -46,6 +53,8 @@ impl Default for PeerHealth {
             up: AtomicBool::new(true),
             vllm_healthy: AtomicBool::new(true),
             load_milli: AtomicU32::new(0),
+            checks_ok: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
         }
     }
 }
@@ -67,17 +76,32 @@ impl PeerHealth {
         f64::from(self.load_milli.load(Ordering::Relaxed)) / 1000.0
     }
 
+    pub fn checks_ok(&self) -> u64 {
+        self.checks_ok.load(Ordering::Relaxed)
+    }
+
     /// A `/healthz` answer arrived.
     pub fn observe(&self, vllm_healthy: bool, load: f64) {
+        self.checks_ok.fetch_add(1, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
         self.up.store(true, Ordering::Relaxed);
         self.vllm_healthy.store(vllm_healthy, Ordering::Relaxed);
         self.load_milli
             .store((load.clamp(0.0, 1.0) * 1000.0) as u32, Ordering::Relaxed);
     }
 
-    /// The peer could not be reached.
+    /// The peer could not be reached (a connect was refused): down at once.
     pub fn mark_down(&self) {
         self.up.store(false, Ordering::Relaxed);
+    }
+
+    /// A health check failed: down after [`FAILED_CHECKS_DOWN`] in a row, so one slow answer
+    /// from a busy peer does not move its keys. Returns whether the peer is now down.
+    pub fn check_failed(&self) -> bool {
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= FAILED_CHECKS_DOWN {
+            self.mark_down();
+        }
+        !self.is_up()
     }
 }
 
@@ -114,6 +138,32 @@ impl Topology {
         }
     }
 
+    /// `GET /admin/peers`: the Go project's shape (`peers[].{addr,load,self}`, `self`,
+    /// `count`) plus health.
+    pub fn to_json(&self, my_load: f64) -> serde_json::Value {
+        let peers: Vec<serde_json::Value> = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let me = i == self.me;
+                serde_json::json!({
+                    "addr": p.addr,
+                    "self": me,
+                    "load": if me { my_load } else { p.health.load() },
+                    "healthy": me || p.health.is_up(),
+                    "vllm_healthy": me || p.health.vllm_healthy(),
+                    "checks_ok": p.health.checks_ok(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "peers": peers,
+            "self": self.peers[self.me].addr,
+            "count": self.peers.len(),
+        })
+    }
+
     pub fn is_single(&self) -> bool {
         self.peers.len() <= 1
     }
@@ -144,6 +194,8 @@ pub struct Router {
     pub forward_timeout: Duration,
     pub overflow_threshold: f64,
     pub token: Option<String>,
+    /// This node's own IP when its identity names one: peer connections come from it.
+    pub source_ip: Option<std::net::IpAddr>,
     topology: ArcSwap<Topology>,
     health: Mutex<HashMap<String, Arc<PeerHealth>>>,
     metrics: Arc<Metrics>,
@@ -158,6 +210,14 @@ impl Router {
             forward_timeout: cfg.routing.forward_timeout,
             overflow_threshold: cfg.routing.overflow_threshold,
             token: cfg.cluster.token.clone(),
+            source_ip: me
+                .canonical()
+                .parse::<SocketAddr>()
+                .ok()
+                .map(|a| a.ip())
+                .filter(|ip| {
+                    !ip.is_unspecified() && me.is_self_addr(SocketAddr::new(*ip, me.port()))
+                }),
             me,
             topology,
             health: Mutex::new(HashMap::new()),

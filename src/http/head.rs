@@ -15,6 +15,10 @@ use crate::error::{Error, ErrorKind};
 /// Most headers accepted in one head; more is 431.
 pub const MAX_HEADERS: usize = 128;
 
+/// Room for loraplex's own headers on top of [`MAX_HEADERS`]: a forward adds up to this many,
+/// and the peer must not refuse a request its entry node accepted.
+pub const INTERNAL_SLACK: usize = 4;
+
 /// Header name prefix of loraplex's own headers (forward mark, fallback notice).
 pub const INTERNAL_PREFIX: &[u8] = b"x-loraplex-";
 
@@ -268,7 +272,7 @@ impl RequestHead {
     /// Parse a head at the start of `buf`. `Ok(None)`: more bytes are needed.
     /// Returns the head and its length in bytes.
     pub fn parse(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, Error> {
-        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS + INTERNAL_SLACK];
         let mut req = httparse::Request::new(&mut storage);
         let len = match req.parse(buf).map_err(parse_error)? {
             httparse::Status::Complete(len) => len,
@@ -282,6 +286,18 @@ impl RequestHead {
         let (method_str, path) = (req.method.unwrap_or(""), req.path.unwrap_or(""));
         let (method, target, minor) = (span(method_str), span(path), req.version.unwrap_or(1));
         let kind = Method::parse(method_str);
+        let is_internal = |h: &httparse::Header<'_>| {
+            h.name.len() >= INTERNAL_PREFIX.len()
+                && h.name.as_bytes()[..INTERNAL_PREFIX.len()].eq_ignore_ascii_case(INTERNAL_PREFIX)
+        };
+        // The limit counts what a client controls: not loraplex's own headers, nor the one
+        // `Content-Length` a forward always writes.
+        let counted = |h: &&httparse::Header<'_>| {
+            !is_internal(h) && !h.name.eq_ignore_ascii_case("content-length")
+        };
+        if req.headers.iter().filter(counted).count() > MAX_HEADERS {
+            return Err(parse_error(httparse::Error::TooManyHeaders));
+        }
         let mut fields = Fields::new(buf, len, req.headers);
         let framing = fields.frame(minor, true)?;
         let head = RequestHead {

@@ -7,7 +7,7 @@
 //! of that same commit, so a push to `main` during a download cannot mix two versions. LFS
 //! files answer with a redirect to a CDN; the `X-Linked-Etag` (SHA-256), `X-Linked-Size` and
 //! `X-Repo-Commit` of that first answer are checked against the listing, and the bytes are
-//! hashed while they stream ([`super::download::FileBody`]): a mismatch rejects the adapter.
+//! hashed while they stream (`transfer::pull_file`): a mismatch rejects the adapter.
 //!
 //! Redirects are followed by hand (`redirect::Policy::none()`), for two reasons: the
 //! `X-Linked-*` headers are on the redirect itself, which reqwest's automatic policy hides, and
@@ -21,19 +21,18 @@
 //!
 //! Errors: 404 (or the Hub's `X-Error-Code: RepoNotFound`/`RevisionNotFound`) is "not found",
 //! so the chain tries the next origin; 401/403 are a 502 naming authentication; 5xx, resets
-//! and stalls are retried.
+//! and stalls are transient (the store retries them, resuming with `Range`).
 
-use std::sync::Arc;
-
-use futures_util::{StreamExt, TryStreamExt, future::BoxFuture};
+use futures_util::{FutureExt, StreamExt, TryStreamExt, future::BoxFuture};
 use reqwest::{StatusCode, Url, header, redirect};
 use serde::Deserialize;
 
 use super::{
-    download::{Download, Manifest, Opened, Opener, RemoteFile, parse_sha256_hex, record_miss},
-    transfer::{FailClass, FetchError, RetryPolicy, classify_reqwest},
+    BIN_FILE, CONFIG_FILE, FileSpec, FileStream, Manifest, Origin, OriginError, SAFETENSORS_FILE,
+    remote::{agree, classify_reqwest, parse_content_range},
+    transfer::parse_sha256,
 };
-use crate::{error::Error, metrics::Metrics, store::AdapterName};
+use crate::{config::TransferConfig, error::Error, store::AdapterName};
 
 /// The metric label and config `type`.
 pub const ORIGIN: &str = "huggingface";
@@ -75,12 +74,15 @@ pub struct HubClient {
     http: reqwest::Client,
     endpoint: Url,
     token: Option<String>,
-    policy: RetryPolicy,
 }
 
 impl HubClient {
     /// `endpoint` is the Hub's base URL (`https://huggingface.co`, or `HF_ENDPOINT`).
-    pub fn new(endpoint: &str, token: Option<String>, policy: RetryPolicy) -> Result<Self, Error> {
+    pub fn new(
+        endpoint: &str,
+        token: Option<String>,
+        transfer: &TransferConfig,
+    ) -> Result<Self, Error> {
         let endpoint = Url::parse(endpoint.trim_end_matches('/'))
             .map_err(|e| Error::bad_request(format!("huggingface endpoint {endpoint:?}: {e}")))?;
         if !matches!(endpoint.scheme(), "http" | "https") {
@@ -91,8 +93,8 @@ impl HubClient {
         // No total timeout: `read_timeout` bounds each read (a stall), never the transfer.
         let http = reqwest::Client::builder()
             .redirect(redirect::Policy::none())
-            .connect_timeout(policy.connect_timeout)
-            .read_timeout(policy.idle_timeout)
+            .connect_timeout(transfer.connect_timeout)
+            .read_timeout(transfer.idle_timeout)
             .tcp_nodelay(true)
             .build()
             .map_err(|e| Error::internal(format!("building the Hub HTTP client: {e}")))?;
@@ -101,7 +103,6 @@ impl HubClient {
             http,
             endpoint,
             token,
-            policy,
         })
     }
 
@@ -134,36 +135,36 @@ impl HubClient {
         }
     }
 
-    /// Resolve `revision` of `repo` to its commit and file list (retried on 5xx and resets).
-    pub async fn resolve(&self, repo: &str, revision: &str) -> Result<RepoRevision, FetchError> {
+    /// Resolve `revision` of `repo` to its commit and file list (one attempt; the store
+    /// retries transient failures).
+    pub async fn resolve(&self, repo: &str, revision: &str) -> Result<RepoRevision, OriginError> {
         let mut url = self.url(&["api", "models", repo, "revision", revision]);
         url.query_pairs_mut().append_pair("blobs", "true");
         let what = format!("Hugging Face {repo}@{revision}");
-        self.policy
-            .run(|| async {
-                let resp = self
-                    .get(url.clone())
-                    .send()
-                    .await
-                    .map_err(|e| classify_reqwest(&e, &what))?;
-                if !resp.status().is_success() {
-                    return Err(self.refusal(&resp, &what));
-                }
-                resp.json::<RepoRevision>()
-                    .await
-                    .map_err(|e| classify_reqwest(&e, &what))
-            })
+        let resp = self
+            .get(url)
+            .send()
             .await
+            .map_err(|e| classify_reqwest(&e, &what, false))?;
+        if !resp.status().is_success() {
+            return Err(self.refusal(&resp, &what));
+        }
+        resp.json::<RepoRevision>()
+            .await
+            .map_err(|e| classify_reqwest(&e, &what, true))
     }
 
-    /// Open `file` of `repo` at `commit` from byte `offset`, following the CDN redirect.
+    /// Open `file` of `repo` at `commit` from byte `offset`, following the CDN redirect by
+    /// hand. The `X-Linked-Etag` (SHA-256) of the first answer must match `sha256` when both
+    /// are known, and its `X-Repo-Commit` must be `commit`.
     pub async fn open(
         &self,
         repo: &str,
         commit: &str,
         file: &str,
         offset: u64,
-    ) -> Result<Opened, FetchError> {
+        sha256: Option<[u8; 32]>,
+    ) -> Result<FileStream, OriginError> {
         let what = format!("Hugging Face {repo}/{file}@{commit}");
         let mut url = self.url(&[repo, "resolve", commit, file]);
         let mut linked: Option<Linked> = None;
@@ -172,14 +173,18 @@ impl HubClient {
             if offset > 0 {
                 req = req.header(header::RANGE, format!("bytes={offset}-"));
             }
-            let resp = req.send().await.map_err(|e| classify_reqwest(&e, &what))?;
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| classify_reqwest(&e, &what, false))?;
             // The first answer carries the LFS facts, whether it redirects or not.
             let facts = linked.get_or_insert_with(|| Linked::from_headers(resp.headers()));
             if let Some(c) = facts.commit.as_ref().filter(|c| *c != commit) {
-                return Err(FetchError::invalid(format!(
+                return Err(OriginError::invalid(format!(
                     "{what}: the Hub answered for commit {c}"
                 )));
             }
+            agree("sha256", sha256, facts.sha256).map_err(|e| e.context(&what))?;
             let status = resp.status();
             if status.is_redirection() {
                 let location = resp
@@ -187,44 +192,36 @@ impl HubClient {
                     .get(header::LOCATION)
                     .and_then(|v| v.to_str().ok())
                     .ok_or_else(|| {
-                        FetchError::invalid(format!("{what}: redirect without Location"))
+                        OriginError::invalid(format!("{what}: redirect without Location"))
                     })?;
                 url = url
                     .join(location)
-                    .map_err(|e| FetchError::invalid(format!("{what}: bad Location: {e}")))?;
+                    .map_err(|e| OriginError::invalid(format!("{what}: bad Location: {e}")))?;
                 continue;
             }
             if !status.is_success() {
                 return Err(self.refusal(&resp, &what));
             }
-            let (start, total) = body_range(&resp, offset)?;
-            let facts = linked.take().unwrap_or_default();
+            let (start, total) = body_range(&resp, offset).map_err(|e| e.context(&what))?;
+            let size = linked.take().and_then(|l| l.size);
+            agree("size", size, total).map_err(|e| e.context(&what))?;
             let body = resp
                 .bytes_stream()
-                .map_err(|e| {
-                    // A body that breaks mid-way (reqwest calls it a decode error) is a reset:
-                    // resume it, never reject the adapter for it.
-                    let mut e = classify_reqwest(&e, "reading the Hub's body");
-                    if e.class == FailClass::Invalid {
-                        e.class = FailClass::Transient;
-                    }
-                    e
-                })
+                .map_err(|e| classify_reqwest(&e, "reading the Hub's body", false))
                 .boxed();
-            return Ok(Opened {
+            return Ok(FileStream {
+                offset: start,
+                total: size.or(total),
                 body,
-                start,
-                size: facts.size.or(total),
-                sha256: facts.sha256,
             });
         }
-        Err(FetchError::invalid(format!(
+        Err(OriginError::invalid(format!(
             "{what}: more than {MAX_REDIRECTS} redirects"
         )))
     }
 
     /// Classify a non-success answer of the Hub.
-    fn refusal(&self, resp: &reqwest::Response, what: &str) -> FetchError {
+    fn refusal(&self, resp: &reqwest::Response, what: &str) -> OriginError {
         let status = resp.status();
         let code = resp
             .headers()
@@ -238,34 +235,39 @@ impl HubClient {
                     None => " (a private repo needs a token on the huggingface origin)",
                     Some(_) => "",
                 };
-                FetchError::not_found(format!("{what}: not found ({status}){hint}"))
+                OriginError::not_found(format!("{what}: not found ({status}){hint}"))
             }
-            (StatusCode::UNAUTHORIZED, _) => FetchError::new(
-                FailClass::Auth,
-                format!(
-                    "{what}: the Hub refused authentication ({status}): the token is {}; set \
-                     `token` on the huggingface origin (usually ${{HF_TOKEN}})",
-                    if self.token.is_some() {
-                        "wrong or expired"
-                    } else {
-                        "missing"
-                    }
-                ),
-            ),
-            (StatusCode::FORBIDDEN, _) => FetchError::new(
-                FailClass::Auth,
-                format!(
-                    "{what}: the Hub denied access ({status}{}): authentication: the token has \
-                     no access to this repo (gated or private)",
-                    if code.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", {code}")
-                    }
-                ),
-            ),
-            _ => FetchError::from_status(status.as_u16(), what),
+            (StatusCode::UNAUTHORIZED, _) => OriginError::auth(format!(
+                "{what}: the Hub refused authentication ({status}): the token is {}; set \
+                 `token` on the huggingface origin (usually ${{HF_TOKEN}})",
+                if self.token.is_some() {
+                    "wrong or expired"
+                } else {
+                    "missing"
+                }
+            )),
+            (StatusCode::FORBIDDEN, _) => OriginError::auth(format!(
+                "{what}: the Hub denied access ({status}{}): authentication: the token has no \
+                 access to this repo (gated or private)",
+                if code.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {code}")
+                }
+            )),
+            _ => OriginError::from_status(status.as_u16(), what),
         }
+    }
+}
+
+trait Context {
+    fn context(self, what: &str) -> Self;
+}
+
+impl Context for OriginError {
+    fn context(mut self, what: &str) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
     }
 }
 
@@ -281,7 +283,7 @@ impl Linked {
     fn from_headers(h: &header::HeaderMap) -> Self {
         let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
         Linked {
-            sha256: text("x-linked-etag").and_then(parse_sha256_hex),
+            sha256: text("x-linked-etag").and_then(parse_sha256),
             size: text("x-linked-size").and_then(|s| s.trim().parse().ok()),
             commit: text("x-repo-commit").map(str::to_owned),
         }
@@ -290,36 +292,24 @@ impl Linked {
 
 /// Where the body starts and the file's full size, from a 200 or 206 answer to a request for
 /// `offset..`.
-fn body_range(resp: &reqwest::Response, offset: u64) -> Result<(u64, Option<u64>), FetchError> {
+fn body_range(resp: &reqwest::Response, offset: u64) -> Result<(u64, Option<u64>), OriginError> {
     if resp.status() == StatusCode::PARTIAL_CONTENT {
         let range = resp
             .headers()
             .get(header::CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_content_range)
-            .ok_or_else(|| FetchError::invalid("206 without a usable Content-Range"))?;
+            .ok_or_else(|| OriginError::invalid("206 without a usable Content-Range"))?;
         if range.0 != offset {
-            return Err(FetchError::invalid(format!(
+            return Err(OriginError::invalid(format!(
                 "asked for offset {offset}, got Content-Range from {}",
                 range.0
             )));
         }
         return Ok(range);
     }
-    // 200: the whole file (a server that ignores Range starts at 0; the body skips).
+    // 200: the whole file (a server that ignores Range starts at 0; the transfer skips).
     Ok((0, resp.content_length()))
-}
-
-/// `bytes 100-199/1000` → (100, Some(1000)); `bytes 100-199/*` → (100, None).
-pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
-    let rest = v.trim().strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (start, _end) = range.split_once('-')?;
-    let total = match total {
-        "*" => None,
-        t => Some(t.parse().ok()?),
-    };
-    Some((start.parse().ok()?, total))
 }
 
 /// Which files of a repo make the adapter.
@@ -333,8 +323,8 @@ pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
 ///   [`MAX_EXTRA_FILE`] (tokenizer files, chat templates, special tokens).
 ///
 /// Everything else (READMEs, images, other `*.safetensors`/`*.bin` such as full model weights
-/// or `training_args.bin`, `*.pt` optimizer states) is skipped.
-pub fn select_files(siblings: &[Sibling]) -> Result<Vec<RemoteFile>, FetchError> {
+/// or `training_args.bin`, `*.pt` optimizer states) is skipped. Config first.
+pub fn select_files(siblings: &[Sibling]) -> Result<Vec<FileSpec>, OriginError> {
     let plain = |n: &str| {
         !n.is_empty()
             && !n.starts_with('.')
@@ -343,23 +333,22 @@ pub fn select_files(siblings: &[Sibling]) -> Result<Vec<RemoteFile>, FetchError>
     };
     let top: Vec<&Sibling> = siblings.iter().filter(|s| plain(&s.rfilename)).collect();
     let find = |name: &str| top.iter().copied().find(|s| s.rfilename == name);
-    let Some(config) = find("adapter_config.json") else {
-        return Err(FetchError::not_found(
-            "no adapter_config.json: not a LoRA adapter",
-        ));
+    let Some(config) = find(CONFIG_FILE) else {
+        return Err(OriginError::not_found(format!(
+            "no {CONFIG_FILE}: not a LoRA adapter"
+        )));
     };
-    let Some(weights) = find("adapter_model.safetensors").or_else(|| find("adapter_model.bin"))
-    else {
-        return Err(FetchError::invalid(
-            "adapter_config.json without adapter_model.safetensors or adapter_model.bin",
-        ));
+    let Some(weights) = find(SAFETENSORS_FILE).or_else(|| find(BIN_FILE)) else {
+        return Err(OriginError::invalid(format!(
+            "{CONFIG_FILE} without {SAFETENSORS_FILE} or {BIN_FILE}"
+        )));
     };
-    let mut files = vec![remote(config)?, remote(weights)?];
+    let mut files = vec![spec(config)?, spec(weights)?];
     for s in &top {
         let ext = s.rfilename.rsplit_once('.').map_or("", |(_, e)| e);
         let small = file_size(s).is_some_and(|n| n <= MAX_EXTRA_FILE);
         if EXTRA_EXTENSIONS.contains(&ext) && small && s.rfilename != config.rfilename {
-            files.push(remote(s)?);
+            files.push(spec(s)?);
         }
     }
     Ok(files)
@@ -369,57 +358,35 @@ fn file_size(s: &Sibling) -> Option<u64> {
     s.lfs.as_ref().map(|l| l.size).or(s.size)
 }
 
-fn remote(s: &Sibling) -> Result<RemoteFile, FetchError> {
+fn spec(s: &Sibling) -> Result<FileSpec, OriginError> {
     let sha256 = match &s.lfs {
-        Some(lfs) => Some(parse_sha256_hex(&lfs.sha256).ok_or_else(|| {
-            FetchError::invalid(format!("{}: bad lfs.sha256 {:?}", s.rfilename, lfs.sha256))
+        Some(lfs) => Some(parse_sha256(&lfs.sha256).ok_or_else(|| {
+            OriginError::invalid(format!("{}: bad lfs.sha256 {:?}", s.rfilename, lfs.sha256))
         })?),
         None => None,
     };
-    Ok(RemoteFile {
+    Ok(FileSpec {
         path: s.rfilename.clone(),
-        locator: s.rfilename.clone(),
         size: file_size(s),
         sha256,
     })
 }
 
-/// Opens the files of one repo at one commit.
-struct CommitOpener {
-    client: Arc<HubClient>,
-    repo: String,
-    commit: String,
-}
-
-impl Opener for CommitOpener {
-    fn open(
-        &self,
-        file: &RemoteFile,
-        offset: u64,
-    ) -> BoxFuture<'static, Result<Opened, FetchError>> {
-        let (client, repo, commit) = (self.client.clone(), self.repo.clone(), self.commit.clone());
-        let locator = file.locator.clone();
-        Box::pin(async move { client.open(&repo, &commit, &locator, offset).await })
-    }
-}
-
 /// The `huggingface` origin.
-#[derive(Clone)]
 pub struct HuggingFace {
-    client: Arc<HubClient>,
-    metrics: Option<Arc<Metrics>>,
+    client: HubClient,
+    transfer: TransferConfig,
 }
 
 impl HuggingFace {
     pub fn new(
         endpoint: &str,
         token: Option<String>,
-        policy: RetryPolicy,
-        metrics: Option<Arc<Metrics>>,
+        transfer: TransferConfig,
     ) -> Result<Self, Error> {
         Ok(HuggingFace {
-            client: Arc::new(HubClient::new(endpoint, token, policy)?),
-            metrics,
+            client: HubClient::new(endpoint, token, &transfer)?,
+            transfer,
         })
     }
 
@@ -427,48 +394,77 @@ impl HuggingFace {
         &self.client
     }
 
-    /// The content id of `name` now: the commit sha its revision (default `main`) points to.
-    pub async fn head(&self, name: &AdapterName) -> Result<String, FetchError> {
-        let rev = name.revision().unwrap_or("main");
-        Ok(self.client.resolve(name.repo(), rev).await?.sha)
-    }
-
-    /// Resolve `name` and plan its download. Nothing is transferred until the bodies are read.
-    pub async fn download(&self, name: &AdapterName) -> Result<Download, FetchError> {
-        let planned = self.plan(name).await;
-        if let Err(e) = &planned {
-            record_miss(self.metrics.as_deref(), ORIGIN, e);
-        }
-        planned
-    }
-
-    async fn plan(&self, name: &AdapterName) -> Result<Download, FetchError> {
+    /// Resolve `name` (default revision `main`) and pick its files.
+    pub async fn resolve_manifest(&self, name: &AdapterName) -> Result<Manifest, OriginError> {
         let (repo, rev) = (name.repo(), name.revision().unwrap_or("main"));
         let revision = self.client.resolve(repo, rev).await?;
         let files = select_files(&revision.siblings)
-            .map_err(|e| e.context(format_args!("Hugging Face {repo}@{}", revision.sha)))?;
-        let opener = CommitOpener {
-            client: self.client.clone(),
-            repo: repo.to_owned(),
-            commit: revision.sha.clone(),
-        };
-        let manifest = Manifest {
-            content_id: revision.sha,
+            .map_err(|e| e.context(&format!("Hugging Face {repo}@{}", revision.sha)))?;
+        Ok(Manifest {
             files,
-        };
-        Ok(Download::new(
-            ORIGIN,
-            manifest,
-            Arc::new(opener),
-            self.client.policy,
-            self.metrics.clone(),
-        ))
+            etag: None,
+            revision: Some(revision.sha),
+        })
+    }
+}
+
+impl Origin for HuggingFace {
+    fn kind(&self) -> &'static str {
+        ORIGIN
+    }
+
+    fn describe(&self) -> String {
+        format!("huggingface {}", self.client.endpoint)
+    }
+
+    fn transfer(&self) -> TransferConfig {
+        self.transfer.clone()
+    }
+
+    /// The commit sha the revision points to now.
+    fn head<'a>(
+        &'a self,
+        name: &'a AdapterName,
+    ) -> BoxFuture<'a, Result<Option<String>, OriginError>> {
+        async move {
+            let rev = name.revision().unwrap_or("main");
+            Ok(Some(self.client.resolve(name.repo(), rev).await?.sha))
+        }
+        .boxed()
+    }
+
+    fn manifest<'a>(
+        &'a self,
+        name: &'a AdapterName,
+    ) -> BoxFuture<'a, Result<Manifest, OriginError>> {
+        self.resolve_manifest(name).boxed()
+    }
+
+    /// Every file comes from the commit the manifest resolved, never from the branch.
+    fn open<'a>(
+        &'a self,
+        name: &'a AdapterName,
+        manifest: &'a Manifest,
+        file: &'a FileSpec,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<FileStream, OriginError>> {
+        async move {
+            let commit = manifest.revision.as_deref().ok_or_else(|| {
+                OriginError::invalid("a Hugging Face manifest without its commit")
+            })?;
+            let (repo, path) = (name.repo(), file.path.as_str());
+            self.client
+                .open(repo, commit, path, offset, file.sha256)
+                .await
+        }
+        .boxed()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::origin::OriginErrorKind;
 
     fn sib(name: &str, size: u64, lfs: bool) -> Sibling {
         Sibling {
@@ -481,7 +477,7 @@ mod tests {
         }
     }
 
-    fn names(files: &[RemoteFile]) -> Vec<&str> {
+    fn names(files: &[FileSpec]) -> Vec<&str> {
         files.iter().map(|f| f.path.as_str()).collect()
     }
 
@@ -530,38 +526,30 @@ mod tests {
         );
         let no_weights = [sib("adapter_config.json", 5, false)];
         assert_eq!(
-            select_files(&no_weights).unwrap_err().class,
-            FailClass::Invalid
+            select_files(&no_weights).unwrap_err().kind,
+            OriginErrorKind::Invalid
         );
         let nested = [
             sib("sub/adapter_config.json", 5, false),
             sib("adapter_model.bin", 9, true),
         ];
         assert_eq!(
-            select_files(&nested).unwrap_err().class,
-            FailClass::NotFound
+            select_files(&nested).unwrap_err().kind,
+            OriginErrorKind::NotFound
         );
         let mut bad_sha = sib("adapter_model.bin", 9, true);
         bad_sha.lfs.as_mut().unwrap().sha256 = "xyz".into();
         let repo = [sib("adapter_config.json", 5, false), bad_sha];
-        assert_eq!(select_files(&repo).unwrap_err().class, FailClass::Invalid);
-    }
-
-    #[test]
-    fn content_ranges() {
         assert_eq!(
-            parse_content_range("bytes 100-199/1000"),
-            Some((100, Some(1000)))
+            select_files(&repo).unwrap_err().kind,
+            OriginErrorKind::Invalid
         );
-        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, None)));
-        assert_eq!(parse_content_range("bytes */1000"), None);
-        assert_eq!(parse_content_range("items 1-2/3"), None);
     }
 
     #[test]
     fn token_only_for_the_hub_origin() {
-        let policy = RetryPolicy::from_transfer(&crate::config::TransferConfig::default());
-        let c = HubClient::new("https://hub.example:443/", Some("t".into()), policy).unwrap();
+        let t = TransferConfig::default();
+        let c = HubClient::new("https://hub.example:443/", Some("t".into()), &t).unwrap();
         for (url, same) in [
             ("https://hub.example/org/x/resolve/abc/f", true),
             ("https://hub.example:443/x", true),
@@ -576,7 +564,7 @@ mod tests {
             c.url(&["org/x", "resolve", "main", "a b.json"]).as_str(),
             "https://hub.example/org/x/resolve/main/a%20b.json"
         );
-        assert!(HubClient::new("ftp://x", None, policy).is_err());
-        assert!(HubClient::new("not a url", None, policy).is_err());
+        assert!(HubClient::new("ftp://x", None, &t).is_err());
+        assert!(HubClient::new("not a url", None, &t).is_err());
     }
 }

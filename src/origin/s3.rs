@@ -1,32 +1,26 @@
 //! The S3 origin (`type: s3`): an adapter is every object under `{prefix}{name}/`.
 //!
 //! `aws-sdk-s3` with the standard credential chain (env, profile, IMDS, web identity/IRSA, via
-//! `aws-config` defaults); `endpoint` selects an S3-compatible store (path-style addressing,
-//! checksums only when the operation requires them, as such stores often lack the newer
-//! default checksums). The prefix is normalised once: `""` stays empty (keys never start with
-//! `/`, unlike the Go original), `models` and `models/` both become `models/`.
+//! `aws-config` defaults; built on first use, since loading it is async); `endpoint` selects an
+//! S3-compatible store (path-style addressing, checksums only when the operation requires them,
+//! as such stores often lack the newer default checksums). The prefix is normalised once: `""`
+//! stays empty (keys never start with `/`, unlike the Go original), `models` and `models/`
+//! both become `models/`.
 //!
-//! A download lists `{prefix}{name}/` with ListObjectsV2 (every page, continuation tokens),
-//! refuses the whole adapter if one key would escape its directory ([`relative_path`]), and
-//! streams each object with GetObject. Every request of a file carries `If-Match: {ETag from
-//! the listing}`, so an object rewritten during the download, or between a failure and its
-//! `Range` resume, is refused instead of being stitched from two versions.
+//! The manifest lists `{prefix}{name}/` with ListObjectsV2 (every page, continuation tokens)
+//! and refuses the whole adapter if one key would escape its directory ([`relative_path`]);
+//! files stream with GetObject (`ByteStream::try_next()`), from an offset with `Range`.
 //!
-//! Verification: sizes always (listing, HEAD and bytes must agree); SHA-256 when the object
-//! has a full-object `x-amz-checksum-sha256` (read with a `HeadObject` in checksum mode before
-//! the first byte, because S3 omits checksums on ranged GETs, and hashed in the same pass as
-//! the bytes stream). CRC checksums and composite (multipart) checksums are not verified. The
-//! ETag is not used as an MD5: it is one only for single-part uploads without SSE-KMS/SSE-C,
-//! and a false mismatch would reject good adapters; it serves as the content id (the ETag of
-//! `adapter_config.json`) and as the `If-Match` guard.
+//! Verification: sizes always (listing and answers must agree; the transfer counts the bytes);
+//! SHA-256 when the object has a full-object `x-amz-checksum-sha256`, read with a `HeadObject`
+//! in checksum mode at manifest time (S3 omits checksums on ranged GETs, so the value must be
+//! known before a resume) for the weights files and any object the listing flags as SHA-256.
+//! CRC and composite (multipart) checksums are not verified. The ETag is not used as an MD5:
+//! it is one only for single-part uploads without SSE-KMS/SSE-C, and a false mismatch would
+//! reject good adapters; the ETag of `adapter_config.json` is the content id.
 //!
-//! Retries are ours (the SDK's are off), with the same schedule and stall timeout as the
-//! other origins; the SDK's stalled-stream protection is off for the same reason.
-
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+//! The SDK's own retries and stalled-stream protection are off: the store retries (with the
+//! same schedule and idle timeout for every origin) and resumes with `Range`.
 
 use aws_sdk_s3::{
     Client,
@@ -37,16 +31,16 @@ use aws_sdk_s3::{
     },
     error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
     primitives::ByteStream,
-    types::{ChecksumMode, ChecksumType},
+    types::{ChecksumAlgorithm, ChecksumMode, ChecksumType},
 };
-use futures_util::{StreamExt, future::BoxFuture};
+use futures_util::{FutureExt, StreamExt, future::BoxFuture};
+use tokio::sync::OnceCell;
 
 use super::{
-    download::{Download, Manifest, Opened, Opener, RemoteFile, record_miss},
-    huggingface::parse_content_range,
-    transfer::{FailClass, FetchError, RetryPolicy},
+    BIN_FILE, CONFIG_FILE, FileSpec, FileStream, Manifest, Origin, OriginError, OriginErrorKind,
+    SAFETENSORS_FILE, remote::parse_content_range,
 };
-use crate::{metrics::Metrics, store::AdapterName};
+use crate::{config::TransferConfig, store::AdapterName};
 
 /// The metric label and config `type`.
 pub const ORIGIN: &str = "s3";
@@ -66,9 +60,9 @@ pub fn normalize_prefix(prefix: &str) -> String {
 /// `Ok(None)` for folder markers (`dir/`, `dir/sub/`), which hold no file. An error (the
 /// adapter is refused) for a key outside `dir`, or one with an empty, `.` or `..` segment, a
 /// backslash or a control character: such a key could write outside the adapter directory.
-pub fn relative_path(dir: &str, key: &str) -> Result<Option<String>, FetchError> {
+pub fn relative_path(dir: &str, key: &str) -> Result<Option<String>, OriginError> {
     let hostile = || {
-        FetchError::invalid(format!(
+        OriginError::invalid(format!(
             "refusing key {key:?}: it would escape the adapter directory {dir:?}"
         ))
     };
@@ -104,6 +98,8 @@ pub struct S3Object {
     pub key: String,
     pub size: u64,
     pub etag: String,
+    /// The listing says the object carries a SHA-256 checksum.
+    pub sha256_listed: bool,
 }
 
 /// Where an S3 origin reads from.
@@ -123,14 +119,13 @@ pub struct S3Client {
     client: Client,
     bucket: String,
     prefix: String,
-    policy: RetryPolicy,
 }
 
 impl S3Client {
     /// Build the client. `credentials`: `None` uses the standard chain; tests pass static ones.
     pub async fn connect(
         settings: &S3Settings,
-        policy: RetryPolicy,
+        transfer: &TransferConfig,
         credentials: Option<Credentials>,
     ) -> S3Client {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
@@ -142,8 +137,8 @@ impl S3Client {
         }
         let sdk = loader.load().await;
         let timeouts = TimeoutConfig::builder()
-            .connect_timeout(policy.connect_timeout)
-            .read_timeout(policy.idle_timeout)
+            .connect_timeout(transfer.connect_timeout)
+            .read_timeout(transfer.idle_timeout)
             .build();
         let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
             .retry_config(RetryConfig::disabled())
@@ -158,7 +153,6 @@ impl S3Client {
             client: Client::from_conf(conf.build()),
             bucket: settings.bucket.clone(),
             prefix: normalize_prefix(&settings.prefix),
-            policy,
         }
     }
 
@@ -181,30 +175,27 @@ impl S3Client {
     }
 
     /// Every object under `prefix`, all pages.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<S3Object>, FetchError> {
+    pub async fn list(&self, prefix: &str) -> Result<Vec<S3Object>, OriginError> {
         let what = self.what(prefix);
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let page = self
-                .policy
-                .run(|| async {
-                    let r = self
-                        .client
-                        .list_objects_v2()
-                        .bucket(&self.bucket)
-                        .prefix(prefix)
-                        .set_continuation_token(token.clone())
-                        .send()
-                        .await;
-                    r.map_err(|e| classify(e, &what))
-                })
-                .await?;
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| classify(e, &what))?;
             for o in page.contents() {
-                let key = o.key().unwrap_or_default().to_owned();
-                let size = o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
-                let etag = o.e_tag().unwrap_or_default().to_owned();
-                out.push(S3Object { key, size, etag });
+                out.push(S3Object {
+                    key: o.key().unwrap_or_default().to_owned(),
+                    size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                    etag: o.e_tag().unwrap_or_default().to_owned(),
+                    sha256_listed: o.checksum_algorithm().contains(&ChecksumAlgorithm::Sha256),
+                });
             }
             token = page.next_continuation_token().map(str::to_owned);
             if !page.is_truncated().unwrap_or(false) || token.is_none() {
@@ -214,91 +205,73 @@ impl S3Client {
     }
 
     /// The ETag of `key` now (`HeadObject`).
-    pub async fn etag(&self, key: &str) -> Result<String, FetchError> {
+    pub async fn etag(&self, key: &str) -> Result<String, OriginError> {
         let what = self.what(key);
         let head = self
-            .policy
-            .run(|| async {
-                let r = self
-                    .client
-                    .head_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .send()
-                    .await;
-                r.map_err(|e| classify(e, &what))
-            })
-            .await?;
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await;
+        let head = head.map_err(|e| classify(e, &what))?;
         Ok(head.e_tag().unwrap_or_default().to_owned())
     }
 
-    /// Open `key` from `offset`, only if its ETag is still `etag` (`""`: unguarded). At offset
-    /// 0 a `HeadObject` in checksum mode first reads the object's full SHA-256, if it has one,
-    /// and its ETag, returned to guard later resumes.
-    pub async fn get(
-        &self,
-        key: &str,
-        etag: &str,
-        offset: u64,
-    ) -> Result<(Opened, Option<String>), FetchError> {
+    /// The full-object SHA-256 of `key`, if it has one (`HeadObject` in checksum mode).
+    pub async fn sha256(&self, key: &str) -> Result<Option<[u8; 32]>, OriginError> {
         let what = self.what(key);
-        // Some S3-compatible stores list no ETag; then there is nothing to guard with.
-        let guard = (!etag.is_empty()).then(|| etag.to_owned());
-        let mut sha256 = None;
-        let mut size = None;
-        let mut seen_etag = None;
-        if offset == 0 {
-            let head = self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .set_if_match(guard.clone())
-                .checksum_mode(ChecksumMode::Enabled)
-                .send()
-                .await
-                .map_err(|e| classify(e, &what))?;
-            size = head.content_length().and_then(|n| u64::try_from(n).ok());
-            seen_etag = head.e_tag().map(str::to_owned);
-            let full = head.checksum_type() != Some(&ChecksumType::Composite);
-            if let Some(b64) = head.checksum_sha256().filter(|_| full) {
-                sha256 = Some(decode_sha256_b64(b64).ok_or_else(|| {
-                    FetchError::invalid(format!("{what}: bad x-amz-checksum-sha256 {b64:?}"))
-                })?);
-            }
-        }
-        let mut req = self
+        let head = self
             .client
-            .get_object()
+            .head_object()
             .bucket(&self.bucket)
             .key(key)
-            .if_match(etag);
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await
+            .map_err(|e| classify(e, &what))?;
+        if head.checksum_type() == Some(&ChecksumType::Composite) {
+            return Ok(None);
+        }
+        match head.checksum_sha256() {
+            None => Ok(None),
+            Some(b64) => decode_sha256_b64(b64).map(Some).ok_or_else(|| {
+                OriginError::invalid(format!("{what}: bad x-amz-checksum-sha256 {b64:?}"))
+            }),
+        }
+    }
+
+    /// Open `key` from `offset`.
+    pub async fn get(&self, key: &str, offset: u64) -> Result<FileStream, OriginError> {
+        let what = self.what(key);
+        let mut req = self.client.get_object().bucket(&self.bucket).key(key);
         if offset > 0 {
             req = req.range(format!("bytes={offset}-"));
         }
         let out = req.send().await.map_err(|e| classify(e, &what))?;
         let (start, total) = match out.content_range().and_then(parse_content_range) {
-            Some((start, total)) => (start, total),
+            Some(range) => range,
             None => (0, out.content_length().and_then(|n| u64::try_from(n).ok())),
         };
-        let opened = Opened {
+        Ok(FileStream {
+            offset: start,
+            total,
             body: byte_stream(out.body, what),
-            start,
-            size: size.or(total),
-            sha256,
-        };
-        Ok((opened, seen_etag))
+        })
     }
 }
 
-fn byte_stream(body: ByteStream, what: String) -> super::download::ChunkStream {
+fn byte_stream(
+    body: ByteStream,
+    what: String,
+) -> futures_util::stream::BoxStream<'static, Result<bytes::Bytes, OriginError>> {
     futures_util::stream::unfold((body, what), |(mut body, what)| async move {
         match body.try_next().await {
             Ok(Some(chunk)) => Some((Ok(chunk), (body, what))),
             Ok(None) => None,
             Err(e) => {
                 let msg = format!("{what}: reading the body: {}", DisplayErrorContext(&e));
-                Some((Err(FetchError::transient(msg)), (body, what)))
+                Some((Err(OriginError::transient(msg)), (body, what)))
             }
         }
     })
@@ -306,42 +279,41 @@ fn byte_stream(body: ByteStream, what: String) -> super::download::ChunkStream {
 }
 
 /// Classify an SDK error: not found, authentication, retryable, or unusable.
-fn classify<E>(e: SdkError<E, HttpResponse>, what: &str) -> FetchError
+fn classify<E>(e: SdkError<E, HttpResponse>, what: &str) -> OriginError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let message = format!("{what}: {}", DisplayErrorContext(&e));
-    let class = match &e {
-        SdkError::TimeoutError(_) => FailClass::Timeout,
-        SdkError::DispatchFailure(d) if d.is_timeout() => FailClass::Timeout,
-        SdkError::DispatchFailure(d) if d.is_user() => FailClass::Invalid,
-        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => FailClass::Transient,
+    let kind = match &e {
+        SdkError::TimeoutError(_) => OriginErrorKind::Transient,
+        SdkError::DispatchFailure(d) if d.is_user() => OriginErrorKind::Invalid,
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => OriginErrorKind::Transient,
         SdkError::ServiceError(s) => {
             let status = s.raw().status().as_u16();
             match e.code() {
-                Some("NoSuchKey" | "NotFound") => FailClass::NotFound,
-                Some("NoSuchBucket") => FailClass::Invalid,
+                Some("NoSuchKey" | "NotFound") => OriginErrorKind::NotFound,
+                // A misconfigured origin, not a missing adapter: say so loudly.
+                Some("NoSuchBucket") => OriginErrorKind::Invalid,
                 Some(
                     "AccessDenied"
                     | "InvalidAccessKeyId"
                     | "SignatureDoesNotMatch"
                     | "ExpiredToken"
                     | "InvalidToken",
-                ) => FailClass::Auth,
-                // If-Match failed: the object changed since it was listed.
-                Some("PreconditionFailed") => FailClass::Invalid,
-                _ if status == 412 => FailClass::Invalid,
-                _ => FetchError::from_status(status, "").class,
+                ) => OriginErrorKind::Auth,
+                _ => OriginError::from_status(status, "").kind,
             }
         }
         // Construction failures: no credentials, no region, a bad endpoint.
-        _ => FailClass::Invalid,
+        _ => OriginErrorKind::Invalid,
     };
-    let message = match class {
-        FailClass::Auth => format!("{message} (authentication: check the AWS credentials)"),
+    let message = match kind {
+        OriginErrorKind::Auth => {
+            format!("{message} (authentication: check the AWS credentials)")
+        }
         _ => message,
     };
-    FetchError::new(class, message)
+    OriginError::new(kind, message)
 }
 
 /// Base64 of 32 bytes (how S3 sends checksums).
@@ -353,120 +325,137 @@ fn decode_sha256_b64(s: &str) -> Option<[u8; 32]> {
     v.try_into().ok()
 }
 
-/// Opens the objects of one listing, guarded by their ETags (from the listing, else from
-/// the first `HeadObject`, for stores whose listings carry none).
-struct ListingOpener {
-    client: S3Client,
-    etags: Arc<Mutex<HashMap<String, String>>>,
+/// The `s3` origin. The SDK client is built on first use (loading credentials is async).
+pub struct S3 {
+    settings: S3Settings,
+    transfer: TransferConfig,
+    credentials: Option<Credentials>,
+    client: OnceCell<S3Client>,
 }
 
-fn lock(m: &Mutex<HashMap<String, String>>) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+impl S3 {
+    /// An origin using the standard credential chain.
+    pub fn new(settings: S3Settings, transfer: TransferConfig) -> S3 {
+        S3::with_credentials(settings, transfer, None)
+    }
 
-impl Opener for ListingOpener {
-    fn open(
-        &self,
-        file: &RemoteFile,
-        offset: u64,
-    ) -> BoxFuture<'static, Result<Opened, FetchError>> {
-        let client = self.client.clone();
-        let key = file.locator.clone();
-        let etags = self.etags.clone();
-        let etag = lock(&etags).get(&key).cloned().unwrap_or_default();
-        Box::pin(async move {
-            let (opened, seen) = client.get(&key, &etag, offset).await?;
-            if let Some(seen) = seen.filter(|_| etag.is_empty()) {
-                lock(&etags).insert(key, seen);
+    /// An origin with fixed credentials (tests, tools).
+    pub fn with_credentials(
+        settings: S3Settings,
+        transfer: TransferConfig,
+        credentials: Option<Credentials>,
+    ) -> S3 {
+        S3 {
+            settings,
+            transfer,
+            credentials,
+            client: OnceCell::new(),
+        }
+    }
+
+    pub async fn client(&self) -> &S3Client {
+        self.client
+            .get_or_init(|| {
+                S3Client::connect(&self.settings, &self.transfer, self.credentials.clone())
+            })
+            .await
+    }
+
+    /// List `name` and describe its files.
+    pub async fn list_manifest(&self, name: &AdapterName) -> Result<Manifest, OriginError> {
+        let client = self.client().await;
+        let dir = client.adapter_dir(name);
+        let mut files = Vec::new();
+        let mut etag = None;
+        for o in client.list(&dir).await? {
+            let Some(path) = relative_path(&dir, &o.key)? else {
+                continue;
+            };
+            if path == CONFIG_FILE {
+                etag = Some(o.etag.clone());
             }
-            Ok(opened)
+            let weights = path == SAFETENSORS_FILE || path == BIN_FILE;
+            let sha256 = match o.sha256_listed || weights {
+                true => client.sha256(&o.key).await?,
+                false => None,
+            };
+            files.push(FileSpec {
+                path,
+                size: Some(o.size),
+                sha256,
+            });
+        }
+        let etag = match etag {
+            None => {
+                let at = client.what(&dir);
+                return Err(OriginError::not_found(format!("{at}: no {CONFIG_FILE}")));
+            }
+            // Some S3-compatible stores list no ETags: ask the object itself.
+            Some(e) if e.is_empty() => client.etag(&format!("{dir}{CONFIG_FILE}")).await?,
+            Some(e) => e,
+        };
+        // The config first: vLLM-facing checks can run before the weights arrive.
+        files.sort_by_key(|f| f.path != CONFIG_FILE);
+        Ok(Manifest {
+            files,
+            etag: Some(etag),
+            revision: None,
         })
     }
 }
 
-/// The `s3` origin.
-#[derive(Clone)]
-pub struct S3 {
-    client: S3Client,
-    metrics: Option<Arc<Metrics>>,
-}
-
-impl S3 {
-    pub fn new(client: S3Client, metrics: Option<Arc<Metrics>>) -> Self {
-        S3 { client, metrics }
+impl Origin for S3 {
+    fn kind(&self) -> &'static str {
+        ORIGIN
     }
 
-    pub fn client(&self) -> &S3Client {
-        &self.client
+    fn describe(&self) -> String {
+        let s = &self.settings;
+        let at = s
+            .endpoint
+            .as_deref()
+            .map(|e| format!(" at {e}"))
+            .unwrap_or_default();
+        format!("s3 s3://{}/{}{at}", s.bucket, normalize_prefix(&s.prefix))
     }
 
-    /// The content id of `name` now: the ETag of its `adapter_config.json`.
-    pub async fn head(&self, name: &AdapterName) -> Result<String, FetchError> {
-        let key = format!("{}adapter_config.json", self.client.adapter_dir(name));
-        self.client.etag(&key).await
+    fn transfer(&self) -> TransferConfig {
+        self.transfer.clone()
     }
 
-    /// List `name` and plan its download. Nothing is transferred until the bodies are read.
-    pub async fn download(&self, name: &AdapterName) -> Result<Download, FetchError> {
-        let planned = self.plan(name).await;
-        if let Err(e) = &planned {
-            record_miss(self.metrics.as_deref(), ORIGIN, e);
+    /// The ETag of `adapter_config.json` now.
+    fn head<'a>(
+        &'a self,
+        name: &'a AdapterName,
+    ) -> BoxFuture<'a, Result<Option<String>, OriginError>> {
+        async move {
+            let client = self.client().await;
+            let key = format!("{}{CONFIG_FILE}", client.adapter_dir(name));
+            Ok(Some(client.etag(&key).await?))
         }
-        planned
+        .boxed()
     }
 
-    async fn plan(&self, name: &AdapterName) -> Result<Download, FetchError> {
-        let dir = self.client.adapter_dir(name);
-        let objects = self.client.list(&dir).await?;
-        let mut files = Vec::with_capacity(objects.len());
-        let mut etags = HashMap::with_capacity(objects.len());
-        let mut content_id = None;
-        for o in objects {
-            let Some(path) = relative_path(&dir, &o.key)? else {
-                continue;
-            };
-            if path == "adapter_config.json" {
-                content_id = Some(o.etag.clone());
-            }
-            files.push(RemoteFile {
-                path,
-                locator: o.key.clone(),
-                size: Some(o.size),
-                sha256: None,
-            });
-            if !o.etag.is_empty() {
-                etags.insert(o.key, o.etag);
-            }
+    fn manifest<'a>(
+        &'a self,
+        name: &'a AdapterName,
+    ) -> BoxFuture<'a, Result<Manifest, OriginError>> {
+        self.list_manifest(name).boxed()
+    }
+
+    fn open<'a>(
+        &'a self,
+        name: &'a AdapterName,
+        _manifest: &'a Manifest,
+        file: &'a FileSpec,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<FileStream, OriginError>> {
+        async move {
+            let client = self.client().await;
+            let key = format!("{}{}", client.adapter_dir(name), file.path);
+            client.get(&key, offset).await
         }
-        let content_id = match content_id {
-            None => {
-                return Err(FetchError::not_found(format!(
-                    "{}: no adapter_config.json",
-                    self.client.what(&dir)
-                )));
-            }
-            // Some S3-compatible stores list no ETags: ask the object itself.
-            Some(etag) if etag.is_empty() => {
-                self.client
-                    .etag(&format!("{dir}adapter_config.json"))
-                    .await?
-            }
-            Some(etag) => etag,
-        };
-        // adapter_config.json first: a reader can check it before the weights arrive.
-        files.sort_by_key(|f| f.path != "adapter_config.json");
-        let opener = ListingOpener {
-            client: self.client.clone(),
-            etags: Arc::new(Mutex::new(etags)),
-        };
-        let manifest = Manifest { content_id, files };
-        Ok(Download::new(
-            ORIGIN,
-            manifest,
-            Arc::new(opener),
-            self.client.policy,
-            self.metrics.clone(),
-        ))
+        .boxed()
     }
 }
 
@@ -506,7 +495,7 @@ mod tests {
             "q/other",
         ] {
             let e = relative_path(dir, bad).unwrap_err();
-            assert_eq!(e.class, FailClass::Invalid, "{bad}");
+            assert_eq!(e.kind, OriginErrorKind::Invalid, "{bad}");
             assert!(e.message.contains("escape"), "{bad}: {}", e.message);
         }
     }
@@ -516,7 +505,7 @@ mod tests {
         // sha256("") in base64, as S3 sends it.
         let v = decode_sha256_b64("47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=").unwrap();
         assert_eq!(
-            super::super::download::hex(&v),
+            crate::origin::transfer::hex(&v),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
         assert!(decode_sha256_b64("not base64!").is_none());

@@ -1,277 +1,420 @@
-//! What every remote origin shares about moving bytes: the failure classes an origin reports,
-//! and the retry schedule.
-//!
-//! A failure is classified once, where it happens, so the layers above can decide without
-//! parsing messages: `NotFound` sends the chain on to the next origin, `Transient` and
-//! `Timeout` are retried (with `Range` when bytes were already received), `Auth`, `Checksum`
-//! and `Invalid` reject the adapter at once with a 502 whose message says why.
+//! Moving one file from an origin to a sink, the same way for every origin: stall detection
+//! (an idle timeout per read, never a total-time limit), retries with backoff that resume from
+//! the byte offset reached (`Range`), and the size and sha256 checks, hashed while streaming.
 
-use std::{fmt, time::Duration};
+use std::{future::Future, time::Duration};
 
-use crate::{
-    config::TransferConfig,
-    error::{Error, ErrorKind},
-};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
 
-/// Why an origin could not deliver an adapter. The `as_str` values are the `reason` label of
-/// `loraplex_fetch_failures_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FailClass {
-    /// The origin does not have this adapter (or this revision): try the next origin.
-    NotFound,
-    /// The origin refused our credentials (token missing, wrong, or without access).
-    Auth,
-    /// 5xx, connection reset, truncated body: worth another try.
-    Transient,
-    /// Connect timeout, or no byte for `idle_timeout` (a stall): worth another try.
-    Timeout,
-    /// The bytes do not match the checksum the origin announced.
-    Checksum,
-    /// The origin answered something unusable: a hostile key, a size mismatch, bad JSON,
-    /// a repo without adapter weights.
-    Invalid,
+use super::{FileSpec, Manifest, Origin, OriginError, OriginErrorKind};
+use crate::{error::Error, store::AdapterName};
+
+/// First retry delay; doubles per retry up to [`BACKOFF_CAP`].
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// Where the bytes of the file go, in order. An error from the sink is final: a full disk is
+/// not cured by asking the origin again, and content the sink rejects
+/// (`TransferError::Origin` with `Invalid`) will not change either.
+pub trait ChunkSink: Send {
+    fn accept(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), TransferError>> + Send;
 }
 
-impl FailClass {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            FailClass::NotFound => "not_found",
-            FailClass::Auth => "auth",
-            FailClass::Transient => "transient",
-            FailClass::Timeout => "timeout",
-            FailClass::Checksum => "checksum",
-            FailClass::Invalid => "invalid",
-        }
-    }
-
-    /// Whether the same request may succeed if sent again.
-    pub const fn retryable(self) -> bool {
-        matches!(self, FailClass::Transient | FailClass::Timeout)
-    }
+/// Why a transfer stopped.
+#[derive(Debug)]
+pub enum TransferError {
+    /// The origin failed (after the retries it deserved).
+    Origin(OriginError),
+    /// The sink (the writer, the disk budget) failed.
+    Sink(Error),
 }
 
-/// A classified origin failure.
+/// What a finished transfer saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FetchError {
-    pub class: FailClass,
-    pub message: String,
-}
-
-impl FetchError {
-    pub fn new(class: FailClass, message: impl Into<String>) -> Self {
-        FetchError {
-            class,
-            message: message.into(),
-        }
-    }
-
-    pub fn not_found(message: impl Into<String>) -> Self {
-        FetchError::new(FailClass::NotFound, message)
-    }
-
-    pub fn invalid(message: impl Into<String>) -> Self {
-        FetchError::new(FailClass::Invalid, message)
-    }
-
-    pub fn transient(message: impl Into<String>) -> Self {
-        FetchError::new(FailClass::Transient, message)
-    }
-
-    /// Classify an HTTP status that is not a success. 404/410 are "not here"; 401/403 are
-    /// authentication; 408/429/5xx are worth retrying; the rest are unusable answers.
-    pub fn from_status(status: u16, what: impl fmt::Display) -> Self {
-        match status {
-            404 | 410 => FetchError::not_found(format!("{what}: not found ({status})")),
-            401 | 403 => FetchError::new(
-                FailClass::Auth,
-                format!("{what}: authentication failed ({status})"),
-            ),
-            408 | 429 | 500..=599 => FetchError::transient(format!("{what}: answered {status}")),
-            _ => FetchError::invalid(format!("{what}: unexpected status {status}")),
-        }
-    }
-
-    pub fn context(mut self, ctx: impl fmt::Display) -> Self {
-        self.message = format!("{ctx}: {}", self.message);
-        self
-    }
-}
-
-impl fmt::Display for FetchError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.message, self.class.as_str())
-    }
-}
-
-impl std::error::Error for FetchError {}
-
-impl From<FetchError> for Error {
-    /// Not found stays a 404 (the chain turns the last one into vLLM's wording); a stall that
-    /// outlived its retries is a 504; everything else the origin did wrong is a 502.
-    fn from(e: FetchError) -> Self {
-        let kind = match e.class {
-            FailClass::NotFound => ErrorKind::NotFound,
-            FailClass::Timeout => ErrorKind::Timeout,
-            FailClass::Auth | FailClass::Transient | FailClass::Checksum | FailClass::Invalid => {
-                ErrorKind::BadGateway
-            }
-        };
-        Error::new(kind, e.message)
-    }
-}
-
-/// Classify a reqwest error: timeouts and connection trouble are retryable; a body that could
-/// not be decoded as JSON is an unusable answer.
-pub fn classify_reqwest(e: &reqwest::Error, what: impl fmt::Display) -> FetchError {
-    let class = if e.is_timeout() {
-        FailClass::Timeout
-    } else if e.is_decode() {
-        FailClass::Invalid
-    } else {
-        FailClass::Transient
-    };
-    // `{:#}`-style chains are not available on reqwest errors; walk the sources so the
-    // message names the real cause (connection refused, reset, ...).
-    let mut message = format!("{what}: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    FetchError::new(class, message)
-}
-
-/// How many times, and how long apart, a failed request or transfer is tried again.
-///
-/// Retries count *consecutive* failures without progress: a transfer that received bytes
-/// since its last failure starts counting again, so a long download on a flaky link finishes
-/// as long as it keeps moving. There is no total-time limit anywhere.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
+pub struct Transferred {
+    pub bytes: u64,
+    /// The content's sha256, computed only when the origin gave one to check against
+    /// (hashing costs more CPU than the rest of the transfer).
+    pub sha256: Option<[u8; 32]>,
+    /// Retries it took (resumed or restarted opens).
     pub retries: u32,
-    /// Delay before the first retry; doubled each time, capped at `max_delay`.
-    pub base_delay: Duration,
-    pub max_delay: Duration,
-    /// No byte for this long aborts the attempt (then retried).
-    pub idle_timeout: Duration,
-    pub connect_timeout: Duration,
 }
 
-impl RetryPolicy {
-    pub fn from_transfer(t: &TransferConfig) -> Self {
-        RetryPolicy {
-            retries: t.retries,
-            base_delay: Duration::from_millis(250),
-            max_delay: Duration::from_secs(8),
-            idle_timeout: t.idle_timeout,
-            connect_timeout: t.connect_timeout,
+/// Run a metadata request of `origin` (manifest, head) with its timeouts, retrying
+/// transient failures with backoff like a transfer.
+pub async fn with_retries<T, F, Fut>(
+    origin: &dyn Origin,
+    what: &str,
+    mut call: F,
+) -> Result<T, OriginError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, OriginError>>,
+{
+    let cfg = origin.transfer();
+    let limit = cfg.connect_timeout + cfg.idle_timeout;
+    let mut backoff = BACKOFF_START;
+    let mut retries = 0;
+    loop {
+        let result = match tokio::time::timeout(limit, call()).await {
+            Ok(r) => r,
+            Err(_) => Err(OriginError::transient(format!(
+                "{what}: no answer within {limit:?}"
+            ))),
+        };
+        match result {
+            Err(e) if e.kind == OriginErrorKind::Transient && retries < cfg.retries => {
+                retries += 1;
+                tracing::warn!(origin = %origin.describe(), what, retry = retries, error = %e.message, "retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_CAP);
+            }
+            other => return other,
         }
     }
+}
 
-    /// Same policy with another first delay (tests use a few milliseconds).
-    pub fn with_base_delay(mut self, base: Duration) -> Self {
-        self.base_delay = base;
-        self.max_delay = self.max_delay.max(base);
-        self
+/// Stream `file` of adapter `name` from `origin` into `sink`.
+pub async fn pull_file<S: ChunkSink>(
+    origin: &dyn Origin,
+    name: &AdapterName,
+    manifest: &Manifest,
+    file: &FileSpec,
+    sink: &mut S,
+) -> Result<Transferred, TransferError> {
+    let cfg = origin.transfer();
+    let mut hasher = file.sha256.map(|_| Sha256::new());
+    let mut done: u64 = 0;
+    let mut expected = file.size;
+    let mut retries = 0u32;
+    let mut backoff = BACKOFF_START;
+    loop {
+        let attempt = stream_once(
+            origin,
+            name,
+            manifest,
+            file,
+            sink,
+            &mut hasher,
+            &mut done,
+            &mut expected,
+            cfg.idle_timeout,
+            cfg.connect_timeout,
+        )
+        .await;
+        match attempt {
+            Ok(()) => break,
+            Err(TransferError::Origin(e))
+                if e.kind == OriginErrorKind::Transient && retries < cfg.retries =>
+            {
+                retries += 1;
+                tracing::warn!(
+                    adapter = %name, file = %file.path, origin = %origin.describe(),
+                    offset = done, retry = retries, error = %e.message,
+                    "transfer interrupted; retrying from the offset reached"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_CAP);
+            }
+            Err(e) => return Err(e),
+        }
     }
-
-    /// The delay before retry number `attempt` (0-based).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 1u32 << attempt.min(16);
-        self.base_delay.saturating_mul(factor).min(self.max_delay)
-    }
-
-    /// Run `op` until it succeeds, fails with a non-retryable class, or runs out of retries.
-    pub async fn run<T, F, Fut>(&self, mut op: F) -> Result<T, FetchError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, FetchError>>,
+    let sha256: Option<[u8; 32]> = hasher.map(|h| h.finalize().into());
+    if let (Some(want), Some(got)) = (file.sha256, sha256)
+        && want != got
     {
-        let mut attempt = 0;
-        loop {
-            match op().await {
-                Err(e) if e.class.retryable() && attempt < self.retries => {
-                    tracing::debug!(attempt, error = %e, "origin request failed, retrying");
-                    tokio::time::sleep(self.delay(attempt)).await;
-                    attempt += 1;
-                }
-                other => return other,
+        return Err(TransferError::Origin(OriginError::invalid(format!(
+            "{}: sha256 mismatch (expected {}, got {})",
+            file.path,
+            hex(&want),
+            hex(&got)
+        ))));
+    }
+    Ok(Transferred {
+        bytes: done,
+        sha256,
+        retries,
+    })
+}
+
+/// One open + read-to-end attempt. `done` and the hasher carry over between attempts.
+#[allow(clippy::too_many_arguments)]
+async fn stream_once<S: ChunkSink>(
+    origin: &dyn Origin,
+    name: &AdapterName,
+    manifest: &Manifest,
+    file: &FileSpec,
+    sink: &mut S,
+    hasher: &mut Option<Sha256>,
+    done: &mut u64,
+    expected: &mut Option<u64>,
+    idle: Duration,
+    connect: Duration,
+) -> Result<(), TransferError> {
+    let stall = |what: &str| {
+        TransferError::Origin(OriginError::transient(format!(
+            "{}: no data for {idle:?} ({what})",
+            file.path
+        )))
+    };
+    let opened = tokio::time::timeout(connect + idle, origin.open(name, manifest, file, *done))
+        .await
+        .map_err(|_| stall("waiting for the answer"))?
+        .map_err(TransferError::Origin)?;
+    if opened.offset > *done {
+        return Err(TransferError::Origin(OriginError::invalid(format!(
+            "{}: asked for offset {done}, got {}",
+            file.path, opened.offset
+        ))));
+    }
+    if let Some(total) = opened.total {
+        match *expected {
+            Some(want) if want != total => {
+                return Err(TransferError::Origin(OriginError::invalid(format!(
+                    "{}: size {total} announced, {want} expected",
+                    file.path
+                ))));
+            }
+            _ => *expected = Some(total),
+        }
+    }
+    // Bytes before `done` were already delivered (the origin restarted from an earlier offset).
+    let mut skip = *done - opened.offset;
+    let mut body = opened.body;
+    loop {
+        let next = tokio::time::timeout(idle, body.next())
+            .await
+            .map_err(|_| stall("mid-transfer"))?;
+        let mut chunk = match next {
+            None => break,
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(TransferError::Origin(e)),
+        };
+        if skip > 0 {
+            let n = skip.min(chunk.len() as u64);
+            let _ = chunk.split_to(n as usize);
+            skip -= n;
+            if chunk.is_empty() {
+                continue;
             }
         }
+        let new_done = *done + chunk.len() as u64;
+        if let Some(want) = *expected
+            && new_done > want
+        {
+            return Err(TransferError::Origin(OriginError::invalid(format!(
+                "{}: more bytes than the expected {want}",
+                file.path
+            ))));
+        }
+        if let Some(h) = hasher.as_mut() {
+            h.update(&chunk);
+        }
+        *done = new_done;
+        sink.accept(chunk).await?;
     }
+    match *expected {
+        Some(want) if *done < want => Err(TransferError::Origin(OriginError::transient(format!(
+            "{}: stream ended at {done} of {want} bytes",
+            file.path
+        )))),
+        _ => Ok(()),
+    }
+}
+
+/// Lowercase hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parse a 64-digit hex sha256 (ETags carry it quoted; quotes are stripped).
+pub fn parse_sha256(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim().trim_start_matches("W/").trim_matches('"');
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+
+    use futures_util::{FutureExt, future::BoxFuture, stream};
 
     use super::*;
+    use crate::{config::TransferConfig, origin::FileStream};
 
-    #[test]
-    fn statuses_are_classified() {
-        assert_eq!(FetchError::from_status(404, "x").class, FailClass::NotFound);
-        assert_eq!(FetchError::from_status(403, "x").class, FailClass::Auth);
-        assert_eq!(
-            FetchError::from_status(503, "x").class,
-            FailClass::Transient
-        );
-        assert_eq!(
-            FetchError::from_status(429, "x").class,
-            FailClass::Transient
-        );
-        assert_eq!(FetchError::from_status(418, "x").class, FailClass::Invalid);
-        let e: Error = FetchError::from_status(401, "hub").into();
-        assert_eq!(e.status(), 502);
-        assert!(e.message.contains("authentication"), "{}", e.message);
-        let e: Error = FetchError::not_found("gone").into();
-        assert_eq!(e.status(), 404);
+    /// An origin serving one in-memory file, failing the first `cuts` opens after `cut_at`
+    /// bytes, honouring offsets only when `ranges`.
+    struct Flaky {
+        data: Bytes,
+        cuts: AtomicU32,
+        cut_at: usize,
+        ranges: bool,
+        opens: AtomicU32,
     }
 
-    #[test]
-    fn delays_double_and_cap() {
-        let p = RetryPolicy::from_transfer(&TransferConfig::default());
-        assert_eq!(p.delay(0), Duration::from_millis(250));
-        assert_eq!(p.delay(2), Duration::from_secs(1));
-        assert_eq!(p.delay(10), Duration::from_secs(8));
-        assert_eq!(p.delay(u32::MAX), Duration::from_secs(8));
+    impl Origin for Flaky {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        fn describe(&self) -> String {
+            "test flaky".into()
+        }
+        fn transfer(&self) -> TransferConfig {
+            TransferConfig {
+                retries: 3,
+                ..TransferConfig::default()
+            }
+        }
+        fn head<'a>(
+            &'a self,
+            _: &'a AdapterName,
+        ) -> BoxFuture<'a, Result<Option<String>, OriginError>> {
+            async { Ok(None) }.boxed()
+        }
+        fn manifest<'a>(
+            &'a self,
+            _: &'a AdapterName,
+        ) -> BoxFuture<'a, Result<Manifest, OriginError>> {
+            unreachable!()
+        }
+        fn open<'a>(
+            &'a self,
+            _: &'a AdapterName,
+            _: &'a Manifest,
+            _: &'a FileSpec,
+            offset: u64,
+        ) -> BoxFuture<'a, Result<FileStream, OriginError>> {
+            self.opens.fetch_add(1, Ordering::SeqCst);
+            let start = if self.ranges { offset as usize } else { 0 };
+            let rest = self.data.slice(start..);
+            let cut = self
+                .cuts
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+                .is_ok();
+            let mut items: Vec<Result<Bytes, OriginError>> = rest
+                .chunks(7)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            if cut {
+                let keep = self.cut_at.div_ceil(7).min(items.len());
+                items.truncate(keep);
+                items.push(Err(OriginError::transient("connection reset")));
+            }
+            async move {
+                Ok(FileStream {
+                    offset: start as u64,
+                    total: Some(self.data.len() as u64),
+                    body: stream::iter(items).boxed(),
+                })
+            }
+            .boxed()
+        }
+    }
+
+    struct Collect(Vec<u8>);
+    impl ChunkSink for Collect {
+        async fn accept(&mut self, chunk: Bytes) -> Result<(), TransferError> {
+            self.0.extend_from_slice(&chunk);
+            Ok(())
+        }
+    }
+
+    fn data() -> Bytes {
+        (0..1000u32)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    async fn run(
+        o: &Flaky,
+        sha: Option<[u8; 32]>,
+    ) -> (Result<Transferred, TransferError>, Vec<u8>) {
+        let name = AdapterName::parse("a").unwrap();
+        let m = Manifest {
+            files: vec![],
+            etag: None,
+            revision: None,
+        };
+        let spec = FileSpec {
+            path: "w".into(),
+            size: Some(1000),
+            sha256: sha,
+        };
+        let mut sink = Collect(Vec::new());
+        let r = pull_file(o, &name, &m, &spec, &mut sink).await;
+        (r, sink.0)
+    }
+
+    fn flaky(cuts: u32, ranges: bool) -> Arc<Flaky> {
+        Arc::new(Flaky {
+            data: data(),
+            cuts: AtomicU32::new(cuts),
+            cut_at: 400,
+            ranges,
+            opens: AtomicU32::new(0),
+        })
     }
 
     #[tokio::test]
-    async fn run_retries_only_retryable_failures() {
-        let p = RetryPolicy::from_transfer(&TransferConfig::default())
-            .with_base_delay(Duration::from_millis(1));
-        let calls = AtomicU32::new(0);
-        let out = p
-            .run(|| async {
-                if calls.fetch_add(1, Ordering::SeqCst) < 2 {
-                    Err(FetchError::transient("reset"))
-                } else {
-                    Ok(7)
-                }
-            })
-            .await;
-        assert_eq!(out, Ok(7));
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    async fn resumes_with_range_and_verifies() {
+        let o = flaky(2, true);
+        let want: [u8; 32] = Sha256::digest(data()).into();
+        let (r, got) = run(&o, Some(want)).await;
+        let t = r.unwrap();
+        assert_eq!(got, data().to_vec());
+        assert_eq!((t.bytes, t.retries, t.sha256), (1000, 2, Some(want)));
+        assert_eq!(o.opens.load(Ordering::SeqCst), 3);
+    }
 
-        calls.store(0, Ordering::SeqCst);
-        let out: Result<(), _> = p
-            .run(|| async {
-                calls.fetch_add(1, Ordering::SeqCst);
-                Err(FetchError::from_status(401, "hub"))
-            })
-            .await;
-        assert_eq!(out.unwrap_err().class, FailClass::Auth);
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    #[tokio::test]
+    async fn restarts_when_range_is_ignored() {
+        let o = flaky(1, false);
+        let (r, got) = run(&o, None).await;
+        assert_eq!(r.unwrap().retries, 1);
+        assert_eq!(got, data().to_vec());
+    }
 
-        calls.store(0, Ordering::SeqCst);
-        let out: Result<(), _> = p
-            .run(|| async {
-                calls.fetch_add(1, Ordering::SeqCst);
-                Err(FetchError::transient("503"))
-            })
-            .await;
-        assert!(out.is_err());
-        assert_eq!(calls.load(Ordering::SeqCst), 4, "1 try + 3 retries");
+    #[tokio::test]
+    async fn gives_up_after_retries() {
+        let o = flaky(10, true);
+        let (r, _) = run(&o, None).await;
+        match r {
+            Err(TransferError::Origin(e)) => assert_eq!(e.kind, OriginErrorKind::Transient),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(o.opens.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn sha_mismatch_is_invalid() {
+        let o = flaky(0, true);
+        let (r, _) = run(&o, Some([7; 32])).await;
+        match r {
+            Err(TransferError::Origin(e)) => {
+                assert_eq!(e.kind, OriginErrorKind::Invalid);
+                assert!(e.message.contains("sha256 mismatch"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sha_hex_roundtrip() {
+        let d: [u8; 32] = Sha256::digest(b"x").into();
+        assert_eq!(parse_sha256(&format!("\"{}\"", hex(&d))), Some(d));
+        assert_eq!(parse_sha256("abc"), None);
     }
 }

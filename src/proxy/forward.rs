@@ -5,10 +5,12 @@
 //! with it; without one, the connection must come from a peer's address. Anything else is
 //! ignored (and never passed on), so a client cannot bypass routing by sending the header.
 //!
-//! Only connect failures (nothing delivered) move a request to the next peer of its key; once a
-//! peer has the request it is never sent elsewhere, because inference is not idempotent.
-//! `routing.forward_timeout` bounds the connect and the peer's acknowledgement (`100 Continue`,
-//! sent as soon as it has the request), never the generation.
+//! A peer acknowledges a forwarded request (`100 Continue`) as soon as it has read it, before
+//! any work. Only failures before that acknowledgement (connect refused or timed out, the
+//! connection closed or silent past `routing.forward_timeout`) move a request to the next peer
+//! of its key; once a peer has acknowledged the request it is never sent elsewhere, because
+//! inference is not idempotent. The timeout bounds connect + acknowledgement, never the
+//! generation.
 
 use std::{sync::atomic::Ordering, time::Instant};
 
@@ -32,9 +34,14 @@ use crate::{
 
 use super::Outcome;
 
+/// Whether `head` carries a forwarded mark (trusted or not).
+pub fn is_marked(head: &RequestHead) -> bool {
+    head.header(FORWARDED_HEADER).is_some()
+}
+
 /// Whether `head` carries a forwarded mark this node trusts.
 pub fn is_trusted_forward(router: &Router, conn: &Conn, head: &RequestHead) -> bool {
-    if head.header(FORWARDED_HEADER).is_none() {
+    if !is_marked(head) {
         return false;
     }
     match &router.token {
@@ -86,6 +93,8 @@ pub(super) async fn route(
             addrs: &peer.sockaddrs,
             name: &peer.addr,
             head_timeout: Some(router.forward_timeout),
+            acknowledges: true,
+            source: router.source_ip,
         };
         let mut bytes = Vec::with_capacity(512 + body.len());
         head.write_forward(&mut bytes, &extra, body.len());

@@ -89,7 +89,7 @@ pub(super) async fn serve(
             response::write(&mut out, 200, ct, &[], text.as_bytes(), keep_alive);
             200
         }
-        Endpoint::Admin => crate::admin::serve(w, head, body, &mut out).await?,
+        Endpoint::Admin => crate::admin::serve(w, conn, head, body, &mut out).await?,
     };
     if head.kind == Method::Head {
         // Same head, no body.

@@ -5,8 +5,9 @@
 //! 3. the top-level `model` of a JSON body;
 //! 4. base model or adapter (adapter names validated before anything touches the disk);
 //! 5. routing: forward to the node owning the request's hash key, or keep it here;
-//! 6. upstream: vLLM, streaming the answer back;
-//! 7. metrics.
+//! 6. the adapter on local disk (fetched on a miss), pinned while the request runs;
+//! 7. upstream: vLLM, streaming the answer back;
+//! 8. metrics.
 //!
 //! - `upstream.rs`: pooled connections and streaming an answer back.
 //! - `forward.rs`: the routing phase.
@@ -27,13 +28,20 @@ use bytes::Bytes;
 use crate::{
     cluster::hashkey::hash_key,
     error::{Error, ErrorKind},
-    http::{RequestHead, model::extract_model, response},
+    http::{
+        RequestHead,
+        model::{extract_model, rewrite_model},
+        response,
+    },
     metrics::Tier,
     server::{conn::Conn, conn::kind_label, worker::Worker},
     store::AdapterName,
 };
 
 use self::upstream::{ClientSide, Request, Stage, Target};
+
+/// Response header telling the client its adapter was replaced by the base model.
+pub const FALLBACK_HEADER: &str = "x-loraplex-fallback";
 
 /// What one request became, for metrics and logs.
 struct Outcome {
@@ -133,10 +141,12 @@ async fn pipeline(
         Tier::Passthrough
     };
 
-    // 5. Routing.
-    if forward::is_trusted_forward(&shared.router, conn, head) {
+    // 5. Routing. A forwarded request is acknowledged whether its mark is trusted or not
+    // (the sender learns it was delivered); only a trusted mark skips routing.
+    if forward::is_marked(head) {
         forward::acknowledge(conn).await?;
-    } else {
+    }
+    if !forward::is_trusted_forward(&shared.router, conn, head) {
         let base = if model.is_some() {
             shared.vllm.base_model()
         } else {
@@ -159,8 +169,34 @@ async fn pipeline(
         }
     }
 
-    // 6. Upstream.
-    let status = to_vllm(w, conn, head, body, &[]).await?;
+    // 6. The adapter on local disk (fetched once, however many wait), pinned until the
+    //    answer is streamed; or, when it can't be had and `fallback_to_base_model` is on, the
+    //    base model with `model` rewritten.
+    let mut body = body;
+    let mut extra: &[(&str, &[u8])] = &[];
+    let _pin = match &adapter {
+        None => None,
+        Some(name) => match shared.store.ensure(name).await {
+            Ok(ensured) => {
+                if ensured.fetched {
+                    tier = Tier::Origin;
+                }
+                Some(ensured.pin)
+            }
+            Err(err) if shared.config.routing.fallback_to_base_model => {
+                let base = base_model(w).await?;
+                tracing::warn!(adapter = %name, error = %err, "adapter unavailable: base model");
+                body = rewrite_model(&body, &base)?.into();
+                extra = &[(FALLBACK_HEADER, b"base-model")];
+                tier = Tier::FallbackBase;
+                None
+            }
+            Err(err) => return Err(err),
+        },
+    };
+
+    // 7. Upstream.
+    let status = to_vllm(w, conn, head, body, extra).await?;
     Ok((
         status.1,
         Outcome {
@@ -195,6 +231,8 @@ async fn to_vllm(
         addrs: &vllm.addrs,
         name: "vLLM",
         head_timeout: None,
+        acknowledges: false,
+        source: None,
     };
     let mut bytes = Vec::with_capacity(512 + body.len());
     head.write_forward(&mut bytes, &[], body.len());

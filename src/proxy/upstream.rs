@@ -66,6 +66,13 @@ pub struct Target<'a> {
     /// Bounds connect + response head (forwards); `None` for the local vLLM, whose long
     /// non-streaming generations may take minutes before the head.
     pub head_timeout: Option<Duration>,
+    /// The upstream acknowledges a request with `100 Continue` as soon as it has it (loraplex
+    /// peers do). Until then nothing was delivered: a close or a timeout before the
+    /// acknowledgement lets the request go elsewhere.
+    pub acknowledges: bool,
+    /// Local address to connect from (peers: this node's own address, so the peer recognises
+    /// the connection as coming from a peer even on a host with several addresses).
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// How far a failed exchange got; decides what the caller may still do.
@@ -146,7 +153,7 @@ impl Pool {
     ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
         let mut last = String::from("no address");
         for &addr in target.addrs {
-            match monoio::time::timeout(budget, TcpStream::connect_addr(addr)).await {
+            match monoio::time::timeout(budget, connect_from(addr, target.source)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     self.metrics.upstream_connects.inc();
@@ -192,6 +199,7 @@ impl Pool {
                 Some(c) => c,
                 None => self.connect(target, connect_budget).await?,
             };
+            tracing::trace!(upstream = target.name, %addr, reused, "sending");
             let (res, back) = stream.write_all(bytes).await;
             bytes = back;
             if let Err(e) = res {
@@ -208,12 +216,62 @@ impl Pool {
                 Err(HeadError::ClosedEarly) if reused => continue,
                 Err(HeadError::ClosedEarly) => {
                     let msg = format!("{} closed the connection without answering", target.name);
-                    return Err(UpstreamError::new(Stage::Sent, ErrorKind::BadGateway, msg));
+                    let stage = if target.acknowledges {
+                        Stage::Connect
+                    } else {
+                        Stage::Sent
+                    };
+                    return Err(UpstreamError::new(stage, ErrorKind::BadGateway, msg));
                 }
                 Err(HeadError::Failed(e)) => return Err(e),
             }
         }
     }
+}
+
+/// Connect to `addr`, from `source` when given.
+async fn connect_from(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let Some(source) = source.filter(|s| s.is_ipv4() == addr.is_ipv4()) else {
+        return TcpStream::connect_addr(addr).await;
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    stream.writable(false).await?;
+    // The connect's outcome.
+    let fd = stream.as_raw_fd();
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: reading an int socket option into a local of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if err != 0 {
+        return Err(std::io::Error::from_raw_os_error(err));
+    }
+    Ok(stream)
 }
 
 /// A request ready to go upstream.
@@ -260,64 +318,66 @@ async fn read_head(
 ) -> Result<Head, HeadError> {
     let fail = |kind, msg: String| HeadError::Failed(UpstreamError::new(Stage::Sent, kind, msg));
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    // Any byte at all from the upstream: from then on the request was surely delivered.
+    let mut answered = false;
     loop {
         if buf.len() == buf.capacity() {
             if buf.len() >= MAX_RESPONSE_HEAD {
-                return Err(fail(
-                    ErrorKind::BadGateway,
-                    format!("{}: response head too large", target.name),
-                ));
+                let msg = format!("{}: response head too large", target.name);
+                return Err(fail(ErrorKind::BadGateway, msg));
             }
             buf.reserve(buf.len());
         }
-        let before = buf.len();
         let (back, outcome) = read_watching(stream, buf, client, deadline).await;
         buf = back;
         match outcome {
-            Outcome::Data => {}
-            Outcome::Eof if before == 0 => return Err(HeadError::ClosedEarly),
+            Outcome::Data => answered = true,
+            Outcome::Eof if !answered => return Err(HeadError::ClosedEarly),
             Outcome::Eof => {
-                return Err(fail(
-                    ErrorKind::BadGateway,
-                    format!("{}: truncated response head", target.name),
-                ));
+                let msg = format!("{}: truncated response head", target.name);
+                return Err(fail(ErrorKind::BadGateway, msg));
             }
-            Outcome::Failed(e) if before == 0 && is_reset(&e) => {
-                return Err(HeadError::ClosedEarly);
-            }
+            Outcome::Failed(e) if !answered && is_reset(&e) => return Err(HeadError::ClosedEarly),
             Outcome::Failed(e) => {
                 return Err(fail(ErrorKind::BadGateway, format!("{}: {e}", target.name)));
             }
             Outcome::TimedOut => {
-                return Err(fail(
-                    ErrorKind::Timeout,
-                    format!("{} did not answer in time", target.name),
-                ));
+                let msg = format!("{} did not answer in time", target.name);
+                if target.acknowledges && !answered {
+                    let e = UpstreamError::new(Stage::Connect, ErrorKind::Timeout, msg);
+                    return Err(HeadError::Failed(e));
+                }
+                return Err(fail(ErrorKind::Timeout, msg));
             }
             Outcome::ClientGone => return Err(HeadError::Failed(client_gone_error())),
         }
-        match ResponseHead::parse(&buf, method) {
-            Ok(Some((head, len))) if (100..200).contains(&head.status) && head.status != 101 => {
-                // An interim answer: not for the client. A peer sends `100 Continue` as soon as
-                // it has a forwarded request, which ends the forward timeout: what follows is
-                // the generation, which may take as long as it takes.
-                buf.drain(..len);
-                deadline = None;
-            }
-            Ok(Some((head, len))) => {
-                return Ok(Head {
-                    head,
-                    buf,
-                    body_start: len,
-                    at: Instant::now(),
-                });
-            }
-            Ok(None) => {}
-            Err(error) => {
-                return Err(HeadError::Failed(UpstreamError {
-                    stage: Stage::Sent,
-                    error,
-                }));
+        // One read may hold an interim answer and the final head after it.
+        loop {
+            match ResponseHead::parse(&buf, method) {
+                Ok(Some((head, len)))
+                    if (100..200).contains(&head.status) && head.status != 101 =>
+                {
+                    // An interim answer: not for the client. A peer sends `100 Continue` as
+                    // soon as it has a forwarded request, which ends the forward timeout: what
+                    // follows is the generation, which may take as long as it takes.
+                    buf.drain(..len);
+                    deadline = None;
+                }
+                Ok(Some((head, len))) => {
+                    return Ok(Head {
+                        head,
+                        buf,
+                        body_start: len,
+                        at: Instant::now(),
+                    });
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    return Err(HeadError::Failed(UpstreamError {
+                        stage: Stage::Sent,
+                        error,
+                    }));
+                }
             }
         }
     }
@@ -490,7 +550,9 @@ async fn relay(
                 .map_err(|_| client_gone_error())?;
         }
     }
-    if clean && !ended_by_close && relay.is_done() {
+    let pooled = clean && !ended_by_close && relay.is_done();
+    tracing::trace!(%addr, status = head.status, pooled, "answer relayed");
+    if pooled {
         pool.put(addr, upstream);
     }
     Ok(Answered {

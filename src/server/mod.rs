@@ -26,8 +26,10 @@ use crate::{
     control::{Control, ControlPlane},
     error::Error,
     metrics::Metrics,
+    origin::OriginChain,
     server::runtime::DriverKind,
-    vllm::Vllm,
+    store::{Store, StoreOptions},
+    vllm::{Hooks, Vllm},
 };
 
 /// What every worker shares.
@@ -41,6 +43,7 @@ pub struct Shared {
     pub pending: AtomicI64,
     pub driver: DriverKind,
     pub router: Arc<Router>,
+    pub store: Arc<Store>,
 }
 
 /// A running loraplex: its workers, control plane and shared state.
@@ -59,6 +62,18 @@ impl Server {
         let control = control_plane.control();
         let metrics = Arc::new(Metrics::new());
         let vllm = Vllm::new(&config, metrics.clone())?;
+        let origins = OriginChain::from_config(&config, &control)?;
+        let hooks = Arc::new(Hooks {
+            vllm: vllm.clone(),
+            control: control.clone(),
+        });
+        let store = Store::open(
+            StoreOptions::from_config(&config),
+            origins,
+            hooks,
+            control.clone(),
+            metrics.clone(),
+        )?;
         let listeners = bind(&config.listen, config.server.workers.max(1))?;
         let addr = listeners[0].local_addr()?;
         let shutdown = Shutdown::new();
@@ -81,6 +96,7 @@ impl Server {
             pending: AtomicI64::new(0),
             driver,
             router,
+            store,
         });
         shared
             .vllm
@@ -136,6 +152,7 @@ impl Server {
         for w in self.workers {
             let _ = w.join();
         }
+        self.shared.store.shutdown();
         tracing::info!("stopped");
     }
 }
@@ -150,6 +167,10 @@ fn log_summary(shared: &Shared, addr: SocketAddr) {
         node = %shared.router.me.canonical(),
         discovery = cfg.discovery.mode(),
         vllm = %cfg.vllm_url,
+        storage = %cfg.storage.dir.display(),
+        write_mode = shared.store.write_mode().as_str(),
+        max_size = cfg.storage.max_size,
+        origins = %cfg.origins.iter().map(|o| o.type_name()).collect::<Vec<_>>().join(","),
         base_model = cfg.vllm.model_name.as_deref().unwrap_or("(learnt from /v1/models)"),
         "loraplex started"
     );

@@ -1,5 +1,300 @@
-//! The adapter store (being built): adapter names so far.
+//! The adapter store: makes sure an adapter's files are in `{storage.dir}/{name}/` (the
+//! directory vLLM's `lora_filesystem_resolver` reads) before a request reaches vLLM.
+//!
+//! - Hit: [`Store::pin`] looks the name up in the lock-free [`index`] and pins the entry (a
+//!   pinned adapter is never evicted); no lock, no filesystem access.
+//! - Miss: [`Store::ensure`] joins the single [`flight`] for that name; its leader, a task on
+//!   the control plane, asks the [`crate::origin`] chain for the files, streams them through a
+//!   bounded channel to the storage thread ([`writer`]: O_DIRECT into `.loraplex-tmp/`),
+//!   checks them ([`validate`]), and publishes the directory with one atomic rename.
+//! - Space: a fetch reserves its bytes first ([`space`]); the eviction [`policy`] (size-aware
+//!   S3-FIFO) picks unpinned victims; an evicted adapter disappears from vLLM's sight by a
+//!   rename, vLLM is told to unload it ([`VllmHooks`]), then it is deleted.
+//! - Startup ([`recover`]): temp leftovers removed, the index rebuilt from disk, corrupt
+//!   entries removed, the budget enforced. TTL revalidation: [`revalidate`].
+//!
+//! Every future here is runtime-agnostic (tokio sync primitives, work handed to the control
+//! plane with [`Control::spawn`]/[`Control::run`]), so monoio workers await them directly.
 
+mod admin;
+pub mod aligned;
+mod fetch;
+mod file_writer;
+pub mod flight;
+pub mod fsops;
+pub mod index;
+pub mod meta;
 pub mod name;
+pub mod policy;
+mod recover;
+mod revalidate;
+mod space;
+pub mod validate;
+pub mod writer;
 
-pub use name::AdapterName;
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures_util::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
+
+pub use self::{
+    admin::FetchProgress,
+    index::Pin,
+    name::AdapterName,
+    writer::{Faults, WriteMode},
+};
+use self::{
+    admin::ProgressBoard,
+    flight::{FlightKind, Flights, Join},
+    index::{Index, now_ms},
+    space::Ledger,
+    writer::Writer,
+};
+use crate::{
+    config::{Config, DirectIo, Driver},
+    control::Control,
+    error::Error,
+    metrics::{Metrics, TierLabel},
+    origin::OriginChain,
+};
+
+/// What the store needs from vLLM (implemented by the vLLM client).
+pub trait VllmHooks: Send + Sync + 'static {
+    /// `POST /v1/unload_lora_adapter {"lora_name": name}`; a 404 counts as success.
+    fn unload(&self, name: &str) -> BoxFuture<'static, Result<(), Error>>;
+    /// The served base model (for `storage.rewrite_base_model`), if known.
+    fn base_model(&self) -> Option<String>;
+}
+
+/// The store's settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub dir: PathBuf,
+    pub max_size: u64,
+    pub rewrite_base_model: bool,
+    pub direct_io: DirectIo,
+    /// Revalidate after this long; `None` disables.
+    pub ttl: Option<Duration>,
+    /// The storage thread's io driver.
+    pub driver: Driver,
+    /// How long a fetch waits for pinned adapters to free up before answering 507.
+    pub pinned_wait: Duration,
+    /// Fault injection (tests).
+    pub faults: Arc<Faults>,
+}
+
+impl StoreOptions {
+    pub fn from_config(cfg: &Config) -> Self {
+        StoreOptions {
+            dir: cfg.storage.dir.clone(),
+            max_size: cfg.storage.max_size,
+            rewrite_base_model: cfg.storage.rewrite_base_model,
+            direct_io: cfg.storage.direct_io,
+            ttl: cfg.invalidation.ttl,
+            driver: cfg.server.driver,
+            pinned_wait: Duration::from_secs(2),
+            faults: Arc::default(),
+        }
+    }
+}
+
+/// A pinned adapter, and whether getting it took a fetch.
+#[derive(Debug)]
+pub struct Ensured {
+    pub pin: Pin,
+    /// True when this call waited for a download (`cache_tier` "origin").
+    pub fetched: bool,
+}
+
+/// The adapter store. Shared as `Arc<Store>` by every thread.
+pub struct Store {
+    opts: StoreOptions,
+    /// `.loraplex-tmp` inside the storage dir.
+    tmp: PathBuf,
+    index: Index,
+    ledger: Mutex<Ledger>,
+    flights: Arc<Flights>,
+    origins: OriginChain,
+    hooks: Arc<dyn VllmHooks>,
+    control: Control,
+    metrics: Arc<Metrics>,
+    writer: Writer,
+    progress: ProgressBoard,
+    seq: AtomicU64,
+    /// `loraplex_cache_hits_total{tier="local"}`, resolved once: the hit path must not
+    /// look the label set up (a lock) every time.
+    hits: Counter,
+    misses: Counter,
+}
+
+const LOCAL: TierLabel = TierLabel { tier: "local" };
+
+impl Store {
+    /// Open the store: recovery runs here, synchronously, then the storage thread starts.
+    pub fn open(
+        opts: StoreOptions,
+        origins: OriginChain,
+        hooks: Arc<dyn VllmHooks>,
+        control: Control,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Store>, Error> {
+        let recovered = recover::recover(&opts)?;
+        let direct = recovered.direct_ok && opts.direct_io == DirectIo::Auto;
+        let writer = Writer::start(opts.driver, direct, opts.faults.clone())
+            .map_err(|e| Error::internal(format!("starting the storage thread: {e}")))?;
+        let hits = metrics.cache_hits.get_or_create(&LOCAL).clone();
+        let misses = metrics.cache_misses.get_or_create(&LOCAL).clone();
+        let store = Arc::new(Store {
+            tmp: opts.dir.join(fsops::TMP_DIR),
+            index: Index::default(),
+            ledger: Mutex::new(Ledger::new(opts.max_size)),
+            flights: Arc::default(),
+            origins,
+            hooks,
+            control,
+            writer,
+            progress: ProgressBoard::default(),
+            seq: AtomicU64::new(0),
+            hits,
+            misses,
+            metrics,
+            opts,
+        });
+        store.adopt(recovered.entries);
+        tracing::info!(
+            dir = %store.opts.dir.display(),
+            items = store.index.len(),
+            bytes = store.ledger().used(),
+            write_mode = store.writer.mode().as_str(),
+            driver = store.writer.driver(),
+            "adapter store open"
+        );
+        Ok(store)
+    }
+
+    /// The hit path: pin `name` if it is stored. Lock-free; no filesystem access. May start
+    /// a background revalidation when the TTL has passed.
+    #[inline]
+    pub fn pin(self: &Arc<Self>, name: &AdapterName) -> Option<Pin> {
+        let pin = self.index.pin(name)?;
+        let now = now_ms();
+        pin.entry().touch(now);
+        self.hits.inc();
+        self.maybe_revalidate(pin.entry(), now);
+        Some(pin)
+    }
+
+    /// Make sure `name` is stored and pin it: a hit, or the one fetch for it (joined by every
+    /// concurrent caller; a caller going away does not cancel it).
+    pub async fn ensure(self: &Arc<Self>, name: &AdapterName) -> Result<Ensured, Error> {
+        let mut fetched = false;
+        loop {
+            if let Some(pin) = self.pin(name) {
+                return Ok(Ensured { pin, fetched });
+            }
+            let flight = match self.flights.join(name, FlightKind::Fetch) {
+                Join::Lead(lead) => {
+                    let flight = lead.flight();
+                    let store = self.clone();
+                    self.control.spawn(async move {
+                        let outcome = store.fetch(lead.name()).await.map(Some);
+                        lead.finish(outcome);
+                    });
+                    flight
+                }
+                Join::Follow(flight) => flight,
+            };
+            if flight.kind == FlightKind::Fetch {
+                self.misses.inc();
+                fetched = true;
+            }
+            match flight.wait().await {
+                Ok(Some(pin)) if flight.kind == FlightKind::Fetch => {
+                    return Ok(Ensured {
+                        pin: pin.clone(),
+                        fetched,
+                    });
+                }
+                Err(e) if flight.kind == FlightKind::Fetch => return Err(e),
+                // An eviction or revalidation of this name finished: look again.
+                _ => {}
+            }
+        }
+    }
+
+    /// The directory of a stored adapter, pinned (for serving files to peers).
+    pub fn adapter_dir(self: &Arc<Self>, name: &AdapterName) -> Option<(PathBuf, Pin)> {
+        let pin = self.pin(name)?;
+        Some((self.opts.dir.join(name.rel_path()), pin))
+    }
+
+    /// The storage directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.opts.dir
+    }
+
+    /// How files are written now.
+    pub fn write_mode(&self) -> WriteMode {
+        self.writer.mode()
+    }
+
+    /// Stop the storage thread. Fetches in flight fail; their temp dirs go at next start.
+    pub fn shutdown(&self) {
+        self.writer.shutdown();
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh path in the temp area: `{tmp}/{what}-{seq}-{name with / as __}`.
+    fn tmp_path(&self, what: &str, name: &AdapterName) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.tmp
+            .join(format!("{what}-{n}-{}", name.as_str().replace('/', "__")))
+    }
+
+    /// Refresh the size and item gauges.
+    fn update_gauges(&self) {
+        let used = self.ledger().used();
+        self.metrics
+            .cache_size_bytes
+            .get_or_create(&LOCAL)
+            .set(used as i64);
+        self.metrics
+            .cache_items
+            .get_or_create(&LOCAL)
+            .set(self.index.len() as i64);
+    }
+
+    /// Tell vLLM to forget `name` (after an eviction or a replacement); failures are logged.
+    async fn unload(&self, name: &AdapterName) {
+        let result = match self.hooks.unload(name.as_str()).await {
+            Ok(()) => "ok",
+            Err(e) => {
+                tracing::warn!(adapter = %name, error = %e, "vLLM unload failed");
+                "error"
+            }
+        };
+        self.metrics
+            .vllm_unloads
+            .get_or_create(&crate::metrics::ResultLabel { result })
+            .inc();
+    }
+
+    /// Remove a tree on the blocking pool (control plane context).
+    async fn remove_later(path: PathBuf) {
+        let p = path.clone();
+        let r = tokio::task::spawn_blocking(move || fsops::remove_tree(&p)).await;
+        if let Ok(Err(e)) | Err(e) = r.map_err(std::io::Error::other) {
+            tracing::error!(path = %path.display(), error = %e, "removing an old adapter copy");
+        }
+    }
+}

@@ -30,7 +30,7 @@ use super::{
     range::{RangeAnswer, pick_range},
     server::{Framing, Piece, Request, Response, Server, handler},
 };
-use crate::origin::download::hex;
+use crate::origin::transfer::hex;
 
 /// How long an armed stall holds the rest of a body back (longer than any test waits).
 const STALL: Duration = Duration::from_secs(3600);

@@ -50,12 +50,20 @@ impl Node {
         } else {
             "server:\n  workers: 2\n".to_owned()
         };
-        let full = format!("listen: \"127.0.0.1:0\"\n{yaml}\n{storage}{server}");
+        let listen = if yaml.contains("listen:") {
+            ""
+        } else {
+            "listen: \"127.0.0.1:0\"\n"
+        };
+        let full = format!("{listen}{yaml}\n{storage}{server}");
         std::fs::write(&cfg, full).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_loraplex"))
             .arg("--config")
             .arg(&cfg)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or("info".into()),
+            )
             .env("LORAPLEX_LOG_FORMAT", "json")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -164,8 +172,12 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
+        Raw::from_stream(TcpStream::connect(addr).await.unwrap())
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Raw {
         Raw {
-            stream: TcpStream::connect(addr).await.unwrap(),
+            stream,
             buf: Vec::new(),
         }
     }
@@ -184,8 +196,18 @@ impl Raw {
         n
     }
 
-    /// Read one response (Content-Length, chunked, or until close). HEAD: pass `head_only`.
+    /// Read the next final response, skipping interim (1xx) ones. HEAD: pass `head_only`.
     pub async fn response(&mut self, head_only: bool) -> RawResponse {
+        loop {
+            let r = self.any_response(head_only).await;
+            if !(100..200).contains(&r.status) {
+                return r;
+            }
+        }
+    }
+
+    /// Read one response, interim ones included.
+    pub async fn any_response(&mut self, head_only: bool) -> RawResponse {
         let end = loop {
             if let Some(p) = find(&self.buf, b"\r\n\r\n") {
                 break p + 4;

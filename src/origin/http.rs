@@ -1,0 +1,222 @@
+//! `type: http`: a plain HTTP server with the adapter layout, `{base_url}/{name}/{file}`.
+//!
+//! The manifest comes from `HEAD` requests: the config (its ETag is the content id; a 404
+//! means this origin does not have the adapter), then `adapter_model.safetensors`, else
+//! `adapter_model.bin`. Files stream with `GET`, from an offset with `Range` when resuming.
+//! Timeouts: connect, and per read (reqwest's `read_timeout` restarts after every read), so a
+//! slow but moving 2 GB transfer finishes.
+
+use futures_util::{FutureExt, StreamExt, TryStreamExt, future::BoxFuture};
+use reqwest::{
+    Client, Method, RequestBuilder, Response, StatusCode,
+    header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, ETAG, RANGE},
+};
+
+use super::{
+    BIN_FILE, CONFIG_FILE, FileSpec, FileStream, Manifest, Origin, OriginError, SAFETENSORS_FILE,
+};
+use crate::{config::TransferConfig, error::Error, store::AdapterName};
+
+pub struct HttpOrigin {
+    base_url: String,
+    token: Option<String>,
+    transfer: TransferConfig,
+    client: Client,
+}
+
+impl HttpOrigin {
+    pub fn new(
+        base_url: &str,
+        token: Option<String>,
+        transfer: TransferConfig,
+    ) -> Result<Self, Error> {
+        let client = Client::builder()
+            .connect_timeout(transfer.connect_timeout)
+            .read_timeout(transfer.idle_timeout)
+            .no_proxy()
+            .build()
+            .map_err(|e| Error::internal(format!("http origin {base_url}: {e}")))?;
+        Ok(HttpOrigin {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            token,
+            transfer,
+            client,
+        })
+    }
+
+    fn url(&self, name: &AdapterName, file: &str) -> String {
+        format!("{}/{}/{}", self.base_url, name, file)
+    }
+
+    fn request(&self, method: Method, url: &str) -> RequestBuilder {
+        let req = self.client.request(method, url);
+        match &self.token {
+            Some(t) => req.header(AUTHORIZATION, format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    async fn send(&self, req: RequestBuilder, what: &str) -> Result<Response, OriginError> {
+        req.send()
+            .await
+            .map_err(|e| OriginError::transient(format!("{what}: {}", error_chain(&e))))
+    }
+
+    /// HEAD one file: `Ok(Some(size))`, `Ok(None)` when absent, or an error.
+    async fn probe(&self, name: &AdapterName, file: &str) -> Result<Option<Response>, OriginError> {
+        let url = self.url(name, file);
+        let resp = self.send(self.request(Method::HEAD, &url), &url).await?;
+        match resp.status() {
+            s if s.is_success() => Ok(Some(resp)),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(None),
+            s => Err(OriginError::from_status(s.as_u16(), &format!("HEAD {url}"))),
+        }
+    }
+}
+
+/// The `Content-Length` header (reqwest's `content_length()` is the body's, 0 for HEAD).
+fn header_len(resp: &Response) -> Option<u64> {
+    resp.headers()
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn etag(resp: &Response) -> Option<String> {
+    Some(resp.headers().get(ETAG)?.to_str().ok()?.to_owned())
+}
+
+/// The content id of an adapter: the config's ETag and the weights' ETag, so new weights under
+/// an unchanged config are noticed too (the Go project looked at the config's ETag only).
+fn content_id(config: &Response, weights: Option<&Response>) -> Option<String> {
+    let cfg = etag(config)?;
+    Some(match weights.and_then(etag) {
+        Some(w) => format!("{cfg}+{w}"),
+        None => cfg,
+    })
+}
+
+/// `bytes 100-199/1000` → (100, Some(1000)).
+fn content_range(resp: &Response) -> Option<(u64, Option<u64>)> {
+    let v = resp.headers().get(CONTENT_RANGE)?.to_str().ok()?;
+    let rest = v.strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let start = range.split_once('-')?.0.parse().ok()?;
+    Some((start, total.parse().ok()))
+}
+
+/// reqwest hides the cause (reset, refused, timeout) in the source chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+impl Origin for HttpOrigin {
+    fn kind(&self) -> &'static str {
+        "http"
+    }
+
+    fn describe(&self) -> String {
+        format!("http {}", self.base_url)
+    }
+
+    fn transfer(&self) -> TransferConfig {
+        self.transfer.clone()
+    }
+
+    fn head<'a>(
+        &'a self,
+        name: &'a AdapterName,
+    ) -> BoxFuture<'a, Result<Option<String>, OriginError>> {
+        async move {
+            let Some(cfg) = self.probe(name, CONFIG_FILE).await? else {
+                return Err(OriginError::not_found(self.url(name, CONFIG_FILE)));
+            };
+            let mut weights = None;
+            for file in [SAFETENSORS_FILE, BIN_FILE] {
+                if let Some(resp) = self.probe(name, file).await? {
+                    weights = Some(resp);
+                    break;
+                }
+            }
+            Ok(content_id(&cfg, weights.as_ref()))
+        }
+        .boxed()
+    }
+
+    fn manifest<'a>(
+        &'a self,
+        name: &'a AdapterName,
+    ) -> BoxFuture<'a, Result<Manifest, OriginError>> {
+        async move {
+            let Some(cfg) = self.probe(name, CONFIG_FILE).await? else {
+                return Err(OriginError::not_found(self.url(name, CONFIG_FILE)));
+            };
+            let mut files = vec![FileSpec::new(CONFIG_FILE, header_len(&cfg))];
+            let mut weights_resp = None;
+            for weights in [SAFETENSORS_FILE, BIN_FILE] {
+                if let Some(resp) = self.probe(name, weights).await? {
+                    files.push(FileSpec::new(weights, header_len(&resp)));
+                    weights_resp = Some(resp);
+                    break;
+                }
+            }
+            let etag = content_id(&cfg, weights_resp.as_ref());
+            Ok(Manifest {
+                files,
+                etag,
+                revision: None,
+            })
+        }
+        .boxed()
+    }
+
+    fn open<'a>(
+        &'a self,
+        name: &'a AdapterName,
+        _manifest: &'a Manifest,
+        file: &'a FileSpec,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<FileStream, OriginError>> {
+        async move {
+            let url = self.url(name, &file.path);
+            let mut req = self.request(Method::GET, &url);
+            if offset > 0 {
+                req = req.header(RANGE, format!("bytes={offset}-"));
+            }
+            let resp = self.send(req, &url).await?;
+            let (start, total) = match resp.status() {
+                StatusCode::PARTIAL_CONTENT => match content_range(&resp) {
+                    Some((start, total)) => (start, total),
+                    None => {
+                        return Err(OriginError::invalid(format!(
+                            "GET {url}: 206 without a usable Content-Range"
+                        )));
+                    }
+                },
+                StatusCode::OK => (0, header_len(&resp)),
+                s => return Err(OriginError::from_status(s.as_u16(), &format!("GET {url}"))),
+            };
+            let body = resp
+                .bytes_stream()
+                .map_err(move |e| {
+                    OriginError::transient(format!("reading {url}: {}", error_chain(&e)))
+                })
+                .boxed();
+            Ok(FileStream {
+                offset: start,
+                total,
+                body,
+            })
+        }
+        .boxed()
+    }
+}

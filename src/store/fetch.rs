@@ -1,0 +1,368 @@
+//! The fetch leader (a control-plane task): origins in order → manifest → reserve space →
+//! stream each file through the checks into the storage thread → `.loraplex_meta` → commit
+//! (fsync, atomic rename) → index and policy. Any failure before the commit leaves nothing
+//! behind but a temp directory the writer removes.
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{
+    AdapterName, Pin, Store,
+    admin::Progress,
+    fsops::Published,
+    index::{Entry, Provenance, now_ms},
+    meta::{AdapterMeta, META_FILE, timestamp_ms},
+    space::Reservation,
+    validate::{self, MAX_CONFIG, SafetensorsProbe},
+    writer::{Committed, Msg},
+};
+use crate::{
+    error::Error,
+    metrics::{OriginLabel, OriginReason, OriginResult},
+    origin::{
+        CONFIG_FILE, FileSpec, Origin, OriginError, OriginErrorKind, SAFETENSORS_FILE,
+        check_manifest,
+        transfer::{ChunkSink, TransferError, pull_file, with_retries},
+    },
+};
+
+/// Reservation step when sizes are unknown.
+const GROW_STEP: u64 = 64 << 20;
+/// Room for `.loraplex_meta`.
+const META_RESERVE: u64 = 4096;
+
+/// Why one origin's attempt failed.
+enum Failure {
+    /// The origin's fault: try the next one.
+    Origin(OriginError),
+    /// Ours (disk full, budget, storage I/O): stop.
+    Local(Error),
+}
+
+impl Store {
+    /// Fetch `name` from the first origin that has it. `replacing`: the stored version a
+    /// revalidation found outdated (it stays in place until the new one is published).
+    pub(super) async fn fetch_version(
+        self: &Arc<Self>,
+        name: &AdapterName,
+        replacing: Option<&Arc<Entry>>,
+    ) -> Result<Pin, Error> {
+        self.metrics.fetches_inflight.inc();
+        let _inflight = scopeguard(|| {
+            self.metrics.fetches_inflight.dec();
+        });
+        let mut first_err: Option<Error> = None;
+        for origin in self.origins.iter() {
+            let started = Instant::now();
+            let label = origin.kind();
+            let outcome = self.fetch_from(origin.as_ref(), name, replacing).await;
+            let result = if outcome.is_ok() { "ok" } else { "error" };
+            self.metrics
+                .fetches
+                .get_or_create(&OriginResult {
+                    origin: label,
+                    result,
+                })
+                .inc();
+            match outcome {
+                Ok(pin) => {
+                    self.metrics
+                        .fetch_duration
+                        .get_or_create(&OriginLabel { origin: label })
+                        .observe(started.elapsed().as_secs_f64());
+                    return Ok(pin);
+                }
+                Err(Failure::Origin(e)) => {
+                    self.count_failure(label, e.kind.as_str());
+                    if e.kind == OriginErrorKind::NotFound {
+                        tracing::debug!(adapter = %name, origin = %origin.describe(), "not found at origin");
+                    } else {
+                        tracing::warn!(adapter = %name, origin = %origin.describe(), error = %e, "origin failed; trying the next");
+                        first_err.get_or_insert_with(|| e.into_error(name, &origin.describe()));
+                    }
+                }
+                Err(Failure::Local(e)) => {
+                    self.count_failure(label, "storage");
+                    tracing::warn!(adapter = %name, error = %e, "fetch failed");
+                    return Err(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| Error::model_not_found(name.as_str())))
+    }
+
+    /// A cold fetch (the Fetch flight's work).
+    pub(super) async fn fetch(self: &Arc<Self>, name: &AdapterName) -> Result<Pin, Error> {
+        self.fetch_version(name, None).await
+    }
+
+    /// How much to reserve at a time when sizes are unknown (small budgets get small steps).
+    fn grow_step(&self) -> u64 {
+        GROW_STEP.min(self.opts.max_size / 8).max(1)
+    }
+
+    fn count_failure(&self, origin: &'static str, reason: &'static str) {
+        self.metrics
+            .fetch_failures
+            .get_or_create(&OriginReason { origin, reason })
+            .inc();
+    }
+
+    async fn fetch_from(
+        self: &Arc<Self>,
+        origin: &dyn Origin,
+        name: &AdapterName,
+        replacing: Option<&Arc<Entry>>,
+    ) -> Result<Pin, Failure> {
+        let manifest = with_retries(origin, "manifest", || origin.manifest(name))
+            .await
+            .map_err(Failure::Origin)?;
+        check_manifest(&manifest).map_err(Failure::Origin)?;
+        let known = manifest.known_size();
+        let mut reservation = self
+            .reserve(known.map_or(self.grow_step(), |k| k + META_RESERVE))
+            .await
+            .map_err(Failure::Local)?;
+        let tmp = self.tmp_path("fetch", name);
+        let (tx, done) = self
+            .writer
+            .begin(&self.opts.dir, tmp)
+            .map_err(Failure::Local)?;
+        let progress = self.progress.start(name, origin.describe(), known);
+        let step = self.grow_step();
+        let base = match self.opts.rewrite_base_model {
+            true => self.hooks.base_model(),
+            false => None,
+        };
+        let sent = async {
+            let mut sink = Sink {
+                tx: &tx,
+                reservation: &mut reservation,
+                progress: &progress,
+                written: 0,
+                kind: FileKind::Other,
+                config: Vec::new(),
+                probe: SafetensorsProbe::default(),
+                step,
+            };
+            for file in &manifest.files {
+                sink.begin(file).await?;
+                pull_file(origin, name, &manifest, file, &mut sink).await?;
+                sink.end(base.as_deref()).await?;
+            }
+            let meta = AdapterMeta {
+                origin: origin.kind().to_owned(),
+                etag: manifest.etag.clone(),
+                revision: manifest.revision.clone(),
+                fetched_at: timestamp_ms(now_ms()),
+                ttl_seconds: self.opts.ttl.map_or(0, |t| t.as_secs() as i64),
+            };
+            sink.send(Msg::File(META_FILE.into())).await?;
+            sink.send(Msg::Data(meta.to_bytes().into())).await?;
+            sink.send(Msg::Commit(self.opts.dir.join(name.rel_path())))
+                .await?;
+            Ok::<AdapterMeta, TransferError>(meta)
+        }
+        .await;
+        drop(tx);
+        let committed = done
+            .await
+            .unwrap_or_else(|_| Err(Error::internal("the storage thread stopped")));
+        let (meta, committed) = match (sent, committed) {
+            (Ok(meta), Ok(c)) => (meta, c),
+            // The channel closed under the sender: the writer's error (ENOSPC...) is the cause.
+            (Ok(_), Err(e)) => return Err(Failure::Local(e)),
+            (Err(TransferError::Sink(e)), Err(we)) => {
+                return Err(Failure::Local(if e == writer_gone() { we } else { e }));
+            }
+            (Err(TransferError::Sink(e)), Ok(_)) => return Err(Failure::Local(e)),
+            (Err(TransferError::Origin(e)), _) => return Err(Failure::Origin(e)),
+        };
+        self.metrics
+            .fetch_bytes
+            .get_or_create(&OriginLabel {
+                origin: origin.kind(),
+            })
+            .inc_by(progress.bytes());
+        tracing::info!(
+            adapter = %name, origin = %origin.describe(), bytes = committed.bytes,
+            secs = progress.elapsed().as_secs_f64(), "adapter fetched and published"
+        );
+        Ok(self
+            .install(name, meta, committed, reservation, replacing)
+            .await)
+    }
+
+    /// Index the published adapter; delete what it replaced once vLLM has been told.
+    async fn install(
+        self: &Arc<Self>,
+        name: &AdapterName,
+        meta: AdapterMeta,
+        committed: Committed,
+        reservation: Reservation,
+        replacing: Option<&Arc<Entry>>,
+    ) -> Pin {
+        let provenance = Provenance {
+            origin: Some(meta.origin.clone()),
+            etag: meta.etag.clone(),
+            revision: meta.revision.clone(),
+        };
+        // One pin held from birth, for the flight: no eviction before every waiter pinned it.
+        let entry = Arc::new(Entry::new(
+            name.clone(),
+            committed.bytes,
+            provenance,
+            meta.fetched_at_ms(),
+            1,
+        ));
+        let pin = Pin::held(entry.clone());
+        let replaced_bytes = {
+            let mut l = self.ledger();
+            l.reserved -= reservation.take();
+            let old = l.policy.remove(name);
+            let old_bytes = match (&committed.published, old) {
+                (Published::Replaced(_), Some(old)) => old.size,
+                _ => 0,
+            };
+            l.freeing += old_bytes;
+            match replacing {
+                Some(_) => l
+                    .policy
+                    .insert_main(name.clone(), entry.size, entry.clone()),
+                None => l.policy.insert(name.clone(), entry.size, entry.clone()),
+            }
+            self.index.insert(entry.clone());
+            old_bytes
+        };
+        self.update_gauges();
+        if let Published::Replaced(old_dir) = committed.published {
+            // The new files are in place; vLLM must drop what it cached of the old ones.
+            self.unload(name).await;
+            Store::remove_later(old_dir).await;
+            self.ledger().freeing -= replaced_bytes;
+            self.update_gauges();
+        }
+        pin
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FileKind {
+    Config,
+    Safetensors,
+    Other,
+}
+
+/// The fetch side of the writer channel, checking content on its way.
+struct Sink<'a> {
+    tx: &'a mpsc::Sender<Msg>,
+    reservation: &'a mut Reservation,
+    progress: &'a Progress,
+    /// Bytes sent, for the reservation.
+    written: u64,
+    kind: FileKind,
+    /// The config is held whole: it is validated (and maybe rewritten) before being written.
+    config: Vec<u8>,
+    probe: SafetensorsProbe,
+    /// Reservation growth step.
+    step: u64,
+}
+
+/// The error a send sees when the writer has stopped; its own result says why.
+fn writer_gone() -> Error {
+    Error::internal("the storage writer stopped")
+}
+
+fn invalid(msg: String) -> TransferError {
+    TransferError::Origin(OriginError::invalid(msg))
+}
+
+impl Sink<'_> {
+    async fn send(&mut self, msg: Msg) -> Result<(), TransferError> {
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|_| TransferError::Sink(writer_gone()))
+    }
+
+    async fn begin(&mut self, file: &FileSpec) -> Result<(), TransferError> {
+        self.kind = match file.path.as_str() {
+            CONFIG_FILE => FileKind::Config,
+            SAFETENSORS_FILE => FileKind::Safetensors,
+            _ => FileKind::Other,
+        };
+        self.config.clear();
+        self.probe = SafetensorsProbe::default();
+        self.send(Msg::File(file.path.clone())).await
+    }
+
+    async fn end(&mut self, base: Option<&str>) -> Result<(), TransferError> {
+        match self.kind {
+            FileKind::Config => {
+                let config = std::mem::take(&mut self.config);
+                let out = match validate::check_config(&config, base).map_err(invalid)? {
+                    Some(rewritten) => rewritten,
+                    None => config,
+                };
+                self.account(out.len() as u64).await?;
+                self.send(Msg::Data(out.into())).await
+            }
+            FileKind::Safetensors => self.probe.finish().map_err(invalid),
+            FileKind::Other => Ok(()),
+        }
+    }
+
+    /// Keep the reservation ahead of the bytes written.
+    async fn account(&mut self, n: u64) -> Result<(), TransferError> {
+        self.written += n;
+        if self.written > self.reservation.bytes() {
+            let more = (self.written - self.reservation.bytes()).max(self.step);
+            self.reservation
+                .grow(more)
+                .await
+                .map_err(TransferError::Sink)?;
+        }
+        Ok(())
+    }
+}
+
+impl ChunkSink for Sink<'_> {
+    async fn accept(&mut self, chunk: Bytes) -> Result<(), TransferError> {
+        self.progress.add(chunk.len() as u64);
+        match self.kind {
+            FileKind::Config => {
+                if self.config.len() + chunk.len() > MAX_CONFIG {
+                    return Err(invalid(format!(
+                        "{CONFIG_FILE} is larger than {MAX_CONFIG} bytes"
+                    )));
+                }
+                self.config.extend_from_slice(&chunk);
+                Ok(())
+            }
+            FileKind::Safetensors => {
+                self.probe.feed(&chunk).map_err(invalid)?;
+                self.account(chunk.len() as u64).await?;
+                self.send(Msg::Data(chunk)).await
+            }
+            FileKind::Other => {
+                self.account(chunk.len() as u64).await?;
+                self.send(Msg::Data(chunk)).await
+            }
+        }
+    }
+}
+
+/// Run `f` when dropped (also when the future holding it is dropped).
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f()
+            }
+        }
+    }
+    Guard(Some(f))
+}

@@ -1,0 +1,194 @@
+//! Startup: clean the temp area, find out whether O_DIRECT works here, rebuild the index
+//! from what is on disk (adapters fetched before, by us or the Go project, and adapters copied
+//! in by hand), remove corrupt entries, and enforce `max_size`.
+//!
+//! An adapter is a directory holding `adapter_config.json`; other directories are walked
+//! (names with `/` are nested directories). Hidden entries are never adapters: `.loraplex-tmp`
+//! is ours and wiped; the Go project's `.tmp-*` fetch leftovers are removed too; anything else
+//! hidden is left alone.
+
+use std::{
+    fs,
+    io::{self, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+};
+
+use super::{
+    AdapterName, LOCAL, Store, StoreOptions,
+    aligned::{ALIGN, AlignedBuf},
+    fsops::{self, TMP_DIR},
+    index::{Entry, Provenance},
+    meta::AdapterMeta,
+    validate,
+};
+use crate::{error::Error, origin::CONFIG_FILE};
+
+/// Deepest nesting walked looking for adapters (`org/name` is 2).
+const MAX_DEPTH: usize = 8;
+
+pub struct Recovered {
+    /// Valid adapters found, oldest first.
+    pub entries: Vec<Arc<Entry>>,
+    /// O_DIRECT writes work in the storage directory.
+    pub direct_ok: bool,
+}
+
+fn startup_error(what: &str, path: &Path, e: io::Error) -> Error {
+    Error::internal(format!("storage dir: {what} {}: {e}", path.display()))
+}
+
+pub fn recover(opts: &StoreOptions) -> Result<Recovered, Error> {
+    let root = &opts.dir;
+    fs::create_dir_all(root).map_err(|e| startup_error("creating", root, e))?;
+    let tmp = root.join(TMP_DIR);
+    fsops::remove_tree(&tmp).map_err(|e| startup_error("cleaning", &tmp, e))?;
+    for entry in fs::read_dir(root).map_err(|e| startup_error("reading", root, e))? {
+        let entry = entry.map_err(|e| startup_error("reading", root, e))?;
+        if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            tracing::info!(path = %entry.path().display(), "removing a partial fetch left by the Go loraplex");
+            fsops::remove_tree(&entry.path())
+                .map_err(|e| startup_error("removing", &entry.path(), e))?;
+        }
+    }
+    fs::create_dir(&tmp).map_err(|e| startup_error("creating", &tmp, e))?;
+    fsops::fsync_dir(root).map_err(|e| startup_error("fsync", root, e))?;
+    let direct_ok = !opts.faults.refuse_direct.load(Ordering::Relaxed) && probe_direct(&tmp);
+
+    let mut found = Vec::new();
+    walk(root, root, 0, &mut found);
+    let mut entries = Vec::with_capacity(found.len());
+    for dir in found {
+        let rel = dir.strip_prefix(root).expect("walked under root");
+        let Some(name) = rel.to_str().and_then(|s| AdapterName::parse(s).ok()) else {
+            tracing::warn!(path = %dir.display(), "skipping a directory whose name is not a valid adapter name");
+            continue;
+        };
+        if let Err(why) = validate::check_dir(&dir) {
+            tracing::error!(adapter = %name, reason = %why, "removing a corrupt adapter");
+            let hidden = tmp.join(format!("corrupt-{}", name.as_str().replace('/', "__")));
+            if fsops::hide(&dir, &hidden).is_ok() {
+                let _ = fsops::remove_tree(&hidden);
+            }
+            fsops::remove_empty_parents(root, &dir);
+            continue;
+        }
+        let size = match fsops::dir_size(&dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(adapter = %name, error = %e, "skipping an adapter that cannot be measured");
+                continue;
+            }
+        };
+        let meta = AdapterMeta::read(&dir).unwrap_or_else(|why| {
+            tracing::warn!(adapter = %name, reason = %why, "ignoring an unreadable .loraplex_meta");
+            None
+        });
+        let (provenance, fetched_at) = match meta {
+            Some(m) => (
+                Provenance {
+                    origin: Some(m.origin.clone()),
+                    etag: m.etag.clone(),
+                    revision: m.revision.clone(),
+                },
+                m.fetched_at_ms(),
+            ),
+            // Copied in by hand: no origin to revalidate against; age from the config's mtime.
+            None => (Provenance::default(), mtime_ms(&dir.join(CONFIG_FILE))),
+        };
+        entries.push(Arc::new(Entry::new(name, size, provenance, fetched_at, 0)));
+    }
+    entries.sort_by_key(|e| e.fetched_at_ms());
+    Ok(Recovered { entries, direct_ok })
+}
+
+fn mtime_ms(p: &Path) -> u64 {
+    fs::metadata(p)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Collect adapter directories under `dir`.
+fn walk(root: &Path, dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+    if dir != root && dir.join(CONFIG_FILE).is_file() {
+        out.push(dir.to_owned());
+        return;
+    }
+    if depth >= MAX_DEPTH {
+        return;
+    }
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for entry in rd.flatten() {
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        // Directories only, never following symlinks out of the storage dir.
+        if !hidden && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            walk(root, &entry.path(), depth + 1, out);
+        }
+    }
+}
+
+/// Can files in `tmp` be written with O_DIRECT? (tmpfs on older kernels says EINVAL.)
+fn probe_direct(tmp: &Path) -> bool {
+    let path = tmp.join("direct-probe");
+    let result = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .and_then(|mut f| {
+            let mut buf = AlignedBuf::new(ALIGN);
+            buf.pad_to_align();
+            f.write_all(buf.as_slice())
+        });
+    let _ = fs::remove_file(&path);
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(dir = %tmp.display(), error = %e, "O_DIRECT unavailable; adapters will be written buffered + fsync");
+            false
+        }
+    }
+}
+
+impl Store {
+    /// Index what recovery found, oldest first, then evict down to `max_size`.
+    pub(super) fn adopt(self: &Arc<Self>, entries: Vec<Arc<Entry>>) {
+        let mut over = Vec::new();
+        {
+            let mut l = self.ledger();
+            for e in entries {
+                l.policy.insert_main(e.name.clone(), e.size, e.clone());
+                self.index.insert(e);
+            }
+            while l.policy.bytes() > l.max {
+                match l.policy.evict(|_, e| e.try_claim()) {
+                    Some((_, e, _)) => over.push(e),
+                    None => break,
+                }
+            }
+        }
+        for e in over {
+            self.index.remove_if_same(&e);
+            let target = self.opts.dir.join(e.name.rel_path());
+            let hidden = self.tmp_path("evict", &e.name);
+            match fsops::hide(&target, &hidden) {
+                Ok(_) => {
+                    let _ = fsops::remove_tree(&hidden);
+                    fsops::remove_empty_parents(&self.opts.dir, &target);
+                }
+                Err(err) => {
+                    tracing::error!(adapter = %e.name, error = %err, "startup evict failed")
+                }
+            }
+            tracing::info!(adapter = %e.name, bytes = e.size, "evicted at startup: over storage.max_size");
+            self.metrics.cache_evictions.get_or_create(&LOCAL).inc();
+            let store = self.clone();
+            self.control
+                .spawn(async move { store.unload(&e.name).await });
+        }
+        self.update_gauges();
+    }
+}
