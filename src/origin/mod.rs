@@ -16,7 +16,10 @@
 
 pub mod file;
 pub mod http;
+pub mod huggingface;
 pub mod peer;
+pub mod remote;
+pub mod s3;
 pub mod transfer;
 
 use std::{fmt, sync::Arc};
@@ -239,11 +242,28 @@ impl OriginChain {
                 OriginConfig::File { path } => {
                     origins.push(Arc::new(file::FileOrigin::new(path.clone())))
                 }
-                other => {
-                    return Err(Error::internal(format!(
-                        "origins[{i}]: type {:?} is not built yet in this version",
-                        other.type_name()
-                    )));
+                OriginConfig::HuggingFace {
+                    endpoint,
+                    token,
+                    transfer,
+                } => origins.push(Arc::new(
+                    huggingface::HuggingFace::new(endpoint, token.clone(), transfer.clone())
+                        .map_err(|e| e.context(format_args!("origins[{i}]")))?,
+                )),
+                OriginConfig::S3 {
+                    bucket,
+                    region,
+                    prefix,
+                    endpoint,
+                    transfer,
+                } => {
+                    let settings = s3::S3Settings {
+                        bucket: bucket.clone(),
+                        region: region.clone(),
+                        prefix: prefix.clone(),
+                        endpoint: endpoint.clone(),
+                    };
+                    origins.push(Arc::new(s3::S3::new(settings, transfer.clone())))
                 }
             }
         }

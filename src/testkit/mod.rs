@@ -16,6 +16,8 @@
 //!   Range, HEAD, 404), with GET counts per path, runtime content replacement, a bearer token,
 //!   throttling and injected faults (error status, cut after K bytes, stall, per-request
 //!   throttle).
+//! - [`hub`]: a stand-in Hugging Face Hub (revision API, `/resolve/` redirects to a CDN on the
+//!   same or another origin, `X-Linked-*` headers, Range, token check, faults).
 //! - [`server`], [`wire`] and [`response`]: the small HTTP/1.1 server under both, written on tokio rather
 //!   than hyper so a stand-in controls framing byte by byte and sees requests exactly as sent.
 //!
@@ -34,6 +36,7 @@
 //! ```
 
 pub mod adapters;
+pub mod hub;
 pub mod origin;
 pub mod origin_faults;
 pub mod probes;

@@ -2,6 +2,8 @@
 //! config in a tempdir, its JSON log lines, and raw-HTTP helpers for byte-exact checks.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,

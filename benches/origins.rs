@@ -1,0 +1,280 @@
+//! Origin throughput: one adapter with a 1 GiB weights file fetched through each remote
+//! origin type from loopback servers, into a sink, against `curl` fetching the same bytes from
+//! the same server; and the cost of the SHA-256 check (verification on vs off).
+//!
+//! Run with `scripts/bench-origins.sh` (or `cargo bench --bench origins -- [repeats] [MiB]`).
+//! Servers and client share one 2-thread tokio runtime, as the control plane would; curl is a
+//! separate process. Every figure is the median of the repeats; MB/s is 10^6 bytes/s.
+
+#[path = "../tests/common/s3.rs"]
+mod s3_server;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aws_sdk_s3::primitives::ByteStream;
+use base64::{Engine, engine::general_purpose::STANDARD};
+use bytes::Bytes;
+use loraplex::{
+    config::TransferConfig,
+    origin::{
+        Origin,
+        huggingface::HuggingFace,
+        s3::{S3, S3Settings},
+        transfer::{ChunkSink, TransferError, pull_file},
+    },
+    store::AdapterName,
+    testkit::hub::{CdnHost, HubFile, StandInHub},
+};
+use s3_server::{ACCESS_KEY, S3Server, SECRET_KEY, credentials};
+use sha2::{Digest, Sha256};
+
+const CONFIG: &[u8] = br#"{"peft_type":"LORA","base_model_name_or_path":"base","r":8}"#;
+
+/// Incompressible-looking bytes, fast to make (xorshift).
+fn weights(len: usize) -> Bytes {
+    let mut v = vec![0u8; len];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    v.into()
+}
+
+/// Counts the bytes, keeps none.
+struct Sink(u64);
+
+impl ChunkSink for Sink {
+    async fn accept(&mut self, chunk: Bytes) -> Result<(), TransferError> {
+        self.0 += chunk.len() as u64;
+        Ok(())
+    }
+}
+
+/// Fetch every file of `name` the way the store does (manifest, then `pull_file` per file)
+/// into a counting sink; bytes read. `verify: false` drops the announced sha256s, which is how
+/// the transfer runs for an origin that has none (it then hashes nothing).
+async fn fetch(origin: &dyn Origin, name: &AdapterName, verify: bool) -> u64 {
+    let mut manifest = origin.manifest(name).await.expect("manifest");
+    if !verify {
+        manifest.files.iter_mut().for_each(|f| f.sha256 = None);
+    }
+    let mut sink = Sink(0);
+    for file in &manifest.files {
+        pull_file(origin, name, &manifest, file, &mut sink)
+            .await
+            .unwrap_or_else(|e| panic!("fetch {}: {e:?}", file.path));
+    }
+    sink.0
+}
+
+fn mbps(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / took.as_secs_f64() / 1e6
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// curl the URL into /dev/null; MB/s from its own byte count and total time.
+fn curl(args: &[&str]) -> f64 {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-f",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{time_total}",
+        ])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    assert!(out.status.success(), "curl {args:?}: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace();
+    let bytes: f64 = it.next().unwrap().parse().unwrap();
+    let secs: f64 = it.next().unwrap().parse().unwrap();
+    bytes / secs / 1e6
+}
+
+async fn curl_async(args: Vec<String>) -> f64 {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&args)
+    })
+    .await
+    .unwrap()
+}
+
+struct Row {
+    what: &'static str,
+    samples: Vec<f64>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let repeats: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let mib: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1024);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(repeats, mib));
+}
+
+async fn run(repeats: usize, mib: usize) {
+    let data = weights(mib << 20);
+    let size = data.len() as u64;
+    let name = AdapterName::parse("bench/big").unwrap();
+    let transfer = TransferConfig::default();
+    println!("adapter: {mib} MiB weights + config; {repeats} repeats; median MB/s (10^6 B/s)");
+
+    // Reference: SHA-256 alone over the same bytes, in memory.
+    let mut sha_alone = Vec::new();
+    for _ in 0..repeats {
+        let t = Instant::now();
+        std::hint::black_box(Sha256::digest(&data));
+        sha_alone.push(mbps(size, t.elapsed()));
+    }
+
+    // Hugging Face stand-in: /resolve/ redirects to /cdn/ on the same server.
+    let hub = StandInHub::start(None, CdnHost::Same).await.unwrap();
+    let lfs = HubFile::lfs("adapter_model.safetensors", data.clone());
+    let files = vec![HubFile::small("adapter_config.json", CONFIG), lfs];
+    hub.add_commit("bench/big", "be9c4000", &["main"], files);
+    let hf = HuggingFace::new(&hub.url(), None, transfer.clone()).unwrap();
+
+    // S3: s3s-fs over a temporary directory; the object carries x-amz-checksum-sha256.
+    let s3_server = S3Server::start(&["bench"]).await;
+    let settings = S3Settings {
+        bucket: "bench".into(),
+        region: Some("us-east-1".into()),
+        prefix: String::new(),
+        endpoint: Some(s3_server.url.clone()),
+    };
+    let s3 = S3::with_credentials(settings, transfer, Some(credentials()));
+    let sum = STANDARD.encode(Sha256::digest(&data));
+    for (key, body, sum) in [
+        (
+            "bench/big/adapter_config.json",
+            Bytes::from_static(CONFIG),
+            None,
+        ),
+        (
+            "bench/big/adapter_model.safetensors",
+            data.clone(),
+            Some(sum),
+        ),
+    ] {
+        let put = s3
+            .client()
+            .await
+            .sdk()
+            .put_object()
+            .bucket("bench")
+            .key(key);
+        put.set_checksum_sha256(sum)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .unwrap();
+    }
+    let s3_url = format!(
+        "{}/bench/bench/big/adapter_model.safetensors",
+        s3_server.url
+    );
+    let sigv4 = |url: &str| -> Vec<String> {
+        [
+            "--aws-sigv4",
+            "aws:amz:us-east-1:s3",
+            "--user",
+            &format!("{ACCESS_KEY}:{SECRET_KEY}"),
+            "-H",
+            "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+            url,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+
+    let mut rows = vec![
+        Row {
+            what: "sha256 alone (in memory)",
+            samples: sha_alone,
+        },
+        Row {
+            what: "huggingface: curl -L /resolve/ (same bytes)",
+            samples: vec![],
+        },
+        Row {
+            what: "huggingface: origin, sha256 on",
+            samples: vec![],
+        },
+        Row {
+            what: "huggingface: origin, sha256 off",
+            samples: vec![],
+        },
+        Row {
+            what: "s3 (s3s-fs): curl --aws-sigv4 (same bytes)",
+            samples: vec![],
+        },
+        Row {
+            what: "s3 (s3s-fs): origin, sha256 on",
+            samples: vec![],
+        },
+        Row {
+            what: "s3 (s3s-fs): origin, sha256 off",
+            samples: vec![],
+        },
+    ];
+    let resolve = format!(
+        "{}/bench/big/resolve/main/adapter_model.safetensors",
+        hub.url()
+    );
+    for _ in 0..repeats {
+        rows[1]
+            .samples
+            .push(curl_async(vec!["-L".into(), resolve.clone()]).await);
+        for (row, verify) in [(2, true), (3, false)] {
+            let t = Instant::now();
+            let n = fetch(&hf, &name, verify).await;
+            rows[row].samples.push(mbps(n, t.elapsed()));
+        }
+        rows[4].samples.push(curl_async(sigv4(&s3_url)).await);
+        for (row, verify) in [(5, true), (6, false)] {
+            let t = Instant::now();
+            let n = fetch(&s3, &name, verify).await;
+            rows[row].samples.push(mbps(n, t.elapsed()));
+        }
+    }
+    for r in &rows {
+        let all: Vec<String> = r.samples.iter().map(|s| format!("{s:.0}")).collect();
+        println!(
+            "{:<46} {:>7.0}   [{}]",
+            r.what,
+            median(r.samples.clone()),
+            all.join(" ")
+        );
+    }
+    for (name, on, off) in [("huggingface", 2, 3), ("s3", 5, 6)] {
+        let (on, off) = (
+            median(rows[on].samples.clone()),
+            median(rows[off].samples.clone()),
+        );
+        println!(
+            "{name}: sha256 costs {:.1}% of throughput",
+            (1.0 - on / off) * 100.0
+        );
+    }
+}

@@ -1,0 +1,415 @@
+//! A stand-in Hugging Face Hub speaking the parts of its HTTP API that loraplex uses, on real
+//! sockets (for the tests, the demo and the benchmark).
+//!
+//! - `GET /api/models/{repo}/revision/{rev}[?blobs=true]`: `sha` and `siblings` (with `size`
+//!   and `lfs.sha256` when `blobs=true`).
+//! - `GET /{repo}/resolve/{rev}/{file}`: small files answer 200 directly; LFS files answer 302
+//!   to `/cdn/{sha256}` with `X-Linked-Etag`, `X-Linked-Size` and `X-Repo-Commit`, either on
+//!   the Hub's own origin or on a second listener (another port: another origin).
+//! - `GET /cdn/{sha256}`: the bytes, with `Range`.
+//!
+//! A token, when set, is required on `/api` and `/resolve` (401 without it, as the Hub does);
+//! the CDN never checks it, and records which `Authorization` it was sent. Unknown repos,
+//! revisions and files are 404 with the Hub's `X-Error-Code`. Faults can be armed per path:
+//! an error status, a body cut after N bytes (connection reset), a body that stalls after N
+//! bytes. Every request is counted per path.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::runtime::Handle;
+
+use super::{
+    range::{RangeAnswer, pick_range},
+    server::{Framing, Piece, Request, Response, Server, handler},
+};
+use crate::origin::transfer::hex;
+
+/// How long an armed stall holds the rest of a body back (longer than any test waits).
+const STALL: Duration = Duration::from_secs(3600);
+
+/// A file of a commit.
+#[derive(Debug, Clone)]
+pub struct HubFile {
+    pub name: String,
+    pub bytes: Bytes,
+    /// Stored in LFS: served through the CDN redirect with `X-Linked-*` headers.
+    pub lfs: bool,
+    /// Announce this SHA-256 instead of the real one (a repo whose bytes don't match).
+    pub lie_sha256: Option<[u8; 32]>,
+}
+
+impl HubFile {
+    pub fn small(name: &str, bytes: impl Into<Bytes>) -> Self {
+        HubFile {
+            name: name.into(),
+            bytes: bytes.into(),
+            lfs: false,
+            lie_sha256: None,
+        }
+    }
+
+    pub fn lfs(name: &str, bytes: impl Into<Bytes>) -> Self {
+        HubFile {
+            lfs: true,
+            ..HubFile::small(name, bytes)
+        }
+    }
+
+    /// The SHA-256 the Hub announces for this file (hex).
+    pub fn announced_sha256(&self) -> String {
+        match self.lie_sha256 {
+            Some(lie) => hex(&lie),
+            None => hex(&Sha256::digest(&self.bytes)),
+        }
+    }
+}
+
+/// Where `/resolve/` sends LFS files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CdnHost {
+    /// A relative redirect on the Hub's own origin.
+    Same,
+    /// An absolute redirect to the second listener (another port: another origin).
+    Other,
+}
+
+/// A fault armed for the next request(s) to a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer this status instead.
+    Status(u16),
+    /// Send this many body bytes, then reset the connection.
+    Cut(u64),
+    /// Send this many body bytes, then send nothing more, ever.
+    Stall(u64),
+}
+
+struct Commit {
+    sha: String,
+    refs: Vec<String>,
+    files: Vec<HubFile>,
+}
+
+#[derive(Default)]
+struct Inner {
+    repos: HashMap<String, Vec<Commit>>,
+    blobs: HashMap<String, Bytes>,
+    hits: HashMap<String, u64>,
+    auth_seen: HashMap<String, Vec<Option<String>>>,
+    ranges: HashMap<String, Vec<Option<u64>>>,
+    faults: HashMap<String, Vec<Fault>>,
+}
+
+struct HubState {
+    token: Option<String>,
+    cdn: CdnHost,
+    /// Base URL of the second listener, set once both are up.
+    cdn_base: OnceLock<String>,
+    inner: Mutex<Inner>,
+}
+
+impl HubState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running stand-in Hub; stops when dropped.
+pub struct StandInHub {
+    hub: Server,
+    cdn: Server,
+    state: Arc<HubState>,
+}
+
+impl StandInHub {
+    /// Start on two ports of 127.0.0.1 (the Hub and its "other host" CDN). Call inside tokio.
+    pub async fn start(token: Option<&str>, cdn: CdnHost) -> io::Result<StandInHub> {
+        StandInHub::start_on(&Handle::current(), token, cdn)
+    }
+
+    /// Start on the runtime behind `rt`, from any thread.
+    pub fn start_on(rt: &Handle, token: Option<&str>, cdn: CdnHost) -> io::Result<StandInHub> {
+        let state = Arc::new(HubState {
+            token: token.map(str::to_owned),
+            cdn,
+            cdn_base: OnceLock::new(),
+            inner: Mutex::default(),
+        });
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let serve = |st: Arc<HubState>| {
+            handler(move |req: Request| {
+                let st = st.clone();
+                async move { handle(&st, req) }
+            })
+        };
+        let hub = Server::start_on(rt, any, 0, serve(state.clone()))?;
+        let cdn_server = Server::start_on(rt, any, 0, serve(state.clone()))?;
+        let _ = state.cdn_base.set(cdn_server.url());
+        Ok(StandInHub {
+            hub,
+            cdn: cdn_server,
+            state,
+        })
+    }
+
+    /// The Hub's base URL (the origin's `endpoint`).
+    pub fn url(&self) -> String {
+        self.hub.url()
+    }
+
+    /// The other-origin CDN's base URL.
+    pub fn cdn_url(&self) -> String {
+        self.cdn.url()
+    }
+
+    /// Add a commit of `repo` reachable by its sha and by each of `refs` (`main`, tags). A
+    /// ref already pointing elsewhere moves to this commit.
+    pub fn add_commit(&self, repo: &str, sha: &str, refs: &[&str], files: Vec<HubFile>) {
+        let mut inner = self.state.lock();
+        for f in files.iter().filter(|f| f.lfs) {
+            inner.blobs.insert(f.announced_sha256(), f.bytes.clone());
+        }
+        let commits = inner.repos.entry(repo.to_owned()).or_default();
+        for c in commits.iter_mut() {
+            c.refs.retain(|r| !refs.contains(&r.as_str()));
+        }
+        commits.push(Commit {
+            sha: sha.to_owned(),
+            refs: refs.iter().map(|r| r.to_string()).collect(),
+            files,
+        });
+    }
+
+    /// Requests seen for `path` (e.g. `/cdn/{sha256}`, `/org/x/resolve/{sha}/file`).
+    pub fn hits(&self, path: &str) -> u64 {
+        self.state.lock().hits.get(path).copied().unwrap_or(0)
+    }
+
+    /// The `Authorization` header of each request to `path`, in order.
+    pub fn auth_seen(&self, path: &str) -> Vec<Option<String>> {
+        self.state
+            .lock()
+            .auth_seen
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The `Range` start of each request to `path`, in order.
+    pub fn ranges_seen(&self, path: &str) -> Vec<Option<u64>> {
+        self.state
+            .lock()
+            .ranges
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Arm `fault` for the next request to `path` (faults queue up, one per request).
+    pub fn arm(&self, path: &str, fault: Fault) {
+        self.state
+            .lock()
+            .faults
+            .entry(path.to_owned())
+            .or_default()
+            .push(fault);
+    }
+
+    /// The CDN path of an LFS file.
+    pub fn cdn_path(file: &HubFile) -> String {
+        format!("/cdn/{}", file.announced_sha256())
+    }
+}
+
+fn handle(st: &HubState, req: Request) -> Response {
+    let head = &req.head;
+    let path = head.path().to_owned();
+    let auth = head.header("authorization").map(str::to_owned);
+    let range = range_start(head.header("range"));
+    let fault = {
+        let mut inner = st.lock();
+        *inner.hits.entry(path.clone()).or_default() += 1;
+        let seen = inner.auth_seen.entry(path.clone()).or_default();
+        seen.push(auth.clone());
+        inner.ranges.entry(path.clone()).or_default().push(range);
+        let queue = inner.faults.get_mut(&path);
+        queue.and_then(|q| (!q.is_empty()).then(|| q.remove(0)))
+    };
+    if let Some(Fault::Status(code)) = fault {
+        return Response::text(code, "armed fault");
+    }
+    if let Some(sha) = path.strip_prefix("/cdn/") {
+        let blob = st.lock().blobs.get(sha).cloned();
+        return match blob {
+            Some(bytes) => serve_bytes(head, bytes, fault, Vec::new()),
+            None => Response::text(404, "no such blob"),
+        };
+    }
+    let expected = st.token.as_ref().map(|t| format!("Bearer {t}"));
+    if expected.is_some() && auth != expected {
+        return Response::text(401, "Invalid credentials in Authorization header");
+    }
+    if let Some(rest) = path.strip_prefix("/api/models/") {
+        let blobs = head.query_param("blobs") == Some("true");
+        return match rest.split_once("/revision/") {
+            Some((repo, rev)) => repo_info(st, repo, rev, blobs),
+            None => not_found("RepoNotFound"),
+        };
+    }
+    match parse_resolve(&path) {
+        Some((repo, rev, file)) => resolve(st, head, repo, rev, file, fault),
+        None => not_found("EntryNotFound"),
+    }
+}
+
+/// `/{repo}/resolve/{rev}/{file}` → (repo, rev, file).
+fn parse_resolve(path: &str) -> Option<(&str, &str, &str)> {
+    let (repo, rest) = path.trim_start_matches('/').split_once("/resolve/")?;
+    let (rev, file) = rest.split_once('/')?;
+    Some((repo, rev, file))
+}
+
+fn not_found(code: &'static str) -> Response {
+    Response::text(404, code).header("x-error-code", code)
+}
+
+/// Find the commit `rev` (a ref or a sha) of `repo`, and run `f` on it.
+fn with_commit(
+    st: &HubState,
+    repo: &str,
+    rev: &str,
+    f: impl FnOnce(&Commit) -> Response,
+) -> Response {
+    let inner = st.lock();
+    let Some(commits) = inner.repos.get(repo) else {
+        return not_found("RepoNotFound");
+    };
+    match commits
+        .iter()
+        .find(|c| c.sha == rev || c.refs.iter().any(|r| r == rev))
+    {
+        Some(c) => f(c),
+        None => not_found("RevisionNotFound"),
+    }
+}
+
+fn repo_info(st: &HubState, repo: &str, rev: &str, blobs: bool) -> Response {
+    with_commit(st, repo, rev, |c| {
+        let siblings: Vec<serde_json::Value> = c
+            .files
+            .iter()
+            .map(|f| {
+                let mut s = serde_json::json!({ "rfilename": f.name });
+                if blobs {
+                    s["size"] = f.bytes.len().into();
+                    if f.lfs {
+                        s["lfs"] = serde_json::json!({
+                            "sha256": f.announced_sha256(),
+                            "size": f.bytes.len(),
+                            "pointerSize": 134,
+                        });
+                    }
+                }
+                s
+            })
+            .collect();
+        let body = serde_json::json!({ "id": repo, "sha": c.sha, "siblings": siblings });
+        Response::json(200, &body)
+    })
+}
+
+fn resolve(
+    st: &HubState,
+    head: &super::server::RequestHead,
+    repo: &str,
+    rev: &str,
+    name: &str,
+    fault: Option<Fault>,
+) -> Response {
+    with_commit(st, repo, rev, |c| {
+        let Some(file) = c.files.iter().find(|f| f.name == name) else {
+            return not_found("EntryNotFound");
+        };
+        let commit = ("x-repo-commit".to_owned(), c.sha.clone());
+        if !file.lfs {
+            return serve_bytes(head, file.bytes.clone(), fault, vec![commit]);
+        }
+        let sha = file.announced_sha256();
+        let location = match st.cdn {
+            CdnHost::Same => format!("/cdn/{sha}"),
+            CdnHost::Other => format!("{}/cdn/{sha}", st.cdn_base.get().expect("set at start")),
+        };
+        Response::new(302)
+            .header("x-repo-commit", c.sha.clone())
+            .header("x-linked-etag", format!("\"{sha}\""))
+            .header("x-linked-size", file.bytes.len().to_string())
+            .header("etag", format!("\"{sha}\""))
+            .header("location", location)
+    })
+}
+
+/// The start of `Range: bytes=N-` (recorded for the tests).
+fn range_start(v: Option<&str>) -> Option<u64> {
+    let (start, _) = v?.trim().strip_prefix("bytes=")?.split_once('-')?;
+    start.trim().parse().ok()
+}
+
+/// The bytes, honouring `Range`, with the armed fault applied to the body.
+fn serve_bytes(
+    head: &super::server::RequestHead,
+    bytes: Bytes,
+    fault: Option<Fault>,
+    headers: Vec<(String, String)>,
+) -> Response {
+    let total = bytes.len() as u64;
+    let etag = format!(
+        "\"{}\"",
+        hex(&Sha256::digest(&bytes[..bytes.len().min(4096)]))
+    );
+    let (status, start, end) = match pick_range(head, &etag, total) {
+        RangeAnswer::Whole => (200, 0, total),
+        RangeAnswer::Partial(a, b) => (206, a, b + 1),
+        RangeAnswer::Unsatisfiable => {
+            return Response::new(416).header("content-range", format!("bytes */{total}"));
+        }
+    };
+    let mut resp = Response::new(status)
+        .header("accept-ranges", "bytes")
+        .header("etag", etag);
+    for (k, v) in headers {
+        resp = resp.header(k, v);
+    }
+    if status == 206 {
+        resp = resp.header(
+            "content-range",
+            format!("bytes {start}-{}/{total}", end - 1),
+        );
+    }
+    let body = bytes.slice(start as usize..end as usize);
+    let len = body.len() as u64;
+    match fault {
+        Some(Fault::Cut(n)) => {
+            let sent = body.slice(..(n.min(len)) as usize);
+            resp.pieces(Framing::Length, vec![Piece::new(Duration::ZERO, sent)])
+                .announce_len(len)
+                .abort_after_pieces()
+        }
+        Some(Fault::Stall(n)) => {
+            let cut = n.min(len) as usize;
+            let pieces = vec![
+                Piece::new(Duration::ZERO, body.slice(..cut)),
+                Piece::new(STALL, body.slice(cut..)),
+            ];
+            resp.pieces(Framing::Length, pieces)
+        }
+        _ => resp.pieces(Framing::Length, vec![Piece::new(Duration::ZERO, body)]),
+    }
+}

@@ -1,0 +1,598 @@
+//! The Hugging Face and S3 origins against real servers on 127.0.0.1: the stand-in Hub
+//! (`loraplex::testkit::hub`) and an in-process S3 (`s3s` + `s3s-fs`, `common/s3.rs`).
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use aws_sdk_s3::primitives::ByteStream;
+use base64::{Engine, engine::general_purpose::STANDARD};
+use bytes::Bytes;
+use common::s3::{S3Server, credentials};
+use loraplex::{
+    Error,
+    config::TransferConfig,
+    origin::{
+        Manifest, Origin, OriginChain, OriginError, OriginErrorKind, check_manifest,
+        huggingface::HuggingFace,
+        s3::{S3, S3Settings},
+        transfer::{ChunkSink, TransferError, pull_file},
+    },
+    store::AdapterName,
+    testkit::hub::{CdnHost, Fault, HubFile, StandInHub},
+};
+use sha2::{Digest, Sha256};
+
+fn transfer() -> TransferConfig {
+    TransferConfig {
+        connect_timeout: Duration::from_secs(2),
+        // Generous: the machine is shared and loaded; only the stall test shortens it.
+        idle_timeout: Duration::from_secs(10),
+        retries: 3,
+    }
+}
+
+fn name(s: &str) -> AdapterName {
+    AdapterName::parse(s).unwrap()
+}
+
+/// Bytes that differ at every offset (so a wrong resume offset cannot go unnoticed).
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+const CONFIG: &[u8] = br#"{"peft_type":"LORA","base_model_name_or_path":"base","r":8}"#;
+
+struct VecSink(Vec<u8>);
+
+impl ChunkSink for VecSink {
+    async fn accept(&mut self, chunk: Bytes) -> Result<(), TransferError> {
+        self.0.extend_from_slice(&chunk);
+        Ok(())
+    }
+}
+
+fn origin_err(e: TransferError) -> OriginError {
+    match e {
+        TransferError::Origin(e) => e,
+        TransferError::Sink(e) => panic!("the sink failed: {e}"),
+    }
+}
+
+/// What the store does with an origin, minus the disk: manifest, checks, every file through
+/// the shared transfer (retries, `Range` resume, size and sha256 checks).
+async fn fetch(
+    origin: &dyn Origin,
+    n: &AdapterName,
+) -> Result<(Manifest, Vec<(String, Vec<u8>)>), OriginError> {
+    let manifest = origin.manifest(n).await?;
+    check_manifest(&manifest)?;
+    let mut out = Vec::new();
+    for file in &manifest.files {
+        let mut sink = VecSink(Vec::new());
+        pull_file(origin, n, &manifest, file, &mut sink)
+            .await
+            .map_err(origin_err)?;
+        out.push((file.path.clone(), sink.0));
+    }
+    Ok((manifest, out))
+}
+
+async fn fetch_files(origin: &dyn Origin, n: &str) -> Vec<(String, Vec<u8>)> {
+    fetch(origin, &name(n)).await.unwrap().1
+}
+
+/// A fetch that must fail; its error.
+async fn refused(origin: &dyn Origin, n: &str) -> OriginError {
+    match fetch(origin, &name(n)).await {
+        Ok((_, files)) => panic!("accepted: {:?}", paths(&files)),
+        Err(e) => e,
+    }
+}
+
+fn paths(files: &[(String, Vec<u8>)]) -> Vec<&str> {
+    let mut p: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+    p.sort();
+    p
+}
+
+fn bytes_of<'a>(files: &'a [(String, Vec<u8>)], path: &str) -> &'a [u8] {
+    &files.iter().find(|(p, _)| p == path).expect(path).1
+}
+
+fn hf(hub: &StandInHub, token: Option<&str>) -> HuggingFace {
+    HuggingFace::new(&hub.url(), token.map(str::to_owned), transfer()).unwrap()
+}
+
+/// A typical adapter repo, with files an adapter does not need.
+fn adapter_repo(weights: &[u8]) -> Vec<HubFile> {
+    vec![
+        HubFile::small("adapter_config.json", CONFIG),
+        HubFile::lfs("adapter_model.safetensors", weights.to_vec()),
+        HubFile::small("tokenizer_config.json", &b"{}"[..]),
+        HubFile::small("README.md", &b"# card"[..]),
+        HubFile::lfs("training_args.bin", pattern(1000, 1)),
+        HubFile::lfs("model.safetensors", pattern(300_000, 2)),
+        HubFile::lfs("checkpoint-10/adapter_model.safetensors", pattern(1000, 3)),
+        HubFile::lfs("images/loss.png", pattern(1000, 4)),
+    ]
+}
+
+#[tokio::test]
+async fn hf_fetches_the_adapter_files_of_the_resolved_commit() {
+    let hub = StandInHub::start(None, CdnHost::Same).await.unwrap();
+    let weights = pattern(3 << 20, 7);
+    hub.add_commit("acme/sum", "c0ffee01", &["main"], adapter_repo(&weights));
+    let origin = hf(&hub, None);
+
+    let (manifest, files) = fetch(&origin, &name("acme/sum")).await.unwrap();
+    assert_eq!(manifest.content_id(), Some("c0ffee01"));
+    assert_eq!(
+        manifest.files[0].path, "adapter_config.json",
+        "config first"
+    );
+    let want_sha: [u8; 32] = Sha256::digest(&weights).into();
+    assert_eq!(
+        manifest.files[1].sha256,
+        Some(want_sha),
+        "LFS sha256 from the listing"
+    );
+    assert_eq!(
+        paths(&files),
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "tokenizer_config.json"
+        ]
+    );
+    assert_eq!(bytes_of(&files, "adapter_config.json"), CONFIG);
+    assert_eq!(bytes_of(&files, "adapter_model.safetensors"), &weights[..]);
+    // Only what was selected was requested; downloads name the commit, not the branch.
+    assert_eq!(hub.hits("/acme/sum/resolve/c0ffee01/README.md"), 0);
+    assert_eq!(hub.hits("/acme/sum/resolve/c0ffee01/model.safetensors"), 0);
+    assert_eq!(
+        hub.hits("/acme/sum/resolve/c0ffee01/adapter_model.safetensors"),
+        1
+    );
+    assert_eq!(
+        hub.hits("/acme/sum/resolve/main/adapter_model.safetensors"),
+        0
+    );
+    assert_eq!(
+        origin.head(&name("acme/sum")).await.unwrap().as_deref(),
+        Some("c0ffee01")
+    );
+}
+
+#[tokio::test]
+async fn hf_downloads_the_commit_it_resolved_even_if_main_moves() {
+    let hub = StandInHub::start(None, CdnHost::Same).await.unwrap();
+    let (old, new) = (pattern(100_000, 1), pattern(100_000, 2));
+    hub.add_commit("acme/x", "aaaa1111", &["main"], adapter_repo(&old));
+    let origin = hf(&hub, None);
+    let n = name("acme/x");
+    let manifest = origin.manifest(&n).await.unwrap();
+    // A push lands between the resolve and the transfer.
+    hub.add_commit("acme/x", "bbbb2222", &["main"], adapter_repo(&new));
+    let mut sink = VecSink(Vec::new());
+    pull_file(&origin, &n, &manifest, &manifest.files[1], &mut sink)
+        .await
+        .unwrap();
+    assert_eq!(sink.0, old);
+    assert_eq!(origin.head(&n).await.unwrap().as_deref(), Some("bbbb2222"));
+}
+
+#[tokio::test]
+async fn hf_pinned_revision_fetches_that_revision() {
+    let hub = StandInHub::start(None, CdnHost::Other).await.unwrap();
+    let (v1, v2) = (pattern(50_000, 1), pattern(50_000, 2));
+    hub.add_commit("acme/x", "1111aaaa", &["v1"], adapter_repo(&v1));
+    hub.add_commit("acme/x", "2222bbbb", &["main"], adapter_repo(&v2));
+    let origin = hf(&hub, None);
+
+    let (manifest, files) = fetch(&origin, &name("acme/x@v1")).await.unwrap();
+    assert_eq!(manifest.content_id(), Some("1111aaaa"));
+    assert_eq!(bytes_of(&files, "adapter_model.safetensors"), &v1[..]);
+    let files = fetch_files(&origin, "acme/x@2222bbbb").await;
+    assert_eq!(bytes_of(&files, "adapter_model.safetensors"), &v2[..]);
+    let e = refused(&origin, "acme/x@v9").await;
+    assert_eq!(e.kind, OriginErrorKind::NotFound, "{e}");
+}
+
+#[tokio::test]
+async fn hf_token_goes_to_the_hub_and_never_to_a_cdn_on_another_origin() {
+    let weights = pattern(10_000, 9);
+    let weights_file = HubFile::lfs("adapter_model.safetensors", weights.clone());
+    let cdn_path = StandInHub::cdn_path(&weights_file);
+    for (cdn, cdn_sees_token) in [(CdnHost::Other, false), (CdnHost::Same, true)] {
+        let hub = StandInHub::start(Some("hf_secret"), cdn).await.unwrap();
+        hub.add_commit("acme/p", "5ec12e7", &["main"], adapter_repo(&weights));
+        let files = fetch_files(&hf(&hub, Some("hf_secret")), "acme/p").await;
+        assert_eq!(bytes_of(&files, "adapter_model.safetensors"), &weights[..]);
+        let bearer = Some("Bearer hf_secret".to_owned());
+        let resolve = hub.auth_seen("/acme/p/resolve/5ec12e7/adapter_model.safetensors");
+        assert_eq!(resolve, std::slice::from_ref(&bearer), "{cdn:?}");
+        let seen = hub.auth_seen(&cdn_path);
+        let expected = if cdn_sees_token { bearer } else { None };
+        assert_eq!(seen, [expected], "{cdn:?}: the CDN saw {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn hf_auth_failures_are_502_naming_authentication() {
+    let hub = StandInHub::start(Some("right"), CdnHost::Other)
+        .await
+        .unwrap();
+    hub.add_commit(
+        "acme/p",
+        "5ec12e7",
+        &["main"],
+        adapter_repo(&pattern(100, 1)),
+    );
+    let n = name("acme/p");
+    for (token, says) in [(None, "missing"), (Some("wrong"), "wrong")] {
+        let e = refused(&hf(&hub, token), "acme/p").await;
+        assert_eq!(e.kind, OriginErrorKind::Auth, "{e}");
+        let err: Error = e.into_error(&n, "huggingface");
+        assert_eq!(err.status(), 502);
+        assert!(err.message.contains("authentication"), "{}", err.message);
+        assert!(err.message.contains(says), "{}", err.message);
+    }
+}
+
+#[tokio::test]
+async fn hf_bytes_not_matching_their_sha256_are_rejected() {
+    let hub = StandInHub::start(None, CdnHost::Other).await.unwrap();
+    let mut files = adapter_repo(&pattern(200_000, 5));
+    files[1].lie_sha256 = Some([0xab; 32]);
+    hub.add_commit("acme/bad", "badbad00", &["main"], files);
+    let e = refused(&hf(&hub, None), "acme/bad").await;
+    assert_eq!(e.kind, OriginErrorKind::Invalid, "{e}");
+    assert!(e.message.contains("sha256 mismatch"), "{e}");
+    assert_eq!(e.into_error(&name("acme/bad"), "hf").status(), 502);
+}
+
+#[tokio::test]
+async fn hf_resumes_with_range_after_a_reset_and_after_a_stall() {
+    for fault in [Fault::Cut(1 << 20), Fault::Stall(700_000)] {
+        let hub = StandInHub::start(None, CdnHost::Other).await.unwrap();
+        let weights = pattern(3 << 20, 3);
+        let file = HubFile::lfs("adapter_model.safetensors", weights.clone());
+        hub.add_commit("acme/r", "4e5e7000", &["main"], adapter_repo(&weights));
+        let cdn_path = StandInHub::cdn_path(&file);
+        hub.arm(&cdn_path, fault);
+        let mut t = transfer();
+        if matches!(fault, Fault::Stall(_)) {
+            t.idle_timeout = Duration::from_secs(1);
+            t.retries = 6;
+        }
+        let origin = HuggingFace::new(&hub.url(), None, t).unwrap();
+        let files = fetch_files(&origin, "acme/r").await;
+        assert_eq!(
+            bytes_of(&files, "adapter_model.safetensors"),
+            &weights[..],
+            "{fault:?}"
+        );
+        // The first request had no Range; the resume asked for the bytes it lacked. (With a
+        // short idle timeout on a loaded machine a later attempt may stall too: still ranged.)
+        let ranges = hub.ranges_seen(&cdn_path);
+        assert!(ranges.len() >= 2, "{fault:?}: {ranges:?}");
+        assert_eq!(ranges[0], None);
+        let at = match fault {
+            Fault::Cut(n) | Fault::Stall(n) => n,
+            Fault::Status(_) => unreachable!(),
+        };
+        let resumed = ranges[1].expect("the resume asks a Range");
+        assert!(resumed > 0 && resumed <= at, "{fault:?}: {ranges:?}");
+        assert!(
+            ranges[1..].iter().all(|r| r.is_some_and(|n| n >= resumed)),
+            "{ranges:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn hf_5xx_are_transient_retried_then_given_up() {
+    let hub = StandInHub::start(None, CdnHost::Same).await.unwrap();
+    hub.add_commit("acme/f", "f00d", &["main"], adapter_repo(&pattern(1000, 1)));
+    let path = "/acme/f/resolve/f00d/adapter_config.json";
+    hub.arm(path, Fault::Status(503));
+    hub.arm(path, Fault::Status(502));
+    let files = fetch_files(&hf(&hub, None), "acme/f").await;
+    assert_eq!(bytes_of(&files, "adapter_config.json"), CONFIG);
+    assert_eq!(hub.hits(path), 3);
+
+    for _ in 0..4 {
+        hub.arm(path, Fault::Status(500));
+    }
+    let e = refused(&hf(&hub, None), "acme/f").await;
+    assert_eq!(e.kind, OriginErrorKind::Transient, "{e}");
+    assert_eq!(hub.hits(path), 3 + 4, "1 try + 3 retries");
+    // The revision API classifies the same way (the store retries manifests).
+    hub.arm("/api/models/acme/f/revision/main", Fault::Status(503));
+    let e = hf(&hub, None).manifest(&name("acme/f")).await.unwrap_err();
+    assert_eq!(e.kind, OriginErrorKind::Transient, "{e}");
+}
+
+#[tokio::test]
+async fn hf_missing_repo_or_non_adapter_is_not_found_and_weightless_is_refused() {
+    let hub = StandInHub::start(None, CdnHost::Same).await.unwrap();
+    let model = vec![HubFile::small("config.json", &b"{}"[..])];
+    hub.add_commit("acme/model", "1", &["main"], model);
+    let config_only = vec![HubFile::small("adapter_config.json", CONFIG)];
+    hub.add_commit("acme/cfg", "2", &["main"], config_only);
+    let origin = hf(&hub, None);
+    assert_eq!(
+        refused(&origin, "acme/nope").await.kind,
+        OriginErrorKind::NotFound
+    );
+    assert_eq!(
+        refused(&origin, "acme/model").await.kind,
+        OriginErrorKind::NotFound
+    );
+    let e = refused(&origin, "acme/cfg").await;
+    assert_eq!(e.kind, OriginErrorKind::Invalid, "{e}");
+    assert_eq!(e.into_error(&name("acme/cfg"), "hf").status(), 502);
+}
+
+// ---------------------------------------------------------------------------------------
+// S3
+
+fn s3(server: &S3Server, bucket: &str, prefix: &str) -> S3 {
+    let settings = S3Settings {
+        bucket: bucket.into(),
+        region: Some("us-east-1".into()),
+        prefix: prefix.into(),
+        endpoint: Some(server.url.clone()),
+    };
+    S3::with_credentials(settings, transfer(), Some(credentials()))
+}
+
+/// Upload through the S3 API (the listing then carries the object's ETag), with its SHA-256
+/// checksum when `checksum`.
+async fn put(origin: &S3, bucket: &str, key: &str, body: &[u8], checksum: bool) {
+    let sdk = origin.client().await.sdk();
+    let sum = checksum.then(|| STANDARD.encode(Sha256::digest(body)));
+    let put = sdk
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .set_checksum_sha256(sum);
+    put.body(ByteStream::from(body.to_vec()))
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn s3_fetches_every_object_under_the_prefix() {
+    let server = S3Server::start(&["adapters"]).await;
+    let weights = pattern(2 << 20, 4);
+    server.put_file(
+        "adapters",
+        "lora/acme/x/adapter_model.safetensors",
+        &weights,
+    );
+    server.put_file("adapters", "lora/acme/x/extra/notes.txt", b"hi");
+    server.put_file(
+        "adapters",
+        "lora/acme/xy/adapter_config.json",
+        b"other adapter",
+    );
+    server.put_file("adapters", "lora/acme/x.json", b"sibling");
+    let origin = s3(&server, "adapters", "lora");
+    put(
+        &origin,
+        "adapters",
+        "lora/acme/x/adapter_config.json",
+        CONFIG,
+        false,
+    )
+    .await;
+
+    let (manifest, files) = fetch(&origin, &name("acme/x")).await.unwrap();
+    let content_id = manifest.content_id().unwrap().to_owned();
+    assert!(!content_id.is_empty());
+    assert_eq!(
+        manifest.files[0].path, "adapter_config.json",
+        "config first"
+    );
+    assert_eq!(
+        paths(&files),
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "extra/notes.txt"
+        ]
+    );
+    assert_eq!(bytes_of(&files, "adapter_model.safetensors"), &weights[..]);
+    assert_eq!(
+        origin.head(&name("acme/x")).await.unwrap(),
+        Some(content_id)
+    );
+    assert_eq!(
+        refused(&origin, "acme/none").await.kind,
+        OriginErrorKind::NotFound
+    );
+}
+
+#[tokio::test]
+async fn s3_empty_prefix_lists_keys_without_a_leading_slash() {
+    let server = S3Server::start(&["bkt"]).await;
+    server.put_file("bkt", "acme/x/adapter_config.json", CONFIG);
+    server.put_file("bkt", "acme/x/adapter_model.bin", b"weights");
+    let origin = s3(&server, "bkt", "");
+    assert_eq!(
+        origin.client().await.adapter_dir(&name("acme/x")),
+        "acme/x/"
+    );
+    let files = fetch_files(&origin, "acme/x").await;
+    assert_eq!(paths(&files), ["adapter_config.json", "adapter_model.bin"]);
+    let gets = server.knobs.gets.lock().unwrap().clone();
+    assert!(
+        gets.iter().all(|(k, _)| k.starts_with("acme/x/")),
+        "{gets:?}"
+    );
+}
+
+#[tokio::test]
+async fn s3_lists_every_page_of_a_large_adapter() {
+    let server = S3Server::start(&["bkt"]).await;
+    server.put_file("bkt", "p/acme/big/adapter_config.json", CONFIG);
+    server.put_file("bkt", "p/acme/big/adapter_model.safetensors", b"w");
+    for i in 0..1100 {
+        let key = format!("p/acme/big/shards/{i:04}.json");
+        server.put_file("bkt", &key, i.to_string().as_bytes());
+    }
+    let origin = s3(&server, "bkt", "p/");
+    let n = name("acme/big");
+    let manifest = origin.manifest(&n).await.unwrap();
+    assert_eq!(
+        manifest.files.len(),
+        1102,
+        "more than one ListObjectsV2 page"
+    );
+    // Read a key of the second page (reading all 1102 tiny objects would only add time).
+    let last = manifest
+        .files
+        .iter()
+        .find(|f| f.path == "shards/1099.json")
+        .unwrap();
+    let mut sink = VecSink(Vec::new());
+    pull_file(&origin, &n, &manifest, last, &mut sink)
+        .await
+        .unwrap();
+    assert_eq!(sink.0, b"1099");
+}
+
+#[tokio::test]
+async fn s3_refuses_an_adapter_with_a_key_escaping_its_directory() {
+    let server = S3Server::start(&["bkt"]).await;
+    server.put_file("bkt", "p/acme/x/adapter_config.json", CONFIG);
+    server.put_file("bkt", "p/acme/x/adapter_model.safetensors", b"w");
+    *server.knobs.hostile_key.lock().unwrap() = Some("p/acme/x/../../../etc/cron.d/evil".into());
+    let origin = s3(&server, "bkt", "p");
+    let e = refused(&origin, "acme/x").await;
+    assert_eq!(e.kind, OriginErrorKind::Invalid, "{e}");
+    assert!(e.message.contains("escape"), "{e}");
+    assert_eq!(e.into_error(&name("acme/x"), "s3").status(), 502);
+    assert!(
+        server.knobs.gets.lock().unwrap().is_empty(),
+        "nothing was fetched"
+    );
+}
+
+#[tokio::test]
+async fn s3_verifies_sha256_checksums_and_rejects_corrupt_objects() {
+    let server = S3Server::start(&["bkt"]).await;
+    let origin = s3(&server, "bkt", "");
+    let weights = pattern(1 << 20, 6);
+    put(&origin, "bkt", "acme/c/adapter_config.json", CONFIG, true).await;
+    put(
+        &origin,
+        "bkt",
+        "acme/c/adapter_model.safetensors",
+        &weights,
+        true,
+    )
+    .await;
+    let (manifest, files) = fetch(&origin, &name("acme/c")).await.unwrap();
+    let want: [u8; 32] = Sha256::digest(&weights).into();
+    assert_eq!(
+        manifest.files[1].sha256,
+        Some(want),
+        "x-amz-checksum-sha256 read"
+    );
+    assert_eq!(bytes_of(&files, "adapter_model.safetensors"), &weights[..]);
+
+    // Same size, different bytes, behind the server's back: its recorded checksum now lies.
+    let mut corrupt = weights.clone();
+    corrupt[500_000] ^= 0xff;
+    let path = server.object_path("bkt", "acme/c/adapter_model.safetensors");
+    std::fs::write(path, &corrupt).unwrap();
+    let e = refused(&origin, "acme/c").await;
+    assert_eq!(e.kind, OriginErrorKind::Invalid, "{e}");
+    assert!(e.message.contains("sha256 mismatch"), "{e}");
+}
+
+#[tokio::test]
+async fn s3_resumes_with_range_after_a_reset() {
+    let server = S3Server::start(&["bkt"]).await;
+    let weights = pattern(3 << 20, 8);
+    server.put_file("bkt", "acme/r/adapter_config.json", CONFIG);
+    server.put_file("bkt", "acme/r/adapter_model.safetensors", &weights);
+    let key = "acme/r/adapter_model.safetensors";
+    server
+        .knobs
+        .cuts
+        .lock()
+        .unwrap()
+        .insert(key.into(), 1_000_000);
+    let files = fetch_files(&s3(&server, "bkt", ""), "acme/r").await;
+    assert_eq!(bytes_of(&files, "adapter_model.safetensors"), &weights[..]);
+    let gets = server.knobs.gets.lock().unwrap().clone();
+    let gets: Vec<_> = gets
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, r)| *r)
+        .collect();
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[0], None);
+    let resumed_at = gets[1].expect("the second GET has a Range");
+    assert!(resumed_at > 0 && resumed_at <= 1_000_000, "{gets:?}");
+}
+
+#[tokio::test]
+async fn the_chain_falls_through_a_hub_miss_to_s3() {
+    let hub = StandInHub::start(None, CdnHost::Same).await.unwrap();
+    let server = S3Server::start(&["bkt"]).await;
+    server.put_file("bkt", "acme/only-s3/adapter_config.json", CONFIG);
+    server.put_file("bkt", "acme/only-s3/adapter_model.safetensors", b"weights");
+    hub.add_commit("acme/both", "b07h", &["main"], adapter_repo(b"hub weights"));
+    let chain = OriginChain::new(vec![
+        Arc::new(hf(&hub, None)),
+        Arc::new(s3(&server, "bkt", "")),
+    ]);
+    let (from, id) = chain.head(&name("acme/only-s3")).await.unwrap();
+    assert_eq!(from, "s3");
+    assert!(id.is_some_and(|id| !id.is_empty()));
+    let (from, id) = chain.head(&name("acme/both")).await.unwrap();
+    assert_eq!(
+        (from.as_str(), id.as_deref()),
+        ("huggingface", Some("b07h"))
+    );
+    let e = chain.head(&name("acme/nowhere")).await.unwrap_err();
+    assert_eq!(e.kind, OriginErrorKind::NotFound);
+}
+
+#[tokio::test]
+async fn the_config_builds_huggingface_and_s3_origins_in_order() {
+    use loraplex::{
+        config::{Config, OriginConfig},
+        control::Control,
+    };
+    let cfg = Config {
+        origins: vec![
+            OriginConfig::HuggingFace {
+                endpoint: "http://127.0.0.1:9".into(),
+                token: Some("t".into()),
+                transfer: transfer(),
+            },
+            OriginConfig::S3 {
+                bucket: "b".into(),
+                region: Some("us-east-1".into()),
+                prefix: "".into(),
+                endpoint: Some("http://127.0.0.1:9".into()),
+                transfer: transfer(),
+            },
+        ],
+        ..Config::default()
+    };
+    let chain = OriginChain::from_config(&cfg, &Control::current()).unwrap();
+    let kinds: Vec<_> = chain.iter().map(|o| o.kind()).collect();
+    assert_eq!(kinds, ["huggingface", "s3"]);
+    let described: Vec<_> = chain.iter().map(|o| o.describe()).collect();
+    assert_eq!(described[1], "s3 s3://b/ at http://127.0.0.1:9");
+}
