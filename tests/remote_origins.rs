@@ -1,0 +1,149 @@
+//! The Hugging Face and S3 origins through the real binary: the stand-in Hub (redirects to a
+//! CDN on another port, `X-Linked-Etag` checksums) first, an in-process S3 (`s3s` + `s3s-fs`)
+//! second, the stand-in vLLM reading the store as vLLM's filesystem resolver does.
+
+mod common;
+
+use common::{
+    Node, Raw, post,
+    s3::{ACCESS_KEY, S3Server, SECRET_KEY},
+};
+use loraplex::testkit::{
+    adapters::{AdapterSpec, SAFETENSORS_FILE, adapter_files, file_hash, safetensors_bytes},
+    hub::{CdnHost, HubFile, StandInHub},
+    vllm::{VllmConfig, VllmStandIn},
+};
+use serde_json::json;
+
+const BASE: &str = "tiny-base";
+const BUCKET: &str = "loras";
+
+fn hub_files(spec: &AdapterSpec) -> Vec<HubFile> {
+    adapter_files(spec)
+        .into_iter()
+        .map(|(name, bytes)| {
+            if name == SAFETENSORS_FILE {
+                HubFile::lfs(name, bytes)
+            } else {
+                HubFile::small(name, bytes)
+            }
+        })
+        .collect()
+}
+
+async fn chat(addr: std::net::SocketAddr, model: &str) -> common::RawResponse {
+    let mut c = Raw::connect(addr).await;
+    c.send(&post(
+        "/v1/chat/completions",
+        &json!({"model": model, "messages": []}).to_string(),
+        "",
+    ))
+    .await;
+    c.response(false).await
+}
+
+async fn metrics(addr: std::net::SocketAddr) -> String {
+    let mut c = Raw::connect(addr).await;
+    c.send(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    String::from_utf8(c.response(false).await.body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hub_then_s3_through_the_binary_with_pinned_revisions() {
+    let hub = StandInHub::start(Some("hf_secret"), CdnHost::Other)
+        .await
+        .unwrap();
+    let s3 = S3Server::start(&[BUCKET]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let vllm = VllmStandIn::start(VllmConfig::new(BASE).lora_dir(&store)).unwrap();
+
+    // On the Hub: two commits of acme/hf-lora, `main` at the second, `v1` at the first.
+    let (v1, v2) = (
+        AdapterSpec::new(BASE, 200_000, 1),
+        AdapterSpec::new(BASE, 200_000, 2),
+    );
+    hub.add_commit("acme/hf-lora", &"1".repeat(40), &["v1"], hub_files(&v1));
+    hub.add_commit("acme/hf-lora", &"2".repeat(40), &["main"], hub_files(&v2));
+    // Only in S3, under the prefix.
+    let s3_spec = AdapterSpec::new(BASE, 150_000, 3);
+    for (file, bytes) in adapter_files(&s3_spec) {
+        s3.put_file(BUCKET, &format!("adapters/acme/s3-lora/{file}"), &bytes);
+    }
+
+    let yaml = format!(
+        "vllm_url: \"{vllm}\"\nvllm:\n  model_name: \"{BASE}\"\n  health_check_interval: 1h\n\
+         origins:\n  - type: huggingface\n    endpoint: \"{hub}\"\n    token: \"${{HF_TOKEN}}\"\n\
+         \x20 - type: s3\n    bucket: {BUCKET}\n    region: us-east-1\n    prefix: adapters/\n\
+         \x20   endpoint: \"{s3}\"\n",
+        vllm = vllm.url(),
+        hub = hub.url(),
+        s3 = s3.url,
+    );
+    let node = tokio::task::block_in_place(|| {
+        Node::start_in(
+            dir,
+            &yaml,
+            &[
+                ("HF_TOKEN", "hf_secret"),
+                ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+                ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+                ("AWS_EC2_METADATA_DISABLED", "true"),
+            ],
+        )
+    });
+
+    // From the Hub: `main` (the second commit), and `@v1` pinned, each under its own name.
+    for (model, spec) in [("acme/hf-lora", &v2), ("acme/hf-lora@v1", &v1)] {
+        let r = chat(node.addr, model).await;
+        assert_eq!(
+            r.status,
+            200,
+            "{model}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(vllm.served(model), 1, "{model}");
+        let stored = node.path("store").join(model).join(SAFETENSORS_FILE);
+        assert_eq!(
+            std::fs::read(&stored).unwrap(),
+            safetensors_bytes(spec),
+            "{model}: the revision asked for"
+        );
+        assert_eq!(vllm.loaded_hash(model), Some(file_hash(&stored).unwrap()));
+    }
+    // Not on the Hub (404): from S3.
+    let r = chat(node.addr, "acme/s3-lora").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        std::fs::read(
+            node.path("store")
+                .join("acme/s3-lora")
+                .join(SAFETENSORS_FILE)
+        )
+        .unwrap(),
+        safetensors_bytes(&s3_spec)
+    );
+    // Nowhere: vLLM's own 404 for an unknown model, in OpenAI's shape.
+    let r = chat(node.addr, "acme/nowhere").await;
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.json()["error"]["message"].is_string());
+    // Warm: no second download.
+    let lfs_hits = hub.hits(&StandInHub::cdn_path(&hub_files(&v2)[1]));
+    assert_eq!(chat(node.addr, "acme/hf-lora").await.status, 200);
+    assert_eq!(
+        hub.hits(&StandInHub::cdn_path(&hub_files(&v2)[1])),
+        lfs_hits
+    );
+
+    let text = metrics(node.addr).await;
+    for origin in ["huggingface", "s3"] {
+        assert!(
+            text.lines().any(|l| l.starts_with("loraplex_fetches_total")
+                && l.contains(&format!("origin=\"{origin}\""))
+                && l.contains("ok")
+                && !l.ends_with(" 0")),
+            "no successful {origin} fetch in:\n{text}"
+        );
+    }
+}
