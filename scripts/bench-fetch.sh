@@ -18,15 +18,14 @@ OUT=$ROOT/target/bench
 WORK=$(mktemp -d)
 STORE=$ROOT/target/bench-fetch-store
 mkdir -p "$OUT"
-
-need() { command -v "$1" >/dev/null 2>&1 || { echo "installing $2" >&2; apt-get install -y -q "$2" >/dev/null; }; }
+. scripts/bench-lib.sh
 need nginx nginx
 need fio fio
 need curl curl
 
 ORIGIN_PORT=18600 VLLM_PORT=18601 LP_PORT=18602
 cleanup() {
-  for p in origin vllm; do [ -f "$WORK/$p.pid" ] && kill "$(cat "$WORK/$p.pid")" 2>/dev/null; done
+  stop_nginx
   [ -n "${LP_PID:-}" ] && kill "$LP_PID" 2>/dev/null
   rm -rf "$WORK" "$STORE"
 }
@@ -64,26 +63,11 @@ http {
   server { listen 127.0.0.1:$ORIGIN_PORT; root $WORK/origin; }
 }
 EOF
-cat > "$WORK/vllm.conf" <<EOF
-worker_processes 1;
-pid $WORK/vllm.pid;
-error_log $WORK/vllm.err;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $WORK;
-  server {
-    listen 127.0.0.1:$VLLM_PORT;
-    location /health { return 200 ''; }
-    location /v1/models { default_type application/json; return 200 '{"object":"list","data":[{"id":"base-model","object":"model","parent":null}]}'; }
-    location / { default_type application/json; return 200 '{"ok":true}'; }
-  }
-}
-EOF
 echo "building loraplex (release)..." >&2
 cargo build --release -q
+MACHINE=$(machine)
 nginx -c "$WORK/origin.conf"
-nginx -c "$WORK/vllm.conf"
+start_fake_vllm vllm "$VLLM_PORT"
 cat "$FILE" > /dev/null # into the page cache: the origin serves from memory
 mkdir -p "$STORE"
 cat > "$WORK/lp.yaml" <<EOF
@@ -96,7 +80,7 @@ server: { workers: 2 }
 EOF
 RUST_LOG=warn "$ROOT/target/release/loraplex" --config "$WORK/lp.yaml" >"$WORK/lp.log" 2>&1 &
 LP_PID=$!
-for _ in $(seq 50); do curl -sf "127.0.0.1:$LP_PORT/healthz" >/dev/null && break; sleep 0.1; done
+wait_healthz "127.0.0.1:$LP_PORT"
 RSS0=$(awk '/VmRSS/ {print $2}' "/proc/$LP_PID/status")
 
 mbps() { awk -v b="$FILE_BYTES" -v s="$1" 'BEGIN { printf "%.0f", b / s / 1e6 }'; }
@@ -121,7 +105,6 @@ for r in $(seq "$ROUNDS"); do
 done
 HWM=$(awk '/VmHWM/ {print $2}' "/proc/$LP_PID/status")
 
-median() { sort -n | awk '{a[NR]=$1} END { print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2 }'; }
 L=$(awk '$1=="loraplex" {print $2}' "$WORK/runs" | median)
 C=$(awk '$1=="curl" {print $2}' "$WORK/runs" | median)
 F=$(awk '$1=="fio_mbps" {print $2}' "$WORK/runs" | median)
@@ -136,6 +119,7 @@ LM=$(mbps "$L"); CM=$(mbps "$C")
   echo "loraplex vs curl+fsync: **$(awk -v a="$C" -v b="$L" 'BEGIN{printf "%.2f", a/b}')x** faster;" \
        "vs fio bandwidth: **$(awk -v a="$LM" -v b="$F" 'BEGIN{printf "%.2f", a/b}')x**;" \
        "RSS growth during the fetch: $(( (HWM - RSS0) / 1024 )) MiB (peak $((HWM / 1024)) MiB)."
+  echo "Machine: $MACHINE; storage: $(df -T "$STORE" | awk 'NR==2 {print $1 " (" $2 ")"}')."
 } | tee "$OUT/fetch.md"
 {
   echo "name,seconds,mbps"

@@ -1,0 +1,101 @@
+# Shared by the bench-*.sh scripts (sourced, not run): tools, the nginx stand-in for vLLM, wrk
+# runs and medians. Expects $WORK (a scratch dir) to be set by the caller.
+
+# need CMD PACKAGE: install PACKAGE with apt-get when CMD is missing.
+need() {
+  command -v "$1" >/dev/null 2>&1 && return
+  echo "installing $2" >&2
+  apt-get install -y -q "$2" >/dev/null
+}
+
+# median: the median of the numbers on stdin, one per line.
+median() { sort -n | awk '{a[NR]=$1} END { print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2 }'; }
+
+# start_fake_vllm NAME PORT: nginx answering like vLLM for a base model named `base-model`
+# (/health, /v1/models, and a fixed ~300 B chat completion for everything else).
+start_fake_vllm() {
+  cat > "$WORK/$1.conf" <<CONF
+worker_processes 1;
+pid $WORK/$1.pid;
+error_log $WORK/$1.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK;
+  server {
+    listen 127.0.0.1:$2;
+    keepalive_requests 1000000;
+    location /health { return 200 ''; }
+    location /v1/models { default_type application/json; return 200 '{"object":"list","data":[{"id":"base-model","object":"model","parent":null}]}'; }
+    location / { default_type application/json; return 200 '{"id":"chatcmpl-1","object":"chat.completion","model":"base-model","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps over the lazy dog."},"finish_reason":"stop"}],"usage":{"prompt_tokens":31,"completion_tokens":11,"total_tokens":42}}'; }
+  }
+}
+CONF
+  nginx -c "$WORK/$1.conf"
+}
+
+# start_nginx_proxy NAME LISTEN UPSTREAM: nginx (2 workers) as a keep-alive reverse proxy.
+start_nginx_proxy() {
+  cat > "$WORK/$1.conf" <<CONF
+worker_processes 2;
+pid $WORK/$1.pid;
+error_log $WORK/$1.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK;
+  proxy_temp_path $WORK;
+  upstream up { server $3; keepalive 256; }
+  server {
+    listen $2;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+CONF
+  nginx -c "$WORK/$1.conf"
+}
+
+# stop_nginx: stop every nginx started from $WORK.
+stop_nginx() {
+  for pid in "$WORK"/*.pid; do [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null; done
+  return 0
+}
+
+# write_post_lua: the wrk script POSTing a ~300 B chat body (base model) to $WORK/post.lua;
+# extra headers as arguments, `Name: value`.
+write_post_lua() {
+  {
+    echo 'wrk.method = "POST"'
+    echo "wrk.body   = '{\"model\":\"base-model\",\"messages\":[{\"role\":\"system\",\"content\":\"You are a helpful assistant.\"},{\"role\":\"user\",\"content\":\"Summarize in one sentence: the quick brown fox jumps over the lazy dog, twice.\"}],\"max_tokens\":64,\"temperature\":0.0,\"stream\":false}'"
+    echo 'wrk.headers["Content-Type"] = "application/json"'
+    for h in "$@"; do echo "wrk.headers[\"${h%%:*}\"] = \"${h#*: }\""; done
+  } > "$WORK/post.lua"
+}
+
+# wrk_run NAME URL [SECONDS]: one wrk -t1 -c64 run; prints "NAME rps p50_ms p99_ms".
+wrk_run() {
+  wrk -t1 -c64 -d"${3:-${SECS:-10}}s" -s "$WORK/post.lua" --latency "$2" \
+    | awk -v name="$1" '
+      function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+      /Requests\/sec/ { rps=$2 } / 50%/ { p50=ms($2) } / 99%/ { p99=ms($2) }
+      /Non-2xx/ { bad=$4 }
+      END { if (bad>0) print "ERROR " name " non-2xx " bad > "/dev/stderr"; printf "%s %.0f %.3f %.3f\n", name, rps, p50, p99 }'
+}
+
+# wait_healthz ADDR: until loraplex at ADDR answers /healthz (10 s at most).
+wait_healthz() {
+  for _ in $(seq 100); do curl -sf "$1/healthz" >/dev/null && return; sleep 0.1; done
+  echo "loraplex at $1 did not come up" >&2
+  return 1
+}
+
+# machine: one line describing this machine.
+machine() {
+  echo "$(nproc) cores, $(awk '/model name/ {sub(/.*: /,""); print; exit}' /proc/cpuinfo), kernel $(uname -r), load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+}

@@ -1,0 +1,105 @@
+//! The configs in `examples/` load through the real binary's `check-config` with no warning,
+//! and say what their comments say.
+
+use std::process::Command;
+
+/// `loraplex check-config examples/NAME.yaml` with the tokens they reference set: the effective
+/// settings it prints, and its stderr.
+fn check(name: &str) -> (serde_yaml_ng::Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loraplex"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["check-config", &format!("examples/{name}.yaml")])
+        .env("HF_TOKEN", "hf_example")
+        .env("LORAPLEX_CLUSTER_TOKEN", "cluster-secret")
+        .env("LORAPLEX_ADMIN_TOKEN", "admin-secret")
+        .env("ARTIFACTS_TOKEN", "artifacts-secret")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{name}: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(!stdout.contains("secret"), "{name}: tokens are not printed");
+    (serde_yaml_ng::from_str(&stdout).unwrap(), stderr)
+}
+
+fn get<'a>(v: &'a serde_yaml_ng::Value, path: &str) -> &'a serde_yaml_ng::Value {
+    path.split('.').fold(v, |v, k| match k.parse::<usize>() {
+        Ok(i) => &v[i],
+        Err(_) => &v[k],
+    })
+}
+
+fn assert_keys(name: &str, expected: &[(&str, &str)]) {
+    let (v, stderr) = check(name);
+    assert!(!stderr.to_lowercase().contains("warn"), "{name}: {stderr}");
+    for (path, want) in expected {
+        let got = get(&v, path);
+        let got = match got {
+            serde_yaml_ng::Value::String(s) => s.clone(),
+            other => serde_yaml_ng::to_string(other).unwrap().trim().to_owned(),
+        };
+        assert_eq!(&got, want, "{name}: {path}");
+    }
+}
+
+#[test]
+fn single_node() {
+    assert_keys(
+        "single-node",
+        &[
+            ("origins.0.type", "huggingface"),
+            ("origins.1.type", "s3"),
+            ("origins.1.prefix", "loras/"),
+            ("storage.max_size", "500GB"),
+            ("routing.fallback_to_base_model", "false"),
+        ],
+    );
+}
+
+#[test]
+fn multi_node() {
+    assert_keys(
+        "multi-node",
+        &[
+            ("discovery.mode", "static"),
+            ("discovery.static.peers.2", "10.0.0.3:9090"),
+            ("routing.overflow_threshold", "0.8"),
+        ],
+    );
+}
+
+#[test]
+fn storage_only_sidecar() {
+    assert_keys(
+        "storage-only-sidecar",
+        &[
+            ("origins.0.type", "http"),
+            ("origins.0.idle_timeout", "1m"),
+            ("origins.1.type", "file"),
+            ("invalidation.ttl", "15m"),
+        ],
+    );
+}
+
+#[test]
+fn session_affinity() {
+    assert_keys(
+        "session-affinity",
+        &[
+            ("discovery.mode", "file"),
+            ("discovery.file.stale_threshold", "15s"),
+            ("routing.hash_on", "header:X-Session-ID"),
+        ],
+    );
+}
+
+#[test]
+fn document_routing() {
+    assert_keys(
+        "document-routing",
+        &[
+            ("routing.hash_on", "header:X-Document-ID/model"),
+            ("origins.0.prefix", ""),
+        ],
+    );
+}
