@@ -17,7 +17,9 @@
 //! known before a resume) for the weights files and any object the listing flags as SHA-256.
 //! CRC and composite (multipart) checksums are not verified. The ETag is not used as an MD5:
 //! it is one only for single-part uploads without SSE-KMS/SSE-C, and a false mismatch would
-//! reject good adapters; the ETag of `adapter_config.json` is the content id.
+//! reject good adapters. The content id is the ETag of `adapter_config.json` joined with that
+//! of the weights (as the HTTP origin does), so new weights under an unchanged config (a
+//! retraining with the same hyperparameters) are noticed on revalidation.
 //!
 //! The SDK's own retries and stalled-stream protection are off: the store retries (with the
 //! same schedule and idle timeout for every origin) and resumes with `Range`.
@@ -204,6 +206,20 @@ impl S3Client {
         }
     }
 
+    /// The ETag of `{dir}{file}` as listed, or from `HeadObject` when the listing has none
+    /// (some S3-compatible stores list no ETags).
+    async fn listed_etag(
+        &self,
+        dir: &str,
+        file: &str,
+        listed: String,
+    ) -> Result<String, OriginError> {
+        match listed.is_empty() {
+            true => self.etag(&format!("{dir}{file}")).await,
+            false => Ok(listed),
+        }
+    }
+
     /// The ETag of `key` now (`HeadObject`).
     pub async fn etag(&self, key: &str) -> Result<String, OriginError> {
         let what = self.what(key);
@@ -316,6 +332,14 @@ where
     OriginError::new(kind, message)
 }
 
+/// The content id of an adapter: `{config ETag}+{weights ETag}`, or the config's alone.
+fn content_id(config: String, weights: Option<String>) -> String {
+    match weights {
+        Some(w) if !w.is_empty() => format!("{config}+{w}"),
+        _ => config,
+    }
+}
+
 /// Base64 of 32 bytes (how S3 sends checksums).
 fn decode_sha256_b64(s: &str) -> Option<[u8; 32]> {
     use base64::Engine;
@@ -366,13 +390,16 @@ impl S3 {
         let client = self.client().await;
         let dir = client.adapter_dir(name);
         let mut files = Vec::new();
-        let mut etag = None;
+        let (mut config_etag, mut safetensors_etag, mut bin_etag) = (None, None, None);
         for o in client.list(&dir).await? {
             let Some(path) = relative_path(&dir, &o.key)? else {
                 continue;
             };
-            if path == CONFIG_FILE {
-                etag = Some(o.etag.clone());
+            match path.as_str() {
+                CONFIG_FILE => config_etag = Some(o.etag.clone()),
+                SAFETENSORS_FILE => safetensors_etag = Some(o.etag.clone()),
+                BIN_FILE => bin_etag = Some(o.etag.clone()),
+                _ => {}
             }
             let weights = path == SAFETENSORS_FILE || path == BIN_FILE;
             let sha256 = match o.sha256_listed || weights {
@@ -385,15 +412,18 @@ impl S3 {
                 sha256,
             });
         }
-        let etag = match etag {
-            None => {
-                let at = client.what(&dir);
-                return Err(OriginError::not_found(format!("{at}: no {CONFIG_FILE}")));
-            }
-            // Some S3-compatible stores list no ETags: ask the object itself.
-            Some(e) if e.is_empty() => client.etag(&format!("{dir}{CONFIG_FILE}")).await?,
-            Some(e) => e,
+        let Some(config_etag) = config_etag else {
+            let at = client.what(&dir);
+            return Err(OriginError::not_found(format!("{at}: no {CONFIG_FILE}")));
         };
+        let config_etag = client.listed_etag(&dir, CONFIG_FILE, config_etag).await?;
+        // The same weights file `head` looks at: safetensors first.
+        let weights = match (safetensors_etag, bin_etag) {
+            (Some(e), _) => Some(client.listed_etag(&dir, SAFETENSORS_FILE, e).await?),
+            (None, Some(e)) => Some(client.listed_etag(&dir, BIN_FILE, e).await?),
+            (None, None) => None,
+        };
+        let etag = content_id(config_etag, weights);
         // The config first: vLLM-facing checks can run before the weights arrive.
         files.sort_by_key(|f| f.path != CONFIG_FILE);
         Ok(Manifest {
@@ -423,15 +453,27 @@ impl Origin for S3 {
         self.transfer.clone()
     }
 
-    /// The ETag of `adapter_config.json` now.
+    /// The content id now: the ETags of `adapter_config.json` and of the weights.
     fn head<'a>(
         &'a self,
         name: &'a AdapterName,
     ) -> BoxFuture<'a, Result<Option<String>, OriginError>> {
         async move {
             let client = self.client().await;
-            let key = format!("{}{CONFIG_FILE}", client.adapter_dir(name));
-            Ok(Some(client.etag(&key).await?))
+            let dir = client.adapter_dir(name);
+            let config_etag = client.etag(&format!("{dir}{CONFIG_FILE}")).await?;
+            let mut weights = None;
+            for file in [SAFETENSORS_FILE, BIN_FILE] {
+                match client.etag(&format!("{dir}{file}")).await {
+                    Ok(e) => {
+                        weights = Some(e);
+                        break;
+                    }
+                    Err(e) if e.kind == OriginErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Some(content_id(config_etag, weights)))
         }
         .boxed()
     }
@@ -498,6 +540,15 @@ mod tests {
             assert_eq!(e.kind, OriginErrorKind::Invalid, "{bad}");
             assert!(e.message.contains("escape"), "{bad}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn new_weights_under_the_same_config_change_the_content_id() {
+        let id = |w: &str| content_id("\"cfg\"".into(), Some(w.into()));
+        assert_eq!(id("\"w1\""), "\"cfg\"+\"w1\"");
+        assert_ne!(id("\"w1\""), id("\"w2\""));
+        assert_eq!(content_id("\"cfg\"".into(), None), "\"cfg\"");
+        assert_eq!(id(""), "\"cfg\"", "an empty ETag is no ETag");
     }
 
     #[test]
