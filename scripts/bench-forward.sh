@@ -41,19 +41,28 @@ for node in "$A" "$B"; do
   cat > "$WORK/$node.yaml" <<CONF
 listen: "$node"
 vllm_url: "http://127.0.0.1:$UP_PORT"
-vllm: { model_name: "base-model" }
+vllm: { model_name: "base-model", health_check_interval: 1s }
 storage: { dir: "$WORK/store-$node", max_size: "1GB" }
-server: { workers: 1 }
+server: { workers: 2 }
 routing: { hash_on: "header:X-Session-ID" }
 discovery: { mode: static, static: { peers: ["$A", "$B"] } }
 CONF
-  # One worker each: the two nodes share this machine's two cores.
+
   RUST_LOG=warn "$ROOT/target/release/loraplex" --config "$WORK/$node.yaml" >"$WORK/$node.log" 2>&1 &
   PIDS+=($!)
 done
 wait_healthz "$A"
 wait_healthz "$B"
-sleep 3 # the nodes' first health checks of each other
+# Until each node has seen the other healthy (its first checks may have run before the other
+# was up).
+for _ in $(seq 100); do
+  ok=0
+  for node in "$A" "$B"; do
+    curl -sf "$node/admin/peers" | python3 -c 'import json,sys; p=json.load(sys.stdin)["peers"]; sys.exit(0 if all(x["self"] or (x["healthy"] and x["vllm_healthy"]) for x in p) else 1)' && ok=$((ok + 1))
+  done
+  [ "$ok" = 2 ] && break
+  sleep 0.2
+done
 
 forwards() { curl -sf "$A/metrics" | awk '/^loraplex_peer_forwards_total/ {s+=$NF} END {print s+0}'; }
 SESSION=
@@ -96,7 +105,7 @@ ratio() { awk -v a="$(col "$2" 2)" -v b="$(col "$1" 2)" 'BEGIN { printf "%.2f", 
        "req/s x$(ratio owner non-owner); nginx p50 $(added nginx-1hop nginx-2hop 3) ms," \
        "p99 $(added nginx-1hop nginx-2hop 4) ms, req/s x$(ratio nginx-1hop nginx-2hop)." \
        "Forwards counted by the entry node: $FWD."
-  echo "Machine: $MACHINE (two loraplex nodes of 1 worker, nginx proxies of 2 workers, all on it)."
+  echo "Machine: $MACHINE (two loraplex nodes and two nginx proxies of 2 workers each, all on it)."
 } | tee "$OUT/forward.md"
 {
   echo "name,rps,p50_ms,p99_ms"
