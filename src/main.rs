@@ -64,7 +64,8 @@ fn serve(config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `RUST_LOG` filters (default `default_level`); text or JSON lines on stderr.
+/// `RUST_LOG` filters (default `default_level`); text or JSON lines on stderr, colored only
+/// when stderr is a terminal (and `NO_COLOR` is unset), so log files stay plain.
 /// `LORAPLEX_LOG_FORMAT=json|text` overrides `server.log_format`.
 fn init_logging(format: LogFormat, default_level: &str) {
     let format = match std::env::var("LORAPLEX_LOG_FORMAT").as_deref() {
@@ -74,8 +75,11 @@ fn init_logging(format: LogFormat, default_level: &str) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(color)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -62,14 +62,7 @@ fn spec(size: u64, seed: u64) -> AdapterSpec {
 }
 
 async fn chat(addr: std::net::SocketAddr, model: &str) -> common::RawResponse {
-    let mut c = Raw::connect(addr).await;
-    c.send(&post(
-        "/v1/chat/completions",
-        &json!({"model": model, "messages": []}).to_string(),
-        "",
-    ))
-    .await;
-    c.response(false).await
+    common::chat_with(addr, model).await
 }
 
 async fn admin(

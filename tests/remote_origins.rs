@@ -5,7 +5,7 @@
 mod common;
 
 use common::{
-    Node, Raw, post,
+    Node, Raw,
     s3::{ACCESS_KEY, S3Server, SECRET_KEY},
 };
 use loraplex::testkit::{
@@ -13,7 +13,6 @@ use loraplex::testkit::{
     hub::{CdnHost, HubFile, StandInHub},
     vllm::{VllmConfig, VllmStandIn},
 };
-use serde_json::json;
 
 const BASE: &str = "tiny-base";
 const BUCKET: &str = "loras";
@@ -32,14 +31,7 @@ fn hub_files(spec: &AdapterSpec) -> Vec<HubFile> {
 }
 
 async fn chat(addr: std::net::SocketAddr, model: &str) -> common::RawResponse {
-    let mut c = Raw::connect(addr).await;
-    c.send(&post(
-        "/v1/chat/completions",
-        &json!({"model": model, "messages": []}).to_string(),
-        "",
-    ))
-    .await;
-    c.response(false).await
+    common::chat_with(addr, model).await
 }
 
 async fn metrics(addr: std::net::SocketAddr) -> String {

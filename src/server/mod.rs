@@ -181,7 +181,7 @@ fn log_summary(shared: &Shared, addr: SocketAddr) {
         vllm = %cfg.vllm_url,
         storage = %cfg.storage.dir.display(),
         write_mode = shared.store.write_mode().as_str(),
-        max_size = cfg.storage.max_size,
+        max_size = %crate::config::units::format_size(cfg.storage.max_size),
         origins = %cfg.origins.iter().map(|o| o.type_name()).collect::<Vec<_>>().join(","),
         base_model = cfg.vllm.model_name.as_deref().unwrap_or("(learnt from /v1/models)"),
         "loraplex started"

@@ -291,6 +291,14 @@ pub fn post(path: &str, body: &str, extra: &str) -> Vec<u8> {
 }
 
 /// Poll `cond` every 10 ms; fail after 15 s.
+/// A chat completion for `model` (no messages), its whole answer.
+pub async fn chat_with(addr: SocketAddr, model: &str) -> RawResponse {
+    let mut c = Raw::connect(addr).await;
+    let body = serde_json::json!({"model": model, "messages": []}).to_string();
+    c.send(&post("/v1/chat/completions", &body, "")).await;
+    c.response(false).await
+}
+
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !cond() {
