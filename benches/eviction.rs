@@ -41,7 +41,7 @@ fn sizes(rng: &mut Rng) -> Vec<u64> {
 }
 
 /// A Zipf(alpha) trace over a random permutation of the objects.
-fn trace(alpha: f64, rng: &mut Rng) -> Vec<u32> {
+fn trace(alpha: f64, requests: usize, rng: &mut Rng) -> Vec<u32> {
     let mut cdf = Vec::with_capacity(OBJECTS);
     let mut acc = 0.0;
     for rank in 1..=OBJECTS {
@@ -52,7 +52,7 @@ fn trace(alpha: f64, rng: &mut Rng) -> Vec<u32> {
     for i in (1..perm.len()).rev() {
         perm.swap(i, (rng.next() % (i as u64 + 1)) as usize);
     }
-    (0..REQUESTS)
+    (0..requests)
         .map(|_| {
             let x = rng.unit() * acc;
             perm[cdf.partition_point(|&c| c < x).min(OBJECTS - 1)]
@@ -181,13 +181,19 @@ fn byte_miss_ratio(p: &mut dyn Policy, trace: &[u32], sizes: &[u64]) -> f64 {
     miss as f64 / req as f64
 }
 
+/// `cargo bench` passes `--bench`; `cargo test --all-targets` runs this target without it, as a
+/// quick smoke run of the same code on small inputs.
+fn smoke() -> bool {
+    !std::env::args().any(|a| a == "--bench")
+}
+
 fn main() {
-    // `cargo bench` passes `--bench`; nothing else to parse.
+    let requests = if smoke() { REQUESTS / 50 } else { REQUESTS };
     let mut rng = Rng(0x10AA_F1E5);
     let sizes = sizes(&mut rng);
     let total: u64 = sizes.iter().sum();
     println!(
-        "eviction: {OBJECTS} adapters, {:.0} GiB in all, sizes 10 MB..1 GB log-uniform, {REQUESTS} requests per trace",
+        "eviction: {OBJECTS} adapters, {:.0} GiB in all, sizes 10 MB..1 GB log-uniform, {requests} requests per trace",
         total as f64 / (1u64 << 30) as f64
     );
     println!("byte miss ratio (lower is better); cache = share of all adapter bytes");
@@ -199,7 +205,7 @@ fn main() {
     let mut rows = 0;
     let mut summary: HashMap<&str, f64> = HashMap::new();
     for alpha in [0.6, 0.8, 1.0, 1.2] {
-        let t = trace(alpha, &mut rng);
+        let t = trace(alpha, requests, &mut rng);
         for share in [0.01, 0.05, 0.10, 0.25] {
             let cap = (total as f64 * share) as u64;
             let lru = byte_miss_ratio(&mut Lru::new(cap), &t, &sizes);

@@ -83,13 +83,19 @@ fn with_rss<T>(f: impl FnOnce() -> T) -> (T, f64) {
     (out, (peak.load(Ordering::Relaxed) - base) as f64 / 1024.0)
 }
 
+/// `cargo bench` passes `--bench`; `cargo test --all-targets` runs this target without it, as a
+/// quick smoke run of the same code on small inputs.
+fn smoke() -> bool {
+    !std::env::args().any(|a| a == "--bench")
+}
+
 fn main() {
     let base =
         std::env::var("LORAPLEX_BENCH_DIR").map_or_else(|_| std::env::temp_dir(), Into::into);
     let mb: u64 = std::env::var("LORAPLEX_BENCH_MB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+        .unwrap_or(if smoke() { 4 } else { 1024 });
     let bytes = mb << 20;
     let origin = tempfile::tempdir_in(&base).unwrap();
     make_adapter(&origin.path().join("big"), bytes);

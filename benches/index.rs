@@ -25,6 +25,8 @@ use loraplex::{
 
 const ADAPTERS: usize = 1000;
 const HITS: usize = 5_000_000;
+/// Hits per thread in a smoke run.
+const SMOKE_HITS: usize = 20_000;
 
 struct NoVllm;
 impl VllmHooks for NoVllm {
@@ -36,8 +38,8 @@ impl VllmHooks for NoVllm {
     }
 }
 
-/// ns per hit when `threads` threads each do HITS pins over `names` (cycling).
-fn run(store: &Arc<Store>, names: &[AdapterName], threads: usize) -> f64 {
+/// ns per hit when `threads` threads each do `hits` pins over `names` (cycling).
+fn run(store: &Arc<Store>, names: &[AdapterName], threads: usize, hits: usize) -> f64 {
     let barrier = Arc::new(Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -50,7 +52,7 @@ fn run(store: &Arc<Store>, names: &[AdapterName], threads: usize) -> f64 {
                 barrier.wait();
                 let start = Instant::now();
                 let mut i = t * 13;
-                for _ in 0..HITS {
+                for _ in 0..hits {
                     let pin = store.pin(&names[i % names.len()]).expect("stored");
                     std::hint::black_box(&pin);
                     drop(pin);
@@ -66,10 +68,17 @@ fn run(store: &Arc<Store>, names: &[AdapterName], threads: usize) -> f64 {
         .map(|h| h.join().unwrap())
         .max()
         .unwrap();
-    total.as_nanos() as f64 / HITS as f64
+    total.as_nanos() as f64 / hits as f64
+}
+
+/// `cargo bench` passes `--bench`; `cargo test --all-targets` runs this target without it, as a
+/// quick smoke run of the same code on small inputs.
+fn smoke() -> bool {
+    !std::env::args().any(|a| a == "--bench")
 }
 
 fn main() {
+    let hits = if smoke() { SMOKE_HITS } else { HITS };
     let dir = tempfile::tempdir().unwrap();
     let names: Vec<AdapterName> = (0..ADAPTERS)
         .map(|i| {
@@ -102,12 +111,12 @@ fn main() {
     .unwrap();
     let hot = vec![names[0].clone()];
     // Warm up caches and the allocator.
-    run(&store, &names, 1);
-    println!("index hit cost: Store::pin + drop, {HITS} hits per thread, TTL on (checked per hit)");
+    run(&store, &names, 1, hits);
+    println!("index hit cost: Store::pin + drop, {hits} hits per thread, TTL on (checked per hit)");
     println!("{:<28} {:>10} {:>10}", "case", "1 thread", "2 threads");
     for (label, set) in [("1000 adapters, spread", &names), ("1 hot adapter", &hot)] {
-        let one = run(&store, set, 1);
-        let two = run(&store, set, 2);
+        let one = run(&store, set, 1, hits);
+        let two = run(&store, set, 2, hits);
         println!("{label:<28} {one:>7.1} ns {two:>7.1} ns");
     }
     store.shutdown();

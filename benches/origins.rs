@@ -118,13 +118,20 @@ struct Row {
     samples: Vec<f64>,
 }
 
+/// `cargo bench` passes `--bench`; `cargo test --all-targets` runs this target without it, as a
+/// quick smoke run of the same code on small inputs.
+fn smoke() -> bool {
+    !std::env::args().any(|a| a == "--bench")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let repeats: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
-    let mib: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1024);
+    let (repeats, mib) = if smoke() { (1, 2) } else { (5, 1024) };
+    let repeats: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(repeats);
+    let mib: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(mib);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
