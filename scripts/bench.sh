@@ -4,7 +4,7 @@
 # plus the eviction policy's miss-ratio table. Writes target/bench/REPORT.md and
 # target/bench/chart.png (req/s and p50/p99 latency, loraplex next to nginx).
 #
-#   usage: scripts/bench.sh [--quick]      (--quick: fewer, shorter rounds; ~10 min instead of ~30)
+#   usage: scripts/bench.sh [--quick]      (--quick: fewer, shorter rounds; 13 min without it here)
 #
 # The machine should be otherwise idle: every figure is relative to nginx/curl/fio measured in
 # the same run, on the same machine, but absolute numbers move with load.
@@ -52,7 +52,6 @@ PY
 
 # The chart: req/s and latency percentiles, loraplex next to nginx.
 {
-  echo "label rps p50 p99"
   tail -n +2 "$OUT/proxy.csv" | awk -F, '{print "proxy:" $1, $2, $3, $4}'
   tail -n +2 "$OUT/forward.csv" | awk -F, '{print "hop:" $1, $2, $3, $4}'
 } > "$WORK/chart.dat"
@@ -65,6 +64,7 @@ set style histogram clustered gap 1
 set style fill solid 0.8 border -1
 set xtics rotate by -30
 set grid ytics
+set yrange [0:*]
 set key top right
 set title "throughput (req/s, higher is better)"
 plot "$WORK/chart.dat" using 2:xtic(1) title "req/s" lc rgb "#3a7bd5"
@@ -82,6 +82,8 @@ GP
   for part in proxy forward fetch; do echo; cat "$OUT/$part.md"; done
   echo; echo '```'; cat "$OUT/origins.md"; echo '```'
   echo; cat "$OUT/criterion.md"
+  echo; echo '```'; grep -E '^(placement|  peers)' "$OUT/criterion-placement.txt"; echo '```'
+  echo; echo '```'; grep -E '^(index|case|[0-9])' "$OUT/criterion-index.txt"; echo '```'
   echo; echo '```'; cat "$OUT/eviction.txt"; echo '```'
 } > "$OUT/REPORT.md"
 echo "report: $OUT/REPORT.md, chart: $OUT/chart.png" >&2
