@@ -13,12 +13,8 @@ set -euo pipefail
 SIZE_MIB=${1:-1024}
 ROUNDS=${2:-3}
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-OUT=$ROOT/target/bench
-WORK=$(mktemp -d)
-STORE=$ROOT/target/bench-fetch-store
-mkdir -p "$OUT"
 . scripts/bench-lib.sh
+STORE=$ROOT/target/bench-fetch-store
 need nginx nginx
 need fio fio
 need curl curl

@@ -12,14 +12,8 @@ set -euo pipefail
 ROUNDS=${1:-3}
 SECS=${2:-8}
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-OUT=$ROOT/target/bench
-WORK=$(mktemp -d)
-mkdir -p "$OUT"
 . scripts/bench-lib.sh
-need wrk wrk
-need nginx nginx
-need curl curl
+for tool in wrk nginx curl; do need "$tool" "$tool"; done
 
 UP_PORT=18510 NGX1_PORT=18511 NGX2_PORT=18512 LP_PORT=18513
 A=127.0.0.1:$LP_PORT B=127.0.0.2:$LP_PORT

@@ -1,5 +1,10 @@
-# Shared by the bench-*.sh scripts (sourced, not run): tools, the nginx stand-in for vLLM, wrk
-# runs and medians. Expects $WORK (a scratch dir) to be set by the caller.
+# Shared by the bench-*.sh scripts (sourced from the repo root, not run): tools, the nginx
+# stand-in for vLLM, wrk runs and medians. Sets ROOT (the repo), OUT (target/bench) and WORK
+# (a fresh scratch dir, unless the caller has one).
+ROOT=$PWD
+OUT=$ROOT/target/bench
+WORK=${WORK:-$(mktemp -d)}
+mkdir -p "$OUT"
 
 # need CMD PACKAGE: install PACKAGE with apt-get when CMD is missing.
 need() {

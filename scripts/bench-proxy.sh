@@ -11,14 +11,8 @@ set -euo pipefail
 ROUNDS=${1:-5}
 SECS=${2:-10}
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-OUT=$ROOT/target/bench
-WORK=$(mktemp -d)
-mkdir -p "$OUT"
 . scripts/bench-lib.sh
-need wrk wrk
-need nginx nginx
-need curl curl
+for tool in wrk nginx curl; do need "$tool" "$tool"; done
 
 UP_PORT=18500 NGX_PORT=18501 LP_PORT=18502
 cleanup() {

@@ -10,11 +10,9 @@
 # the same run, on the same machine, but absolute numbers move with load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=target/bench
-mkdir -p "$OUT"
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
 . scripts/bench-lib.sh
+OUT=target/bench
+trap 'rm -rf "$WORK"' EXIT
 need gnuplot gnuplot-nox
 need python3 python3
 
