@@ -14,6 +14,7 @@ use reqwest::{
 
 use super::{
     BIN_FILE, CONFIG_FILE, FileSpec, FileStream, Manifest, Origin, OriginError, SAFETENSORS_FILE,
+    remote::{chain, parse_content_range},
 };
 use crate::{config::TransferConfig, error::Error, store::AdapterName};
 
@@ -59,7 +60,7 @@ impl HttpOrigin {
     async fn send(&self, req: RequestBuilder, what: &str) -> Result<Response, OriginError> {
         req.send()
             .await
-            .map_err(|e| OriginError::transient(format!("{what}: {}", error_chain(&e))))
+            .map_err(|e| OriginError::transient(format!("{what}: {}", chain(&e))))
     }
 
     /// HEAD one file: `Ok(Some(size))`, `Ok(None)` when absent, or an error.
@@ -88,35 +89,18 @@ fn etag(resp: &Response) -> Option<String> {
     Some(resp.headers().get(ETAG)?.to_str().ok()?.to_owned())
 }
 
-/// The content id of an adapter: the config's ETag and the weights' ETag, so new weights under
-/// an unchanged config are noticed too (the Go project looked at the config's ETag only).
+/// The content id of an adapter from the config's and the weights' answers
+/// ([`super::remote::content_id`]); `None` when the config has no ETag.
 fn content_id(config: &Response, weights: Option<&Response>) -> Option<String> {
-    let cfg = etag(config)?;
-    Some(match weights.and_then(etag) {
-        Some(w) => format!("{cfg}+{w}"),
-        None => cfg,
-    })
+    Some(super::remote::content_id(
+        etag(config)?,
+        weights.and_then(etag),
+    ))
 }
 
-/// `bytes 100-199/1000` → (100, Some(1000)).
+/// The `Content-Range` of a 206 answer.
 fn content_range(resp: &Response) -> Option<(u64, Option<u64>)> {
-    let v = resp.headers().get(CONTENT_RANGE)?.to_str().ok()?;
-    let rest = v.strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let start = range.split_once('-')?.0.parse().ok()?;
-    Some((start, total.parse().ok()))
-}
-
-/// reqwest hides the cause (reset, refused, timeout) in the source chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
+    parse_content_range(resp.headers().get(CONTENT_RANGE)?.to_str().ok()?)
 }
 
 impl Origin for HttpOrigin {
@@ -207,9 +191,7 @@ impl Origin for HttpOrigin {
             };
             let body = resp
                 .bytes_stream()
-                .map_err(move |e| {
-                    OriginError::transient(format!("reading {url}: {}", error_chain(&e)))
-                })
+                .map_err(move |e| OriginError::transient(format!("reading {url}: {}", chain(&e))))
                 .boxed();
             Ok(FileStream {
                 offset: start,

@@ -33,6 +33,16 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     message
 }
 
+/// The content id of an adapter: `{config ETag}+{weights ETag}`, or the config's alone when
+/// the weights have none, so new weights under an unchanged config are noticed too (the Go
+/// project looked at the config's ETag only).
+pub fn content_id(config: String, weights: Option<String>) -> String {
+    match weights {
+        Some(w) if !w.is_empty() => format!("{config}+{w}"),
+        _ => config,
+    }
+}
+
 /// `bytes 100-199/1000` → (100, Some(1000)); `bytes 100-199/*` → (100, None).
 pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
     let rest = v.trim().strip_prefix("bytes ")?;

@@ -40,7 +40,8 @@ use tokio::sync::OnceCell;
 
 use super::{
     BIN_FILE, CONFIG_FILE, FileSpec, FileStream, Manifest, Origin, OriginError, OriginErrorKind,
-    SAFETENSORS_FILE, remote::parse_content_range,
+    SAFETENSORS_FILE,
+    remote::{content_id, parse_content_range},
 };
 use crate::{config::TransferConfig, store::AdapterName};
 
@@ -330,14 +331,6 @@ where
         _ => message,
     };
     OriginError::new(kind, message)
-}
-
-/// The content id of an adapter: `{config ETag}+{weights ETag}`, or the config's alone.
-fn content_id(config: String, weights: Option<String>) -> String {
-    match weights {
-        Some(w) if !w.is_empty() => format!("{config}+{w}"),
-        _ => config,
-    }
 }
 
 /// Base64 of 32 bytes (how S3 sends checksums).
