@@ -27,7 +27,7 @@ use crate::{
     metrics::{PeerLabel, Tier},
     proxy::{
         local::load,
-        upstream::{ClientSide, Request, Stage, Target},
+        upstream::{Request, Stage, Target},
     },
     server::{conn::Conn, worker::Worker},
 };
@@ -99,19 +99,7 @@ pub(super) async fn route(
             acknowledges: true,
             source: router.source_ip,
         };
-        let mut bytes = w.pool.take_buf();
-        head.write_forward(&mut bytes, &extra, body.len());
-        bytes.extend_from_slice(body);
-        let req = Request {
-            bytes,
-            method: head.kind,
-            client: ClientSide {
-                minor: head.minor,
-                keep_alive: head.keep_alive,
-                extra: &[],
-                shutdown: &shared.shutdown,
-            },
-        };
+        let req = Request::relay(&w.pool, head, &extra, body, &[], &shared.shutdown);
         let result = w.pool.exchange(conn, &target, req).await;
         let m = &shared.metrics;
         match result {

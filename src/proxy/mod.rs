@@ -40,7 +40,7 @@ use crate::{
     store::AdapterName,
 };
 
-use self::upstream::{ClientSide, Request, Stage, Target};
+use self::upstream::{Request, Stage, Target};
 
 /// Response header telling the client its adapter was replaced by the base model.
 pub const FALLBACK_HEADER: &str = "x-loraplex-fallback";
@@ -234,19 +234,7 @@ async fn to_vllm(
         acknowledges: false,
         source: None,
     };
-    let mut bytes = w.pool.take_buf();
-    head.write_forward(&mut bytes, &[], body.len());
-    bytes.extend_from_slice(&body);
-    let req = Request {
-        bytes,
-        method: head.kind,
-        client: ClientSide {
-            minor: head.minor,
-            keep_alive: head.keep_alive,
-            extra,
-            shutdown: &w.shared.shutdown,
-        },
-    };
+    let req = Request::relay(&w.pool, head, &[], &body, extra, &w.shared.shutdown);
     match w.pool.exchange(conn, &target, req).await {
         Ok(answered) => Ok((answered.status, answered.keep_alive)),
         Err(e) => match e.stage {

@@ -30,7 +30,7 @@ use monoio::{
 use crate::{
     config::ServerConfig,
     error::{Error, ErrorKind},
-    http::{BodyKind, Method, ResponseHead, chunked::ChunkedDecoder},
+    http::{BodyKind, Method, RequestHead, ResponseHead, chunked::ChunkedDecoder},
     metrics::Metrics,
     server::{Shutdown, conn::Conn},
 };
@@ -304,6 +304,33 @@ pub struct Request<'a> {
     pub bytes: Vec<u8>,
     pub method: Method,
     pub client: ClientSide<'a>,
+}
+
+impl<'a> Request<'a> {
+    /// The client's request (`head` with `upstream_extra` headers added, then `body`) in a
+    /// pooled buffer; its answer goes back to that client with `client_extra` headers added.
+    pub fn relay(
+        pool: &Pool,
+        head: &RequestHead,
+        upstream_extra: &[(&str, &[u8])],
+        body: &[u8],
+        client_extra: &'a [(&'a str, &'a [u8])],
+        shutdown: &'a Shutdown,
+    ) -> Request<'a> {
+        let mut bytes = pool.take_buf();
+        head.write_forward(&mut bytes, upstream_extra, body.len());
+        bytes.extend_from_slice(body);
+        Request {
+            bytes,
+            method: head.kind,
+            client: ClientSide {
+                minor: head.minor,
+                keep_alive: head.keep_alive,
+                extra: client_extra,
+                shutdown,
+            },
+        }
+    }
 }
 
 /// What the answer must look like for the client.
