@@ -17,25 +17,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::{FutureExt, future::BoxFuture};
 use loraplex::{
     config::{DirectIo, Driver},
     control::ControlPlane,
-    error::Error,
     metrics::Metrics,
     origin::{OriginChain, file::FileOrigin},
-    store::{AdapterName, Store, StoreOptions, VllmHooks, validate::tiny_config},
+    store::{AdapterName, NoVllm, Store, StoreOptions, validate::tiny_config},
 };
-
-struct NoVllm;
-impl VllmHooks for NoVllm {
-    fn unload(&self, _: &str) -> BoxFuture<'static, Result<(), Error>> {
-        async { Ok(()) }.boxed()
-    }
-    fn base_model(&self) -> Option<String> {
-        None
-    }
-}
 
 fn status_kb(field: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();

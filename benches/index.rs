@@ -10,15 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::{FutureExt, future::BoxFuture};
 use loraplex::{
     config::{DirectIo, Driver},
     control::ControlPlane,
-    error::Error,
     metrics::Metrics,
     origin::OriginChain,
     store::{
-        AdapterName, Store, StoreOptions, VllmHooks,
+        AdapterName, NoVllm, Store, StoreOptions,
         validate::{tiny_config, tiny_safetensors},
     },
 };
@@ -27,16 +25,6 @@ const ADAPTERS: usize = 1000;
 const HITS: usize = 5_000_000;
 /// Hits per thread in a smoke run.
 const SMOKE_HITS: usize = 20_000;
-
-struct NoVllm;
-impl VllmHooks for NoVllm {
-    fn unload(&self, _: &str) -> BoxFuture<'static, Result<(), Error>> {
-        async { Ok(()) }.boxed()
-    }
-    fn base_model(&self) -> Option<String> {
-        None
-    }
-}
 
 /// ns per hit when `threads` threads each do `hits` pins over `names` (cycling).
 fn run(store: &Arc<Store>, names: &[AdapterName], threads: usize, hits: usize) -> f64 {

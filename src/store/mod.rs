@@ -73,6 +73,20 @@ pub trait VllmHooks: Send + Sync + 'static {
     fn base_model(&self) -> Option<String>;
 }
 
+/// No vLLM behind the store (the benchmarks drive a store alone): unloads succeed at once and
+/// no base model is known.
+pub struct NoVllm;
+
+impl VllmHooks for NoVllm {
+    fn unload(&self, _: &str) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn base_model(&self) -> Option<String> {
+        None
+    }
+}
+
 /// The store's settings.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
