@@ -2,9 +2,11 @@
 //! origin type from loopback servers, into a sink, against `curl` fetching the same bytes from
 //! the same server; and the cost of the SHA-256 check (verification on vs off).
 //!
-//! Run with `scripts/bench-origins.sh` (or `cargo bench --bench origins -- [repeats] [MiB]`).
-//! Servers and client share one 2-thread tokio runtime, as the control plane would; curl is a
-//! separate process. Every figure is the median of the repeats; MB/s is 10^6 bytes/s.
+//! Run with `scripts/bench-origins.sh` (or
+//! `cargo bench --bench origins -- [repeats] [MiB] [paced link MB/s]`).
+//! The client runs on a 2-thread tokio runtime, as the control plane would; the servers run
+//! on a runtime of their own, and curl is a separate
+//! process. Every figure is the median of the repeats; MB/s is 10^6 bytes/s.
 
 #[path = "../tests/common/s3.rs"]
 mod s3_server;
@@ -132,15 +134,36 @@ fn main() {
     let (repeats, mib) = if smoke() { (1, 2) } else { (5, 1024) };
     let repeats: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(repeats);
     let mib: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(mib);
+    let link_mbps: u64 = args
+        .get(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(LINK_MBPS);
+    // The servers get their own runtime (threads), as a remote origin would be its own
+    // process: sharing the client's two workers, the server tasks cost the client a task
+    // switch per chunk, which is not what a node fetching from Hugging Face or S3 pays.
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("origin-server")
+        .enable_all()
+        .build()
+        .unwrap();
+    let (hub, s3_server) = servers.block_on(async {
+        let hub = StandInHub::start(None, CdnHost::Same).await.unwrap();
+        (hub, S3Server::start(&["bench"]).await)
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(repeats, mib));
+    rt.block_on(run(repeats, mib, link_mbps, &hub, &s3_server));
 }
 
-async fn run(repeats: usize, mib: usize) {
+/// The paced Hub rows: a link of this many MB/s (10^6 B/s), about what one node gets from a
+/// CDN or S3 (4 Gbit/s), as against loopback, which here outruns SHA-256 on one core.
+const LINK_MBPS: u64 = 500;
+
+async fn run(repeats: usize, mib: usize, link_mbps: u64, hub: &StandInHub, s3_server: &S3Server) {
     let data = weights(mib << 20);
     let size = data.len() as u64;
     let name = AdapterName::parse("bench/big").unwrap();
@@ -156,14 +179,12 @@ async fn run(repeats: usize, mib: usize) {
     }
 
     // Hugging Face stand-in: /resolve/ redirects to /cdn/ on the same server.
-    let hub = StandInHub::start(None, CdnHost::Same).await.unwrap();
     let lfs = HubFile::lfs("adapter_model.safetensors", data.clone());
     let files = vec![HubFile::small("adapter_config.json", CONFIG), lfs];
     hub.add_commit("bench/big", "be9c4000", &["main"], files);
     let hf = HuggingFace::new(&hub.url(), None, transfer.clone()).unwrap();
 
     // S3: s3s-fs over a temporary directory; the object carries x-amz-checksum-sha256.
-    let s3_server = S3Server::start(&["bench"]).await;
     let settings = S3Settings {
         bucket: "bench".into(),
         region: Some("us-east-1".into()),
@@ -233,6 +254,18 @@ async fn run(repeats: usize, mib: usize) {
             samples: vec![],
         },
         Row {
+            what: "huggingface, paced link: curl -L /resolve/",
+            samples: vec![],
+        },
+        Row {
+            what: "huggingface, paced link: origin, sha256 on",
+            samples: vec![],
+        },
+        Row {
+            what: "huggingface, paced link: origin, sha256 off",
+            samples: vec![],
+        },
+        Row {
             what: "s3 (s3s-fs): curl --aws-sigv4 (same bytes)",
             samples: vec![],
         },
@@ -258,8 +291,18 @@ async fn run(repeats: usize, mib: usize) {
             let n = fetch(&hf, &name, verify).await;
             rows[row].samples.push(mbps(n, t.elapsed()));
         }
-        rows[4].samples.push(curl_async(sigv4(&s3_url)).await);
+        hub.set_link_rate(Some(link_mbps * 1_000_000));
+        rows[4]
+            .samples
+            .push(curl_async(vec!["-L".into(), resolve.clone()]).await);
         for (row, verify) in [(5, true), (6, false)] {
+            let t = Instant::now();
+            let n = fetch(&hf, &name, verify).await;
+            rows[row].samples.push(mbps(n, t.elapsed()));
+        }
+        hub.set_link_rate(None);
+        rows[7].samples.push(curl_async(sigv4(&s3_url)).await);
+        for (row, verify) in [(8, true), (9, false)] {
             let t = Instant::now();
             let n = fetch(&s3, &name, verify).await;
             rows[row].samples.push(mbps(n, t.elapsed()));
@@ -274,7 +317,12 @@ async fn run(repeats: usize, mib: usize) {
             all.join(" ")
         );
     }
-    for (name, on, off) in [("huggingface", 2, 3), ("s3", 5, 6)] {
+    println!("paced link: {link_mbps} MB/s asked (curl's row is what it delivers)");
+    for (name, on, off) in [
+        ("huggingface", 2, 3),
+        ("huggingface, paced link", 5, 6),
+        ("s3", 8, 9),
+    ] {
         let (on, off) = (
             median(rows[on].samples.clone()),
             median(rows[off].samples.clone()),

@@ -2,7 +2,10 @@
 # Origin throughput benchmark: a 1 GiB adapter through the Hugging Face stand-in and S3
 # (s3s-fs) from loopback, into a sink, against curl on the same bytes; SHA-256 on vs off.
 #
-#   scripts/bench-origins.sh [repeats=5] [MiB=1024]
+#   scripts/bench-origins.sh [repeats=5] [MiB=1024] [paced link MB/s=500]
+#
+# The Hub rows run twice: unpaced (loopback, faster than SHA-256 on one core) and through a
+# CDN paced to a link speed a node really gets.
 #
 # Release build. The machine is shared: the script waits (up to 10 min) for the 1-minute load
 # average to drop below MAX_LOAD (default 1.5) and prints the load before and after, so a
@@ -11,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repeats="${1:-5}"
 mib="${2:-1024}"
+link_mbps="${3:-500}"
 max_load="${MAX_LOAD:-1.5}"
 
 command -v curl >/dev/null || { echo "curl is required" >&2; exit 1; }
@@ -22,5 +26,5 @@ for _ in $(seq 60); do
   sleep 10
 done
 echo "load before: $(cat /proc/loadavg)"
-cargo bench --bench origins -- "$repeats" "$mib" 2>/dev/null
+cargo bench --bench origins -- "$repeats" "$mib" "$link_mbps" 2>/dev/null
 echo "load after:  $(cat /proc/loadavg)"

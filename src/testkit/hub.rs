@@ -42,8 +42,12 @@ pub struct HubFile {
     pub bytes: Bytes,
     /// Stored in LFS: served through the CDN redirect with `X-Linked-*` headers.
     pub lfs: bool,
-    /// Announce this SHA-256 instead of the real one (a repo whose bytes don't match).
+    /// Announce this SHA-256 instead of the real one (a repo whose bytes don't match). Set it
+    /// before the file is added to a commit.
     pub lie_sha256: Option<[u8; 32]>,
+    /// The announced SHA-256, hashed once: the API and every `/resolve/` answer carry it, and
+    /// hashing a 1 GiB file per request made the server the bottleneck of the origin bench.
+    announced: OnceLock<String>,
 }
 
 impl HubFile {
@@ -53,6 +57,7 @@ impl HubFile {
             bytes: bytes.into(),
             lfs: false,
             lie_sha256: None,
+            announced: OnceLock::new(),
         }
     }
 
@@ -65,10 +70,12 @@ impl HubFile {
 
     /// The SHA-256 the Hub announces for this file (hex).
     pub fn announced_sha256(&self) -> String {
-        match self.lie_sha256 {
-            Some(lie) => hex(&lie),
-            None => hex(&Sha256::digest(&self.bytes)),
-        }
+        self.announced
+            .get_or_init(|| match self.lie_sha256 {
+                Some(lie) => hex(&lie),
+                None => hex(&Sha256::digest(&self.bytes)),
+            })
+            .clone()
     }
 }
 
@@ -106,6 +113,8 @@ struct Inner {
     auth_seen: HashMap<String, Vec<Option<String>>>,
     ranges: HashMap<String, Vec<Option<u64>>>,
     faults: HashMap<String, Vec<Fault>>,
+    /// CDN link speed in bytes/s (`None`: as fast as the socket takes it).
+    link_rate: Option<u64>,
 }
 
 struct HubState {
@@ -188,6 +197,12 @@ impl StandInHub {
         });
     }
 
+    /// Serve CDN bytes at about `bytes_per_sec` from now on (`None`: unpaced), to stand in for
+    /// a real link in benchmarks.
+    pub fn set_link_rate(&self, bytes_per_sec: Option<u64>) {
+        self.state.lock().link_rate = bytes_per_sec;
+    }
+
     /// Requests seen for `path` (e.g. `/cdn/{sha256}`, `/org/x/resolve/{sha}/file`).
     pub fn hits(&self, path: &str) -> u64 {
         self.state.lock().hits.get(path).copied().unwrap_or(0)
@@ -247,8 +262,14 @@ fn handle(st: &HubState, req: Request) -> Response {
         return Response::text(code, "armed fault");
     }
     if let Some(sha) = path.strip_prefix("/cdn/") {
-        let blob = st.lock().blobs.get(sha).cloned();
+        let (blob, rate) = {
+            let inner = st.lock();
+            (inner.blobs.get(sha).cloned(), inner.link_rate)
+        };
         return match blob {
+            Some(bytes) if fault.is_none() => {
+                paced(serve_bytes(head, bytes, None, Vec::new()), rate)
+            }
             Some(bytes) => serve_bytes(head, bytes, fault, Vec::new()),
             None => Response::text(404, "no such blob"),
         };
@@ -354,6 +375,36 @@ fn resolve(
             .header("etag", format!("\"{sha}\""))
             .header("location", location)
     })
+}
+
+/// Pieces of a paced CDN answer: small enough that the pauses between them shape the flow
+/// like a link, large enough that tokio's 1 ms timer granularity does not dominate.
+const PACE_PIECE: usize = 4 << 20;
+
+/// The answer's body cut into [`PACE_PIECE`]s, each after the pause that keeps the average at
+/// `rate` bytes/s (the send time itself comes on top, so the link is a little slower than
+/// `rate`).
+fn paced(mut resp: Response, rate: Option<u64>) -> Response {
+    let Some(rate) = rate.filter(|r| *r > 0) else {
+        return resp;
+    };
+    resp.pieces = std::mem::take(&mut resp.pieces)
+        .into_iter()
+        .flat_map(|p| {
+            let mut out = Vec::new();
+            let mut data = p.data;
+            let mut delay = p.delay;
+            while !data.is_empty() {
+                let n = data.len().min(PACE_PIECE);
+                let piece = data.split_to(n);
+                delay += Duration::from_secs_f64(n as f64 / rate as f64);
+                out.push(Piece::new(delay, piece));
+                delay = Duration::ZERO;
+            }
+            out
+        })
+        .collect();
+    resp
 }
 
 /// The start of `Range: bytes=N-` (recorded for the tests).
