@@ -80,13 +80,18 @@ wait_healthz "127.0.0.1:$LP_PORT"
 RSS0=$(awk '/VmRSS/ {print $2}' "/proc/$LP_PID/status")
 
 mbps() { awk -v b="$FILE_BYTES" -v s="$1" 'BEGIN { printf "%.0f", b / s / 1e6 }'; }
+# CPU seconds (user + system, all threads) loraplex has used so far.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$LP_PID/stat"; }
 : > "$WORK/runs"
 for r in $(seq "$ROUNDS"); do
   sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null || true; cat "$FILE" > /dev/null
+  CPU0=$(cpu_s)
   T=$(curl -s -o /dev/null -w '%{time_starttransfer}' -X POST "127.0.0.1:$LP_PORT/v1/chat/completions" \
         -H 'content-type: application/json' -d '{"model":"bench/big-lora","messages":[]}')
   test -f "$STORE/bench/big-lora/adapter_model.safetensors" || { echo "fetch failed: $(cat "$WORK/lp.log" | tail -5)" >&2; exit 1; }
+  T_LP=$T
   echo "loraplex $T" >> "$WORK/runs"
+  echo "cpu $(awk -v a="$CPU0" -v b="$(cpu_s)" 'BEGIN { printf "%.2f", b - a }')" >> "$WORK/runs"
   curl -sf -X POST "127.0.0.1:$LP_PORT/admin/cache/evict" -d '{"adapter":"bench/big-lora"}' >/dev/null
   sync
   T=$( { /usr/bin/time -f %e sh -c "curl -s -o '$STORE/curl.out' http://127.0.0.1:$ORIGIN_PORT/bench/big-lora/adapter_model.safetensors && sync '$STORE/curl.out'"; } 2>&1 )
@@ -97,13 +102,19 @@ for r in $(seq "$ROUNDS"); do
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["write"]["bw_bytes"]/1e6)')
   rm -f "$STORE/fio.dat"
   echo "fio_mbps $FIO" >> "$WORK/runs"
-  echo "round $r/$ROUNDS: $(tail -3 "$WORK/runs" | tr '\n' ' ')" >&2
+  # The disk's speed swings by 2x between minutes here, so each round's fetch is also set
+  # against the fio run of the same round.
+  echo "ratio $(awk -v b="$FILE_BYTES" -v t="$T_LP" -v f="$FIO" 'BEGIN { printf "%.2f", b / t / 1e6 / f }')" >> "$WORK/runs"
+  echo "round $r/$ROUNDS: $(tail -5 "$WORK/runs" | tr '\n' ' ')" >&2
 done
 HWM=$(awk '/VmHWM/ {print $2}' "/proc/$LP_PID/status")
 
 L=$(awk '$1=="loraplex" {print $2}' "$WORK/runs" | median)
 C=$(awk '$1=="curl" {print $2}' "$WORK/runs" | median)
 F=$(awk '$1=="fio_mbps" {print $2}' "$WORK/runs" | median)
+CPU=$(awk '$1=="cpu" {print $2}' "$WORK/runs" | median)
+RATIO=$(awk '$1=="ratio" {print $2}' "$WORK/runs" | median)
+RATIOS=$(awk '$1=="ratio" {print $2}' "$WORK/runs" | tr '\n' ' ')
 LM=$(mbps "$L"); CM=$(mbps "$C")
 {
   echo "| ${SIZE_MIB} MiB adapter, cold (median of $ROUNDS) | seconds | MB/s |"
@@ -113,7 +124,9 @@ LM=$(mbps "$L"); CM=$(mbps "$C")
   echo "| fio, 1 MiB O_DIRECT writes, io_uring, end fsync (disk limit) | | $(printf %.0f "$F") |"
   echo
   echo "loraplex vs curl+fsync: **$(awk -v a="$C" -v b="$L" 'BEGIN{printf "%.2f", a/b}')x** faster;" \
-       "vs fio bandwidth: **$(awk -v a="$LM" -v b="$F" 'BEGIN{printf "%.2f", a/b}')x**;" \
+       "vs fio bandwidth: **$(awk -v a="$LM" -v b="$F" 'BEGIN{printf "%.2f", a/b}')x** of the medians," \
+       "**${RATIO}x** as the median of the per-round ratios (${RATIOS% });" \
+       "loraplex CPU per fetch: ${CPU} s (user + system, all threads);" \
        "RSS growth during the fetch: $(( (HWM - RSS0) / 1024 )) MiB (peak $((HWM / 1024)) MiB)."
   echo "Machine: $MACHINE; storage: $(df -T "$STORE" | awk 'NR==2 {print $1 " (" $2 ")"}')."
 } | tee "$OUT/fetch.md"

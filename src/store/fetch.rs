@@ -159,7 +159,7 @@ impl Store {
                 fetched_at: timestamp_ms(now_ms()),
                 ttl_seconds: self.opts.ttl.map_or(0, |t| t.as_secs() as i64),
             };
-            sink.send(Msg::File(META_FILE.into())).await?;
+            sink.send(Msg::File(META_FILE.into(), None)).await?;
             sink.send(Msg::Data(meta.to_bytes().into())).await?;
             sink.send(Msg::Commit(self.opts.dir.join(name.rel_path())))
                 .await?;
@@ -295,7 +295,7 @@ impl Sink<'_> {
         };
         self.config.clear();
         self.probe = SafetensorsProbe::default();
-        self.send(Msg::File(file.path.clone())).await
+        self.send(Msg::File(file.path.clone(), file.size)).await
     }
 
     async fn end(&mut self, base: Option<&str>) -> Result<(), TransferError> {

@@ -67,7 +67,11 @@ pub struct FileWriter {
 }
 
 impl FileWriter {
-    pub async fn create(path: PathBuf, shared: &Shared) -> Result<FileWriter, Error> {
+    pub async fn create(
+        path: PathBuf,
+        size: Option<u64>,
+        shared: &Shared,
+    ) -> Result<FileWriter, Error> {
         let mut direct = shared.direct.load(Ordering::Relaxed);
         let what = path.display().to_string();
         let file = loop {
@@ -92,6 +96,18 @@ impl FileWriter {
                 Err(e) => return Err(storage_error(e, &what)),
             }
         };
+        if direct && let Some(size) = size.filter(|s| *s > 0) {
+            // Allocate the whole file up front (its padded length; `finish` cuts it to the
+            // bytes written): the O_DIRECT writes then land in place instead of extending the
+            // file one buffer at a time, and a full disk shows before any byte is fetched.
+            let len = size.next_multiple_of(ALIGN as u64);
+            // SAFETY: a valid open fd.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+            let e = io::Error::last_os_error();
+            if rc != 0 && !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) {
+                return Err(storage_error(e, &what));
+            }
+        }
         Ok(FileWriter {
             file: Rc::new(file),
             path,
@@ -173,8 +189,9 @@ impl FileWriter {
         if let Some(e) = first_err {
             return Err(e);
         }
-        if self.direct && !self.len.is_multiple_of(ALIGN as u64) {
-            // SAFETY: a valid open fd; shrinking to the true length drops the padding.
+        if self.direct {
+            // SAFETY: a valid open fd; cutting to the true length drops the padding of the
+            // tail and whatever `create` allocated beyond the bytes that came.
             let rc = unsafe { libc::ftruncate(self.file.as_raw_fd(), self.len as libc::off_t) };
             if rc != 0 {
                 return Err(self.err(io::Error::last_os_error()));

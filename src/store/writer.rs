@@ -88,8 +88,9 @@ impl Faults {
 
 /// One message of a write job.
 pub enum Msg {
-    /// Start a file (a path relative to the adapter directory); ends the previous one.
-    File(String),
+    /// Start a file (a path relative to the adapter directory) and the size the origin
+    /// announced, if any; ends the previous one.
+    File(String, Option<u64>),
     Data(Bytes),
     /// All files sent: make them durable and publish the directory at this path.
     Commit(PathBuf),
@@ -285,7 +286,7 @@ async fn write_dir(
     let mut bytes = 0;
     while let Some(msg) = rx.recv().await {
         match msg {
-            Msg::File(rel) => {
+            Msg::File(rel, size) => {
                 if let Some(f) = current.take() {
                     bytes += f.finish().await?;
                 }
@@ -295,7 +296,7 @@ async fn write_dir(
                     std::fs::create_dir_all(&parent).map_err(|e| storage_error(e, &rel))?;
                     dirs.push(parent);
                 }
-                current = Some(FileWriter::create(path, shared).await?);
+                current = Some(FileWriter::create(path, size, shared).await?);
             }
             Msg::Data(b) => match current.as_mut() {
                 Some(f) => f.write(&b).await?,
