@@ -3,8 +3,14 @@
 //! stored adapters (uniformly spread) and on a single hot adapter (worst contention: every
 //! hit touches the same pin word).
 //!
-//! Run: `cargo bench --bench index`
+//! Criterion times `iters` hits on each thread with `iter_custom` and takes the slower
+//! thread's time, so a "2 threads" figure is the cost of one hit while the other core does
+//! the same.
+//!
+//! Run: `cargo bench --bench index` (without `--bench`, as in `cargo test`, criterion runs each
+//! case once as a smoke test).
 
+use criterion::{BenchmarkId, Criterion};
 use std::{
     sync::{Arc, Barrier},
     time::{Duration, Instant},
@@ -22,12 +28,9 @@ use loraplex::{
 };
 
 const ADAPTERS: usize = 1000;
-const HITS: usize = 5_000_000;
-/// Hits per thread in a smoke run.
-const SMOKE_HITS: usize = 20_000;
 
-/// ns per hit when `threads` threads each do `hits` pins over `names` (cycling).
-fn run(store: &Arc<Store>, names: &[AdapterName], threads: usize, hits: usize) -> f64 {
+/// Time for `threads` threads each doing `hits` pins over `names` (cycling): the slowest's.
+fn run(store: &Arc<Store>, names: &[AdapterName], threads: usize, hits: u64) -> Duration {
     let barrier = Arc::new(Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -38,8 +41,8 @@ fn run(store: &Arc<Store>, names: &[AdapterName], threads: usize, hits: usize) -
                 // Different walk per thread: stride through the names.
                 let step = if t == 0 { 1 } else { 7 };
                 barrier.wait();
-                let start = Instant::now();
                 let mut i = t * 13;
+                let start = Instant::now();
                 for _ in 0..hits {
                     let pin = store.pin(&names[i % names.len()]).expect("stored");
                     std::hint::black_box(&pin);
@@ -51,22 +54,14 @@ fn run(store: &Arc<Store>, names: &[AdapterName], threads: usize, hits: usize) -
         })
         .collect();
     barrier.wait();
-    let total: Duration = handles
+    handles
         .into_iter()
         .map(|h| h.join().unwrap())
         .max()
-        .unwrap();
-    total.as_nanos() as f64 / hits as f64
-}
-
-/// `cargo bench` passes `--bench`; `cargo test --all-targets` runs this target without it, as a
-/// quick smoke run of the same code on small inputs.
-fn smoke() -> bool {
-    !std::env::args().any(|a| a == "--bench")
+        .unwrap()
 }
 
 fn main() {
-    let hits = if smoke() { SMOKE_HITS } else { HITS };
     let dir = tempfile::tempdir().unwrap();
     let names: Vec<AdapterName> = (0..ADAPTERS)
         .map(|i| {
@@ -98,14 +93,21 @@ fn main() {
     )
     .unwrap();
     let hot = vec![names[0].clone()];
-    // Warm up caches and the allocator.
-    run(&store, &names, 1, hits);
-    println!("index hit cost: Store::pin + drop, {hits} hits per thread, TTL on (checked per hit)");
-    println!("{:<28} {:>10} {:>10}", "case", "1 thread", "2 threads");
-    for (label, set) in [("1000 adapters, spread", &names), ("1 hot adapter", &hot)] {
-        let one = run(&store, set, 1, hits);
-        let two = run(&store, set, 2, hits);
-        println!("{label:<28} {one:>7.1} ns {two:>7.1} ns");
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    // Store::pin + drop, TTL on (checked per hit).
+    let mut group = c.benchmark_group("index_hit");
+    for (label, set) in [("spread_1000", &names), ("hot_1", &hot)] {
+        for threads in [1, 2] {
+            let id = BenchmarkId::new(label, format!("{threads}_threads"));
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| run(&store, set, threads, iters))
+            });
+        }
     }
+    group.finish();
+    c.final_summary();
     store.shutdown();
 }
