@@ -213,6 +213,18 @@ fn lookups(c: &mut Criterion<ThreadCpuTime>) {
             })
         });
     }
+    // A working set of 1024 keys, a cluster's worth of adapters or sessions in use: their
+    // table lines stay in cache between lookups, as they would in a running proxy.
+    for n in SIZES {
+        let p = Placement::build(&addrs(n, 0));
+        let mut i = 0;
+        group.bench_function(BenchmarkId::new("working_set_1024", n), |b| {
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                p.owner(black_box(keys[i].as_bytes()))
+            })
+        });
+    }
     // The same lookups over 64 keys only: the table lines stay cached, which separates the
     // scoring cost from the cache misses of the full runs above.
     for n in SIZES {
