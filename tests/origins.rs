@@ -13,7 +13,7 @@ use loraplex::{
     Error,
     config::TransferConfig,
     origin::{
-        Manifest, Origin, OriginChain, OriginError, OriginErrorKind, check_manifest,
+        CrcAlgorithm, Manifest, Origin, OriginChain, OriginError, OriginErrorKind, check_manifest,
         huggingface::HuggingFace,
         s3::{S3, S3Settings},
         transfer::{ChunkSink, TransferError, pull_file},
@@ -515,6 +515,61 @@ async fn s3_verifies_sha256_checksums_and_rejects_corrupt_objects() {
     let e = refused(&origin, "acme/c").await;
     assert_eq!(e.kind, OriginErrorKind::Invalid, "{e}");
     assert!(e.message.contains("sha256 mismatch"), "{e}");
+}
+
+/// CRC-64/NVME of `data`, as S3 computes it (the SDK's implementation; its check value is
+/// pinned in `crc64nvme_matches_the_standard_check_value`).
+fn crc64nvme(data: &[u8]) -> Vec<u8> {
+    let mut c = CrcAlgorithm::Crc64Nvme.smithy().into_impl();
+    c.update(data);
+    c.finalize().to_vec()
+}
+
+#[test]
+fn crc64nvme_matches_the_standard_check_value() {
+    // CRC-64/NVME of "123456789" (the catalogue's check value).
+    assert_eq!(
+        crc64nvme(b"123456789"),
+        0xae8b_1486_0a79_9888u64.to_be_bytes()
+    );
+}
+
+#[tokio::test]
+async fn s3_verifies_crc64nvme_checksums_and_rejects_corrupt_objects() {
+    // S3's default checksum for new objects: a full-object CRC64NVME, verified instead of
+    // nothing, at a fraction of SHA-256's cost.
+    let server = S3Server::start(&["bkt"]).await;
+    let origin = s3(&server, "bkt", "");
+    let weights = pattern(1 << 20, 7);
+    put(&origin, "bkt", "acme/n/adapter_config.json", CONFIG, false).await;
+    let sdk = origin.client().await.sdk();
+    sdk.put_object()
+        .bucket("bkt")
+        .key("acme/n/adapter_model.safetensors")
+        .checksum_crc64_nvme(STANDARD.encode(crc64nvme(&weights)))
+        .body(ByteStream::from(weights.clone()))
+        .send()
+        .await
+        .unwrap();
+    let (manifest, files) = fetch(&origin, &name("acme/n")).await.unwrap();
+    let crc = manifest.files[1]
+        .crc
+        .as_ref()
+        .expect("x-amz-checksum-crc64nvme read");
+    assert_eq!(crc.algorithm, CrcAlgorithm::Crc64Nvme);
+    assert_eq!(crc.value, crc64nvme(&weights));
+    assert_eq!(manifest.files[1].sha256, None);
+    assert_eq!(bytes_of(&files, "adapter_model.safetensors"), &weights[..]);
+
+    // Same size, different bytes, behind the server's back: its recorded CRC now lies.
+    let mut corrupt = weights.clone();
+    corrupt[700_000] ^= 0x01;
+    let path = server.object_path("bkt", "acme/n/adapter_model.safetensors");
+    std::fs::write(path, &corrupt).unwrap();
+    let e = refused(&origin, "acme/n").await;
+    assert_eq!(e.kind, OriginErrorKind::Invalid, "{e}");
+    assert!(e.message.contains("crc64nvme mismatch"), "{e}");
+    assert_eq!(e.into_error(&name("acme/n"), "s3").status(), 502);
 }
 
 #[tokio::test]

@@ -369,6 +369,7 @@ fn spec(s: &Sibling) -> Result<FileSpec, OriginError> {
         path: s.rfilename.clone(),
         size: file_size(s),
         sha256,
+        crc: None,
     })
 }
 

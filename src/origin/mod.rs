@@ -134,6 +134,50 @@ pub struct FileSpec {
     pub size: Option<u64>,
     /// SHA-256 of the content, when the origin knows it (HF LFS, S3 checksums, peers).
     pub sha256: Option<[u8; 32]>,
+    /// A CRC of the whole content, when the origin keeps one and no SHA-256 (S3).
+    pub crc: Option<Crc>,
+}
+
+/// A CRC an origin keeps for a whole object: S3's full-object `x-amz-checksum-crc64nvme`
+/// (S3's default for new objects), `-crc32c` or `-crc32`. It catches corruption in transit or
+/// at rest as SHA-256 does, at a fraction of the CPU, though not deliberate tampering; it is
+/// what such an object offers, so it is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crc {
+    pub algorithm: CrcAlgorithm,
+    /// The CRC, big-endian, as S3 sends it (base64-decoded).
+    pub value: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrcAlgorithm {
+    Crc32,
+    Crc32c,
+    Crc64Nvme,
+}
+
+impl CrcAlgorithm {
+    pub fn name(self) -> &'static str {
+        self.smithy().as_str()
+    }
+
+    /// The SDK's implementation of the same algorithm.
+    pub fn smithy(self) -> aws_smithy_checksums::ChecksumAlgorithm {
+        use aws_smithy_checksums::ChecksumAlgorithm as A;
+        match self {
+            CrcAlgorithm::Crc32 => A::Crc32,
+            CrcAlgorithm::Crc32c => A::Crc32c,
+            CrcAlgorithm::Crc64Nvme => A::Crc64Nvme,
+        }
+    }
+
+    /// Bytes of the CRC.
+    pub fn bytes(self) -> usize {
+        match self {
+            CrcAlgorithm::Crc64Nvme => 8,
+            CrcAlgorithm::Crc32 | CrcAlgorithm::Crc32c => 4,
+        }
+    }
 }
 
 impl FileSpec {
@@ -142,6 +186,7 @@ impl FileSpec {
             path: path.into(),
             size,
             sha256: None,
+            crc: None,
         }
     }
 }

@@ -12,10 +12,12 @@
 //! files stream with GetObject (`ByteStream::try_next()`), from an offset with `Range`.
 //!
 //! Verification: sizes always (listing and answers must agree; the transfer counts the bytes);
-//! SHA-256 when the object has a full-object `x-amz-checksum-sha256`, read with a `HeadObject`
-//! in checksum mode at manifest time (S3 omits checksums on ranged GETs, so the value must be
-//! known before a resume) for the weights files and any object the listing flags as SHA-256.
-//! CRC and composite (multipart) checksums are not verified. The ETag is not used as an MD5:
+//! the object's full-object checksum when it has one: `x-amz-checksum-sha256`, or else a CRC
+//! (`crc64nvme`, S3's default for new objects, `crc32c`, `crc32`; computed with the SDK's own
+//! `aws-smithy-checksums`, at a fraction of SHA-256's CPU). It is read with a `HeadObject` in
+//! checksum mode at manifest time (S3 omits checksums on ranged GETs, so the value must be
+//! known before a resume) for the weights files and any object the listing flags with a
+//! checksum. Composite (multipart, per-part) checksums are not verified. The ETag is not used as an MD5:
 //! it is one only for single-part uploads without SSE-KMS/SSE-C, and a false mismatch would
 //! reject good adapters. The content id is the ETag of `adapter_config.json` joined with that
 //! of the weights (as the HTTP origin does), so new weights under an unchanged config (a
@@ -39,8 +41,8 @@ use futures_util::{FutureExt, StreamExt, future::BoxFuture};
 use tokio::sync::OnceCell;
 
 use super::{
-    BIN_FILE, CONFIG_FILE, FileSpec, FileStream, Manifest, Origin, OriginError, OriginErrorKind,
-    SAFETENSORS_FILE,
+    BIN_FILE, CONFIG_FILE, Crc, CrcAlgorithm, FileSpec, FileStream, Manifest, Origin, OriginError,
+    OriginErrorKind, SAFETENSORS_FILE,
     remote::{content_id, parse_content_range},
 };
 use crate::{config::TransferConfig, store::AdapterName};
@@ -101,8 +103,8 @@ pub struct S3Object {
     pub key: String,
     pub size: u64,
     pub etag: String,
-    /// The listing says the object carries a SHA-256 checksum.
-    pub sha256_listed: bool,
+    /// The listing says the object carries a checksum (SHA-256 or a CRC).
+    pub checksum_listed: bool,
 }
 
 /// Where an S3 origin reads from.
@@ -197,7 +199,15 @@ impl S3Client {
                     key: o.key().unwrap_or_default().to_owned(),
                     size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
                     etag: o.e_tag().unwrap_or_default().to_owned(),
-                    sha256_listed: o.checksum_algorithm().contains(&ChecksumAlgorithm::Sha256),
+                    checksum_listed: o.checksum_algorithm().iter().any(|a| {
+                        matches!(
+                            a,
+                            ChecksumAlgorithm::Sha256
+                                | ChecksumAlgorithm::Crc64Nvme
+                                | ChecksumAlgorithm::Crc32C
+                                | ChecksumAlgorithm::Crc32
+                        )
+                    }),
                 });
             }
             token = page.next_continuation_token().map(str::to_owned);
@@ -235,8 +245,9 @@ impl S3Client {
         Ok(head.e_tag().unwrap_or_default().to_owned())
     }
 
-    /// The full-object SHA-256 of `key`, if it has one (`HeadObject` in checksum mode).
-    pub async fn sha256(&self, key: &str) -> Result<Option<[u8; 32]>, OriginError> {
+    /// The full-object checksum of `key`, if it has one (`HeadObject` in checksum mode): its
+    /// SHA-256, or else its CRC. Composite (multipart, per-part) checksums are skipped.
+    pub async fn checksum(&self, key: &str) -> Result<Checksum, OriginError> {
         let what = self.what(key);
         let head = self
             .client
@@ -248,14 +259,37 @@ impl S3Client {
             .await
             .map_err(|e| classify(e, &what))?;
         if head.checksum_type() == Some(&ChecksumType::Composite) {
-            return Ok(None);
+            return Ok(Checksum::default());
         }
-        match head.checksum_sha256() {
-            None => Ok(None),
-            Some(b64) => decode_sha256_b64(b64).map(Some).ok_or_else(|| {
+        if let Some(b64) = head.checksum_sha256() {
+            let sha = decode_sha256_b64(b64).ok_or_else(|| {
                 OriginError::invalid(format!("{what}: bad x-amz-checksum-sha256 {b64:?}"))
-            }),
+            })?;
+            return Ok(Checksum {
+                sha256: Some(sha),
+                crc: None,
+            });
         }
+        let crcs = [
+            (CrcAlgorithm::Crc64Nvme, head.checksum_crc64_nvme()),
+            (CrcAlgorithm::Crc32c, head.checksum_crc32_c()),
+            (CrcAlgorithm::Crc32, head.checksum_crc32()),
+        ];
+        let Some((algorithm, b64)) = crcs.into_iter().find_map(|(a, v)| Some((a, v?))) else {
+            return Ok(Checksum::default());
+        };
+        let value = decode_b64(b64)
+            .filter(|v| v.len() == algorithm.bytes())
+            .ok_or_else(|| {
+                OriginError::invalid(format!(
+                    "{what}: bad x-amz-checksum-{} {b64:?}",
+                    algorithm.name()
+                ))
+            })?;
+        Ok(Checksum {
+            sha256: None,
+            crc: Some(Crc { algorithm, value }),
+        })
     }
 
     /// Open `key` from `offset`.
@@ -333,13 +367,24 @@ where
     OriginError::new(kind, message)
 }
 
-/// Base64 of 32 bytes (how S3 sends checksums).
-fn decode_sha256_b64(s: &str) -> Option<[u8; 32]> {
+/// A base64 checksum value (how S3 sends checksums).
+fn decode_b64(s: &str) -> Option<Vec<u8>> {
     use base64::Engine;
-    let v = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(s.trim())
-        .ok()?;
-    v.try_into().ok()
+        .ok()
+}
+
+/// Base64 of 32 bytes.
+fn decode_sha256_b64(s: &str) -> Option<[u8; 32]> {
+    decode_b64(s)?.try_into().ok()
+}
+
+/// What [`S3Client::checksum`] found for an object.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Checksum {
+    pub sha256: Option<[u8; 32]>,
+    pub crc: Option<Crc>,
 }
 
 /// The `s3` origin. The SDK client is built on first use (loading credentials is async).
@@ -395,14 +440,15 @@ impl S3 {
                 _ => {}
             }
             let weights = path == SAFETENSORS_FILE || path == BIN_FILE;
-            let sha256 = match o.sha256_listed || weights {
-                true => client.sha256(&o.key).await?,
-                false => None,
+            let checksum = match o.checksum_listed || weights {
+                true => client.checksum(&o.key).await?,
+                false => Checksum::default(),
             };
             files.push(FileSpec {
                 path,
                 size: Some(o.size),
-                sha256,
+                sha256: checksum.sha256,
+                crc: checksum.crc,
             });
         }
         let Some(config_etag) = config_etag else {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
-use super::{FileSpec, Manifest, Origin, OriginError, OriginErrorKind};
+use super::{Crc, FileSpec, Manifest, Origin, OriginError, OriginErrorKind};
 use crate::{error::Error, store::AdapterName};
 
 /// First retry delay; doubles per retry up to [`BACKOFF_CAP`].
@@ -40,6 +40,41 @@ pub struct Transferred {
     pub sha256: Option<[u8; 32]>,
     /// Retries it took (resumed or restarted opens).
     pub retries: u32,
+}
+
+/// The checksum computed while streaming: the SHA-256 when the origin gave one, else its CRC.
+enum Check {
+    Sha256(Sha256),
+    Crc(Box<dyn aws_smithy_checksums::http::HttpChecksum>),
+}
+
+impl Check {
+    fn for_file(file: &FileSpec) -> Option<Check> {
+        match (&file.sha256, &file.crc) {
+            (Some(_), _) => Some(Check::Sha256(Sha256::new())),
+            (None, Some(crc)) => Some(Check::Crc(crc.algorithm.smithy().into_impl())),
+            (None, None) => None,
+        }
+    }
+
+    fn update(&mut self, chunk: &[u8]) {
+        match self {
+            Check::Sha256(h) => h.update(chunk),
+            Check::Crc(c) => c.update(chunk),
+        }
+    }
+}
+
+/// The CRC's mismatch, if any.
+fn crc_mismatch(path: &str, want: &Crc, got: &[u8]) -> Option<OriginError> {
+    (want.value != got).then(|| {
+        OriginError::invalid(format!(
+            "{path}: {} mismatch (expected {}, got {})",
+            want.algorithm.name(),
+            hex(&want.value),
+            hex(got)
+        ))
+    })
 }
 
 /// Run a metadata request of `origin` (manifest, head) with its timeouts, retrying
@@ -85,7 +120,7 @@ pub async fn pull_file<S: ChunkSink>(
     sink: &mut S,
 ) -> Result<Transferred, TransferError> {
     let cfg = origin.transfer();
-    let mut hasher = file.sha256.map(|_| Sha256::new());
+    let mut hasher = Check::for_file(file);
     let mut done: u64 = 0;
     let mut expected = file.size;
     let mut retries = 0u32;
@@ -121,7 +156,21 @@ pub async fn pull_file<S: ChunkSink>(
             Err(e) => return Err(e),
         }
     }
-    let sha256: Option<[u8; 32]> = hasher.map(|h| h.finalize().into());
+    let sha256: Option<[u8; 32]> = match hasher {
+        Some(Check::Sha256(h)) => Some(h.finalize().into()),
+        Some(Check::Crc(c)) => {
+            let got = c.finalize();
+            if let Some(e) = file
+                .crc
+                .as_ref()
+                .and_then(|w| crc_mismatch(&file.path, w, &got))
+            {
+                return Err(TransferError::Origin(e));
+            }
+            None
+        }
+        None => None,
+    };
     if let (Some(want), Some(got)) = (file.sha256, sha256)
         && want != got
     {
@@ -147,7 +196,7 @@ async fn stream_once<S: ChunkSink>(
     manifest: &Manifest,
     file: &FileSpec,
     sink: &mut S,
-    hasher: &mut Option<Sha256>,
+    hasher: &mut Option<Check>,
     done: &mut u64,
     expected: &mut Option<u64>,
     idle: Duration,
@@ -352,6 +401,7 @@ mod tests {
             path: "w".into(),
             size: Some(1000),
             sha256: sha,
+            crc: None,
         };
         let mut sink = Collect(Vec::new());
         let r = pull_file(o, &name, &m, &spec, &mut sink).await;
