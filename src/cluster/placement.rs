@@ -79,7 +79,19 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use self::table::{SlotTable, pack, unpack};
 
+#[cfg(target_arch = "x86_64")]
+mod simd;
 mod table;
+
+#[cfg(target_arch = "x86_64")]
+fn simd_available() -> bool {
+    simd::available()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn simd_available() -> bool {
+    false
+}
 
 /// log2 of the slot count.
 pub const SLOT_BITS: u32 = 18;
@@ -111,6 +123,8 @@ pub struct Placement {
     hot_seeds: Vec<u64>,
     /// Seeds the key-level score: an xor mask and an odd multiplier.
     key_seeds: Vec<[u64; 2]>,
+    /// The CPU scores 8 candidates at once (`simd.rs`).
+    avx512: bool,
     /// Per slot: its hot peers (ascending), or its single slot-level winner when no peer is
     /// hot there. Empty when there are no peers.
     table: SlotTable,
@@ -130,15 +144,6 @@ pub fn jump_hash(mut key: u64, buckets: u32) -> u32 {
         j = ((b + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
     }
     b.max(0) as u32
-}
-
-/// Both halves of the 128-bit product, xored: the mixing step of wyhash and foldhash. One
-/// multiply per candidate keeps the key-level scores cheap; the key hash going in is already
-/// an xxh3, and the per-peer mask and multiplier make the candidates' scores independent.
-#[inline]
-fn folded_multiply(x: u64, y: u64) -> u64 {
-    let full = u128::from(x) * u128::from(y);
-    (full as u64) ^ ((full >> 64) as u64)
 }
 
 /// The murmur3 64-bit finalizer: a full-avalanche mix, for seeds and slot-level scores.
@@ -189,6 +194,7 @@ impl Placement {
             slot_seeds,
             hot_seeds,
             key_seeds,
+            avx512: simd_available(),
             table: SlotTable::default(),
         };
         if !placement.peers.is_empty() {
@@ -246,7 +252,10 @@ impl Placement {
     #[inline]
     fn key_rank(&self, key_hash: u64, index: usize) -> u64 {
         let [mask, mul] = self.key_seeds[index];
-        pack(folded_multiply(key_hash ^ mask, mul), index)
+        // One 64-bit multiply: the key hash is already an xxh3, the per-peer mask and odd
+        // multiplier make the candidates' scores independent, and `pack` keeps the product's
+        // high bits, the well-mixed ones. AVX-512 computes the same 8 at once (`simd.rs`).
+        pack((key_hash ^ mask).wrapping_mul(mul), index)
     }
 
     fn slot_candidates(&self, slot: usize) -> &[u16] {
@@ -287,9 +296,24 @@ impl Placement {
             return None;
         }
         let key_hash = xxh3_64(key);
-        self.table.best(slot_of(key_hash), |i| {
-            self.key_rank(key_hash, usize::from(i))
-        })
+        let slot = slot_of(key_hash);
+        #[cfg(target_arch = "x86_64")]
+        if self.avx512
+            && let Some(record) = self.table.record8(slot)
+        {
+            // SAFETY: AVX-512F/DQ were detected at build; the table only holds indices of
+            // `peers`, which `key_seeds` matches one to one.
+            return Some(unpack(unsafe {
+                simd::best8(record, key_hash, &self.key_seeds)
+            }));
+        }
+        self.owner_portable(key_hash, slot)
+    }
+
+    /// [`Placement::owner`] without SIMD.
+    fn owner_portable(&self, key_hash: u64, slot: usize) -> Option<usize> {
+        self.table
+            .best(slot, |i| self.key_rank(key_hash, usize::from(i)))
     }
 
     /// Bytes held by the slot table (what a placement costs beyond its peer list).

@@ -139,6 +139,20 @@ impl SlotTable {
     }
 
     /// Heap bytes held.
+    /// The slot's record when records are 8 wide and this one is not spilled (the AVX-512
+    /// path's input).
+    #[inline]
+    pub(super) fn record8(&self, slot: usize) -> Option<&[u16; 8]> {
+        if self.width != 8 {
+            return None;
+        }
+        let record = self
+            .records
+            .get(slot * 8..slot * 8 + 8)?
+            .first_chunk::<8>()?;
+        (record[0] != SPILLED).then_some(record)
+    }
+
     pub(super) fn bytes(&self) -> usize {
         (self.records.len() + self.spill.len()) * 2 + self.spilled.len() * 12
     }

@@ -288,3 +288,32 @@ fn order_is_the_full_score_ranking() {
         }
     }
 }
+
+#[test]
+fn avx512_agrees_with_the_portable_path() {
+    if !simd_available() {
+        eprintln!(
+            "\n!!! avx512_agrees_with_the_portable_path: this CPU has no AVX-512F/DQ; the SIMD \
+             owner path is NOT tested here (and not used) !!!\n"
+        );
+        return;
+    }
+    let p = Placement::build(&addrs(256, 0));
+    assert!(p.avx512);
+    let mut simd = 0;
+    for k in keys(200_000) {
+        let key_hash = xxh3_64(k.as_bytes());
+        let slot = slot_of(key_hash);
+        simd += usize::from(p.table.record8(slot).is_some());
+        assert_eq!(
+            p.owner(k.as_bytes()),
+            p.owner_portable(key_hash, slot),
+            "{k}"
+        );
+    }
+    // 256 peers make 8-wide records, and most slots are not spilled: the SIMD path ran.
+    assert!(
+        simd > 180_000,
+        "{simd} of 200000 lookups took the AVX-512 path"
+    );
+}
