@@ -27,11 +27,13 @@
 //!    hot slots, whatever the other peers are.
 //! 3. `score(key, peer) = (hot(slot, peer), hot ? mul(h, peer) : mix(slot, peer))`, compared
 //!    lexicographically. The hot peers of a slot (about N/64 of them) share its keys by a
-//!    key-level rendezvous (one folded multiply each); a slot no peer is hot in (common below
+//!    key-level rendezvous (one 64-bit multiply each); a slot no peer is hot in (common below
 //!    ~100 peers) goes whole to its slot-level rendezvous winner.
 //!
 //! The table (`placement/table.rs`) stores per slot its hot peers, or its slot winner, in a fixed-width
-//! record: `owner` scores exactly `width` entries, branch-free. Building it costs `N·S/64`
+//! record: `owner` scores exactly `width` entries, branch-free (8-wide records, what 256 peers
+//! need, in one AVX-512 register where the CPU has it: `placement/simd.rs`, which computes
+//! exactly the portable scores, so mixed clusters agree). Building it costs `N·S/64`
 //! hashes for the hot sets plus `N` per slot without hot peers: 10–40 ms for 3–256 peers.
 //!
 //! # Why not the first sketch
@@ -71,7 +73,9 @@
 //! | 2^19 / 128    | 2                  | —       | 42 ns (23)             | 4.6 MiB |
 //!
 //! (*) is the one in use. Ranges are over several runs: the VM was shared with other builds,
-//! and even the xxh3 of a 28-byte key measured 5–6.5 ns.
+//! and even the xxh3 of a 28-byte key measured 5–6.5 ns. These figures predate the AVX-512
+//! path (and the switch from a folded 128-bit multiply to a 64-bit one, which AVX-512 has):
+//! with it, 2^18 / 64 measures 38–49 ns (23–28 cached) in `cargo bench --bench placement`.
 //!
 //! 2^19/128 lifts the 1M-key peak to ≈1.051 on average; 2^17/32 lowers it by ≈0.001 only.
 
