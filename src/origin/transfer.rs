@@ -1,6 +1,7 @@
 //! Moving one file from an origin to a sink, the same way for every origin: stall detection
 //! (an idle timeout per read, never a total-time limit), retries with backoff that resume from
-//! the byte offset reached (`Range`), and the size and sha256 checks, hashed while streaming.
+//! the byte offset reached (`Range`), and the size and checksum (SHA-256, or a CRC) checks,
+//! computed while streaming.
 
 use std::{future::Future, time::Duration};
 
@@ -8,7 +9,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
-use super::{Crc, FileSpec, Manifest, Origin, OriginError, OriginErrorKind};
+use super::{FileSpec, Manifest, Origin, OriginError, OriginErrorKind};
 use crate::{error::Error, store::AdapterName};
 
 /// First retry delay; doubles per retry up to [`BACKOFF_CAP`].
@@ -63,18 +64,37 @@ impl Check {
             Check::Crc(c) => c.update(chunk),
         }
     }
-}
 
-/// The CRC's mismatch, if any.
-fn crc_mismatch(path: &str, want: &Crc, got: &[u8]) -> Option<OriginError> {
-    (want.value != got).then(|| {
-        OriginError::invalid(format!(
-            "{path}: {} mismatch (expected {}, got {})",
-            want.algorithm.name(),
-            hex(&want.value),
-            hex(got)
-        ))
-    })
+    /// Compare with what `file` announced: the content's SHA-256 when that was the check,
+    /// `None` for a CRC, or the mismatch.
+    fn finish(self, file: &FileSpec) -> Result<Option<[u8; 32]>, OriginError> {
+        let mismatch = |what: &str, want: &[u8], got: &[u8]| {
+            OriginError::invalid(format!(
+                "{}: {what} mismatch (expected {}, got {})",
+                file.path,
+                hex(want),
+                hex(got)
+            ))
+        };
+        match self {
+            Check::Sha256(h) => {
+                let got: [u8; 32] = h.finalize().into();
+                match file.sha256 {
+                    Some(want) if want != got => Err(mismatch("sha256", &want, &got)),
+                    _ => Ok(Some(got)),
+                }
+            }
+            Check::Crc(c) => {
+                let got = c.finalize();
+                match &file.crc {
+                    Some(want) if want.value != got => {
+                        Err(mismatch(want.algorithm.name(), &want.value, &got))
+                    }
+                    _ => Ok(None),
+                }
+            }
+        }
+    }
 }
 
 /// Run a metadata request of `origin` (manifest, head) with its timeouts, retrying
@@ -120,7 +140,7 @@ pub async fn pull_file<S: ChunkSink>(
     sink: &mut S,
 ) -> Result<Transferred, TransferError> {
     let cfg = origin.transfer();
-    let mut hasher = Check::for_file(file);
+    let mut check = Check::for_file(file);
     let mut done: u64 = 0;
     let mut expected = file.size;
     let mut retries = 0u32;
@@ -132,7 +152,7 @@ pub async fn pull_file<S: ChunkSink>(
             manifest,
             file,
             sink,
-            &mut hasher,
+            &mut check,
             &mut done,
             &mut expected,
             cfg.idle_timeout,
@@ -156,31 +176,10 @@ pub async fn pull_file<S: ChunkSink>(
             Err(e) => return Err(e),
         }
     }
-    let sha256: Option<[u8; 32]> = match hasher {
-        Some(Check::Sha256(h)) => Some(h.finalize().into()),
-        Some(Check::Crc(c)) => {
-            let got = c.finalize();
-            if let Some(e) = file
-                .crc
-                .as_ref()
-                .and_then(|w| crc_mismatch(&file.path, w, &got))
-            {
-                return Err(TransferError::Origin(e));
-            }
-            None
-        }
+    let sha256 = match check {
+        Some(c) => c.finish(file).map_err(TransferError::Origin)?,
         None => None,
     };
-    if let (Some(want), Some(got)) = (file.sha256, sha256)
-        && want != got
-    {
-        return Err(TransferError::Origin(OriginError::invalid(format!(
-            "{}: sha256 mismatch (expected {}, got {})",
-            file.path,
-            hex(&want),
-            hex(&got)
-        ))));
-    }
     Ok(Transferred {
         bytes: done,
         sha256,
@@ -188,7 +187,7 @@ pub async fn pull_file<S: ChunkSink>(
     })
 }
 
-/// One open + read-to-end attempt. `done` and the hasher carry over between attempts.
+/// One open + read-to-end attempt. `done` and the checksum carry over between attempts.
 #[allow(clippy::too_many_arguments)]
 async fn stream_once<S: ChunkSink>(
     origin: &dyn Origin,
@@ -196,7 +195,7 @@ async fn stream_once<S: ChunkSink>(
     manifest: &Manifest,
     file: &FileSpec,
     sink: &mut S,
-    hasher: &mut Option<Check>,
+    check: &mut Option<Check>,
     done: &mut u64,
     expected: &mut Option<u64>,
     idle: Duration,
@@ -258,8 +257,8 @@ async fn stream_once<S: ChunkSink>(
                 file.path
             ))));
         }
-        if let Some(h) = hasher.as_mut() {
-            h.update(&chunk);
+        if let Some(c) = check.as_mut() {
+            c.update(&chunk);
         }
         *done = new_done;
         sink.accept(chunk).await?;

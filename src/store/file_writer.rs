@@ -103,9 +103,12 @@ impl FileWriter {
             let len = size.next_multiple_of(ALIGN as u64);
             // SAFETY: a valid open fd.
             let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
-            let e = io::Error::last_os_error();
-            if rc != 0 && !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) {
-                return Err(storage_error(e, &what));
+            if rc != 0 {
+                // A filesystem without fallocate just gets the writes as before.
+                let e = io::Error::last_os_error();
+                if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) {
+                    return Err(storage_error(e, &what));
+                }
             }
         }
         Ok(FileWriter {
