@@ -196,6 +196,7 @@ impl Origin for HttpOrigin {
             Ok(FileStream {
                 offset: start,
                 total,
+                sha256: None,
                 body,
             })
         }

@@ -18,6 +18,7 @@ pub mod file;
 pub mod http;
 pub mod huggingface;
 pub mod peer;
+pub mod rate;
 pub mod remote;
 pub mod s3;
 pub mod transfer;
@@ -221,6 +222,10 @@ pub struct FileStream {
     pub offset: u64,
     /// Size of the whole file, when the answer says it (`Content-Length`, `Content-Range`).
     pub total: Option<u64>,
+    /// The SHA-256 of the whole file, when the answer announces one (the Hub's
+    /// `X-Linked-Etag`). It must agree with the manifest's; when the manifest has none, the
+    /// transfer checks the bytes against it.
+    pub sha256: Option<[u8; 32]>,
     pub body: BoxStream<'static, Result<Bytes, OriginError>>,
 }
 

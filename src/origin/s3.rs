@@ -307,6 +307,7 @@ impl S3Client {
         Ok(FileStream {
             offset: start,
             total,
+            sha256: None,
             body: byte_stream(out.body, what),
         })
     }
