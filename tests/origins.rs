@@ -29,6 +29,7 @@ fn transfer() -> TransferConfig {
         // Generous: the machine is shared and loaded; only the stall test shortens it.
         idle_timeout: Duration::from_secs(10),
         retries: 3,
+        ..TransferConfig::default()
     }
 }
 
@@ -221,7 +222,7 @@ async fn hf_token_goes_to_the_hub_and_never_to_a_cdn_on_another_origin() {
 }
 
 #[tokio::test]
-async fn hf_auth_failures_are_502_naming_authentication() {
+async fn hf_a_refused_token_is_a_502_naming_authentication() {
     let hub = StandInHub::start(Some("right"), CdnHost::Other)
         .await
         .unwrap();
@@ -232,14 +233,111 @@ async fn hf_auth_failures_are_502_naming_authentication() {
         adapter_repo(&pattern(100, 1)),
     );
     let n = name("acme/p");
-    for (token, says) in [(None, "missing"), (Some("wrong"), "wrong")] {
-        let e = refused(&hf(&hub, token), "acme/p").await;
-        assert_eq!(e.kind, OriginErrorKind::Auth, "{e}");
-        let err: Error = e.into_error(&n, "huggingface");
-        assert_eq!(err.status(), 502);
-        assert!(err.message.contains("authentication"), "{}", err.message);
-        assert!(err.message.contains(says), "{}", err.message);
+    let e = refused(&hf(&hub, Some("wrong")), "acme/p").await;
+    assert_eq!(e.kind, OriginErrorKind::Auth, "{e}");
+    let err: Error = e.into_error(&n, "huggingface");
+    assert_eq!(err.status(), 502);
+    assert!(err.message.contains("authentication"), "{}", err.message);
+    assert!(err.message.contains("wrong or expired"), "{}", err.message);
+}
+
+#[tokio::test]
+async fn hf_401_without_a_token_is_not_found_with_a_hint_as_huggingface_hub_reads_it() {
+    // The public Hub answers a request without a token for a repo that does not exist with
+    // 401 "Invalid username or password." (no X-Error-Code), as it does for a private repo.
+    let hub = StandInHub::start(None, CdnHost::Same).await.unwrap();
+    let api = format!(
+        "{}/api/models/acme/nope/revision/main?blobs=true",
+        hub.url()
+    );
+    let resp = reqwest::get(&api).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers().get("x-error-code"), None);
+    assert_eq!(
+        resp.headers()["x-error-message"],
+        "Invalid username or password."
+    );
+    assert!(resp.headers().contains_key("www-authenticate"));
+    assert_eq!(
+        resp.json::<serde_json::Value>().await.unwrap(),
+        serde_json::json!({"error": "Invalid username or password."})
+    );
+    let e = refused(&hf(&hub, None), "acme/nope").await;
+    assert_eq!(e.kind, OriginErrorKind::NotFound, "{e}");
+    assert!(e.message.contains("private repo needs a token"), "{e}");
+    assert_eq!(
+        e.into_error(&name("acme/nope"), "huggingface"),
+        Error::model_not_found("acme/nope"),
+        "vLLM's 404, not a 502"
+    );
+    // With a token the Hub accepts, a missing repo is a plain 404 RepoNotFound.
+    let e = refused(&hf(&hub, Some("any")), "acme/nope").await;
+    assert_eq!(e.kind, OriginErrorKind::NotFound, "{e}");
+    assert!(!e.message.contains("needs a token"), "{e}");
+
+    // A private repo (the stand-in has a token): without one it looks missing, the same 401.
+    let private = StandInHub::start(Some("right"), CdnHost::Other)
+        .await
+        .unwrap();
+    private.add_commit(
+        "acme/p",
+        "5ec12e7",
+        &["main"],
+        adapter_repo(&pattern(100, 1)),
+    );
+    let e = refused(&hf(&private, None), "acme/p").await;
+    assert_eq!(e.kind, OriginErrorKind::NotFound, "{e}");
+    assert!(e.message.contains("private repo needs a token"), "{e}");
+    let files = fetch_files(&hf(&private, Some("right")), "acme/p").await;
+    assert_eq!(bytes_of(&files, "adapter_config.json"), CONFIG);
+}
+
+#[tokio::test]
+async fn hf_mirror_without_lfs_listing_is_verified_by_x_linked_etag() {
+    // Mirrors and proxies of the Hub often list no `lfs` (no SHA-256) in the revision API;
+    // the `X-Linked-Etag` of `/resolve/` still carries the LFS file's SHA-256.
+    let hub = StandInHub::start(None, CdnHost::Other).await.unwrap();
+    hub.list_lfs(false);
+    let weights = pattern(300_000, 3);
+    hub.add_commit("acme/m", "3333cccc", &["main"], adapter_repo(&weights));
+    let origin = hf(&hub, None);
+    let n = name("acme/m");
+    let manifest = origin.manifest(&n).await.unwrap();
+    assert!(
+        manifest.files.iter().all(|f| f.sha256.is_none()),
+        "nothing listed"
+    );
+    let mut pulled = Vec::new();
+    for file in &manifest.files {
+        let mut sink = VecSink(Vec::new());
+        let t = pull_file(&origin, &n, &manifest, file, &mut sink)
+            .await
+            .unwrap();
+        pulled.push((file.path.clone(), t.sha256));
     }
+    let want: [u8; 32] = Sha256::digest(&weights).into();
+    assert_eq!(
+        pulled,
+        [
+            ("adapter_config.json".to_owned(), None),
+            ("adapter_model.safetensors".to_owned(), Some(want)),
+            ("tokenizer_config.json".to_owned(), None),
+        ],
+        "the weights were hashed against X-Linked-Etag; a git file's (a 40-digit sha1) is no SHA-256"
+    );
+    // Small files went through the Hub's 307 to its resolve cache, which names the git blob.
+    assert_eq!(
+        hub.hits("/api/resolve-cache/models/acme/m/3333cccc/adapter_config.json"),
+        1
+    );
+
+    // Bytes that do not match the announced SHA-256 are refused.
+    let mut lying = adapter_repo(&pattern(300_000, 4));
+    lying[1].lie_sha256 = Some([0xab; 32]);
+    hub.add_commit("acme/lie", "4444dddd", &["main"], lying);
+    let e = refused(&origin, "acme/lie").await;
+    assert_eq!(e.kind, OriginErrorKind::Invalid, "{e}");
+    assert!(e.message.contains("sha256 mismatch"), "{e}");
 }
 
 #[tokio::test]
@@ -328,6 +426,8 @@ async fn hf_missing_repo_or_non_adapter_is_not_found_and_weightless_is_refused()
         refused(&origin, "acme/nope").await.kind,
         OriginErrorKind::NotFound
     );
+    let e = refused(&origin, "acme/model@v9").await;
+    assert_eq!(e.kind, OriginErrorKind::NotFound, "{e}");
     assert_eq!(
         refused(&origin, "acme/model").await.kind,
         OriginErrorKind::NotFound
