@@ -672,6 +672,144 @@ async fn s3_verifies_crc64nvme_checksums_and_rejects_corrupt_objects() {
     assert_eq!(e.into_error(&name("acme/n"), "s3").status(), 502);
 }
 
+fn crc(algorithm: CrcAlgorithm, data: &[u8]) -> Vec<u8> {
+    let mut c = algorithm.smithy().into_impl();
+    c.update(data);
+    c.finalize().to_vec()
+}
+
+/// Upload through the S3 API with the object's full-object `algorithm` checksum.
+async fn put_with_crc(origin: &S3, key: &str, body: &[u8], algorithm: CrcAlgorithm) {
+    let sum = STANDARD.encode(crc(algorithm, body));
+    let put = origin
+        .client()
+        .await
+        .sdk()
+        .put_object()
+        .bucket("bkt")
+        .key(key);
+    let put = match algorithm {
+        CrcAlgorithm::Crc32 => put.checksum_crc32(sum),
+        CrcAlgorithm::Crc32c => put.checksum_crc32_c(sum),
+        CrcAlgorithm::Crc64Nvme => put.checksum_crc64_nvme(sum),
+    };
+    put.body(ByteStream::from(body.to_vec()))
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn s3_stand_in_answers_checksums_only_in_checksum_mode_as_s3_does() {
+    let server = S3Server::start(&["bkt"]).await;
+    let origin = s3(&server, "bkt", "");
+    let key = "acme/k/adapter_model.safetensors";
+    put_with_crc(&origin, key, b"weights", CrcAlgorithm::Crc32c).await;
+    let sdk = origin.client().await.sdk();
+    let plain = sdk
+        .head_object()
+        .bucket("bkt")
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        plain.checksum_crc32_c(),
+        None,
+        "HeadObject without ChecksumMode"
+    );
+    let get = sdk
+        .get_object()
+        .bucket("bkt")
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        get.checksum_crc32_c(),
+        None,
+        "GetObject without ChecksumMode"
+    );
+    let asked = sdk
+        .head_object()
+        .bucket("bkt")
+        .key(key)
+        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    let want = STANDARD.encode(crc(CrcAlgorithm::Crc32c, b"weights"));
+    assert_eq!(asked.checksum_crc32_c(), Some(want.as_str()));
+    assert_eq!(
+        asked.checksum_type(),
+        Some(&aws_sdk_s3::types::ChecksumType::FullObject)
+    );
+    let listed = sdk.list_objects_v2().bucket("bkt").send().await.unwrap();
+    assert_eq!(
+        listed.contents()[0].checksum_algorithm(),
+        [aws_sdk_s3::types::ChecksumAlgorithm::Crc32C]
+    );
+    // loraplex asks: its manifest reads the weights' checksum in checksum mode.
+    server.put_file("bkt", "acme/k/adapter_config.json", CONFIG);
+    server.knobs.heads.lock().unwrap().clear();
+    let manifest = origin.manifest(&name("acme/k")).await.unwrap();
+    assert_eq!(
+        manifest.files[1].crc.as_ref().map(|c| c.algorithm),
+        Some(CrcAlgorithm::Crc32c)
+    );
+    let heads = server.knobs.heads.lock().unwrap().clone();
+    assert!(heads.contains(&(key.to_owned(), true)), "{heads:?}");
+}
+
+#[tokio::test]
+async fn s3_verifies_crc32c_and_crc32_checksums_and_rejects_corrupt_objects() {
+    for (algorithm, label) in [
+        (CrcAlgorithm::Crc32c, "crc32c"),
+        (CrcAlgorithm::Crc32, "crc32"),
+    ] {
+        let server = S3Server::start(&["bkt"]).await;
+        let origin = s3(&server, "bkt", "");
+        let weights = pattern(1 << 20, 9);
+        put_with_crc(&origin, "acme/c/adapter_config.json", CONFIG, algorithm).await;
+        put_with_crc(
+            &origin,
+            "acme/c/adapter_model.safetensors",
+            &weights,
+            algorithm,
+        )
+        .await;
+        let (manifest, files) = fetch(&origin, &name("acme/c")).await.unwrap();
+        for (file, body) in [(0, CONFIG), (1, &weights[..])] {
+            let got = manifest.files[file].crc.as_ref().expect(label);
+            assert_eq!(
+                (got.algorithm, &got.value),
+                (algorithm, &crc(algorithm, body)),
+                "{label}"
+            );
+        }
+        assert_eq!(bytes_of(&files, "adapter_model.safetensors"), &weights[..]);
+
+        // Same size, other bytes, behind the server's back: the recorded CRC now lies. The
+        // config is checked too (the listing names its checksum), not only the weights.
+        for (key, at) in [
+            ("acme/c/adapter_model.safetensors", 300_000),
+            ("acme/c/adapter_config.json", 3),
+        ] {
+            let path = server.object_path("bkt", key);
+            let good = std::fs::read(&path).unwrap();
+            let mut bad = good.clone();
+            bad[at] ^= 0x20;
+            std::fs::write(&path, &bad).unwrap();
+            let e = refused(&origin, "acme/c").await;
+            assert_eq!(e.kind, OriginErrorKind::Invalid, "{label} {key}: {e}");
+            assert!(e.message.contains(&format!("{label} mismatch")), "{e}");
+            let file = key.rsplit('/').next().unwrap();
+            assert!(e.message.contains(file), "{e}");
+            std::fs::write(&path, &good).unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn s3_resumes_with_range_after_a_reset() {
     let server = S3Server::start(&["bkt"]).await;
