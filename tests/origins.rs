@@ -19,7 +19,11 @@ use loraplex::{
         transfer::{ChunkSink, TransferError, pull_file},
     },
     store::AdapterName,
-    testkit::hub::{CdnHost, Fault, HubFile, StandInHub},
+    testkit::{
+        adapters::{AdapterSpec, SAFETENSORS_FILE},
+        hub::{CdnHost, Fault, HubFile, StandInHub},
+        origin::{OriginConfig, OriginStandIn, nginx_etag},
+    },
 };
 use sha2::{Digest, Sha256};
 
@@ -888,4 +892,41 @@ async fn the_config_builds_huggingface_and_s3_origins_in_order() {
     assert_eq!(kinds, ["huggingface", "s3"]);
     let described: Vec<_> = chain.iter().map(|o| o.describe()).collect();
     assert_eq!(described[1], "s3 s3://b/ at http://127.0.0.1:9");
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP
+
+#[tokio::test]
+async fn http_origin_notices_new_weights_of_the_same_size_by_nginx_etags() {
+    // nginx's ETag is `"{mtime hex}-{size hex}"`, no hash of the content: retrained weights
+    // have the same size, so only their new mtime tells them apart. The content id joins the
+    // config's ETag and the weights' (the Go project looked at the config's alone).
+    let server = OriginStandIn::start(OriginConfig::default()).unwrap();
+    let spec = AdapterSpec::new("base", 50_000, 1);
+    server.put_adapter("acme/h", &spec);
+    let origin =
+        loraplex::origin::http::HttpOrigin::new(&server.base_url(), None, transfer()).unwrap();
+    let n = name("acme/h");
+    let before = origin.head(&n).await.unwrap().unwrap();
+    let weights = server.file("acme/h", SAFETENSORS_FILE).unwrap();
+    let mtime = server.mtime("acme/h", SAFETENSORS_FILE).unwrap();
+    let etag = server.etag("acme/h", SAFETENSORS_FILE).unwrap();
+    assert_eq!(etag, nginx_etag(mtime, weights.len() as u64));
+    assert_eq!(
+        etag,
+        format!("\"{mtime:x}-{:x}\"", weights.len()),
+        "nginx's shape"
+    );
+    let (manifest, _) = fetch(&origin, &n).await.unwrap();
+    assert_eq!(manifest.content_id(), Some(before.as_str()));
+
+    // New weights, same size, a later mtime; the config untouched.
+    let mut retrained = weights.to_vec();
+    retrained[weights.len() / 2] ^= 0xff;
+    server.put_file_at("acme/h", SAFETENSORS_FILE, retrained.clone(), mtime + 60);
+    let after = origin.head(&n).await.unwrap().unwrap();
+    assert_ne!(after, before, "the new weights are noticed");
+    let files = fetch_files(&origin, "acme/h").await;
+    assert_eq!(bytes_of(&files, SAFETENSORS_FILE), &retrained[..]);
 }
