@@ -22,7 +22,7 @@ use loraplex::{
     testkit::{
         adapters::{AdapterSpec, SAFETENSORS_FILE},
         hub::{CdnHost, Fault, HubFile, StandInHub},
-        origin::{OriginConfig, OriginStandIn, nginx_etag},
+        origin::{Fault as OriginFault, FaultKind, OriginConfig, OriginStandIn, nginx_etag},
     },
 };
 use sha2::{Digest, Sha256};
@@ -929,4 +929,64 @@ async fn http_origin_notices_new_weights_of_the_same_size_by_nginx_etags() {
     assert_ne!(after, before, "the new weights are noticed");
     let files = fetch_files(&origin, "acme/h").await;
     assert_eq!(bytes_of(&files, SAFETENSORS_FILE), &retrained[..]);
+}
+
+#[tokio::test]
+async fn http_origin_refuses_a_file_replaced_during_its_download() {
+    let server = OriginStandIn::start(OriginConfig::default()).unwrap();
+    server.put_adapter("acme/r", &AdapterSpec::new("base", 400_000, 2));
+    let weights = format!("acme/r/{SAFETENSORS_FILE}");
+    // The first GET of the weights stalls after 100 KB, longer than the idle timeout.
+    let pause = Duration::from_secs(5);
+    let stall = FaultKind::StallAfter {
+        bytes: 100_000,
+        pause,
+    };
+    server.inject(OriginFault::new(stall).on(weights.clone()));
+    let mut t = transfer();
+    t.idle_timeout = Duration::from_secs(1);
+    let origin =
+        Arc::new(loraplex::origin::http::HttpOrigin::new(&server.base_url(), None, t).unwrap());
+    let n = name("acme/r");
+    let manifest = origin.manifest(&n).await.unwrap();
+    let task = tokio::spawn({
+        let (origin, manifest) = (origin.clone(), manifest.clone());
+        async move {
+            let mut sink = VecSink(Vec::new());
+            let r = pull_file(
+                origin.as_ref(),
+                &n,
+                &manifest,
+                &manifest.files[1],
+                &mut sink,
+            )
+            .await;
+            (r, sink.0)
+        }
+    });
+    // While that download stalls, retrained weights of the same size replace the file.
+    let started = std::time::Instant::now();
+    while server.gets(&weights) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no GET of the weights"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut retrained = server.file("acme/r", SAFETENSORS_FILE).unwrap().to_vec();
+    let half = retrained.len() / 2;
+    retrained[half..].iter_mut().for_each(|b| *b ^= 0x5a);
+    server.put_file("acme/r", SAFETENSORS_FILE, retrained);
+    let (r, got) = task.await.unwrap();
+    match r {
+        Err(TransferError::Origin(e)) => {
+            assert_eq!(e.kind, OriginErrorKind::Invalid, "{e}");
+            assert!(e.message.contains("changed at the origin"), "{e}");
+        }
+        other => panic!(
+            "stitched from two versions ({} bytes): {other:?}",
+            got.len()
+        ),
+    }
+    assert_eq!(server.gets(&weights), 2, "one resume, refused");
 }

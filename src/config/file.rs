@@ -158,7 +158,7 @@ pub struct FileOrigin {
     pub retries: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_rate: Leaf,
-    /// Not in the README's table: the window of `min_rate` (30 s), shortened by tests.
+    /// A test knob: the window of `min_rate` (30 s; the README mentions it under `min_rate`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_rate_window: Leaf,
 }

@@ -438,6 +438,7 @@ fn spec(s: &Sibling) -> Result<FileSpec, OriginError> {
         size: file_size(s),
         sha256,
         crc: None,
+        validator: None,
     })
 }
 

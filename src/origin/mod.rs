@@ -137,6 +137,9 @@ pub struct FileSpec {
     pub sha256: Option<[u8; 32]>,
     /// A CRC of the whole content, when the origin keeps one and no SHA-256 (S3).
     pub crc: Option<Crc>,
+    /// The file's ETag when the manifest was made (http): a resume asks for the rest of that
+    /// version only (`If-Range`), so a file replaced meanwhile is never stitched from two.
+    pub validator: Option<String>,
 }
 
 /// A CRC an origin keeps for a whole object: S3's full-object `x-amz-checksum-crc64nvme`
@@ -188,6 +191,7 @@ impl FileSpec {
             size,
             sha256: None,
             crc: None,
+            validator: None,
         }
     }
 }

@@ -450,6 +450,7 @@ impl S3 {
                 size: Some(o.size),
                 sha256: checksum.sha256,
                 crc: checksum.crc,
+                validator: None,
             });
         }
         let Some(config_etag) = config_etag else {

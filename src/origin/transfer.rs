@@ -479,6 +479,7 @@ mod tests {
             size: Some(1000),
             sha256: sha,
             crc: None,
+            validator: None,
         };
         let mut sink = Collect(Vec::new());
         let r = pull_file(o, &name, &m, &spec, &mut sink).await;
