@@ -2,6 +2,8 @@
 //! the metric names their expressions use, and a two-node loraplex cluster (the real binary,
 //! the stand-in vLLM and HTTP origin) driven so that every `loraplex_*` family is exported.
 
+#![allow(dead_code)]
+
 use std::{
     collections::BTreeSet,
     path::PathBuf,
