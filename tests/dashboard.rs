@@ -184,7 +184,9 @@ async fn every_metric_the_dashboard_and_rules_use_is_exported() {
         .collect();
     assert!(
         unshown.is_empty(),
-        "exported but on no dashboard panel: {unshown:?}"
+        "exported but on no panel of {}: {unshown:?} (add a panel, then run \
+         scripts/sync-k8s-monitoring.sh)",
+        monitoring::DASHBOARD
     );
     assert!(used.contains("loraplex_cache_max_size_bytes"));
 }
