@@ -286,9 +286,11 @@ async fn prometheus_scrapes_loraplex_and_evaluates_rules_and_dashboard() {
     .await;
 
     // Traffic while Prometheus watches, so rates and the recorded series are above zero.
-    let warm = scene.owned_by(0, "acme/a2");
     for _ in 0..3 {
-        assert_eq!(chat_with(scene.nodes[0].addr, &warm).await.status, 200);
+        assert_eq!(
+            chat_with(scene.nodes[0].addr, &scene.warm).await.status,
+            200
+        );
         scene.local_hits += 1;
     }
     let local =
@@ -373,4 +375,27 @@ async fn prometheus_scrapes_loraplex_and_evaluates_rules_and_dashboard() {
         }
     }
     assert_eq!(empty, ["5xx errors/s"], "panels without data");
+
+    // Alerts follow real trouble: node 0's vLLM fails its health checks, node 1 is killed.
+    // (Both stay pending for their `for`; that they fire after it is promtool's part.)
+    scene.vllms[0].set_healthy(false);
+    drop(scene.nodes.pop());
+    let b = scene.peers[1].clone();
+    let pending = |name: &'static str, instance: String| {
+        move |r: &[(Value, f64)]| {
+            r.iter().any(|(l, _)| {
+                l["alertname"] == name
+                    && l["instance"] == instance.as_str()
+                    && l["alertstate"] == "pending"
+            })
+        }
+    };
+    prom.until(
+        "LoraplexVllmUnhealthy",
+        "ALERTS",
+        pending("LoraplexVllmUnhealthy", a.clone()),
+    )
+    .await;
+    prom.until("LoraplexDown", "ALERTS", pending("LoraplexDown", b))
+        .await;
 }

@@ -157,6 +157,8 @@ pub struct Scene {
     pub peers: Vec<String>,
     /// Requests node 0 served from its disk (`cache_tier="local"`).
     pub local_hits: u64,
+    /// An adapter on node 0's disk after [`Scene::drive`].
+    pub warm: String,
 }
 
 impl Scene {
@@ -200,6 +202,7 @@ impl Scene {
             origin,
             peers,
             local_hits: 0,
+            warm: String::new(),
         }
     }
 
@@ -234,6 +237,7 @@ impl Scene {
             assert_eq!(chat_with(entry, name).await.status, 200, "{name}");
         }
         let last = &names[2];
+        self.warm = last.clone();
         for _ in 0..3 {
             assert_eq!(chat_with(entry, last).await.status, 200);
             self.local_hits += 1;
