@@ -383,6 +383,22 @@ async fn until(rx: &mut watch::Receiver<PeerSet>, want: &[&str]) {
     );
 }
 
+/// Discovery of the Service's peers in `ns` through the stand-in serving `api`.
+async fn discover(api: &Arc<Api>, ns: &str) -> (Discovery, Shutdown) {
+    let addr = serve(api.clone()).await;
+    let shutdown = Shutdown::new();
+    let d = Discovery::start_k8s(
+        client(addr),
+        SERVICE,
+        ns,
+        &me(),
+        &Control::current(),
+        shutdown.clone(),
+    )
+    .unwrap();
+    (d, shutdown)
+}
+
 fn me() -> Identity {
     // This "pod" listens on 127.0.0.1:9090; the others are documentation addresses (never
     // contacted: discovery only lists them).
@@ -402,17 +418,7 @@ async fn discovered_set_follows_endpointslice_events() {
     // Watches end after 1 s here (as on an API server restart): events are sent into watches
     // that have just ended, and re-watches must pick them up from their resource version.
     *api.max_watch.lock().unwrap() = Some(Duration::from_secs(1));
-    let addr = serve(api.clone()).await;
-    let shutdown = Shutdown::new();
-    let d = Discovery::start_k8s(
-        client(addr),
-        SERVICE,
-        NS,
-        &me(),
-        &Control::current(),
-        shutdown.clone(),
-    )
-    .unwrap();
+    let (d, shutdown) = discover(&api, NS).await;
     assert_eq!(d.mode(), "k8s");
     let mut rx = d.subscribe();
 
@@ -511,17 +517,7 @@ async fn recovers_from_a_failed_list_and_a_gone_watch() {
     ]);
     api.failing_lists.store(1, Ordering::SeqCst);
     api.gone_watches.store(1, Ordering::SeqCst);
-    let addr = serve(api.clone()).await;
-    let shutdown = Shutdown::new();
-    let d = Discovery::start_k8s(
-        client(addr),
-        SERVICE,
-        "",
-        &me(),
-        &Control::current(),
-        shutdown.clone(),
-    )
-    .unwrap();
+    let (d, shutdown) = discover(&api, "").await;
     // Before the first successful list this node is alone.
     assert_eq!(d.current().peers(), ["127.0.0.1:9090"]);
     let mut rx = d.subscribe();
@@ -541,17 +537,7 @@ async fn a_compacted_resource_version_forces_a_relist_that_catches_up() {
         "svc-a",
         &[("198.51.100.1", Some(true))],
     )]));
-    let addr = serve(api.clone()).await;
-    let shutdown = Shutdown::new();
-    let d = Discovery::start_k8s(
-        client(addr),
-        SERVICE,
-        NS,
-        &me(),
-        &Control::current(),
-        shutdown.clone(),
-    )
-    .unwrap();
+    let (d, shutdown) = discover(&api, NS).await;
     let mut rx = d.subscribe();
     until(&mut rx, &["127.0.0.1:9090", "198.51.100.1:9090"]).await;
     api.until_watches(1).await;

@@ -85,15 +85,7 @@ impl S3 for Wrapped {
         let key = req.input.key.clone();
         self.knobs.heads.lock().unwrap().push((key, asks));
         let mut resp = self.fs.head_object(req).await?;
-        let o = &mut resp.output;
-        let sums = [
-            &mut o.checksum_crc32,
-            &mut o.checksum_crc32c,
-            &mut o.checksum_crc64nvme,
-            &mut o.checksum_sha1,
-            &mut o.checksum_sha256,
-        ];
-        o.checksum_type = answer_checksums(asks, sums);
+        answer_checksums!(resp.output, asks);
         Ok(resp)
     }
 
@@ -180,15 +172,7 @@ impl S3 for Wrapped {
         let cut = self.knobs.cuts.lock().unwrap().remove(&key);
         let asks = checksum_mode(&req.input.checksum_mode);
         let mut resp = self.fs.get_object(req).await?;
-        let o = &mut resp.output;
-        let sums = [
-            &mut o.checksum_crc32,
-            &mut o.checksum_crc32c,
-            &mut o.checksum_crc64nvme,
-            &mut o.checksum_sha1,
-            &mut o.checksum_sha256,
-        ];
-        o.checksum_type = answer_checksums(asks, sums);
+        answer_checksums!(resp.output, asks);
         if let Some(left) = cut {
             let inner = resp.output.body.take().expect("GetObject has a body");
             resp.output.body = Some(StreamingBlob::wrap(Cut { inner, left }));
@@ -202,9 +186,26 @@ fn checksum_mode(mode: &Option<dto::ChecksumMode>) -> bool {
         .is_some_and(|m| m.as_str() == dto::ChecksumMode::ENABLED)
 }
 
-/// S3's rule for the checksum headers of HeadObject and GetObject: only in checksum mode, and
-/// then with the checksum's type (s3s-fs keeps full-object checksums of single PUTs only).
-fn answer_checksums(asks: bool, sums: [&mut Option<String>; 5]) -> Option<dto::ChecksumType> {
+/// S3's rule for the checksum headers of HeadObject's and GetObject's output `$o`: only in
+/// checksum mode, and then with the checksum's type.
+macro_rules! answer_checksums {
+    ($o:expr, $asks:expr) => {{
+        let o = &mut $o;
+        let sums = [
+            &mut o.checksum_crc32,
+            &mut o.checksum_crc32c,
+            &mut o.checksum_crc64nvme,
+            &mut o.checksum_sha1,
+            &mut o.checksum_sha256,
+        ];
+        o.checksum_type = checksum_type(sums, $asks);
+    }};
+}
+use answer_checksums;
+
+/// Clear `sums` unless the request `asks`; the type of those answered (s3s-fs keeps the
+/// full-object checksums of single PUTs only).
+fn checksum_type(sums: [&mut Option<String>; 5], asks: bool) -> Option<dto::ChecksumType> {
     let mut any = false;
     for sum in sums {
         any |= sum.is_some();
