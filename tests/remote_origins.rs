@@ -212,9 +212,12 @@ async fn an_origin_crawling_below_min_rate_is_left_for_the_next() {
         good = good.display(),
     );
     let node = tokio::task::block_in_place(|| Node::start_in(dir, &yaml, &[]));
+    // Every assertion shows the node's log: what the transfer saw.
+    let logs = || node.logs.lock().unwrap().join("\n");
     let started = std::time::Instant::now();
     let r = chat(node.addr, "acme/crawl").await;
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(r.status, 200, "{body}\n{}", logs());
     // Two windows of 2 s and a backoff; at 8 KB/s the slow origin alone needed ~50 s.
     assert!(
         started.elapsed() < std::time::Duration::from_secs(30),
@@ -225,14 +228,14 @@ async fn an_origin_crawling_below_min_rate_is_left_for_the_next() {
     assert_eq!(std::fs::read(&stored).unwrap(), safetensors_bytes(&spec));
     // Two GETs of the weights at the slow origin (the try and the retry), the second ranged.
     let weights = format!("acme/crawl/{SAFETENSORS_FILE}");
-    assert_eq!(slow.gets(&weights), 2);
+    assert_eq!(slow.gets(&weights), 2, "{}", logs());
     let ranged = slow
         .recent_heads()
         .iter()
         .filter(|h| h.path().ends_with(&weights))
         .filter_map(|h| h.header("range").map(str::to_owned))
         .collect::<Vec<_>>();
-    assert_eq!(ranged.len(), 1, "{ranged:?}");
+    assert_eq!(ranged.len(), 1, "{ranged:?}\n{}", logs());
     assert!(
         ranged[0].starts_with("bytes=") && !ranged[0].starts_with("bytes=0-"),
         "{ranged:?}"
@@ -246,5 +249,5 @@ async fn an_origin_crawling_below_min_rate_is_left_for_the_next() {
                 && !l.ends_with(" 0")),
         "{text}"
     );
-    assert!(node.log_contains("slower than min_rate"));
+    assert!(node.log_contains("slower than min_rate"), "{}", logs());
 }
