@@ -16,12 +16,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
+    adapter::AdapterName,
     cluster::peering::broadcast_evict,
     error::{Error, ErrorKind},
     http::{Method, RequestHead, response},
     proxy::{forward::is_marked, local::load},
     server::{conn::Conn, worker::Worker},
-    store::AdapterName,
 };
 
 /// Answer an admin request into `out`; returns the status written.

@@ -28,6 +28,7 @@
 //! - [`testkit`]: stand-in vLLM and origins, used by the demo and the tests.
 //! - [`demo`]: the built-in demo (`loraplex demo`).
 
+pub mod adapter;
 pub mod admin;
 pub mod cli;
 pub mod cluster;

@@ -13,10 +13,14 @@ use reqwest::{
 };
 
 use super::{
-    BIN_FILE, CONFIG_FILE, FileSpec, FileStream, Manifest, Origin, OriginError, SAFETENSORS_FILE,
+    FileSpec, FileStream, Manifest, Origin, OriginError,
     remote::{chain, parse_content_range},
 };
-use crate::{config::TransferConfig, error::Error, store::AdapterName};
+use crate::{
+    adapter::{AdapterName, BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE},
+    config::TransferConfig,
+    error::Error,
+};
 
 pub struct HttpOrigin {
     base_url: String,

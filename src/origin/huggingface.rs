@@ -28,11 +28,15 @@ use reqwest::{StatusCode, Url, header, redirect};
 use serde::Deserialize;
 
 use super::{
-    BIN_FILE, CONFIG_FILE, FileSpec, FileStream, Manifest, Origin, OriginError, SAFETENSORS_FILE,
+    FileSpec, FileStream, Manifest, Origin, OriginError,
     remote::{agree, classify_reqwest, parse_content_range},
     transfer::parse_sha256,
 };
-use crate::{config::TransferConfig, error::Error, store::AdapterName};
+use crate::{
+    adapter::{AdapterName, BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE},
+    config::TransferConfig,
+    error::Error,
+};
 
 /// The metric label and config `type`.
 pub const ORIGIN: &str = "huggingface";

@@ -23,13 +23,13 @@ use serde::Deserialize;
 
 use super::{FileSpec, FileStream, Manifest, Origin, OriginError};
 use crate::{
+    adapter::AdapterName,
     cluster::{
         peering::TOKEN_HEADER,
         router::{Router, Topology},
     },
     config::TransferConfig,
     proxy::peer_files::PREFIX,
-    store::AdapterName,
 };
 
 /// Peers asked for an adapter.

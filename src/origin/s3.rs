@@ -41,11 +41,13 @@ use futures_util::{FutureExt, StreamExt, future::BoxFuture};
 use tokio::sync::OnceCell;
 
 use super::{
-    BIN_FILE, CONFIG_FILE, Crc, CrcAlgorithm, FileSpec, FileStream, Manifest, Origin, OriginError,
-    OriginErrorKind, SAFETENSORS_FILE,
+    Crc, CrcAlgorithm, FileSpec, FileStream, Manifest, Origin, OriginError, OriginErrorKind,
     remote::{content_id, parse_content_range},
 };
-use crate::{config::TransferConfig, store::AdapterName};
+use crate::{
+    adapter::{AdapterName, BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE},
+    config::TransferConfig,
+};
 
 /// The metric label and config `type`.
 pub const ORIGIN: &str = "s3";

@@ -28,6 +28,7 @@ use std::{
 use bytes::Bytes;
 
 use crate::{
+    adapter::AdapterName,
     cluster::hashkey::hash_key,
     error::{Error, ErrorKind},
     http::{
@@ -37,7 +38,6 @@ use crate::{
     },
     metrics::Tier,
     server::{conn::Conn, conn::kind_label, worker::Worker},
-    store::AdapterName,
 };
 
 use self::upstream::{Request, Stage, Target};

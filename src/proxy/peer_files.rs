@@ -16,16 +16,15 @@ use monoio::fs::File;
 use serde_json::json;
 
 use crate::{
+    adapter::{AdapterName, META_FILE},
     error::{Error, ErrorKind},
     http::{RequestHead, head::itoa_buf, response},
     proxy::forward::is_trusted_peer,
     server::{conn::Conn, worker::Worker},
-    store::AdapterName,
 };
 
 /// Path prefix of the peer endpoints.
 pub const PREFIX: &str = "/_loraplex/adapters/";
-const META_FILE: &str = ".loraplex_meta";
 const CHUNK: usize = 256 * 1024;
 
 /// The files of an adapter directory, relative, sorted (loraplex's own meta file left out).

@@ -14,7 +14,8 @@ use std::{
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{AdapterName, Store, flight::FlightKind};
+use super::{Store, flight::FlightKind};
+use crate::adapter::AdapterName;
 
 /// A long fetch logs its progress this often.
 const LOG_EVERY: Duration = Duration::from_secs(5);

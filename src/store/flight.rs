@@ -14,8 +14,8 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{index::Pin, name::AdapterName};
-use crate::error::Error;
+use super::index::Pin;
+use crate::{adapter::AdapterName, error::Error};
 
 /// What a flight is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

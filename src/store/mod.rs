@@ -23,8 +23,6 @@ mod file_writer;
 pub mod flight;
 pub mod fsops;
 pub mod index;
-pub mod meta;
-pub mod name;
 pub mod policy;
 mod recover;
 mod revalidate;
@@ -47,7 +45,6 @@ use prometheus_client::metrics::counter::Counter;
 pub use self::{
     admin::FetchProgress,
     index::Pin,
-    name::AdapterName,
     writer::{Faults, WriteMode},
 };
 use self::{
@@ -58,6 +55,7 @@ use self::{
     writer::Writer,
 };
 use crate::{
+    adapter::AdapterName,
     config::{Config, DirectIo, Driver},
     control::Control,
     error::Error,

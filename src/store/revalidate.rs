@@ -25,9 +25,15 @@ use super::{
     flight::FlightKind,
     fsops,
     index::{Entry, now_ms},
-    meta::{AdapterMeta, META_FILE, timestamp_ms},
 };
-use crate::{error::Error, metrics::ResultLabel};
+use crate::{
+    adapter::{
+        META_FILE,
+        meta::{AdapterMeta, timestamp_ms},
+    },
+    error::Error,
+    metrics::ResultLabel,
+};
 
 const BACKOFF_MIN: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(3600);
