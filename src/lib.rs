@@ -43,6 +43,7 @@ pub mod metrics;
 pub mod origin;
 pub mod proxy;
 pub mod server;
+pub mod shutdown;
 pub mod store;
 pub mod testkit;
 pub mod vllm;

@@ -27,7 +27,7 @@ use loraplex::{
         identity::Identity,
     },
     control::Control,
-    server::Shutdown,
+    shutdown::Shutdown,
 };
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};

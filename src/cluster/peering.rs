@@ -11,7 +11,7 @@ use crate::{
         router::Router,
     },
     control::Control,
-    server::Shutdown,
+    shutdown::Shutdown,
 };
 
 /// Headers that mark a request as sent by a peer.

@@ -32,7 +32,8 @@ use crate::{
     error::{Error, ErrorKind},
     http::{BodyKind, Method, RequestHead, ResponseHead, chunked::ChunkedDecoder},
     metrics::Metrics,
-    server::{Shutdown, conn::Conn},
+    server::conn::Conn,
+    shutdown::Shutdown,
 };
 
 /// Idle connections kept per upstream address and worker.

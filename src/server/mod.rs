@@ -4,11 +4,11 @@
 //! - `runtime.rs`: a monoio runtime on io_uring or epoll.
 //! - `worker.rs`: a worker thread and its accept loop.
 //! - `conn.rs`: one client connection (heads, bodies, keep-alive, timeouts).
-//! - `shutdown.rs`: the shutdown signal.
+//! - `closing.rs`: a worker's own view of shutdown, for its idle connections.
 
+pub mod closing;
 pub mod conn;
 pub mod runtime;
-pub mod shutdown;
 pub mod worker;
 
 use std::{
@@ -19,7 +19,6 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-pub use self::shutdown::Shutdown;
 use crate::{
     cluster::{discovery::Discovery, identity::Identity, peering, router::Router},
     config::Config,
@@ -28,6 +27,7 @@ use crate::{
     metrics::Metrics,
     origin::{Origin, OriginChain, peer::PeerOrigin},
     server::runtime::DriverKind,
+    shutdown::Shutdown,
     store::{Store, StoreOptions},
     vllm::{Hooks, Vllm},
 };

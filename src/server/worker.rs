@@ -18,9 +18,10 @@ use crate::{
     metrics::{RequestHandles, Tier},
     proxy::upstream::Pool,
     server::{
-        Shared, conn,
+        Shared,
+        closing::Closing,
+        conn,
         runtime::{self, DriverKind},
-        shutdown::Closing,
     },
 };
 
