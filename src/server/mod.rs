@@ -12,7 +12,7 @@ pub mod runtime;
 pub mod worker;
 
 use std::{
-    net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs},
+    net::{SocketAddr, TcpListener as StdListener},
     sync::{Arc, atomic::AtomicI64},
     thread::JoinHandle,
 };
@@ -213,23 +213,10 @@ fn log_summary(shared: &Shared, addr: SocketAddr) {
     );
 }
 
-/// Parse a Go-style listen address (`:8080` means every interface).
-pub fn listen_addr(listen: &str) -> Result<SocketAddr, Error> {
-    let full = if listen.starts_with(':') {
-        format!("0.0.0.0{listen}")
-    } else {
-        listen.into()
-    };
-    full.to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| Error::internal(format!("listen: cannot resolve {listen:?}")))
-}
-
 /// One `SO_REUSEPORT` listener per worker, all on the same port (the kernel spreads
 /// connections over them). With port 0 the first bind picks the port for the rest.
 fn bind(listen: &str, n: usize) -> Result<Vec<StdListener>, Error> {
-    let mut addr = listen_addr(listen)?;
+    let mut addr = crate::config::listen_addr(listen)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
