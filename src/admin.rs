@@ -19,7 +19,7 @@ use crate::{
     adapter::AdapterName,
     cluster::peering::broadcast_evict,
     error::{Error, ErrorKind},
-    http::{Method, RequestHead, response},
+    http::{Method, RequestHead, constant_time_eq, response},
     proxy::{forward::is_marked, local::load},
     server::{conn::Conn, worker::Worker},
 };
@@ -113,11 +113,6 @@ pub fn authorize(token: Option<&str>, head: &RequestHead) -> Result<(), Error> {
             "admin endpoints need Authorization: Bearer <admin.token>",
         ))
     }
-}
-
-/// Compare secrets without an early exit that would leak the matching prefix length.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -17,13 +17,12 @@ use std::{sync::atomic::Ordering, time::Instant};
 use bytes::Bytes;
 
 use crate::{
-    admin::constant_time_eq,
     cluster::{
         peering::{FORWARDED_HEADER, TOKEN_HEADER},
         router::{Decision, Router},
     },
     error::Error,
-    http::{RequestHead, response},
+    http::{RequestHead, constant_time_eq, response},
     metrics::{PeerLabel, Tier},
     proxy::{
         local::load,
