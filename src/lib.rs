@@ -29,7 +29,6 @@
 //! - [`demo`]: the built-in demo (`loraplex demo`).
 
 pub mod adapter;
-pub mod admin;
 pub mod cli;
 pub mod cluster;
 pub mod config;

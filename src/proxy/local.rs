@@ -4,7 +4,7 @@
 //!   `load`, `pending`, `vllm_healthy`.
 //! - `GET /readyz`: readiness, 503 while vLLM is unhealthy.
 //! - `GET /metrics`: Prometheus text. (vLLM's own `/metrics` stays on vLLM's port.)
-//! - `/admin/*`: see `crate::admin`; Bearer `admin.token` required when set.
+//! - `/admin/*`: see `admin_api.rs`; Bearer `admin.token` required when set.
 
 use std::{rc::Rc, sync::atomic::Ordering};
 
@@ -102,7 +102,7 @@ pub(super) async fn serve(
             response::write(&mut out, 200, ct, &[], text.as_bytes(), keep_alive);
             200
         }
-        Endpoint::Admin => crate::admin::serve(w, conn, head, body, &mut out).await?,
+        Endpoint::Admin => super::admin_api::serve(w, conn, head, body, &mut out).await?,
         Endpoint::Peer => unreachable!("answered above"),
     };
     if head.kind == Method::Head {

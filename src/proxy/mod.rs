@@ -12,8 +12,10 @@
 //! - `upstream.rs`: pooled connections and streaming an answer back.
 //! - `forward.rs`: the routing phase.
 //! - `local.rs`: the proxy's own endpoints.
+//! - `admin_api.rs`: the admin API (`/admin/*`).
 //! - `peer_files.rs`: stored adapters served to peers.
 
+pub mod admin_api;
 pub mod forward;
 pub mod local;
 pub mod peer_files;
