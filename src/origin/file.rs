@@ -148,6 +148,7 @@ impl Origin for FileOrigin {
                 files,
                 etag: Some(id),
                 revision: None,
+                source: None,
             })
         }
         .boxed()

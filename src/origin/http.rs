@@ -162,6 +162,7 @@ impl Origin for HttpOrigin {
                 files,
                 etag,
                 revision: None,
+                source: None,
             })
         }
         .boxed()

@@ -409,6 +409,7 @@ impl HuggingFace {
             files,
             etag: None,
             revision: Some(revision.sha),
+            source: None,
         })
     }
 }

@@ -193,6 +193,9 @@ pub struct Manifest {
     pub etag: Option<String>,
     /// Commit / revision (Hugging Face), when there is one.
     pub revision: Option<String>,
+    /// Where the files are read from, when the origin chose it with the manifest (the `peer`
+    /// origin: the node that gave it); `None` for the others.
+    pub source: Option<String>,
 }
 
 impl Manifest {
@@ -419,6 +422,7 @@ mod tests {
             files,
             etag: None,
             revision: Some("r".into()),
+            source: None,
         };
         assert!(check_manifest(&m(vec![cfg.clone(), w.clone()])).is_ok());
         let only_cfg = check_manifest(&m(vec![cfg.clone()])).unwrap_err();

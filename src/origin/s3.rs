@@ -471,6 +471,7 @@ impl S3 {
             files,
             etag: Some(etag),
             revision: None,
+            source: None,
         })
     }
 }

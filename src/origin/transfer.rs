@@ -395,6 +395,7 @@ mod tests {
             files: vec![],
             etag: None,
             revision: None,
+            source: None,
         };
         let spec = FileSpec {
             path: "w".into(),

@@ -17,10 +17,12 @@ use serde_json::{Value, json};
 
 use crate::{
     adapter::AdapterName,
-    cluster::peering::broadcast_evict,
+    cluster::{
+        peering::broadcast_evict,
+        protocol::{is_marked, load},
+    },
     error::{Error, ErrorKind},
     http::{Method, RequestHead, constant_time_eq, response},
-    proxy::{forward::is_marked, local::load},
     server::{conn::Conn, worker::Worker},
 };
 
@@ -56,11 +58,13 @@ pub async fn serve(
             let peers = if from_peer || shared.router.topology().is_single() {
                 Vec::new()
             } else {
-                let (router, adapter) = (shared.router.clone(), name.to_string());
-                let token = shared.config.admin.token.clone();
+                let (router, client) = (shared.router.clone(), shared.peer_client.clone());
+                let (adapter, token) = (name.to_string(), shared.config.admin.token.clone());
                 shared
                     .control
-                    .run(async move { broadcast_evict(&router, &adapter, token.as_deref()).await })
+                    .run(async move {
+                        broadcast_evict(&router, &client, &adapter, token.as_deref()).await
+                    })
                     .await
             };
             let peers: Vec<Value> = peers

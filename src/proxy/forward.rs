@@ -1,9 +1,10 @@
 //! The routing phase: send a request to the node that owns its hash key, or keep it here.
 //!
 //! A request is forwarded at most once: the receiving peer sees the forwarded mark and serves it
-//! itself. The mark is trusted only from peers: with `cluster.token` set, the token must come
-//! with it; without one, the connection must come from a peer's address. Anything else is
-//! ignored (and never passed on), so a client cannot bypass routing by sending the header.
+//! itself. The mark is trusted only from peers (`cluster::protocol::is_trusted_peer`: with
+//! `cluster.token` set, the token must come with it; without one, the connection must come from
+//! a peer's address). Anything else is ignored (and never passed on), so a client cannot bypass
+//! routing by sending the header.
 //!
 //! A peer acknowledges a forwarded request (`100 Continue`) as soon as it has read it, before
 //! any work. Only failures before that acknowledgement (connect refused or timed out, the
@@ -18,41 +19,17 @@ use bytes::Bytes;
 
 use crate::{
     cluster::{
-        peering::{FORWARDED_HEADER, TOKEN_HEADER},
-        router::{Decision, Router},
+        protocol::{FORWARDED_HEADER, TOKEN_HEADER, load},
+        router::Decision,
     },
     error::Error,
-    http::{RequestHead, constant_time_eq, response},
+    http::{RequestHead, response},
     metrics::{PeerLabel, Tier},
-    proxy::{
-        local::load,
-        upstream::{Request, Stage, Target},
-    },
+    proxy::upstream::{Request, Stage, Target},
     server::{conn::Conn, worker::Worker},
 };
 
 use super::Outcome;
-
-/// Whether `head` carries a forwarded mark (trusted or not).
-pub fn is_marked(head: &RequestHead) -> bool {
-    head.header(FORWARDED_HEADER).is_some()
-}
-
-/// Whether `head` carries a forwarded mark this node trusts.
-pub fn is_trusted_forward(router: &Router, conn: &Conn, head: &RequestHead) -> bool {
-    is_marked(head) && is_trusted_peer(router, conn, head)
-}
-
-/// Whether the request comes from a peer: it carries `cluster.token` when one is set, else
-/// it comes from a peer's address.
-pub fn is_trusted_peer(router: &Router, conn: &Conn, head: &RequestHead) -> bool {
-    match &router.token {
-        Some(token) => head
-            .header(TOKEN_HEADER)
-            .is_some_and(|given| constant_time_eq(given, token.as_bytes())),
-        None => router.topology().is_peer_ip(conn.peer.ip()),
-    }
-}
 
 /// Tell the forwarding peer its request arrived (ends its forward timeout).
 pub async fn acknowledge(conn: &mut Conn) -> Result<(), Error> {

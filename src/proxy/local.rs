@@ -1,7 +1,7 @@
 //! The proxy's own endpoints; everything else goes to vLLM.
 //!
-//! - `GET /healthz`: liveness, always 200, the Go project's JSON: `status` (`ok`|`degraded`),
-//!   `load`, `pending`, `vllm_healthy`.
+//! - `GET /healthz`: liveness, always 200, the Go project's JSON (`cluster::protocol::Healthz`):
+//!   `status` (`ok`|`degraded`), `load`, `pending`, `vllm_healthy`.
 //! - `GET /readyz`: readiness, 503 while vLLM is unhealthy.
 //! - `GET /metrics`: Prometheus text. (vLLM's own `/metrics` stays on vLLM's port.)
 //! - `/admin/*`: see `admin_api.rs`; Bearer `admin.token` required when set.
@@ -11,6 +11,7 @@ use std::{rc::Rc, sync::atomic::Ordering};
 use serde_json::json;
 
 use crate::{
+    cluster::protocol::{self, Healthz},
     error::{Error, ErrorKind},
     http::{Method, RequestHead, response},
     metrics::Tier,
@@ -18,9 +19,6 @@ use crate::{
 };
 
 use super::Outcome;
-
-/// Requests in flight that count as full load (the Go project's `Load(200)`).
-pub const FULL_LOAD: i64 = 200;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -39,14 +37,9 @@ pub fn route(path: &str) -> Option<Endpoint> {
         "/readyz" => Some(Endpoint::Readyz),
         "/metrics" => Some(Endpoint::Metrics),
         p if p == "/admin" || p.starts_with("/admin/") => Some(Endpoint::Admin),
-        p if p.starts_with(super::peer_files::PREFIX) => Some(Endpoint::Peer),
+        p if p.starts_with(protocol::PREFIX) => Some(Endpoint::Peer),
         _ => None,
     }
-}
-
-/// This node's load in 0..=1, as peers see it in `/healthz`.
-pub fn load(pending: i64) -> f64 {
-    (pending.max(0) as f64 / FULL_LOAD as f64).min(1.0)
 }
 
 pub(super) async fn serve(
@@ -80,12 +73,7 @@ pub(super) async fn serve(
             // This request counts itself; report the others.
             let pending = shared.pending.load(Ordering::Relaxed) - 1;
             let healthy = shared.vllm.is_healthy();
-            let body = json!({
-                "status": if healthy { "ok" } else { "degraded" },
-                "load": load(pending),
-                "pending": pending,
-                "vllm_healthy": healthy,
-            });
+            let body = Healthz::new(pending, healthy);
             response::json(&mut out, 200, &body, keep_alive);
             200
         }

@@ -31,7 +31,7 @@ use bytes::Bytes;
 
 use crate::{
     adapter::AdapterName,
-    cluster::hashkey::hash_key,
+    cluster::{hashkey::hash_key, protocol},
     error::{Error, ErrorKind},
     http::{
         RequestHead,
@@ -145,10 +145,10 @@ async fn pipeline(
 
     // 5. Routing. A forwarded request is acknowledged whether its mark is trusted or not
     // (the sender learns it was delivered); only a trusted mark skips routing.
-    if forward::is_marked(head) {
+    if protocol::is_marked(head) {
         forward::acknowledge(conn).await?;
     }
-    if !forward::is_trusted_forward(&shared.router, conn, head) {
+    if !protocol::is_trusted_forward(&shared.router, head, conn.peer.ip()) {
         let base = if model.is_some() {
             shared.vllm.base_model()
         } else {

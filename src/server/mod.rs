@@ -20,7 +20,9 @@ use std::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
-    cluster::{discovery::Discovery, identity::Identity, peering, router::Router},
+    cluster::{
+        discovery::Discovery, identity::Identity, peering, protocol::PeerClient, router::Router,
+    },
     config::Config,
     control::{Control, ControlPlane},
     error::Error,
@@ -43,6 +45,8 @@ pub struct Shared {
     pub pending: AtomicI64,
     pub driver: DriverKind,
     pub router: Arc<Router>,
+    /// The client for every control-plane call to a peer.
+    pub peer_client: PeerClient,
     pub store: Arc<Store>,
 }
 
@@ -95,10 +99,12 @@ impl Server {
         let me = Identity::new(addr, config.self_addr.as_deref())?;
         let discovery = Discovery::start(&config.discovery, &me, &control, shutdown.clone())?;
         let router = Arc::new(Router::new(&config, me, metrics.clone()));
+        let peer_client = PeerClient::new(router.source_ip, router.token.clone())?;
         let interval = config.vllm.health_check_interval;
         peering::start(
             router.clone(),
             discovery,
+            peer_client.clone(),
             &control,
             interval,
             shutdown.clone(),
@@ -106,7 +112,7 @@ impl Server {
 
         // The store: peers first (an adapter already in the cluster is copied, not refetched),
         // then the configured origins in order.
-        let peers: Arc<dyn Origin> = Arc::new(PeerOrigin::new(router.clone())?);
+        let peers: Arc<dyn Origin> = Arc::new(PeerOrigin::new(router.clone(), peer_client.clone()));
         let configured = OriginChain::from_config(&config, &control)?;
         let origins = OriginChain::new(
             std::iter::once(peers)
@@ -133,6 +139,7 @@ impl Server {
             pending: AtomicI64::new(0),
             driver,
             router,
+            peer_client,
             store,
         });
         shared
