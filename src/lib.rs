@@ -39,6 +39,7 @@ pub mod error;
 pub mod fuzz_checks;
 pub mod http;
 pub mod metrics;
+pub mod node;
 pub mod origin;
 pub mod proxy;
 pub mod server;

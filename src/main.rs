@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use loraplex::{
     cli::{self, Command},
     config::{Config, LogFormat},
-    server::Server,
+    node::Node,
 };
 
 fn main() -> ExitCode {
@@ -52,15 +52,15 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    let server = match Server::start(config) {
-        Ok(s) => s,
+    let node = match Node::start(config) {
+        Ok(n) => n,
         Err(e) => {
             tracing::error!(error = %e.message, "cannot start");
             return ExitCode::FAILURE;
         }
     };
-    server.stop_on_signals();
-    server.wait();
+    node.stop_on_signals();
+    node.wait();
     ExitCode::SUCCESS
 }
 

@@ -10,7 +10,7 @@
 //!
 //! When `admin.token` is set every admin request needs `Authorization: Bearer <token>`.
 
-use std::{rc::Rc, sync::atomic::Ordering};
+use std::sync::atomic::Ordering;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -23,12 +23,13 @@ use crate::{
     },
     error::{Error, ErrorKind},
     http::{Method, RequestHead, constant_time_eq, response},
-    server::{conn::Conn, worker::Worker},
+    proxy::Proxy,
+    server::conn::Conn,
 };
 
 /// Answer an admin request into `out`; returns the status written.
 pub async fn serve(
-    w: &Rc<Worker>,
+    w: &Proxy,
     _conn: &Conn,
     head: &RequestHead,
     body: &[u8],

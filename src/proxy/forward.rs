@@ -25,8 +25,9 @@ use crate::{
     error::Error,
     http::{RequestHead, response},
     metrics::{PeerLabel, Tier},
+    proxy::Proxy,
     proxy::upstream::{Request, Stage, Target},
-    server::{conn::Conn, worker::Worker},
+    server::conn::Conn,
 };
 
 use super::Outcome;
@@ -42,7 +43,7 @@ pub async fn acknowledge(conn: &mut Conn) -> Result<(), Error> {
 /// Route by `key`. `Some(done)` when a peer answered (or the client is gone); `None` when the
 /// request is to be served here.
 pub(super) async fn route(
-    w: &Worker,
+    w: &Proxy,
     conn: &mut Conn,
     head: &RequestHead,
     body: &Bytes,

@@ -6,7 +6,7 @@
 //! - `GET /metrics`: Prometheus text. (vLLM's own `/metrics` stays on vLLM's port.)
 //! - `/admin/*`: see `admin_api.rs`; Bearer `admin.token` required when set.
 
-use std::{rc::Rc, sync::atomic::Ordering};
+use std::sync::atomic::Ordering;
 
 use serde_json::json;
 
@@ -15,7 +15,8 @@ use crate::{
     error::{Error, ErrorKind},
     http::{Method, RequestHead, response},
     metrics::Tier,
-    server::{conn::Conn, worker::Worker},
+    proxy::Proxy,
+    server::conn::Conn,
 };
 
 use super::Outcome;
@@ -43,7 +44,7 @@ pub fn route(path: &str) -> Option<Endpoint> {
 }
 
 pub(super) async fn serve(
-    w: &Rc<Worker>,
+    w: &Proxy,
     conn: &mut Conn,
     head: &RequestHead,
     body: &[u8],

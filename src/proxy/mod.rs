@@ -14,15 +14,17 @@
 //! - `local.rs`: the proxy's own endpoints.
 //! - `admin_api.rs`: the admin API (`/admin/*`).
 //! - `peer_files.rs`: stored adapters served to peers.
+//! - `state.rs`: what every worker shares, and each worker's own [`Proxy`] (the server's
+//!   handler).
 
 pub mod admin_api;
 pub mod forward;
 pub mod local;
 pub mod peer_files;
+mod state;
 pub mod upstream;
 
 use std::{
-    rc::Rc,
     sync::{Arc, atomic::Ordering},
     time::Instant,
 };
@@ -39,9 +41,10 @@ use crate::{
         response,
     },
     metrics::Tier,
-    server::{conn::Conn, conn::kind_label, worker::Worker},
+    server::{Handler, conn::Conn},
 };
 
+pub use self::state::{Proxy, Shared};
 use self::upstream::{Request, Stage, Target};
 
 /// Response header telling the client its adapter was replaced by the base model.
@@ -53,8 +56,14 @@ struct Outcome {
     status: u16,
 }
 
+impl Handler for Proxy {
+    fn handle(&self, conn: &mut Conn, head: RequestHead) -> impl Future<Output = bool> {
+        process_request(self, conn, head)
+    }
+}
+
 /// Handle one request; returns whether the client connection stays open.
-pub async fn process_request(w: &Rc<Worker>, conn: &mut Conn, head: RequestHead) -> bool {
+pub async fn process_request(w: &Proxy, conn: &mut Conn, head: RequestHead) -> bool {
     let started = Instant::now();
     let shared = &w.shared;
     shared.pending.fetch_add(1, Ordering::Relaxed);
@@ -67,7 +76,7 @@ pub async fn process_request(w: &Rc<Worker>, conn: &mut Conn, head: RequestHead)
     let (keep_alive, outcome) = match result {
         Ok((keep_alive, outcome)) => (keep_alive, outcome),
         Err(err) => {
-            shared.metrics.errors.get_or_create(&kind_label(&err)).inc();
+            shared.metrics.count_error(err.kind.as_str());
             if err.kind == ErrorKind::Internal {
                 tracing::error!(path = head.path(), error = %err, "internal error");
             } else {
@@ -98,7 +107,7 @@ pub async fn process_request(w: &Rc<Worker>, conn: &mut Conn, head: RequestHead)
 }
 
 async fn pipeline(
-    w: &Rc<Worker>,
+    w: &Proxy,
     conn: &mut Conn,
     head: &RequestHead,
     body_read: &mut bool,
@@ -209,7 +218,7 @@ async fn pipeline(
 }
 
 /// The served base model, learnt from vLLM on first need when not configured.
-async fn base_model(w: &Worker) -> Result<Arc<str>, Error> {
+async fn base_model(w: &Proxy) -> Result<Arc<str>, Error> {
     if let Some(base) = w.shared.vllm.base_model() {
         return Ok(base);
     }
@@ -222,7 +231,7 @@ async fn base_model(w: &Worker) -> Result<Arc<str>, Error> {
 
 /// Send the request to the local vLLM and stream the answer; (status, keep-alive).
 async fn to_vllm(
-    w: &Worker,
+    w: &Proxy,
     conn: &mut Conn,
     head: &RequestHead,
     body: Bytes,

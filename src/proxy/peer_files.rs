@@ -19,7 +19,8 @@ use crate::{
     cluster::protocol::{PeerFile, PeerManifest, PeerPath, is_trusted_peer},
     error::{Error, ErrorKind},
     http::{RequestHead, head::itoa_buf, response},
-    server::{conn::Conn, worker::Worker},
+    proxy::Proxy,
+    server::conn::Conn,
 };
 
 const CHUNK: usize = 256 * 1024;
@@ -55,7 +56,7 @@ pub fn list_files(dir: &Path) -> std::io::Result<Vec<PeerFile>> {
 }
 
 /// Answer a peer endpoint request; returns the status and whether the connection stays open.
-pub async fn serve(w: &Worker, conn: &mut Conn, head: &RequestHead) -> Result<(u16, bool), Error> {
+pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<(u16, bool), Error> {
     if !is_trusted_peer(&w.shared.router, head, conn.peer.ip()) {
         return Err(Error::new(
             ErrorKind::Unauthorized,
