@@ -42,11 +42,7 @@ use std::{
 use futures_util::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
 
-pub use self::{
-    admin::FetchProgress,
-    index::Pin,
-    writer::{Faults, WriteMode},
-};
+pub use self::{admin::FetchProgress, file_writer::Faults, index::Pin, writer::WriteMode};
 use self::{
     admin::ProgressBoard,
     flight::{FlightKind, Flights, Join},

@@ -141,7 +141,7 @@ impl Store {
         })
         .await
         .map_err(|e| Error::internal(e.to_string()))?
-        .map_err(|e| super::writer::storage_error(e, "refreshing .loraplex_meta"))
+        .map_err(|e| super::file_writer::storage_error(e, "refreshing .loraplex_meta"))
     }
 }
 
