@@ -15,7 +15,7 @@ use monoio::{
     net::TcpStream,
 };
 
-use super::{Handler, worker::Worker};
+use super::{Handler, Worker};
 use crate::{
     error::{Error, ErrorKind},
     http::{BodyKind, RequestHead, chunked::ChunkedDecoder, response},

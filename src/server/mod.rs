@@ -13,6 +13,7 @@ pub mod runtime;
 pub mod worker;
 
 use std::{
+    cell::Cell,
     future::Future,
     net::{SocketAddr, TcpListener as StdListener},
     sync::Arc,
@@ -21,7 +22,7 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use self::{conn::Conn, runtime::DriverKind, worker::Common};
+use self::{closing::Closing, conn::Conn, runtime::DriverKind};
 use crate::{
     config::ServerConfig, error::Error, http::RequestHead, metrics::Metrics, shutdown::Shutdown,
 };
@@ -34,6 +35,41 @@ pub trait Handler: 'static {
     /// Serve `head` on `conn`: read its body, write the whole answer. Returns whether the
     /// connection may serve another request.
     fn handle(&self, conn: &mut Conn, head: RequestHead) -> impl Future<Output = bool>;
+}
+
+/// What every worker of a server shares.
+pub struct Common {
+    pub config: ServerConfig,
+    pub shutdown: Shutdown,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Per-thread state of a worker. Everything a worker touches per request is its own (`Rc`,
+/// `Cell`, the handler's state); what all workers share lives in [`Common`] behind an `Arc`.
+pub struct Worker<H> {
+    pub id: usize,
+    pub common: Arc<Common>,
+    /// What requests are handed to.
+    pub handler: H,
+    /// Wakes this worker's idle connections at shutdown.
+    pub closing: Closing,
+    conns: Cell<usize>,
+}
+
+/// Counts a live client connection for graceful shutdown.
+pub struct ConnGuard<'a>(&'a Cell<usize>);
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+impl<H> Worker<H> {
+    pub fn conn_guard(&self) -> ConnGuard<'_> {
+        self.conns.set(self.conns.get() + 1);
+        ConnGuard(&self.conns)
+    }
 }
 
 /// Running workers.

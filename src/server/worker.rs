@@ -1,8 +1,5 @@
-//! A data-plane worker: one thread, one monoio runtime, one `SO_REUSEPORT` listener, and the
-//! [`Handler`] built for it on that thread.
-//!
-//! Everything a worker touches per request is its own (`Rc`, `Cell`, the handler's state);
-//! what all workers share lives in [`Common`] behind an `Arc`.
+//! A data-plane worker thread: its monoio runtime, its accept loop on its own `SO_REUSEPORT`
+//! listener, and the drain at shutdown.
 
 use std::{
     cell::Cell,
@@ -16,46 +13,11 @@ use std::{
 use monoio::net::TcpListener;
 
 use super::{
-    Handler,
+    Common, Handler, Worker,
     closing::Closing,
     conn,
     runtime::{self, DriverKind},
 };
-use crate::{config::ServerConfig, metrics::Metrics, shutdown::Shutdown};
-
-/// What every worker of a server shares.
-pub struct Common {
-    pub config: ServerConfig,
-    pub shutdown: Shutdown,
-    pub metrics: Arc<Metrics>,
-}
-
-/// Per-thread state of a worker.
-pub struct Worker<H> {
-    pub id: usize,
-    pub common: Arc<Common>,
-    /// What requests are handed to.
-    pub handler: H,
-    /// Wakes this worker's idle connections at shutdown.
-    pub closing: Closing,
-    conns: Cell<usize>,
-}
-
-/// Counts a live client connection for graceful shutdown.
-pub struct ConnGuard<'a>(&'a Cell<usize>);
-
-impl Drop for ConnGuard<'_> {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
-
-impl<H> Worker<H> {
-    pub fn conn_guard(&self) -> ConnGuard<'_> {
-        self.conns.set(self.conns.get() + 1);
-        ConnGuard(&self.conns)
-    }
-}
 
 /// Start worker `id` on its own thread, serving `listener` with the handler `make` builds.
 pub fn spawn<H, F>(
