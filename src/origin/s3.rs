@@ -42,7 +42,7 @@ use tokio::sync::OnceCell;
 
 use super::{
     Crc, CrcAlgorithm, FileSpec, FileStream, Manifest, Origin, OriginError, OriginErrorKind,
-    remote::{content_id, parse_content_range},
+    remote::{ContentRange, content_id, parse_content_range},
 };
 use crate::{
     adapter::{AdapterName, BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE},
@@ -302,9 +302,13 @@ impl S3Client {
             req = req.range(format!("bytes={offset}-"));
         }
         let out = req.send().await.map_err(|e| classify(e, &what))?;
-        let (start, total) = match out.content_range().and_then(parse_content_range) {
+        let ContentRange { start, total } = match out.content_range().and_then(parse_content_range)
+        {
             Some(range) => range,
-            None => (0, out.content_length().and_then(|n| u64::try_from(n).ok())),
+            None => ContentRange {
+                start: 0,
+                total: out.content_length().and_then(|n| u64::try_from(n).ok()),
+            },
         };
         Ok(FileStream {
             offset: start,

@@ -30,7 +30,7 @@ use crate::{
     server::conn::Conn,
 };
 
-use super::Outcome;
+use super::{Reply, Served};
 
 /// Tell the forwarding peer its request arrived (ends its forward timeout).
 pub async fn acknowledge(conn: &mut Conn) -> Result<(), Error> {
@@ -48,7 +48,7 @@ pub(super) async fn route(
     head: &RequestHead,
     body: &Bytes,
     key: &str,
-) -> Result<Option<(bool, Outcome)>, Error> {
+) -> Result<Option<Served>, Error> {
     let shared = &w.shared;
     let router = &shared.router;
     let topo = router.topology();
@@ -88,11 +88,13 @@ pub(super) async fn route(
                     .inc();
                 m.forward_duration
                     .observe((answered.head_at - started).as_secs_f64());
-                let outcome = Outcome {
+                return Ok(Some(Served {
                     tier: Tier::Forwarded,
-                    status: answered.status,
-                };
-                return Ok(Some((answered.keep_alive, outcome)));
+                    reply: Reply {
+                        status: answered.status,
+                        keep_alive: answered.keep_alive,
+                    },
+                }));
             }
             Err(e) if e.stage == Stage::Connect => {
                 tracing::warn!(peer = %peer.addr, error = %e.error, "peer unreachable, trying the next");
@@ -101,13 +103,13 @@ pub(super) async fn route(
             Err(e) if e.stage == Stage::Sent => return Err(e.error),
             Err(e) => {
                 tracing::debug!(peer = %peer.addr, error = %e.error, "forward cut short");
-                return Ok(Some((
-                    false,
-                    Outcome {
-                        tier: Tier::Forwarded,
+                return Ok(Some(Served {
+                    tier: Tier::Forwarded,
+                    reply: Reply {
                         status: 499,
+                        keep_alive: false,
                     },
-                )));
+                }));
             }
         }
     }

@@ -19,7 +19,7 @@ use crate::{
     server::conn::Conn,
 };
 
-use super::Outcome;
+use super::{Reply, Served};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -49,18 +49,15 @@ pub(super) async fn serve(
     head: &RequestHead,
     body: &[u8],
     endpoint: Endpoint,
-) -> Result<(bool, Outcome), Error> {
+) -> Result<Served, Error> {
     let shared = &w.shared;
     let keep_alive = head.keep_alive;
     if endpoint == Endpoint::Peer {
-        let (status, keep_alive) = super::peer_files::serve(w, conn, head).await?;
-        return Ok((
-            keep_alive,
-            Outcome {
-                tier: Tier::Passthrough,
-                status,
-            },
-        ));
+        let reply = super::peer_files::serve(w, conn, head).await?;
+        return Ok(Served {
+            tier: Tier::Passthrough,
+            reply,
+        });
     }
     let mut out = Vec::with_capacity(1024);
     if endpoint != Endpoint::Admin && !matches!(head.kind, Method::Get | Method::Head) {
@@ -101,11 +98,11 @@ pub(super) async fn serve(
         }
     }
     let written = conn.write_all(out).await.is_ok();
-    Ok((
-        keep_alive && written,
-        Outcome {
-            tier: Tier::Passthrough,
+    Ok(Served {
+        tier: Tier::Passthrough,
+        reply: Reply {
             status,
+            keep_alive: keep_alive && written,
         },
-    ))
+    })
 }

@@ -50,10 +50,17 @@ use self::upstream::{Request, Stage, Target};
 /// Response header telling the client its adapter was replaced by the base model.
 pub const FALLBACK_HEADER: &str = "x-loraplex-fallback";
 
-/// What one request became, for metrics and logs.
-struct Outcome {
+/// What the client was sent: the status, and whether its connection may serve another request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub keep_alive: bool,
+}
+
+/// How a request ended, for the metrics and logs: its tier and what the client was sent.
+struct Served {
     tier: Tier,
-    status: u16,
+    reply: Reply,
 }
 
 impl Handler for Proxy {
@@ -73,8 +80,8 @@ pub async fn process_request(w: &Proxy, conn: &mut Conn, head: RequestHead) -> b
     shared.pending.fetch_sub(1, Ordering::Relaxed);
     shared.metrics.inflight_requests.dec();
 
-    let (keep_alive, outcome) = match result {
-        Ok((keep_alive, outcome)) => (keep_alive, outcome),
+    let served = match result {
+        Ok(served) => served,
         Err(err) => {
             shared.metrics.count_error(err.kind.as_str());
             if err.kind == ErrorKind::Internal {
@@ -87,23 +94,23 @@ pub async fn process_request(w: &Proxy, conn: &mut Conn, head: RequestHead) -> b
             let mut out = Vec::new();
             response::error(&mut out, &err, keep_alive);
             let written = conn.write_all(out).await.is_ok();
-            (
-                keep_alive && written,
-                Outcome {
-                    tier: Tier::Error,
+            Served {
+                tier: Tier::Error,
+                reply: Reply {
                     status: err.status(),
+                    keep_alive: keep_alive && written,
                 },
-            )
+            }
         }
     };
     let tenant = head.header_str("x-tenant-id");
-    w.record_request(tenant, outcome.tier, started.elapsed().as_secs_f64());
+    w.record_request(tenant, served.tier, started.elapsed().as_secs_f64());
     tracing::trace!(
-        status = outcome.status,
-        tier = outcome.tier.as_str(),
+        status = served.reply.status,
+        tier = served.tier.as_str(),
         "done"
     );
-    keep_alive
+    served.reply.keep_alive
 }
 
 async fn pipeline(
@@ -111,7 +118,7 @@ async fn pipeline(
     conn: &mut Conn,
     head: &RequestHead,
     body_read: &mut bool,
-) -> Result<(bool, Outcome), Error> {
+) -> Result<Served, Error> {
     let shared = &w.shared;
     let cfg = &shared.config.server;
 
@@ -207,14 +214,8 @@ async fn pipeline(
     };
 
     // 7. Upstream.
-    let status = to_vllm(w, conn, head, body, extra).await?;
-    Ok((
-        status.1,
-        Outcome {
-            tier,
-            status: status.0,
-        },
-    ))
+    let reply = to_vllm(w, conn, head, body, extra).await?;
+    Ok(Served { tier, reply })
 }
 
 /// The served base model, learnt from vLLM on first need when not configured.
@@ -229,14 +230,14 @@ async fn base_model(w: &Proxy) -> Result<Arc<str>, Error> {
         .await
 }
 
-/// Send the request to the local vLLM and stream the answer; (status, keep-alive).
+/// Send the request to the local vLLM and stream the answer.
 async fn to_vllm(
     w: &Proxy,
     conn: &mut Conn,
     head: &RequestHead,
     body: Bytes,
     extra: &[(&str, &[u8])],
-) -> Result<(u16, bool), Error> {
+) -> Result<Reply, Error> {
     let vllm = &w.shared.vllm;
     let target = Target {
         addrs: &vllm.addrs,
@@ -247,13 +248,19 @@ async fn to_vllm(
     };
     let req = Request::relay(&w.pool, head, &[], &body, extra, &w.shared.shutdown);
     match w.pool.exchange(conn, &target, req).await {
-        Ok(answered) => Ok((answered.status, answered.keep_alive)),
+        Ok(answered) => Ok(Reply {
+            status: answered.status,
+            keep_alive: answered.keep_alive,
+        }),
         Err(e) => match e.stage {
             Stage::Connect | Stage::Sent => Err(e.error),
             // The client saw a head already, or is gone: nothing to answer, just close.
             Stage::Streaming | Stage::ClientGone => {
                 tracing::debug!(error = %e.error, stage = ?e.stage, "exchange cut short");
-                Ok((499, false))
+                Ok(Reply {
+                    status: 499,
+                    keep_alive: false,
+                })
             }
         },
     }

@@ -19,7 +19,7 @@ use crate::{
     cluster::protocol::{PeerFile, PeerManifest, PeerPath, is_trusted_peer},
     error::{Error, ErrorKind},
     http::{RequestHead, head::itoa_buf, response},
-    proxy::Proxy,
+    proxy::{Proxy, Reply},
     server::conn::Conn,
 };
 
@@ -55,8 +55,8 @@ pub fn list_files(dir: &Path) -> std::io::Result<Vec<PeerFile>> {
     Ok(out)
 }
 
-/// Answer a peer endpoint request; returns the status and whether the connection stays open.
-pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<(u16, bool), Error> {
+/// Answer a peer endpoint request.
+pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<Reply, Error> {
     if !is_trusted_peer(&w.shared.router, head, conn.peer.ip()) {
         return Err(Error::new(
             ErrorKind::Unauthorized,
@@ -82,7 +82,10 @@ pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<(u1
         let mut out = Vec::new();
         response::json(&mut out, 200, &body, keep_alive);
         let written = conn.write_all(out).await.is_ok();
-        return Ok((200, keep_alive && written));
+        return Ok(Reply {
+            status: 200,
+            keep_alive: keep_alive && written,
+        });
     };
     let size = files
         .iter()
@@ -98,7 +101,10 @@ pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<(u1
         tracing::debug!(adapter = %name, file = wanted, error = %e, "peer file transfer cut short");
     }
     // After the head, a failure can only be told by closing the connection.
-    Ok((status, keep_alive && whole.is_ok()))
+    Ok(Reply {
+        status,
+        keep_alive: keep_alive && whole.is_ok(),
+    })
 }
 
 /// `Range: bytes=N-` (the only form a peer sends).
