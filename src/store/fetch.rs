@@ -10,10 +10,10 @@ use tokio::sync::mpsc;
 
 use super::{
     Pin, Store,
-    admin::Progress,
     fsops::Published,
     index::{Entry, Provenance, now_ms},
     space::Reservation,
+    stats::Progress,
     validate::{self, MAX_CONFIG, SafetensorsProbe},
     writer::{Committed, Msg},
 };

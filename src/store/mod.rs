@@ -16,7 +16,6 @@
 //! Every future here is runtime-agnostic (tokio sync primitives, work handed to the control
 //! plane with [`Control::spawn`]/[`Control::run`]), so monoio workers await them directly.
 
-mod admin;
 pub mod aligned;
 mod fetch;
 mod file_writer;
@@ -27,6 +26,7 @@ pub mod policy;
 mod recover;
 mod revalidate;
 mod space;
+mod stats;
 pub mod validate;
 pub mod writer;
 
@@ -42,12 +42,12 @@ use std::{
 use futures_util::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
 
-pub use self::{admin::FetchProgress, file_writer::Faults, index::Pin, writer::WriteMode};
+pub use self::{file_writer::Faults, index::Pin, stats::FetchProgress, writer::WriteMode};
 use self::{
-    admin::ProgressBoard,
     flight::{FlightKind, Flights, Join},
     index::{Index, now_ms},
     space::Ledger,
+    stats::ProgressBoard,
     writer::Writer,
 };
 use crate::{

@@ -1,6 +1,6 @@
-//! What the admin endpoints read and do: `stats` (the Go shape `items`, `size`, `max_size`,
-//! `dir`, plus ours), `warmup` (the Go shape `{"results":[{"adapter","status"}]}`), the fetches
-//! in flight with their progress, and the periodic progress log of long fetches.
+//! The store as operators see it, for the admin API: `stats` (the Go shape `items`, `size`,
+//! `max_size`, `dir`, plus ours), `warmup` (the Go shape `{"results":[{"adapter","status"}]}`),
+//! the fetches in flight with their progress, and the periodic progress log of long fetches.
 
 use std::{
     collections::HashMap,
