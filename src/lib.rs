@@ -25,14 +25,15 @@
 //! - [`origin`]: where adapters come from (HTTP, file, Hugging Face, S3, peers).
 //! - [`cluster`]: hash keys, placement, peers, forwarding, discovery.
 //! - [`metrics`]: the `loraplex_*` Prometheus metrics.
-//! - [`testkit`]: stand-in vLLM and origins, used by the demo and the tests.
-//! - [`demo`]: the built-in demo (`loraplex demo`).
+//! - `testkit`: stand-in vLLM and origins, used by the demo and the tests (feature `demo`).
+//! - `demo`: the built-in demo (`loraplex demo`; feature `demo`, on by default).
 
 pub mod adapter;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 #[doc(hidden)]
@@ -45,6 +46,7 @@ pub mod proxy;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+#[cfg(feature = "demo")]
 pub mod testkit;
 pub mod vllm;
 

@@ -31,16 +31,7 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code() as u8)
             }
         },
-        Command::Demo(args) => {
-            init_logging(LogFormat::Text, "warn");
-            match loraplex::demo::run(&args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("demo failed: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Demo(args) => demo(&args),
         Command::Serve { config, warnings } => {
             init_logging(config.server.log_format, "info");
             for w in warnings {
@@ -49,6 +40,27 @@ fn main() -> ExitCode {
             serve(*config)
         }
     }
+}
+
+#[cfg(feature = "demo")]
+fn demo(args: &cli::DemoArgs) -> ExitCode {
+    init_logging(LogFormat::Text, "warn");
+    match loraplex::demo::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "demo"))]
+fn demo(_: &cli::DemoArgs) -> ExitCode {
+    eprintln!(
+        "this loraplex was built without the demo (cargo feature `demo`, on by default); \
+         build it with default features to run `loraplex demo`"
+    );
+    ExitCode::FAILURE
 }
 
 fn serve(config: Config) -> ExitCode {
