@@ -165,6 +165,9 @@ pub struct Metrics {
     pub forward_duration: Histogram,
     // New in loraplex (Rust).
     pub cache_misses: Family<TierLabel, Counter>,
+    /// The disk budget (`storage.max_size`), beside `cache_size_bytes` with the same labels so
+    /// that `size / max_size` needs no `ignoring`.
+    pub cache_max_size_bytes: Family<TierLabel, Gauge>,
     pub fetches: Family<OriginResult, Counter>,
     pub fetch_bytes: Family<OriginLabel, Counter>,
     pub fetch_failures: Family<OriginReason, Counter>,
@@ -201,6 +204,7 @@ impl Metrics {
             vllm_healthy: Gauge::default(),
             forward_duration: forward_histogram(),
             cache_misses: Family::default(),
+            cache_max_size_bytes: Family::default(),
             fetches: Family::default(),
             fetch_bytes: Family::default(),
             fetch_failures: Family::default(),
@@ -273,6 +277,11 @@ impl Metrics {
             "cache_misses",
             "Adapter requests not on local disk",
             m.cache_misses.clone(),
+        );
+        r.register(
+            "cache_max_size_bytes",
+            "Disk budget for adapters (storage.max_size)",
+            m.cache_max_size_bytes.clone(),
         );
         r.register(
             "fetches",

@@ -68,6 +68,10 @@ fn cold_then_warm() {
         text.contains("loraplex_cache_items{tier=\"local\"} 1"),
         "{text}"
     );
+    assert!(
+        text.contains("loraplex_cache_max_size_bytes{tier=\"local\"} 1073741824"),
+        "the budget gauge is storage.max_size: {text}"
+    );
 }
 
 #[test]

@@ -159,6 +159,10 @@ impl Store {
             .map_err(|e| Error::internal(format!("starting the storage thread: {e}")))?;
         let hits = metrics.cache_hits.get_or_create(&LOCAL).clone();
         let misses = metrics.cache_misses.get_or_create(&LOCAL).clone();
+        metrics
+            .cache_max_size_bytes
+            .get_or_create(&LOCAL)
+            .set(opts.max_size.try_into().unwrap_or(i64::MAX));
         let store = Arc::new(Store {
             tmp: opts.dir.join(fsops::TMP_DIR),
             index: Index::default(),
