@@ -352,6 +352,11 @@ impl Metrics {
         "_other".into()
     }
 
+    /// Count an error answer of `kind` (`loraplex_errors_total{kind}`).
+    pub fn count_error(&self, kind: &'static str) {
+        self.errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
     /// Count one finished request.
     pub fn record_request(&self, tenant: Option<&str>, tier: Tier, seconds: f64) {
         self.request_handles(tenant, tier).record(seconds);

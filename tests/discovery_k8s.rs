@@ -33,7 +33,7 @@ use loraplex::{
         identity::Identity,
     },
     control::Control,
-    server::Shutdown,
+    shutdown::Shutdown,
 };
 use serde_json::{Value, json};
 use tokio::{

@@ -11,10 +11,7 @@ use std::{
 };
 
 use common::*;
-use loraplex::{
-    origin::Origin,
-    store::{AdapterName, validate},
-};
+use loraplex::{adapter::AdapterName, origin::Origin, store::validate};
 
 #[test]
 fn cold_then_warm() {

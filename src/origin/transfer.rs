@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::{FileSpec, Manifest, Origin, OriginError, OriginErrorKind, rate::RateFloor};
-use crate::{config::TransferConfig, error::Error, store::AdapterName};
+use crate::{adapter::AdapterName, config::TransferConfig, error::Error};
 
 /// First retry delay; doubles per retry up to [`BACKOFF_CAP`].
 const BACKOFF_START: Duration = Duration::from_millis(100);

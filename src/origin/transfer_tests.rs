@@ -109,6 +109,7 @@ async fn run(o: &Flaky, sha: Option<[u8; 32]>) -> (Result<Transferred, TransferE
         files: vec![],
         etag: None,
         revision: None,
+        source: None,
     };
     let spec = FileSpec {
         path: "w".into(),
