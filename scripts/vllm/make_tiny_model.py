@@ -7,8 +7,9 @@
   OUT_DIR/adapters/ADAPTER/       adapter_config.json + adapter_model.safetensors
 
 Run it once per base model to get several (e.g. `--base base-a`, then `--base base-b --seed 1`):
-the bases differ in their weights, and the adapters of all bases share OUT_DIR/adapters/, as
-adapter names share one namespace behind loraplex. Each adapter's `base_model_name_or_path` is
+the bases differ in their weights (a base already written is kept, so a rerun only adds
+adapters), and the adapters of all bases share OUT_DIR/adapters/, as adapter names share one
+namespace behind loraplex. Each adapter's `base_model_name_or_path` is
 the absolute path of its base, because vLLM's filesystem resolver compares it exactly with the
 `--model` string (not `--served-model-name`).
 
