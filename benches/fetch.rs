@@ -18,11 +18,12 @@ use std::{
 };
 
 use loraplex::{
+    adapter::AdapterName,
     config::{DirectIo, Driver},
     control::ControlPlane,
     metrics::Metrics,
     origin::{OriginChain, file::FileOrigin},
-    store::{AdapterName, NoVllm, Store, StoreOptions, validate::tiny_config},
+    store::{NoVllm, Store, StoreOptions, validate::tiny_config},
 };
 
 fn status_kb(field: &str) -> u64 {

@@ -17,12 +17,13 @@ use std::{
 };
 
 use loraplex::{
+    adapter::AdapterName,
     config::{DirectIo, Driver},
     control::ControlPlane,
     metrics::Metrics,
     origin::OriginChain,
     store::{
-        AdapterName, NoVllm, Store, StoreOptions,
+        NoVllm, Store, StoreOptions,
         validate::{tiny_config, tiny_safetensors},
     },
 };

@@ -20,6 +20,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use base64::{Engine, engine::general_purpose::STANDARD};
 use bytes::Bytes;
 use loraplex::{
+    adapter::AdapterName,
     config::TransferConfig,
     origin::{
         CrcAlgorithm, Origin,
@@ -27,7 +28,6 @@ use loraplex::{
         s3::{S3, S3Settings},
         transfer::{ChunkSink, TransferError, pull_file},
     },
-    store::AdapterName,
     testkit::hub::{CdnHost, HubFile, StandInHub},
 };
 use s3_server::{ACCESS_KEY, S3Server, SECRET_KEY, credentials};

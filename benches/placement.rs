@@ -1,6 +1,8 @@
 //! Placement: lookup and fallback-walk cost (criterion), and, printed once before the timed
 //! part, the quality figures: table build time, keys moved when a middle peer leaves or a
 //! peer joins, and peak-to-mean load over 1M random keys next to the ideal for the same keys.
+//! Also jump consistent hashing, the first sketch placement does not use (`docs/placement.md`),
+//! checked and timed for the record.
 //!
 //! Run: `cargo bench --bench placement`.
 //!
@@ -13,7 +15,7 @@ use criterion::{
     BenchmarkId, Criterion, Throughput,
     measurement::{Measurement, ValueFormatter},
 };
-use loraplex::cluster::placement::{Placement, jump_hash};
+use loraplex::cluster::placement::Placement;
 use xxhash_rust::xxh3::xxh3_64;
 
 const SIZES: [usize; 3] = [3, 64, 256];
@@ -94,6 +96,47 @@ fn splitmix(i: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// Jump consistent hash: maps `key` to a bucket in `0..buckets` so that growing the bucket
+/// count from `n` to `n + 1` moves only the keys that land in the new bucket (about 1/(n+1)).
+///
+/// John Lamping, Eric Veach, "A Fast, Minimal Memory, Consistent Hash Algorithm",
+/// arXiv:1406.2294 (2014). Only the last bucket may leave, which is why placement does not map
+/// keys straight onto a peer list with it (`docs/placement.md`). `buckets == 0` yields 0.
+fn jump_hash(mut key: u64, buckets: u32) -> u32 {
+    let (mut b, mut j) = (-1i64, 0i64);
+    while j < i64::from(buckets) {
+        b = j;
+        key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+        j = ((b + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
+    }
+    b.max(0) as u32
+}
+
+/// Growing from n to n+1 buckets moves only keys that land in bucket n, about 1/(n+1). Runs
+/// first in `cargo bench` and in `cargo test --all-targets`; panics when jump_hash is wrong.
+fn check_jump_hash() {
+    for n in [1u32, 7, 100, 65_535] {
+        let mut moved = 0;
+        let total = 50_000;
+        for i in 0..total {
+            let key = splitmix(i);
+            let (a, b) = (jump_hash(key, n), jump_hash(key, n + 1));
+            assert!(a < n && b < n + 1);
+            if a != b {
+                assert_eq!(b, n);
+                moved += 1;
+            }
+        }
+        let ideal = total as f64 / f64::from(n + 1);
+        assert!(
+            (moved as f64 - ideal).abs() < 0.2 * ideal + 30.0,
+            "jump_hash n={n}: {moved} keys moved"
+        );
+    }
+    assert_eq!(jump_hash(42, 0), 0);
+    assert_eq!(jump_hash(42, 1), 0);
 }
 
 /// Adapter-like names: `org{k}/lora-{random hex}`.
@@ -290,6 +333,7 @@ fn lookups(c: &mut Criterion<ThreadCpuTime>) {
 }
 
 fn main() {
+    check_jump_hash();
     quality();
     let mut c = Criterion::default()
         .with_measurement(ThreadCpuTime)

@@ -19,7 +19,7 @@ use crate::{
     cli::DemoArgs,
     config::{Config, OriginConfig as OriginSettings, TransferConfig},
     error::Error,
-    server::Server,
+    node::Node,
     testkit::{
         adapters::AdapterSpec,
         origin::{OriginConfig, OriginStandIn},
@@ -74,8 +74,8 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         }],
         ..defaults
     };
-    let server = Server::start(cfg)?;
-    let url = format!("http://{}", server.local_addr());
+    let node = Node::start(cfg)?;
+    let url = format!("http://{}", node.local_addr());
 
     println!("loraplex demo: one process, loopback only, no GPU, no network.\n");
     println!(
@@ -90,8 +90,8 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     println!("  loraplex       {url} (store {})\n", store.display());
 
     let report = rt.block_on(scenario(&url));
-    server.shutdown_handle().trigger();
-    server.wait();
+    node.shutdown_handle().trigger();
+    node.wait();
     match report {
         Ok(text) => print!("{text}"),
         Err(e) => return Err(Error::internal(format!("demo request failed: {e}"))),

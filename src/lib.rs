@@ -12,37 +12,54 @@
 //! for the libraries that need tokio (origin clients, discovery, health polling); one storage
 //! thread (monoio) that writes fetched adapters with O_DIRECT.
 //!
-//! - [`cli`]: command line (Go-compatible flags), subcommands `demo` and `check-config`.
-//! - [`config`]: the YAML file (Go-compatible keys), sizes and durations, the typed [`config::Config`].
+//! Modules, lowest first. The rule: **a module only imports modules listed above it**
+//! (`tests/layout.rs` checks it), so the import graph is a DAG that reads top to bottom; a
+//! helper a lower module needs moves down, never the other way.
+//!
 //! - [`error`]: the one error type; knows its HTTP status and OpenAI error `type`.
-//! - [`http`]: HTTP/1.1 codec: request/response heads (httparse), body framing, the `model` field.
-//! - [`server`]: the worker threads, listeners, connection loop, graceful shutdown.
-//! - [`proxy`]: the request pipeline (`process_request`), the upstream connection pool,
-//!   the proxy's own endpoints (`/healthz`, `/readyz`, `/metrics`, `/admin/*`).
-//! - [`control`]: the control-plane runtime and the bridge from workers to it.
-//! - [`vllm`]: talking to vLLM: health, base-model name, unloading adapters.
-//! - [`store`]: the adapter store: index, eviction, single-flight fetch, O_DIRECT writer, publish.
-//! - [`origin`]: where adapters come from (HTTP, file, Hugging Face, S3, peers).
-//! - [`cluster`]: hash keys, placement, peers, forwarding, discovery.
+//! - [`config`]: the YAML file (Go-compatible keys), sizes and durations, the typed
+//!   [`config::Config`].
 //! - [`metrics`]: the `loraplex_*` Prometheus metrics.
-//! - [`testkit`]: stand-in vLLM and origins, used by the demo and the tests.
-//! - [`demo`]: the built-in demo (`loraplex demo`).
+//! - [`shutdown`]: the process-wide graceful-shutdown signal.
+//! - [`control`]: the control-plane runtime and the bridge from workers to it.
+//! - [`http`]: HTTP/1.1 codec: request/response heads (httparse), body framing, the `model`
+//!   field.
+//! - [`adapter`]: an adapter's validated name and the files of its directory.
+//! - [`server`]: the listeners, worker threads, connection loop and graceful shutdown; runs the
+//!   [`server::Handler`] it is given for each request.
+//! - [`cluster`]: hash keys, placement, routing decisions, discovery, the peer protocol.
+//! - [`origin`]: where adapters come from (HTTP, file, Hugging Face, S3, peers).
+//! - [`store`]: the adapter store: index, eviction, single-flight fetch, O_DIRECT writer,
+//!   publish.
+//! - [`vllm`]: talking to vLLM: health, base-model name, unloading adapters.
+//! - [`proxy`]: the request pipeline (`process_request`, the server's handler), the upstream
+//!   connection pool, the proxy's own endpoints (`/healthz`, `/readyz`, `/metrics`, `/admin/*`,
+//!   adapter files for peers).
+//! - [`node`]: a running node: builds the parts above in order and serves the proxy.
+//! - [`cli`]: command line (Go-compatible flags), subcommands `demo` and `check-config`.
+//! - `testkit`: stand-in vLLM and origins, used by the demo and the tests (feature `demo`).
+//! - `demo`: the built-in demo (`loraplex demo`; feature `demo`, on by default).
+//! - `fuzz_checks`: the properties the fuzz targets check (doc-hidden).
 
-pub mod admin;
+pub mod adapter;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz_checks;
 pub mod http;
 pub mod metrics;
+pub mod node;
 pub mod origin;
 pub mod proxy;
 pub mod server;
+pub mod shutdown;
 pub mod store;
+#[cfg(feature = "demo")]
 pub mod testkit;
 pub mod vllm;
 

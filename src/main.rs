@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use loraplex::{
     cli::{self, Command},
     config::{Config, LogFormat},
-    server::Server,
+    node::Node,
 };
 
 fn main() -> ExitCode {
@@ -31,16 +31,7 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code() as u8)
             }
         },
-        Command::Demo(args) => {
-            init_logging(LogFormat::Text, "warn");
-            match loraplex::demo::run(&args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("demo failed: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Demo(args) => demo(&args),
         Command::Serve { config, warnings } => {
             init_logging(config.server.log_format, "info");
             for w in warnings {
@@ -51,16 +42,37 @@ fn main() -> ExitCode {
     }
 }
 
+#[cfg(feature = "demo")]
+fn demo(args: &cli::DemoArgs) -> ExitCode {
+    init_logging(LogFormat::Text, "warn");
+    match loraplex::demo::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "demo"))]
+fn demo(_: &cli::DemoArgs) -> ExitCode {
+    eprintln!(
+        "this loraplex was built without the demo (cargo feature `demo`, on by default); \
+         build it with default features to run `loraplex demo`"
+    );
+    ExitCode::FAILURE
+}
+
 fn serve(config: Config) -> ExitCode {
-    let server = match Server::start(config) {
-        Ok(s) => s,
+    let node = match Node::start(config) {
+        Ok(n) => n,
         Err(e) => {
             tracing::error!(error = %e.message, "cannot start");
             return ExitCode::FAILURE;
         }
     };
-    server.stop_on_signals();
-    server.wait();
+    node.stop_on_signals();
+    node.wait();
     ExitCode::SUCCESS
 }
 

@@ -165,6 +165,9 @@ pub struct Metrics {
     pub forward_duration: Histogram,
     // New in loraplex (Rust).
     pub cache_misses: Family<TierLabel, Counter>,
+    /// The disk budget (`storage.max_size`), beside `cache_size_bytes` with the same labels so
+    /// that `size / max_size` needs no `ignoring`.
+    pub cache_max_size_bytes: Family<TierLabel, Gauge>,
     pub fetches: Family<OriginResult, Counter>,
     pub fetch_bytes: Family<OriginLabel, Counter>,
     pub fetch_failures: Family<OriginReason, Counter>,
@@ -201,6 +204,7 @@ impl Metrics {
             vllm_healthy: Gauge::default(),
             forward_duration: forward_histogram(),
             cache_misses: Family::default(),
+            cache_max_size_bytes: Family::default(),
             fetches: Family::default(),
             fetch_bytes: Family::default(),
             fetch_failures: Family::default(),
@@ -275,6 +279,11 @@ impl Metrics {
             m.cache_misses.clone(),
         );
         r.register(
+            "cache_max_size_bytes",
+            "Disk budget for adapters (storage.max_size)",
+            m.cache_max_size_bytes.clone(),
+        );
+        r.register(
             "fetches",
             "Adapter fetches by origin and result",
             m.fetches.clone(),
@@ -341,6 +350,11 @@ impl Metrics {
             return tenant.into();
         }
         "_other".into()
+    }
+
+    /// Count an error answer of `kind` (`loraplex_errors_total{kind}`).
+    pub fn count_error(&self, kind: &'static str) {
+        self.errors.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// Count one finished request.

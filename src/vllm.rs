@@ -23,7 +23,7 @@ use crate::{
     control::Control,
     error::{Error, ErrorKind},
     metrics::{Metrics, ResultLabel},
-    server::Shutdown,
+    shutdown::Shutdown,
 };
 
 /// Time limit of one control-plane call to vLLM (health, models, unload).

@@ -2,7 +2,8 @@
 //! the storage directory exactly like vLLM's filesystem resolver, and checks the files are
 //! whole) and the stand-in HTTP origin. Cold and warm, one download for many waiters, fallback
 //! to the base model, eviction with vLLM told to unload, restart and crash recovery, admin API,
-//! revalidation after the TTL.
+//! revalidation after the TTL. Every case runs under both io drivers (`io_uring::case`,
+//! `epoll::case`; the storage thread follows `server.driver` too).
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Node, Raw, eventually, post};
+use common::{Driver, Node, Raw, eventually, post};
 use loraplex::testkit::{
     adapters::{AdapterSpec, Defect, SAFETENSORS_FILE, file_hash},
     origin::{OriginConfig, OriginStandIn},
@@ -35,7 +36,7 @@ fn setup(store: &Path) -> Setup {
     }
 }
 
-fn node_in(dir: tempfile::TempDir, s: &Setup, extra: &str) -> Node {
+fn node_in(driver: Driver, dir: tempfile::TempDir, s: &Setup, extra: &str) -> Node {
     let yaml = format!(
         "vllm_url: \"{}\"\nvllm:\n  model_name: \"{BASE}\"\n  health_check_interval: 1h\n\
          origins:\n  - type: http\n    base_url: \"{}\"\n{extra}",
@@ -47,14 +48,16 @@ fn node_in(dir: tempfile::TempDir, s: &Setup, extra: &str) -> Node {
     } else {
         format!("{yaml}\nstorage:\n  dir: \"{{DIR}}/store\"\n  max_size: 1GB\n")
     };
-    Node::start_in(dir, &yaml, &[])
+    let node = Node::start_in(dir, &driver.config(&yaml), &[]);
+    node.assert_driver(driver);
+    node
 }
 
 /// A node and its stand-ins, the store in the node's tempdir.
-fn start(extra: &str) -> (Node, Setup) {
+fn start(driver: Driver, extra: &str) -> (Node, Setup) {
     let dir = tempfile::tempdir().unwrap();
     let s = setup(&dir.path().join("store"));
-    (node_in(dir, &s, extra), s)
+    (node_in(driver, dir, &s, extra), s)
 }
 
 fn spec(size: u64, seed: u64) -> AdapterSpec {
@@ -87,9 +90,8 @@ fn weights_hash(node: &Node, name: &str) -> u64 {
     file_hash(&node.path("store").join(name).join(SAFETENSORS_FILE)).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cold_fetch_then_warm_hits_reach_vllm_with_whole_files() {
-    let (lp, s) = start("");
+async fn cold_fetch_then_warm_hits_reach_vllm_with_whole_files(driver: Driver) {
+    let (lp, s) = start(driver, "");
     s.origin.put_adapter("acme/summarizer", &spec(300_000, 1));
     let r = chat(lp.addr, "acme/summarizer").await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -122,9 +124,8 @@ async fn cold_fetch_then_warm_hits_reach_vllm_with_whole_files() {
     assert!(text.contains("cache_tier=\"origin\"} 1"), "{text}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn two_hundred_concurrent_cold_requests_make_one_download() {
-    let (lp, s) = start("");
+async fn two_hundred_concurrent_cold_requests_make_one_download(driver: Driver) {
+    let (lp, s) = start(driver, "");
     s.origin.put_adapter("acme/popular", &spec(2_000_000, 2));
     s.origin.set_throttle(Some(8_000_000)); // ~0.25 s: every request arrives while it runs
     let tasks: Vec<_> = (0..200)
@@ -141,9 +142,8 @@ async fn two_hundred_concurrent_cold_requests_make_one_download() {
     assert_eq!(s.vllm.resolutions("acme/popular"), 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn unknown_adapter_is_vllms_404_and_bad_ones_are_502_with_nothing_published() {
-    let (lp, s) = start("");
+async fn unknown_adapter_is_vllms_404_and_bad_ones_are_502_with_nothing_published(driver: Driver) {
+    let (lp, s) = start(driver, "");
     let r = chat(lp.addr, "acme/nope").await;
     assert_eq!(r.status, 404);
     assert_eq!(
@@ -167,9 +167,8 @@ async fn unknown_adapter_is_vllms_404_and_bad_ones_are_502_with_nothing_publishe
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn fallback_rewrites_model_to_the_base_and_says_so() {
-    let (lp, s) = start("routing:\n  fallback_to_base_model: true\n");
+async fn fallback_rewrites_model_to_the_base_and_says_so(driver: Driver) {
+    let (lp, s) = start(driver, "routing:\n  fallback_to_base_model: true\n");
     let r = chat(lp.addr, "acme/missing").await;
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -184,10 +183,12 @@ async fn fallback_rewrites_model_to_the_base_and_says_so() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn eviction_spares_adapters_in_flight_and_tells_vllm_to_unload() {
+async fn eviction_spares_adapters_in_flight_and_tells_vllm_to_unload(driver: Driver) {
     // Room for about two 400 kB adapters.
-    let (lp, s) = start("storage:\n  dir: \"{DIR}/store\"\n  max_size: 900KB\n");
+    let (lp, s) = start(
+        driver,
+        "storage:\n  dir: \"{DIR}/store\"\n  max_size: 900KB\n",
+    );
     for (i, n) in ["acme/a", "acme/b", "acme/c"].iter().enumerate() {
         s.origin.put_adapter(n, &spec(400_000, 10 + i as u64));
     }
@@ -219,9 +220,11 @@ async fn eviction_spares_adapters_in_flight_and_tells_vllm_to_unload() {
     assert_eq!(held.response(false).await.status, 200);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_adapter_larger_than_the_budget_is_507_with_nothing_written() {
-    let (lp, s) = start("storage:\n  dir: \"{DIR}/store\"\n  max_size: 200KB\n");
+async fn an_adapter_larger_than_the_budget_is_507_with_nothing_written(driver: Driver) {
+    let (lp, s) = start(
+        driver,
+        "storage:\n  dir: \"{DIR}/store\"\n  max_size: 200KB\n",
+    );
     s.origin.put_adapter("acme/huge", &spec(500_000, 5));
     let r = chat(lp.addr, "acme/huge").await;
     assert_eq!(r.status, 507, "{}", String::from_utf8_lossy(&r.body));
@@ -229,18 +232,17 @@ async fn an_adapter_larger_than_the_budget_is_507_with_nothing_written() {
     assert!(!lp.path("store/acme/huge").exists());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn restart_rebuilds_from_disk_without_refetching() {
+async fn restart_rebuilds_from_disk_without_refetching(driver: Driver) {
     let dir = tempfile::tempdir().unwrap();
     let s = setup(&dir.path().join("store"));
     s.origin.put_adapter("acme/kept", &spec(200_000, 6));
-    let mut lp = node_in(dir, &s, "");
+    let mut lp = node_in(driver, dir, &s, "");
     assert_eq!(chat(lp.addr, "acme/kept").await.status, 200);
     let gets = s.origin.adapter_gets("acme/kept");
     assert!(lp.terminate().success());
     let dir = std::mem::replace(&mut lp.dir, tempfile::tempdir().unwrap());
     drop(lp);
-    let lp = node_in(dir, &s, "");
+    let lp = node_in(driver, dir, &s, "");
     s.vllm.forget_all();
     assert_eq!(chat(lp.addr, "acme/kept").await.status, 200);
     assert_eq!(
@@ -252,13 +254,12 @@ async fn restart_rebuilds_from_disk_without_refetching() {
     assert_eq!(stats["items"], 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn kill_9_mid_fetch_leaves_nothing_partial_and_the_restart_cleans_up() {
+async fn kill_9_mid_fetch_leaves_nothing_partial_and_the_restart_cleans_up(driver: Driver) {
     let dir = tempfile::tempdir().unwrap();
     let s = setup(&dir.path().join("store"));
     s.origin.put_adapter("acme/big", &spec(3_000_000, 7));
     s.origin.set_throttle(Some(1_000_000)); // 3 s
-    let mut lp = node_in(dir, &s, "");
+    let mut lp = node_in(driver, dir, &s, "");
     let addr = lp.addr;
     let req = tokio::spawn(async move { chat(addr, "acme/big").await });
     let tmp = lp.path("store/.loraplex-tmp");
@@ -279,7 +280,7 @@ async fn kill_9_mid_fetch_leaves_nothing_partial_and_the_restart_cleans_up() {
     s.origin.set_throttle(None);
     let dir = std::mem::replace(&mut lp.dir, tempfile::tempdir().unwrap());
     drop(lp);
-    let lp = node_in(dir, &s, "");
+    let lp = node_in(driver, dir, &s, "");
     let leftovers: Vec<_> = std::fs::read_dir(lp.path("store/.loraplex-tmp"))
         .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
         .unwrap_or_default();
@@ -288,9 +289,8 @@ async fn kill_9_mid_fetch_leaves_nothing_partial_and_the_restart_cleans_up() {
     assert!(s.vllm.faults().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn admin_api_and_traversal_names() {
-    let (lp, s) = start("");
+async fn admin_api_and_traversal_names(driver: Driver) {
+    let (lp, s) = start(driver, "");
     s.origin.put_adapter("acme/w1", &spec(100_000, 8));
     let outside = lp.path("outside.txt");
     std::fs::write(&outside, "keep me").unwrap();
@@ -353,9 +353,8 @@ async fn admin_api_and_traversal_names() {
     assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep me");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_update_at_the_origin_reaches_vllm_after_the_ttl() {
-    let (lp, s) = start("invalidation:\n  ttl: 1s\n");
+async fn an_update_at_the_origin_reaches_vllm_after_the_ttl(driver: Driver) {
+    let (lp, s) = start(driver, "invalidation:\n  ttl: 1s\n");
     s.origin.put_adapter("acme/live", &spec(100_000, 20));
     assert_eq!(chat(lp.addr, "acme/live").await.status, 200);
     let old = s.vllm.loaded_hash("acme/live").unwrap();
@@ -381,3 +380,16 @@ async fn an_update_at_the_origin_reaches_vllm_after_the_ttl() {
     );
     assert_eq!(weights_hash(&lp, "acme/live"), new);
 }
+
+on_both_drivers!(
+    cold_fetch_then_warm_hits_reach_vllm_with_whole_files,
+    two_hundred_concurrent_cold_requests_make_one_download,
+    unknown_adapter_is_vllms_404_and_bad_ones_are_502_with_nothing_published,
+    fallback_rewrites_model_to_the_base_and_says_so,
+    eviction_spares_adapters_in_flight_and_tells_vllm_to_unload,
+    an_adapter_larger_than_the_budget_is_507_with_nothing_written,
+    restart_rebuilds_from_disk_without_refetching,
+    kill_9_mid_fetch_leaves_nothing_partial_and_the_restart_cleans_up,
+    admin_api_and_traversal_names,
+    an_update_at_the_origin_reaches_vllm_after_the_ttl,
+);

@@ -1,12 +1,13 @@
 //! Three real nodes on loopback (127.0.0.1, .2, .3, one port), each with its own stand-in vLLM:
 //! one owner per key, the same vLLM for a key from any entry node, dead and overloaded owners,
-//! a spoofed forward mark, SSE through a peer.
+//! a spoofed forward mark, SSE through a peer. Every case runs under both io drivers
+//! (`io_uring::case`, `epoll::case`).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Node, Raw, post};
+use common::{Driver, Node, Raw, post};
 use loraplex::{
     cluster::placement::Placement,
     testkit::{
@@ -41,11 +42,11 @@ fn free_port(ip: &str) -> u16 {
 
 /// Three nodes, each with its own stand-in vLLM reading the node's store, all with `origin`
 /// (when given) as their http origin.
-async fn cluster(extra: &str) -> Cluster {
-    cluster_with(extra, None).await
+async fn cluster(driver: Driver, extra: &str) -> Cluster {
+    cluster_with(driver, extra, None).await
 }
 
-async fn cluster_with(extra: &str, origin: Option<&OriginStandIn>) -> Cluster {
+async fn cluster_with(driver: Driver, extra: &str, origin: Option<&OriginStandIn>) -> Cluster {
     let net = subnet();
     let port = free_port(&format!("{net}.1"));
     let peers: Vec<String> = (1..=3).map(|i| format!("{net}.{i}:{port}")).collect();
@@ -80,9 +81,10 @@ async fn cluster_with(extra: &str, origin: Option<&OriginStandIn>) -> Cluster {
                 peer = peers[i],
                 url = vllms[i].url(),
             );
-            Some(tokio::task::block_in_place(|| {
-                Node::start_in(dir, &yaml, &[])
-            }))
+            let node =
+                tokio::task::block_in_place(|| Node::start_in(dir, &driver.config(&yaml), &[]));
+            node.assert_driver(driver);
+            Some(node)
         })
         .collect();
     let c = Cluster {
@@ -187,9 +189,8 @@ async fn chat(addr: std::net::SocketAddr, session: &str, stream: bool) -> common
 
 const SESSION: &str = "hash_on: \"header:X-Session-ID\"";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_session_lands_on_one_node_from_any_entry_node() {
-    let c = cluster(&format!("routing:\n  {SESSION}\n")).await;
+async fn a_session_lands_on_one_node_from_any_entry_node(driver: Driver) {
+    let c = cluster(driver, &format!("routing:\n  {SESSION}\n")).await;
     // Ten sessions, each entered through all three nodes.
     for s in 0..10 {
         let session = format!("sess-{s}");
@@ -220,9 +221,8 @@ async fn a_session_lands_on_one_node_from_any_entry_node() {
     assert_eq!(c.vllms[1].served(BASE), before[1] + 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sse_streams_through_a_peer_event_by_event() {
-    let c = cluster(&format!("routing:\n  {SESSION}\n")).await;
+async fn sse_streams_through_a_peer_event_by_event(driver: Driver) {
+    let c = cluster(driver, &format!("routing:\n  {SESSION}\n")).await;
     // A session owned by node 2, entered through node 0.
     let session = c.key_owned_by(2, "stream");
     for v in &c.vllms {
@@ -257,9 +257,8 @@ async fn sse_streams_through_a_peer_event_by_event() {
     assert_eq!(c.served_by(&session), vec![2]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_dead_owner_moves_its_keys_to_the_next_node() {
-    let mut c = cluster(&format!("routing:\n  {SESSION}\n")).await;
+async fn a_dead_owner_moves_its_keys_to_the_next_node(driver: Driver) {
+    let mut c = cluster(driver, &format!("routing:\n  {SESSION}\n")).await;
     let session = "dead-owner";
     chat(c.node(0).addr, session, false).await;
     let owner = c.served_by(session)[0];
@@ -274,11 +273,11 @@ async fn a_dead_owner_moves_its_keys_to_the_next_node() {
     assert!(now.len() == 2 && now.contains(&owner), "{now:?}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_overloaded_owner_sheds_to_the_next_node() {
-    let c = cluster(&format!(
-        "routing:\n  {SESSION}\n  overflow_threshold: 0.01\n"
-    ))
+async fn an_overloaded_owner_sheds_to_the_next_node(driver: Driver) {
+    let c = cluster(
+        driver,
+        &format!("routing:\n  {SESSION}\n  overflow_threshold: 0.01\n"),
+    )
     .await;
     let session = "hot-session";
     chat(c.node(0).addr, session, false).await;
@@ -317,12 +316,12 @@ async fn an_overloaded_owner_sheds_to_the_next_node() {
     drop(held);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_spoofed_forward_mark_does_not_bypass_routing() {
+async fn a_spoofed_forward_mark_does_not_bypass_routing(driver: Driver) {
     // With a cluster token: the mark without it is ignored.
-    let c = cluster(&format!(
-        "routing:\n  {SESSION}\ncluster:\n  token: t0ken\n"
-    ))
+    let c = cluster(
+        driver,
+        &format!("routing:\n  {SESSION}\ncluster:\n  token: t0ken\n"),
+    )
     .await;
     let session = "spoof";
     chat(c.node(0).addr, session, false).await;
@@ -354,9 +353,8 @@ async fn a_spoofed_forward_mark_does_not_bypass_routing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn without_a_token_only_peer_addresses_are_trusted() {
-    let c = cluster(&format!("routing:\n  {SESSION}\n")).await;
+async fn without_a_token_only_peer_addresses_are_trusted(driver: Driver) {
+    let c = cluster(driver, &format!("routing:\n  {SESSION}\n")).await;
     let session = "spoof-ip";
     chat(c.node(0).addr, session, false).await;
     let owner = c.served_by(session)[0];
@@ -377,9 +375,8 @@ async fn without_a_token_only_peer_addresses_are_trusted() {
     assert_eq!(c.served_by(session), vec![owner]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_request_a_peer_acknowledged_is_never_sent_elsewhere() {
-    let mut c = cluster(&format!("routing:\n  {SESSION}\n")).await;
+async fn a_request_a_peer_acknowledged_is_never_sent_elsewhere(driver: Driver) {
+    let mut c = cluster(driver, &format!("routing:\n  {SESSION}\n")).await;
     let session = c.key_owned_by(1, "delivered");
     let mut raw = Raw::connect(c.node(0).addr).await;
     let head = format!("GET /slow?ms=4000 HTTP/1.1\r\nHost: t\r\nX-Session-ID: {session}\r\n\r\n");
@@ -410,10 +407,9 @@ async fn post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> common
     raw.response(false).await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn each_adapter_lives_on_its_owner_only() {
+async fn each_adapter_lives_on_its_owner_only(driver: Driver) {
     let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
-    let c = cluster_with("", Some(&origin)).await;
+    let c = cluster_with(driver, "", Some(&origin)).await;
     let names: Vec<String> = (0..6).map(|i| format!("acme/lora-{i}")).collect();
     for (i, n) in names.iter().enumerate() {
         origin.put_adapter(n, &AdapterSpec::new(BASE, 50_000, i as u64));
@@ -438,10 +434,9 @@ async fn each_adapter_lives_on_its_owner_only() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_new_owner_copies_the_adapter_from_a_peer_not_the_origin() {
+async fn a_new_owner_copies_the_adapter_from_a_peer_not_the_origin(driver: Driver) {
     let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
-    let c = cluster_with("", Some(&origin)).await;
+    let c = cluster_with(driver, "", Some(&origin)).await;
     let name = c.key_owned_by(2, "acme/moved");
     origin.put_adapter(&name, &AdapterSpec::new(BASE, 400_000, 9));
     // Node 0 holds it already (as after a ring change that gave it to node 2).
@@ -483,10 +478,9 @@ async fn a_new_owner_copies_the_adapter_from_a_peer_not_the_origin() {
     assert!(m.contains("origin=\"peer\",result=\"ok\""), "{m}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_evict_reaches_every_peer() {
+async fn an_evict_reaches_every_peer(driver: Driver) {
     let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
-    let c = cluster_with("", Some(&origin)).await;
+    let c = cluster_with(driver, "", Some(&origin)).await;
     origin.put_adapter("acme/everywhere", &AdapterSpec::new(BASE, 50_000, 3));
     for i in 0..3 {
         let r = post_json(
@@ -517,3 +511,16 @@ async fn an_evict_reaches_every_peer() {
     }
     // A client can't spoof a broadcast into a loop or past the token: the peers got it once.
 }
+
+on_both_drivers!(
+    a_session_lands_on_one_node_from_any_entry_node,
+    sse_streams_through_a_peer_event_by_event,
+    a_dead_owner_moves_its_keys_to_the_next_node,
+    an_overloaded_owner_sheds_to_the_next_node,
+    a_spoofed_forward_mark_does_not_bypass_routing,
+    without_a_token_only_peer_addresses_are_trusted,
+    a_request_a_peer_acknowledged_is_never_sent_elsewhere,
+    each_adapter_lives_on_its_owner_only,
+    a_new_owner_copies_the_adapter_from_a_peer_not_the_origin,
+    an_evict_reaches_every_peer,
+);

@@ -27,7 +27,7 @@ use loraplex::{
         identity::Identity,
     },
     control::Control,
-    server::Shutdown,
+    shutdown::Shutdown,
 };
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
@@ -359,108 +359,4 @@ async fn recovers_from_a_failed_list_and_a_gone_watch() {
     assert_eq!(api.list_calls.load(Ordering::SeqCst), 3);
     assert!(api.watch_calls.load(Ordering::SeqCst) >= 1);
     shutdown.trigger();
-}
-
-/// `examples/k8s/manifests.yaml` parses, and its parts agree with each other and with what
-/// discovery expects (RBAC for EndpointSlices, headless Service with a port discovery picks,
-/// the ConfigMap naming that Service, the shared adapter volume, probes, `--self`).
-#[test]
-fn example_manifests_are_consistent() {
-    use serde::Deserialize;
-    let text = include_str!("../examples/k8s/manifests.yaml");
-    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(text)
-        .map(|d| Value::deserialize(d).expect("valid YAML"))
-        .collect();
-    let find = |kind: &str, name: &str| -> &Value {
-        docs.iter()
-            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-            .unwrap_or_else(|| panic!("no {kind} {name}"))
-    };
-    let ns = "inference";
-    find("Namespace", ns);
-    for d in docs.iter().filter(|d| d["kind"] != "Namespace") {
-        assert_eq!(d["metadata"]["namespace"], ns, "{}", d["metadata"]["name"]);
-    }
-
-    let rule = &find("Role", "loraplex-endpointslice-reader")["rules"][0];
-    assert_eq!(rule["apiGroups"], json!(["discovery.k8s.io"]));
-    assert_eq!(rule["resources"], json!(["endpointslices"]));
-    assert_eq!(rule["verbs"], json!(["get", "list", "watch"]));
-    let binding = find("RoleBinding", "loraplex-endpointslice-reader");
-    assert_eq!(binding["subjects"][0]["name"], "loraplex");
-    find("ServiceAccount", "loraplex");
-
-    let headless = &find("Service", SERVICE)["spec"];
-    assert_eq!(headless["clusterIP"], "None");
-    assert_eq!(headless["publishNotReadyAddresses"], false);
-    assert_eq!(
-        headless["ports"][0]["name"], "http",
-        "the port name discovery looks for"
-    );
-
-    let cm = find("ConfigMap", "loraplex-config");
-    let config: Value =
-        serde_yaml_ng::from_str(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
-    assert_eq!(config["discovery"]["mode"], "k8s");
-    assert_eq!(config["discovery"]["k8s"]["service"], SERVICE);
-    assert_eq!(config["discovery"]["k8s"]["namespace"], ns);
-    let dir = config["storage"]["dir"].as_str().unwrap();
-
-    let pod = &find("Deployment", "loraplex")["spec"]["template"];
-    assert_eq!(pod["metadata"]["labels"], headless["selector"]);
-    assert_eq!(pod["spec"]["serviceAccountName"], "loraplex");
-    let containers = pod["spec"]["containers"].as_array().unwrap();
-    let container = |name: &str| containers.iter().find(|c| c["name"] == name).unwrap();
-    let (vllm, lp) = (container("vllm"), container("loraplex"));
-    let env = |c: &Value, k: &str| {
-        c["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["name"] == k)
-            .cloned()
-            .unwrap_or_default()
-    };
-    assert_eq!(
-        env(vllm, "VLLM_ALLOW_RUNTIME_LORA_UPDATING")["value"],
-        "true"
-    );
-    assert_eq!(
-        env(vllm, "VLLM_PLUGINS")["value"],
-        "lora_filesystem_resolver"
-    );
-    assert_eq!(env(vllm, "VLLM_LORA_RESOLVER_CACHE_DIR")["value"], dir);
-    let mount = |c: &Value| {
-        c["volumeMounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["mountPath"] == dir)
-            .cloned()
-    };
-    let (vm, lm) = (
-        mount(vllm).expect("vllm mounts the dir"),
-        mount(lp).expect("loraplex too"),
-    );
-    assert_eq!(vm["name"], lm["name"], "one shared volume");
-    let volume = pod["spec"]["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == lm["name"]);
-    assert!(volume.unwrap()["emptyDir"].is_object());
-    assert_eq!(lp["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(lp["readinessProbe"]["httpGet"]["path"], "/readyz");
-    let args: Vec<&str> = lp["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    let self_at = args.iter().position(|a| *a == "--self").expect("--self");
-    assert_eq!(args[self_at + 1], "$(POD_IP):9090");
-    assert_eq!(
-        env(lp, "POD_IP")["valueFrom"]["fieldRef"]["fieldPath"],
-        "status.podIP"
-    );
 }

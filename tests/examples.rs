@@ -103,3 +103,17 @@ fn document_routing() {
         ],
     );
 }
+
+#[test]
+fn kubernetes() {
+    assert_keys(
+        "k8s/config",
+        &[
+            ("discovery.mode", "k8s"),
+            ("discovery.k8s.service", "loraplex-headless"),
+            ("storage.dir", "/data/loraplex"),
+            ("admin.token", "<redacted>"),
+            ("cluster.token", "<redacted>"),
+        ],
+    );
+}

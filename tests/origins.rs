@@ -11,6 +11,7 @@ use bytes::Bytes;
 use common::s3::{S3Server, credentials};
 use loraplex::{
     Error,
+    adapter::AdapterName,
     config::TransferConfig,
     origin::{
         CrcAlgorithm, Manifest, Origin, OriginChain, OriginError, OriginErrorKind, check_manifest,
@@ -18,7 +19,6 @@ use loraplex::{
         s3::{S3, S3Settings},
         transfer::{ChunkSink, TransferError, pull_file},
     },
-    store::AdapterName,
     testkit::hub::{CdnHost, Fault, HubFile, StandInHub},
 };
 use sha2::{Digest, Sha256};

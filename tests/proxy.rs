@@ -1,12 +1,13 @@
 //! The proxy as a user meets it: the real binary on real sockets in front of the stand-in vLLM.
 //! Transparency (method, target, query, headers, bodies in every framing), keep-alive,
-//! pipelining, streaming, limits, errors in OpenAI's shape, health, shutdown.
+//! pipelining, streaming, limits, errors in OpenAI's shape, health, shutdown. Every case runs
+//! under both io drivers (`io_uring::case`, `epoll::case`).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Node, Raw, eventually, post};
+use common::{Driver, Node, Raw, eventually, post};
 use loraplex::testkit::{
     adapters::hash16,
     vllm::{VllmConfig, VllmStandIn},
@@ -21,15 +22,18 @@ fn vllm() -> VllmStandIn {
 }
 
 /// A node whose vLLM health poll runs once at start, so it doesn't blur connection counts.
-fn node(vllm: &VllmStandIn, extra: &str) -> Node {
-    node_polling(vllm, "1h", extra)
+fn node(driver: Driver, vllm: &VllmStandIn, extra: &str) -> Node {
+    node_polling(driver, vllm, "1h", extra)
 }
 
-fn node_polling(vllm: &VllmStandIn, interval: &str, extra: &str) -> Node {
-    Node::start(&format!(
-        "vllm_url: \"{}\"\nvllm:\n  model_name: \"{BASE}\"\n  health_check_interval: {interval}\n{extra}",
-        vllm.url()
-    ))
+fn node_polling(driver: Driver, vllm: &VllmStandIn, interval: &str, extra: &str) -> Node {
+    Node::start_on(
+        driver,
+        &format!(
+            "vllm_url: \"{}\"\nvllm:\n  model_name: \"{BASE}\"\n  health_check_interval: {interval}\n{extra}",
+            vllm.url()
+        ),
+    )
 }
 
 /// Requests vLLM received other than loraplex's own health and model polls.
@@ -48,10 +52,9 @@ fn header<'a>(echo: &'a Value, name: &str) -> Option<&'a str> {
         .find_map(|h| (h[0].as_str() == Some(name)).then(|| h[1].as_str().unwrap()))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn keeps_method_target_query_and_end_to_end_headers() {
+async fn keeps_method_target_query_and_end_to_end_headers(driver: Driver) {
     let vllm = vllm();
-    let lp = node(&vllm, "");
+    let lp = node(driver, &vllm, "");
     let mut c = Raw::connect(lp.addr).await;
     c.send(
         b"PUT /echo/a%20b?x=1&y=two HTTP/1.1\r\nHost: example\r\nAuthorization: Bearer t\r\n\
@@ -80,10 +83,9 @@ async fn keeps_method_target_query_and_end_to_end_headers() {
     assert_eq!(echo["body_xxh3"], hash16(xxh3_64(b"abc")));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn chunked_request_body_arrives_whole_with_a_length() {
+async fn chunked_request_body_arrives_whole_with_a_length(driver: Driver) {
     let vllm = vllm();
-    let lp = node(&vllm, "");
+    let lp = node(driver, &vllm, "");
     let mut c = Raw::connect(lp.addr).await;
     c.send(b"POST /echo/x HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         .await;
@@ -99,10 +101,9 @@ async fn chunked_request_body_arrives_whole_with_a_length() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn expect_100_continue_is_answered_before_the_body() {
+async fn expect_100_continue_is_answered_before_the_body(driver: Driver) {
     let vllm = vllm();
-    let lp = node(&vllm, "");
+    let lp = node(driver, &vllm, "");
     let mut c = Raw::connect(lp.addr).await;
     let body = r#"{"model":"tiny-base","prompt":"hi"}"#;
     c.send(
@@ -124,10 +125,9 @@ async fn expect_100_continue_is_answered_before_the_body() {
     assert_eq!(header(&echo, "expect"), None);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn keep_alive_on_both_sides_and_pipelining_in_order() {
+async fn keep_alive_on_both_sides_and_pipelining_in_order(driver: Driver) {
     let vllm = vllm();
-    let lp = node(&vllm, "");
+    let lp = node(driver, &vllm, "");
     eventually("the start-up health poll", || {
         vllm.recent_heads().len() == 1
     })
@@ -163,10 +163,9 @@ async fn keep_alive_on_both_sides_and_pipelining_in_order() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_response_framing_passes_through() {
+async fn every_response_framing_passes_through(driver: Driver) {
     let vllm = vllm();
-    let lp = node(&vllm, "");
+    let lp = node(driver, &vllm, "");
     for kind in ["length", "chunked", "close"] {
         let mut c = Raw::connect(lp.addr).await;
         c.send(format!("GET /framing/{kind}?size=300000&pieces=5&gap_ms=5&seed=7 HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
@@ -206,10 +205,9 @@ async fn every_response_framing_passes_through() {
     assert_eq!(c.response(false).await.json()["target"], "/echo/after");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sse_events_are_flushed_one_by_one() {
+async fn sse_events_are_flushed_one_by_one(driver: Driver) {
     let vllm = vllm();
-    let lp = node(&vllm, "");
+    let lp = node(driver, &vllm, "");
     let mut c = Raw::connect(lp.addr).await;
     let body = format!(r#"{{"model":"{BASE}","stream":true,"max_tokens":5,"messages":[]}}"#);
     let started = Instant::now();
@@ -244,10 +242,9 @@ async fn sse_events_are_flushed_one_by_one() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn body_over_the_limit_is_413_and_the_connection_closes() {
+async fn body_over_the_limit_is_413_and_the_connection_closes(driver: Driver) {
     let vllm = vllm();
-    let lp = node(&vllm, "server:\n  max_body_size: 1KB\n");
+    let lp = node(driver, &vllm, "server:\n  max_body_size: 1KB\n");
     let mut c = Raw::connect(lp.addr).await;
     let big = format!(r#"{{"model":"{BASE}","prompt":"{}"}}"#, "x".repeat(2000));
     c.send(&post("/v1/completions", &big, "")).await;
@@ -264,10 +261,9 @@ async fn body_over_the_limit_is_413_and_the_connection_closes() {
     assert_eq!(app_requests(&vllm), 0, "nothing reached vLLM");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_names_and_bad_json_are_400_in_openai_shape() {
+async fn bad_names_and_bad_json_are_400_in_openai_shape(driver: Driver) {
     let vllm = vllm();
-    let lp = node(&vllm, "");
+    let lp = node(driver, &vllm, "");
     let mut c = Raw::connect(lp.addr).await;
     for (body, needle) in [
         (
@@ -299,10 +295,9 @@ async fn bad_names_and_bad_json_are_400_in_openai_shape() {
     assert_eq!(app_requests(&vllm), 1, "only the last request reached vLLM");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn client_disconnect_cancels_the_upstream_request() {
+async fn client_disconnect_cancels_the_upstream_request(driver: Driver) {
     let vllm = vllm();
-    let lp = node(&vllm, "");
+    let lp = node(driver, &vllm, "");
     let mut c = Raw::connect(lp.addr).await;
     c.send(b"GET /slow?ms=5000 HTTP/1.1\r\nHost: t\r\n\r\n")
         .await;
@@ -314,10 +309,9 @@ async fn client_disconnect_cancels_the_upstream_request() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn health_readiness_and_metrics() {
+async fn health_readiness_and_metrics(driver: Driver) {
     let vllm = vllm();
-    let lp = node_polling(&vllm, "100ms", "");
+    let lp = node_polling(driver, &vllm, "100ms", "");
     let get = |path: &'static str| {
         let addr = lp.addr;
         async move {
@@ -367,10 +361,9 @@ async fn health_readiness_and_metrics() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn base_model_is_learnt_from_vllm_when_not_configured() {
+async fn base_model_is_learnt_from_vllm_when_not_configured(driver: Driver) {
     let vllm = vllm();
-    let lp = Node::start(&format!("vllm_url: \"{}\"", vllm.url()));
+    let lp = Node::start_on(driver, &format!("vllm_url: \"{}\"", vllm.url()));
     let mut c = Raw::connect(lp.addr).await;
     c.send(&post(
         "/v1/chat/completions",
@@ -383,15 +376,15 @@ async fn base_model_is_learnt_from_vllm_when_not_configured() {
     assert_eq!(vllm.served(BASE), 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn unreachable_vllm_is_503_in_openai_shape() {
+async fn unreachable_vllm_is_503_in_openai_shape(driver: Driver) {
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let lp = Node::start(&format!(
-        "vllm_url: \"http://{closed}\"\nvllm:\n  model_name: \"{BASE}\""
-    ));
+    let lp = Node::start_on(
+        driver,
+        &format!("vllm_url: \"http://{closed}\"\nvllm:\n  model_name: \"{BASE}\""),
+    );
     let mut c = Raw::connect(lp.addr).await;
     c.send(&post(
         "/v1/chat/completions",
@@ -404,10 +397,9 @@ async fn unreachable_vllm_is_503_in_openai_shape() {
     assert_eq!(r.json()["error"]["type"], "ServiceUnavailableError");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn admin_needs_the_token_when_set() {
+async fn admin_needs_the_token_when_set(driver: Driver) {
     let vllm = vllm();
-    let lp = node(&vllm, "admin:\n  token: s3cret\n");
+    let lp = node(driver, &vllm, "admin:\n  token: s3cret\n");
     let mut c = Raw::connect(lp.addr).await;
     c.send(b"GET /admin/cache/stats HTTP/1.1\r\nHost: t\r\n\r\n")
         .await;
@@ -416,10 +408,9 @@ async fn admin_needs_the_token_when_set() {
     assert_eq!(r.json()["error"]["type"], "AuthenticationError");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
+async fn sigterm_lets_requests_in_flight_finish_then_exits_0(driver: Driver) {
     let vllm = vllm();
-    let mut lp = node(&vllm, "");
+    let mut lp = node(driver, &vllm, "");
     let mut c = Raw::connect(lp.addr).await;
     c.send(b"GET /slow?ms=800 HTTP/1.1\r\nHost: t\r\n\r\n")
         .await;
@@ -436,3 +427,20 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+on_both_drivers!(
+    keeps_method_target_query_and_end_to_end_headers,
+    chunked_request_body_arrives_whole_with_a_length,
+    expect_100_continue_is_answered_before_the_body,
+    keep_alive_on_both_sides_and_pipelining_in_order,
+    every_response_framing_passes_through,
+    sse_events_are_flushed_one_by_one,
+    body_over_the_limit_is_413_and_the_connection_closes,
+    bad_names_and_bad_json_are_400_in_openai_shape,
+    client_disconnect_cancels_the_upstream_request,
+    health_readiness_and_metrics,
+    base_model_is_learnt_from_vllm_when_not_configured,
+    unreachable_vllm_is_503_in_openai_shape,
+    admin_needs_the_token_when_set,
+    sigterm_lets_requests_in_flight_finish_then_exits_0,
+);

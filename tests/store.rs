@@ -11,10 +11,7 @@ use std::{
 };
 
 use common::*;
-use loraplex::{
-    origin::Origin,
-    store::{AdapterName, validate},
-};
+use loraplex::{adapter::AdapterName, origin::Origin, store::validate};
 
 #[test]
 fn cold_then_warm() {
@@ -70,6 +67,10 @@ fn cold_then_warm() {
     assert!(
         text.contains("loraplex_cache_items{tier=\"local\"} 1"),
         "{text}"
+    );
+    assert!(
+        text.contains("loraplex_cache_max_size_bytes{tier=\"local\"} 1073741824"),
+        "the budget gauge is storage.max_size: {text}"
     );
 }
 

@@ -62,7 +62,7 @@ impl Identity {
     /// [`Identity::new`] from the config's `listen` and `self_addr` (no bound port yet: a
     /// configured port 0 stays 0; prefer [`Identity::new`] with the bound address).
     pub fn from_config(cfg: &Config) -> Result<Identity, Error> {
-        let listen = crate::server::listen_addr(&cfg.listen)?;
+        let listen = crate::config::listen_addr(&cfg.listen)?;
         Identity::new(listen, cfg.self_addr.as_deref())
     }
 

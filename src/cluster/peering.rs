@@ -3,52 +3,25 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use serde::Deserialize;
-
 use crate::{
     cluster::{
         discovery::{Discovery, Members},
+        protocol::PeerClient,
         router::Router,
     },
     control::Control,
-    server::Shutdown,
+    shutdown::Shutdown,
 };
-
-/// Headers that mark a request as sent by a peer.
-pub const FORWARDED_HEADER: &str = "x-loraplex-forwarded";
-pub const TOKEN_HEADER: &str = "x-loraplex-token";
-
-const PEER_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The Go project's `/healthz` answer.
-#[derive(Deserialize)]
-struct Healthz {
-    #[serde(default)]
-    load: f64,
-    #[serde(default = "yes")]
-    vllm_healthy: bool,
-}
-
-fn yes() -> bool {
-    true
-}
 
 /// Start following `discovery` and polling peers every `interval`, until `shutdown`.
 pub fn start(
     router: Arc<Router>,
     discovery: Discovery,
+    client: PeerClient,
     control: &Control,
     interval: Duration,
     shutdown: Shutdown,
 ) {
-    // A peer gets a few seconds to answer whatever the poll interval: a busy node is slow,
-    // not dead (the Go project uses 3 s too).
-    let client = reqwest::Client::builder()
-        .local_address(router.source_ip)
-        .timeout(PEER_CHECK_TIMEOUT)
-        .no_proxy()
-        .build()
-        .expect("a plain HTTP client always builds");
     // The first topology is in place before the workers take a request.
     let mut rx = discovery.subscribe();
     let members = rx.borrow_and_update().clone();
@@ -90,37 +63,25 @@ async fn resolve(members: &Members) -> HashMap<String, Vec<SocketAddr>> {
     out
 }
 
-async fn poll_peers(router: &Router, client: &reqwest::Client) {
+async fn poll_peers(router: &Router, client: &PeerClient) {
     let topo = router.topology();
     let checks = topo
         .peers
         .iter()
         .enumerate()
         .filter(|(i, _)| *i != topo.me)
-        .map(|(_, p)| {
-            let url = format!("http://{}/healthz", p.addr);
-            async move {
-                let answer = async {
-                    client
-                        .get(url)
-                        .send()
-                        .await?
-                        .error_for_status()?
-                        .json::<Healthz>()
-                        .await
-                };
-                match answer.await {
-                    Ok(h) => {
-                        if !p.health.is_up() {
-                            tracing::info!(peer = %p.addr, "peer is reachable again");
-                        }
-                        p.health.observe(h.vllm_healthy, h.load);
+        .map(|(_, p)| async move {
+            match client.healthz(&p.addr).await {
+                Ok(h) => {
+                    if !p.health.is_up() {
+                        tracing::info!(peer = %p.addr, "peer is reachable again");
                     }
-                    Err(e) => {
-                        let was_up = p.health.is_up();
-                        if p.health.check_failed() && was_up {
-                            tracing::warn!(peer = %p.addr, error = %e, "peer is down");
-                        }
+                    p.health.observe(h.vllm_healthy, h.load);
+                }
+                Err(e) => {
+                    let was_up = p.health.is_up();
+                    if p.health.check_failed() && was_up {
+                        tracing::warn!(peer = %p.addr, error = %e, "peer is down");
                     }
                 }
             }
@@ -132,40 +93,22 @@ async fn poll_peers(router: &Router, client: &reqwest::Client) {
 /// Returns `(peer, ok)` per peer.
 pub async fn broadcast_evict(
     router: &Router,
+    client: &PeerClient,
     adapter: &str,
     admin_token: Option<&str>,
 ) -> Vec<(String, bool)> {
     let topo = router.topology();
-    let mut client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .no_proxy();
-    if let Some(ip) = router.source_ip {
-        client = client.local_address(ip);
-    }
-    let client = client.build().expect("a plain HTTP client always builds");
     let calls = topo
         .peers
         .iter()
         .enumerate()
         .filter(|(i, _)| *i != topo.me)
-        .map(|(_, p)| {
-            let mut req = client
-                .post(format!("http://{}/admin/cache/evict", p.addr))
-                .header(FORWARDED_HEADER, "1")
-                .json(&serde_json::json!({ "adapter": adapter }));
-            if let Some(t) = &router.token {
-                req = req.header(TOKEN_HEADER, t);
+        .map(|(_, p)| async move {
+            let ok = client.evict(&p.addr, adapter, admin_token).await;
+            if !ok {
+                tracing::warn!(peer = %p.addr, adapter, "evict broadcast failed");
             }
-            if let Some(t) = admin_token {
-                req = req.bearer_auth(t);
-            }
-            async move {
-                let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
-                if !ok {
-                    tracing::warn!(peer = %p.addr, adapter, "evict broadcast failed");
-                }
-                (p.addr.clone(), ok)
-            }
+            (p.addr.clone(), ok)
         });
     futures_util::future::join_all(calls).await
 }

@@ -7,77 +7,19 @@
 //!   do not matter, and nothing depends on the history of joins and leaves.
 //! - When any one peer leaves (first, middle or last), only the keys it owned move, and they
 //!   spread over the others; when a peer joins, only the keys it now owns move, all to it.
-//! - Load is as even as hashing allows (see the figures below).
+//! - Load is as even as hashing allows.
 //! - [`Placement::owner`] costs one xxh3 of the key, one table record read and a few
 //!   multiplies; [`Placement::order`] (the fallback walk) is cheap for its first entries.
 //!
-//! # Scheme: rendezvous hashing, made O(1) by a slot table
+//! # Scheme
 //!
-//! Placement is rendezvous (highest random weight) hashing: a key goes to the peer with the
-//! highest `score(key, peer)`, and its fallback order is the peers by decreasing score. Any
-//! fixed score function gives the contract's movement property exactly: removing a peer changes
-//! the argmax only for keys whose argmax it was, and the second-ranked peer of a key is exactly
-//! its owner once the first leaves, so a dead-owner retry lands where the key will live after
-//! membership catches up. Plain rendezvous costs one hash per peer per lookup (N of them);
-//! the score used here is shaped so that a table can cache the few peers that can win:
-//!
-//! 1. `h = xxh3(key)`; its top [`SLOT_BITS`] bits pick one of `S` = 2^18 slots.
-//! 2. Each peer is *hot* in exactly one slot of every block of 64 (which one is picked by
-//!    `xxh3(block, peer)`): a stratified 1/64 of the table, so every peer has exactly `S/64`
-//!    hot slots, whatever the other peers are.
-//! 3. `score(key, peer) = (hot(slot, peer), hot ? mul(h, peer) : mix(slot, peer))`, compared
-//!    lexicographically. The hot peers of a slot (about N/64 of them) share its keys by a
-//!    key-level rendezvous (one 64-bit multiply each); a slot no peer is hot in (common below
-//!    ~100 peers) goes whole to its slot-level rendezvous winner.
-//!
-//! The table (`placement/table.rs`) stores per slot its hot peers, or its slot winner, in a fixed-width
-//! record: `owner` scores exactly `width` entries, branch-free (8-wide records, what 256 peers
-//! need, in one AVX-512 register where the CPU has it: `placement/simd.rs`, which computes
-//! exactly the portable scores, so mixed clusters agree). Building it costs `N·S/64`
-//! hashes for the hot sets plus `N` per slot without hot peers: 10–40 ms for 3–256 peers.
-//!
-//! # Why not the first sketch
-//!
-//! - *Jump hash onto the slots.* With a fixed slot count, jump hash (Lamping & Veach) only
-//!   yields a uniform slot, which the top bits of xxh3 already are; its consistency under a
-//!   growing bucket count is never exercised, and its ~ln(S) dependent float divisions cost
-//!   about as much as a whole lookup (bench: `parts/jump_hash/65536` ≈ 100 ns here against
-//!   ≈ 6 ns for the xxh3 of the key). [`jump_hash`] is kept, tested and benched; the lookup uses the top bits.
-//! - *One rendezvous winner per slot.* Slot counts are then multinomial: at 256 peers and
-//!   65536 slots, 256 ± 16 slots per peer, so the busiest peer carries ~1.17× the mean.
-//! - *Capping slots per peer (bounded loads, or a round-robin fill like Maglev).* Slot balance
-//!   becomes perfect, but a membership change reshuffles the capped assignment far beyond the
-//!   leaving peer's share. Measured (65536 slots, middle peer leaving): bounded-load greedy
-//!   with cap `ceil(S/N)` moves 1.25/N at 64 peers and 2.8/N at 256 (2.3/N with 2 slots of
-//!   slack); Maglev 1.33/N and 2.9/N. Random second choices give each survivor a
-//!   Poisson-many share of the orphans and the caps push the excess along chains; that noise
-//!   only fades with S/N² slots per survivor, i.e. tens of millions of slots.
-//!
-//! # Trade-off and measured figures
-//!
-//! Exact minimal movement is kept; the price is that the table's structure adds some
-//! imbalance to the sampling noise of the keys. With 1M random keys even the ideal (each key
-//! on an independent uniform peer) has a peak-to-mean of about 1 + 2.8·√(N/1M), ≈1.045 at 256
-//! peers, so a 1.05 goal is at the noise floor there. The table's own load spread (16M keys)
-//! is ≈1 % (sd) at 64 and 256 peers, 0.4 % at 3; at 1M keys and 256 peers that puts the peak
-//! at 1.044–1.055 over six key sets, against 1.036–1.049 for the ideal.
-//!
-//! The knob is the block length (`HOT_BLOCK_BITS`) with the slot count: more hot peers per
-//! slot even the load but cost a multiply each per lookup. Measured at 256 peers (thread CPU
-//! time on a shared 2-vCPU VM; sd from 16M keys):
-//!
-//! | slots / block | hot peers per slot | load sd | `owner` (cached table) | table |
-//! |---------------|--------------------|---------|------------------------|-------|
-//! | 2^17 / 32     | 8                  | 0.74 %  | 80–114 ns (50–54)      | 3.3 MiB |
-//! | 2^18 / 64 (*) | 4                  | 1.08 %  | 54–118 ns (30–50)      | 4.2 MiB |
-//! | 2^19 / 128    | 2                  | —       | 42 ns (23)             | 4.6 MiB |
-//!
-//! (*) is the one in use. Ranges are over several runs: the VM was shared with other builds,
-//! and even the xxh3 of a 28-byte key measured 5–6.5 ns. These figures predate the AVX-512
-//! path (and the switch from a folded 128-bit multiply to a 64-bit one, which AVX-512 has):
-//! with it, 2^18 / 64 measures 38–49 ns (23–28 cached) in `cargo bench --bench placement`.
-//!
-//! 2^19/128 lifts the 1M-key peak to ≈1.051 on average; 2^17/32 lowers it by ≈0.001 only.
+//! Rendezvous (highest random weight) hashing: a key goes to the peer with the highest
+//! `score(key, peer)`, its fallback order is the peers by decreasing score. The key's xxh3
+//! picks one of 2^[`SLOT_BITS`] slots; each peer is *hot* in one slot of every block of 64, and
+//! the score ranks the hot peers of the key's slot first. The slot table (`table.rs`; 8 scores
+//! at once with AVX-512 in `simd.rs`, equal to the portable ones) caches per slot the few peers
+//! that can win. Why this scheme, the alternatives tried and the measured figures:
+//! `docs/placement.md`.
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -132,22 +74,6 @@ pub struct Placement {
     /// Per slot: its hot peers (ascending), or its single slot-level winner when no peer is
     /// hot there. Empty when there are no peers.
     table: SlotTable,
-}
-
-/// Jump consistent hash: maps `key` to a bucket in `0..buckets` so that growing the bucket
-/// count from `n` to `n + 1` moves only the keys that land in the new bucket (about 1/(n+1)).
-///
-/// John Lamping, Eric Veach, "A Fast, Minimal Memory, Consistent Hash Algorithm",
-/// arXiv:1406.2294 (2014). Only the last bucket may leave, which is why placement does not map
-/// keys straight onto a peer list with it (see the module doc). `buckets == 0` yields 0.
-pub fn jump_hash(mut key: u64, buckets: u32) -> u32 {
-    let (mut b, mut j) = (-1i64, 0i64);
-    while j < i64::from(buckets) {
-        b = j;
-        key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
-        j = ((b + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
-    }
-    b.max(0) as u32
 }
 
 /// The murmur3 64-bit finalizer: a full-avalanche mix, for seeds and slot-level scores.

@@ -6,6 +6,7 @@
 //! the value, and nothing downstream re-parses strings.
 
 use std::{
+    net::{SocketAddr, ToSocketAddrs},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -20,6 +21,8 @@ pub mod units;
 mod tests;
 
 pub use render::Redact;
+
+use crate::error::Error;
 
 /// Why a config was refused. `Display` is the message for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +194,19 @@ impl Config {
     pub fn to_yaml(&self, redact: Redact) -> String {
         render::render(self, redact)
     }
+}
+
+/// Parse a Go-style listen address (`:8080` means every interface).
+pub fn listen_addr(listen: &str) -> Result<SocketAddr, Error> {
+    let full = if listen.starts_with(':') {
+        format!("0.0.0.0{listen}")
+    } else {
+        listen.into()
+    };
+    full.to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| Error::internal(format!("listen: cannot resolve {listen:?}")))
 }
 
 /// Everything loraplex runs with, validated.

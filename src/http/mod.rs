@@ -5,6 +5,7 @@
 //! - [`chunked`]: a streaming chunked-transfer decoder (decode or just find the end).
 //! - [`model`]: the top-level `"model"` of an OpenAI JSON body, and rewriting it.
 //! - [`response`]: small answers of the proxy's own (errors, JSON, text).
+//! - [`constant_time_eq`]: comparing a token a request carries with the configured secret.
 //!
 //! Heads are parsed once into spans over an immutable `Bytes`; nothing on the hot path copies a
 //! header.
@@ -15,3 +16,8 @@ pub mod model;
 pub mod response;
 
 pub use head::{BodyKind, Method, RequestHead, ResponseHead};
+
+/// Compare secrets without an early exit that would leak the matching prefix length.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -66,8 +66,13 @@ pub fn error(out: &mut Vec<u8>, err: &Error, keep_alive: bool) {
 }
 
 /// A JSON response.
-pub fn json(out: &mut Vec<u8>, status: u16, value: &serde_json::Value, keep_alive: bool) {
-    let body = serde_json::to_vec(value).expect("a Value always serializes");
+pub fn json<T: serde::Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    status: u16,
+    value: &T,
+    keep_alive: bool,
+) {
+    let body = serde_json::to_vec(value).expect("our answers always serialize");
     write(out, status, "application/json", &[], &body, keep_alive);
 }
 

@@ -16,8 +16,8 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt, future::BoxFuture, stream};
 
-use super::{CONFIG_FILE, FileSpec, FileStream, Manifest, Origin, OriginError};
-use crate::store::AdapterName;
+use super::{FileSpec, FileStream, Manifest, Origin, OriginError};
+use crate::adapter::{AdapterName, CONFIG_FILE};
 
 /// Bytes per read.
 const CHUNK: usize = 1 << 20;
@@ -148,6 +148,7 @@ impl Origin for FileOrigin {
                 files,
                 etag: Some(id),
                 revision: None,
+                source: None,
             })
         }
         .boxed()
@@ -205,7 +206,7 @@ impl Origin for FileOrigin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::origin::{SAFETENSORS_FILE, check_manifest};
+    use crate::{adapter::SAFETENSORS_FILE, origin::check_manifest};
 
     #[tokio::test]
     async fn lists_and_streams_from_offset() {

@@ -13,10 +13,14 @@ use reqwest::{
 };
 
 use super::{
-    BIN_FILE, CONFIG_FILE, FileSpec, FileStream, Manifest, Origin, OriginError, SAFETENSORS_FILE,
-    remote::{chain, parse_content_range},
+    FileSpec, FileStream, Manifest, Origin, OriginError,
+    remote::{ContentRange, chain, parse_content_range},
 };
-use crate::{config::TransferConfig, error::Error, store::AdapterName};
+use crate::{
+    adapter::{AdapterName, BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE},
+    config::TransferConfig,
+    error::Error,
+};
 
 pub struct HttpOrigin {
     base_url: String,
@@ -99,7 +103,7 @@ fn content_id(config: &Response, weights: Option<&Response>) -> Option<String> {
 }
 
 /// The `Content-Range` of a 206 answer.
-fn content_range(resp: &Response) -> Option<(u64, Option<u64>)> {
+fn content_range(resp: &Response) -> Option<ContentRange> {
     parse_content_range(resp.headers().get(CONTENT_RANGE)?.to_str().ok()?)
 }
 
@@ -158,6 +162,7 @@ impl Origin for HttpOrigin {
                 files,
                 etag,
                 revision: None,
+                source: None,
             })
         }
         .boxed()
@@ -177,16 +182,19 @@ impl Origin for HttpOrigin {
                 req = req.header(RANGE, format!("bytes={offset}-"));
             }
             let resp = self.send(req, &url).await?;
-            let (start, total) = match resp.status() {
+            let ContentRange { start, total } = match resp.status() {
                 StatusCode::PARTIAL_CONTENT => match content_range(&resp) {
-                    Some((start, total)) => (start, total),
+                    Some(range) => range,
                     None => {
                         return Err(OriginError::invalid(format!(
                             "GET {url}: 206 without a usable Content-Range"
                         )));
                     }
                 },
-                StatusCode::OK => (0, header_len(&resp)),
+                StatusCode::OK => ContentRange {
+                    start: 0,
+                    total: header_len(&resp),
+                },
                 s => return Err(OriginError::from_status(s.as_u16(), &format!("GET {url}"))),
             };
             let body = resp

@@ -28,11 +28,15 @@ use reqwest::{StatusCode, Url, header, redirect};
 use serde::Deserialize;
 
 use super::{
-    BIN_FILE, CONFIG_FILE, FileSpec, FileStream, Manifest, Origin, OriginError, SAFETENSORS_FILE,
-    remote::{agree, classify_reqwest, parse_content_range},
+    FileSpec, FileStream, Manifest, Origin, OriginError,
+    remote::{ContentRange, agree, classify_reqwest, parse_content_range},
     transfer::parse_sha256,
 };
-use crate::{config::TransferConfig, error::Error, store::AdapterName};
+use crate::{
+    adapter::{AdapterName, BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE},
+    config::TransferConfig,
+    error::Error,
+};
 
 /// The metric label and config `type`.
 pub const ORIGIN: &str = "huggingface";
@@ -202,7 +206,8 @@ impl HubClient {
             if !status.is_success() {
                 return Err(self.refusal(&resp, &what));
             }
-            let (start, total) = body_range(&resp, offset).map_err(|e| e.context(&what))?;
+            let ContentRange { start, total } =
+                body_range(&resp, offset).map_err(|e| e.context(&what))?;
             let size = linked.take().and_then(|l| l.size);
             agree("size", size, total).map_err(|e| e.context(&what))?;
             let body = resp
@@ -292,7 +297,7 @@ impl Linked {
 
 /// Where the body starts and the file's full size, from a 200 or 206 answer to a request for
 /// `offset..`.
-fn body_range(resp: &reqwest::Response, offset: u64) -> Result<(u64, Option<u64>), OriginError> {
+fn body_range(resp: &reqwest::Response, offset: u64) -> Result<ContentRange, OriginError> {
     if resp.status() == StatusCode::PARTIAL_CONTENT {
         let range = resp
             .headers()
@@ -300,16 +305,19 @@ fn body_range(resp: &reqwest::Response, offset: u64) -> Result<(u64, Option<u64>
             .and_then(|v| v.to_str().ok())
             .and_then(parse_content_range)
             .ok_or_else(|| OriginError::invalid("206 without a usable Content-Range"))?;
-        if range.0 != offset {
+        if range.start != offset {
             return Err(OriginError::invalid(format!(
                 "asked for offset {offset}, got Content-Range from {}",
-                range.0
+                range.start
             )));
         }
         return Ok(range);
     }
     // 200: the whole file (a server that ignores Range starts at 0; the transfer skips).
-    Ok((0, resp.content_length()))
+    Ok(ContentRange {
+        start: 0,
+        total: resp.content_length(),
+    })
 }
 
 /// Which files of a repo make the adapter.
@@ -405,6 +413,7 @@ impl HuggingFace {
             files,
             etag: None,
             revision: Some(revision.sha),
+            source: None,
         })
     }
 }

@@ -28,18 +28,11 @@ use bytes::Bytes;
 use futures_util::{future::BoxFuture, stream::BoxStream};
 
 use crate::{
+    adapter::{AdapterName, BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE},
     config::{Config, OriginConfig, TransferConfig},
     control::Control,
     error::{Error, ErrorKind},
-    store::AdapterName,
 };
-
-/// The file vLLM reads first; every adapter has one.
-pub const CONFIG_FILE: &str = "adapter_config.json";
-/// Weights, preferred.
-pub const SAFETENSORS_FILE: &str = "adapter_model.safetensors";
-/// Weights, legacy pickle format, used when there is no safetensors file.
-pub const BIN_FILE: &str = "adapter_model.bin";
 
 /// Why an origin could not deliver; decides what the chain does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,6 +193,9 @@ pub struct Manifest {
     pub etag: Option<String>,
     /// Commit / revision (Hugging Face), when there is one.
     pub revision: Option<String>,
+    /// Where the files are read from, when the origin chose it with the manifest (the `peer`
+    /// origin: the node that gave it); `None` for the others.
+    pub source: Option<String>,
 }
 
 impl Manifest {
@@ -426,6 +422,7 @@ mod tests {
             files,
             etag: None,
             revision: Some("r".into()),
+            source: None,
         };
         assert!(check_manifest(&m(vec![cfg.clone(), w.clone()])).is_ok());
         let only_cfg = check_manifest(&m(vec![cfg.clone()])).unwrap_err();

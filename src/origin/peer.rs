@@ -11,67 +11,32 @@
 //! is verified like any origin's (sizes, then the store's safetensors and config checks).
 //! `head` always answers "not found": revalidation asks the real origins.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::sync::Arc;
 
 use futures_util::{FutureExt, StreamExt, TryStreamExt, future::BoxFuture};
-use reqwest::{StatusCode, header::RANGE};
-use serde::Deserialize;
+use reqwest::StatusCode;
 
 use super::{FileSpec, FileStream, Manifest, Origin, OriginError};
 use crate::{
+    adapter::AdapterName,
     cluster::{
-        peering::TOKEN_HEADER,
+        protocol::PeerClient,
         router::{Router, Topology},
     },
     config::TransferConfig,
-    proxy::peer_files::PREFIX,
-    store::AdapterName,
 };
 
 /// Peers asked for an adapter.
 pub const ASK: usize = 3;
-/// Time a peer gets to answer a manifest request.
-const MANIFEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct PeerOrigin {
     router: Arc<Router>,
-    client: reqwest::Client,
-    /// Which peer gave the manifest of an adapter being fetched (files come from the same one).
-    sources: Mutex<HashMap<AdapterName, String>>,
-}
-
-#[derive(Deserialize)]
-struct PeerManifest {
-    content_id: Option<String>,
-    files: Vec<PeerFile>,
-}
-
-#[derive(Deserialize)]
-struct PeerFile {
-    path: String,
-    size: u64,
+    client: PeerClient,
 }
 
 impl PeerOrigin {
-    pub fn new(router: Arc<Router>) -> Result<PeerOrigin, crate::Error> {
-        let mut builder = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(MANIFEST_TIMEOUT);
-        if let Some(ip) = router.source_ip {
-            builder = builder.local_address(ip);
-        }
-        let client = builder
-            .build()
-            .map_err(|e| crate::Error::internal(e.to_string()))?;
-        Ok(PeerOrigin {
-            router,
-            client,
-            sources: Mutex::new(HashMap::new()),
-        })
+    pub fn new(router: Arc<Router>, client: PeerClient) -> PeerOrigin {
+        PeerOrigin { router, client }
     }
 
     /// The peers to ask, in the adapter name's order, usable ones only, this node excluded.
@@ -85,23 +50,6 @@ impl PeerOrigin {
             .take(ASK)
             .map(|i| topo.peers[i].addr.clone())
             .collect()
-    }
-
-    fn get(&self, url: String) -> reqwest::RequestBuilder {
-        let req = self.client.get(url);
-        match &self.router.token {
-            Some(t) => req.header(TOKEN_HEADER, t),
-            None => req,
-        }
-    }
-
-    async fn ask(&self, peer: &str, name: &AdapterName) -> Option<PeerManifest> {
-        let url = format!("http://{peer}{PREFIX}{name}/manifest");
-        let resp = self.get(url).timeout(MANIFEST_TIMEOUT).send().await.ok()?;
-        if resp.status() != StatusCode::OK {
-            return None;
-        }
-        resp.json().await.ok()
     }
 }
 
@@ -140,23 +88,21 @@ impl Origin for PeerOrigin {
         async move {
             let topo = self.router.topology();
             for peer in Self::candidates(&topo, name) {
-                let Some(m) = self.ask(&peer, name).await else {
+                let Some(m) = self.client.manifest(&peer, name).await else {
                     continue;
                 };
                 tracing::info!(adapter = %name, peer = %peer, "copying the adapter from a peer");
-                self.sources
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(name.clone(), peer);
                 let files = m
                     .files
                     .into_iter()
                     .map(|f| FileSpec::new(f.path, Some(f.size)))
                     .collect();
+                // The files come from the peer that gave the manifest.
                 return Ok(Manifest {
                     files,
                     etag: m.content_id,
                     revision: None,
+                    source: Some(peer),
                 });
             }
             Err(OriginError::not_found(format!("no peer holds {name}")))
@@ -167,26 +113,19 @@ impl Origin for PeerOrigin {
     fn open<'a>(
         &'a self,
         name: &'a AdapterName,
-        _manifest: &'a Manifest,
+        manifest: &'a Manifest,
         file: &'a FileSpec,
         offset: u64,
     ) -> BoxFuture<'a, Result<FileStream, OriginError>> {
         async move {
-            let peer = self
-                .sources
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(name)
-                .cloned();
-            let peer =
-                peer.ok_or_else(|| OriginError::transient(format!("no peer chosen for {name}")))?;
-            let url = format!("http://{peer}{PREFIX}{name}/files/{}", file.path);
-            let mut req = self.get(url.clone());
-            if offset > 0 {
-                req = req.header(RANGE, format!("bytes={offset}-"));
-            }
-            let resp = req
-                .send()
+            let peer = manifest
+                .source
+                .as_deref()
+                .ok_or_else(|| OriginError::transient(format!("no peer chosen for {name}")))?;
+            let url = PeerClient::file_url(peer, name, &file.path);
+            let resp = self
+                .client
+                .file(&url, offset)
                 .await
                 .map_err(|e| OriginError::transient(format!("GET {url}: {e}")))?;
             let start = match resp.status() {

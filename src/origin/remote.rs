@@ -43,8 +43,15 @@ pub fn content_id(config: String, weights: Option<String>) -> String {
     }
 }
 
-/// `bytes 100-199/1000` → (100, Some(1000)); `bytes 100-199/*` → (100, None).
-pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+/// Where a body starts in its file, and the file's full size when the answer says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentRange {
+    pub start: u64,
+    pub total: Option<u64>,
+}
+
+/// `bytes 100-199/1000` → start 100, total 1000; `bytes 100-199/*` → start 100, no total.
+pub fn parse_content_range(v: &str) -> Option<ContentRange> {
     let rest = v.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
     let (start, _end) = range.split_once('-')?;
@@ -52,7 +59,10 @@ pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
         "*" => None,
         t => Some(t.parse().ok()?),
     };
-    Some((start.parse().ok()?, total))
+    Some(ContentRange {
+        start: start.parse().ok()?,
+        total,
+    })
 }
 
 /// Two announcements of the same fact must agree (a listing and a file's own headers).
@@ -75,11 +85,12 @@ mod tests {
 
     #[test]
     fn content_ranges() {
+        let range = |start, total| Some(ContentRange { start, total });
         assert_eq!(
             parse_content_range("bytes 100-199/1000"),
-            Some((100, Some(1000)))
+            range(100, Some(1000))
         );
-        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, None)));
+        assert_eq!(parse_content_range("bytes 0-0/*"), range(0, None));
         assert_eq!(parse_content_range("bytes */1000"), None);
         assert_eq!(parse_content_range("items 1-2/3"), None);
     }

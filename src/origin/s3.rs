@@ -41,11 +41,13 @@ use futures_util::{FutureExt, StreamExt, future::BoxFuture};
 use tokio::sync::OnceCell;
 
 use super::{
-    BIN_FILE, CONFIG_FILE, Crc, CrcAlgorithm, FileSpec, FileStream, Manifest, Origin, OriginError,
-    OriginErrorKind, SAFETENSORS_FILE,
-    remote::{content_id, parse_content_range},
+    Crc, CrcAlgorithm, FileSpec, FileStream, Manifest, Origin, OriginError, OriginErrorKind,
+    remote::{ContentRange, content_id, parse_content_range},
 };
-use crate::{config::TransferConfig, store::AdapterName};
+use crate::{
+    adapter::{AdapterName, BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE},
+    config::TransferConfig,
+};
 
 /// The metric label and config `type`.
 pub const ORIGIN: &str = "s3";
@@ -300,9 +302,13 @@ impl S3Client {
             req = req.range(format!("bytes={offset}-"));
         }
         let out = req.send().await.map_err(|e| classify(e, &what))?;
-        let (start, total) = match out.content_range().and_then(parse_content_range) {
+        let ContentRange { start, total } = match out.content_range().and_then(parse_content_range)
+        {
             Some(range) => range,
-            None => (0, out.content_length().and_then(|n| u64::try_from(n).ok())),
+            None => ContentRange {
+                start: 0,
+                total: out.content_length().and_then(|n| u64::try_from(n).ok()),
+            },
         };
         Ok(FileStream {
             offset: start,
@@ -469,6 +475,7 @@ impl S3 {
             files,
             etag: Some(etag),
             revision: None,
+            source: None,
         })
     }
 }

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
 use super::{FileSpec, Manifest, Origin, OriginError, OriginErrorKind};
-use crate::{error::Error, store::AdapterName};
+use crate::{adapter::AdapterName, error::Error};
 
 /// First retry delay; doubles per retry up to [`BACKOFF_CAP`].
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -395,6 +395,7 @@ mod tests {
             files: vec![],
             etag: None,
             revision: None,
+            source: None,
         };
         let spec = FileSpec {
             path: "w".into(),

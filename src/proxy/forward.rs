@@ -1,9 +1,10 @@
 //! The routing phase: send a request to the node that owns its hash key, or keep it here.
 //!
 //! A request is forwarded at most once: the receiving peer sees the forwarded mark and serves it
-//! itself. The mark is trusted only from peers: with `cluster.token` set, the token must come
-//! with it; without one, the connection must come from a peer's address. Anything else is
-//! ignored (and never passed on), so a client cannot bypass routing by sending the header.
+//! itself. The mark is trusted only from peers (`cluster::protocol::is_trusted_peer`: with
+//! `cluster.token` set, the token must come with it; without one, the connection must come from
+//! a peer's address). Anything else is ignored (and never passed on), so a client cannot bypass
+//! routing by sending the header.
 //!
 //! A peer acknowledges a forwarded request (`100 Continue`) as soon as it has read it, before
 //! any work. Only failures before that acknowledgement (connect refused or timed out, the
@@ -17,43 +18,19 @@ use std::{sync::atomic::Ordering, time::Instant};
 use bytes::Bytes;
 
 use crate::{
-    admin::constant_time_eq,
     cluster::{
-        peering::{FORWARDED_HEADER, TOKEN_HEADER},
-        router::{Decision, Router},
+        protocol::{FORWARDED_HEADER, TOKEN_HEADER, load},
+        router::Decision,
     },
     error::Error,
     http::{RequestHead, response},
     metrics::{PeerLabel, Tier},
-    proxy::{
-        local::load,
-        upstream::{Request, Stage, Target},
-    },
-    server::{conn::Conn, worker::Worker},
+    proxy::Proxy,
+    proxy::upstream::{Request, Stage, Target},
+    server::conn::Conn,
 };
 
-use super::Outcome;
-
-/// Whether `head` carries a forwarded mark (trusted or not).
-pub fn is_marked(head: &RequestHead) -> bool {
-    head.header(FORWARDED_HEADER).is_some()
-}
-
-/// Whether `head` carries a forwarded mark this node trusts.
-pub fn is_trusted_forward(router: &Router, conn: &Conn, head: &RequestHead) -> bool {
-    is_marked(head) && is_trusted_peer(router, conn, head)
-}
-
-/// Whether the request comes from a peer: it carries `cluster.token` when one is set, else
-/// it comes from a peer's address.
-pub fn is_trusted_peer(router: &Router, conn: &Conn, head: &RequestHead) -> bool {
-    match &router.token {
-        Some(token) => head
-            .header(TOKEN_HEADER)
-            .is_some_and(|given| constant_time_eq(given, token.as_bytes())),
-        None => router.topology().is_peer_ip(conn.peer.ip()),
-    }
-}
+use super::{Reply, Served};
 
 /// Tell the forwarding peer its request arrived (ends its forward timeout).
 pub async fn acknowledge(conn: &mut Conn) -> Result<(), Error> {
@@ -66,12 +43,12 @@ pub async fn acknowledge(conn: &mut Conn) -> Result<(), Error> {
 /// Route by `key`. `Some(done)` when a peer answered (or the client is gone); `None` when the
 /// request is to be served here.
 pub(super) async fn route(
-    w: &Worker,
+    w: &Proxy,
     conn: &mut Conn,
     head: &RequestHead,
     body: &Bytes,
     key: &str,
-) -> Result<Option<(bool, Outcome)>, Error> {
+) -> Result<Option<Served>, Error> {
     let shared = &w.shared;
     let router = &shared.router;
     let topo = router.topology();
@@ -111,11 +88,13 @@ pub(super) async fn route(
                     .inc();
                 m.forward_duration
                     .observe((answered.head_at - started).as_secs_f64());
-                let outcome = Outcome {
+                return Ok(Some(Served {
                     tier: Tier::Forwarded,
-                    status: answered.status,
-                };
-                return Ok(Some((answered.keep_alive, outcome)));
+                    reply: Reply {
+                        status: answered.status,
+                        keep_alive: answered.keep_alive,
+                    },
+                }));
             }
             Err(e) if e.stage == Stage::Connect => {
                 tracing::warn!(peer = %peer.addr, error = %e.error, "peer unreachable, trying the next");
@@ -124,13 +103,13 @@ pub(super) async fn route(
             Err(e) if e.stage == Stage::Sent => return Err(e.error),
             Err(e) => {
                 tracing::debug!(peer = %peer.addr, error = %e.error, "forward cut short");
-                return Ok(Some((
-                    false,
-                    Outcome {
-                        tier: Tier::Forwarded,
+                return Ok(Some(Served {
+                    tier: Tier::Forwarded,
+                    reply: Reply {
                         status: 499,
+                        keep_alive: false,
                     },
-                )));
+                }));
             }
         }
     }

@@ -1,26 +1,25 @@
 //! The proxy's own endpoints; everything else goes to vLLM.
 //!
-//! - `GET /healthz`: liveness, always 200, the Go project's JSON: `status` (`ok`|`degraded`),
-//!   `load`, `pending`, `vllm_healthy`.
+//! - `GET /healthz`: liveness, always 200, the Go project's JSON (`cluster::protocol::Healthz`):
+//!   `status` (`ok`|`degraded`), `load`, `pending`, `vllm_healthy`.
 //! - `GET /readyz`: readiness, 503 while vLLM is unhealthy.
 //! - `GET /metrics`: Prometheus text. (vLLM's own `/metrics` stays on vLLM's port.)
-//! - `/admin/*`: see `crate::admin`; Bearer `admin.token` required when set.
+//! - `/admin/*`: see `admin_api.rs`; Bearer `admin.token` required when set.
 
-use std::{rc::Rc, sync::atomic::Ordering};
+use std::sync::atomic::Ordering;
 
 use serde_json::json;
 
 use crate::{
+    cluster::protocol::{self, Healthz},
     error::{Error, ErrorKind},
     http::{Method, RequestHead, response},
     metrics::Tier,
-    server::{conn::Conn, worker::Worker},
+    proxy::Proxy,
+    server::conn::Conn,
 };
 
-use super::Outcome;
-
-/// Requests in flight that count as full load (the Go project's `Load(200)`).
-pub const FULL_LOAD: i64 = 200;
+use super::{Reply, Served};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -39,34 +38,26 @@ pub fn route(path: &str) -> Option<Endpoint> {
         "/readyz" => Some(Endpoint::Readyz),
         "/metrics" => Some(Endpoint::Metrics),
         p if p == "/admin" || p.starts_with("/admin/") => Some(Endpoint::Admin),
-        p if p.starts_with(super::peer_files::PREFIX) => Some(Endpoint::Peer),
+        p if p.starts_with(protocol::PREFIX) => Some(Endpoint::Peer),
         _ => None,
     }
 }
 
-/// This node's load in 0..=1, as peers see it in `/healthz`.
-pub fn load(pending: i64) -> f64 {
-    (pending.max(0) as f64 / FULL_LOAD as f64).min(1.0)
-}
-
 pub(super) async fn serve(
-    w: &Rc<Worker>,
+    w: &Proxy,
     conn: &mut Conn,
     head: &RequestHead,
     body: &[u8],
     endpoint: Endpoint,
-) -> Result<(bool, Outcome), Error> {
+) -> Result<Served, Error> {
     let shared = &w.shared;
     let keep_alive = head.keep_alive;
     if endpoint == Endpoint::Peer {
-        let (status, keep_alive) = super::peer_files::serve(w, conn, head).await?;
-        return Ok((
-            keep_alive,
-            Outcome {
-                tier: Tier::Passthrough,
-                status,
-            },
-        ));
+        let reply = super::peer_files::serve(w, conn, head).await?;
+        return Ok(Served {
+            tier: Tier::Passthrough,
+            reply,
+        });
     }
     let mut out = Vec::with_capacity(1024);
     if endpoint != Endpoint::Admin && !matches!(head.kind, Method::Get | Method::Head) {
@@ -80,12 +71,7 @@ pub(super) async fn serve(
             // This request counts itself; report the others.
             let pending = shared.pending.load(Ordering::Relaxed) - 1;
             let healthy = shared.vllm.is_healthy();
-            let body = json!({
-                "status": if healthy { "ok" } else { "degraded" },
-                "load": load(pending),
-                "pending": pending,
-                "vllm_healthy": healthy,
-            });
+            let body = Healthz::new(pending, healthy);
             response::json(&mut out, 200, &body, keep_alive);
             200
         }
@@ -102,7 +88,7 @@ pub(super) async fn serve(
             response::write(&mut out, 200, ct, &[], text.as_bytes(), keep_alive);
             200
         }
-        Endpoint::Admin => crate::admin::serve(w, conn, head, body, &mut out).await?,
+        Endpoint::Admin => super::admin_api::serve(w, conn, head, body, &mut out).await?,
         Endpoint::Peer => unreachable!("answered above"),
     };
     if head.kind == Method::Head {
@@ -112,11 +98,11 @@ pub(super) async fn serve(
         }
     }
     let written = conn.write_all(out).await.is_ok();
-    Ok((
-        keep_alive && written,
-        Outcome {
-            tier: Tier::Passthrough,
+    Ok(Served {
+        tier: Tier::Passthrough,
+        reply: Reply {
             status,
+            keep_alive: keep_alive && written,
         },
-    ))
+    })
 }

@@ -12,15 +12,19 @@
 //! - `upstream.rs`: pooled connections and streaming an answer back.
 //! - `forward.rs`: the routing phase.
 //! - `local.rs`: the proxy's own endpoints.
+//! - `admin_api.rs`: the admin API (`/admin/*`).
 //! - `peer_files.rs`: stored adapters served to peers.
+//! - `state.rs`: what every worker shares, and each worker's own [`Proxy`] (the server's
+//!   handler).
 
+pub mod admin_api;
 pub mod forward;
 pub mod local;
 pub mod peer_files;
+mod state;
 pub mod upstream;
 
 use std::{
-    rc::Rc,
     sync::{Arc, atomic::Ordering},
     time::Instant,
 };
@@ -28,7 +32,8 @@ use std::{
 use bytes::Bytes;
 
 use crate::{
-    cluster::hashkey::hash_key,
+    adapter::AdapterName,
+    cluster::{hashkey::hash_key, protocol},
     error::{Error, ErrorKind},
     http::{
         RequestHead,
@@ -36,23 +41,36 @@ use crate::{
         response,
     },
     metrics::Tier,
-    server::{conn::Conn, conn::kind_label, worker::Worker},
-    store::AdapterName,
+    server::{Handler, conn::Conn},
 };
 
+pub use self::state::{Proxy, Shared};
 use self::upstream::{Request, Stage, Target};
 
 /// Response header telling the client its adapter was replaced by the base model.
 pub const FALLBACK_HEADER: &str = "x-loraplex-fallback";
 
-/// What one request became, for metrics and logs.
-struct Outcome {
+/// What the client was sent: the status, and whether its connection may serve another request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub keep_alive: bool,
+}
+
+/// How a request ended, for the metrics and logs: its tier and what the client was sent.
+struct Served {
     tier: Tier,
-    status: u16,
+    reply: Reply,
+}
+
+impl Handler for Proxy {
+    fn handle(&self, conn: &mut Conn, head: RequestHead) -> impl Future<Output = bool> {
+        process_request(self, conn, head)
+    }
 }
 
 /// Handle one request; returns whether the client connection stays open.
-pub async fn process_request(w: &Rc<Worker>, conn: &mut Conn, head: RequestHead) -> bool {
+pub async fn process_request(w: &Proxy, conn: &mut Conn, head: RequestHead) -> bool {
     let started = Instant::now();
     let shared = &w.shared;
     shared.pending.fetch_add(1, Ordering::Relaxed);
@@ -62,10 +80,10 @@ pub async fn process_request(w: &Rc<Worker>, conn: &mut Conn, head: RequestHead)
     shared.pending.fetch_sub(1, Ordering::Relaxed);
     shared.metrics.inflight_requests.dec();
 
-    let (keep_alive, outcome) = match result {
-        Ok((keep_alive, outcome)) => (keep_alive, outcome),
+    let served = match result {
+        Ok(served) => served,
         Err(err) => {
-            shared.metrics.errors.get_or_create(&kind_label(&err)).inc();
+            shared.metrics.count_error(err.kind.as_str());
             if err.kind == ErrorKind::Internal {
                 tracing::error!(path = head.path(), error = %err, "internal error");
             } else {
@@ -76,31 +94,31 @@ pub async fn process_request(w: &Rc<Worker>, conn: &mut Conn, head: RequestHead)
             let mut out = Vec::new();
             response::error(&mut out, &err, keep_alive);
             let written = conn.write_all(out).await.is_ok();
-            (
-                keep_alive && written,
-                Outcome {
-                    tier: Tier::Error,
+            Served {
+                tier: Tier::Error,
+                reply: Reply {
                     status: err.status(),
+                    keep_alive: keep_alive && written,
                 },
-            )
+            }
         }
     };
     let tenant = head.header_str("x-tenant-id");
-    w.record_request(tenant, outcome.tier, started.elapsed().as_secs_f64());
+    w.record_request(tenant, served.tier, started.elapsed().as_secs_f64());
     tracing::trace!(
-        status = outcome.status,
-        tier = outcome.tier.as_str(),
+        status = served.reply.status,
+        tier = served.tier.as_str(),
         "done"
     );
-    keep_alive
+    served.reply.keep_alive
 }
 
 async fn pipeline(
-    w: &Rc<Worker>,
+    w: &Proxy,
     conn: &mut Conn,
     head: &RequestHead,
     body_read: &mut bool,
-) -> Result<(bool, Outcome), Error> {
+) -> Result<Served, Error> {
     let shared = &w.shared;
     let cfg = &shared.config.server;
 
@@ -143,10 +161,10 @@ async fn pipeline(
 
     // 5. Routing. A forwarded request is acknowledged whether its mark is trusted or not
     // (the sender learns it was delivered); only a trusted mark skips routing.
-    if forward::is_marked(head) {
+    if protocol::is_marked(head) {
         forward::acknowledge(conn).await?;
     }
-    if !forward::is_trusted_forward(&shared.router, conn, head) {
+    if !protocol::is_trusted_forward(&shared.router, head, conn.peer.ip()) {
         let base = if model.is_some() {
             shared.vllm.base_model()
         } else {
@@ -196,18 +214,12 @@ async fn pipeline(
     };
 
     // 7. Upstream.
-    let status = to_vllm(w, conn, head, body, extra).await?;
-    Ok((
-        status.1,
-        Outcome {
-            tier,
-            status: status.0,
-        },
-    ))
+    let reply = to_vllm(w, conn, head, body, extra).await?;
+    Ok(Served { tier, reply })
 }
 
 /// The served base model, learnt from vLLM on first need when not configured.
-async fn base_model(w: &Worker) -> Result<Arc<str>, Error> {
+async fn base_model(w: &Proxy) -> Result<Arc<str>, Error> {
     if let Some(base) = w.shared.vllm.base_model() {
         return Ok(base);
     }
@@ -218,14 +230,14 @@ async fn base_model(w: &Worker) -> Result<Arc<str>, Error> {
         .await
 }
 
-/// Send the request to the local vLLM and stream the answer; (status, keep-alive).
+/// Send the request to the local vLLM and stream the answer.
 async fn to_vllm(
-    w: &Worker,
+    w: &Proxy,
     conn: &mut Conn,
     head: &RequestHead,
     body: Bytes,
     extra: &[(&str, &[u8])],
-) -> Result<(u16, bool), Error> {
+) -> Result<Reply, Error> {
     let vllm = &w.shared.vllm;
     let target = Target {
         addrs: &vllm.addrs,
@@ -236,13 +248,19 @@ async fn to_vllm(
     };
     let req = Request::relay(&w.pool, head, &[], &body, extra, &w.shared.shutdown);
     match w.pool.exchange(conn, &target, req).await {
-        Ok(answered) => Ok((answered.status, answered.keep_alive)),
+        Ok(answered) => Ok(Reply {
+            status: answered.status,
+            keep_alive: answered.keep_alive,
+        }),
         Err(e) => match e.stage {
             Stage::Connect | Stage::Sent => Err(e.error),
             // The client saw a head already, or is gone: nothing to answer, just close.
             Stage::Streaming | Stage::ClientGone => {
                 tracing::debug!(error = %e.error, stage = ?e.stage, "exchange cut short");
-                Ok((499, false))
+                Ok(Reply {
+                    status: 499,
+                    keep_alive: false,
+                })
             }
         },
     }

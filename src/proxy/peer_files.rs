@@ -13,24 +13,21 @@
 use std::path::Path;
 
 use monoio::fs::File;
-use serde_json::json;
 
 use crate::{
+    adapter::{AdapterName, META_FILE},
+    cluster::protocol::{PeerFile, PeerManifest, PeerPath, is_trusted_peer},
     error::{Error, ErrorKind},
     http::{RequestHead, head::itoa_buf, response},
-    proxy::forward::is_trusted_peer,
-    server::{conn::Conn, worker::Worker},
-    store::AdapterName,
+    proxy::{Proxy, Reply},
+    server::conn::Conn,
 };
 
-/// Path prefix of the peer endpoints.
-pub const PREFIX: &str = "/_loraplex/adapters/";
-const META_FILE: &str = ".loraplex_meta";
 const CHUNK: usize = 256 * 1024;
 
 /// The files of an adapter directory, relative, sorted (loraplex's own meta file left out).
-pub fn list_files(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) -> std::io::Result<()> {
+pub fn list_files(dir: &Path) -> std::io::Result<Vec<PeerFile>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<PeerFile>) -> std::io::Result<()> {
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let kind = entry.file_type()?;
@@ -43,7 +40,10 @@ pub fn list_files(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
                     .expect("under root")
                     .to_owned();
                 if let Some(rel) = rel.to_str() {
-                    out.push((rel.to_owned(), entry.metadata()?.len()));
+                    out.push(PeerFile {
+                        path: rel.to_owned(),
+                        size: entry.metadata()?.len(),
+                    });
                 }
             }
         }
@@ -51,25 +51,22 @@ pub fn list_files(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
     }
     let mut out = Vec::new();
     walk(dir, dir, &mut out)?;
-    out.sort();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
 
-/// Answer a peer endpoint request; returns the status and whether the connection stays open.
-pub async fn serve(w: &Worker, conn: &mut Conn, head: &RequestHead) -> Result<(u16, bool), Error> {
-    if !is_trusted_peer(&w.shared.router, conn, head) {
+/// Answer a peer endpoint request.
+pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<Reply, Error> {
+    if !is_trusted_peer(&w.shared.router, head, conn.peer.ip()) {
         return Err(Error::new(
             ErrorKind::Unauthorized,
             "peer endpoints are for cluster peers",
         ));
     }
-    let rest = &head.path()[PREFIX.len()..];
-    let (name, what) = if let Some(name) = rest.strip_suffix("/manifest") {
-        (name, None)
-    } else if let Some((name, file)) = rest.split_once("/files/") {
-        (name, Some(file))
-    } else {
-        return Err(Error::new(ErrorKind::NotFound, "no such peer endpoint"));
+    let (name, what) = match PeerPath::parse(head.path()) {
+        Some(PeerPath::Manifest { adapter }) => (adapter, None),
+        Some(PeerPath::File { adapter, file }) => (adapter, Some(file)),
+        None => return Err(Error::new(ErrorKind::NotFound, "no such peer endpoint")),
     };
     let name = AdapterName::parse(name)?;
     let not_here = || Error::model_not_found(name.as_str());
@@ -77,21 +74,23 @@ pub async fn serve(w: &Worker, conn: &mut Conn, head: &RequestHead) -> Result<(u
     let files = list_files(&dir).map_err(|_| not_here())?;
     let keep_alive = head.keep_alive;
     let Some(wanted) = what else {
-        let files: Vec<_> = files
-            .iter()
-            .map(|(p, s)| json!({"path": p, "size": s}))
-            .collect();
-        let body =
-            json!({"adapter": name.as_str(), "content_id": pin.content_id(), "files": files});
+        let body = PeerManifest {
+            adapter: name.to_string(),
+            content_id: pin.content_id().map(str::to_owned),
+            files,
+        };
         let mut out = Vec::new();
         response::json(&mut out, 200, &body, keep_alive);
         let written = conn.write_all(out).await.is_ok();
-        return Ok((200, keep_alive && written));
+        return Ok(Reply {
+            status: 200,
+            keep_alive: keep_alive && written,
+        });
     };
     let size = files
         .iter()
-        .find(|(p, _)| p == wanted)
-        .map(|(_, s)| *s)
+        .find(|f| f.path == wanted)
+        .map(|f| f.size)
         .ok_or_else(not_here)?;
     let offset = range_start(head).unwrap_or(0).min(size);
     let status = if offset > 0 { 206 } else { 200 };
@@ -102,7 +101,10 @@ pub async fn serve(w: &Worker, conn: &mut Conn, head: &RequestHead) -> Result<(u
         tracing::debug!(adapter = %name, file = wanted, error = %e, "peer file transfer cut short");
     }
     // After the head, a failure can only be told by closing the connection.
-    Ok((status, keep_alive && whole.is_ok()))
+    Ok(Reply {
+        status,
+        keep_alive: keep_alive && whole.is_ok(),
+    })
 }
 
 /// `Range: bytes=N-` (the only form a peer sends).

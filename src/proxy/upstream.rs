@@ -32,7 +32,8 @@ use crate::{
     error::{Error, ErrorKind},
     http::{BodyKind, Method, RequestHead, ResponseHead, chunked::ChunkedDecoder},
     metrics::Metrics,
-    server::{Shutdown, conn::Conn},
+    server::conn::Conn,
+    shutdown::Shutdown,
 };
 
 /// Idle connections kept per upstream address and worker.
@@ -383,17 +384,19 @@ async fn read_head(
         let (back, outcome) = read_watching(stream, buf, client, deadline).await;
         buf = back;
         match outcome {
-            Outcome::Data => answered = true,
-            Outcome::Eof if !answered => return Err(HeadError::ClosedEarly),
-            Outcome::Eof => {
+            ReadEvent::Data => answered = true,
+            ReadEvent::Eof if !answered => return Err(HeadError::ClosedEarly),
+            ReadEvent::Eof => {
                 let msg = format!("{}: truncated response head", target.name);
                 return Err(fail(ErrorKind::BadGateway, msg));
             }
-            Outcome::Failed(e) if !answered && is_reset(&e) => return Err(HeadError::ClosedEarly),
-            Outcome::Failed(e) => {
+            ReadEvent::Failed(e) if !answered && is_reset(&e) => {
+                return Err(HeadError::ClosedEarly);
+            }
+            ReadEvent::Failed(e) => {
                 return Err(fail(ErrorKind::BadGateway, format!("{}: {e}", target.name)));
             }
-            Outcome::TimedOut => {
+            ReadEvent::TimedOut => {
                 let msg = format!("{} did not answer in time", target.name);
                 if target.acknowledges && !answered {
                     let e = UpstreamError::new(Stage::Connect, ErrorKind::Timeout, msg);
@@ -401,7 +404,7 @@ async fn read_head(
                 }
                 return Err(fail(ErrorKind::Timeout, msg));
             }
-            Outcome::ClientGone => return Err(HeadError::Failed(client_gone_error())),
+            ReadEvent::ClientGone => return Err(HeadError::Failed(client_gone_error())),
         }
         // One read may hold an interim answer and the final head after it.
         loop {
@@ -565,25 +568,25 @@ async fn relay(
         let (back, outcome) = read_watching(&mut upstream, buf, client, None).await;
         buf = back;
         match outcome {
-            Outcome::Data => {}
-            Outcome::Eof if matches!(relay, Relay::UntilClose) => {
+            ReadEvent::Data => {}
+            ReadEvent::Eof if matches!(relay, Relay::UntilClose) => {
                 ended_by_close = true;
                 break;
             }
-            Outcome::Eof => {
+            ReadEvent::Eof => {
                 return Err(streaming(Error::new(
                     ErrorKind::BadGateway,
                     "upstream closed mid-body",
                 )));
             }
-            Outcome::Failed(e) => {
+            ReadEvent::Failed(e) => {
                 return Err(streaming(Error::new(
                     ErrorKind::BadGateway,
                     format!("upstream: {e}"),
                 )));
             }
-            Outcome::TimedOut => unreachable!("no deadline while streaming a body"),
-            Outcome::ClientGone => return Err(client_gone_error()),
+            ReadEvent::TimedOut => unreachable!("no deadline while streaming a body"),
+            ReadEvent::ClientGone => return Err(client_gone_error()),
         }
         decoded.clear();
         let (used, was_decoded) = relay.feed(&buf, &mut decoded).map_err(streaming)?;
@@ -617,7 +620,7 @@ async fn relay(
 }
 
 /// What one read from an upstream gave.
-enum Outcome {
+enum ReadEvent {
     /// Bytes were appended to the buffer.
     Data,
     Eof,
@@ -634,7 +637,7 @@ async fn read_watching(
     buf: Vec<u8>,
     client: &Conn,
     deadline: Option<Instant>,
-) -> (Vec<u8>, Outcome) {
+) -> (Vec<u8>, ReadEvent) {
     let (len, cap) = (buf.len(), buf.capacity());
     let read = stream.read(buf.slice_mut(len..cap));
     let deadline = async move {
@@ -647,13 +650,13 @@ async fn read_watching(
         (res, slice) = read => {
             let buf = slice.into_inner();
             match res {
-                Ok(0) => (buf, Outcome::Eof),
-                Ok(_) => (buf, Outcome::Data),
-                Err(e) => (buf, Outcome::Failed(e)),
+                Ok(0) => (buf, ReadEvent::Eof),
+                Ok(_) => (buf, ReadEvent::Data),
+                Err(e) => (buf, ReadEvent::Failed(e)),
             }
         }
-        _ = client_gone(&client.stream) => (Vec::new(), Outcome::ClientGone),
-        _ = deadline => (Vec::new(), Outcome::TimedOut),
+        _ = client_gone(&client.stream) => (Vec::new(), ReadEvent::ClientGone),
+        _ = deadline => (Vec::new(), ReadEvent::TimedOut),
     }
 }
 

@@ -1,4 +1,5 @@
-//! One client connection: read a request head, read its body, hand it to the pipeline, repeat.
+//! One client connection: read a request head, hand it to the worker's [`Handler`] (which reads
+//! the body and answers), repeat.
 //!
 //! Requests on a connection are handled one after the other, so pipelined requests are answered
 //! in order. Timeouts: a keep-alive connection idle for `server.idle_timeout` is closed; once a
@@ -14,11 +15,10 @@ use monoio::{
     net::TcpStream,
 };
 
+use super::{Handler, Worker};
 use crate::{
     error::{Error, ErrorKind},
     http::{BodyKind, RequestHead, chunked::ChunkedDecoder, response},
-    proxy,
-    server::worker::Worker,
 };
 
 /// Bytes asked of the kernel per read.
@@ -41,7 +41,7 @@ enum Next {
 }
 
 /// Serve a connection until it closes.
-pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve<H: Handler>(worker: Rc<Worker<H>>, stream: TcpStream, peer: SocketAddr) {
     let _guard = worker.conn_guard();
     let mut conn = Conn {
         stream,
@@ -56,34 +56,23 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
             Err(err) => {
                 let mut out = Vec::new();
                 response::error(&mut out, &err, false);
-                worker
-                    .shared
-                    .metrics
-                    .errors
-                    .get_or_create(&kind_label(&err))
-                    .inc();
+                worker.common.metrics.count_error(err.kind.as_str());
                 let _ = conn.write_all(out).await;
                 break;
             }
         };
         conn.requests += 1;
-        let keep_alive = proxy::process_request(&worker, &mut conn, head).await;
-        if !keep_alive || worker.shared.shutdown.is_triggered() {
+        let keep_alive = worker.handler.handle(&mut conn, head).await;
+        if !keep_alive || worker.common.shutdown.is_triggered() {
             break;
         }
     }
     let _ = conn.stream.shutdown().await;
 }
 
-pub fn kind_label(err: &Error) -> crate::metrics::KindLabel {
-    crate::metrics::KindLabel {
-        kind: err.kind.as_str(),
-    }
-}
-
 impl Conn {
-    async fn next_head(&mut self, worker: &Worker) -> Result<Next, Error> {
-        let cfg = &worker.shared.config.server;
+    async fn next_head<H>(&mut self, worker: &Worker<H>) -> Result<Next, Error> {
+        let cfg = &worker.common.config;
         // Between requests: wait for the first byte, at most the idle timeout, or shutdown.
         if self.buf.is_empty() {
             let wait = if self.requests == 0 {

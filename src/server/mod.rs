@@ -1,187 +1,114 @@
-//! The server: binds the listeners, starts the control plane and one worker per core, waits for
-//! a signal, shuts down gracefully.
+//! The server: one `SO_REUSEPORT` listener and one data-plane worker thread per core, the
+//! connection loop, graceful shutdown. It reads request heads and knows nothing of what a
+//! request is for: each worker runs the [`Handler`] it was started with (the proxy).
 //!
 //! - `runtime.rs`: a monoio runtime on io_uring or epoll.
 //! - `worker.rs`: a worker thread and its accept loop.
 //! - `conn.rs`: one client connection (heads, bodies, keep-alive, timeouts).
-//! - `shutdown.rs`: the shutdown signal.
+//! - `closing.rs`: a worker's own view of shutdown, for its idle connections.
 
+pub mod closing;
 pub mod conn;
 pub mod runtime;
-pub mod shutdown;
 pub mod worker;
 
 use std::{
-    net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs},
-    sync::{Arc, atomic::AtomicI64},
+    cell::Cell,
+    future::Future,
+    net::{SocketAddr, TcpListener as StdListener},
+    sync::Arc,
     thread::JoinHandle,
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-pub use self::shutdown::Shutdown;
+use self::{closing::Closing, conn::Conn, runtime::DriverKind};
 use crate::{
-    cluster::{discovery::Discovery, identity::Identity, peering, router::Router},
-    config::Config,
-    control::{Control, ControlPlane},
-    error::Error,
-    metrics::Metrics,
-    origin::{Origin, OriginChain, peer::PeerOrigin},
-    server::runtime::DriverKind,
-    store::{Store, StoreOptions},
-    vllm::{Hooks, Vllm},
+    config::ServerConfig, error::Error, http::RequestHead, metrics::Metrics, shutdown::Shutdown,
 };
 
-/// What every worker shares.
-pub struct Shared {
-    pub config: Config,
-    pub metrics: Arc<Metrics>,
-    pub vllm: Arc<Vllm>,
-    pub control: Control,
+/// What a worker does with each request. One handler per worker, built on the worker's own
+/// thread (it may hold `Rc`s and cells: monoio tasks stay on their thread), called for every
+/// request head in turn. The server is generic over it, so the call is static and its future
+/// is neither boxed nor `Send`.
+pub trait Handler: 'static {
+    /// Serve `head` on `conn`: read its body, write the whole answer. Returns whether the
+    /// connection may serve another request.
+    fn handle(&self, conn: &mut Conn, head: RequestHead) -> impl Future<Output = bool>;
+}
+
+/// What every worker of a server shares.
+pub struct Common {
+    pub config: ServerConfig,
     pub shutdown: Shutdown,
-    /// Requests in flight on this node (the Go project's `pending`).
-    pub pending: AtomicI64,
-    pub driver: DriverKind,
-    pub router: Arc<Router>,
-    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
 }
 
-/// A running loraplex: its workers, control plane and shared state.
-pub struct Server {
-    shared: Arc<Shared>,
-    addr: SocketAddr,
-    workers: Vec<JoinHandle<()>>,
-    control_plane: ControlPlane,
+/// Per-thread state of a worker. Everything a worker touches per request is its own (`Rc`,
+/// `Cell`, the handler's state); what all workers share lives in [`Common`] behind an `Arc`.
+pub struct Worker<H> {
+    pub id: usize,
+    pub common: Arc<Common>,
+    /// What requests are handed to.
+    pub handler: H,
+    /// Wakes this worker's idle connections at shutdown.
+    pub closing: Closing,
+    conns: Cell<usize>,
 }
 
-/// Keep freed heap memory in the process instead of handing it back to the kernel at once.
-///
-/// A fetch streams the origin through receive buffers of up to ~400 KiB that the writer thread
-/// frees a moment later. With glibc's defaults (a trim threshold and an mmap threshold that
-/// start at 128 KiB and 256 KiB), much of that memory went back to the kernel and came back as
-/// fresh pages: page faults, zeroing and memcg charging were ~16 % of the control-plane CPU of
-/// a 1 GiB fetch (`perf` during `scripts/bench-fetch.sh`), and gone with these settings.
-/// Freed memory up to the thresholds stays mapped; it is reused by the next fetch, and the
-/// peak RSS of a fetch does not change (its bound is the writer channel, not the allocator).
-/// `MALLOC_*` environment variables are overridden. Other allocators (musl) are left alone.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            // SAFETY: mallopt only adjusts glibc's malloc parameters; it is thread-safe.
-            unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-            }
-        });
+/// Counts a live client connection for graceful shutdown.
+pub struct ConnGuard<'a>(&'a Cell<usize>);
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
     }
+}
+
+impl<H> Worker<H> {
+    pub fn conn_guard(&self) -> ConnGuard<'_> {
+        self.conns.set(self.conns.get() + 1);
+        ConnGuard(&self.conns)
+    }
+}
+
+/// Running workers.
+pub struct Server {
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Bind, start every thread, return at once.
-    pub fn start(config: Config) -> Result<Server, Error> {
-        keep_freed_memory();
-        let driver = runtime::resolve(config.server.driver)?;
-        let control_plane = ControlPlane::start(2)?;
-        let control = control_plane.control();
-        let metrics = Arc::new(Metrics::new());
-        let vllm = Vllm::new(&config, metrics.clone())?;
-        let listeners = bind(&config.listen, config.server.workers.max(1))?;
-        let addr = listeners[0].local_addr()?;
-        let shutdown = Shutdown::new();
-
-        // The cluster: who we are, who the peers are, where each key lives.
-        let me = Identity::new(addr, config.self_addr.as_deref())?;
-        let discovery = Discovery::start(&config.discovery, &me, &control, shutdown.clone())?;
-        let router = Arc::new(Router::new(&config, me, metrics.clone()));
-        let interval = config.vllm.health_check_interval;
-        peering::start(
-            router.clone(),
-            discovery,
-            &control,
-            interval,
-            shutdown.clone(),
-        );
-
-        // The store: peers first (an adapter already in the cluster is copied, not refetched),
-        // then the configured origins in order.
-        let peers: Arc<dyn Origin> = Arc::new(PeerOrigin::new(router.clone())?);
-        let configured = OriginChain::from_config(&config, &control)?;
-        let origins = OriginChain::new(
-            std::iter::once(peers)
-                .chain(configured.iter().cloned())
-                .collect(),
-        );
-        let hooks = Arc::new(Hooks {
-            vllm: vllm.clone(),
-            control: control.clone(),
-        });
-        let store = Store::open(
-            StoreOptions::from_config(&config),
-            origins,
-            hooks,
-            control.clone(),
-            metrics.clone(),
-        )?;
-        let shared = Arc::new(Shared {
-            config,
-            metrics,
-            vllm,
-            control,
+    /// Start one worker per listener on `driver`. Each builds its handler with `make(id)` on its
+    /// own thread. The workers stop accepting when `shutdown` triggers, then drain.
+    pub fn start<H, F>(
+        listeners: Vec<StdListener>,
+        driver: DriverKind,
+        config: &ServerConfig,
+        shutdown: Shutdown,
+        metrics: Arc<Metrics>,
+        make: F,
+    ) -> std::io::Result<Server>
+    where
+        H: Handler,
+        F: Fn(usize) -> H + Send + Sync + 'static,
+    {
+        let common = Arc::new(Common {
+            config: config.clone(),
             shutdown,
-            pending: AtomicI64::new(0),
-            driver,
-            router,
-            store,
+            metrics,
         });
-        shared
-            .vllm
-            .spawn_health_poll(&shared.control, shared.shutdown.clone());
-        let mut workers = Vec::new();
+        let make = Arc::new(make);
+        let mut workers = Vec::with_capacity(listeners.len());
         for (id, listener) in listeners.into_iter().enumerate() {
-            workers.push(worker::spawn(id, shared.clone(), listener, driver)?);
+            workers.push(worker::spawn(
+                id,
+                common.clone(),
+                listener,
+                driver,
+                make.clone(),
+            )?);
         }
-        log_summary(&shared, addr);
-        Ok(Server {
-            shared,
-            addr,
-            workers,
-            control_plane,
-        })
-    }
-
-    /// The bound address (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn shutdown_handle(&self) -> Shutdown {
-        self.shared.shutdown.clone()
-    }
-
-    pub fn control(&self) -> Control {
-        self.control_plane.control()
-    }
-
-    /// Stop on SIGTERM/SIGINT.
-    pub fn stop_on_signals(&self) {
-        let shutdown = self.shared.shutdown.clone();
-        self.control().spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                tracing::error!("cannot install signal handlers");
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-            }
-            shutdown.trigger();
-        });
+        Ok(Server { workers })
     }
 
     /// Wait until every worker has stopped (after shutdown is triggered and drained).
@@ -189,47 +116,13 @@ impl Server {
         for w in self.workers {
             let _ = w.join();
         }
-        self.shared.store.shutdown();
-        tracing::info!("stopped");
     }
-}
-
-fn log_summary(shared: &Shared, addr: SocketAddr) {
-    let cfg = &shared.config;
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        driver = shared.driver.as_str(),
-        workers = cfg.server.workers,
-        listen = %addr,
-        node = %shared.router.me.canonical(),
-        discovery = cfg.discovery.mode(),
-        vllm = %cfg.vllm_url,
-        storage = %cfg.storage.dir.display(),
-        write_mode = shared.store.write_mode().as_str(),
-        max_size = %crate::config::units::format_size(cfg.storage.max_size),
-        origins = %cfg.origins.iter().map(|o| o.type_name()).collect::<Vec<_>>().join(","),
-        base_model = cfg.vllm.model_name.as_deref().unwrap_or("(learnt from /v1/models)"),
-        "loraplex started"
-    );
-}
-
-/// Parse a Go-style listen address (`:8080` means every interface).
-pub fn listen_addr(listen: &str) -> Result<SocketAddr, Error> {
-    let full = if listen.starts_with(':') {
-        format!("0.0.0.0{listen}")
-    } else {
-        listen.into()
-    };
-    full.to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| Error::internal(format!("listen: cannot resolve {listen:?}")))
 }
 
 /// One `SO_REUSEPORT` listener per worker, all on the same port (the kernel spreads
 /// connections over them). With port 0 the first bind picks the port for the rest.
-fn bind(listen: &str, n: usize) -> Result<Vec<StdListener>, Error> {
-    let mut addr = listen_addr(listen)?;
+pub fn bind(listen: &str, n: usize) -> Result<Vec<StdListener>, Error> {
+    let mut addr: SocketAddr = crate::config::listen_addr(listen)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

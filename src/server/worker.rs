@@ -1,7 +1,5 @@
-//! A data-plane worker: one thread, one monoio runtime, one `SO_REUSEPORT` listener.
-//!
-//! Everything a worker touches per request is its own (`Rc`, `Cell`, its upstream pool);
-//! what all workers share lives in [`Shared`] behind an `Arc`.
+//! A data-plane worker thread: its monoio runtime, its accept loop on its own `SO_REUSEPORT`
+//! listener, and the drain at shutdown.
 
 use std::{
     cell::Cell,
@@ -14,66 +12,25 @@ use std::{
 
 use monoio::net::TcpListener;
 
-use crate::{
-    metrics::{RequestHandles, Tier},
-    proxy::upstream::Pool,
-    server::{
-        Shared, conn,
-        runtime::{self, DriverKind},
-        shutdown::Closing,
-    },
+use super::{
+    Common, Handler, Worker,
+    closing::Closing,
+    conn,
+    runtime::{self, DriverKind},
 };
 
-/// Per-thread state of a worker.
-pub struct Worker {
-    pub id: usize,
-    pub shared: Arc<Shared>,
-    /// Keep-alive connections to vLLM and peers, owned by this thread.
-    pub pool: Pool,
-    /// Wakes this worker's idle connections at shutdown.
-    pub closing: Closing,
-    /// Request metrics of requests without a tenant, by tier (`Tier::ALL` order).
-    pub untenanted: Vec<RequestHandles>,
-    conns: Cell<usize>,
-}
-
-/// Counts a live client connection for graceful shutdown.
-pub struct ConnGuard<'a>(&'a Cell<usize>);
-
-impl Drop for ConnGuard<'_> {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
-
-impl Worker {
-    /// Count one finished request.
-    pub fn record_request(&self, tenant: Option<&str>, tier: Tier, seconds: f64) {
-        match tenant.filter(|t| !t.is_empty()) {
-            None => {
-                let i = Tier::ALL
-                    .iter()
-                    .position(|&t| t == tier)
-                    .expect("every tier is in ALL");
-                self.untenanted[i].record(seconds);
-            }
-            Some(_) => self.shared.metrics.record_request(tenant, tier, seconds),
-        }
-    }
-
-    pub fn conn_guard(&self) -> ConnGuard<'_> {
-        self.conns.set(self.conns.get() + 1);
-        ConnGuard(&self.conns)
-    }
-}
-
-/// Start worker `id` on its own thread, serving `listener`.
-pub fn spawn(
+/// Start worker `id` on its own thread, serving `listener` with the handler `make` builds.
+pub fn spawn<H, F>(
     id: usize,
-    shared: Arc<Shared>,
+    common: Arc<Common>,
     listener: StdListener,
     driver: DriverKind,
-) -> std::io::Result<JoinHandle<()>> {
+    make: Arc<F>,
+) -> std::io::Result<JoinHandle<()>>
+where
+    H: Handler,
+    F: Fn(usize) -> H + Send + Sync + 'static,
+{
     thread::Builder::new()
         .name(format!("loraplex-w{id}"))
         .spawn(move || {
@@ -81,35 +38,31 @@ pub fn spawn(
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!(worker = id, error = %e, "cannot build the worker runtime");
-                    shared.shutdown.trigger();
+                    common.shutdown.trigger();
                     return;
                 }
             };
-            rt.block_on(run(id, shared, listener));
+            rt.block_on(run(id, common, listener, make(id)));
         })
 }
 
-async fn run(id: usize, shared: Arc<Shared>, listener: StdListener) {
+async fn run<H: Handler>(id: usize, common: Arc<Common>, listener: StdListener, handler: H) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(worker = id, error = %e, "cannot register the listener");
-            shared.shutdown.trigger();
+            common.shutdown.trigger();
             return;
         }
     };
+    let shutdown = common.shutdown.clone();
     let worker = Rc::new(Worker {
         id,
-        pool: Pool::new(&shared.config.server, shared.metrics.clone()),
-        shared: shared.clone(),
+        common,
+        handler,
         closing: Closing::default(),
-        untenanted: Tier::ALL
-            .iter()
-            .map(|&t| shared.metrics.request_handles(None, t))
-            .collect(),
         conns: Cell::new(0),
     });
-    let shutdown = shared.shutdown.clone();
     loop {
         monoio::select! {
             accepted = listener.accept() => match accepted {
@@ -132,8 +85,8 @@ async fn run(id: usize, shared: Arc<Shared>, listener: StdListener) {
 }
 
 /// Wait for this worker's connections to finish, at most `server.shutdown_grace`.
-async fn drain(worker: &Worker) {
-    let grace = worker.shared.config.server.shutdown_grace;
+async fn drain<H>(worker: &Worker<H>) {
+    let grace = worker.common.config.shutdown_grace;
     let start = monoio::time::Instant::now();
     while worker.conns.get() > 0 && start.elapsed() < grace {
         monoio::time::sleep(Duration::from_millis(20)).await;

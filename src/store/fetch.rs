@@ -9,21 +9,23 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{
-    AdapterName, Pin, Store,
-    admin::Progress,
+    Pin, Store,
     fsops::Published,
     index::{Entry, Provenance, now_ms},
-    meta::{AdapterMeta, META_FILE, timestamp_ms},
     space::Reservation,
+    stats::Progress,
     validate::{self, MAX_CONFIG, SafetensorsProbe},
     writer::{Committed, Msg},
 };
 use crate::{
+    adapter::{
+        AdapterName, CONFIG_FILE, META_FILE, SAFETENSORS_FILE,
+        meta::{AdapterMeta, timestamp_ms},
+    },
     error::Error,
     metrics::{OriginLabel, OriginReason, OriginResult},
     origin::{
-        CONFIG_FILE, FileSpec, Origin, OriginError, OriginErrorKind, SAFETENSORS_FILE,
-        check_manifest,
+        FileSpec, Origin, OriginError, OriginErrorKind, check_manifest,
         transfer::{ChunkSink, TransferError, pull_file, with_retries},
     },
 };

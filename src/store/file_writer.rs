@@ -12,16 +12,16 @@ use std::{
     os::unix::fs::OpenOptionsExt,
     path::PathBuf,
     rc::Rc,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
+    },
 };
 
 use monoio::{fs::File, task::JoinHandle as TaskHandle};
 
-use super::{
-    aligned::{ALIGN, AlignedBuf},
-    writer::{Faults, Shared, storage_error},
-};
-use crate::error::Error;
+use super::aligned::{ALIGN, AlignedBuf};
+use crate::error::{Error, ErrorKind};
 
 /// Bytes per write.
 pub const BUF: usize = 2 << 20;
@@ -29,6 +29,60 @@ pub const BUF: usize = 2 << 20;
 pub const DEPTH: usize = 4;
 /// Aligned buffers kept for reuse by the storage thread.
 const POOL: usize = 2 * DEPTH;
+
+/// Fault injection for tests: refuse O_DIRECT, or fail writes with an errno after some bytes.
+#[derive(Debug, Default)]
+pub struct Faults {
+    pub refuse_direct: AtomicBool,
+    errno: AtomicI32,
+    after: AtomicU64,
+}
+
+impl Faults {
+    /// Fail every write once `after` more bytes have been written, with `errno`.
+    pub fn fail_writes(&self, errno: i32, after: u64) {
+        self.after.store(after, Ordering::SeqCst);
+        self.errno.store(errno, Ordering::SeqCst);
+    }
+
+    pub fn clear(&self) {
+        self.errno.store(0, Ordering::SeqCst);
+    }
+
+    pub(super) fn check(&self, n: usize) -> io::Result<()> {
+        let errno = self.errno.load(Ordering::SeqCst);
+        if errno == 0 {
+            return Ok(());
+        }
+        let left = self.after.load(Ordering::SeqCst);
+        if left >= n as u64 {
+            self.after.fetch_sub(n as u64, Ordering::SeqCst);
+            return Ok(());
+        }
+        Err(io::Error::from_raw_os_error(errno))
+    }
+}
+
+/// What the storage thread's file writers share: whether O_DIRECT is still allowed (the first
+/// refusal turns it off for good), and the test faults.
+pub(super) struct Shared {
+    pub(super) direct: AtomicBool,
+    pub(super) faults: Arc<Faults>,
+}
+
+/// An I/O error as the user sees it: 507 for a full disk, 502 otherwise.
+pub fn storage_error(e: io::Error, what: &str) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::new(
+            ErrorKind::InsufficientStorage,
+            format!("no space left on the storage device ({what})"),
+        ),
+        _ => Error::new(
+            ErrorKind::BadGateway,
+            format!("storage I/O error ({what}): {e}"),
+        ),
+    }
+}
 
 thread_local! {
     static BUFFERS: RefCell<Vec<AlignedBuf>> = const { RefCell::new(Vec::new()) };

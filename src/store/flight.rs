@@ -14,8 +14,8 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{index::Pin, name::AdapterName};
-use crate::error::Error;
+use super::index::Pin;
+use crate::{adapter::AdapterName, error::Error};
 
 /// What a flight is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,16 +27,16 @@ pub enum FlightKind {
 
 /// A fetch's outcome: the stored adapter pinned (the pin lives as long as the flight, so every
 /// waiter can pin it too), or the error every waiter gets.
-pub type Outcome = Result<Option<Pin>, Error>;
+pub type FlightResult = Result<Option<Pin>, Error>;
 
 pub struct Flight {
     pub kind: FlightKind,
-    tx: watch::Sender<Option<Outcome>>,
+    tx: watch::Sender<Option<FlightResult>>,
 }
 
 impl Flight {
     /// Wait for the outcome (runtime-agnostic).
-    pub async fn wait(&self) -> Outcome {
+    pub async fn wait(&self) -> FlightResult {
         let mut rx = self.tx.subscribe();
         let out = rx
             .wait_for(Option::is_some)
@@ -64,11 +64,11 @@ impl Lead {
         &self.name
     }
 
-    pub fn finish(mut self, outcome: Outcome) {
+    pub fn finish(mut self, outcome: FlightResult) {
         self.complete(outcome);
     }
 
-    fn complete(&mut self, outcome: Outcome) {
+    fn complete(&mut self, outcome: FlightResult) {
         if self.done {
             return;
         }

@@ -19,7 +19,8 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use super::{name::AdapterName, policy::Tracked};
+use super::policy::Tracked;
+use crate::adapter::AdapterName;
 
 const EVICTING: u64 = 1 << 63;
 

@@ -16,19 +16,17 @@
 //! Every future here is runtime-agnostic (tokio sync primitives, work handed to the control
 //! plane with [`Control::spawn`]/[`Control::run`]), so monoio workers await them directly.
 
-mod admin;
 pub mod aligned;
 mod fetch;
 mod file_writer;
 pub mod flight;
 pub mod fsops;
 pub mod index;
-pub mod meta;
-pub mod name;
 pub mod policy;
 mod recover;
 mod revalidate;
 mod space;
+mod stats;
 pub mod validate;
 pub mod writer;
 
@@ -44,20 +42,16 @@ use std::{
 use futures_util::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
 
-pub use self::{
-    admin::FetchProgress,
-    index::Pin,
-    name::AdapterName,
-    writer::{Faults, WriteMode},
-};
+pub use self::{file_writer::Faults, index::Pin, stats::FetchProgress, writer::WriteMode};
 use self::{
-    admin::ProgressBoard,
     flight::{FlightKind, Flights, Join},
     index::{Index, now_ms},
     space::Ledger,
+    stats::ProgressBoard,
     writer::Writer,
 };
 use crate::{
+    adapter::AdapterName,
     config::{Config, DirectIo, Driver},
     control::Control,
     error::Error,
@@ -165,6 +159,10 @@ impl Store {
             .map_err(|e| Error::internal(format!("starting the storage thread: {e}")))?;
         let hits = metrics.cache_hits.get_or_create(&LOCAL).clone();
         let misses = metrics.cache_misses.get_or_create(&LOCAL).clone();
+        metrics
+            .cache_max_size_bytes
+            .get_or_create(&LOCAL)
+            .set(opts.max_size.try_into().unwrap_or(i64::MAX));
         let store = Arc::new(Store {
             tmp: opts.dir.join(fsops::TMP_DIR),
             index: Index::default(),

@@ -16,14 +16,16 @@ use std::{
 };
 
 use super::{
-    AdapterName, LOCAL, Store, StoreOptions,
+    LOCAL, Store, StoreOptions,
     aligned::{ALIGN, AlignedBuf},
     fsops::{self, TMP_DIR},
     index::{Entry, Provenance},
-    meta::AdapterMeta,
     validate,
 };
-use crate::{error::Error, origin::CONFIG_FILE};
+use crate::{
+    adapter::{AdapterName, CONFIG_FILE, meta::AdapterMeta},
+    error::Error,
+};
 
 /// Deepest nesting walked looking for adapters (`org/name` is 2).
 const MAX_DEPTH: usize = 8;

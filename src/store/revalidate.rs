@@ -25,9 +25,15 @@ use super::{
     flight::FlightKind,
     fsops,
     index::{Entry, now_ms},
-    meta::{AdapterMeta, META_FILE, timestamp_ms},
 };
-use crate::{error::Error, metrics::ResultLabel};
+use crate::{
+    adapter::{
+        META_FILE,
+        meta::{AdapterMeta, timestamp_ms},
+    },
+    error::Error,
+    metrics::ResultLabel,
+};
 
 const BACKOFF_MIN: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(3600);
@@ -135,7 +141,7 @@ impl Store {
         })
         .await
         .map_err(|e| Error::internal(e.to_string()))?
-        .map_err(|e| super::writer::storage_error(e, "refreshing .loraplex_meta"))
+        .map_err(|e| super::file_writer::storage_error(e, "refreshing .loraplex_meta"))
     }
 }
 

@@ -17,13 +17,16 @@ use std::{
 };
 
 use super::{
-    AdapterName, LOCAL, Store,
+    LOCAL, Store,
     flight::{FlightKind, Lead},
     fsops,
     index::Entry,
     policy::S3Fifo,
 };
-use crate::error::{Error, ErrorKind};
+use crate::{
+    adapter::AdapterName,
+    error::{Error, ErrorKind},
+};
 
 /// How often a fetch blocked by pinned adapters looks again.
 const PINNED_POLL: Duration = Duration::from_millis(25);

@@ -13,7 +13,7 @@ use std::{fs, io::Read, path::Path};
 
 use serde_json::Value;
 
-use crate::origin::{BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE};
+use crate::adapter::{BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE};
 
 /// Largest `adapter_config.json` accepted (they are ~1 KB).
 pub const MAX_CONFIG: usize = 4 << 20;

@@ -17,7 +17,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
 };
@@ -26,7 +26,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    file_writer::FileWriter,
+    file_writer::{Faults, FileWriter, Shared, storage_error},
     fsops::{self, Published},
 };
 use crate::{
@@ -50,39 +50,6 @@ impl WriteMode {
             WriteMode::Direct => "direct",
             WriteMode::Buffered => "buffered",
         }
-    }
-}
-
-/// Fault injection for tests: refuse O_DIRECT, or fail writes with an errno after some bytes.
-#[derive(Debug, Default)]
-pub struct Faults {
-    pub refuse_direct: AtomicBool,
-    errno: AtomicI32,
-    after: AtomicU64,
-}
-
-impl Faults {
-    /// Fail every write once `after` more bytes have been written, with `errno`.
-    pub fn fail_writes(&self, errno: i32, after: u64) {
-        self.after.store(after, Ordering::SeqCst);
-        self.errno.store(errno, Ordering::SeqCst);
-    }
-
-    pub fn clear(&self) {
-        self.errno.store(0, Ordering::SeqCst);
-    }
-
-    pub(super) fn check(&self, n: usize) -> io::Result<()> {
-        let errno = self.errno.load(Ordering::SeqCst);
-        if errno == 0 {
-            return Ok(());
-        }
-        let left = self.after.load(Ordering::SeqCst);
-        if left >= n as u64 {
-            self.after.fetch_sub(n as u64, Ordering::SeqCst);
-            return Ok(());
-        }
-        Err(io::Error::from_raw_os_error(errno))
     }
 }
 
@@ -117,31 +84,12 @@ struct WriteJob {
     done: oneshot::Sender<Result<Committed, Error>>,
 }
 
-pub(super) struct Shared {
-    pub(super) direct: AtomicBool,
-    pub(super) faults: Arc<Faults>,
-}
-
 /// Handle to the storage thread.
 pub struct Writer {
     jobs: Mutex<Option<mpsc::UnboundedSender<WriteJob>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
     driver: &'static str,
-}
-
-/// An I/O error as the user sees it: 507 for a full disk, 502 otherwise.
-pub fn storage_error(e: io::Error, what: &str) -> Error {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::new(
-            ErrorKind::InsufficientStorage,
-            format!("no space left on the storage device ({what})"),
-        ),
-        _ => Error::new(
-            ErrorKind::BadGateway,
-            format!("storage I/O error ({what}): {e}"),
-        ),
-    }
 }
 
 impl Writer {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod s3;
+pub mod tools;
 
 use std::{
     io::{BufRead, BufReader},
@@ -76,11 +77,15 @@ impl Node {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("loraplex started") {
+                let started = line.contains("loraplex started").then(|| {
                     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                    let _ = tx.send(v["listen"].as_str().unwrap().parse::<SocketAddr>().unwrap());
-                }
+                    v["listen"].as_str().unwrap().parse::<SocketAddr>().unwrap()
+                });
+                // Logged before the address is handed over: the startup line is there to read.
                 sink.lock().unwrap().push(line);
+                if let Some(addr) = started {
+                    let _ = tx.send(addr);
+                }
             }
         });
         let addr = match rx.recv_timeout(Duration::from_secs(20)) {
@@ -96,6 +101,26 @@ impl Node {
             dir,
             logs,
         }
+    }
+
+    /// Start the binary with `yaml` on `driver`, and check that it runs that driver.
+    pub fn start_on(driver: Driver, yaml: &str) -> Node {
+        let node = Node::start(&driver.config(yaml));
+        node.assert_driver(driver);
+        node
+    }
+
+    /// The node's startup line names `driver`.
+    pub fn assert_driver(&self, driver: Driver) {
+        let want = format!("\"driver\":\"{}\"", driver.as_str());
+        assert!(
+            self.logs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("loraplex started") && l.contains(&want)),
+            "the node does not run {driver:?}"
+        );
     }
 
     pub fn url(&self) -> String {
@@ -115,6 +140,72 @@ impl Node {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         wait_exit(&mut self.child, Duration::from_secs(20))
     }
+}
+
+/// A data-plane io driver (`server.driver`). Proxy-level tests run each case under both, as
+/// monoio's own tests do ([`on_both_drivers!`](crate::on_both_drivers)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    IoUring,
+    Epoll,
+}
+
+impl Driver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Driver::IoUring => "io_uring",
+            Driver::Epoll => "epoll",
+        }
+    }
+
+    /// Whether this machine runs the driver. A kernel that refuses io_uring (seccomp,
+    /// `kernel.io_uring_disabled`) skips the io_uring cases, loudly.
+    pub fn runnable(self) -> bool {
+        if self == Driver::IoUring && !monoio::utils::detect_uring() {
+            eprintln!("SKIPPED: this kernel refuses io_uring; only the epoll cases run");
+            return false;
+        }
+        true
+    }
+
+    /// `yaml` with `server.driver` set to this driver (and the harness's two workers when it
+    /// has no `server:` section of its own).
+    pub fn config(self, yaml: &str) -> String {
+        let line = format!("  driver: {}\n", self.as_str());
+        match yaml.lines().position(|l| l.trim_end() == "server:") {
+            Some(i) => {
+                let mut lines: Vec<String> = yaml.lines().map(|l| format!("{l}\n")).collect();
+                lines.insert(i + 1, line);
+                lines.concat()
+            }
+            None => format!("{yaml}\nserver:\n  workers: 2\n{line}"),
+        }
+    }
+}
+
+/// Generate, for each `case(driver)`, two tests: `io_uring::case` and `epoll::case`.
+#[macro_export]
+macro_rules! on_both_drivers {
+    ($($case:ident),* $(,)?) => {
+        mod io_uring {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $case() {
+                    if super::common::Driver::IoUring.runnable() {
+                        super::$case(super::common::Driver::IoUring).await
+                    }
+                }
+            )*
+        }
+        mod epoll {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $case() {
+                    super::$case(super::common::Driver::Epoll).await
+                }
+            )*
+        }
+    };
 }
 
 impl Drop for Node {

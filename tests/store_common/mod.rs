@@ -26,13 +26,14 @@ use axum::{
 use bytes::Bytes;
 use futures_util::{FutureExt, future::BoxFuture, stream};
 use loraplex::{
+    adapter::AdapterName,
     config::{DirectIo, Driver},
     control::{Control, ControlPlane},
     error::Error,
     metrics::Metrics,
     origin::{FileSpec, FileStream, Manifest, Origin, OriginChain, OriginError},
     store::{
-        AdapterName, Store, StoreOptions, VllmHooks,
+        Store, StoreOptions, VllmHooks,
         validate::{tiny_config, tiny_safetensors},
     },
 };

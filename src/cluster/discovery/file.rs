@@ -35,7 +35,7 @@ use std::{
 use tokio::sync::watch;
 
 use super::{Members, PeerSet, Publisher, canonical_peer};
-use crate::{cluster::identity::Identity, control::Control, error::Error, server::Shutdown};
+use crate::{cluster::identity::Identity, control::Control, error::Error, shutdown::Shutdown};
 
 /// Another node's file is deleted after this many stale thresholds without a change.
 pub const CLEANUP_FACTOR: u32 = 4;

@@ -35,7 +35,7 @@ use kube::{
 use tokio::sync::watch;
 
 use super::{Members, PeerSet, Publisher};
-use crate::{cluster::identity::Identity, control::Control, error::Error, server::Shutdown};
+use crate::{cluster::identity::Identity, control::Control, error::Error, shutdown::Shutdown};
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
 const SERVICE_LABEL: &str = "kubernetes.io/service-name";

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 pub use crate::cluster::identity::canonical_peer;
 use crate::{
     cluster::identity::Identity, config::DiscoveryConfig, control::Control, error::Error,
-    server::Shutdown,
+    shutdown::Shutdown,
 };
 
 /// One membership snapshot: every node, this one included exactly once.

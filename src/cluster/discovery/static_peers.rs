@@ -17,7 +17,7 @@ use crate::{
     cluster::identity::{self, Identity},
     control::Control,
     error::Error,
-    server::Shutdown,
+    shutdown::Shutdown,
 };
 
 /// How often unresolved host names are retried.

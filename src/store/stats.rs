@@ -1,6 +1,6 @@
-//! What the admin endpoints read and do: `stats` (the Go shape `items`, `size`, `max_size`,
-//! `dir`, plus ours), `warmup` (the Go shape `{"results":[{"adapter","status"}]}`), the fetches
-//! in flight with their progress, and the periodic progress log of long fetches.
+//! The store as operators see it, for the admin API: `stats` (the Go shape `items`, `size`,
+//! `max_size`, `dir`, plus ours), `warmup` (the Go shape `{"results":[{"adapter","status"}]}`),
+//! the fetches in flight with their progress, and the periodic progress log of long fetches.
 
 use std::{
     collections::HashMap,
@@ -14,7 +14,8 @@ use std::{
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{AdapterName, Store, flight::FlightKind};
+use super::{Store, flight::FlightKind};
+use crate::adapter::AdapterName;
 
 /// A long fetch logs its progress this often.
 const LOG_EVERY: Duration = Duration::from_secs(5);

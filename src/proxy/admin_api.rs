@@ -10,23 +10,26 @@
 //!
 //! When `admin.token` is set every admin request needs `Authorization: Bearer <token>`.
 
-use std::{rc::Rc, sync::atomic::Ordering};
+use std::sync::atomic::Ordering;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
-    cluster::peering::broadcast_evict,
+    adapter::AdapterName,
+    cluster::{
+        peering::broadcast_evict,
+        protocol::{is_marked, load},
+    },
     error::{Error, ErrorKind},
-    http::{Method, RequestHead, response},
-    proxy::{forward::is_marked, local::load},
-    server::{conn::Conn, worker::Worker},
-    store::AdapterName,
+    http::{Method, RequestHead, constant_time_eq, response},
+    proxy::Proxy,
+    server::conn::Conn,
 };
 
 /// Answer an admin request into `out`; returns the status written.
 pub async fn serve(
-    w: &Rc<Worker>,
+    w: &Proxy,
     _conn: &Conn,
     head: &RequestHead,
     body: &[u8],
@@ -56,11 +59,13 @@ pub async fn serve(
             let peers = if from_peer || shared.router.topology().is_single() {
                 Vec::new()
             } else {
-                let (router, adapter) = (shared.router.clone(), name.to_string());
-                let token = shared.config.admin.token.clone();
+                let (router, client) = (shared.router.clone(), shared.peer_client.clone());
+                let (adapter, token) = (name.to_string(), shared.config.admin.token.clone());
                 shared
                     .control
-                    .run(async move { broadcast_evict(&router, &adapter, token.as_deref()).await })
+                    .run(async move {
+                        broadcast_evict(&router, &client, &adapter, token.as_deref()).await
+                    })
                     .await
             };
             let peers: Vec<Value> = peers
@@ -113,11 +118,6 @@ pub fn authorize(token: Option<&str>, head: &RequestHead) -> Result<(), Error> {
             "admin endpoints need Authorization: Bearer <admin.token>",
         ))
     }
-}
-
-/// Compare secrets without an early exit that would leak the matching prefix length.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -7,8 +7,7 @@ use std::{fs, io, path::Path};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-/// File name inside each adapter directory (hidden: vLLM ignores it).
-pub const META_FILE: &str = ".loraplex_meta";
+use super::META_FILE;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdapterMeta {

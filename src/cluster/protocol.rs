@@ -1,0 +1,261 @@
+//! The peer protocol: everything one loraplex node says to another, in one place.
+//!
+//! - Forwarding: a request routed to its owner carries [`FORWARDED_HEADER`] (and
+//!   [`TOKEN_HEADER`] with `cluster.token` when one is set); the receiving node acknowledges it
+//!   with `100 Continue` as soon as it has read it, and serves it itself.
+//! - Trust ([`is_trusted_peer`]): a request is a peer's when it carries `cluster.token` (when one
+//!   is set), else when it comes from a peer's address. An untrusted mark is ignored.
+//! - `GET /healthz` ([`Healthz`], the Go project's shape): every node polls every peer for
+//!   health and load ([`load`]).
+//! - Adapter copies ([`PeerPath`], under [`PREFIX`]): `GET {PREFIX}{name}/manifest`
+//!   ([`PeerManifest`]) and `GET {PREFIX}{name}/files/{path}` (`Range: bytes=N-`).
+//! - Evict broadcast: `POST /admin/cache/evict {"adapter": name}`, marked forwarded so it is
+//!   not broadcast again.
+//!
+//! [`PeerClient`] is the one HTTP client (control plane) a node uses for all of it, built at
+//! start, connecting from this node's own address.
+
+use std::{net::IpAddr, time::Duration};
+
+use reqwest::{StatusCode, header::RANGE};
+use serde::{Deserialize, Serialize};
+
+use crate::{adapter::AdapterName, cluster::router::Router, error::Error, http::RequestHead};
+
+/// Marks a request as forwarded by a peer (value `1`).
+pub const FORWARDED_HEADER: &str = "x-loraplex-forwarded";
+/// Carries `cluster.token` on every peer request when one is set.
+pub const TOKEN_HEADER: &str = "x-loraplex-token";
+/// Path prefix of the adapter-copy endpoints.
+pub const PREFIX: &str = "/_loraplex/adapters/";
+
+/// Requests in flight that count as full load (the Go project's `Load(200)`).
+pub const FULL_LOAD: i64 = 200;
+
+/// A peer gets this long to answer a health check, whatever the poll interval: a busy node is
+/// slow, not dead (the Go project uses 3 s too).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time a peer gets to answer a manifest request, and to accept any connection.
+const MANIFEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a peer gets to evict an adapter.
+const EVICT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A node's load in 0..=1 from its requests in flight, as peers see it in `/healthz`.
+pub fn load(pending: i64) -> f64 {
+    (pending.max(0) as f64 / FULL_LOAD as f64).min(1.0)
+}
+
+/// The `/healthz` answer (the Go project's JSON). Fields a Go node leaves out read as a
+/// healthy, idle node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Healthz {
+    /// `ok`, or `degraded` while vLLM is unhealthy.
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub load: f64,
+    /// Requests in flight, the asking one not counted.
+    #[serde(default)]
+    pub pending: i64,
+    #[serde(default = "yes")]
+    pub vllm_healthy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Healthz {
+    pub fn new(pending: i64, vllm_healthy: bool) -> Healthz {
+        Healthz {
+            status: if vllm_healthy { "ok" } else { "degraded" }.into(),
+            load: load(pending),
+            pending,
+            vllm_healthy,
+        }
+    }
+}
+
+/// A stored adapter as a peer describes it, files relative to its directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerManifest {
+    #[serde(default)]
+    pub adapter: String,
+    pub content_id: Option<String>,
+    pub files: Vec<PeerFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerFile {
+    pub path: String,
+    pub size: u64,
+}
+
+/// An adapter-copy request, by its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerPath<'a> {
+    /// `{PREFIX}{adapter}/manifest`
+    Manifest { adapter: &'a str },
+    /// `{PREFIX}{adapter}/files/{file}`
+    File { adapter: &'a str, file: &'a str },
+}
+
+impl<'a> PeerPath<'a> {
+    /// Parse a request path under [`PREFIX`]; `None` when it is no peer endpoint. The adapter
+    /// name and file path are not validated here.
+    pub fn parse(path: &'a str) -> Option<PeerPath<'a>> {
+        let rest = path.strip_prefix(PREFIX)?;
+        if let Some(adapter) = rest.strip_suffix("/manifest") {
+            Some(PeerPath::Manifest { adapter })
+        } else {
+            let (adapter, file) = rest.split_once("/files/")?;
+            Some(PeerPath::File { adapter, file })
+        }
+    }
+}
+
+/// Whether `head` carries a forwarded mark (trusted or not).
+pub fn is_marked(head: &RequestHead) -> bool {
+    head.header(FORWARDED_HEADER).is_some()
+}
+
+/// Whether `head` carries a forwarded mark this node trusts.
+pub fn is_trusted_forward(router: &Router, head: &RequestHead, from: IpAddr) -> bool {
+    is_marked(head) && is_trusted_peer(router, head, from)
+}
+
+/// Whether a request comes from a peer: it carries `cluster.token` when one is set, else it
+/// comes from a peer's address (`from`: the client connection's address).
+pub fn is_trusted_peer(router: &Router, head: &RequestHead, from: IpAddr) -> bool {
+    match &router.token {
+        Some(token) => head
+            .header(TOKEN_HEADER)
+            .is_some_and(|given| crate::http::constant_time_eq(given, token.as_bytes())),
+        None => router.topology().is_peer_ip(from),
+    }
+}
+
+/// The HTTP client for every control-plane call to a peer (health polls, adapter copies, evict
+/// broadcasts): one connection pool, connecting from this node's own address, no proxy, a
+/// connect timeout of 2 s and a time limit per kind of call (3 s for a health check, 2 s for a
+/// manifest, 10 s for an evict, none for a file: the transfer layer watches for stalls).
+#[derive(Clone)]
+pub struct PeerClient {
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl PeerClient {
+    /// `source`: the local address to connect from (peers recognise the connection as a
+    /// peer's even on a host with several addresses); `token`: `cluster.token`.
+    pub fn new(source: Option<IpAddr>, token: Option<String>) -> Result<PeerClient, Error> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .local_address(source)
+            .connect_timeout(MANIFEST_TIMEOUT)
+            .build()
+            .map_err(|e| Error::internal(format!("peer http client: {e}")))?;
+        Ok(PeerClient { http, token })
+    }
+
+    /// `GET http://{peer}/healthz`.
+    pub async fn healthz(&self, peer: &str) -> reqwest::Result<Healthz> {
+        self.http
+            .get(format!("http://{peer}/healthz"))
+            .timeout(HEALTH_TIMEOUT)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await
+    }
+
+    /// The manifest of `name` stored on `peer`; `None` when it has none (or does not answer in
+    /// time).
+    pub async fn manifest(&self, peer: &str, name: &AdapterName) -> Option<PeerManifest> {
+        let url = format!("http://{peer}{PREFIX}{name}/manifest");
+        let resp = self
+            .with_token(self.http.get(url))
+            .timeout(MANIFEST_TIMEOUT)
+            .send()
+            .await
+            .ok()?;
+        if resp.status() != StatusCode::OK {
+            return None;
+        }
+        resp.json().await.ok()
+    }
+
+    /// The URL of `file` of adapter `name` on `peer`.
+    pub fn file_url(peer: &str, name: &AdapterName, file: &str) -> String {
+        format!("http://{peer}{PREFIX}{name}/files/{file}")
+    }
+
+    /// Start streaming the file at `url` ([`PeerClient::file_url`]) from byte `offset` (no time
+    /// limit but the connect timeout: the transfer layer watches for stalls).
+    pub async fn file(&self, url: &str, offset: u64) -> reqwest::Result<reqwest::Response> {
+        let mut req = self.with_token(self.http.get(url));
+        if offset > 0 {
+            req = req.header(RANGE, format!("bytes={offset}-"));
+        }
+        req.send().await
+    }
+
+    /// Ask `peer` to evict `adapter` (marked forwarded: it is not broadcast again); whether it
+    /// answered with a success.
+    pub async fn evict(&self, peer: &str, adapter: &str, admin_token: Option<&str>) -> bool {
+        let mut req = self
+            .http
+            .post(format!("http://{peer}/admin/cache/evict"))
+            .timeout(EVICT_TIMEOUT)
+            .header(FORWARDED_HEADER, "1")
+            .json(&serde_json::json!({ "adapter": adapter }));
+        req = self.with_token(req);
+        if let Some(t) = admin_token {
+            req = req.bearer_auth(t);
+        }
+        matches!(req.send().await, Ok(r) if r.status().is_success())
+    }
+
+    fn with_token(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => req.header(TOKEN_HEADER, t),
+            None => req,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_paths() {
+        assert_eq!(
+            PeerPath::parse("/_loraplex/adapters/acme/x/manifest"),
+            Some(PeerPath::Manifest { adapter: "acme/x" })
+        );
+        assert_eq!(
+            PeerPath::parse("/_loraplex/adapters/acme/x/files/tok/vocab.json"),
+            Some(PeerPath::File {
+                adapter: "acme/x",
+                file: "tok/vocab.json"
+            })
+        );
+        assert_eq!(PeerPath::parse("/_loraplex/adapters/acme/x"), None);
+        assert_eq!(PeerPath::parse("/v1/models"), None);
+    }
+
+    #[test]
+    fn healthz_shape_and_go_defaults() {
+        let h = Healthz::new(50, false);
+        assert_eq!(
+            serde_json::to_string(&h).unwrap(),
+            r#"{"status":"degraded","load":0.25,"pending":50,"vllm_healthy":false}"#
+        );
+        assert_eq!(Healthz::new(400, true).load, 1.0);
+        assert_eq!(Healthz::new(-1, true).load, 0.0);
+        let go: Healthz = serde_json::from_str(r#"{"status":"ok"}"#).unwrap();
+        assert_eq!((go.load, go.vllm_healthy), (0.0, true));
+    }
+}

@@ -1,0 +1,199 @@
+//! A loraplex node: builds every part in order (control plane, vLLM client, cluster, origins,
+//! store), then serves the proxy on the server's workers; waits for a signal, shuts down
+//! gracefully.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicI64},
+};
+
+use crate::{
+    cluster::{
+        discovery::Discovery, identity::Identity, peering, protocol::PeerClient, router::Router,
+    },
+    config::Config,
+    control::{Control, ControlPlane},
+    error::Error,
+    metrics::Metrics,
+    origin::{Origin, OriginChain, peer::PeerOrigin},
+    proxy::{Proxy, Shared},
+    server::{
+        Server, bind,
+        runtime::{self, DriverKind},
+    },
+    shutdown::Shutdown,
+    store::{Store, StoreOptions},
+    vllm::{Hooks, Vllm},
+};
+
+/// A running loraplex: its workers, control plane and shared state.
+pub struct Node {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    server: Server,
+    control_plane: ControlPlane,
+}
+
+/// Keep freed heap memory in the process instead of handing it back to the kernel at once.
+///
+/// A fetch streams the origin through receive buffers of up to ~400 KiB that the writer thread
+/// frees a moment later. With glibc's defaults (a trim threshold and an mmap threshold that
+/// start at 128 KiB and 256 KiB), much of that memory went back to the kernel and came back as
+/// fresh pages: page faults, zeroing and memcg charging were ~16 % of the control-plane CPU of
+/// a 1 GiB fetch (`perf` during `scripts/bench-fetch.sh`), and gone with these settings.
+/// Freed memory up to the thresholds stays mapped; it is reused by the next fetch, and the
+/// peak RSS of a fetch does not change (its bound is the writer channel, not the allocator).
+/// `MALLOC_*` environment variables are overridden. Other allocators (musl) are left alone.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only adjusts glibc's malloc parameters; it is thread-safe.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+            }
+        });
+    }
+}
+
+impl Node {
+    /// Bind, start every thread, return at once.
+    pub fn start(config: Config) -> Result<Node, Error> {
+        keep_freed_memory();
+        let driver = runtime::resolve(config.server.driver)?;
+        let control_plane = ControlPlane::start(2)?;
+        let control = control_plane.control();
+        let metrics = Arc::new(Metrics::new());
+        let vllm = Vllm::new(&config, metrics.clone())?;
+        let listeners = bind(&config.listen, config.server.workers.max(1))?;
+        let addr = listeners[0].local_addr()?;
+        let shutdown = Shutdown::new();
+
+        // The cluster: who we are, who the peers are, where each key lives.
+        let me = Identity::new(addr, config.self_addr.as_deref())?;
+        let discovery = Discovery::start(&config.discovery, &me, &control, shutdown.clone())?;
+        let router = Arc::new(Router::new(&config, me, metrics.clone()));
+        let peer_client = PeerClient::new(router.source_ip, router.token.clone())?;
+        let interval = config.vllm.health_check_interval;
+        peering::start(
+            router.clone(),
+            discovery,
+            peer_client.clone(),
+            &control,
+            interval,
+            shutdown.clone(),
+        );
+
+        // The store: peers first (an adapter already in the cluster is copied, not refetched),
+        // then the configured origins in order.
+        let peers: Arc<dyn Origin> = Arc::new(PeerOrigin::new(router.clone(), peer_client.clone()));
+        let configured = OriginChain::from_config(&config, &control)?;
+        let origins = OriginChain::new(
+            std::iter::once(peers)
+                .chain(configured.iter().cloned())
+                .collect(),
+        );
+        let hooks = Arc::new(Hooks {
+            vllm: vllm.clone(),
+            control: control.clone(),
+        });
+        let store = Store::open(
+            StoreOptions::from_config(&config),
+            origins,
+            hooks,
+            control.clone(),
+            metrics.clone(),
+        )?;
+        let shared = Arc::new(Shared {
+            config,
+            metrics,
+            vllm,
+            control,
+            shutdown,
+            pending: AtomicI64::new(0),
+            router,
+            peer_client,
+            store,
+        });
+        shared
+            .vllm
+            .spawn_health_poll(&shared.control, shared.shutdown.clone());
+        let for_workers = shared.clone();
+        let server = Server::start(
+            listeners,
+            driver,
+            &shared.config.server,
+            shared.shutdown.clone(),
+            shared.metrics.clone(),
+            move |_| Proxy::new(for_workers.clone()),
+        )?;
+        log_summary(&shared, driver, addr);
+        Ok(Node {
+            shared,
+            addr,
+            server,
+            control_plane,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shared.shutdown.clone()
+    }
+
+    pub fn control(&self) -> Control {
+        self.control_plane.control()
+    }
+
+    /// Stop on SIGTERM/SIGINT.
+    pub fn stop_on_signals(&self) {
+        let shutdown = self.shared.shutdown.clone();
+        self.control().spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+            shutdown.trigger();
+        });
+    }
+
+    /// Wait until every worker has stopped (after shutdown is triggered and drained).
+    pub fn wait(self) {
+        self.server.wait();
+        self.shared.store.shutdown();
+        tracing::info!("stopped");
+    }
+}
+
+fn log_summary(shared: &Shared, driver: DriverKind, addr: SocketAddr) {
+    let cfg = &shared.config;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        driver = driver.as_str(),
+        workers = cfg.server.workers,
+        listen = %addr,
+        node = %shared.router.me.canonical(),
+        discovery = cfg.discovery.mode(),
+        vllm = %cfg.vllm_url,
+        storage = %cfg.storage.dir.display(),
+        write_mode = shared.store.write_mode().as_str(),
+        max_size = %crate::config::units::format_size(cfg.storage.max_size),
+        origins = %cfg.origins.iter().map(|o| o.type_name()).collect::<Vec<_>>().join(","),
+        base_model = cfg.vllm.model_name.as_deref().unwrap_or("(learnt from /v1/models)"),
+        "loraplex started"
+    );
+}
