@@ -1,0 +1,385 @@
+//! `soak report`: the figures of a run, from its directory (see `scripts/soak.sh`).
+//!
+//! With `--nodes`, the nodes still run: it first waits until they are idle (no fetch,
+//! revalidation or reservation in flight) and takes each node's final state: `/admin/cache/stats`
+//! and, at the same moment, the apparent size of the published files (every regular file under
+//! the storage dir, outside its hidden top-level entries such as `.loraplex-tmp`), written to
+//! `node-I/final.json`. Without it, the saved `final.json` files are used.
+//!
+//! The rules (also printed with the report):
+//! - *answered*: a response head and its whole body (see `load.rs`); a 2xx stream ends with
+//!   `[DONE]`. *success*: answered 2xx, a warm-up whose every adapter is `ok`, or an evict
+//!   answered 503 "in use" (the documented answer while requests hold the adapter).
+//! - *lost to a kill*: not answered, and a process on its path was killed while it was in
+//!   flight: its own node (the client's connection died with the process), or, once the head
+//!   had arrived, any loraplex or vLLM (a stream already started can only be cut). No proxy can
+//!   answer these; a load balancer would give a 502.
+//! - *unanswered*: every other request not answered. Must be 0.
+//! - A non-success *matches* a fault window when it was in flight during the window or the
+//!   window's grace after it (the time the fault's effects may last, per kind).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    error::Error,
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::report_md as md;
+
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// The run directory.
+    #[arg(long)]
+    pub work: PathBuf,
+    /// The nodes' base URLs, comma-separated: take their final state first.
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    #[arg(long, default_value = "")]
+    pub admin_token: String,
+    /// Where the Markdown goes (also printed).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Rec {
+    pub src: String,
+    pub kind: String,
+    pub model: String,
+    pub node: usize,
+    pub tries: u32,
+    pub start_ms: u64,
+    pub head_ms: Option<u64>,
+    pub end_ms: u64,
+    pub status: u16,
+    pub complete: bool,
+    pub error: Option<String>,
+    pub weights: Option<String>,
+    pub warmup_errors: u64,
+    pub detail: Option<String>,
+}
+
+impl Rec {
+    pub fn answered(&self) -> bool {
+        self.complete && self.status != 0
+    }
+
+    pub fn success(&self) -> bool {
+        let busy_evict = self.kind == "evict"
+            && self.status == 503
+            && self.detail.as_deref().is_some_and(|d| d.contains("in use"));
+        self.answered()
+            && (((200..300).contains(&self.status) && self.warmup_errors == 0) || busy_evict)
+    }
+
+    /// The outcome as a table column: `2xx`, the status, `warm-up error`.
+    pub fn outcome(&self) -> String {
+        match self.status {
+            200..=299 if self.warmup_errors > 0 => "warm-up error".into(),
+            200..=299 => "2xx".into(),
+            503 if self.success() => "503 busy (evict)".into(),
+            s => s.to_string(),
+        }
+    }
+}
+
+/// A fault window from `events.log`.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub id: u64,
+    pub kind: String,
+    pub node: Option<usize>,
+    pub begin: u64,
+    pub end: u64,
+    pub grace: u64,
+}
+
+impl Window {
+    /// Whether `[start, end]` meets the window or its grace.
+    pub fn touches(&self, start: u64, end: u64) -> bool {
+        start <= self.end + self.grace && end >= self.begin
+    }
+}
+
+/// A `kill -9` from `events.log`: between `before` and `after`.
+#[derive(Debug, Clone)]
+pub struct Kill {
+    pub target: String,
+    pub node: usize,
+    pub before: u64,
+    pub after: u64,
+}
+
+/// How long each kind of fault may show after its window, in ms: node and vLLM restarts a
+/// few health checks (2 s here); origin 5xx and resets the retries with backoff of fetches
+/// begun in the window; a stall the origin's 45 s pause (the resumed transfer ends after it);
+/// the disk fill the time the last pinning stream takes to release its adapter.
+pub fn grace(kind: &str) -> u64 {
+    match kind {
+        "origin_stall" => 60_000,
+        "origin_5xx" | "origin_reset" => 20_000,
+        _ => 10_000,
+    }
+}
+
+/// Everything the run left, parsed.
+pub struct Run {
+    pub t0: u64,
+    pub nodes: usize,
+    pub recs: Vec<Rec>,
+    pub windows: Vec<Window>,
+    pub kills: Vec<Kill>,
+    /// Per node: lines of `vllm-events.jsonl`.
+    pub vllm_events: Vec<Vec<Value>>,
+    /// Per node: `final.json`.
+    pub finals: Vec<Value>,
+    /// `proc.log` lines: (node, phase, pid, rss_kb, fds).
+    pub procs: Vec<(usize, String, u64, u64, u64)>,
+    pub restarts: BTreeMap<(String, usize), u64>,
+    /// Per node: the ERROR lines and panics of `loraplex.log` (all its processes).
+    pub log_errors: Vec<Vec<String>>,
+}
+
+pub fn run(args: ReportArgs) -> Result<(), Box<dyn Error>> {
+    if !args.nodes.is_empty() {
+        snapshot(&args)?;
+    }
+    let run = load(&args.work)?;
+    let (text, pass) = md::render(&run);
+    print!("{text}");
+    if let Some(parent) = args.out.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::write(&args.out, &text)?;
+    if !pass {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn kv(line: &str) -> (u64, String, BTreeMap<String, String>) {
+    let mut words = line.split_whitespace();
+    let t = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    let word = words.next().unwrap_or("").to_owned();
+    let map = words
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    (t, word, map)
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .map(|s| s.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+pub fn load(work: &Path) -> Result<Run, Box<dyn Error>> {
+    let mut recs = Vec::new();
+    let mut logs: Vec<_> = fs::read_dir(work)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    logs.sort();
+    for path in logs {
+        for line in read_lines(&path) {
+            recs.push(serde_json::from_str::<Rec>(&line).map_err(|e| format!("{path:?}: {e}"))?);
+        }
+    }
+    let (mut t0, mut nodes) = (0, 0);
+    let mut windows: Vec<Window> = Vec::new();
+    let mut kills: Vec<Kill> = Vec::new();
+    let mut restarts = BTreeMap::new();
+    for line in read_lines(&work.join("events.log")) {
+        let (t, word, m) = kv(&line);
+        let get = |k: &str| m.get(k).and_then(|v| v.parse::<u64>().ok());
+        match word.as_str() {
+            "start" => {
+                t0 = t;
+                nodes = get("nodes").unwrap_or(0) as usize;
+            }
+            "begin" => windows.push(Window {
+                id: get("id").unwrap_or(0),
+                kind: m.get("kind").cloned().unwrap_or_default(),
+                node: get("node").map(|n| n as usize),
+                begin: t,
+                end: u64::MAX / 2,
+                grace: grace(m.get("kind").map_or("", String::as_str)),
+            }),
+            "end" => {
+                if let Some(w) = windows.iter_mut().find(|w| Some(w.id) == get("id")) {
+                    w.end = t;
+                }
+            }
+            "kill" => kills.push(Kill {
+                target: m.get("target").cloned().unwrap_or_default(),
+                node: get("node").unwrap_or(0) as usize,
+                before: t,
+                after: u64::MAX / 2,
+            }),
+            "killed" => {
+                if let Some(k) = kills.last_mut() {
+                    k.after = t;
+                }
+            }
+            "restarted" => {
+                let key = (
+                    m.get("target").cloned().unwrap_or_default(),
+                    get("node").unwrap_or(0) as usize,
+                );
+                *restarts.entry(key).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+    let mut vllm_events = Vec::new();
+    let mut finals = Vec::new();
+    let mut log_errors = Vec::new();
+    for i in 0..nodes {
+        let dir = work.join(format!("node-{i}"));
+        let bad = read_lines(&dir.join("loraplex.log"))
+            .into_iter()
+            .filter(|l| l.contains(" ERROR ") || l.contains("panicked"))
+            .collect();
+        log_errors.push(bad);
+        let events = read_lines(&dir.join("vllm-events.jsonl"))
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        vllm_events.push(events);
+        let f = fs::read(dir.join("final.json")).unwrap_or_default();
+        finals.push(serde_json::from_slice(&f).unwrap_or(Value::Null));
+    }
+    let procs = read_lines(&work.join("proc.log"))
+        .iter()
+        .map(|l| {
+            let (_, _, m) = kv(l);
+            let get = |k: &str| m.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let phase = m.get("phase").cloned().unwrap_or_default();
+            (get("node") as usize, phase, get("pid"), get("rss_kb"), get("fds"))
+        })
+        .collect();
+    Ok(Run {
+        t0,
+        nodes,
+        recs,
+        windows,
+        kills,
+        vllm_events,
+        finals,
+        procs,
+        restarts,
+        log_errors,
+    })
+}
+
+impl Run {
+    /// Not answered, and a kill explains it (see the module doc).
+    pub fn lost_to_kill(&self, r: &Rec) -> bool {
+        !r.answered()
+            && self.kills.iter().any(|k| {
+                let during = k.before <= r.end_ms && k.after >= r.start_ms;
+                let on_path = (k.target == "loraplex" && k.node == r.node) || r.head_ms.is_some();
+                during && on_path
+            })
+    }
+
+    pub fn unanswered(&self, r: &Rec) -> bool {
+        !r.answered() && !self.lost_to_kill(r)
+    }
+
+    /// The windows a request met.
+    pub fn windows_of(&self, r: &Rec) -> Vec<u64> {
+        self.windows
+            .iter()
+            .filter(|w| w.touches(r.start_ms, r.end_ms))
+            .map(|w| w.id)
+            .collect()
+    }
+
+    /// Seconds since the start of the run.
+    pub fn secs(&self, t: u64) -> f64 {
+        t.saturating_sub(self.t0) as f64 / 1000.0
+    }
+
+    pub fn statuses(&self) -> BTreeSet<String> {
+        self.recs
+            .iter()
+            .filter(|r| r.answered())
+            .map(Rec::outcome)
+            .collect()
+    }
+}
+
+/// Wait until every node is idle, then save its stats and the disk's apparent size.
+fn snapshot(args: &ReportArgs) -> Result<(), Box<dyn Error>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    for (i, node) in args.nodes.iter().enumerate() {
+        let dir = args.work.join(format!("node-{i}"));
+        let store = dir.join("store");
+        // Idle, and the ledger read twice the same around a walk of the disk: nothing moved.
+        let mut last = Value::Null;
+        for attempt in 0..120 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            let stats = rt.block_on(async {
+                let resp = client
+                    .get(format!("{node}/admin/cache/stats"))
+                    .bearer_auth(&args.admin_token)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await?;
+                resp.json::<Value>().await
+            });
+            let Ok(stats) = stats else { continue };
+            let idle = ["fetches_in_flight", "revalidations_in_flight", "reserved"]
+                .iter()
+                .all(|k| stats[k] == 0);
+            let (bytes, files, dirs) = disk(&store);
+            let snap = json!({"stats": stats, "disk_bytes": bytes, "disk_files": files,
+                "disk_adapters": dirs, "attempts": attempt + 1});
+            if idle && last["stats"] == snap["stats"] {
+                last = snap;
+                break;
+            }
+            last = snap;
+        }
+        fs::write(dir.join("final.json"), serde_json::to_vec_pretty(&last)?)?;
+    }
+    Ok(())
+}
+
+/// Apparent bytes and count of the published files under `root` (hidden top-level entries
+/// such as `.loraplex-tmp` left out), and the number of adapter directories.
+fn disk(root: &Path) -> (u64, u64, u64) {
+    fn walk(dir: &Path, top: bool, acc: &mut (u64, u64, u64)) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        if !top && dir.join("adapter_config.json").is_file() {
+            acc.2 += 1;
+        }
+        for e in rd.flatten() {
+            if top && e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                walk(&e.path(), false, acc);
+            } else if ft.is_file() {
+                acc.0 += e.metadata().map_or(0, |m| m.len());
+                acc.1 += 1;
+            }
+        }
+    }
+    let mut acc = (0, 0, 0);
+    walk(root, true, &mut acc);
+    acc
+}
