@@ -113,7 +113,8 @@ pub struct Record {
     pub bytes: u64,
     pub complete: bool,
     pub error: Option<String>,
-    /// The weights hash an adapter answer names.
+    /// The adapter (`none`: the base model) and weights hash an answer names.
+    pub answer_adapter: Option<String>,
     pub weights: Option<String>,
     /// `x-loraplex-fallback` was set.
     pub fallback: bool,
@@ -322,6 +323,7 @@ async fn execute(ctx: &Ctx, id: u64, plan: Plan, seed: u64) -> Record {
         bytes: 0,
         complete: false,
         error: None,
+        answer_adapter: None,
         weights: None,
         fallback: false,
         warmup_errors: 0,
@@ -397,9 +399,15 @@ async fn attempt(ctx: &Ctx, plan: &Plan, rec: &mut Record) -> Result<(), reqwest
             (false, _) => true,
         };
     let text = String::from_utf8_lossy(&body);
-    rec.weights = text
-        .find("weights=")
-        .map(|at| text[at + 8..].chars().take(16).collect());
+    // The stand-in's first token: `adapter=NAME weights=HASH16 prompt_tokens=N`.
+    let word = |key: &str| {
+        text.find(key).map(|at| {
+            let rest = &text[at + key.len()..];
+            rest.split([' ', '"']).next().unwrap_or("").to_owned()
+        })
+    };
+    rec.answer_adapter = word("adapter=");
+    rec.weights = word("weights=");
     if plan.kind == Kind::Warmup && ok {
         let v: Value = serde_json::from_slice(&body).unwrap_or_default();
         let results = v["results"].as_array().cloned().unwrap_or_default();

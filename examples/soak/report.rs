@@ -15,6 +15,8 @@
 //!   had arrived, any loraplex or vLLM (a stream already started can only be cut). No proxy can
 //!   answer these; a load balancer would give a 502.
 //! - *unanswered*: every other request not answered. Must be 0.
+//! - *wrong*: a 2xx answer naming another adapter, or weights the origin never served under
+//!   that name (the stand-in vLLM names them in every answer). Must be 0.
 //! - A non-success *matches* a fault window when it was in flight during the window or the
 //!   window's grace after it (the time the fault's effects may last, per kind).
 
@@ -59,6 +61,7 @@ pub struct Rec {
     pub status: u16,
     pub complete: bool,
     pub error: Option<String>,
+    pub answer_adapter: Option<String>,
     pub weights: Option<String>,
     pub warmup_errors: u64,
     pub detail: Option<String>,
@@ -143,6 +146,8 @@ pub struct Run {
     pub restarts: BTreeMap<(String, usize), u64>,
     /// Per node: the ERROR lines and panics of `loraplex.log` (all its processes).
     pub log_errors: Vec<Vec<String>>,
+    /// Every weights hash the origin ever served for each adapter (`adapters.manifest`).
+    pub manifest: BTreeMap<String, BTreeSet<String>>,
 }
 
 pub fn run(args: ReportArgs) -> Result<(), Box<dyn Error>> {
@@ -264,7 +269,15 @@ pub fn load(work: &Path) -> Result<Run, Box<dyn Error>> {
             (get("node") as usize, phase, get("pid"), get("rss_kb"), get("fds"))
         })
         .collect();
+    let mut manifest: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in read_lines(&work.join("adapters.manifest")) {
+        let v: Value = serde_json::from_str(&line)?;
+        if let (Some(a), Some(w)) = (v["adapter"].as_str(), v["weights"].as_str()) {
+            manifest.entry(a.to_owned()).or_default().insert(w.to_owned());
+        }
+    }
     Ok(Run {
+        manifest,
         t0,
         nodes,
         recs,
@@ -279,6 +292,27 @@ pub fn load(work: &Path) -> Result<Run, Box<dyn Error>> {
 }
 
 impl Run {
+    /// A 2xx inference answer that names another adapter than asked, or weights the origin
+    /// never served under that name (the base model: `adapter=none weights=base`).
+    pub fn wrong(&self, r: &Rec) -> bool {
+        let inference = !matches!(r.kind.as_str(), "warmup" | "evict");
+        if !inference || !r.answered() || !(200..300).contains(&r.status) {
+            return false;
+        }
+        let (adapter, weights) = (r.answer_adapter.as_deref(), r.weights.as_deref());
+        match self.manifest.get(&r.model) {
+            Some(versions) => {
+                adapter != Some(r.model.as_str()) || !weights.is_some_and(|w| versions.contains(w))
+            }
+            None => adapter != Some("none") || weights != Some("base"),
+        }
+    }
+
+    /// Answered as it should be (see the module doc), with the right weights.
+    pub fn success(&self, r: &Rec) -> bool {
+        r.success() && !self.wrong(r)
+    }
+
     /// Not answered, and a kill explains it (see the module doc).
     pub fn lost_to_kill(&self, r: &Rec) -> bool {
         !r.answered()

@@ -84,7 +84,7 @@ pub fn render(run: &Run) -> (String, bool) {
         .copied()
         .filter(|r| run.windows_of(r).is_empty())
         .collect();
-    let ok_outside = outside.iter().filter(|r| r.success()).count();
+    let ok_outside = outside.iter().filter(|r| run.success(r)).count();
     let rate = 100.0 * ok_outside as f64 / (outside.len().max(1)) as f64;
     if outside.is_empty() || rate < 99.9 {
         failed.push(format!("success outside fault windows {rate:.3}% < 99.9%"));
@@ -100,7 +100,7 @@ pub fn render(run: &Run) -> (String, bool) {
         let out: Vec<&&Rec> = rs.iter().filter(|r| run.windows_of(r).is_empty()).collect();
         let mut lat: Vec<u64> = out
             .iter()
-            .filter(|r| r.success())
+            .filter(|r| run.success(r))
             .map(|r| r.end_ms - r.start_ms)
             .collect();
         lat.sort_unstable();
@@ -108,8 +108,8 @@ pub fn render(run: &Run) -> (String, bool) {
             kinds,
             "| {kind} | {} | {} | {}/{} | {} | {} | {} |",
             rs.len(),
-            rs.iter().filter(|r| r.success()).count(),
-            out.iter().filter(|r| r.success()).count(),
+            rs.iter().filter(|r| run.success(r)).count(),
+            out.iter().filter(|r| run.success(r)).count(),
             out.len(),
             pct(&lat, 50.0),
             pct(&lat, 99.0),
@@ -128,7 +128,7 @@ pub fn render(run: &Run) -> (String, bool) {
             .copied()
             .filter(|r| win.touches(r.start_ms, r.end_ms))
             .collect();
-        let bad = met.iter().filter(|r| !r.success()).count();
+        let bad = met.iter().filter(|r| !run.success(r)).count();
         writeln!(
             w,
             "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {bad} |",
@@ -142,10 +142,14 @@ pub fn render(run: &Run) -> (String, bool) {
         )
         .unwrap();
     }
+    let wrong: Vec<&Rec> = all.iter().copied().filter(|r| run.wrong(r)).collect();
+    if !wrong.is_empty() {
+        failed.push(format!("{} answers with the wrong adapter or weights", wrong.len()));
+    }
     let unmatched: Vec<&Rec> = all
         .iter()
         .copied()
-        .filter(|r| r.answered() && !r.success() && run.windows_of(r).is_empty())
+        .filter(|r| r.answered() && !run.success(r) && !run.wrong(r) && run.windows_of(r).is_empty())
         .collect();
     if !unmatched.is_empty() {
         failed.push(format!("{} non-success answers outside every fault window", unmatched.len()));
@@ -154,7 +158,10 @@ pub fn render(run: &Run) -> (String, bool) {
         writeln!(out, "| start s | end s | node | kind | model | status | tries | error / body |").unwrap();
         writeln!(out, "|---:|---:|---:|---|---|---:|---:|---|").unwrap();
         for r in rs.iter().take(MAX_ROWS) {
-            let why = r.error.clone().or(r.detail.clone()).unwrap_or_default();
+            let why = r.error.clone().or(r.detail.clone()).unwrap_or_else(|| {
+                let (a, w) = (r.answer_adapter.as_deref(), r.weights.as_deref());
+                format!("answered adapter={} weights={}", a.unwrap_or("?"), w.unwrap_or("?"))
+            });
             writeln!(
                 out,
                 "| {:.3} | {:.3} | {} | {} | {} | {} | {} | {} |",
@@ -259,7 +266,7 @@ pub fn render(run: &Run) -> (String, bool) {
 
     let changing: BTreeMap<&str, usize> = all
         .iter()
-        .filter(|r| r.kind == "changing" && r.success())
+        .filter(|r| r.kind == "changing" && run.success(r))
         .filter_map(|r| r.weights.as_deref())
         .fold(BTreeMap::new(), |mut m, w| {
             *m.entry(w).or_default() += 1;
@@ -293,6 +300,11 @@ pub fn render(run: &Run) -> (String, bool) {
     writeln!(out, "### Non-success answers outside every fault window: {}\n", unmatched.len()).unwrap();
     if !unmatched.is_empty() {
         list(&unmatched, &mut out);
+        out.push('\n');
+    }
+    writeln!(out, "### Wrong answers (adapter or weights): {}\n", wrong.len()).unwrap();
+    if !wrong.is_empty() {
+        list(&wrong, &mut out);
         out.push('\n');
     }
     writeln!(out, "### Unanswered: {}\n", unanswered.len()).unwrap();
@@ -344,6 +356,8 @@ flight: the node that took it (the client's connection died with it), or, once t
 arrived, any loraplex or vLLM (a started answer can only be cut). A load balancer would give a 502.\n\
 - *unanswered*: every other request without an answer (reset, early close, truncated body or \
 stream, client timeout). Must be 0.\n\
+- *wrong*: a 2xx answer naming another adapter than asked, or weights the origin never served \
+under that name (the stand-in vLLM names both in every answer). Must be 0.\n\
 - *retried elsewhere*: the client's connection was refused (nothing sent) and it tried another \
 node, as a load balancer does; nothing else is retried.\n\
 - A request *meets* a fault window when it was in flight during the window or its grace after \

@@ -17,6 +17,7 @@ use std::{
 use loraplex::testkit::{
     AdapterSpec, Fault, FaultKind, OriginConfig, OriginStandIn, VllmConfig, VllmFault,
     VllmStandIn,
+    adapters::{SAFETENSORS_FILE, hash16},
     server::{Response, Server, handler},
 };
 use serde_json::json;
@@ -134,6 +135,25 @@ pub struct OriginArgs {
     /// `reset`: each weights transfer is cut (the connection closed) after this many bytes.
     #[arg(long, default_value_t = 8 * 1024)]
     cut_after: u64,
+    /// Every version of every adapter served, with its weights hash (JSON lines), for the
+    /// report to check each answer names the right weights.
+    #[arg(long)]
+    manifest: PathBuf,
+}
+
+/// Appends `{"adapter", "version", "weights"}` for each adapter put.
+struct Manifest(std::sync::Mutex<std::fs::File>);
+
+impl Manifest {
+    fn record(&self, origin: &OriginStandIn, name: &str, version: u64) {
+        let weights = origin
+            .file(name, SAFETENSORS_FILE)
+            .map(|b| hash16(xxhash_rust::xxh3::xxh3_64(&b)));
+        let line = json!({"adapter": name, "version": version, "weights": weights});
+        let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // The report reads it afterwards; a failed write shows there as an unknown version.
+        let _ = writeln!(f, "{line}").and_then(|()| f.flush());
+    }
 }
 
 /// Run the origin and its control port until killed.
@@ -144,23 +164,30 @@ pub fn origin(args: OriginArgs) -> Result<(), Box<dyn Error>> {
         ..OriginConfig::default()
     };
     let origin = Arc::new(OriginStandIn::start_on(rt.handle(), config)?);
-    let spec = |size, seed| AdapterSpec::new(&args.base, size, seed);
+    let manifest = Arc::new(Manifest(std::sync::Mutex::new(std::fs::File::create(
+        &args.manifest,
+    )?)));
+    let put = |name: &str, size, seed| {
+        origin.put_adapter(name, &AdapterSpec::new(&args.base, size, seed));
+        manifest.record(&origin, name, 0);
+    };
     for i in 0..args.warm {
-        origin.put_adapter(&Names::warm(i), &spec(args.size, i));
+        put(&Names::warm(i), args.size, i);
     }
     for i in 0..args.cold {
-        origin.put_adapter(&Names::cold(i), &spec(args.size, 10_000 + i));
+        put(&Names::cold(i), args.size, 10_000 + i);
     }
     for i in 0..args.fill {
-        origin.put_adapter(&Names::fill(i), &spec(args.fill_size, 20_000 + i));
+        put(&Names::fill(i), args.fill_size, 20_000 + i);
     }
-    origin.put_adapter(Names::CHANGING, &spec(args.size, 30_000));
+    put(Names::CHANGING, args.size, 30_000);
     let version = Arc::new(AtomicU64::new(0));
     let control = {
         let (origin, base, size) = (origin.clone(), args.base.clone(), args.size);
         let (stall, cut) = (Duration::from_millis(args.stall_ms), args.cut_after);
         handler(move |req| {
             let (origin, version, base) = (origin.clone(), version.clone(), base.clone());
+            let manifest = manifest.clone();
             async move {
                 let path = req.head.path().to_owned();
                 let fault = |kind| Fault::new(kind).always();
@@ -176,6 +203,7 @@ pub fn origin(args: OriginArgs) -> Result<(), Box<dyn Error>> {
                         let name = &p["/change/".len()..];
                         let v = version.fetch_add(1, Ordering::SeqCst) + 1;
                         origin.put_adapter(name, &AdapterSpec::new(&base, size, 30_000 + v));
+                        manifest.record(&origin, name, v);
                         println!("{} change {name} version {v}", now_ms());
                         return Response::json(200, &json!({"adapter": name, "version": v}));
                     }
