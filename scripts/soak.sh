@@ -9,12 +9,14 @@
 #
 # Env: RATE (requests/s, default 20), SEED (default 1), QUIET (seconds between faults, default
 # 20), WORK (the run directory; default target/soak/run-DATE), NO_BUILD=1 (use the built
-# binaries), PROFILE (default release; debug for a quick try while developing). Run it niced on a shared machine: `nice -n 10 scripts/soak.sh 3m`.
+# binaries), PROFILE (default release; debug for a quick try while developing). Run it niced on
+# a shared machine: `nice -n 10 scripts/soak.sh 3m`.
 #
-# The load (examples/soak/load.rs): open loop at RATE; base model, warm adapters (8, always on
-# disk), cold adapters (300, more than a node's budget: fetches and evictions all along), SSE
-# streams, warm-ups, evicts, and soak/changing whose origin copy changes every 30 s (loraplex
-# revalidates it, invalidation.ttl 15s). Each request goes to a random node; a refused
+# The load (examples/soak/load.rs): open loop at RATE; the base model, 8 popular adapters,
+# 300 cold ones (more than a node's budget: fetches and evictions all along), SSE streams,
+# warm-ups, evicts (of popular and cold adapters, often in use), adapters no origin has (404),
+# and soak/changing whose origin copy changes every 30 s (loraplex revalidates it,
+# invalidation.ttl 15s). Each request goes to a random node over a new connection; a refused
 # connection is retried on another, as behind a load balancer.
 #
 # The faults, in turn, QUIET seconds apart (each a window in events.log):
@@ -109,15 +111,18 @@ start_loraplex() { # NODE
     >>"$WORK/node-$i/loraplex.log" 2>&1 &
   LP_PID[i]=$!
   CHILDREN+=($!)
+  echo "$!" >"$WORK/node-$i/loraplex.pid"
   wait_url "${LP_URL[i]}/readyz" 120
 }
 
-# proc_snapshot PHASE: RSS and open fds of every loraplex.
+# proc_snapshot PHASE: RSS and open fds of every loraplex (PHASE start, sample or end).
 proc_snapshot() {
-  local i pid
+  local i pid rss fds
   for i in $(seq 0 $((N - 1))); do
-    pid=${LP_PID[i]}
-    echo "$(now_ms) proc node=$i phase=$1 pid=$pid rss_kb=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status") fds=$(ls "/proc/$pid/fd" | wc -l)" >>"$WORK/proc.log"
+    pid=$(cat "$WORK/node-$i/loraplex.pid")
+    rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || continue
+    fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
+    echo "$(now_ms) proc node=$i phase=$1 pid=$pid rss_kb=$rss fds=$fds" >>"$WORK/proc.log"
   done
 }
 
@@ -215,6 +220,12 @@ log "load: $RATE req/s for $DURATION s"
   while sleep 30 && [ "$(date +%s)" -lt "$T_END" ]; do
     curl -sf -X POST "$CONTROL/change/soak/changing" >/dev/null && ev change adapter=soak/changing
   done
+) &
+CHILDREN+=($!)
+
+# RSS and fds every 10 s, to tell a leak from a high-water mark.
+(
+  while sleep 10 && [ "$(date +%s)" -lt "$T_END" ]; do proc_snapshot sample; done
 ) &
 CHILDREN+=($!)
 

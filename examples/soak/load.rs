@@ -81,6 +81,8 @@ pub enum Kind {
     Changing,
     Warmup,
     Evict,
+    /// An adapter no origin has: vLLM's 404 is the right answer.
+    Missing,
     Fill,
 }
 
@@ -125,14 +127,15 @@ pub struct Record {
 }
 
 /// The mix of the steady load, in percent.
-const MIX: [(Kind, u64); 7] = [
+const MIX: [(Kind, u64); 8] = [
     (Kind::Base, 12),
     (Kind::Warm, 25),
     (Kind::Cold, 15),
     (Kind::Sse, 25),
     (Kind::Changing, 10),
-    (Kind::Warmup, 8),
+    (Kind::Warmup, 6),
     (Kind::Evict, 5),
+    (Kind::Missing, 2),
 ];
 
 fn plan(args: &LoadArgs, rng: &mut Rng, id: u64) -> Plan {
@@ -192,6 +195,10 @@ fn plan(args: &LoadArgs, rng: &mut Rng, id: u64) -> Plan {
             let target = if rng.below(2) == 0 { warm } else { cold };
             let body = json!({"adapter": target}).to_string();
             inference(kind, "/admin/cache/evict", target, body)
+        }
+        Kind::Missing => {
+            let m = format!("soak/missing-{}", rng.below(1000));
+            inference(kind, CHAT, m.clone(), chat(&m, false, 8))
         }
         Kind::Fill => unreachable!("fill requests are planned by fill_plan"),
     }

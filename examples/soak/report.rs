@@ -9,7 +9,8 @@
 //! The rules (also printed with the report):
 //! - *answered*: a response head and its whole body (see `load.rs`); a 2xx stream ends with
 //!   `[DONE]`. *success*: answered 2xx, a warm-up whose every adapter is `ok`, or an evict
-//!   answered 503 "in use" (the documented answer while requests hold the adapter).
+//!   answered 503 "in use" (the documented answer while requests hold the adapter), or a
+//!   404 for an adapter no origin has.
 //! - *lost to a kill*: not answered, and a process on its path was killed while it was in
 //!   flight: its own node (the client's connection died with the process), or, once the head
 //!   had arrived, any loraplex or vLLM (a stream already started can only be cut). No proxy can
@@ -76,8 +77,11 @@ impl Rec {
         let busy_evict = self.kind == "evict"
             && self.status == 503
             && self.detail.as_deref().is_some_and(|d| d.contains("in use"));
+        let not_found = self.kind == "missing" && self.status == 404;
         self.answered()
-            && (((200..300).contains(&self.status) && self.warmup_errors == 0) || busy_evict)
+            && (((200..300).contains(&self.status) && self.kind != "missing" && self.warmup_errors == 0)
+                || busy_evict
+                || not_found)
     }
 
     /// The outcome as a table column: `2xx`, the status, `warm-up error`.
@@ -86,6 +90,7 @@ impl Rec {
             200..=299 if self.warmup_errors > 0 => "warm-up error".into(),
             200..=299 => "2xx".into(),
             503 if self.success() => "503 busy (evict)".into(),
+            404 if self.success() => "404 (missing adapter)".into(),
             s => s.to_string(),
         }
     }

@@ -185,7 +185,7 @@ pub fn render(run: &Run) -> (String, bool) {
     let mut s = String::new();
     writeln!(
         s,
-        "| node | partial adapters seen by vLLM | weights gone while loaded | weights changed while loaded | ledger `size` | files on disk (apparent) | items / adapter dirs | pinned after | restarts (loraplex, vLLM) | RSS MiB start → end | fds start → end | log ERROR lines |"
+        "| node | partial adapters seen by vLLM | weights gone while loaded | weights changed while loaded | ledger `size` | files on disk (apparent) | items / adapter dirs | pinned after | restarts (loraplex, vLLM) | RSS MiB start → end (max) | fds start → end (max) | log ERROR lines |"
     )
     .unwrap();
     writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
@@ -215,7 +215,9 @@ pub fn render(run: &Run) -> (String, bool) {
             let v = |p: Option<&&(usize, String, u64, u64, u64)>| {
                 p.map_or("?".into(), |p| format!("{}", get(p) / div))
             };
-            format!("{} → {}", v(at("start")), v(at("end")))
+            let max = procs.iter().map(|p| get(p) / div).max();
+            let max = max.map_or("?".into(), |m| m.to_string());
+            format!("{} → {} ({max})", v(at("start")), v(at("end")))
         };
         let restarts = |t: &str| run.restarts.get(&(t.to_owned(), i)).copied().unwrap_or(0);
         writeln!(
@@ -350,7 +352,8 @@ const RULES: &str = "## How to read it\n\n\
 - *answered*: a response head and its whole body (all of `Content-Length`, or a chunked body \
 up to its last chunk); a 2xx stream must end with `data: [DONE]`, a 2xx JSON body must parse.\n\
 - *success*: answered 2xx (a warm-up only if every adapter in it is `ok`), or an evict answered \
-503 \"in use\" (the documented answer while requests hold the adapter).\n\
+503 \"in use\" (the documented answer while requests hold the adapter), or a 404 for an adapter \
+no origin has (`missing`).\n\
 - *lost to a kill*: not answered, and a process on its path was `kill -9`ed while it was in \
 flight: the node that took it (the client's connection died with it), or, once the head had \
 arrived, any loraplex or vLLM (a started answer can only be cut). A load balancer would give a 502.\n\
