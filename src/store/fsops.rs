@@ -73,17 +73,30 @@ pub enum Published {
 /// Move the complete, fsynced directory `tmp` to `target` atomically and durably.
 pub fn publish(root: &Path, tmp: &Path, target: &Path) -> io::Result<Published> {
     let parent = target.parent().unwrap_or(root);
-    // A concurrent eviction may remove an empty parent between our mkdir and the rename.
+    // A concurrent eviction may remove an empty parent between our mkdir and the rename, or
+    // the empty directory at `target` it leaves behind (a name inside it was evicted) between
+    // the two renames: look again.
     let mut tries = 0;
+    let gone = |e: &io::Error, tries: &mut u32| {
+        *tries += 1;
+        e.raw_os_error() == Some(libc::ENOENT) && *tries <= 3
+    };
     let outcome = loop {
-        create_parents(root, parent)?;
+        match create_parents(root, parent) {
+            Ok(()) => {}
+            Err(e) if gone(&e, &mut tries) => continue,
+            Err(e) => return Err(e),
+        }
         match renameat2(tmp, target, libc::RENAME_NOREPLACE) {
             Ok(()) => break Published::New,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                renameat2(tmp, target, libc::RENAME_EXCHANGE)?;
-                break Published::Replaced(tmp.to_owned());
+                match renameat2(tmp, target, libc::RENAME_EXCHANGE) {
+                    Ok(()) => break Published::Replaced(tmp.to_owned()),
+                    Err(e) if gone(&e, &mut tries) => {}
+                    Err(e) => return Err(e),
+                }
             }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && tries < 3 => tries += 1,
+            Err(e) if gone(&e, &mut tries) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // A filesystem without renameat2 flags (some network filesystems): plain
                 // rename works when nothing is there; replacing leaves a short window.

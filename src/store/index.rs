@@ -60,8 +60,9 @@ impl Provenance {
 #[derive(Debug)]
 pub struct Entry {
     pub name: AdapterName,
-    /// Bytes of its files on disk.
-    pub size: u64,
+    /// Bytes of its files on disk; changes only under the store's ledger lock, together with
+    /// the policy's count (a refreshed `.loraplex_meta` may differ in length).
+    size: AtomicU64,
     pub provenance: Provenance,
     state: AtomicU64,
     freq: AtomicU8,
@@ -85,7 +86,7 @@ impl Entry {
     ) -> Self {
         Entry {
             name,
-            size,
+            size: AtomicU64::new(size),
             provenance,
             state: AtomicU64::new(pins),
             freq: AtomicU8::new(0),
@@ -131,6 +132,16 @@ impl Entry {
 
     pub fn is_evicting(&self) -> bool {
         self.state.load(Ordering::Acquire) & EVICTING != 0
+    }
+
+    /// Bytes of its files on disk.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Under the ledger lock, with the policy's count.
+    pub(crate) fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Relaxed);
     }
 
     pub fn last_access_ms(&self) -> u64 {
@@ -188,7 +199,7 @@ impl Pin {
 
     /// Bytes on disk.
     pub fn size(&self) -> u64 {
-        self.entry.size
+        self.entry.size()
     }
 
     /// ETag or revision it was fetched at, when known.

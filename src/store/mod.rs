@@ -54,7 +54,7 @@ use crate::{
     adapter::AdapterName,
     config::{Config, DirectIo, Driver},
     control::Control,
-    error::Error,
+    error::{Error, ErrorKind},
     metrics::{Metrics, TierLabel},
     origin::OriginChain,
 };
@@ -119,6 +119,25 @@ pub struct Ensured {
     pub pin: Pin,
     /// True when this call waited for a download (`cache_tier` "origin").
     pub fetched: bool,
+}
+
+/// The 409 for `name` while `other` is held: one directory would contain the other's, and
+/// loraplex never stores such a pair (a swap or an eviction of the outer one would take the
+/// inner one with it; see [`flight`]).
+fn conflict(name: &AdapterName, other: &AdapterName) -> Error {
+    let how = if other.contains(name.as_str()) {
+        "lie inside that of"
+    } else {
+        "contain that of"
+    };
+    Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "adapter `{name}` cannot be stored: its directory would {how} adapter `{other}`, \
+             which is stored here or being fetched; evict `{other}` first"
+        ),
+    )
+    .with_param("model")
 }
 
 /// The adapter store. Shared as `Arc<Store>` by every thread.
@@ -222,6 +241,7 @@ impl Store {
                     flight
                 }
                 Join::Follow(flight) => flight,
+                Join::Conflict(other) => return Err(conflict(name, &other)),
             };
             if flight.kind == FlightKind::Fetch {
                 self.misses.inc();

@@ -3,9 +3,13 @@
 //! in by hand), remove corrupt entries, and enforce `max_size`.
 //!
 //! An adapter is a directory holding `adapter_config.json`; other directories are walked
-//! (names with `/` are nested directories). Hidden entries are never adapters: `.loraplex-tmp`
-//! is ours and wiped; the Go project's `.tmp-*` fetch leftovers are removed too; anything else
-//! hidden is left alone.
+//! (names with `/` are nested directories), as deep as a name may go
+//! ([`MAX_SEGMENTS`](crate::adapter::name::MAX_SEGMENTS)). Everything under an adapter's
+//! directory is its own and counts in its size: loraplex never stores `x/y` inside a stored `x`
+//! (a 409), so a nested adapter found there was left by an older version, and it stays part of
+//! `x` (`x/y` is refused until `x` is evicted). Hidden entries are never adapters:
+//! `.loraplex-tmp` is ours and wiped; the Go project's `.tmp-*` fetch leftovers are removed
+//! too; anything else hidden is left alone.
 
 use std::{
     fs,
@@ -23,12 +27,9 @@ use super::{
     validate,
 };
 use crate::{
-    adapter::{AdapterName, CONFIG_FILE, meta::AdapterMeta},
+    adapter::{AdapterName, CONFIG_FILE, meta::AdapterMeta, name::MAX_SEGMENTS},
     error::Error,
 };
-
-/// Deepest nesting walked looking for adapters (`org/name` is 2).
-const MAX_DEPTH: usize = 8;
 
 pub struct Recovered {
     /// Valid adapters found, oldest first.
@@ -113,13 +114,13 @@ fn mtime_ms(p: &Path) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Collect adapter directories under `dir`.
+/// Collect adapter directories under `dir` (`depth` segments below the root).
 fn walk(root: &Path, dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
     if dir != root && dir.join(CONFIG_FILE).is_file() {
         out.push(dir.to_owned());
         return;
     }
-    if depth >= MAX_DEPTH {
+    if depth >= MAX_SEGMENTS {
         return;
     }
     let Ok(rd) = fs::read_dir(dir) else { return };
@@ -162,7 +163,8 @@ impl Store {
         {
             let mut l = self.ledger();
             for e in entries {
-                l.policy.insert_main(e.name.clone(), e.size, e.clone());
+                l.policy.insert_main(e.name.clone(), e.size(), e.clone());
+                self.flights.set_stored(&e.name, true);
                 self.index.insert(e);
             }
             while l.policy.bytes() > l.max {
@@ -178,6 +180,7 @@ impl Store {
             let hidden = self.tmp_path("evict", &e.name);
             match fsops::hide(&target, &hidden) {
                 Ok(_) => {
+                    self.flights.set_stored(&e.name, false);
                     let _ = fsops::remove_tree(&hidden);
                     fsops::remove_empty_parents(&self.opts.dir, &target);
                 }
@@ -185,7 +188,7 @@ impl Store {
                     tracing::error!(adapter = %e.name, error = %err, "startup evict failed")
                 }
             }
-            tracing::info!(adapter = %e.name, bytes = e.size, "evicted at startup: over storage.max_size");
+            tracing::info!(adapter = %e.name, bytes = e.size(), "evicted at startup: over storage.max_size");
             self.metrics.cache_evictions.get_or_create(&LOCAL).inc();
             let store = self.clone();
             self.control
