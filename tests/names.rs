@@ -3,7 +3,9 @@
 //! other: the second is a 409 naming the first, also when both are fetched at once, and no name
 //! turns an adapter's file into a directory. The ledger (`/admin/cache/stats` `size`) equals the
 //! apparent size of the files on disk after fetches, evictions, refreshes and restarts; a peer's
-//! manifest lists only the adapter's own files. Every case runs under both io drivers.
+//! manifest lists only the adapter's own files. A name the filesystem cannot hold is a 400
+//! before any I/O, every name that passes can be stored, and an error quotes only the start of
+//! a huge name. Every case runs under both io drivers.
 
 mod common;
 
@@ -369,9 +371,58 @@ async fn the_ledger_follows_the_disk_across_refreshes_and_restarts(driver: Drive
     assert_ledger_matches_disk(&lp).await;
 }
 
+async fn names_the_filesystem_cannot_hold_are_refused_before_any_io(driver: Driver) {
+    let (dir, vllm) = stand_ins();
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    // The longest segment a directory name may have, and a nested name near the 256 bytes.
+    let longest = "a".repeat(255);
+    let nested = format!("{}/{}", "o".repeat(127), "n".repeat(127));
+    let too_long = "b".repeat(256);
+    for (i, name) in [&longest, &nested, &too_long].into_iter().enumerate() {
+        origin.put_adapter(name, &spec(50_000, 20 + i as u64));
+    }
+    let extra = "server:\n  max_body_size: 8MB\n";
+    let lp = node(driver, dir, &vllm, &http_origin(&origin), extra);
+    for name in [&longest, &nested] {
+        let r = chat(lp.addr, name).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(stored_hash(&lp, name), served_hash(&origin, name));
+    }
+    // One directory name of 256 bytes: no filesystem holds it. Refused before the origin.
+    let asked = origin.requests();
+    let r = chat(lp.addr, &too_long).await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["param"], "model");
+    assert_eq!(
+        origin.requests(),
+        asked,
+        "no origin request for a name that cannot be stored"
+    );
+    // A 4 MB name: the error quotes its start, not all of it.
+    let huge = "h".repeat(4 << 20);
+    let r = chat(lp.addr, &huge).await;
+    assert_eq!(r.status, 400);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        r.body.len() < 1024 && msg.contains("4194304 bytes in all"),
+        "{msg}"
+    );
+    let body = serde_json::json!({ "adapters": [huge] }).to_string();
+    let r = request(lp.addr, "POST", "/admin/cache/warmup", &body).await;
+    assert!(
+        r.body.len() < 1024,
+        "warm-up answer of {} bytes",
+        r.body.len()
+    );
+    assert_eq!(origin.requests(), asked);
+    assert_ledger_matches_disk(&lp).await;
+    assert!(vllm.faults().is_empty(), "{:?}", vllm.faults());
+}
+
 on_both_drivers!(
     nested_names_from_a_web_server_never_damage_each_other,
     nested_names_in_s3_and_in_a_directory,
     concurrent_fetches_of_nested_names_let_exactly_one_in,
     the_ledger_follows_the_disk_across_refreshes_and_restarts,
+    names_the_filesystem_cannot_hold_are_refused_before_any_io,
 );

@@ -2,19 +2,24 @@
 //!
 //! A name is a Hugging Face repo id: segments of `[A-Za-z0-9._-]` separated by `/`, none empty,
 //! none starting with `.` (so `.`, `..` and hidden names, which loraplex keeps for its own temp
-//! files, are impossible), at most [`MAX_SEGMENTS`] segments and [`MAX_LEN`] bytes. The last
+//! files, are impossible), at most [`MAX_SEGMENTS`] segments and [`MAX_LEN`] bytes, each segment
+//! at most [`MAX_SEGMENT_LEN`] bytes (a directory name the filesystem can hold). The last
 //! segment may pin a revision with one `@`: `org/name@v2` (stored under that literal directory
-//! name). A valid name is always a relative path that stays inside the storage directory.
+//! name). A valid name is always a relative path that stays inside the storage directory, and
+//! the store's temp names never grow with it, so every valid name can be stored.
 //!
 //! Names nest as directories do: `x` is an [ancestor](AdapterName::ancestors) of `x/y`. The
 //! store never holds two adapters of which one is the other's ancestor (see `store::flight`).
 
 use std::{borrow::Borrow, fmt, path::Path};
 
-use crate::error::Error;
+use crate::error::{Clipped, Error};
 
 /// Longest accepted name, in bytes.
 pub const MAX_LEN: usize = 256;
+/// Longest segment, in bytes: `NAME_MAX` of Linux filesystems (the segment with its `@revision`
+/// is one directory name).
+pub const MAX_SEGMENT_LEN: usize = 255;
 /// Most segments in a name (`org/name` has 2). Recovery walks the storage directory exactly
 /// this deep, so every adapter a name can reach is found again after a restart.
 pub const MAX_SEGMENTS: usize = 8;
@@ -35,7 +40,7 @@ impl AdapterName {
     pub fn parse(name: &str) -> Result<AdapterName, Error> {
         let bad = |why: &str| {
             Err(
-                Error::bad_request(format!("invalid adapter name {name:?}: {why}"))
+                Error::bad_request(format!("invalid adapter name {:?}: {why}", Clipped(name)))
                     .with_param("model"),
             )
         };
@@ -63,6 +68,12 @@ impl AdapterName {
         }
         if repo.split('/').count() > MAX_SEGMENTS {
             return bad("more than 8 segments");
+        }
+        if name
+            .split('/')
+            .any(|segment| segment.len() > MAX_SEGMENT_LEN)
+        {
+            return bad("a segment is longer than 255 bytes");
         }
         Ok(AdapterName(name.to_owned()))
     }
@@ -183,6 +194,23 @@ mod tests {
         let e = AdapterName::parse(&format!("{deepest}/s")).unwrap_err();
         assert_eq!(e.status(), 400);
         assert!(e.message.contains("8 segments"), "{}", e.message);
+    }
+
+    #[test]
+    fn segments_fit_a_directory_name() {
+        let longest = "a".repeat(MAX_SEGMENT_LEN);
+        let two = format!("{}/{}", "o".repeat(127), "n".repeat(127));
+        for ok in [longest.clone(), two, format!("{}@v1", "a".repeat(252))] {
+            assert!(AdapterName::parse(&ok).is_ok(), "{}", ok.len());
+        }
+        // Within 256 bytes, only a name of one segment can pass 255.
+        let e = AdapterName::parse(&format!("{longest}b")).unwrap_err();
+        assert!(e.message.contains("longer than 255 bytes"), "{}", e.message);
+        // A huge name is quoted in part.
+        let huge = "x".repeat(4 << 20);
+        let e = AdapterName::parse(&huge).unwrap_err();
+        assert!(e.message.len() < 400, "{}", e.message.len());
+        assert!(e.message.contains("4194304 bytes in all"), "{}", e.message);
     }
 
     #[test]

@@ -128,7 +128,7 @@ impl Store {
             .reserve(known.map_or(self.grow_step(), |k| k + META_RESERVE))
             .await
             .map_err(Failure::Local)?;
-        let tmp = self.tmp_path("fetch", name);
+        let tmp = self.tmp_path("fetch");
         let (tx, done) = self
             .writer
             .begin(&self.opts.dir, tmp)

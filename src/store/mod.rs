@@ -286,11 +286,12 @@ impl Store {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A fresh path in the temp area: `{tmp}/{what}-{seq}-{name with / as __}`.
-    fn tmp_path(&self, what: &str, name: &AdapterName) -> PathBuf {
+    /// A fresh path in the temp area: `{tmp}/{what}-{seq}`. The name stays out of it: a
+    /// flattened `org/name` could pass the filesystem's 255 bytes long before the name's own
+    /// limits do (the logs say which adapter a temp path is for).
+    fn tmp_path(&self, what: &str) -> PathBuf {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.tmp
-            .join(format!("{what}-{n}-{}", name.as_str().replace('/', "__")))
+        self.tmp.join(format!("{what}-{n}"))
     }
 
     /// Refresh the size and item gauges.

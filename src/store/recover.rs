@@ -27,7 +27,11 @@ use super::{
     validate,
 };
 use crate::{
-    adapter::{AdapterName, CONFIG_FILE, meta::AdapterMeta, name::MAX_SEGMENTS},
+    adapter::{
+        AdapterName, CONFIG_FILE, SAFETENSORS_FILE,
+        meta::AdapterMeta,
+        name::{MAX_LEN, MAX_SEGMENTS},
+    },
     error::Error,
 };
 
@@ -42,8 +46,24 @@ fn startup_error(what: &str, path: &Path, e: io::Error) -> Error {
     Error::internal(format!("storage dir: {what} {}: {e}", path.display()))
 }
 
+/// The storage directory must leave room for every valid name: `{dir}/{name}/{file}` within
+/// `PATH_MAX` for the longest name and file loraplex writes (temp paths are shorter).
+fn check_dir_len(root: &Path) -> Result<(), Error> {
+    let longest = root.as_os_str().len() + 1 + MAX_LEN + 1 + SAFETENSORS_FILE.len();
+    if longest >= libc::PATH_MAX as usize {
+        return Err(Error::internal(format!(
+            "storage dir {} is too long: an adapter name of {MAX_LEN} bytes and its files \
+             would pass the {} bytes of a path",
+            root.display(),
+            libc::PATH_MAX
+        )));
+    }
+    Ok(())
+}
+
 pub fn recover(opts: &StoreOptions) -> Result<Recovered, Error> {
     let root = &opts.dir;
+    check_dir_len(root)?;
     fs::create_dir_all(root).map_err(|e| startup_error("creating", root, e))?;
     let tmp = root.join(TMP_DIR);
     fsops::remove_tree(&tmp).map_err(|e| startup_error("cleaning", &tmp, e))?;
@@ -62,7 +82,7 @@ pub fn recover(opts: &StoreOptions) -> Result<Recovered, Error> {
     let mut found = Vec::new();
     walk(root, root, 0, &mut found);
     let mut entries = Vec::with_capacity(found.len());
-    for dir in found {
+    for (i, dir) in found.into_iter().enumerate() {
         let rel = dir.strip_prefix(root).expect("walked under root");
         let Some(name) = rel.to_str().and_then(|s| AdapterName::parse(s).ok()) else {
             tracing::warn!(path = %dir.display(), "skipping a directory whose name is not a valid adapter name");
@@ -70,7 +90,7 @@ pub fn recover(opts: &StoreOptions) -> Result<Recovered, Error> {
         };
         if let Err(why) = validate::check_dir(&dir) {
             tracing::error!(adapter = %name, reason = %why, "removing a corrupt adapter");
-            let hidden = tmp.join(format!("corrupt-{}", name.as_str().replace('/', "__")));
+            let hidden = tmp.join(format!("corrupt-{i}"));
             if fsops::hide(&dir, &hidden).is_ok() {
                 let _ = fsops::remove_tree(&hidden);
             }
@@ -177,7 +197,7 @@ impl Store {
         for e in over {
             self.index.remove_if_same(&e);
             let target = self.opts.dir.join(e.name.rel_path());
-            let hidden = self.tmp_path("evict", &e.name);
+            let hidden = self.tmp_path("evict");
             match fsops::hide(&target, &hidden) {
                 Ok(_) => {
                     self.flights.set_stored(&e.name, false);
@@ -195,5 +215,19 @@ impl Store {
                 .spawn(async move { store.unload(&e.name).await });
         }
         self.update_gauges();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storage_dir_must_leave_room_for_the_longest_name() {
+        assert!(check_dir_len(Path::new("/mnt/nvme/loraplex")).is_ok());
+        let room = libc::PATH_MAX as usize - (1 + MAX_LEN + 1 + SAFETENSORS_FILE.len());
+        assert!(check_dir_len(Path::new(&"d".repeat(room - 1))).is_ok());
+        let e = check_dir_len(Path::new(&"d".repeat(room))).unwrap_err();
+        assert!(e.message.contains("too long"), "{}", e.message);
     }
 }

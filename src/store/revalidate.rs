@@ -128,7 +128,7 @@ impl Store {
             ttl_seconds: self.opts.ttl.map_or(0, |t| t.as_secs() as i64),
         };
         let dir = self.opts.dir.join(entry.name.rel_path());
-        let tmp: PathBuf = self.tmp_path("meta", &entry.name);
+        let tmp: PathBuf = self.tmp_path("meta");
         let bytes = meta.to_bytes();
         let new_len = bytes.len() as u64;
         let old_len = tokio::task::spawn_blocking(move || {

@@ -170,7 +170,7 @@ impl Store {
         let name = entry.name.clone();
         self.index.remove_if_same(&entry);
         let target = self.opts.dir.join(name.rel_path());
-        let hidden = self.tmp_path("evict", &name);
+        let hidden = self.tmp_path("evict");
         let (t, h) = (target.clone(), hidden.clone());
         let hid = tokio::task::spawn_blocking(move || fsops::hide(&t, &h))
             .await
