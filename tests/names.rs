@@ -9,87 +9,22 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use common::{
-    Driver, Node, Raw, RawResponse, eventually,
-    s3::{ACCESS_KEY, S3Server, SECRET_KEY},
+    Driver, Node, RawResponse, eventually,
+    s3::S3Server,
+    store::{
+        assert_ledger_matches_disk, http_origin, metrics, node, request, restart, spec, stand_ins,
+        stats,
+    },
 };
 use loraplex::testkit::{
-    adapters::{AdapterSpec, CONFIG_FILE, SAFETENSORS_FILE, adapter_files, file_hash},
+    adapters::{CONFIG_FILE, SAFETENSORS_FILE, adapter_files, file_hash},
     origin::{OriginConfig, OriginStandIn},
-    vllm::{VllmConfig, VllmStandIn},
 };
-use serde_json::Value;
 
-const BASE: &str = "tiny-base";
 const BUCKET: &str = "loras";
-/// `cluster.token`: what a peer asking for a manifest shows.
-const PEER_TOKEN: &str = "peer-secret";
-
-fn spec(size: u64, seed: u64) -> AdapterSpec {
-    AdapterSpec::new(BASE, size, seed)
-}
-
-/// A node whose store is `{dir}/store`, read by `vllm`, with `origins` (YAML list items).
-fn node(
-    driver: Driver,
-    dir: tempfile::TempDir,
-    vllm: &VllmStandIn,
-    origins: &str,
-    extra: &str,
-) -> Node {
-    let yaml = format!(
-        "vllm_url: \"{}\"\nvllm:\n  model_name: \"{BASE}\"\n  health_check_interval: 1h\n\
-         origins:\n{origins}storage:\n  dir: \"{{DIR}}/store\"\n  max_size: 1GB\n\
-         cluster:\n  token: {PEER_TOKEN}\n{extra}",
-        vllm.url()
-    );
-    let env = [
-        ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
-        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
-    let node = tokio::task::block_in_place(|| Node::start_in(dir, &driver.config(&yaml), &env));
-    node.assert_driver(driver);
-    node
-}
-
-fn http_origin(origin: &OriginStandIn) -> String {
-    format!("  - type: http\n    base_url: \"{}\"\n", origin.base_url())
-}
-
-/// A tempdir with `store/` in it, and the stand-in vLLM reading that store.
-fn stand_ins() -> (tempfile::TempDir, VllmStandIn) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    std::fs::create_dir_all(&store).unwrap();
-    let vllm = VllmStandIn::start(VllmConfig::new(BASE).lora_dir(&store)).unwrap();
-    (dir, vllm)
-}
-
-/// Stop `node` and start it again on the same directory.
-fn restart(mut lp: Node, driver: Driver, vllm: &VllmStandIn, origins: &str, extra: &str) -> Node {
-    assert!(lp.terminate().success());
-    let dir = std::mem::replace(&mut lp.dir, tempfile::tempdir().unwrap());
-    drop(lp);
-    node(driver, dir, vllm, origins, extra)
-}
-
-async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> RawResponse {
-    let mut c = Raw::connect(addr).await;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nx-loraplex-token: {PEER_TOKEN}\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len()
-    );
-    c.send(format!("{head}{body}").as_bytes()).await;
-    c.response(false).await
-}
 
 async fn chat(addr: SocketAddr, model: &str) -> RawResponse {
     common::chat_with(addr, model).await
@@ -99,10 +34,6 @@ async fn evict(addr: SocketAddr, name: &str) {
     let body = serde_json::json!({ "adapter": name }).to_string();
     let r = request(addr, "POST", "/admin/cache/evict", &body).await;
     assert_eq!(r.json()["evicted"], true, "{name}");
-}
-
-async fn stats(addr: SocketAddr) -> Value {
-    request(addr, "GET", "/admin/cache/stats", "").await.json()
 }
 
 /// The files of `name` a peer is told about.
@@ -120,28 +51,6 @@ async fn peer_manifest(addr: SocketAddr, name: &str) -> Vec<String> {
         .iter()
         .map(|f| f["path"].as_str().unwrap().to_owned())
         .collect()
-}
-
-/// Bytes of the regular files under `dir`, the temp area left out (what `du -b` counts).
-fn apparent_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let entry = entry.unwrap();
-        let kind = entry.file_type().unwrap();
-        if kind.is_dir() && entry.file_name() != ".loraplex-tmp" {
-            total += apparent_size(&entry.path());
-        } else if kind.is_file() {
-            total += entry.metadata().unwrap().len();
-        }
-    }
-    total
-}
-
-async fn assert_ledger_matches_disk(lp: &Node) {
-    let on_disk = apparent_size(&lp.path("store"));
-    let s = stats(lp.addr).await;
-    assert_eq!(s["size"].as_u64(), Some(on_disk), "ledger vs disk: {s}");
-    assert_eq!(s["reserved"], 0, "{s}");
 }
 
 /// A 409 in OpenAI's shape that names `other`.
@@ -356,9 +265,7 @@ async fn the_ledger_follows_the_disk_across_refreshes_and_restarts(driver: Drive
     // Counted once the refresh (and the ledger's update) is done.
     let counted = "loraplex_revalidations_total{result=\"unchanged\"} 1";
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !String::from_utf8_lossy(&request(lp.addr, "GET", "/metrics", "").await.body)
-        .contains(counted)
-    {
+    while !metrics(lp.addr).await.contains(counted) {
         assert!(
             std::time::Instant::now() < deadline,
             "the refresh was never counted"

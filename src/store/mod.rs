@@ -308,18 +308,11 @@ impl Store {
     }
 
     /// Tell vLLM to forget `name` (after an eviction or a replacement); failures are logged.
+    /// The vLLM client counts the call (`loraplex_vllm_unloads_total`, by its outcome).
     async fn unload(&self, name: &AdapterName) {
-        let result = match self.hooks.unload(name.as_str()).await {
-            Ok(()) => "ok",
-            Err(e) => {
-                tracing::warn!(adapter = %name, error = %e, "vLLM unload failed");
-                "error"
-            }
-        };
-        self.metrics
-            .vllm_unloads
-            .get_or_create(&crate::metrics::ResultLabel { result })
-            .inc();
+        if let Err(e) = self.hooks.unload(name.as_str()).await {
+            tracing::warn!(adapter = %name, error = %e, "vLLM unload failed");
+        }
     }
 
     /// Remove a tree on the blocking pool (control plane context).
