@@ -252,7 +252,7 @@ async fn base_model(w: &Proxy) -> Result<Arc<str>, Error> {
     w.shared
         .control
         .run(async move { vllm.learn_base_model().await })
-        .await
+        .await?
 }
 
 /// Send the request to the local vLLM and stream the answer.

@@ -205,7 +205,7 @@ impl Store {
         let name = name.clone();
         self.control
             .run(async move { store.evict_now(&name).await })
-            .await
+            .await?
     }
 
     async fn evict_now(self: &Arc<Self>, name: &AdapterName) -> Result<bool, Error> {
