@@ -127,6 +127,10 @@ async fn nested_names_from_a_web_server_never_damage_each_other(driver: Driver) 
     let lp = restart(lp, driver, &vllm, &origins, "");
     assert_eq!(stats(lp.addr).await["items"], 1);
     assert_ledger_matches_disk(&lp).await;
+    assert_eq!(
+        peer_manifest(lp.addr, "acme/x").await,
+        [CONFIG_FILE, SAFETENSORS_FILE]
+    );
     assert_conflict(&chat(lp.addr, "acme/x/y").await, "acme/x");
     assert_eq!(chat(lp.addr, "acme/x").await.status, 200);
     assert_eq!(origin.gets(&format!("acme/x/{SAFETENSORS_FILE}")), gets);

@@ -190,7 +190,8 @@ impl Store {
             })
             .inc_by(progress.bytes());
         tracing::info!(
-            adapter = %name, origin = %origin.describe(), bytes = committed.bytes,
+            adapter = %name, origin = %origin.describe(),
+            bytes = committed.bytes(),
             secs = progress.elapsed().as_secs_f64(), "adapter fetched and published"
         );
         Ok(self
@@ -215,7 +216,8 @@ impl Store {
         // One pin held from birth, for the flight: no eviction before every waiter pinned it.
         let entry = Arc::new(Entry::new(
             name.clone(),
-            committed.bytes,
+            committed.bytes(),
+            committed.files,
             provenance,
             meta.fetched_at_ms(),
             1,

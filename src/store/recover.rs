@@ -97,8 +97,8 @@ pub fn recover(opts: &StoreOptions) -> Result<Recovered, Error> {
             fsops::remove_empty_parents(root, &dir);
             continue;
         }
-        let size = match fsops::dir_size(&dir) {
-            Ok(s) => s,
+        let (files, size) = match fsops::files(&dir) {
+            Ok(found) => found,
             Err(e) => {
                 tracing::warn!(adapter = %name, error = %e, "skipping an adapter that cannot be measured");
                 continue;
@@ -120,7 +120,9 @@ pub fn recover(opts: &StoreOptions) -> Result<Recovered, Error> {
             // Copied in by hand: no origin to revalidate against; age from the config's mtime.
             None => (Provenance::default(), mtime_ms(&dir.join(CONFIG_FILE))),
         };
-        entries.push(Arc::new(Entry::new(name, size, provenance, fetched_at, 0)));
+        entries.push(Arc::new(Entry::new(
+            name, size, files, provenance, fetched_at, 0,
+        )));
     }
     entries.sort_by_key(|e| e.fetched_at_ms());
     Ok(Recovered { entries, direct_ok })
