@@ -240,6 +240,10 @@ async fn the_ledger_follows_the_disk_across_refreshes_and_restarts(driver: Drive
     }
     let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
     origin.put_adapter("acme/a", &spec(100_000, 11));
+    // As deep as a name may go, and one segment deeper (which recovery would not find).
+    let (deepest, deeper) = ("d/2/3/4/5/6/7/8", "e/2/3/4/5/6/7/8/9");
+    origin.put_adapter(deepest, &spec(30_000, 12));
+    origin.put_adapter(deeper, &spec(30_000, 13));
     let origins = http_origin(&origin);
     let lp = node(
         driver,
@@ -252,6 +256,14 @@ async fn the_ledger_follows_the_disk_across_refreshes_and_restarts(driver: Drive
     assert_ledger_matches_disk(&lp).await;
     assert_conflict(&chat(lp.addr, "old/x/y").await, "old/x");
     assert_eq!(chat(lp.addr, "acme/a").await.status, 200);
+    assert_eq!(chat(lp.addr, deepest).await.status, 200);
+    let asked = origin.requests();
+    let r = chat(lp.addr, deeper).await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(origin.requests(), asked);
+    // A hidden segment is never a name: `.loraplex_meta` stays a file.
+    assert_eq!(chat(lp.addr, "acme/a/.loraplex_meta").await.status, 400);
+    assert!(lp.path("store/acme/a/.loraplex_meta").is_file());
     assert_ledger_matches_disk(&lp).await;
 
     // With a TTL of 1 s, the next request refreshes `.loraplex_meta` (unchanged at the origin):
@@ -278,8 +290,15 @@ async fn the_ledger_follows_the_disk_across_refreshes_and_restarts(driver: Drive
     }
     assert_ledger_matches_disk(&lp).await;
     let lp = restart(lp, driver, &vllm, &origins, extra);
-    assert_eq!(stats(lp.addr).await["items"], 2);
+    assert_eq!(
+        stats(lp.addr).await["items"],
+        3,
+        "old/x, acme/a and {deepest}"
+    );
     assert_ledger_matches_disk(&lp).await;
+    let gets = origin.adapter_gets(deepest);
+    assert_eq!(chat(lp.addr, deepest).await.status, 200);
+    assert_eq!(origin.adapter_gets(deepest), gets, "found again on disk");
 }
 
 async fn names_the_filesystem_cannot_hold_are_refused_before_any_io(driver: Driver) {

@@ -10,6 +10,10 @@
 //! - Space: a fetch reserves its bytes first ([`space`]); the eviction [`policy`] (size-aware
 //!   S3-FIFO) picks unpinned victims; an evicted adapter disappears from vLLM's sight by a
 //!   rename, vLLM is told to unload it ([`VllmHooks`]), then it is deleted.
+//! - Names: `x` and `x/y` are never stored together (one directory would hold the other); the
+//!   second is a 409 ([`flight`] is also the namespace).
+//! - The ledger counts the published files to the byte (each entry records its files), so
+//!   `stats` `size` is what the storage directory holds outside the temp area.
 //! - Startup ([`recover`]): temp leftovers removed, the index rebuilt from disk, corrupt
 //!   entries removed, the budget enforced. TTL revalidation: [`revalidate`].
 //!
