@@ -53,8 +53,9 @@ RANDOM=$SEED
 
 mkdir -p "$WORK"
 PROFILE=${PROFILE:-release}
-SOAK=$REPO/target/$PROFILE/examples/soak
-LORAPLEX=$REPO/target/$PROFILE/loraplex
+TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+SOAK=$TARGET/$PROFILE/examples/soak
+LORAPLEX=$TARGET/$PROFILE/loraplex
 if [ "${NO_BUILD:-0}" != 1 ]; then
   (cd "$REPO" && cargo build --release --bin loraplex --example soak 2>&1 | tail -n 2)
 fi

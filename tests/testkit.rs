@@ -169,7 +169,12 @@ async fn vllm_refuses_broken_adapters_and_does_not_cache_failures() {
         .into_iter()
         .map(|r| (r.name, r.status))
         .collect();
-    let want = [("x/trunc", 400), ("x/nobase", 500), ("x/json", 500), ("bare", 404)];
+    let want = [
+        ("x/trunc", 400),
+        ("x/nobase", 500),
+        ("x/json", 500),
+        ("bare", 404),
+    ];
     assert_eq!(refused, want.map(|(n, s)| (n.to_owned(), s)));
 
     // Once the files are whole, the next request resolves again and succeeds.

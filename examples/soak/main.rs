@@ -35,7 +35,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Print N free loopback ports.
-    Ports { n: usize },
+    Ports {
+        n: usize,
+    },
     Vllm(standins::VllmArgs),
     Origin(standins::OriginArgs),
     Load(load::LoadArgs),

@@ -79,7 +79,9 @@ impl Rec {
             && self.detail.as_deref().is_some_and(|d| d.contains("in use"));
         let not_found = self.kind == "missing" && self.status == 404;
         self.answered()
-            && (((200..300).contains(&self.status) && self.kind != "missing" && self.warmup_errors == 0)
+            && (((200..300).contains(&self.status)
+                && self.kind != "missing"
+                && self.warmup_errors == 0)
                 || busy_evict
                 || not_found)
     }
@@ -271,14 +273,23 @@ pub fn load(work: &Path) -> Result<Run, Box<dyn Error>> {
             let (_, _, m) = kv(l);
             let get = |k: &str| m.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             let phase = m.get("phase").cloned().unwrap_or_default();
-            (get("node") as usize, phase, get("pid"), get("rss_kb"), get("fds"))
+            (
+                get("node") as usize,
+                phase,
+                get("pid"),
+                get("rss_kb"),
+                get("fds"),
+            )
         })
         .collect();
     let mut manifest: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for line in read_lines(&work.join("adapters.manifest")) {
         let v: Value = serde_json::from_str(&line)?;
         if let (Some(a), Some(w)) = (v["adapter"].as_str(), v["weights"].as_str()) {
-            manifest.entry(a.to_owned()).or_default().insert(w.to_owned());
+            manifest
+                .entry(a.to_owned())
+                .or_default()
+                .insert(w.to_owned());
         }
     }
     Ok(Run {

@@ -53,7 +53,10 @@ pub fn render(run: &Run) -> (String, bool) {
         let by: Vec<String> = statuses
             .iter()
             .map(|s| {
-                let n = rs.iter().filter(|r| r.answered() && &r.outcome() == s).count();
+                let n = rs
+                    .iter()
+                    .filter(|r| r.answered() && &r.outcome() == s)
+                    .count();
                 n.to_string()
             })
             .collect();
@@ -90,7 +93,11 @@ pub fn render(run: &Run) -> (String, bool) {
         failed.push(format!("success outside fault windows {rate:.3}% < 99.9%"));
     }
     let mut kinds = String::new();
-    writeln!(kinds, "| kind | sent | success | success outside windows | p50 ms | p99 ms | max ms |").unwrap();
+    writeln!(
+        kinds,
+        "| kind | sent | success | success outside windows | p50 ms | p99 ms | max ms |"
+    )
+    .unwrap();
     writeln!(kinds, "|---|---:|---:|---:|---:|---:|---:|").unwrap();
     let mut by_kind: BTreeMap<&str, Vec<&Rec>> = BTreeMap::new();
     for r in &all {
@@ -120,7 +127,11 @@ pub fn render(run: &Run) -> (String, bool) {
 
     // Fault windows and what did not succeed.
     let mut w = String::new();
-    writeln!(w, "| # | fault | node | from s | to s | grace s | requests met | not success |").unwrap();
+    writeln!(
+        w,
+        "| # | fault | node | from s | to s | grace s | requests met | not success |"
+    )
+    .unwrap();
     writeln!(w, "|---|---|---:|---:|---:|---:|---:|---:|").unwrap();
     for win in &run.windows {
         let met: Vec<&Rec> = all
@@ -144,23 +155,39 @@ pub fn render(run: &Run) -> (String, bool) {
     }
     let wrong: Vec<&Rec> = all.iter().copied().filter(|r| run.wrong(r)).collect();
     if !wrong.is_empty() {
-        failed.push(format!("{} answers with the wrong adapter or weights", wrong.len()));
+        failed.push(format!(
+            "{} answers with the wrong adapter or weights",
+            wrong.len()
+        ));
     }
     let unmatched: Vec<&Rec> = all
         .iter()
         .copied()
-        .filter(|r| r.answered() && !run.success(r) && !run.wrong(r) && run.windows_of(r).is_empty())
+        .filter(|r| {
+            r.answered() && !run.success(r) && !run.wrong(r) && run.windows_of(r).is_empty()
+        })
         .collect();
     if !unmatched.is_empty() {
-        failed.push(format!("{} non-success answers outside every fault window", unmatched.len()));
+        failed.push(format!(
+            "{} non-success answers outside every fault window",
+            unmatched.len()
+        ));
     }
     let list = |rs: &[&Rec], out: &mut String| {
-        writeln!(out, "| start s | end s | node | kind | model | status | tries | error / body |").unwrap();
+        writeln!(
+            out,
+            "| start s | end s | node | kind | model | status | tries | error / body |"
+        )
+        .unwrap();
         writeln!(out, "|---:|---:|---:|---|---|---:|---:|---|").unwrap();
         for r in rs.iter().take(MAX_ROWS) {
             let why = r.error.clone().or(r.detail.clone()).unwrap_or_else(|| {
                 let (a, w) = (r.answer_adapter.as_deref(), r.weights.as_deref());
-                format!("answered adapter={} weights={}", a.unwrap_or("?"), w.unwrap_or("?"))
+                format!(
+                    "answered adapter={} weights={}",
+                    a.unwrap_or("?"),
+                    w.unwrap_or("?")
+                )
             });
             writeln!(
                 out,
@@ -168,7 +195,11 @@ pub fn render(run: &Run) -> (String, bool) {
                 run.secs(r.start_ms),
                 run.secs(r.end_ms),
                 r.node,
-                if r.src == "load" { r.kind.clone() } else { format!("{} ({})", r.kind, r.src) },
+                if r.src == "load" {
+                    r.kind.clone()
+                } else {
+                    format!("{} ({})", r.kind, r.src)
+                },
                 r.model,
                 r.status,
                 r.tries,
@@ -188,11 +219,19 @@ pub fn render(run: &Run) -> (String, bool) {
         "| node | partial adapters seen by vLLM | weights gone while loaded | weights changed while loaded | ledger `size` | files on disk (apparent) | items / adapter dirs | pinned after | restarts (loraplex, vLLM) | RSS MiB start → end (max) | fds start → end (max) | log ERROR lines |"
     )
     .unwrap();
-    writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+    writeln!(
+        s,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    .unwrap();
     for i in 0..run.nodes {
         let ev = &run.vllm_events[i];
         let count = |k: &str| ev.iter().filter(|e| e["kind"] == k).count();
-        let (partial, gone, changed) = (count("partial"), count("weights_gone"), count("weights_changed"));
+        let (partial, gone, changed) = (
+            count("partial"),
+            count("weights_gone"),
+            count("weights_changed"),
+        );
         if partial > 0 {
             failed.push(format!("node {i}: {partial} partial adapters seen by vLLM"));
         }
@@ -246,7 +285,12 @@ pub fn render(run: &Run) -> (String, bool) {
         .flat_map(|(i, ev)| {
             ev.iter()
                 .filter(|e| e["kind"] != "weights_changed")
-                .map(move |e| format!("- node {i} at {:.3} s: {e}", run.secs(e["t"].as_u64().unwrap_or(0))))
+                .map(move |e| {
+                    format!(
+                        "- node {i} at {:.3} s: {e}",
+                        run.secs(e["t"].as_u64().unwrap_or(0))
+                    )
+                })
         })
         .collect();
 
@@ -256,13 +300,22 @@ pub fn render(run: &Run) -> (String, bool) {
         let mut seen = std::collections::BTreeSet::new();
         for l in lines {
             let msg = l.split_once(" ERROR ").map_or(l.as_str(), |(_, m)| m);
-            let key: String = msg.chars().filter(|c| !c.is_ascii_digit()).take(80).collect();
+            let key: String = msg
+                .chars()
+                .filter(|c| !c.is_ascii_digit())
+                .take(80)
+                .collect();
             if seen.insert(key) && seen.len() <= 10 {
                 writeln!(errors, "- node {i}: `{}`", short(l, 300)).unwrap();
             }
         }
         if seen.len() > 10 {
-            writeln!(errors, "- node {i}: ({} more distinct messages)", seen.len() - 10).unwrap();
+            writeln!(
+                errors,
+                "- node {i}: ({} more distinct messages)",
+                seen.len() - 10
+            )
+            .unwrap();
         }
     }
 
@@ -299,12 +352,22 @@ pub fn render(run: &Run) -> (String, bool) {
     .unwrap();
     writeln!(out, "{kinds}").unwrap();
     writeln!(out, "## Fault windows\n\n{w}").unwrap();
-    writeln!(out, "### Non-success answers outside every fault window: {}\n", unmatched.len()).unwrap();
+    writeln!(
+        out,
+        "### Non-success answers outside every fault window: {}\n",
+        unmatched.len()
+    )
+    .unwrap();
     if !unmatched.is_empty() {
         list(&unmatched, &mut out);
         out.push('\n');
     }
-    writeln!(out, "### Wrong answers (adapter or weights): {}\n", wrong.len()).unwrap();
+    writeln!(
+        out,
+        "### Wrong answers (adapter or weights): {}\n",
+        wrong.len()
+    )
+    .unwrap();
     if !wrong.is_empty() {
         list(&wrong, &mut out);
         out.push('\n');
@@ -314,18 +377,30 @@ pub fn render(run: &Run) -> (String, bool) {
         list(&unanswered, &mut out);
         out.push('\n');
     }
-    let lost: Vec<&Rec> = all.iter().copied().filter(|r| run.lost_to_kill(r)).collect();
+    let lost: Vec<&Rec> = all
+        .iter()
+        .copied()
+        .filter(|r| run.lost_to_kill(r))
+        .collect();
     writeln!(out, "### Lost to a kill: {}\n", lost.len()).unwrap();
     if !lost.is_empty() {
         list(&lost, &mut out);
         out.push('\n');
     }
-    writeln!(out, "## Stores, vLLM, processes (after the load, nodes idle)\n\n{s}").unwrap();
+    writeln!(
+        out,
+        "## Stores, vLLM, processes (after the load, nodes idle)\n\n{s}"
+    )
+    .unwrap();
     if !partials.is_empty() {
         writeln!(out, "What vLLM met:\n\n{}\n", partials.join("\n")).unwrap();
     }
     if !errors.is_empty() {
-        writeln!(out, "loraplex ERROR lines (distinct, 10 per node at most):\n\n{errors}").unwrap();
+        writeln!(
+            out,
+            "loraplex ERROR lines (distinct, 10 per node at most):\n\n{errors}"
+        )
+        .unwrap();
     }
     writeln!(
         out,

@@ -15,8 +15,7 @@ use std::{
 };
 
 use loraplex::testkit::{
-    AdapterSpec, Fault, FaultKind, OriginConfig, OriginStandIn, VllmConfig, VllmFault,
-    VllmStandIn,
+    AdapterSpec, Fault, FaultKind, OriginConfig, OriginStandIn, VllmConfig, VllmFault, VllmStandIn,
     adapters::{SAFETENSORS_FILE, hash16},
     server::{Response, Server, handler},
 };

@@ -10,9 +10,9 @@ use std::{
 use serde_json::Value;
 
 use super::{
+    adapters::{CONFIG_FILE, checked_rel_path},
     probes,
     server::{Request, Response, lock},
-    adapters::{CONFIG_FILE, checked_rel_path},
     vllm::{Refusal, State, VllmFault, bump},
     vllm_api::{self, Endpoint, error, model_not_found},
     vllm_resolve::{self, LoadError, Resolution},
