@@ -49,6 +49,7 @@ WORK=${WORK:-$REPO/target/soak/run-$(date +%Y%m%d-%H%M%S)}
 BASE=/models/soak-base
 ADMIN_TOKEN=soak-admin-token
 N=3
+TTL=15
 RANDOM=$SEED
 
 mkdir -p "$WORK"
@@ -147,7 +148,7 @@ origins:
   - type: http
     base_url: http://127.0.0.1:$ORIGIN_PORT/adapters
 invalidation:
-  ttl: 15s
+  ttl: ${TTL}s
 discovery:
   mode: static
   static:
@@ -207,7 +208,7 @@ disk_fill() {
   ev end id=$FAULT_ID
 }
 
-ev start nodes=$N duration=$DURATION rate=$RATE seed=$SEED
+ev start nodes=$N duration="$DURATION" rate="$RATE" seed="$SEED" ttl_s=$TTL
 proc_snapshot start
 "$SOAK" load --nodes "$NODES" --base "$BASE" --admin-token "$ADMIN_TOKEN" --rate "$RATE" \
   --duration "$DURATION" --seed "$SEED" --log "$WORK/load.jsonl" >"$WORK/load.log" 2>&1 &

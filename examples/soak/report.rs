@@ -18,6 +18,8 @@
 //! - *unanswered*: every other request not answered. Must be 0.
 //! - *wrong*: a 2xx answer naming another adapter, or weights the origin never served under
 //!   that name (the stand-in vLLM names them in every answer). Must be 0.
+//! - *stale*: a 2xx answer naming a version the origin replaced more than the TTL + 15 s
+//!   before the request: not a success.
 //! - A non-success *matches* a fault window when it was in flight during the window or the
 //!   window's grace after it (the time the fault's effects may last, per kind).
 
@@ -153,9 +155,16 @@ pub struct Run {
     pub restarts: BTreeMap<(String, usize), u64>,
     /// Per node: the ERROR lines and panics of `loraplex.log` (all its processes).
     pub log_errors: Vec<Vec<String>>,
-    /// Every weights hash the origin ever served for each adapter (`adapters.manifest`).
-    pub manifest: BTreeMap<String, BTreeSet<String>>,
+    /// Every version the origin ever served for each adapter, oldest first: (weights hash,
+    /// published at) (`adapters.manifest`).
+    pub manifest: BTreeMap<String, Vec<(String, u64)>>,
+    /// `invalidation.ttl` of the nodes, in ms.
+    pub ttl_ms: u64,
 }
+
+/// How much older than the TTL an answer may be before it counts as stale: the revalidation
+/// starts at the first request after the TTL and takes a download and an unload.
+pub const STALE_SLACK_MS: u64 = 15_000;
 
 pub fn run(args: ReportArgs) -> Result<(), Box<dyn Error>> {
     if !args.nodes.is_empty() {
@@ -203,7 +212,7 @@ pub fn load(work: &Path) -> Result<Run, Box<dyn Error>> {
             recs.push(serde_json::from_str::<Rec>(&line).map_err(|e| format!("{path:?}: {e}"))?);
         }
     }
-    let (mut t0, mut nodes) = (0, 0);
+    let (mut t0, mut nodes, mut ttl_ms) = (0, 0, 15_000);
     let mut windows: Vec<Window> = Vec::new();
     let mut kills: Vec<Kill> = Vec::new();
     let mut restarts = BTreeMap::new();
@@ -214,6 +223,7 @@ pub fn load(work: &Path) -> Result<Run, Box<dyn Error>> {
             "start" => {
                 t0 = t;
                 nodes = get("nodes").unwrap_or(0) as usize;
+                ttl_ms = get("ttl_s").unwrap_or(15) * 1000;
             }
             "begin" => windows.push(Window {
                 id: get("id").unwrap_or(0),
@@ -282,18 +292,20 @@ pub fn load(work: &Path) -> Result<Run, Box<dyn Error>> {
             )
         })
         .collect();
-    let mut manifest: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut manifest: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
     for line in read_lines(&work.join("adapters.manifest")) {
         let v: Value = serde_json::from_str(&line)?;
         if let (Some(a), Some(w)) = (v["adapter"].as_str(), v["weights"].as_str()) {
+            let t = v["t"].as_u64().unwrap_or(0);
             manifest
                 .entry(a.to_owned())
                 .or_default()
-                .insert(w.to_owned());
+                .push((w.to_owned(), t));
         }
     }
     Ok(Run {
         manifest,
+        ttl_ms,
         t0,
         nodes,
         recs,
@@ -318,15 +330,31 @@ impl Run {
         let (adapter, weights) = (r.answer_adapter.as_deref(), r.weights.as_deref());
         match self.manifest.get(&r.model) {
             Some(versions) => {
-                adapter != Some(r.model.as_str()) || !weights.is_some_and(|w| versions.contains(w))
+                adapter != Some(r.model.as_str())
+                    || !weights.is_some_and(|w| versions.iter().any(|(v, _)| v == w))
             }
             None => adapter != Some("none") || weights != Some("base"),
         }
     }
 
-    /// Answered as it should be (see the module doc), with the right weights.
+    /// For a 2xx answer naming an old version: when the next version was published, if that
+    /// was more than the TTL (and [`STALE_SLACK_MS`]) before the request.
+    pub fn stale_since(&self, r: &Rec) -> Option<u64> {
+        if !(200..300).contains(&r.status) || !r.answered() {
+            return None;
+        }
+        let versions = self.manifest.get(&r.model)?;
+        let at = versions
+            .iter()
+            .position(|(w, _)| Some(w.as_str()) == r.weights.as_deref())?;
+        let (_, next) = versions.get(at + 1)?;
+        // 0: a manifest without times (an older run).
+        (*next > 0 && next + self.ttl_ms + STALE_SLACK_MS < r.start_ms).then_some(*next)
+    }
+
+    /// Answered as it should be (see the module doc), with the right and fresh weights.
     pub fn success(&self, r: &Rec) -> bool {
-        r.success() && !self.wrong(r)
+        r.success() && !self.wrong(r) && self.stale_since(r).is_none()
     }
 
     /// Not answered, and a kill explains it (see the module doc).

@@ -183,8 +183,11 @@ pub fn render(run: &Run) -> (String, bool) {
         for r in rs.iter().take(MAX_ROWS) {
             let why = r.error.clone().or(r.detail.clone()).unwrap_or_else(|| {
                 let (a, w) = (r.answer_adapter.as_deref(), r.weights.as_deref());
+                let stale = run.stale_since(r).map_or(String::new(), |t| {
+                    format!(" (stale: replaced at the origin at {:.1} s)", run.secs(t))
+                });
                 format!(
-                    "answered adapter={} weights={}",
+                    "answered adapter={} weights={}{stale}",
                     a.unwrap_or("?"),
                     w.unwrap_or("?")
                 )
@@ -319,6 +322,12 @@ pub fn render(run: &Run) -> (String, bool) {
         }
     }
 
+    let stale: Vec<&Rec> = all
+        .iter()
+        .copied()
+        .filter(|r| run.stale_since(r).is_some())
+        .collect();
+
     let changing: BTreeMap<&str, usize> = all
         .iter()
         .filter(|r| r.kind == "changing" && run.success(r))
@@ -404,6 +413,18 @@ pub fn render(run: &Run) -> (String, bool) {
     }
     writeln!(
         out,
+        "Stale answers (a version replaced at the origin more than the TTL + {} s before): {} \
+         ({} outside the fault windows, listed above if any).\n",
+        crate::report::STALE_SLACK_MS / 1000,
+        stale.len(),
+        stale
+            .iter()
+            .filter(|r| run.windows_of(r).is_empty())
+            .count()
+    )
+    .unwrap();
+    writeln!(
+        out,
         "Versions of `soak/changing` served (weights hash: answers): {}\n",
         changing
             .iter()
@@ -436,6 +457,8 @@ arrived, any loraplex or vLLM (a started answer can only be cut). A load balance
 stream, client timeout). Must be 0.\n\
 - *wrong*: a 2xx answer naming another adapter than asked, or weights the origin never served \
 under that name (the stand-in vLLM names both in every answer). Must be 0.\n\
+- *stale*: a 2xx answer naming a version the origin had replaced more than `invalidation.ttl` + \
+15 s before the request (the first request after the TTL starts the check): not a success.\n\
 - *retried elsewhere*: the client's connection was refused (nothing sent) and it tried another \
 node, as a load balancer does; nothing else is retried.\n\
 - A request *meets* a fault window when it was in flight during the window or its grace after \

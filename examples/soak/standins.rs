@@ -148,7 +148,7 @@ impl Manifest {
         let weights = origin
             .file(name, SAFETENSORS_FILE)
             .map(|b| hash16(xxhash_rust::xxh3::xxh3_64(&b)));
-        let line = json!({"adapter": name, "version": version, "weights": weights});
+        let line = json!({"t": now_ms(), "adapter": name, "version": version, "weights": weights});
         let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
         // The report reads it afterwards; a failed write shows there as an unknown version.
         let _ = writeln!(f, "{line}").and_then(|()| f.flush());
