@@ -122,8 +122,10 @@ proc_snapshot() {
   local i pid rss fds
   for i in $(seq 0 $((N - 1))); do
     pid=$(cat "$WORK/node-$i/loraplex.pid")
+    # A process just killed (or a zombie) has no VmRSS and no fd directory: skip it.
     rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || continue
-    fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
+    fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l) || continue
+    [ -n "$rss" ] || continue
     echo "$(now_ms) proc node=$i phase=$1 pid=$pid rss_kb=$rss fds=$fds" >>"$WORK/proc.log"
   done
 }
@@ -227,7 +229,7 @@ CHILDREN+=($!)
 
 # RSS and fds every 10 s, to tell a leak from a high-water mark.
 (
-  while sleep 10 && [ "$(date +%s)" -lt "$T_END" ]; do proc_snapshot sample; done
+  while sleep 10 && [ "$(date +%s)" -lt "$T_END" ]; do proc_snapshot sample || true; done
 ) &
 CHILDREN+=($!)
 
