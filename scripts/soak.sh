@@ -9,8 +9,10 @@
 #
 # Env: RATE (requests/s, default 20), SEED (default 1), QUIET (seconds between faults, default
 # 20), WORK (the run directory; default target/soak/run-DATE), NO_BUILD=1 (use the built
-# binaries), PROFILE (default release; debug for a quick try while developing). Run it niced on
-# a shared machine: `nice -n 10 scripts/soak.sh 3m`.
+# binaries), PROFILE (default release; debug for a quick try while developing), FAULTS (the
+# schedule, default "node_kill origin_5xx vllm_restart disk_fill origin_stall node_kill
+# origin_reset vllm_restart", repeated; "none" for the load alone). Run it niced on a shared
+# machine: `nice -n 10 scripts/soak.sh 3m`.
 #
 # The load (examples/soak/load.rs): open loop at RATE; the base model, 8 popular adapters,
 # 300 cold ones (more than a node's budget: fetches and evictions all along), SSE streams,
@@ -233,11 +235,12 @@ CHILDREN+=($!)
 ) &
 CHILDREN+=($!)
 
-SCHEDULE=(node_kill origin_5xx vllm_restart disk_fill origin_stall node_kill origin_reset vllm_restart)
+read -r -a SCHEDULE <<<"${FAULTS:-node_kill origin_5xx vllm_restart disk_fill origin_stall node_kill origin_reset vllm_restart}"
+[ "${SCHEDULE[0]:-none}" = none ] && SCHEDULE=()
 k=0
-sleep "$QUIET"
+[ "${#SCHEDULE[@]}" -gt 0 ] && sleep "$QUIET"
 # A fault starts only if it (about 20 s) and a quiet spell fit before the load ends.
-while [ $(($(date +%s) + 20 + QUIET)) -lt "$T_END" ]; do
+while [ "${#SCHEDULE[@]}" -gt 0 ] && [ $(($(date +%s) + 20 + QUIET)) -lt "$T_END" ]; do
   fault=${SCHEDULE[k % ${#SCHEDULE[@]}]}
   log "fault $FAULT_ID: $fault"
   case $fault in
