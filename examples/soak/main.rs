@@ -17,6 +17,7 @@
 mod load;
 mod report;
 mod report_md;
+mod snapshot;
 mod standins;
 
 use std::{
