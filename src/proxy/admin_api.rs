@@ -39,9 +39,9 @@ pub async fn serve(
     authorize(shared.config.admin.token.as_deref(), head)?;
     let store = &shared.store;
     let answer = match (head.kind, head.path()) {
-        (Method::Get, "/admin/cache/stats") => store.stats(),
-        (Method::Get, "/admin/cache/fetches") => store.fetches(),
-        (Method::Get, "/admin/peers") => {
+        (Method::Get | Method::Head, "/admin/cache/stats") => store.stats(),
+        (Method::Get | Method::Head, "/admin/cache/fetches") => store.fetches(),
+        (Method::Get | Method::Head, "/admin/peers") => {
             let load = load(shared.pending.load(Ordering::Relaxed) - 1);
             shared.router.topology().to_json(load)
         }

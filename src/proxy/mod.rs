@@ -36,7 +36,7 @@ use crate::{
     cluster::{hashkey::hash_key, protocol},
     error::{Error, ErrorKind},
     http::{
-        RequestHead,
+        Method, RequestHead,
         model::{extract_model, rewrite_model},
         response,
     },
@@ -93,6 +93,9 @@ pub async fn process_request(w: &Proxy, conn: &mut Conn, head: RequestHead) -> b
             let keep_alive = body_read && head.keep_alive;
             let mut out = Vec::new();
             response::error(&mut out, &err, keep_alive);
+            if head.kind == Method::Head {
+                response::strip_body(&mut out);
+            }
             let written = conn.write_all(out).await.is_ok();
             Served {
                 tier: Tier::Error,

@@ -56,6 +56,10 @@ pub async fn serve<H: Handler>(worker: Rc<Worker<H>>, stream: TcpStream, peer: S
             Err(err) => {
                 let mut out = Vec::new();
                 response::error(&mut out, &err, false);
+                // The head did not parse, but its method may have.
+                if conn.buf.starts_with(b"HEAD ") {
+                    response::strip_body(&mut out);
+                }
                 worker.common.metrics.count_error(err.kind.as_str());
                 let _ = conn.write_all(out).await;
                 break;
