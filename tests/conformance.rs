@@ -224,9 +224,59 @@ async fn upstream_body_on_head_is_not_relayed(driver: Driver) {
     }
 }
 
+/// Everything the server sends until it closes.
+async fn read_to_close(c: &mut Raw) -> String {
+    let mut all = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        c.stream.read_to_end(&mut all),
+    )
+    .await
+    .expect("the server closes after an HTTP/1.0 answer")
+    .unwrap();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// No `100 Continue` ever goes to an HTTP/1.0 client (RFC 9110 §15.2): not as the peer
+/// acknowledgement of a marked request, not for `Expect: 100-continue` (which HTTP/1.0 ignores,
+/// §10.1.1). HTTP/1.1 keeps both.
+async fn no_interim_answer_to_http_1_0(driver: Driver) {
+    let vllm = vllm();
+    let lp = node(driver, &vllm.url(), "");
+    let body = format!(r#"{{"model":"{BASE}","prompt":"hi"}}"#);
+    let marked = format!(
+        "POST /echo/m HTTP/1.0\r\nContent-Type: application/json\r\nX-Loraplex-Forwarded: 1\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let expecting = format!(
+        "POST /echo/e HTTP/1.0\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for req in [&marked, &expecting] {
+        let mut c = Raw::connect(lp.addr).await;
+        c.send(req.as_bytes()).await;
+        let all = read_to_close(&mut c).await;
+        assert!(all.starts_with("HTTP/1.0 200 "), "{req}\n---\n{all}");
+        assert!(!all.contains(" 100 "), "{all}");
+        assert!(
+            all.contains(&format!("\"body_len\":{}", body.len())),
+            "{all}"
+        );
+    }
+    // HTTP/1.1: the mark is acknowledged at once, as a forwarding peer needs.
+    let mut c = Raw::connect(lp.addr).await;
+    c.send(marked.replace("HTTP/1.0", "HTTP/1.1\r\nHost: t").as_bytes())
+        .await;
+    assert_eq!(c.any_response(false).await.status, 100);
+    assert_eq!(c.any_response(false).await.status, 200);
+}
+
 on_both_drivers!(
     head_answers_have_no_body,
     closing_head_answers_have_no_body,
     peer_file_head_answers_have_no_body,
     upstream_body_on_head_is_not_relayed,
+    no_interim_answer_to_http_1_0,
 );

@@ -165,7 +165,7 @@ async fn pipeline(
     // 5. Routing. A forwarded request is acknowledged whether its mark is trusted or not
     // (the sender learns it was delivered); only a trusted mark skips routing.
     if protocol::is_marked(head) {
-        forward::acknowledge(conn).await?;
+        forward::acknowledge(conn, head).await?;
     }
     if !protocol::is_trusted_forward(&shared.router, head, conn.peer.ip()) {
         let base = if model.is_some() {

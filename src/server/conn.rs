@@ -173,11 +173,20 @@ impl Conn {
 
     async fn send_continue(&mut self, head: &RequestHead) -> Result<(), Error> {
         if head.expect_continue && self.buf.is_empty() {
-            self.write_all(response::CONTINUE.to_vec())
+            self.write_continue(head)
                 .await
                 .map_err(|e| Error::bad_request(format!("client went away: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Send `100 Continue` for `head`, unless its client speaks HTTP/1.0, which knows no 1xx
+    /// answer (RFC 9110 §15.2: never sent to an HTTP/1.0 client).
+    pub async fn write_continue(&mut self, head: &RequestHead) -> std::io::Result<()> {
+        if head.minor == 0 {
+            return Ok(());
+        }
+        self.write_all(response::CONTINUE.to_vec()).await.map(drop)
     }
 
     async fn fill_body(&mut self, idle: Duration) -> Result<(), Error> {
