@@ -18,6 +18,8 @@ pub enum ErrorKind {
     NotFound,
     /// Method not allowed on a proxy-owned endpoint. 405.
     MethodNotAllowed,
+    /// The client was too slow to send its request head or body. 408.
+    RequestTimeout,
     /// Body above `server.max_body_size`. 413.
     PayloadTooLarge,
     /// Request head above the header buffer. 431.
@@ -42,6 +44,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => 401,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::HeaderTooLarge => 431,
             ErrorKind::Internal => 500,
@@ -59,6 +62,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "AuthenticationError",
             ErrorKind::NotFound => "NotFoundError",
             ErrorKind::MethodNotAllowed => "MethodNotAllowedError",
+            ErrorKind::RequestTimeout => "RequestTimeoutError",
             ErrorKind::PayloadTooLarge => "RequestTooLargeError",
             ErrorKind::HeaderTooLarge => "RequestHeaderFieldsTooLargeError",
             ErrorKind::Internal => "InternalServerError",
@@ -76,6 +80,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::Internal => "internal",

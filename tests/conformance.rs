@@ -102,15 +102,27 @@ async fn head_answers_have_no_body(driver: Driver) {
     }
 }
 
-/// Answers that close the connection (413) have no body either:
+/// Answers that close the connection (413, 431, a 408 on a slow head) have no body either:
 /// the connection ends right after the head.
 async fn closing_head_answers_have_no_body(driver: Driver) {
     let vllm = vllm();
-    let lp = node(driver, &vllm.url(), "server:\n  max_body_size: 1KB\n");
-    for (req, status) in [(
-        b"HEAD /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n".to_vec(),
-        413,
-    )] {
+    let lp = node(
+        driver,
+        &vllm.url(),
+        "server:\n  max_body_size: 1KB\n  max_header_size: 2KB\n  header_read_timeout: 1s\n",
+    );
+    let too_long = b"HEAD /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n";
+    let big_head = format!(
+        "HEAD /v1/models HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(3000)
+    );
+    // A head that never ends.
+    let unfinished = b"HEAD /v1/models HTTP/1.1\r\nHost: t\r\n";
+    for (req, status) in [
+        (too_long.to_vec(), 413),
+        (big_head.into_bytes(), 431),
+        (unfinished.to_vec(), 408),
+    ] {
         let mut c = Raw::connect(lp.addr).await;
         c.send(&req).await;
         let r = c.response(true).await;

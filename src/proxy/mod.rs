@@ -130,7 +130,7 @@ async fn pipeline(
 
     // 2. The body.
     let body = conn
-        .read_body(head, cfg.max_body_size, cfg.idle_timeout)
+        .read_body(head, cfg.max_body_size, cfg.body_read_timeout)
         .await?;
     *body_read = true;
     if let Some(endpoint) = own {
