@@ -26,6 +26,8 @@ pub enum ErrorKind {
     HeaderTooLarge,
     /// A bug or an unexpected local failure. 500.
     Internal,
+    /// A request feature loraplex does not support (a transfer coding other than chunked). 501.
+    NotImplemented,
     /// vLLM, a peer or an origin answered something unusable, or the adapter is invalid. 502.
     BadGateway,
     /// vLLM or every peer is unreachable, or the proxy is shutting down. 503.
@@ -48,6 +50,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::HeaderTooLarge => 431,
             ErrorKind::Internal => 500,
+            ErrorKind::NotImplemented => 501,
             ErrorKind::BadGateway => 502,
             ErrorKind::Unavailable => 503,
             ErrorKind::Timeout => 504,
@@ -66,6 +69,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => "RequestTooLargeError",
             ErrorKind::HeaderTooLarge => "RequestHeaderFieldsTooLargeError",
             ErrorKind::Internal => "InternalServerError",
+            ErrorKind::NotImplemented => "NotImplementedError",
             ErrorKind::BadGateway => "BadGatewayError",
             ErrorKind::Unavailable => "ServiceUnavailableError",
             ErrorKind::Timeout => "GatewayTimeoutError",
@@ -84,6 +88,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::Internal => "internal",
+            ErrorKind::NotImplemented => "not_implemented",
             ErrorKind::BadGateway => "bad_gateway",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Timeout => "timeout",

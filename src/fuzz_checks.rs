@@ -51,7 +51,8 @@ pub fn model_extract(data: &[u8]) -> Result<(), String> {
 }
 
 /// A head that parses, once forwarded, parses again to the same request with the framing the
-/// proxy gave it.
+/// proxy gave it (so with exactly one `Host`, which the next hop's HTTP/1.1 requires, even when
+/// an HTTP/1.0 client sent none).
 pub fn request_head(data: &[u8]) -> Result<(), String> {
     let Ok(Some((head, len))) = RequestHead::parse(data) else {
         return Ok(());

@@ -285,10 +285,77 @@ async fn no_interim_answer_to_http_1_0(driver: Driver) {
     assert_eq!(c.any_response(false).await.status, 200);
 }
 
+/// A body in a transfer coding other than a lone `chunked` (`gzip, chunked`) is a 501 in
+/// OpenAI's shape (RFC 9112 §6.1); `chunked` not last is a 400 (its end can't be known). Either
+/// way the connection closes and nothing reaches vLLM.
+async fn transfer_codings_other_than_chunked_are_refused(driver: Driver) {
+    let vllm = vllm();
+    let lp = node(driver, &vllm.url(), "");
+    for (te, status, kind) in [
+        ("gzip, chunked", 501, "NotImplementedError"),
+        ("chunked, chunked", 501, "NotImplementedError"),
+        ("gzip", 400, "BadRequestError"),
+    ] {
+        let mut c = Raw::connect(lp.addr).await;
+        c.send(
+            format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+                 Transfer-Encoding: {te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        let r = c.response(false).await;
+        assert_eq!(r.status, status, "{te}: {}", r.head);
+        assert_eq!(r.json()["error"]["type"], kind, "{te}");
+        assert_eq!(r.json()["error"]["code"], status, "{te}");
+        assert!(c.closed().await, "{te}");
+    }
+    assert_eq!(app_requests(&vllm), 0, "nothing reached vLLM");
+}
+
+/// An HTTP/1.1 request needs exactly one `Host`, any request at most one (RFC 9112 §3.2): 400
+/// and close. HTTP/1.0 may leave it out; vLLM then gets an empty one (it is sent HTTP/1.1).
+async fn one_host_header(driver: Driver) {
+    let vllm = vllm();
+    let lp = node(driver, &vllm.url(), "");
+    for (req, why) in [
+        ("GET /echo/a HTTP/1.1\r\n\r\n", "without a Host"),
+        (
+            "GET /echo/a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "more than one Host",
+        ),
+        (
+            "GET /echo/a HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+            "more than one Host",
+        ),
+    ] {
+        let mut c = Raw::connect(lp.addr).await;
+        c.send(req.as_bytes()).await;
+        let r = c.response(false).await;
+        assert_eq!(r.status, 400, "{req:?}: {}", r.head);
+        let err = &r.json()["error"];
+        assert_eq!(err["type"], "BadRequestError");
+        assert!(err["message"].as_str().unwrap().contains(why), "{err}");
+        assert!(c.closed().await, "{req:?}");
+    }
+    assert_eq!(app_requests(&vllm), 0, "nothing reached vLLM");
+
+    let mut c = Raw::connect(lp.addr).await;
+    c.send(b"GET /echo/http10 HTTP/1.0\r\n\r\n").await;
+    let all = read_to_close(&mut c).await;
+    assert!(all.starts_with("HTTP/1.0 200 "), "{all}");
+    let heads = vllm.recent_heads();
+    let seen = heads.iter().find(|h| h.target == "/echo/http10").unwrap();
+    assert_eq!((seen.version, seen.header("host")), (1, Some("")));
+}
+
 on_both_drivers!(
     head_answers_have_no_body,
     closing_head_answers_have_no_body,
     peer_file_head_answers_have_no_body,
     upstream_body_on_head_is_not_relayed,
     no_interim_answer_to_http_1_0,
+    transfer_codings_other_than_chunked_are_refused,
+    one_host_header,
 );
