@@ -128,7 +128,7 @@ mod tests {
         let h = auth
             .map(|a| format!("Authorization: {a}\r\n"))
             .unwrap_or_default();
-        let raw = format!("GET /admin/cache/stats HTTP/1.1\r\n{h}\r\n");
+        let raw = format!("GET /admin/cache/stats HTTP/1.1\r\nHost: a\r\n{h}\r\n");
         RequestHead::parse(raw.as_bytes()).unwrap().unwrap().0
     }
 
