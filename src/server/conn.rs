@@ -33,9 +33,9 @@ use crate::{
 const READ_CHUNK: usize = 16 * 1024;
 
 /// How long a connection the server closes keeps reading (and dropping) what the client still
-/// sends: closing with unread bytes makes the kernel send a reset, which can destroy the answer
-/// before the client reads it (a 413 or 431 sent before the whole request was read; RFC 9112
-/// §9.6).
+/// sends: closing with unread bytes makes the kernel send a reset, which discards whatever of
+/// the answer is not sent yet (a 413 or 431 answered before the whole request was read;
+/// RFC 9112 §9.6).
 const LINGER: Duration = Duration::from_secs(2);
 
 /// A client connection and the bytes read from it but not yet used.
@@ -106,12 +106,13 @@ impl Conn {
     async fn next_head<H>(&mut self, worker: &Worker<H>) -> Result<Next, Error> {
         let cfg = &worker.common.config;
         let max = cfg.max_header_size;
-        // The first head counts from the accept; a later one from its first byte, which may
-        // take up to the idle timeout to come.
-        let mut deadline = self.opened + cfg.header_read_timeout;
-        if self.requests > 0 {
-            deadline = Instant::now() + cfg.header_read_timeout;
-        }
+        // The first head counts from the accept; a later one from its first byte (already here
+        // when pipelined), which may take up to the idle timeout to come.
+        let mut deadline = if self.requests == 0 {
+            self.opened + cfg.header_read_timeout
+        } else {
+            Instant::now() + cfg.header_read_timeout
+        };
         if self.buf.is_empty() {
             let wait = if self.requests == 0 {
                 deadline
