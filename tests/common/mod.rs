@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod s3;
+pub mod store;
 pub mod tools;
 
 use std::{
