@@ -559,6 +559,36 @@ async fn an_evict_reaches_every_peer(driver: Driver) {
     // A client can't spoof a broadcast into a loop or past the token: the peers got it once.
 }
 
+/// `routing.forward_timeout` bounds connect + acknowledgement, never the generation: an answer
+/// that takes three times as long on the owner arrives, from the owner only, run once.
+async fn a_forward_longer_than_the_forward_timeout_is_not_cut(driver: Driver) {
+    let c = cluster(
+        driver,
+        &format!("routing:\n  {SESSION}\n  forward_timeout: 1s\n"),
+    )
+    .await;
+    let session = c.key_owned_by(1, "long");
+    let mut raw = Raw::connect(c.node(0).addr).await;
+    let started = Instant::now();
+    raw.send(&post(
+        "/v1/chat/completions",
+        &format!(r#"{{"model":"{BASE}","messages":[]}}"#),
+        &format!("X-Session-ID: {session}\r\nx-test-ttft-ms: 3000\r\n"),
+    ))
+    .await;
+    let r = raw.response(false).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["object"], "chat.completion");
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(c.served_by(&session), vec![1]);
+    let runs = c.vllms[1]
+        .recent_heads()
+        .iter()
+        .filter(|h| h.header("x-session-id") == Some(session.as_str()))
+        .count();
+    assert_eq!(runs, 1, "sent to the owner once");
+}
+
 on_both_drivers!(
     a_session_lands_on_one_node_from_any_entry_node,
     sse_streams_through_a_peer_event_by_event,
@@ -571,4 +601,5 @@ on_both_drivers!(
     a_new_owner_copies_the_adapter_from_a_peer_not_the_origin,
     an_evict_reaches_every_peer,
     an_update_comes_from_the_origin_not_a_peers_old_copy,
+    a_forward_longer_than_the_forward_timeout_is_not_cut,
 );

@@ -39,9 +39,9 @@ pub async fn serve(
     authorize(shared.config.admin.token.as_deref(), head)?;
     let store = &shared.store;
     let answer = match (head.kind, head.path()) {
-        (Method::Get, "/admin/cache/stats") => store.stats(),
-        (Method::Get, "/admin/cache/fetches") => store.fetches(),
-        (Method::Get, "/admin/peers") => {
+        (Method::Get | Method::Head, "/admin/cache/stats") => store.stats(),
+        (Method::Get | Method::Head, "/admin/cache/fetches") => store.fetches(),
+        (Method::Get | Method::Head, "/admin/peers") => {
             let load = load(shared.pending.load(Ordering::Relaxed) - 1);
             shared.router.topology().to_json(load)
         }
@@ -128,7 +128,7 @@ mod tests {
         let h = auth
             .map(|a| format!("Authorization: {a}\r\n"))
             .unwrap_or_default();
-        let raw = format!("GET /admin/cache/stats HTTP/1.1\r\n{h}\r\n");
+        let raw = format!("GET /admin/cache/stats HTTP/1.1\r\nHost: a\r\n{h}\r\n");
         RequestHead::parse(raw.as_bytes()).unwrap().unwrap().0
     }
 

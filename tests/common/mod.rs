@@ -308,6 +308,11 @@ impl Raw {
         };
         let head = String::from_utf8(self.buf[..end].to_vec()).unwrap();
         self.buf.drain(..end);
+        // Stray bytes before the status line (a body that should not have been sent) fail here.
+        assert!(
+            head.starts_with("HTTP/1.1 ") || head.starts_with("HTTP/1.0 "),
+            "not a status line: {head:?}"
+        );
         let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
         let mut resp = RawResponse {
             status,
