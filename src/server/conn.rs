@@ -133,11 +133,10 @@ impl Conn {
         }
         loop {
             self.head_request = self.buf.starts_with(b"HEAD ");
-            if let Some((head, len)) = RequestHead::parse(&self.buf)? {
+            if let Some((head, len)) = RequestHead::split_from(&mut self.buf)? {
                 if len > max {
                     return Err(head_too_large(max));
                 }
-                let _ = self.buf.split_to(len);
                 return Ok(Next::Head(head));
             }
             // Incomplete: every byte so far is head.
