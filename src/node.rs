@@ -2,10 +2,7 @@
 //! store), then serves the proxy on the server's workers; waits for a signal, shuts down
 //! gracefully.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::AtomicI64},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use crate::{
     cluster::{
@@ -16,7 +13,7 @@ use crate::{
     error::Error,
     metrics::Metrics,
     origin::{Origin, OriginChain, peer::PeerOrigin},
-    proxy::{Proxy, Shared},
+    proxy::{Pending, Proxy, Shared},
     server::{
         Server, bind,
         runtime::{self, DriverKind},
@@ -112,7 +109,7 @@ impl Node {
             vllm,
             control,
             shutdown,
-            pending: AtomicI64::new(0),
+            pending: Pending::new(listeners.len()),
             router,
             peer_client,
             store,
@@ -127,7 +124,7 @@ impl Node {
             &shared.config.server,
             shared.shutdown.clone(),
             shared.metrics.clone(),
-            move |_| Proxy::new(for_workers.clone()),
+            move |id| Proxy::new(for_workers.clone(), id),
         )?;
         log_summary(&shared, driver, addr);
         Ok(Node {

@@ -24,7 +24,7 @@ use crate::{
     },
     error::Error,
     http::RequestHead,
-    metrics::{PeerLabel, Tier},
+    metrics::Tier,
     proxy::Proxy,
     proxy::upstream::{Request, Stage, Target},
     server::conn::Conn,
@@ -62,10 +62,13 @@ pub(super) async fn route(
         }
         Decision::Forward { peers, .. } => peers,
     };
-    let mut extra: Vec<(&str, &[u8])> = vec![(FORWARDED_HEADER, b"1")];
-    if let Some(token) = &router.token {
-        extra.push((TOKEN_HEADER, token.as_bytes()));
-    }
+    let token = router.token.as_deref().unwrap_or_default();
+    let marks: [(&str, &[u8]); 2] = [(FORWARDED_HEADER, b"1"), (TOKEN_HEADER, token.as_bytes())];
+    let extra = if router.token.is_some() {
+        &marks[..]
+    } else {
+        &marks[..1]
+    };
     for idx in peers {
         let peer = &topo.peers[idx];
         let started = Instant::now();
@@ -76,16 +79,12 @@ pub(super) async fn route(
             acknowledges: true,
             source: router.source_ip,
         };
-        let req = Request::relay(&w.pool, head, &extra, body, &[], &shared.shutdown);
+        let req = Request::relay(&w.pool, head, extra, body, &[], &shared.shutdown);
         let result = w.pool.exchange(conn, &target, req).await;
         let m = &shared.metrics;
         match result {
             Ok(answered) => {
-                m.peer_forwards
-                    .get_or_create(&PeerLabel {
-                        target_peer: peer.addr.clone(),
-                    })
-                    .inc();
+                w.handles.count_forward(&peer.addr);
                 m.forward_duration
                     .observe((answered.head_at - started).as_secs_f64());
                 return Ok(Some(Served {

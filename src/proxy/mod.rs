@@ -16,18 +16,17 @@
 //! - `peer_files.rs`: stored adapters served to peers.
 //! - `state.rs`: what every worker shares, and each worker's own [`Proxy`] (the server's
 //!   handler).
+//! - `handles.rs`: a worker's metric handles and adapter names, resolved once.
 
 pub mod admin_api;
 pub mod forward;
+mod handles;
 pub mod local;
 pub mod peer_files;
 mod state;
 pub mod upstream;
 
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
 use bytes::Bytes;
 
@@ -46,7 +45,7 @@ use crate::{
     store::Ensured,
 };
 
-pub use self::state::{Proxy, Shared};
+pub use self::state::{Pending, Proxy, Shared};
 use self::upstream::{Request, Stage, Target};
 
 /// Response header telling the client its adapter was replaced by the base model.
@@ -75,12 +74,10 @@ impl Handler for Proxy {
 pub async fn process_request(w: &Proxy, conn: &mut Conn, head: RequestHead) -> bool {
     let started = Instant::now();
     let shared = &w.shared;
-    shared.pending.fetch_add(1, Ordering::Relaxed);
-    shared.metrics.inflight_requests.inc();
+    shared.pending.enter(w.worker);
     let mut body_read = false;
     let result = pipeline(w, conn, &head, &mut body_read).await;
-    shared.pending.fetch_sub(1, Ordering::Relaxed);
-    shared.metrics.inflight_requests.dec();
+    shared.pending.leave(w.worker);
 
     let served = match result {
         Ok(served) => served,
@@ -154,7 +151,7 @@ async fn pipeline(
             if name == &*base {
                 None
             } else {
-                Some(AdapterName::parse(name)?)
+                Some(w.handles.adapter_name(name)?)
             }
         }
     };
