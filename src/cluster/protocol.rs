@@ -15,7 +15,7 @@
 //! [`PeerClient`] is the one HTTP client (control plane) a node uses for all of it, built at
 //! start, connecting from this node's own address.
 
-use std::{net::IpAddr, time::Duration};
+use std::{borrow::Cow, net::IpAddr, time::Duration};
 
 use reqwest::{StatusCode, header::RANGE};
 use serde::{Deserialize, Serialize};
@@ -51,7 +51,7 @@ pub fn load(pending: i64) -> f64 {
 pub struct Healthz {
     /// `ok`, or `degraded` while vLLM is unhealthy.
     #[serde(default)]
-    pub status: String,
+    pub status: Cow<'static, str>,
     #[serde(default)]
     pub load: f64,
     /// Requests in flight, the asking one not counted.
@@ -68,7 +68,7 @@ fn yes() -> bool {
 impl Healthz {
     pub fn new(pending: i64, vllm_healthy: bool) -> Healthz {
         Healthz {
-            status: if vllm_healthy { "ok" } else { "degraded" }.into(),
+            status: Cow::Borrowed(if vllm_healthy { "ok" } else { "degraded" }),
             load: load(pending),
             pending,
             vllm_healthy,

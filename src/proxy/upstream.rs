@@ -30,9 +30,7 @@ use monoio::{
 use crate::{
     config::ServerConfig,
     error::{Error, ErrorKind},
-    http::{
-        BodyKind, Method, ParsedResponse, RequestHead, ResponseHead, chunked::ChunkedDecoder,
-    },
+    http::{BodyKind, Method, ParsedResponse, RequestHead, ResponseHead, chunked::ChunkedDecoder},
     metrics::Metrics,
     server::conn::Conn,
     shutdown::Shutdown,
@@ -132,12 +130,14 @@ impl Pool {
         }
     }
 
-    /// An empty buffer (a spare one when there is one).
+    /// An empty buffer (a spare one when there is one). New ones are made [`BODY_CHUNK`]
+    /// large: a body read grows a smaller one to that anyway, and a spare grown mid-request
+    /// would cost an allocation in steady state.
     pub fn take_buf(&self) -> Vec<u8> {
         self.bufs
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(16 * 1024))
+            .unwrap_or_else(|| Vec::with_capacity(BODY_CHUNK))
     }
 
     /// Hand a buffer back for reuse (big ones are let go).

@@ -244,7 +244,8 @@ impl Conn {
         if head.minor == 0 {
             return Ok(());
         }
-        self.write_all(response::CONTINUE.to_vec()).await.map(drop)
+        let (res, _) = self.stream.write_all(response::CONTINUE).await;
+        res.map(drop)
     }
 
     async fn fill_body(&mut self, deadline: Instant, timeout: Duration) -> Result<(), Error> {
