@@ -128,8 +128,10 @@ async fn expect_100_continue_is_answered_before_the_body(driver: Driver) {
 async fn keep_alive_on_both_sides_and_pipelining_in_order(driver: Driver) {
     let vllm = vllm();
     let lp = node(driver, &vllm, "");
+    // The start-up poll: `/health`, then `/v1/models` (the base model's names).
     eventually("the start-up health poll", || {
-        vllm.recent_heads().len() == 1
+        let heads = vllm.recent_heads();
+        heads.len() == 2 && heads[1].target == "/v1/models"
     })
     .await;
     let before = vllm.connections();

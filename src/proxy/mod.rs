@@ -42,6 +42,7 @@ use crate::{
     },
     metrics::Tier,
     server::{Handler, conn::Conn},
+    vllm::BaseModel,
 };
 
 pub use self::state::{Proxy, Shared};
@@ -141,17 +142,14 @@ async fn pipeline(
         None
     };
 
-    // 4. Base model or adapter.
-    let adapter = match model.as_deref() {
+    // 4. Base model (any name vLLM serves it by) or adapter.
+    let base = match model.as_deref() {
         None | Some("") => None,
-        Some(name) => {
-            let base = base_model(w).await?;
-            if name == &*base {
-                None
-            } else {
-                Some(AdapterName::parse(name)?)
-            }
-        }
+        Some(_) => Some(base_model(w).await?),
+    };
+    let adapter = match (model.as_deref(), &base) {
+        (Some(name), Some(base)) if !base.is_base(name) => Some(AdapterName::parse(name)?),
+        _ => None,
     };
     let mut tier = if adapter.is_some() {
         Tier::Local
@@ -165,18 +163,10 @@ async fn pipeline(
         forward::acknowledge(conn).await?;
     }
     if !protocol::is_trusted_forward(&shared.router, head, conn.peer.ip()) {
-        let base = if model.is_some() {
-            shared.vllm.base_model()
-        } else {
-            None
-        };
+        // A base-model request names the base model by the name it uses.
+        let base_name = model.as_deref().filter(|_| adapter.is_none());
         let header = |name: &str| head.header_str(name);
-        let key = hash_key(
-            &shared.router.hash_on,
-            model.as_deref(),
-            base.as_deref(),
-            header,
-        );
+        let key = hash_key(&shared.router.hash_on, model.as_deref(), base_name, header);
         if let Some(key) = key {
             if let Some(done) = forward::route(w, conn, head, &body, &key).await? {
                 return Ok(done);
@@ -204,7 +194,7 @@ async fn pipeline(
             Err(err) if shared.config.routing.fallback_to_base_model => {
                 let base = base_model(w).await?;
                 tracing::warn!(adapter = %name, error = %err, "adapter unavailable: base model");
-                body = rewrite_model(&body, &base)?.into();
+                body = rewrite_model(&body, base.name())?.into();
                 extra = &[(FALLBACK_HEADER, b"base-model")];
                 tier = Tier::FallbackBase;
                 None
@@ -218,8 +208,8 @@ async fn pipeline(
     Ok(Served { tier, reply })
 }
 
-/// The served base model, learnt from vLLM on first need when not configured.
-async fn base_model(w: &Proxy) -> Result<Arc<str>, Error> {
+/// The base model, learnt from vLLM on first need when not configured.
+async fn base_model(w: &Proxy) -> Result<Arc<BaseModel>, Error> {
     if let Some(base) = w.shared.vllm.base_model() {
         return Ok(base);
     }
