@@ -346,6 +346,26 @@ mod tests {
         assert_eq!(BaseModel::from_cards(only_adapters, None), None);
     }
 
+    /// Real vLLM 0.32 answers (`tests/fixtures/vllm/`): without and with `--served-model-name`.
+    #[test]
+    fn reads_real_vllm_model_lists() {
+        let plain = cards(include_str!(
+            "../tests/fixtures/vllm/models-after-lora.json"
+        ));
+        let base = BaseModel::from_cards(plain, None).unwrap();
+        let path = "/tmp/loraplex-vllm-fixtures/tiny/base-a";
+        assert_eq!((base.served.len(), &*base.root), (1, path));
+        assert!(base.is_base(path) && !base.is_base("acme/summarizer-lora"));
+        let served = cards(include_str!(
+            "../tests/fixtures/vllm/models-served-name-after-lora.json"
+        ));
+        let base = BaseModel::from_cards(served, None).unwrap();
+        assert_eq!(base.name().as_ref(), "tiny-b");
+        assert_eq!(base.served.len(), 1);
+        assert_eq!(&*base.root, "/tmp/loraplex-vllm-fixtures/tiny/base-b");
+        assert!(!base.is_base("acme/b-lora"));
+    }
+
     #[test]
     fn resolves_localhost_and_refuses_https() {
         let addrs = resolve("http://127.0.0.1:8000").unwrap();

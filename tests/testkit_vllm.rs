@@ -75,6 +75,42 @@ async fn served_names_are_the_base_model_and_adapters_name_the_model_path() {
     );
 }
 
+/// The model list has the shape of a real vLLM's (`tests/fixtures/vllm/`, vLLM 0.32 with
+/// `--served-model-name tiny-b` and one adapter resolved): same keys in the same order, same
+/// values but for times, permission ids and the adapter's directory.
+#[tokio::test]
+async fn the_model_list_is_shaped_like_a_real_vllms() {
+    let real: Value = serde_json::from_str(include_str!(
+        "fixtures/vllm/models-served-name-after-lora.json"
+    ))
+    .unwrap();
+    let root = real["data"][0]["root"].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(dir.path(), "acme/b-lora", &AdapterSpec::new(root, 5_000, 1)).unwrap();
+    let mut config = VllmConfig::new(root)
+        .served_model_names(["tiny-b"])
+        .lora_dir(dir.path());
+    config.max_model_len = 256;
+    let vllm = VllmStandIn::start(config).unwrap();
+    assert_eq!(chat(&vllm, "acme/b-lora").await.0, 200);
+    let mut ours: Value = reqwest::get(format!("{}/v1/models", vllm.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut real = real;
+    for list in [&mut ours, &mut real] {
+        for entry in list["data"].as_array_mut().unwrap() {
+            entry["created"] = json!(0);
+            entry["permission"][0]["created"] = json!(0);
+            entry["permission"][0]["id"] = json!("modelperm");
+        }
+        list["data"][1]["root"] = json!("<adapter dir>");
+    }
+    assert_eq!(ours.to_string(), real.to_string());
+}
+
 #[tokio::test]
 async fn weights_pushed_out_of_the_cpu_cache_are_read_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,8 +118,7 @@ async fn weights_pushed_out_of_the_cpu_cache_are_read_again() {
     for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
         write_adapter(d, name, &AdapterSpec::new(MODEL, 5_000, i as u64)).unwrap();
     }
-    let vllm =
-        VllmStandIn::start(VllmConfig::new(MODEL).lora_dir(d).max_cpu_loras(2)).unwrap();
+    let vllm = VllmStandIn::start(VllmConfig::new(MODEL).lora_dir(d).max_cpu_loras(2)).unwrap();
     for name in ["a", "b", "a"] {
         assert_eq!(chat(&vllm, name).await.0, 200);
     }

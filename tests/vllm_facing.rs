@@ -21,7 +21,12 @@ const SERVED: [&str; 2] = ["tiny", "tiny-chat"];
 
 /// A node in front of `vllm` (reading the node's store) with an http origin; no
 /// `vllm.model_name`: the base model is learnt.
-fn node(driver: Driver, dir: tempfile::TempDir, vllm: &VllmStandIn, origin: &OriginStandIn) -> Node {
+fn node(
+    driver: Driver,
+    dir: tempfile::TempDir,
+    vllm: &VllmStandIn,
+    origin: &OriginStandIn,
+) -> Node {
     let yaml = format!(
         "vllm_url: \"{}\"\nvllm:\n  health_check_interval: 100ms\norigins:\n  - type: http\n    \
          base_url: \"{}\"\nstorage:\n  dir: \"{{DIR}}/store\"\n  rewrite_base_model: true\n",
@@ -73,9 +78,22 @@ async fn every_served_name_is_the_base_model_and_adapters_name_the_model_path(dr
     wait_ready(&lp, 200).await;
     for name in SERVED {
         let r = chat_with(lp.addr, name).await;
-        assert_eq!(r.status, 200, "{name}: {}", String::from_utf8_lossy(&r.body));
-        assert_eq!(vllm.served(name), 1, "{name} went to vLLM as the base model");
-        assert_eq!(origin.adapter_gets(name), 0, "{name} was taken for an adapter");
+        assert_eq!(
+            r.status,
+            200,
+            "{name}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(
+            vllm.served(name),
+            1,
+            "{name} went to vLLM as the base model"
+        );
+        assert_eq!(
+            origin.adapter_gets(name),
+            0,
+            "{name} was taken for an adapter"
+        );
     }
     // An adapter trained on another copy of the base: rewritten to `--model`, which vLLM's
     // resolver compares it with (not a served name).
