@@ -1,6 +1,6 @@
 //! The stand-in vLLM is as strict as vLLM where a lenient stand-in would hide a proxy's bugs:
 //! served names apart from `--model`, the CPU LoRA cache that reads weights again, the idle
-//! keep-alive connections uvicorn closes after 5 s, and the multipart transcription route.
+//! keep-alive connections uvicorn closes after 5 s, and the multipart speech-to-text routes.
 //! Real sockets on 127.0.0.1, real files in a tempdir.
 
 use std::time::{Duration, Instant};
@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use loraplex::testkit::{
     adapters::{AdapterSpec, SAFETENSORS_FILE, write_adapter},
     vllm::{KEEP_ALIVE_TIMEOUT, VllmConfig, VllmFault, VllmStandIn},
+    vllm_audio::transcription_text,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -164,4 +165,61 @@ async fn an_idle_keep_alive_connection_is_closed_after_5s() {
     assert_eq!(n, 0, "closed, not answered");
     assert!(answered.elapsed() >= KEEP_ALIVE_TIMEOUT - Duration::from_millis(50));
     assert_eq!(vllm.connections(), 1);
+}
+
+/// `POST /v1/audio/transcriptions` with a form, raw.
+async fn transcribe(vllm: &VllmStandIn, body: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/audio/transcriptions", vllm.url()))
+        .header("content-type", "multipart/form-data; boundary=B")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn speech_to_text_reads_the_form_as_fastapi_does() {
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(dir.path(), "acme/w", &AdapterSpec::new(MODEL, 5_000, 1)).unwrap();
+    let vllm = VllmStandIn::start(VllmConfig::new(MODEL).lora_dir(dir.path())).unwrap();
+    let part = |name: &str, file: bool, value: &str| {
+        let file = if file { "; filename=\"a.wav\"" } else { "" };
+        format!("--B\r\nContent-Disposition: form-data; name=\"{name}\"{file}\r\n\r\n{value}\r\n")
+    };
+    let audio = part("file", true, "RIFF..");
+    let weights = vllm_resolve_hash(dir.path(), "acme/w");
+    // The last of two `model` fields counts; an empty one is the base model.
+    let twice = format!(
+        "{audio}{}{}--B--",
+        part("model", false, "x"),
+        part("model", false, "acme/w")
+    );
+    let (status, body) = transcribe(&vllm, &twice).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["text"],
+        transcription_text(Some(("acme/w", weights)), b"RIFF..")
+    );
+    let (status, body) =
+        transcribe(&vllm, &format!("{audio}{}--B--", part("model", false, ""))).await;
+    assert_eq!(
+        (status, &body["text"]),
+        (200, &json!(transcription_text(None, b"RIFF..")))
+    );
+    // No file, a file for the model, or no form at all: 400.
+    for bad in [
+        format!("{}--B--", part("model", false, "acme/w")),
+        format!("{audio}{}--B--", part("model", true, "acme/w")),
+        "not a form".to_owned(),
+    ] {
+        assert_eq!(transcribe(&vllm, &bad).await.0, 400, "{bad}");
+    }
+    assert_eq!(vllm.served("acme/w"), 1);
+}
+
+fn vllm_resolve_hash(dir: &std::path::Path, name: &str) -> u64 {
+    loraplex::testkit::adapters::file_hash(&dir.join(name).join(SAFETENSORS_FILE)).unwrap()
 }

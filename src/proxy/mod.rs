@@ -2,7 +2,7 @@
 //!
 //! 1. the proxy's own endpoints (`/healthz`, `/readyz`, `/metrics`, `/admin/*`);
 //! 2. the body, read whole (bounded by `server.max_body_size`);
-//! 3. the top-level `model` of a JSON body;
+//! 3. the `model`: the top-level one of a JSON body, or the field of a multipart form;
 //! 4. base model or adapter (adapter names validated before anything touches the disk);
 //! 5. routing: forward to the node owning the request's hash key, or keep it here;
 //! 6. the adapter on local disk (fetched on a miss), pinned while the request runs;
@@ -25,6 +25,7 @@ mod state;
 pub mod upstream;
 
 use std::{
+    borrow::Cow,
     sync::{Arc, atomic::Ordering},
     time::Instant,
 };
@@ -38,6 +39,7 @@ use crate::{
     http::{
         RequestHead,
         model::{extract_model, rewrite_model},
+        multipart::{self, Boundary},
         response,
     },
     metrics::Tier,
@@ -135,11 +137,12 @@ async fn pipeline(
         return local::serve(w, conn, head, &body, endpoint).await;
     }
 
-    // 3. The model.
-    let model = if head.carries_model(&body) {
-        extract_model(&body)?
-    } else {
-        None
+    // 3. The model: the top-level `model` of a JSON body, or the `model` field of a form.
+    let form = Boundary::of(head)?;
+    let model = match &form {
+        Some(boundary) => multipart::extract_model(&body, boundary)?.map(Cow::Borrowed),
+        None if head.carries_model(&body) => extract_model(&body)?,
+        None => None,
     };
 
     // 4. Base model (any name vLLM serves it by) or adapter.
@@ -194,7 +197,11 @@ async fn pipeline(
             Err(err) if shared.config.routing.fallback_to_base_model => {
                 let base = base_model(w).await?;
                 tracing::warn!(adapter = %name, error = %err, "adapter unavailable: base model");
-                body = rewrite_model(&body, base.name())?.into();
+                body = match &form {
+                    Some(boundary) => multipart::rewrite_model(&body, boundary, base.name())?,
+                    None => rewrite_model(&body, base.name())?,
+                }
+                .into();
                 extra = &[(FALLBACK_HEADER, b"base-model")];
                 tier = Tier::FallbackBase;
                 None

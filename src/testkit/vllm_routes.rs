@@ -1,5 +1,5 @@
-//! The routes of the stand-in vLLM: inference with on-demand resolution, the model list, load
-//! and unload, health. Decisions follow vLLM's `OpenAIServingModels` (see [`super::vllm`]).
+//! The routes of the stand-in vLLM: inference with on-demand resolution (speech-to-text in
+//! `vllm_audio.rs`), the model list, load and unload, health. Decisions follow vLLM's `OpenAIServingModels` (see [`super::vllm`]).
 
 use std::{
     path::PathBuf,
@@ -14,6 +14,7 @@ use super::{
     server::{Request, Response, lock},
     vllm::{Counters, State, VllmFault, bump},
     vllm_api::{self, Endpoint, error, model_not_found},
+    vllm_audio,
     vllm_resolve::{self, LoadError, Resolution},
 };
 
@@ -40,6 +41,9 @@ pub(super) async fn route(state: Arc<State>, req: Request) -> Response {
         }
         ("POST", "/v1/chat/completions") => inference(&state, &req, Endpoint::Chat).await,
         ("POST", "/v1/completions") => inference(&state, &req, Endpoint::Completions).await,
+        ("POST", "/v1/audio/transcriptions" | "/v1/audio/translations") => {
+            vllm_audio::transcription(&state, &req).await
+        }
         ("POST", "/v1/load_lora_adapter") => load_adapter(&state, &req).await,
         ("POST", "/v1/unload_lora_adapter") => unload_adapter(&state, &req).await,
         (
@@ -48,6 +52,8 @@ pub(super) async fn route(state: Arc<State>, req: Request) -> Response {
             | "/v1/models"
             | "/v1/chat/completions"
             | "/v1/completions"
+            | "/v1/audio/transcriptions"
+            | "/v1/audio/translations"
             | "/v1/load_lora_adapter"
             | "/v1/unload_lora_adapter",
         ) => Response::json(405, &serde_json::json!({"detail": "Method Not Allowed"})),
@@ -215,7 +221,7 @@ async fn cached(state: &State, name: &str) -> Result<Option<u64>, Response> {
 }
 
 /// The loaded weights' hash for `name`, resolving it from the directory on first use.
-async fn ensure_loaded(state: &Arc<State>, name: &str) -> Result<u64, Response> {
+pub(super) async fn ensure_loaded(state: &Arc<State>, name: &str) -> Result<u64, Response> {
     if let Some(hash) = cached(state, name).await? {
         return Ok(hash);
     }
