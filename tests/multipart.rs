@@ -210,3 +210,216 @@ on_both_drivers!(
     a_form_without_model_is_a_base_model_request,
     a_malformed_form_is_400_and_never_reaches_vllm,
 );
+
+/// vLLM's form reader: Starlette 1.10 with python-multipart 0.0.34 (vLLM 0.32's), installed from
+/// PyPI into the target directory on first use; `None` after saying loudly why not.
+fn starlette() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("starlette-1.10.0");
+    if dir.join("starlette").is_dir() && dir.join("python_multipart").is_dir() {
+        return Some(dir);
+    }
+    let installed = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(["--no-warn-script-location", "--root-user-action=ignore", "--target"])
+        .arg(&dir)
+        .args(["starlette==1.10.0", "python-multipart==0.0.34"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if installed {
+        return Some(dir);
+    }
+    common::tools::skip_or_fail_in_ci(
+        "agrees_with_starlette_on_every_form_it_accepts",
+        "python3 -m pip could not install starlette and python-multipart from PyPI",
+    );
+    None
+}
+
+/// Reads each `[content_type, base64 body]` of stdin's JSON list as FastAPI hands a `Form()`
+/// model its `model` field: `"not a form"`, `"refused"`, or the value (the last of several; an
+/// empty one is none).
+const STARLETTE_READER: &str = r#"
+import asyncio, base64, json, sys
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import Headers
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+async def read(content_type, body):
+    media, _ = parse_options_header(content_type)
+    if media != b"multipart/form-data":
+        return "not a form"
+    async def stream():
+        yield body
+        yield b""
+    headers = Headers(raw=[(b"content-type", content_type.encode("latin-1"))])
+    try:
+        form = await MultiPartParser(headers, stream()).parse()
+    except MultiPartException:
+        return "refused"
+    model = form.get("model")
+    if model is not None and not isinstance(model, str):
+        return "refused"
+    return {"model": model or None}
+
+async def main():
+    cases = json.load(sys.stdin)
+    out = [await read(ct, base64.b64decode(body)) for ct, body in cases]
+    json.dump(out, sys.stdout)
+
+asyncio.run(main())
+"#;
+
+/// Forms a client or an attacker could send: `(Content-Type, body)`.
+fn tricky_forms() -> Vec<(String, Vec<u8>)> {
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    let part = |cd: &str, value: &str| {
+        format!("--{BOUNDARY}\r\nContent-Disposition: {cd}\r\n\r\n{value}\r\n").into_bytes()
+    };
+    let end = format!("--{BOUNDARY}--\r\n").into_bytes();
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for cd in [
+        "form-data; name=\"model\"",
+        "form-data; NAME=model",
+        "attachment ;name = \"model\" ",
+        "form-data; name*=utf-8''other; name=\"model\"",
+        "form-data; x=\"a;b\"; name=\"model\"",
+        "form-data; filename=\"a; name=model\"; name=\"file\"",
+        "form-data; name=\"x name=model\"",
+        "form-data; name=\"model\"; name=\"other\"",
+        "form-data; name=\"mo\\\"del\"",
+        "form-data; name=\"model\"x",
+        "name=\"model\"",
+        "form-data;; name=model",
+        "form-data; flag; name=model",
+        "form-data; name=\"model\"; filename=\"m.txt\"",
+        "form-data; name=model\t",
+        "form-data; name=\"model\\\\\"; a=\"",
+    ] {
+        cases.push((ct.clone(), [part(cd, "acme/x"), end.clone()].concat()));
+    }
+    let model = part("form-data; name=\"model\"", "acme/x");
+    let other = part("form-data; name=\"language\"", "en");
+    for body in [
+        [model.clone(), end.clone()].concat(),
+        [other.clone(), model.clone(), other.clone(), end.clone()].concat(),
+        [other.clone(), end.clone()].concat(),
+        [model.clone(), part("form-data; name=\"model\"", "acme/y"), end.clone()].concat(),
+        [model.clone(), part("form-data; name=\"model\"", ""), end.clone()].concat(),
+        [b"\r\n".to_vec(), model.clone(), end.clone()].concat(),
+        [b"preamble\r\n".to_vec(), model.clone(), end.clone()].concat(),
+        [model.clone(), end.clone(), model.clone()].concat(),
+        [end.clone(), model.clone(), end.clone()].concat(),
+        model.clone(),
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=model\r\n\r\nacme/x\r\n--{BOUNDARY}  \r\n--{BOUNDARY}--").into_bytes(),
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=model\r\n\r\nacme/x\r\n--{BOUNDARY}-x\r\n--{BOUNDARY}--").into_bytes(),
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=model\r\n\r\nacme/x\r\n--{BOUNDARY}\rx\r\n--{BOUNDARY}--").into_bytes(),
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=model\nX: y\r\n\r\nacme/x\r\n--{BOUNDARY}--").into_bytes(),
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=a\r\nContent-Disposition: form-data; name=model\r\n\r\nacme/x\r\n--{BOUNDARY}--").into_bytes(),
+        format!("--{BOUNDARY}\r\nX-A: 1\r\nX-A: 2\r\nX-A: 3\r\nX-A: 4\r\nX-A: 5\r\nX-A: 6\r\nX-A: 7\r\nX-A: 8\r\nContent-Disposition: form-data; name=model\r\n\r\nacme/x\r\n--{BOUNDARY}--").into_bytes(),
+        transcription(Some("acme/whisper-lora")),
+        Vec::new(),
+    ] {
+        cases.push((ct.clone(), body));
+    }
+    let body = [model, end].concat();
+    for content_type in [
+        format!(" Multipart/Form-Data ;\tBoundary = \"{BOUNDARY}\" ; charset=UTF-8"),
+        format!("multipart/form-data; charset=latin-1; boundary={BOUNDARY}"),
+        format!("multipart/form-data ; boundary={BOUNDARY}; boundary=other"),
+        format!("multipart/form-data;boundary=\"{BOUNDARY}\"x"),
+        format!("multipart/mixed; boundary={BOUNDARY}"),
+        format!("application/json; boundary={BOUNDARY}"),
+        format!("multipart/form-data"),
+        format!("\"multipart/form-data\"; boundary={BOUNDARY}"),
+    ] {
+        cases.push((content_type, body.clone()));
+    }
+    // The fuzz seeds and regressions: a Content-Type line, then the body.
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    for sub in ["corpus", "regressions"] {
+        let Ok(dir) = std::fs::read_dir(fuzz.join(sub).join("multipart_model")) else {
+            continue;
+        };
+        for file in dir {
+            let data = std::fs::read(file.unwrap().path()).unwrap();
+            let at = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
+            let ct = String::from_utf8_lossy(&data[..at]).into_owned();
+            cases.push((ct, data.get(at + 1..).unwrap_or_default().to_vec()));
+        }
+    }
+    cases
+}
+
+/// On every form loraplex accepts, it reads the `model` vLLM's Starlette reads (or it refuses
+/// the form): a client can never show loraplex one model and vLLM another.
+#[test]
+fn agrees_with_starlette_on_every_form_it_accepts() {
+    use base64::Engine;
+    use loraplex::http::multipart::{Boundary, extract_model};
+    let Some(pythonpath) = starlette() else {
+        return;
+    };
+    let cases = tricky_forms();
+    let input: Vec<(String, String)> = cases
+        .iter()
+        .map(|(ct, body)| {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(body);
+            (ct.clone(), b64)
+        })
+        .collect();
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", STARLETTE_READER])
+        .env("PYTHONPATH", &pythonpath)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    serde_json::to_writer(stdin, &input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the Starlette reader failed: {stderr}");
+    let theirs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(theirs.len(), cases.len());
+    let (mut both, mut stricter) = (0, 0);
+    for ((ct, body), theirs) in cases.iter().zip(&theirs) {
+        let ours = match Boundary::of_content_type(ct.as_bytes()) {
+            Err(_) => None,
+            Ok(None) => Some(serde_json::json!("not a form")),
+            Ok(Some(b)) => extract_model(body, &b)
+                .ok()
+                .map(|m| serde_json::json!({"model": m.filter(|m| !m.is_empty())})),
+        };
+        let shown = || format!("{ct:?} {:?}", String::from_utf8_lossy(body));
+        match (&ours, theirs.get("model")) {
+            // loraplex refuses: vLLM never sees the request.
+            (None, _) => stricter += usize::from(theirs.get("model").is_some()),
+            // vLLM reads a model: loraplex must read the same one.
+            (Some(ours), Some(model)) => {
+                let ours_none = ours == "not a form" || ours["model"].is_null();
+                if !(model.is_null() && ours_none) {
+                    assert_eq!(ours, theirs, "{}", shown());
+                }
+                both += 1;
+            }
+            // vLLM reads no form or refuses it: loraplex must not have read a model vLLM reads.
+            (Some(ours), None) => assert!(
+                ours.get("model").is_none_or(|m| m.is_null()) || theirs == "refused",
+                "loraplex {ours}, Starlette {theirs}: {}",
+                shown()
+            ),
+        }
+    }
+    println!(
+        "{} forms: {both} read alike, {stricter} refused by loraplex only",
+        cases.len()
+    );
+    assert!(both >= 15, "too few forms both read: {both}");
+}
