@@ -226,7 +226,11 @@ fn starlette() -> Option<std::path::PathBuf> {
             "--quiet",
             "--disable-pip-version-check",
         ])
-        .args(["--no-warn-script-location", "--root-user-action=ignore", "--target"])
+        .args([
+            "--no-warn-script-location",
+            "--root-user-action=ignore",
+            "--target",
+        ])
         .arg(&dir)
         .args(["starlette==1.10.0", "python-multipart==0.0.34"])
         .status()
@@ -385,7 +389,10 @@ fn agrees_with_starlette_on_every_form_it_accepts() {
     serde_json::to_writer(stdin, &input).unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the Starlette reader failed: {stderr}");
+    assert!(
+        out.status.success(),
+        "the Starlette reader failed: {stderr}"
+    );
     let theirs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(theirs.len(), cases.len());
     let (mut both, mut stricter) = (0, 0);
