@@ -364,6 +364,14 @@ mod tests {
         assert_eq!(base.served.len(), 1);
         assert_eq!(&*base.root, "/tmp/loraplex-vllm-fixtures/tiny/base-b");
         assert!(!base.is_base("acme/b-lora"));
+        // `--served-model-name tiny tiny-chat`: two base entries.
+        let two = cards(include_str!(
+            "../tests/fixtures/vllm/models-two-served-names.json"
+        ));
+        let base = BaseModel::from_cards(two, None).unwrap();
+        let served: Vec<&str> = base.served.iter().map(|s| &**s).collect();
+        assert_eq!(served, ["tiny", "tiny-chat"]);
+        assert_eq!(&*base.root, "/tmp/ph-real/base");
     }
 
     #[test]
