@@ -303,7 +303,8 @@ pub struct Hooks {
 impl crate::store::VllmHooks for Hooks {
     fn unload(&self, name: &str) -> futures_util::future::BoxFuture<'static, Result<(), Error>> {
         let (vllm, name) = (self.vllm.clone(), name.to_owned());
-        Box::pin(self.control.run(async move { vllm.unload(&name).await }))
+        let unload = self.control.run(async move { vllm.unload(&name).await });
+        Box::pin(async move { unload.await? })
     }
 
     fn base_model(&self) -> Option<String> {

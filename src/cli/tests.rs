@@ -298,6 +298,7 @@ fn check_config_prints_every_key() {
         "  max_size: 100GB",
         "  rewrite_base_model: false",
         "  direct_io: auto",
+        "  fetch_wait_timeout: 2m",
         "- type: huggingface",
         "  endpoint: https://huggingface.co",
         "  token: <redacted>",

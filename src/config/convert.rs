@@ -208,6 +208,12 @@ impl Convert<'_> {
             &[("auto", DirectIo::Auto), ("off", DirectIo::Off)],
             d.storage.direct_io,
         )?;
+        let wait = self.duration(
+            "storage.fetch_wait_timeout",
+            &st.fetch_wait_timeout,
+            Duration::from_secs(120),
+        )?;
+        cfg.storage.fetch_wait_timeout = (!wait.is_zero()).then_some(wait);
 
         cfg.origins = Vec::new();
         for (i, o) in f.origins.iter().flatten().enumerate() {

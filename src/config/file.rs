@@ -128,6 +128,8 @@ pub struct FileStorage {
     pub rewrite_base_model: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub direct_io: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetch_wait_timeout: Leaf,
 }
 
 /// One origin; which keys apply depends on `type`.

@@ -241,6 +241,9 @@ pub struct StorageConfig {
     pub rewrite_base_model: bool,
     /// How adapter files are written.
     pub direct_io: DirectIo,
+    /// How long a request waits for its adapter's download before a 504 (the download goes
+    /// on for later requests); `None`: no limit.
+    pub fetch_wait_timeout: Option<Duration>,
 }
 
 /// O_DIRECT policy for adapter writes.
@@ -437,6 +440,7 @@ impl Default for Config {
                 max_size: 100 << 30,
                 rewrite_base_model: false,
                 direct_io: DirectIo::Auto,
+                fetch_wait_timeout: Some(Duration::from_secs(120)),
             },
             origins: Vec::new(),
             invalidation: InvalidationConfig {

@@ -53,6 +53,10 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
                 DirectIo::Auto => "auto",
                 DirectIo::Off => "off",
             }),
+            fetch_wait_timeout: s(cfg
+                .storage
+                .fetch_wait_timeout
+                .map_or("0".into(), format_duration)),
         }),
         origins: Some(cfg.origins.iter().map(|o| origin(o, &secret)).collect()),
         invalidation: Some(FileInvalidation {

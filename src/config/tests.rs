@@ -469,7 +469,7 @@ fn overrides_win_and_errors_name_the_flag() {
 #[test]
 fn printed_config_loads_back() {
     let text = "listen: \"0.0.0.0:9090\"\nself_addr: 10.0.0.1:9090\nvllm_url: http://127.0.0.1:8000\n\
-        storage: {dir: /mnt/x, max_size: 1.5TB, rewrite_base_model: true, direct_io: off}\n\
+        storage: {dir: /mnt/x, max_size: 1.5TB, rewrite_base_model: true, direct_io: off, fetch_wait_timeout: 0}\n\
         origins:\n\
         - {type: huggingface, token: t1, endpoint: 'https://hf.local', idle_timeout: 1m, retries: 5}\n\
         - {type: s3, bucket: b, region: r, prefix: p/, endpoint: 'http://s3.local:9000', min_rate: 0}\n\

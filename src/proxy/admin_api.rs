@@ -74,7 +74,7 @@ pub async fn serve(
                     .run(async move {
                         broadcast_evict(&router, &client, &adapter, token.as_deref()).await
                     })
-                    .await
+                    .await?
             };
             let peers: Vec<Value> = peers
                 .into_iter()

@@ -35,6 +35,7 @@ use bytes::Bytes;
 use crate::{
     adapter::AdapterName,
     cluster::{hashkey::hash_key, protocol},
+    config::units::format_duration,
     error::{Error, ErrorKind},
     http::{
         RequestHead,
@@ -44,6 +45,7 @@ use crate::{
     },
     metrics::Tier,
     server::{Handler, conn::Conn},
+    store::Ensured,
     vllm::BaseModel,
 };
 
@@ -187,7 +189,7 @@ async fn pipeline(
     let mut extra: &[(&str, &[u8])] = &[];
     let _pin = match &adapter {
         None => None,
-        Some(name) => match shared.store.ensure(name).await {
+        Some(name) => match ensure_in_time(w, name).await {
             Ok(ensured) => {
                 if ensured.fetched {
                     tier = Tier::Origin;
@@ -215,6 +217,29 @@ async fn pipeline(
     Ok(Served { tier, reply })
 }
 
+/// The adapter on disk and pinned, waiting at most `storage.fetch_wait_timeout` for its
+/// download: past that, a 504 (or the fallback). The download itself goes on, for the requests
+/// after this one: it belongs to no request, and the transfer layer stops it if it crawls
+/// (`origins[].min_rate`).
+async fn ensure_in_time(w: &Proxy, name: &AdapterName) -> Result<Ensured, Error> {
+    let store = &w.shared.store;
+    let Some(limit) = w.shared.config.storage.fetch_wait_timeout else {
+        return store.ensure(name).await;
+    };
+    match monoio::time::timeout(limit, store.ensure(name)).await {
+        Ok(ensured) => ensured,
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "adapter {name} is still being downloaded after {} (storage.fetch_wait_timeout); \
+                 the download goes on: try again later",
+                format_duration(limit)
+            ),
+        )
+        .with_param("model")),
+    }
+}
+
 /// The base model, learnt from vLLM on first need when not configured.
 async fn base_model(w: &Proxy) -> Result<Arc<BaseModel>, Error> {
     if let Some(base) = w.shared.vllm.base_model() {
@@ -224,7 +249,7 @@ async fn base_model(w: &Proxy) -> Result<Arc<BaseModel>, Error> {
     w.shared
         .control
         .run(async move { vllm.learn_base_model().await })
-        .await
+        .await?
 }
 
 /// Send the request to the local vLLM and stream the answer.

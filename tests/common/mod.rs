@@ -4,6 +4,7 @@
 
 pub mod netns;
 pub mod s3;
+pub mod store;
 pub mod tools;
 
 use std::{
