@@ -339,7 +339,7 @@ fn tricky_forms() -> Vec<(String, Vec<u8>)> {
         format!("multipart/form-data;boundary=\"{BOUNDARY}\"x"),
         format!("multipart/mixed; boundary={BOUNDARY}"),
         format!("application/json; boundary={BOUNDARY}"),
-        format!("multipart/form-data"),
+        "multipart/form-data".to_owned(),
         format!("\"multipart/form-data\"; boundary={BOUNDARY}"),
     ] {
         cases.push((content_type, body.clone()));

@@ -218,14 +218,17 @@ fn data_end(
     }
 }
 
-/// The parameters of a header value `type; key=value; ...` (keys lowercased by the caller's
-/// comparison; `key*` left out; each key once).
-fn params(value: &[u8]) -> Result<Vec<(&[u8], &[u8])>, Error> {
+/// A header parameter: its key and its value (unquoted).
+type Param<'a> = (&'a [u8], &'a [u8]);
+
+/// The parameters of a header value `type; key=value; ...` (keys compared case-insensitively
+/// by [`param`]; `key*` left out; each key once).
+fn params(value: &[u8]) -> Result<Vec<Param<'_>>, Error> {
     let malformed = || bad("a multipart header's parameters are malformed");
     let mut c = Cursor { s: value, i: 0 };
     c.ows();
     c.token(b"/").ok_or_else(malformed)?;
-    let mut out: Vec<(&[u8], &[u8])> = Vec::new();
+    let mut out: Vec<Param<'_>> = Vec::new();
     loop {
         c.ows();
         match c.next() {
@@ -262,7 +265,7 @@ fn params(value: &[u8]) -> Result<Vec<(&[u8], &[u8])>, Error> {
     }
 }
 
-fn param<'a>(params: &[(&[u8], &'a [u8])], key: &str) -> Option<&'a [u8]> {
+fn param<'a>(params: &[Param<'a>], key: &str) -> Option<&'a [u8]> {
     params
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(key.as_bytes()))

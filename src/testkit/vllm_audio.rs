@@ -23,7 +23,7 @@ use super::{
     server::{Request, Response, lock},
     vllm::{State, bump},
     vllm_api::error,
-    vllm_routes::ensure_loaded,
+    vllm_routes::model_weights,
 };
 
 /// The fields of a transcription form this stand-in reads.
@@ -86,15 +86,10 @@ pub(super) async fn transcription(state: &Arc<State>, req: &Request) -> Response
     let base = state.config.served_names()[0];
     let model = form.model.as_deref().unwrap_or(base);
     bump(&mut lock(&state.inner).requests, model);
-    let adapter = if state.config.is_base(model) {
-        None
-    } else {
-        match ensure_loaded(state, model).await {
-            Ok(hash) => Some((model, hash)),
-            Err(resp) => return resp,
-        }
+    let adapter = match model_weights(state, model).await {
+        Ok(adapter) => adapter,
+        Err(resp) => return resp,
     };
-    bump(&mut lock(&state.inner).served, model);
     state.next_id.fetch_add(1, Ordering::SeqCst);
     let text = transcription_text(adapter, &audio);
     Response::json(

@@ -114,15 +114,10 @@ async fn inference(state: &Arc<State>, req: &Request, endpoint: Endpoint) -> Res
             None,
         );
     }
-    let adapter = if state.config.is_base(model) {
-        None
-    } else {
-        match ensure_loaded(state, model).await {
-            Ok(hash) => Some((model, hash)),
-            Err(resp) => return resp,
-        }
+    let adapter = match model_weights(state, model).await {
+        Ok(adapter) => adapter,
+        Err(resp) => return resp,
     };
-    bump(&mut lock(&state.inner).served, model);
     if let Some(ttft) = header_ms(req, "x-test-ttft-ms") {
         tokio::time::sleep(ttft).await;
     }
@@ -220,8 +215,23 @@ async fn cached(state: &State, name: &str) -> Result<Option<u64>, Response> {
     }
 }
 
+/// What answers a request for `model`: the base model (`None`), or an adapter and its
+/// weights' hash (resolved on first use); counted as served once known.
+pub(super) async fn model_weights<'m>(
+    state: &Arc<State>,
+    model: &'m str,
+) -> Result<Option<(&'m str, u64)>, Response> {
+    let adapter = if state.config.is_base(model) {
+        None
+    } else {
+        Some((model, ensure_loaded(state, model).await?))
+    };
+    bump(&mut lock(&state.inner).served, model);
+    Ok(adapter)
+}
+
 /// The loaded weights' hash for `name`, resolving it from the directory on first use.
-pub(super) async fn ensure_loaded(state: &Arc<State>, name: &str) -> Result<u64, Response> {
+async fn ensure_loaded(state: &Arc<State>, name: &str) -> Result<u64, Response> {
     if let Some(hash) = cached(state, name).await? {
         return Ok(hash);
     }
