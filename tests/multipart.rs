@@ -344,10 +344,16 @@ fn tricky_forms() -> Vec<(String, Vec<u8>)> {
     ] {
         cases.push((content_type, body.clone()));
     }
-    // The fuzz seeds and regressions: a Content-Type line, then the body.
+    // The fuzz seeds and regressions: a Content-Type line, then the body; and the same from
+    // `LORAPLEX_FORMS_DIR` when set (a fuzzer's work corpus, for a longer run by hand).
     let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    for sub in ["corpus", "regressions"] {
-        let Ok(dir) = std::fs::read_dir(fuzz.join(sub).join("multipart_model")) else {
+    let extra = std::env::var_os("LORAPLEX_FORMS_DIR").map(std::path::PathBuf::from);
+    let dirs = ["corpus", "regressions"]
+        .map(|sub| fuzz.join(sub).join("multipart_model"))
+        .into_iter()
+        .chain(extra);
+    for dir in dirs {
+        let Ok(dir) = std::fs::read_dir(dir) else {
             continue;
         };
         for file in dir {
