@@ -20,6 +20,8 @@ pub enum ErrorKind {
     NotFound,
     /// Method not allowed on a proxy-owned endpoint. 405.
     MethodNotAllowed,
+    /// The client was too slow to send its request head or body. 408.
+    RequestTimeout,
     /// The adapter's directory would nest inside another stored adapter's, or hold one. 409.
     Conflict,
     /// Body above `server.max_body_size`. 413.
@@ -28,6 +30,8 @@ pub enum ErrorKind {
     HeaderTooLarge,
     /// A bug or an unexpected local failure. 500.
     Internal,
+    /// A request feature loraplex does not support (a transfer coding other than chunked). 501.
+    NotImplemented,
     /// vLLM, a peer or an origin answered something unusable, or the adapter is invalid. 502.
     BadGateway,
     /// vLLM or every peer is unreachable, or the proxy is shutting down. 503.
@@ -47,10 +51,12 @@ impl ErrorKind {
             ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::Conflict => 409,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::HeaderTooLarge => 431,
             ErrorKind::Internal => 500,
+            ErrorKind::NotImplemented => 501,
             ErrorKind::BadGateway => 502,
             ErrorKind::Unavailable => 503,
             ErrorKind::Timeout => 504,
@@ -66,10 +72,12 @@ impl ErrorKind {
             ErrorKind::Forbidden => "PermissionDeniedError",
             ErrorKind::NotFound => "NotFoundError",
             ErrorKind::MethodNotAllowed => "MethodNotAllowedError",
+            ErrorKind::RequestTimeout => "RequestTimeoutError",
             ErrorKind::Conflict => "ConflictError",
             ErrorKind::PayloadTooLarge => "RequestTooLargeError",
             ErrorKind::HeaderTooLarge => "RequestHeaderFieldsTooLargeError",
             ErrorKind::Internal => "InternalServerError",
+            ErrorKind::NotImplemented => "NotImplementedError",
             ErrorKind::BadGateway => "BadGatewayError",
             ErrorKind::Unavailable => "ServiceUnavailableError",
             ErrorKind::Timeout => "GatewayTimeoutError",
@@ -85,10 +93,12 @@ impl ErrorKind {
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::Conflict => "conflict",
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::Internal => "internal",
+            ErrorKind::NotImplemented => "not_implemented",
             ErrorKind::BadGateway => "bad_gateway",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Timeout => "timeout",

@@ -122,7 +122,8 @@ pub fn multipart_model_with(
 }
 
 /// A head that parses, once forwarded, parses again to the same request with the framing the
-/// proxy gave it.
+/// proxy gave it (so with exactly one `Host`, which the next hop's HTTP/1.1 requires, even when
+/// an HTTP/1.0 client sent none).
 pub fn request_head(data: &[u8]) -> Result<(), String> {
     request_head_with(data, |head, out, extra, body_len| {
         head.write_forward(out, extra, body_len)

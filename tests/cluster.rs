@@ -660,6 +660,53 @@ async fn a_new_owner_copies_the_adapter_from_a_peer_not_the_origin(driver: Drive
     assert!(m.contains("origin=\"peer\",result=\"ok\""), "{m}");
 }
 
+/// Found by the chaos soak (`scripts/soak.sh`): a revalidation that saw a new version at the
+/// origin copied a peer's copy instead, which is the old version (the peer fetched it before),
+/// so the adapter never changed while any peer held it, and every TTL "updated" it again.
+async fn an_update_comes_from_the_origin_not_a_peers_old_copy(driver: Driver) {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    let c = cluster_with(driver, "invalidation:\n  ttl: 1s\n", Some(&origin)).await;
+    let name = c.key_owned_by(2, "acme/updated");
+    origin.put_adapter(&name, &AdapterSpec::new(BASE, 50_000, 1));
+    // The owner (node 2) and node 0 hold version 1 (node 0 as after the owner was down).
+    for i in [0, 2] {
+        let body = format!(r#"{{"adapters":["{name}"]}}"#);
+        let r = post_json(c.node(i).addr, "/admin/cache/warmup", &body).await;
+        assert_eq!(r.json()["results"][0]["status"], "ok");
+    }
+    origin.put_adapter(&name, &AdapterSpec::new(BASE, 50_000, 2));
+    let new = origin.file(&name, "adapter_model.safetensors").unwrap();
+    let new = format!("weights={:016x}", xxhash_rust::xxh3::xxh3_64(&new));
+    // Past the TTL, requests to the owner serve its copy and revalidate it: the new version
+    // comes (the stand-in vLLM names the weights it loaded in every answer).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let body = format!(r#"{{"model":"{name}","messages":[]}}"#);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = post_json(c.node(2).addr, "/v1/chat/completions", &body).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        if String::from_utf8_lossy(&r.body).contains(&new) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still the old version: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = std::fs::read(
+        c.node(2)
+            .path("store")
+            .join(&name)
+            .join("adapter_model.safetensors"),
+    );
+    assert_eq!(
+        stored.unwrap().as_slice(),
+        &origin.file(&name, "adapter_model.safetensors").unwrap()[..]
+    );
+}
+
 async fn an_evict_reaches_every_peer(driver: Driver) {
     let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
     // With an admin token: the broadcast must carry it to the peers.
@@ -728,6 +775,36 @@ async fn an_evict_reaches_every_peer(driver: Driver) {
     }
 }
 
+/// `routing.forward_timeout` bounds connect + acknowledgement, never the generation: an answer
+/// that takes three times as long on the owner arrives, from the owner only, run once.
+async fn a_forward_longer_than_the_forward_timeout_is_not_cut(driver: Driver) {
+    let c = cluster(
+        driver,
+        &format!("routing:\n  {SESSION}\n  forward_timeout: 1s\n"),
+    )
+    .await;
+    let session = c.key_owned_by(1, "long");
+    let mut raw = Raw::connect(c.node(0).addr).await;
+    let started = Instant::now();
+    raw.send(&post(
+        "/v1/chat/completions",
+        &format!(r#"{{"model":"{BASE}","messages":[]}}"#),
+        &format!("X-Session-ID: {session}\r\nx-test-ttft-ms: 3000\r\n"),
+    ))
+    .await;
+    let r = raw.response(false).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["object"], "chat.completion");
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(c.served_by(&session), vec![1]);
+    let runs = c.vllms[1]
+        .recent_heads()
+        .iter()
+        .filter(|h| h.header("x-session-id") == Some(session.as_str()))
+        .count();
+    assert_eq!(runs, 1, "sent to the owner once");
+}
+
 on_both_drivers!(
     a_session_lands_on_one_node_from_any_entry_node,
     sse_streams_through_a_peer_event_by_event,
@@ -742,4 +819,6 @@ on_both_drivers!(
     each_adapter_lives_on_its_owner_only,
     a_new_owner_copies_the_adapter_from_a_peer_not_the_origin,
     an_evict_reaches_every_peer,
+    an_update_comes_from_the_origin_not_a_peers_old_copy,
+    a_forward_longer_than_the_forward_timeout_is_not_cut,
 );

@@ -321,6 +321,7 @@ fn check_config_prints_every_key() {
         "  max_body_size: 32MB",
         "  max_header_size: 64KB",
         "  header_read_timeout: 30s",
+        "  body_read_timeout: 1m",
         "  idle_timeout: 2m",
         "  upstream_connect_timeout: 5s",
         "  upstream_idle_timeout: 1m",

@@ -599,6 +599,11 @@ impl Convert<'_> {
             &s.header_read_timeout,
             d.header_read_timeout,
         )?;
+        d.body_read_timeout = self.positive_duration(
+            "server.body_read_timeout",
+            &s.body_read_timeout,
+            d.body_read_timeout,
+        )?;
         d.idle_timeout =
             self.positive_duration("server.idle_timeout", &s.idle_timeout, d.idle_timeout)?;
         d.upstream_connect_timeout = self.positive_duration(

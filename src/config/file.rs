@@ -254,6 +254,8 @@ pub struct FileServer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub header_read_timeout: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_read_timeout: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_connect_timeout: Leaf,

@@ -396,6 +396,8 @@ pub struct ServerConfig {
     pub max_header_size: usize,
     /// A client must send a whole request head within this.
     pub header_read_timeout: Duration,
+    /// A client must send a whole request body within this (counted from the end of the head).
+    pub body_read_timeout: Duration,
     /// An idle keep-alive client connection is closed after this.
     pub idle_timeout: Duration,
     pub upstream_connect_timeout: Duration,
@@ -466,6 +468,7 @@ impl Default for Config {
                 max_body_size: 32 << 20,
                 max_header_size: 64 << 10,
                 header_read_timeout: Duration::from_secs(30),
+                body_read_timeout: Duration::from_secs(60),
                 idle_timeout: Duration::from_secs(120),
                 upstream_connect_timeout: Duration::from_secs(5),
                 upstream_idle_timeout: Duration::from_secs(60),

@@ -92,6 +92,7 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
             max_body_size: s(format_size(sv.max_body_size as u64)),
             max_header_size: s(format_size(sv.max_header_size as u64)),
             header_read_timeout: dur(sv.header_read_timeout),
+            body_read_timeout: dur(sv.body_read_timeout),
             idle_timeout: dur(sv.idle_timeout),
             upstream_connect_timeout: dur(sv.upstream_connect_timeout),
             upstream_idle_timeout: dur(sv.upstream_idle_timeout),

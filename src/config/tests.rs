@@ -481,7 +481,7 @@ fn printed_config_loads_back() {
                   overflow_threshold: 0.65, fallback_to_base_model: true}\n\
         vllm: {model_name: base/m, max_loras: 8, max_lora_rank: 16, health_check_interval: 750ms}\n\
         server: {workers: 3, driver: epoll, max_body_size: 1MB, max_header_size: 8KB, \
-                 header_read_timeout: 7s, idle_timeout: 1h, upstream_connect_timeout: 1s, \
+                 header_read_timeout: 7s, body_read_timeout: 9s, idle_timeout: 1h, upstream_connect_timeout: 1s, \
                  upstream_idle_timeout: 2s, shutdown_grace: 0, log_format: json}\n\
         admin: {token: a, open: true}\ncluster: {token: c}\n";
     let c = cfg(text);

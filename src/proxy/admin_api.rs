@@ -47,9 +47,9 @@ pub async fn serve(
     })?;
     let store = &shared.store;
     let answer = match (head.kind, head.path()) {
-        (Method::Get, "/admin/cache/stats") => store.stats(),
-        (Method::Get, "/admin/cache/fetches") => store.fetches(),
-        (Method::Get, "/admin/peers") => {
+        (Method::Get | Method::Head, "/admin/cache/stats") => store.stats(),
+        (Method::Get | Method::Head, "/admin/cache/fetches") => store.fetches(),
+        (Method::Get | Method::Head, "/admin/peers") => {
             let load = load(shared.pending.load(Ordering::Relaxed) - 1);
             shared.router.topology().to_json(load)
         }
@@ -152,7 +152,13 @@ mod tests {
         let h = auth
             .map(|a| format!("Authorization: {a}\r\n"))
             .unwrap_or_default();
-        let raw = format!("{method} /admin/cache/evict HTTP/1.1\r\n{h}Content-Length: 0\r\n\r\n");
+        let raw = format!(
+            "{method} /admin/cache/evict HTTP/1.1
+Host: a
+{h}Content-Length: 0
+
+"
+        );
         RequestHead::parse(raw.as_bytes()).unwrap().unwrap().0
     }
 

@@ -38,7 +38,7 @@ use crate::{
     config::units::format_duration,
     error::{Error, ErrorKind},
     http::{
-        RequestHead,
+        Method, RequestHead,
         model::{extract_model, rewrite_model},
         multipart::{self, Boundary},
         response,
@@ -98,6 +98,9 @@ pub async fn process_request(w: &Proxy, conn: &mut Conn, head: RequestHead) -> b
             let keep_alive = body_read && head.keep_alive;
             let mut out = Vec::new();
             response::error(&mut out, &err, keep_alive);
+            if head.kind == Method::Head {
+                response::strip_body(&mut out);
+            }
             let written = conn.write_all(out).await.is_ok();
             Served {
                 tier: Tier::Error,
@@ -132,7 +135,7 @@ async fn pipeline(
 
     // 2. The body.
     let body = conn
-        .read_body(head, cfg.max_body_size, cfg.idle_timeout)
+        .read_body(head, cfg.max_body_size, cfg.body_read_timeout)
         .await?;
     *body_read = true;
     if let Some(endpoint) = own {
@@ -165,7 +168,7 @@ async fn pipeline(
     // 5. Routing. A forwarded request is acknowledged whether its mark is trusted or not
     // (the sender learns it was delivered); only a trusted mark skips routing.
     if protocol::is_marked(head) {
-        forward::acknowledge(conn).await?;
+        forward::acknowledge(conn, head).await?;
     }
     if !protocol::is_trusted_forward(&shared.router, head, conn.peer.ip()) {
         // A base-model request names the base model by the name it uses.

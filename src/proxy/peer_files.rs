@@ -18,7 +18,7 @@ use crate::{
     adapter::AdapterName,
     cluster::protocol::{PeerFile, PeerManifest, PeerPath, is_trusted_peer},
     error::{Error, ErrorKind},
-    http::{RequestHead, head::itoa_buf, response},
+    http::{Method, RequestHead, head::itoa_buf, response},
     proxy::{Proxy, Reply},
     server::conn::Conn,
 };
@@ -54,6 +54,9 @@ pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<Rep
         };
         let mut out = Vec::new();
         response::json(&mut out, 200, &body, keep_alive);
+        if head.kind == Method::Head {
+            response::strip_body(&mut out);
+        }
         let written = conn.write_all(out).await.is_ok();
         return Ok(Reply {
             status: 200,
@@ -69,7 +72,8 @@ pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<Rep
     let offset = range_start(head).unwrap_or(0).min(size);
     let status = if offset > 0 { 206 } else { 200 };
     let file = File::open(dir.join(wanted)).await?;
-    let whole = send_file(conn, &file, offset, size, status, keep_alive).await;
+    let head_only = head.kind == Method::Head;
+    let whole = send_file(conn, &file, offset, size, status, keep_alive, head_only).await;
     drop(pin);
     if let Err(e) = &whole {
         tracing::debug!(adapter = %name, file = wanted, error = %e, "peer file transfer cut short");
@@ -97,6 +101,7 @@ async fn send_file(
     size: u64,
     status: u16,
     keep_alive: bool,
+    head_only: bool,
 ) -> std::io::Result<()> {
     let len = size - offset;
     let mut head = Vec::with_capacity(256);
@@ -116,6 +121,9 @@ async fn send_file(
     }
     head.extend_from_slice(b"\r\n\r\n");
     conn.write_all(head).await?;
+    if head_only {
+        return Ok(());
+    }
     let mut pos = offset;
     let mut buf = Vec::with_capacity(CHUNK);
     while pos < size {

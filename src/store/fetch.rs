@@ -57,6 +57,12 @@ impl Store {
         });
         let mut first_err: Option<Error> = None;
         for origin in self.origins.iter() {
+            // A new version comes from the configured origins: a peer's copy is one it fetched
+            // before, no newer than ours as far as anyone knows (taking it republished the old
+            // version at every TTL, for as long as a peer held it).
+            if replacing.is_some() && origin.kind() == "peer" {
+                continue;
+            }
             let started = Instant::now();
             let label = origin.kind();
             let outcome = self.fetch_from(origin.as_ref(), name, replacing).await;

@@ -55,4 +55,4 @@ pub mod wire;
 
 pub use adapters::{AdapterSpec, Defect, ModelDims, Weights, check_safetensors, write_adapter};
 pub use origin::{Fault, FaultKind, OriginConfig, OriginStandIn};
-pub use vllm::{VllmConfig, VllmFault, VllmStandIn};
+pub use vllm::{Refusal, VllmConfig, VllmFault, VllmStandIn};

@@ -167,6 +167,17 @@ pub enum VllmFault {
     WeightsChangedWhileLoaded { name: String, old: u64, new: u64 },
 }
 
+/// An adapter directory the resolver found but could not use: the config unreadable (vLLM's
+/// 500), the weights missing or not whole (400), or a directory without `adapter_config.json`
+/// (404). In front of loraplex each one is a partial adapter made visible to vLLM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub name: String,
+    /// The status vLLM answered.
+    pub status: u16,
+    pub why: String,
+}
+
 #[derive(Default)]
 pub(super) struct Counters {
     pub(super) loaded: Vec<LoadedAdapter>,
@@ -179,6 +190,7 @@ pub(super) struct Counters {
     pub(super) unloads: HashMap<String, u64>,
     pub(super) rereads: HashMap<String, u64>,
     pub(super) faults: Vec<VllmFault>,
+    pub(super) refusals: Vec<Refusal>,
 }
 
 pub(super) struct State {
@@ -325,6 +337,11 @@ impl VllmStandIn {
 
     pub fn faults(&self) -> Vec<VllmFault> {
         self.read(|c| c.faults.clone())
+    }
+
+    /// Adapter directories found broken or partial when resolving, oldest first.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        self.read(|c| c.refusals.clone())
     }
 
     /// Forget every loaded adapter, as a restarted vLLM would (counters are kept).

@@ -10,9 +10,10 @@ use std::{
 use serde_json::Value;
 
 use super::{
+    adapters::{CONFIG_FILE, checked_rel_path},
     probes,
     server::{Request, Response, lock},
-    vllm::{Counters, State, VllmFault, bump},
+    vllm::{Counters, Refusal, State, VllmFault, bump},
     vllm_api::{self, Endpoint, error, model_not_found},
     vllm_audio,
     vllm_resolve::{self, LoadError, Resolution},
@@ -245,7 +246,25 @@ async fn ensure_loaded(state: &Arc<State>, name: &str) -> Result<u64, Response> 
     }
     bump(&mut lock(&state.inner).resolutions, name);
     let (owned, base) = (name.to_owned(), state.config.base_model.clone());
-    match blocking(move || vllm_resolve::resolve(&dir, &owned, &base)).await? {
+    let resolved = blocking(move || {
+        let resolution = vllm_resolve::resolve(&dir, &owned, &base);
+        // A directory without its config is a partial adapter too (vLLM just says 404).
+        let bare_dir = resolution == Resolution::NotFound
+            && checked_rel_path(&owned).is_ok_and(|rel| {
+                let path = dir.join(rel);
+                path.is_dir() && !path.join(CONFIG_FILE).exists() && !has_subdirs(&path)
+            });
+        (resolution, bare_dir)
+    });
+    let (resolution, bare_dir) = resolved.await?;
+    let refuse = |status: u16, why: &str| {
+        lock(&state.inner).refusals.push(Refusal {
+            name: name.to_owned(),
+            status,
+            why: why.to_owned(),
+        });
+    };
+    match resolution {
         Resolution::Loaded(loaded) => {
             let hash = loaded.weights_hash;
             let mut inner = lock(&state.inner);
@@ -254,15 +273,33 @@ async fn ensure_loaded(state: &Arc<State>, name: &str) -> Result<u64, Response> 
             keep_in_memory(&mut inner, name, state.config.max_cpu_loras);
             Ok(hash)
         }
-        Resolution::NotFound => Err(model_not_found(name)),
-        Resolution::Unloadable(_) => Err(error(
-            400,
-            "BadRequestError",
-            &format!("LoRA adapter '{name}' was found but could not be loaded."),
-            None,
-        )),
-        Resolution::Crashed(why) => Err(error(500, "InternalServerError", &why, None)),
+        Resolution::NotFound => {
+            if bare_dir {
+                refuse(404, "a directory without adapter_config.json");
+            }
+            Err(model_not_found(name))
+        }
+        Resolution::Unloadable(why) => {
+            refuse(400, &why);
+            Err(error(
+                400,
+                "BadRequestError",
+                &format!("LoRA adapter '{name}' was found but could not be loaded."),
+                None,
+            ))
+        }
+        Resolution::Crashed(why) => {
+            refuse(500, &why);
+            Err(error(500, "InternalServerError", &why, None))
+        }
     }
+}
+
+/// Whether `dir` holds a directory (then it is the parent of nested adapters, not one).
+fn has_subdirs(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut entries| {
+        entries.any(|e| e.is_ok_and(|e| e.file_type().is_ok_and(|t| t.is_dir())))
+    })
 }
 
 async fn load_adapter(state: &Arc<State>, req: &Request) -> Response {
