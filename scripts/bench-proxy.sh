@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # Proxy overhead: loraplex next to nginx, both as a keep-alive reverse proxy in front of the
-# same upstream (nginx `return 200` with a JSON body), on this machine, alternating runs.
+# same upstream (nginx `return 200` with a JSON body), on this machine.
 #
 #   usage: scripts/bench-proxy.sh [ROUNDS] [SECONDS]      (defaults: 5 rounds of 10 s)
 #   output: a markdown table on stdout, and target/bench/proxy.{md,csv}
+#   LORAPLEX_BIN=path: that binary instead of this tree's release build (before/after runs)
 #
-# wrk -t1 -c64 POSTs a ~300 B chat body with a base-model `model` (the pass-through path:
-# body read, `model` parsed, request streamed to the upstream and back).
+# wrk -t1 -c64 POSTs a ~300 B chat body, two cases:
+# - base model: body read, `model` parsed, request streamed to the upstream and back;
+# - warm adapter: the same naming an adapter stored on local disk (name validated, adapter
+#   looked up and pinned while the answer streams); nginx proxies the same request.
+# Every round runs both proxies on both cases, the order alternating (nginx first in odd
+# rounds, loraplex first in even ones). A proxy's CPU per request is the user + system time of
+# its processes over a run (/proc/PID/stat, every thread; nginx: its master and workers)
+# divided by the run's requests; the upstream's CPU counts for neither. Medians over rounds.
 set -euo pipefail
 ROUNDS=${1:-5}
 SECS=${2:-10}
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
 for tool in wrk nginx curl; do need "$tool" "$tool"; done
+command -v pgrep >/dev/null || need pgrep procps
 
 UP_PORT=18500 NGX_PORT=18501 LP_PORT=18502
+ADAPTER=bench/warm-lora
 cleanup() {
   stop_nginx
   [ -n "${LP_PID:-}" ] && kill "$LP_PID" 2>/dev/null
@@ -22,52 +31,102 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "building loraplex (release)..." >&2
-cargo build --release -q
+BIN=${LORAPLEX_BIN:-}
+if [ -z "$BIN" ]; then
+  echo "building loraplex (release)..." >&2
+  cargo build --release -q
+  BIN=$ROOT/target/release/loraplex
+fi
 MACHINE=$(machine)
 start_fake_vllm up "$UP_PORT"
 start_nginx_proxy px "127.0.0.1:$NGX_PORT" "127.0.0.1:$UP_PORT"
-write_post_lua
+LUA=$WORK/base.lua write_post_lua
+LUA=$WORK/adapter.lua MODEL=$ADAPTER write_post_lua
+
+# The adapter, in a file origin: a valid safetensors file (8-byte header length, JSON header
+# padded to 8, one 1 MiB U8 tensor) and its config.
+mkdir -p "$WORK/origin/$ADAPTER"
+python3 - "$WORK/origin/$ADAPTER" <<'PY'
+import json, os, struct, sys
+d, n = sys.argv[1], 1 << 20
+hdr = json.dumps({"lora.weight": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+hdr += b" " * (-len(hdr) % 8)
+with open(os.path.join(d, "adapter_model.safetensors"), "wb") as f:
+    f.write(struct.pack("<Q", len(hdr)) + hdr + os.urandom(n))
+json.dump({"peft_type": "LORA", "base_model_name_or_path": "base-model", "r": 8,
+           "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+          open(os.path.join(d, "adapter_config.json"), "w"))
+PY
 cat > "$WORK/lp.yaml" <<CONF
 listen: "127.0.0.1:$LP_PORT"
 vllm_url: "http://127.0.0.1:$UP_PORT"
 vllm: { model_name: "base-model" }
 storage: { dir: "$WORK/store", max_size: "1GB" }
+origins: [ { type: file, path: "$WORK/origin" } ]
 server: { workers: 2 }
 CONF
-RUST_LOG=warn "$ROOT/target/release/loraplex" --config "$WORK/lp.yaml" >"$WORK/lp.log" 2>&1 &
+RUST_LOG=warn "$BIN" --config "$WORK/lp.yaml" >"$WORK/lp.log" 2>&1 &
 LP_PID=$!
 wait_healthz "127.0.0.1:$LP_PORT"
 
 NGX=http://127.0.0.1:$NGX_PORT/v1/chat/completions
 LP=http://127.0.0.1:$LP_PORT/v1/chat/completions
-wrk_run warmup "$NGX" 2 >/dev/null
-wrk_run warmup "$LP" 2 >/dev/null
+# The adapter fetched once: every measured request finds it on disk.
+curl -sf -o /dev/null -H 'Content-Type: application/json' \
+  -d "{\"model\":\"$ADAPTER\",\"messages\":[]}" "$LP" \
+  || { echo "the adapter request failed:" >&2; cat "$WORK/lp.log" >&2; exit 1; }
+for c in base adapter; do
+  LUA=$WORK/$c.lua wrk_run warmup "$NGX" 2 >/dev/null
+  LUA=$WORK/$c.lua wrk_run warmup "$LP" 2 >/dev/null
+done
+
+TCK=$(getconf CLK_TCK)
+# run CASE PROXY: one wrk run; appends "CASE-PROXY rps p50 p99 requests cpu_us_per_request".
+run() {
+  local pids url before after line
+  if [ "$2" = nginx ]; then pids=$(nginx_pids px) url=$NGX; else pids=$LP_PID url=$LP; fi
+  # shellcheck disable=SC2086
+  before=$(cpu_ticks $pids)
+  line=$(LUA=$WORK/$1.lua wrk_run "$1-$2" "$url")
+  # shellcheck disable=SC2086
+  after=$(cpu_ticks $pids)
+  echo "$line" | awk -v d=$((after - before)) -v tck="$TCK" \
+    '{ printf "%s %.2f\n", $0, ($5 > 0) ? d * 1e6 / tck / $5 : 0 }' >> "$WORK/runs"
+}
 : > "$WORK/runs"
 for r in $(seq "$ROUNDS"); do
-  wrk_run nginx "$NGX" >> "$WORK/runs"
-  wrk_run loraplex "$LP" >> "$WORK/runs"
-  echo "round $r/$ROUNDS: $(tail -2 "$WORK/runs" | tr '\n' ' ')" >&2
+  if [ $((r % 2)) = 1 ]; then order="nginx loraplex"; else order="loraplex nginx"; fi
+  for c in base adapter; do
+    for p in $order; do run "$c" "$p"; done
+  done
+  echo "round $r/$ROUNDS ($order): $(tail -4 "$WORK/runs" | tr '\n' ' ')" >&2
 done
 RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$LP_PID/status")
-UPSTREAM=$(wrk_run upstream-alone "http://127.0.0.1:$UP_PORT/v1/chat/completions")
+UPSTREAM=$(LUA=$WORK/base.lua wrk_run upstream-alone "http://127.0.0.1:$UP_PORT/v1/chat/completions")
 
 col() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$WORK/runs" | median; }
-N_RPS=$(col nginx 2); N_P50=$(col nginx 3); N_P99=$(col nginx 4)
-L_RPS=$(col loraplex 2); L_P50=$(col loraplex 3); L_P99=$(col loraplex 4)
-RATIO=$(awk -v a="$L_RPS" -v b="$N_RPS" 'BEGIN { printf "%.2f", a/b }')
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0) ? a / b : 0 }'; }
+NGINX_V=$(nginx -v 2>&1 | sed 's/.*\///')
 {
-  echo "| proxy (wrk -t1 -c64, ${SECS}s x $ROUNDS, median) | req/s | p50 ms | p99 ms |"
-  echo "|---|---:|---:|---:|"
-  echo "| nginx $(nginx -v 2>&1 | sed 's/.*\///') (2 workers, keepalive upstream) | $N_RPS | $N_P50 | $N_P99 |"
-  echo "| loraplex (2 workers) | $L_RPS | $L_P50 | $L_P99 |"
-  echo "| upstream alone (no proxy) | $(echo "$UPSTREAM" | awk '{print $2 " | " $3 " | " $4}') |"
+  echo "| wrk -t1 -c64, ${SECS}s x $ROUNDS, medians | req/s | p50 ms | p99 ms | CPU µs/request |"
+  echo "|---|---:|---:|---:|---:|"
+  for c in base adapter; do
+    what=$([ "$c" = base ] && echo "base model" || echo "warm adapter")
+    echo "| $what: nginx $NGINX_V (2 workers, keepalive upstream) | $(col "$c-nginx" 2) | $(col "$c-nginx" 3) | $(col "$c-nginx" 4) | $(col "$c-nginx" 6) |"
+    echo "| $what: loraplex (2 workers) | $(col "$c-loraplex" 2) | $(col "$c-loraplex" 3) | $(col "$c-loraplex" 4) | $(col "$c-loraplex" 6) |"
+  done
+  echo "| upstream alone (no proxy) | $(echo "$UPSTREAM" | awk '{print $2 " | " $3 " | " $4}') | |"
   echo
-  echo "loraplex / nginx req/s: **${RATIO}x**; loraplex peak RSS: $((RSS_KB / 1024)) MiB."
-  echo "Machine: $MACHINE."
+  for c in base adapter; do
+    what=$([ "$c" = base ] && echo "base model" || echo "warm adapter")
+    echo "- $what, loraplex / nginx: CPU per request **$(ratio "$(col "$c-loraplex" 6)" "$(col "$c-nginx" 6)")x**, req/s $(ratio "$(col "$c-loraplex" 2)" "$(col "$c-nginx" 2)")x, p99 $(ratio "$(col "$c-loraplex" 4)" "$(col "$c-nginx" 4)")x."
+  done
+  echo
+  echo "loraplex peak RSS: $((RSS_KB / 1024)) MiB. Machine: $MACHINE."
 } | tee "$OUT/proxy.md"
 {
-  echo "name,rps,p50_ms,p99_ms"
-  echo "nginx,$N_RPS,$N_P50,$N_P99"
-  echo "loraplex,$L_RPS,$L_P50,$L_P99"
+  echo "name,rps,p50_ms,p99_ms,cpu_us_per_request"
+  for n in base-nginx base-loraplex adapter-nginx adapter-loraplex; do
+    echo "$n,$(col "$n" 2),$(col "$n" 3),$(col "$n" 4),$(col "$n" 6)"
+  done
 } > "$OUT/proxy.csv"
