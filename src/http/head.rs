@@ -596,6 +596,8 @@ impl ResponseHead {
 }
 
 /// What [`ResponseHead::parse`] found.
+// The head holds its header spans inline; boxing it would cost the allocation that saves.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ParsedResponse {
     /// A whole head, and its length in bytes.

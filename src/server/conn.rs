@@ -53,6 +53,8 @@ pub struct Conn {
 }
 
 /// What reading the next head gave.
+// The head holds its header spans inline; boxing it would cost the allocation that saves.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     Head(RequestHead),
     /// The client closed (or went idle, or shutdown began) between requests.
