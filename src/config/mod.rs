@@ -228,6 +228,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub admin: AdminConfig,
     pub cluster: ClusterConfig,
+    pub tracing: TracingConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -427,6 +428,29 @@ pub struct ClusterConfig {
     pub token: Option<String>,
 }
 
+/// OpenTelemetry tracing (`tracing.*`); off unless an endpoint is set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// Where spans go: an OTLP/HTTP (protobuf) traces URL. A URL with no path gets the
+    /// standard `/v1/traces`. `None`: tracing is off.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of the spans.
+    pub service_name: String,
+    /// Share of new traces recorded (0..=1), by trace id; a request that comes with a parent
+    /// follows its parent's decision.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            service_name: "loraplex".into(),
+            sample_ratio: 1.0,
+        }
+    }
+}
+
 impl Default for Config {
     /// The Go project's defaults, plus ours for the new keys.
     fn default() -> Self {
@@ -474,6 +498,7 @@ impl Default for Config {
             },
             admin: AdminConfig::default(),
             cluster: ClusterConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }

@@ -7,7 +7,7 @@ use super::{
     Config, DirectIo, DiscoveryConfig, Driver, HashOn, LogFormat, OriginConfig, TransferConfig,
     file::{
         FileConfig, FileDiscovery, FileFileDiscovery, FileInvalidation, FileK8s, FileOrigin,
-        FileRouting, FileServer, FileStatic, FileStorage, FileToken, FileVllm, Scalar,
+        FileRouting, FileServer, FileStatic, FileStorage, FileToken, FileTracing, FileVllm, Scalar,
     },
     units::{format_duration, format_size},
 };
@@ -107,6 +107,11 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
         }),
         cluster: Some(FileToken {
             token: secret(&cfg.cluster.token),
+        }),
+        tracing: Some(FileTracing {
+            otlp_endpoint: s(cfg.tracing.otlp_endpoint.clone().unwrap_or_default()),
+            service_name: s(cfg.tracing.service_name.as_str()),
+            sample_ratio: Some(Scalar::Float(cfg.tracing.sample_ratio)),
         }),
     };
     serde_yaml_ng::to_string(&file).expect("plain scalars, strings and lists always serialize")
