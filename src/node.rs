@@ -23,6 +23,7 @@ use crate::{
     },
     shutdown::Shutdown,
     store::{Store, StoreOptions},
+    telemetry::Tracer,
     vllm::{Hooks, Vllm},
 };
 
@@ -76,6 +77,7 @@ impl Node {
         let discovery = Discovery::start(&config.discovery, &me, &control, shutdown.clone())?;
         let router = Arc::new(Router::new(&config, me, metrics.clone()));
         let peer_client = PeerClient::new(router.source_ip, router.token.clone())?;
+        let tracer = Tracer::start(&config.tracing, router.me.canonical(), &metrics, &control)?;
         let interval = config.vllm.health_check_interval;
         peering::start(
             router.clone(),
@@ -116,6 +118,7 @@ impl Node {
             router,
             peer_client,
             store,
+            tracer,
         });
         shared
             .vllm
@@ -175,6 +178,9 @@ impl Node {
     pub fn wait(self) {
         self.server.wait();
         self.shared.store.shutdown();
+        // The spans of the last requests; bounded (a few seconds), before the control plane
+        // goes with `self`.
+        self.shared.tracer.shutdown();
         tracing::info!("stopped");
     }
 }

@@ -26,8 +26,10 @@ use crate::{
     http::RequestHead,
     metrics::{PeerLabel, Tier},
     proxy::Proxy,
+    proxy::trace,
     proxy::upstream::{Request, Stage, Target},
     server::conn::Conn,
+    telemetry::Span,
 };
 
 use super::{Reply, Served};
@@ -48,6 +50,7 @@ pub(super) async fn route(
     head: &RequestHead,
     body: &Bytes,
     key: &str,
+    span: &mut Span,
 ) -> Result<Option<Served>, Error> {
     let shared = &w.shared;
     let router = &shared.router;
@@ -58,6 +61,10 @@ pub(super) async fn route(
             if overflow {
                 shared.metrics.overflow_local.inc();
             }
+            span.set(
+                "loraplex.route",
+                if overflow { "overflow" } else { "local" },
+            );
             return Ok(None);
         }
         Decision::Forward { peers, .. } => peers,
@@ -66,9 +73,14 @@ pub(super) async fn route(
     if let Some(token) = &router.token {
         extra.push((TOKEN_HEADER, token.as_bytes()));
     }
+    span.set("loraplex.route", "forward");
     for idx in peers {
         let peer = &topo.peers[idx];
         let started = Instant::now();
+        span.set_str("loraplex.route.target", &peer.addr);
+        let (mut fwd, tp) = trace::outgoing(span, "forward", || peer.addr.clone());
+        let mut buf = Vec::new();
+        let extra = trace::with_traceparent(&extra, &tp, &mut buf);
         let target = Target {
             addrs: &peer.sockaddrs,
             name: &peer.addr,
@@ -76,8 +88,9 @@ pub(super) async fn route(
             acknowledges: true,
             source: router.source_ip,
         };
-        let req = Request::relay(&w.pool, head, &extra, body, &[], &shared.shutdown);
+        let req = Request::relay(&w.pool, head, extra, body, &[], &shared.shutdown);
         let result = w.pool.exchange(conn, &target, req).await;
+        trace::exchanged(&mut fwd, &result);
         let m = &shared.metrics;
         match result {
             Ok(answered) => {
@@ -114,5 +127,6 @@ pub(super) async fn route(
         }
     }
     tracing::warn!(key, "no peer of the key reachable: serving here");
+    span.set("loraplex.route", "unreachable");
     Ok(None)
 }

@@ -11,6 +11,7 @@ use crate::{
     proxy::upstream::Pool,
     shutdown::Shutdown,
     store::Store,
+    telemetry::Tracer,
     vllm::Vllm,
 };
 
@@ -27,6 +28,8 @@ pub struct Shared {
     /// The client for every control-plane call to a peer.
     pub peer_client: PeerClient,
     pub store: Arc<Store>,
+    /// OpenTelemetry spans (off unless `tracing.otlp_endpoint` is set).
+    pub tracer: Tracer,
 }
 
 /// One worker's proxy: built on the worker's thread, owned by it.
