@@ -104,6 +104,21 @@ impl Node {
         }
     }
 
+    /// Wait (bounded) until `/readyz` answers 200: the first vLLM health probe has passed.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let mut c = Raw::connect(self.addr).await;
+            c.send(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await;
+            if c.response(false).await.status == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "loraplex never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Start the binary with `yaml` on `driver`, and check that it runs that driver.
     pub fn start_on(driver: Driver, yaml: &str) -> Node {
         let node = Node::start(&driver.config(yaml));
