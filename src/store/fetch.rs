@@ -107,6 +107,7 @@ impl Store {
                 }
                 Err(Failure::Local(e)) => {
                     self.count_failure(label, "storage");
+                    attempt.set("error.type", "storage");
                     attempt.fail(|| e.to_string());
                     span.fail(|| e.to_string());
                     tracing::warn!(adapter = %name, error = %e, "fetch failed");
