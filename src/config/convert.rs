@@ -33,7 +33,7 @@ pub(super) struct Convert<'a> {
 }
 
 /// The text of a leaf; `None` for a missing key, a null, or an empty string (Go's "unset").
-fn text(v: &Leaf) -> Option<String> {
+pub(super) fn text(v: &Leaf) -> Option<String> {
     v.as_ref()
         .map(|s| s.text().into_owned())
         .filter(|s| !s.is_empty())
@@ -49,7 +49,7 @@ impl Convert<'_> {
         key.to_owned()
     }
 
-    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::invalid(self.key(key), message)
     }
 
@@ -230,7 +230,7 @@ impl Convert<'_> {
         self.server(f, &mut cfg)?;
         cfg.admin.token = f.admin.as_ref().and_then(|t| text(&t.token));
         cfg.cluster.token = f.cluster.as_ref().and_then(|t| text(&t.token));
-        self.tracing(f, &mut cfg)?;
+        cfg.tracing = self.tracing(f.tracing.as_ref())?;
         Ok(cfg)
     }
 
@@ -546,51 +546,6 @@ impl Convert<'_> {
             d.health_check_interval,
         )?;
         Ok(())
-    }
-
-    fn tracing(&self, f: &FileConfig, cfg: &mut Config) -> Result<()> {
-        let t = f.tracing.clone().unwrap_or_default();
-        let d = &mut cfg.tracing;
-        if let Some(s) = text(&t.otlp_endpoint) {
-            d.otlp_endpoint = Some(self.otlp_endpoint("tracing.otlp_endpoint", &s)?);
-        }
-        if let Some(s) = text(&t.service_name) {
-            d.service_name = s;
-        }
-        if let Some(s) = text(&t.sample_ratio) {
-            let r: f64 = s
-                .trim()
-                .parse()
-                .map_err(|_| self.err("tracing.sample_ratio", format!("invalid number {s:?}")))?;
-            if !(0.0..=1.0).contains(&r) {
-                return Err(self.err(
-                    "tracing.sample_ratio",
-                    format!("{s} is not between 0 and 1"),
-                ));
-            }
-            d.sample_ratio = r;
-        }
-        Ok(())
-    }
-
-    /// An OTLP/HTTP traces URL: `http(s)://host[:port][/path]`; no path means the standard
-    /// `/v1/traces` (as `OTEL_EXPORTER_OTLP_ENDPOINT` does), a path is taken as it is.
-    fn otlp_endpoint(&self, key: &str, s: &str) -> Result<String> {
-        let bad = |why: &str| self.err(key, format!("invalid URL {s:?}: {why}"));
-        let url = url::Url::parse(s).map_err(|e| bad(&e.to_string()))?;
-        if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(self.err(
-                key,
-                format!("URL {s:?} must start with http:// or https://"),
-            ));
-        }
-        if url.host_str().is_none_or(str::is_empty) || url.query().is_some() {
-            return Err(bad("expected scheme://host[:port][/path]"));
-        }
-        Ok(match url.path() {
-            "" | "/" => format!("{}/v1/traces", s.trim_end_matches('/')),
-            _ => s.to_owned(),
-        })
     }
 
     fn server(&self, f: &FileConfig, cfg: &mut Config) -> Result<()> {

@@ -116,7 +116,7 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<FileToken>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tracing: Option<FileTracing>,
+    pub tracing: Option<super::otel::FileTracing>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -275,18 +275,6 @@ pub struct FileServer {
 pub struct FileToken {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Leaf,
-}
-
-/// `tracing`: OpenTelemetry spans over OTLP/HTTP.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-pub struct FileTracing {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub otlp_endpoint: Leaf,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub service_name: Leaf,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sample_ratio: Leaf,
 }
 
 /// Expand `${VAR}`s with `env`, then parse. Returns the file and the keys it has that

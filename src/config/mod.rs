@@ -14,12 +14,14 @@ use std::{
 mod convert;
 pub mod env;
 pub mod file;
+mod otel;
 mod render;
 pub mod units;
 
 #[cfg(test)]
 mod tests;
 
+pub use otel::TracingConfig;
 pub use render::Redact;
 
 use crate::error::Error;
@@ -426,29 +428,6 @@ pub struct AdminConfig {
 pub struct ClusterConfig {
     /// Shared secret that authenticates forwards between peers when set.
     pub token: Option<String>,
-}
-
-/// OpenTelemetry tracing (`tracing.*`); off unless an endpoint is set.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TracingConfig {
-    /// Where spans go: an OTLP/HTTP (protobuf) traces URL. A URL with no path gets the
-    /// standard `/v1/traces`. `None`: tracing is off.
-    pub otlp_endpoint: Option<String>,
-    /// The `service.name` of the spans.
-    pub service_name: String,
-    /// Share of new traces recorded (0..=1), by trace id; a request that comes with a parent
-    /// follows its parent's decision.
-    pub sample_ratio: f64,
-}
-
-impl Default for TracingConfig {
-    fn default() -> Self {
-        TracingConfig {
-            otlp_endpoint: None,
-            service_name: "loraplex".into(),
-            sample_ratio: 1.0,
-        }
-    }
 }
 
 impl Default for Config {

@@ -7,7 +7,7 @@ use super::{
     Config, DirectIo, DiscoveryConfig, Driver, HashOn, LogFormat, OriginConfig, TransferConfig,
     file::{
         FileConfig, FileDiscovery, FileFileDiscovery, FileInvalidation, FileK8s, FileOrigin,
-        FileRouting, FileServer, FileStatic, FileStorage, FileToken, FileTracing, FileVllm, Scalar,
+        FileRouting, FileServer, FileStatic, FileStorage, FileToken, FileVllm, Scalar,
     },
     units::{format_duration, format_size},
 };
@@ -108,11 +108,7 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
         cluster: Some(FileToken {
             token: secret(&cfg.cluster.token),
         }),
-        tracing: Some(FileTracing {
-            otlp_endpoint: s(cfg.tracing.otlp_endpoint.clone().unwrap_or_default()),
-            service_name: s(cfg.tracing.service_name.as_str()),
-            sample_ratio: Some(Scalar::Float(cfg.tracing.sample_ratio)),
-        }),
+        tracing: Some(super::otel::render(&cfg.tracing)),
     };
     serde_yaml_ng::to_string(&file).expect("plain scalars, strings and lists always serialize")
 }
