@@ -112,7 +112,7 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<FileServer>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub admin: Option<FileToken>,
+    pub admin: Option<FileAdmin>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<FileToken>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -269,7 +269,17 @@ pub struct FileServer {
     pub log_format: Leaf,
 }
 
-/// `admin` and `cluster`: a shared secret.
+/// `admin`: its token, and whether it is open without one.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileAdmin {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open: Leaf,
+}
+
+/// `cluster`: a shared secret.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct FileToken {

@@ -6,8 +6,8 @@
 use super::{
     Config, DirectIo, DiscoveryConfig, Driver, HashOn, LogFormat, OriginConfig, TransferConfig,
     file::{
-        FileConfig, FileDiscovery, FileFileDiscovery, FileInvalidation, FileK8s, FileOrigin,
-        FileRouting, FileServer, FileStatic, FileStorage, FileToken, FileVllm, Scalar,
+        FileAdmin, FileConfig, FileDiscovery, FileFileDiscovery, FileInvalidation, FileK8s,
+        FileOrigin, FileRouting, FileServer, FileStatic, FileStorage, FileToken, FileVllm, Scalar,
     },
     units::{format_duration, format_size},
 };
@@ -102,8 +102,9 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
                 LogFormat::Json => "json",
             }),
         }),
-        admin: Some(FileToken {
+        admin: Some(FileAdmin {
             token: secret(&cfg.admin.token),
+            open: Some(Scalar::Bool(cfg.admin.open)),
         }),
         cluster: Some(FileToken {
             token: secret(&cfg.cluster.token),

@@ -483,7 +483,7 @@ fn printed_config_loads_back() {
         server: {workers: 3, driver: epoll, max_body_size: 1MB, max_header_size: 8KB, \
                  header_read_timeout: 7s, body_read_timeout: 9s, idle_timeout: 1h, upstream_connect_timeout: 1s, \
                  upstream_idle_timeout: 2s, shutdown_grace: 0, log_format: json}\n\
-        admin: {token: a}\ncluster: {token: c}\n\
+        admin: {token: a, open: true}\ncluster: {token: c}\n\
         tracing: {otlp_endpoint: 'https://otel.local:4318/custom/traces', service_name: lp, sample_ratio: 0.25}\n";
     let c = cfg(text);
     let printed = c.to_yaml(Redact::Nothing);

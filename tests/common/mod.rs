@@ -2,6 +2,7 @@
 //! config in a tempdir, its JSON log lines, and raw-HTTP helpers for byte-exact checks.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod s3;
 pub mod store;
 pub mod tools;
