@@ -1,4 +1,4 @@
-//! The `tracing` section: where OpenTelemetry spans go (`crate::telemetry` exports them). Its
+//! The `tracing` section: where OpenTelemetry spans go (the telemetry module exports them). Its
 //! file form, typed form, conversion and printing, together in one place.
 
 use serde::{Deserialize, Serialize};
