@@ -11,7 +11,9 @@
 //!   bodies, a name cached until `POST /v1/unload_lora_adapter`), checks the weights are whole
 //!   and prints their hash in every answer, so a test can tell new weights from old ones.
 //!   Streams SSE like vLLM, paced per server or per request. Carries the transparency probes of
-//!   [`probes`] (echo, framing, status, slow) for proxy tests.
+//!   [`probes`] (echo, framing, status, slow) for proxy tests. Its engine
+//!   ([`vllm_engine`]) models the batch, the queue and the LoRA slots, and exports vLLM's
+//!   `/metrics`.
 //! - [`origin`]: a stand-in HTTP origin serving `{prefix}/{name}/{file}` like nginx (ETag,
 //!   Range, HEAD, 404), with GET counts per path, runtime content replacement, a bearer token,
 //!   throttling and injected faults (error status, cut after K bytes, stall, per-request
@@ -45,6 +47,7 @@ pub mod response;
 pub mod server;
 pub mod vllm;
 pub mod vllm_api;
+pub mod vllm_engine;
 pub mod vllm_resolve;
 mod vllm_routes;
 pub mod wire;

@@ -17,6 +17,9 @@
 //! disk, SSE pacing per server or per request (`x-test-event-gap-ms`), a delay before the
 //! answer (`x-test-ttft-ms`), and the transparency probes of [`super::probes`].
 //!
+//! The engine behind inference (batch, queue, LoRA slots, load stalls) and vLLM's `/metrics`
+//! are modelled in [`super::vllm_engine`]; by default it runs everything at once.
+//!
 //! This file owns the configuration, the state and the handle; the routes are in
 //! `vllm_routes.rs`.
 
@@ -37,6 +40,7 @@ use tokio::runtime::Handle;
 use super::{
     server::{RequestHead, Server, handler, lock},
     vllm_api,
+    vllm_engine::{Engine, EngineConfig},
     vllm_resolve::LoadedAdapter,
     vllm_routes::route,
 };
@@ -60,6 +64,8 @@ pub struct VllmConfig {
     pub reread_weights: bool,
     /// Request heads kept for [`VllmStandIn::recent_heads`].
     pub keep_heads: usize,
+    /// Batch, LoRA slots and their costs ([`EngineConfig::unbounded`] by default).
+    pub engine: EngineConfig,
 }
 
 impl VllmConfig {
@@ -73,7 +79,13 @@ impl VllmConfig {
             max_model_len: 2048,
             reread_weights: false,
             keep_heads: 64,
+            engine: EngineConfig::unbounded(),
         }
+    }
+
+    pub fn engine(mut self, engine: EngineConfig) -> VllmConfig {
+        self.engine = engine;
+        self
     }
 
     pub fn lora_dir(mut self, dir: impl Into<PathBuf>) -> VllmConfig {
@@ -126,6 +138,7 @@ pub(super) struct State {
     pub(super) inner: Mutex<Counters>,
     /// vLLM's `lora_resolver_lock`: one resolution or load per name at a time.
     pub(super) name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(super) engine: Arc<Engine>,
 }
 
 /// A running stand-in vLLM. Dropping it stops the server.
@@ -152,6 +165,7 @@ impl VllmStandIn {
             next_id: AtomicU64::new(1),
             inner: Mutex::new(Counters::default()),
             name_locks: Mutex::new(HashMap::new()),
+            engine: Engine::new(config.engine.clone()),
             config,
         });
         let routed = state.clone();
@@ -254,6 +268,18 @@ impl VllmStandIn {
     /// Forget every loaded adapter, as a restarted vLLM would (counters are kept).
     pub fn forget_all(&self) {
         lock(&self.state.inner).loaded.clear();
+    }
+
+    /// The engine model: queue, slots, slot loads.
+    pub fn engine(&self) -> &Engine {
+        &self.state.engine
+    }
+
+    /// Restart: loaded adapters forgotten, slots emptied, a new `process_start_time_seconds`
+    /// (the request counters of the stand-in are kept).
+    pub fn restart(&self) {
+        self.forget_all();
+        self.state.engine.restart();
     }
 
     /// Requests whose client (the proxy) went away before the answer was complete.
