@@ -10,6 +10,7 @@ use std::{
 use crate::{
     cluster::{
         discovery::Discovery, identity::Identity, peering, protocol::PeerClient, router::Router,
+        state::ClusterState,
     },
     config::Config,
     control::{Control, ControlPlane},
@@ -106,6 +107,25 @@ impl Node {
             control.clone(),
             metrics.clone(),
         )?;
+        // What routing reads: the local vLLM's metrics, the peers' states, the demand.
+        let cluster = ClusterState::new(router.clone(), config.vllm.metrics_interval);
+        let stored = store.clone();
+        cluster.set_stored(move || {
+            stored
+                .stored_names()
+                .iter()
+                .map(|n| xxhash_rust::xxh3::xxh3_64(n.as_str().as_bytes()))
+                .collect()
+        });
+        peering::start_state_poll(
+            cluster.clone(),
+            router.clone(),
+            peer_client.clone(),
+            &control,
+            config.vllm.metrics_interval,
+            shutdown.clone(),
+        );
+        vllm.spawn_metrics_scrape(cluster.clone(), &control, shutdown.clone());
         let shared = Arc::new(Shared {
             config,
             metrics,
@@ -114,6 +134,7 @@ impl Node {
             shutdown,
             pending: AtomicI64::new(0),
             router,
+            cluster,
             peer_client,
             store,
         });
@@ -194,6 +215,7 @@ fn log_summary(shared: &Shared, driver: DriverKind, addr: SocketAddr) {
         max_size = %crate::config::units::format_size(cfg.storage.max_size),
         origins = %cfg.origins.iter().map(|o| o.type_name()).collect::<Vec<_>>().join(","),
         base_model = cfg.vllm.model_name.as_deref().unwrap_or("(learnt from /v1/models)"),
+        policy = cfg.routing.policy.as_str(),
         "loraplex started"
     );
 }

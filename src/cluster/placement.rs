@@ -300,7 +300,12 @@ impl Placement {
         };
         let (mut ranks, mut len) = ([0u64; MAX_TOP], 0);
         for &i in hot {
-            insert_ranked(&mut ranks, &mut len, cap, self.key_rank(key_hash, usize::from(i)));
+            insert_ranked(
+                &mut ranks,
+                &mut len,
+                cap,
+                self.key_rank(key_hash, usize::from(i)),
+            );
         }
         let head = len;
         if head < cap {

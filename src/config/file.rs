@@ -128,6 +128,8 @@ pub struct FileStorage {
     pub rewrite_base_model: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub direct_io: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preload: Option<Vec<Leaf>>,
 }
 
 /// One origin; which keys apply depends on `type`.
@@ -211,6 +213,8 @@ pub struct FileRouting {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hash_on: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vnodes_per_peer: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forward_timeout: Leaf,
@@ -231,6 +235,8 @@ pub struct FileVllm {
     pub max_lora_rank: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check_interval: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_interval: Leaf,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

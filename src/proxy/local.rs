@@ -5,6 +5,7 @@
 //! - `GET /readyz`: readiness, 503 while vLLM is unhealthy.
 //! - `GET /metrics`: Prometheus text. (vLLM's own `/metrics` stays on vLLM's port.)
 //! - `/admin/*`: see `admin_api.rs`; Bearer `admin.token` required when set.
+//! - `GET /_loraplex/state`: this node's state for its peers (`peer_state.rs`).
 
 use std::sync::atomic::Ordering;
 
@@ -29,6 +30,8 @@ pub enum Endpoint {
     Admin,
     /// Adapter files for peers (`/_loraplex/adapters/...`).
     Peer,
+    /// This node's state for its peers (`/_loraplex/state`).
+    State,
 }
 
 /// Which own endpoint `path` is, if any.
@@ -38,6 +41,7 @@ pub fn route(path: &str) -> Option<Endpoint> {
         "/readyz" => Some(Endpoint::Readyz),
         "/metrics" => Some(Endpoint::Metrics),
         p if p == "/admin" || p.starts_with("/admin/") => Some(Endpoint::Admin),
+        protocol::STATE_PATH => Some(Endpoint::State),
         p if p.starts_with(protocol::PREFIX) => Some(Endpoint::Peer),
         _ => None,
     }
@@ -89,6 +93,7 @@ pub(super) async fn serve(
             200
         }
         Endpoint::Admin => super::admin_api::serve(w, conn, head, body, &mut out).await?,
+        Endpoint::State => super::peer_state::serve(w, conn, head, &mut out)?,
         Endpoint::Peer => unreachable!("answered above"),
     };
     if head.kind == Method::Head {

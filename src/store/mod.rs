@@ -241,6 +241,12 @@ impl Store {
         }
     }
 
+    /// Whether `name` is stored (lock-free, no pin, no filesystem access).
+    #[inline]
+    pub fn contains(&self, name: &AdapterName) -> bool {
+        self.index.contains(name)
+    }
+
     /// The directory of a stored adapter, pinned (for serving files to peers).
     pub fn adapter_dir(self: &Arc<Self>, name: &AdapterName) -> Option<(PathBuf, Pin)> {
         let pin = self.pin(name)?;

@@ -167,6 +167,15 @@ impl Store {
         })
     }
 
+    /// The names of the stored adapters (for the disk set peers see).
+    pub fn stored_names(&self) -> Vec<AdapterName> {
+        self.index
+            .entries()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
     /// The fetches in flight and their progress.
     pub fn fetch_progress(&self) -> Vec<FetchProgress> {
         self.progress.snapshot()

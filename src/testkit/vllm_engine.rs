@@ -242,7 +242,9 @@ impl Engine {
             .map(|(a, _)| a.as_str())
             .collect::<Vec<_>>()
             .join(",");
-        let now = epoch_secs();
+        // Strictly after the last one, so the newest set is always the largest value.
+        let last = inner.lora_info.back().map_or(0.0, |l| l.1);
+        let now = epoch_secs().max(last + 1e-6);
         if let Some(pos) = inner.lora_info.iter().position(|(l, _)| *l == label) {
             inner.lora_info.remove(pos);
         }
@@ -325,7 +327,11 @@ impl Engine {
             inner.waiting.len() as f64,
         );
         for reason in ["stop", "length", "abort", "error", "repetition"] {
-            let n = if reason == "length" { inner.finished } else { 0 };
+            let n = if reason == "length" {
+                inner.finished
+            } else {
+                0
+            };
             let _ = writeln!(
                 out,
                 "vllm:request_success_total{{engine=\"0\",finished_reason=\"{reason}\",model_name=\"{}\"}} {:.1}",
@@ -486,7 +492,11 @@ mod tests {
         // The base request, admitted before the load, finishes late by the stall.
         let t1 = Instant::now();
         base.finish(0).await;
-        assert!(t1.elapsed() >= Duration::from_millis(100), "{:?}", t1.elapsed());
+        assert!(
+            t1.elapsed() >= Duration::from_millis(100),
+            "{:?}",
+            t1.elapsed()
+        );
         drop(a);
     }
 
@@ -511,5 +521,36 @@ mod tests {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
         assert!(float(1.7961368319e9).ends_with("e+09"));
+    }
+
+    #[test]
+    fn the_stand_in_exports_what_the_parser_reads() {
+        use crate::vllm::metrics::VllmMetrics;
+        let e = Engine::new(EngineConfig {
+            max_loras: 3,
+            ..EngineConfig::unbounded()
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let tickets = rt.block_on(async {
+            vec![
+                e.admit(Some("acme/a")).await,
+                e.admit(Some("acme/b")).await,
+                e.admit(None).await,
+            ]
+        });
+        let m = VllmMetrics::parse(&e.metrics_text("base")).unwrap();
+        assert_eq!((m.running, m.waiting, m.max_lora), (3.0, 0.0, Some(3)));
+        assert_eq!(m.adapters, ["acme/a", "acme/b"]);
+        assert_eq!(m.started, Some(e.started_at()));
+        drop(tickets);
+        let m = VllmMetrics::parse(&e.metrics_text("base")).unwrap();
+        assert_eq!((m.running, m.success_total), (0.0, 3.0));
+        assert!(
+            m.adapters.is_empty(),
+            "the newest label set is the empty one"
+        );
     }
 }
