@@ -45,6 +45,8 @@ pub struct Vllm {
     configured_model: Option<Arc<str>>,
     learnt_model: OnceLock<Arc<str>>,
     healthy: AtomicBool,
+    /// A health check has completed (before it, a successful scrape counts as healthy).
+    checked: AtomicBool,
     client: reqwest::Client,
     metrics: Arc<Metrics>,
     interval: Duration,
@@ -81,6 +83,7 @@ impl Vllm {
             configured_model: cfg.vllm.model_name.as_deref().map(Arc::from),
             learnt_model: OnceLock::new(),
             healthy: AtomicBool::new(false),
+            checked: AtomicBool::new(false),
             client,
             metrics,
             interval: cfg.vllm.health_check_interval,
@@ -216,6 +219,7 @@ impl Vllm {
             Ok(r) if r.status().is_success()
         );
         let was = self.healthy.swap(ok, Ordering::Relaxed);
+        self.checked.store(true, Ordering::Relaxed);
         if was != ok {
             if ok {
                 tracing::info!(url = %self.url, "vLLM is healthy");

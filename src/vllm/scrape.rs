@@ -123,7 +123,12 @@ impl Vllm {
         read: Result<VllmMetrics, String>,
         warned: &mut bool,
     ) -> LocalSample {
-        let healthy = self.is_healthy();
+        // Until the first health check is back, vLLM answering its metrics counts as healthy.
+        let healthy = if self.checked.load(std::sync::atomic::Ordering::Relaxed) {
+            self.is_healthy()
+        } else {
+            read.is_ok()
+        };
         let result = match &read {
             Ok(m) if m.is_vllm => "ok",
             Ok(_) => "no_metrics",
