@@ -18,6 +18,8 @@ pub enum ErrorKind {
     NotFound,
     /// Method not allowed on a proxy-owned endpoint. 405.
     MethodNotAllowed,
+    /// The request conflicts with the configuration (evicting a preloaded adapter). 409.
+    Conflict,
     /// Body above `server.max_body_size`. 413.
     PayloadTooLarge,
     /// Request head above the header buffer. 431.
@@ -42,6 +44,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => 401,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::Conflict => 409,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::HeaderTooLarge => 431,
             ErrorKind::Internal => 500,
@@ -59,6 +62,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "AuthenticationError",
             ErrorKind::NotFound => "NotFoundError",
             ErrorKind::MethodNotAllowed => "MethodNotAllowedError",
+            ErrorKind::Conflict => "ConflictError",
             ErrorKind::PayloadTooLarge => "RequestTooLargeError",
             ErrorKind::HeaderTooLarge => "RequestHeaderFieldsTooLargeError",
             ErrorKind::Internal => "InternalServerError",
@@ -76,6 +80,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::Conflict => "conflict",
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::Internal => "internal",

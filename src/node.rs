@@ -2,9 +2,14 @@
 //! store), then serves the proxy on the server's workers; waits for a signal, shuts down
 //! gracefully.
 
+mod preload;
+
 use std::{
     net::SocketAddr,
-    sync::{Arc, atomic::AtomicI64},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64},
+    },
 };
 
 use crate::{
@@ -100,13 +105,27 @@ impl Node {
             vllm: vllm.clone(),
             control: control.clone(),
         });
+        let preloaded = preload::names(&config)?;
         let store = Store::open(
-            StoreOptions::from_config(&config),
+            StoreOptions {
+                preload: preloaded.clone(),
+                ..StoreOptions::from_config(&config)
+            },
             origins,
             hooks,
             control.clone(),
             metrics.clone(),
         )?;
+        // Adapters loaded ahead: the ones this node would serve, refused when they cannot fit.
+        let preload_here = preload::mine(&config, &router, &preloaded);
+        preload::check_size(
+            &control,
+            &store,
+            &configured,
+            &preload_here,
+            config.storage.max_size,
+        )?;
+        let preload_done = Arc::new(AtomicBool::new(false));
         // What routing reads: the local vLLM's metrics, the peers' states, the demand.
         let cluster = ClusterState::new(router.clone(), config.vllm.metrics_interval);
         let stored = store.clone();
@@ -137,7 +156,16 @@ impl Node {
             cluster,
             peer_client,
             store,
+            preload_done: preload_done.clone(),
         });
+        preload::start(
+            preload_here,
+            shared.store.clone(),
+            shared.vllm.clone(),
+            &shared.control,
+            preload_done,
+            shared.shutdown.clone(),
+        );
         shared
             .vllm
             .spawn_health_poll(&shared.control, shared.shutdown.clone());

@@ -2,7 +2,8 @@
 //!
 //! - `GET /healthz`: liveness, always 200, the Go project's JSON (`cluster::protocol::Healthz`):
 //!   `status` (`ok`|`degraded`), `load`, `pending`, `vllm_healthy`.
-//! - `GET /readyz`: readiness, 503 while vLLM is unhealthy.
+//! - `GET /readyz`: readiness, 503 while vLLM is unhealthy or the `storage.preload` attempts
+//!   have not finished.
 //! - `GET /metrics`: Prometheus text. (vLLM's own `/metrics` stays on vLLM's port.)
 //! - `/admin/*`: see `admin_api.rs`; Bearer `admin.token` required when set.
 //! - `GET /_loraplex/state`: this node's state for its peers (`peer_state.rs`).
@@ -81,8 +82,11 @@ pub(super) async fn serve(
         }
         Endpoint::Readyz => {
             let healthy = shared.vllm.is_healthy();
-            let status = if healthy { 200 } else { 503 };
-            let body = json!({ "ready": healthy, "vllm_healthy": healthy });
+            let preloaded = shared.preload_done.load(Ordering::Relaxed);
+            let ready = healthy && preloaded;
+            let status = if ready { 200 } else { 503 };
+            let body =
+                json!({ "ready": ready, "vllm_healthy": healthy, "preload_done": preloaded });
             response::json(&mut out, status, &body, keep_alive);
             status
         }

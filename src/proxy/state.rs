@@ -1,7 +1,10 @@
 //! The proxy's state: [`Shared`] by every worker, and [`Proxy`], one worker's own (the
 //! server's handler on that worker's thread).
 
-use std::sync::{Arc, atomic::AtomicI64};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicI64},
+};
 
 use prometheus_client::metrics::counter::Counter;
 
@@ -36,6 +39,8 @@ pub struct Shared {
     /// The client for every control-plane call to a peer.
     pub peer_client: PeerClient,
     pub store: Arc<Store>,
+    /// The `storage.preload` attempts have finished (`/readyz` waits for it).
+    pub preload_done: Arc<AtomicBool>,
 }
 
 /// One worker's proxy: built on the worker's thread, owned by it.
