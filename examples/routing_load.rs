@@ -53,7 +53,7 @@ struct Args {
     out: PathBuf,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = 25.0)]
     rate: f64,
     #[arg(long, default_value_t = 90.0)]
     secs: f64,
@@ -68,18 +68,21 @@ struct Args {
     #[arg(long, default_value_t = 0.5)]
     flash_share: f64,
     /// Mean output tokens per request.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 15.0)]
     tokens: f64,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 32)]
     max_running: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 16)]
     max_loras: usize,
     #[arg(long, default_value_t = 150)]
     slot_load_ms: u64,
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 200)]
     prefill_ms: u64,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 200)]
     per_token_ms: u64,
+    /// A request without its first byte after this long counts as failed, at this TTFB.
+    #[arg(long, default_value_t = 60.0)]
+    timeout_secs: f64,
     /// Adapter weights size in bytes.
     #[arg(long, default_value_t = 16384)]
     adapter_bytes: u64,
@@ -169,6 +172,8 @@ struct Outcome {
     ttfb: Option<f64>,
 }
 
+/// Send one request; its TTFB in seconds, `None` when it failed. The rest of the stream is
+/// read in the background (the request keeps its place in the batch until its last token).
 async fn send(client: &reqwest::Client, node: &str, r: &Request) -> Option<f64> {
     let body = json!({
         "model": r.adapter,
@@ -190,7 +195,7 @@ async fn send(client: &reqwest::Client, node: &str, r: &Request) -> Option<f64> 
     let first = resp.chunk().await.ok()??;
     let ttfb = started.elapsed().as_secs_f64();
     drop(first);
-    while let Ok(Some(_)) = resp.chunk().await {}
+    tokio::spawn(async move { while let Ok(Some(_)) = resp.chunk().await {} });
     Some(ttfb)
 }
 
@@ -341,8 +346,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("ready {}", origin.base_url());
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
-        .timeout(Duration::from_secs(300))
         .build()?;
+    let timeout = Duration::from_secs_f64(a.timeout_secs);
     rt.block_on(wait_ready(&client, &a.nodes, a.clustered));
     eprintln!(
         "{}: {} requests over {} s, {} adapters",
@@ -388,7 +393,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 (client.clone(), a.nodes[r.node].clone(), outcomes.clone());
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep_until((start + Duration::from_secs_f64(r.at)).into()).await;
-                let ttfb = send(&client, &node, &r).await;
+                let ttfb = tokio::time::timeout(timeout, send(&client, &node, &r))
+                    .await
+                    .ok()
+                    .flatten();
                 outcomes.lock().unwrap().push(Outcome { at: r.at, ttfb });
             }));
         }
@@ -438,16 +446,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut outs = outcomes.lock().unwrap().clone();
     outs.sort_by(|x, y| x.at.total_cmp(&y.at));
     let total = outs.len();
-    let mut ttfbs: Vec<f64> = outs.iter().filter_map(|o| o.ttfb).collect();
+    // Failed requests count at the timeout: a policy cannot improve its p99 by failing.
+    let ok = outs.iter().filter(|o| o.ttfb.is_some()).count();
+    let mut ttfbs: Vec<f64> = outs
+        .iter()
+        .map(|o| o.ttfb.unwrap_or(a.timeout_secs))
+        .collect();
     ttfbs.sort_by(f64::total_cmp);
-    let ok = ttfbs.len();
     // Per-second p50/p99 for the plot.
     let mut timeline = Vec::new();
     for s in 0..a.secs.ceil() as usize {
         let mut w: Vec<f64> = outs
             .iter()
             .filter(|o| o.at >= s as f64 && o.at < (s + 1) as f64)
-            .filter_map(|o| o.ttfb)
+            .map(|o| o.ttfb.unwrap_or(a.timeout_secs))
             .collect();
         w.sort_by(f64::total_cmp);
         timeline.push(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark that decides the routing (issue 11): four loraplex nodes (`server.workers: 1`),
-# each in front of a stand-in vLLM that models the engine (a batch of 8, 4 LoRA slots LRU, a
-# 150 ms engine stall per adapter entering a slot, 40 ms prefill, 100 ms per output token), one
+# each in front of a stand-in vLLM that models the engine (a batch of 32, 16 LoRA slots LRU, a
+# 150 ms engine stall per adapter entering a slot, 200 ms prefill, 200 ms per output token, 15
+# tokens on average), one
 # seeded open-loop trace (1,000 adapters with Zipf popularity s=1.1, one flash-crowd adapter at
 # 50% of the traffic for 30 s, Poisson arrivals) replayed against:
 #   (a) round-robin: a plain load balancer over four nodes that don't route (each alone),
@@ -10,7 +11,7 @@
 #   (d) auto: the new routing.
 # The load generator enters the nodes in turn in every case.
 #
-#   usage: scripts/bench-routing.sh [SECS] [RATE]       (defaults: 90 s at 60 requests/s)
+#   usage: scripts/bench-routing.sh [SECS] [RATE]       (defaults: 90 s at 25 requests/s)
 #   output: a markdown table on stdout and in target/bench/routing.md, the raw results in
 #   target/bench/routing-*.json, and the plot docs/bench-routing.png
 #
@@ -18,7 +19,7 @@
 # saturated measures the machine, not the routing; rerun it when the machine is quieter).
 set -euo pipefail
 SECS=${1:-90}
-RATE=${2:-60}
+RATE=${2:-25}
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
 for tool in curl python3; do need "$tool" "$tool"; done

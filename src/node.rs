@@ -127,7 +127,11 @@ impl Node {
         )?;
         let preload_done = Arc::new(AtomicBool::new(false));
         // What routing reads: the local vLLM's metrics, the peers' states, the demand.
-        let cluster = ClusterState::new(router.clone(), config.vllm.metrics_interval);
+        let cluster = ClusterState::new(
+            router.clone(),
+            metrics.clone(),
+            config.vllm.metrics_interval,
+        );
         let stored = store.clone();
         cluster.set_stored(move || {
             stored

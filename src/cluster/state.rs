@@ -31,6 +31,7 @@ use super::{
     router::Router,
     view::{BackendState, NodeState, ReplicaTable, View},
 };
+use crate::metrics::{KeyLabel, Metrics};
 
 /// A key's replicas are sized so that each takes about this share of a node's capacity.
 pub const TARGET_SHARE: f64 = 0.5;
@@ -130,6 +131,7 @@ struct Inner {
 /// See the module doc. Shared as `Arc<ClusterState>`.
 pub struct ClusterState {
     router: Arc<Router>,
+    metrics: Arc<Metrics>,
     pub demand: Arc<DemandBoard>,
     recent: Mutex<Vec<Arc<Recent>>>,
     inner: Mutex<Inner>,
@@ -141,7 +143,11 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    pub fn new(router: Arc<Router>, interval: Duration) -> Arc<ClusterState> {
+    pub fn new(
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+        interval: Duration,
+    ) -> Arc<ClusterState> {
         let demand = Arc::new(DemandBoard::default());
         let instance = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -149,6 +155,7 @@ impl ClusterState {
             ^ u64::from(std::process::id()) << 32;
         Arc::new(ClusterState {
             router,
+            metrics,
             inner: Mutex::new(Inner {
                 local: None,
                 local_seq: 0,
@@ -346,6 +353,27 @@ impl ClusterState {
         }
         self.size_replicas(&mut inner);
         self.install(&inner);
+        self.publish_metrics(&inner);
+    }
+
+    /// `loraplex_key_replicas` and `loraplex_key_request_rate` of the top keys (others
+    /// removed), `loraplex_vllm_gpu_adapters`.
+    fn publish_metrics(&self, inner: &Inner) {
+        let m = &self.metrics;
+        m.key_replicas.clear();
+        m.key_request_rate.clear();
+        for k in &inner.top {
+            let label = KeyLabel {
+                key: k.name.clone(),
+            };
+            m.key_replicas
+                .get_or_create(&label)
+                .set(inner.table.get(k.hash) as i64);
+            m.key_request_rate.get_or_create(&label).set(k.rate);
+        }
+        if let Some(r) = self.local_report(inner) {
+            m.vllm_gpu_adapters.set(r.gpu.len() as i64);
+        }
     }
 
     fn size_replicas(&self, inner: &mut Inner) {

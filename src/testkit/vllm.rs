@@ -66,6 +66,8 @@ pub struct VllmConfig {
     pub keep_heads: usize,
     /// Batch, LoRA slots and their costs ([`EngineConfig::unbounded`] by default).
     pub engine: EngineConfig,
+    /// Serve `/metrics` (false: 404, as a server without vLLM's metrics).
+    pub metrics: bool,
 }
 
 impl VllmConfig {
@@ -80,7 +82,14 @@ impl VllmConfig {
             reread_weights: false,
             keep_heads: 64,
             engine: EngineConfig::unbounded(),
+            metrics: true,
         }
+    }
+
+    /// No `/metrics` (404): a vLLM whose metrics loraplex cannot read.
+    pub fn without_metrics(mut self) -> VllmConfig {
+        self.metrics = false;
+        self
     }
 
     pub fn engine(mut self, engine: EngineConfig) -> VllmConfig {

@@ -41,6 +41,9 @@ pub(super) async fn route(state: Arc<State>, req: Request) -> Response {
         ("POST", "/v1/completions") => inference(&state, &req, Endpoint::Completions).await,
         ("POST", "/v1/load_lora_adapter") => load_adapter(&state, &req).await,
         ("POST", "/v1/unload_lora_adapter") => unload_adapter(&state, &req).await,
+        ("GET", "/metrics") if !state.config.metrics => {
+            Response::json(404, &serde_json::json!({"detail": "Not Found"}))
+        }
         ("GET", "/metrics") => Response::new(200).body(
             "text/plain; version=0.0.4; charset=utf-8",
             state.engine.metrics_text(&state.config.base_model),

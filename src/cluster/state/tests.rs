@@ -19,7 +19,11 @@ fn state(n: usize) -> (Arc<Router>, Arc<ClusterState>) {
     ));
     let peers: Vec<String> = (1..=n).map(|i| format!("10.0.0.{i}:9090")).collect();
     r.rebuild(&Members::build(&peers, &r.me), Default::default());
-    let s = ClusterState::new(r.clone(), Duration::from_millis(100));
+    let s = ClusterState::new(
+        r.clone(),
+        Arc::new(Metrics::new()),
+        Duration::from_millis(100),
+    );
     (r, s)
 }
 
