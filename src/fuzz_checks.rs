@@ -1,6 +1,8 @@
 //! The properties the fuzz targets check, one function per target. The targets in `fuzz/`
 //! panic when one returns an error; `tests/fuzz_corpus.rs` replays every committed corpus file
-//! through the same functions under plain `cargo test`.
+//! through the same functions under plain `cargo test`. Each property is written over the
+//! implementation it checks (`*_with`), so the replay's own test can hand it a broken one
+//! and see it fail.
 //!
 //! Why a public (doc-hidden) module rather than `#[cfg(fuzzing)]` or `#[cfg(test)]`: the fuzz
 //! crate and the integration test are both *other crates*, which never see the library built
@@ -10,6 +12,7 @@
 
 use crate::{
     config::{Config, Overrides, Redact},
+    error::Error,
     http::{
         BodyKind, Method, RequestHead,
         chunked::ChunkedDecoder,
@@ -31,6 +34,14 @@ pub const TARGETS: &[(&str, Check)] = &[
 /// A body whose `model` can be read can have it rewritten, and the result reads as the new
 /// name (what `fallback_to_base_model` relies on).
 pub fn model_extract(data: &[u8]) -> Result<(), String> {
+    model_extract_with(data, rewrite_model)
+}
+
+/// [`model_extract`] over a `rewrite` implementation.
+pub fn model_extract_with(
+    data: &[u8],
+    rewrite: impl Fn(&[u8], &str) -> Result<Vec<u8>, Error>,
+) -> Result<(), String> {
     let Ok(Some(model)) = extract_model(data) else {
         return Ok(());
     };
@@ -39,8 +50,8 @@ pub fn model_extract(data: &[u8]) -> Result<(), String> {
     } else {
         "fuzz/renamed"
     };
-    let body = rewrite_model(data, new)
-        .map_err(|e| format!("extracted {model:?} but rewriting failed: {e}"))?;
+    let body =
+        rewrite(data, new).map_err(|e| format!("extracted {model:?} but rewriting failed: {e}"))?;
     match extract_model(&body) {
         Ok(Some(m)) if m == new => Ok(()),
         other => Err(format!(
@@ -53,6 +64,16 @@ pub fn model_extract(data: &[u8]) -> Result<(), String> {
 /// A head that parses, once forwarded, parses again to the same request with the framing the
 /// proxy gave it.
 pub fn request_head(data: &[u8]) -> Result<(), String> {
+    request_head_with(data, |head, out, extra, body_len| {
+        head.write_forward(out, extra, body_len)
+    })
+}
+
+/// [`request_head`] over a `forward` writer.
+pub fn request_head_with(
+    data: &[u8],
+    forward: impl Fn(&RequestHead, &mut Vec<u8>, &[(&str, &[u8])], usize),
+) -> Result<(), String> {
     let Ok(Some((head, len))) = RequestHead::parse(data) else {
         return Ok(());
     };
@@ -66,7 +87,7 @@ pub fn request_head(data: &[u8]) -> Result<(), String> {
     let mut out = Vec::new();
     // What a forward to a peer adds.
     let extra: [(&str, &[u8]); 2] = [("x-loraplex-forwarded", b"1"), ("x-loraplex-token", b"t0k")];
-    head.write_forward(&mut out, &extra, body_len);
+    forward(&head, &mut out, &extra, body_len);
     let shown = || String::from_utf8_lossy(&out).into_owned();
     let again = match RequestHead::parse(&out) {
         Ok(Some((again, n))) if n == out.len() => again,
@@ -96,6 +117,23 @@ pub fn request_head(data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// A chunked-body decoder as the codec's [`ChunkedDecoder`] is one.
+pub trait Decoder {
+    /// Consume what it can of `input`, appending the payload to `out` when given; the bytes
+    /// consumed.
+    fn feed(&mut self, input: &[u8], out: Option<&mut Vec<u8>>) -> Result<usize, Error>;
+    fn is_done(&self) -> bool;
+}
+
+impl Decoder for ChunkedDecoder {
+    fn feed(&mut self, input: &[u8], out: Option<&mut Vec<u8>>) -> Result<usize, Error> {
+        ChunkedDecoder::feed(self, input, out)
+    }
+    fn is_done(&self) -> bool {
+        ChunkedDecoder::is_done(self)
+    }
+}
+
 #[derive(Debug, PartialEq)]
 enum Decoded {
     Failed,
@@ -106,8 +144,7 @@ enum Decoded {
     },
 }
 
-fn decode(input: &[u8], pieces: &[usize], copy: bool) -> Decoded {
-    let mut d = ChunkedDecoder::new();
+fn decode<D: Decoder>(mut d: D, input: &[u8], pieces: &[usize], copy: bool) -> Decoded {
     let mut payload = Vec::new();
     let mut used = 0;
     let mut at = 0;
@@ -133,6 +170,11 @@ fn decode(input: &[u8], pieces: &[usize], copy: bool) -> Decoded {
 /// The first byte seeds how the rest is split; decoding in one piece, in those pieces, and
 /// without copying the payload out must agree.
 pub fn chunked(data: &[u8]) -> Result<(), String> {
+    chunked_with(data, ChunkedDecoder::new)
+}
+
+/// [`chunked`] over the decoders `new` makes.
+pub fn chunked_with<D: Decoder>(data: &[u8], new: impl Fn() -> D) -> Result<(), String> {
     let Some((&seed, input)) = data.split_first() else {
         return Ok(());
     };
@@ -149,12 +191,12 @@ pub fn chunked(data: &[u8]) -> Result<(), String> {
         pieces.push(size);
         total += size;
     }
-    let whole = decode(input, &[input.len().max(1)], true);
-    let split = decode(input, &pieces, true);
+    let whole = decode(new(), input, &[input.len().max(1)], true);
+    let split = decode(new(), input, &pieces, true);
     if whole != split {
         return Err(format!("whole: {whole:?}\nsplit {pieces:?}: {split:?}"));
     }
-    let uncopied = decode(input, &pieces, false);
+    let uncopied = decode(new(), input, &pieces, false);
     let same = match (&whole, &uncopied) {
         (Decoded::Failed, Decoded::Failed) => true,
         (
@@ -174,13 +216,18 @@ pub fn chunked(data: &[u8]) -> Result<(), String> {
 /// Any text: loading never panics, and a config that loads prints (as `check-config` does)
 /// to YAML that loads back to the same config.
 pub fn config_load(data: &[u8]) -> Result<(), String> {
+    config_load_with(data, |c| c.to_yaml(Redact::Nothing))
+}
+
+/// [`config_load`] over a `print`er of configs.
+pub fn config_load_with(data: &[u8], print: impl Fn(&Config) -> String) -> Result<(), String> {
     let Ok(text) = std::str::from_utf8(data) else {
         return Ok(());
     };
     let Ok(loaded) = Config::resolve(Some(text), &Overrides::default(), |_| None) else {
         return Ok(());
     };
-    let printed = loaded.config.to_yaml(Redact::Nothing);
+    let printed = print(&loaded.config);
     // `$` has no escape in this format (Go expands the whole file), so a value holding one
     // cannot print back as itself.
     if printed.contains('$') {

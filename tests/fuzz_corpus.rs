@@ -62,24 +62,114 @@ fn every_corpus_directory_has_a_check() {
     }
 }
 
-/// The checks do find what they look for (so the replay above can fail).
+/// The checks do find what they look for (so the replay above can fail): each accepts the
+/// real implementation and refuses a broken one on the same input.
 #[test]
 fn checks_detect_breakage() {
-    use loraplex::fuzz_checks::{chunked, config_load, model_extract, request_head};
+    use loraplex::{
+        config::{Config, Redact},
+        error::Error,
+        fuzz_checks::{
+            Decoder, chunked, chunked_with, config_load, config_load_with, model_extract,
+            model_extract_with, request_head, request_head_with,
+        },
+        http::{RequestHead, chunked::ChunkedDecoder, model::rewrite_model},
+    };
+
+    // model_extract: a rewrite that leaves the body as it was, that writes the new name
+    // beside the old one (a duplicate key), or that fails.
+    let body = br#"{"model":"a","x":[1,{"model":2}]}"#;
+    assert_eq!(model_extract(body), Ok(()));
+    let unchanged = |b: &[u8], _: &str| -> Result<Vec<u8>, Error> { Ok(b.to_vec()) };
+    let err = model_extract_with(body, unchanged).unwrap_err();
+    assert!(err.contains("not \"fuzz/renamed\""), "{err}");
+    let prepended = |b: &[u8], m: &str| -> Result<Vec<u8>, Error> {
+        let mut out = format!("{{\"model\":{m:?},").into_bytes();
+        out.extend_from_slice(&rewrite_model(b, "stale").unwrap()[1..]);
+        Ok(out)
+    };
+    assert!(model_extract_with(body, prepended).is_err());
+    let failing = |_: &[u8], _: &str| -> Result<Vec<u8>, Error> { Err(Error::internal("no")) };
+    assert!(
+        model_extract_with(body, failing)
+            .unwrap_err()
+            .contains("rewriting failed")
+    );
+
+    // request_head: a forward that downgrades to HTTP/1.0, or drops the body's length.
+    let head = b"POST /v1/x?y HTTP/1.0\r\nContent-Length: 3\r\n\r\n";
+    assert_eq!(request_head(head), Ok(()));
+    let real = |h: &RequestHead, out: &mut Vec<u8>, extra: &[(&str, &[u8])], n: usize| {
+        h.write_forward(out, extra, n)
+    };
+    let http10 = |h: &RequestHead, out: &mut Vec<u8>, extra: &[(&str, &[u8])], n: usize| {
+        real(h, out, extra, n);
+        let text = String::from_utf8(std::mem::take(out)).unwrap();
+        *out = text.replacen("HTTP/1.1", "HTTP/1.0", 1).into_bytes();
+    };
+    assert!(
+        request_head_with(head, http10)
+            .unwrap_err()
+            .contains("differs")
+    );
+    let no_length = |h: &RequestHead, out: &mut Vec<u8>, extra: &[(&str, &[u8])], n: usize| {
+        real(h, out, extra, n);
+        let text = String::from_utf8(std::mem::take(out)).unwrap();
+        let kept: Vec<&str> = text
+            .split("\r\n")
+            .filter(|l| !l.to_ascii_lowercase().starts_with("content-length"))
+            .collect();
+        *out = kept.join("\r\n").into_bytes();
+    };
+    assert!(request_head_with(head, no_length).is_err());
+
+    // chunked: a decoder that loses the last payload byte of every piece it is fed, which
+    // only shows when the input comes in several pieces (seed 1: pieces of 1-2 bytes).
+    struct Lossy(ChunkedDecoder);
+    impl Decoder for Lossy {
+        fn feed(&mut self, input: &[u8], out: Option<&mut Vec<u8>>) -> Result<usize, Error> {
+            let mut mine = Vec::new();
+            let n = self.0.feed(input, Some(&mut mine))?;
+            mine.pop();
+            if let Some(out) = out {
+                out.extend_from_slice(&mine);
+            }
+            Ok(n)
+        }
+        fn is_done(&self) -> bool {
+            self.0.is_done()
+        }
+    }
+    let body = b"\x01\x35\r\nhello\r\n0\r\n\r\n";
+    assert_eq!(chunked(body), Ok(()));
+    let err = chunked_with(body, || Lossy(ChunkedDecoder::new())).unwrap_err();
+    assert!(err.starts_with("whole:"), "{err}");
+
+    // config_load: a printer that forgets a key, or prints what does not load.
+    let text = b"storage:\n  max_size: 5GB\n";
+    assert_eq!(config_load(text), Ok(()));
+    let forgetful = |c: &Config| {
+        let yaml = c.to_yaml(Redact::Nothing);
+        yaml.lines()
+            .filter(|l| !l.contains("max_size"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        config_load_with(text, forgetful)
+            .unwrap_err()
+            .contains("loads differently")
+    );
+    let broken = |_: &Config| "storage: [".to_owned();
+    assert!(
+        config_load_with(text, broken)
+            .unwrap_err()
+            .contains("does not load")
+    );
+
     // Inputs that are refused are fine: the properties hold vacuously.
     assert_eq!(model_extract(b"{"), Ok(()));
     assert_eq!(request_head(b"\0\0"), Ok(()));
     assert_eq!(config_load(b"{{{"), Ok(()));
     assert_eq!(chunked(b""), Ok(()));
-    // Inputs that are accepted go through the whole property.
-    assert_eq!(
-        model_extract(br#"{"model":"a","x":[1,{"model":2}]}"#),
-        Ok(())
-    );
-    assert_eq!(
-        request_head(b"POST /v1/x?y HTTP/1.0\r\nContent-Length: 3\r\n\r\n"),
-        Ok(())
-    );
-    assert_eq!(chunked(b"\x01\x35\r\nhello\r\n0\r\n\r\n"), Ok(()));
-    assert_eq!(config_load(b"listen: \":1\"\n"), Ok(()));
 }

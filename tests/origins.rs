@@ -19,7 +19,11 @@ use loraplex::{
         s3::{S3, S3Settings},
         transfer::{ChunkSink, TransferError, pull_file},
     },
-    testkit::hub::{CdnHost, Fault, HubFile, StandInHub},
+    testkit::{
+        adapters::{AdapterSpec, SAFETENSORS_FILE},
+        hub::{CdnHost, Fault, HubFile, StandInHub},
+        origin::{Fault as OriginFault, FaultKind, OriginConfig, OriginStandIn, nginx_etag},
+    },
 };
 use sha2::{Digest, Sha256};
 
@@ -29,6 +33,7 @@ fn transfer() -> TransferConfig {
         // Generous: the machine is shared and loaded; only the stall test shortens it.
         idle_timeout: Duration::from_secs(10),
         retries: 3,
+        ..TransferConfig::default()
     }
 }
 
@@ -221,7 +226,7 @@ async fn hf_token_goes_to_the_hub_and_never_to_a_cdn_on_another_origin() {
 }
 
 #[tokio::test]
-async fn hf_auth_failures_are_502_naming_authentication() {
+async fn hf_a_refused_token_is_a_502_naming_authentication() {
     let hub = StandInHub::start(Some("right"), CdnHost::Other)
         .await
         .unwrap();
@@ -232,14 +237,111 @@ async fn hf_auth_failures_are_502_naming_authentication() {
         adapter_repo(&pattern(100, 1)),
     );
     let n = name("acme/p");
-    for (token, says) in [(None, "missing"), (Some("wrong"), "wrong")] {
-        let e = refused(&hf(&hub, token), "acme/p").await;
-        assert_eq!(e.kind, OriginErrorKind::Auth, "{e}");
-        let err: Error = e.into_error(&n, "huggingface");
-        assert_eq!(err.status(), 502);
-        assert!(err.message.contains("authentication"), "{}", err.message);
-        assert!(err.message.contains(says), "{}", err.message);
+    let e = refused(&hf(&hub, Some("wrong")), "acme/p").await;
+    assert_eq!(e.kind, OriginErrorKind::Auth, "{e}");
+    let err: Error = e.into_error(&n, "huggingface");
+    assert_eq!(err.status(), 502);
+    assert!(err.message.contains("authentication"), "{}", err.message);
+    assert!(err.message.contains("wrong or expired"), "{}", err.message);
+}
+
+#[tokio::test]
+async fn hf_401_without_a_token_is_not_found_with_a_hint_as_huggingface_hub_reads_it() {
+    // The public Hub answers a request without a token for a repo that does not exist with
+    // 401 "Invalid username or password." (no X-Error-Code), as it does for a private repo.
+    let hub = StandInHub::start(None, CdnHost::Same).await.unwrap();
+    let api = format!(
+        "{}/api/models/acme/nope/revision/main?blobs=true",
+        hub.url()
+    );
+    let resp = reqwest::get(&api).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers().get("x-error-code"), None);
+    assert_eq!(
+        resp.headers()["x-error-message"],
+        "Invalid username or password."
+    );
+    assert!(resp.headers().contains_key("www-authenticate"));
+    assert_eq!(
+        resp.json::<serde_json::Value>().await.unwrap(),
+        serde_json::json!({"error": "Invalid username or password."})
+    );
+    let e = refused(&hf(&hub, None), "acme/nope").await;
+    assert_eq!(e.kind, OriginErrorKind::NotFound, "{e}");
+    assert!(e.message.contains("private repo needs a token"), "{e}");
+    assert_eq!(
+        e.into_error(&name("acme/nope"), "huggingface"),
+        Error::model_not_found("acme/nope"),
+        "vLLM's 404, not a 502"
+    );
+    // With a token the Hub accepts, a missing repo is a plain 404 RepoNotFound.
+    let e = refused(&hf(&hub, Some("any")), "acme/nope").await;
+    assert_eq!(e.kind, OriginErrorKind::NotFound, "{e}");
+    assert!(!e.message.contains("needs a token"), "{e}");
+
+    // A private repo (the stand-in has a token): without one it looks missing, the same 401.
+    let private = StandInHub::start(Some("right"), CdnHost::Other)
+        .await
+        .unwrap();
+    private.add_commit(
+        "acme/p",
+        "5ec12e7",
+        &["main"],
+        adapter_repo(&pattern(100, 1)),
+    );
+    let e = refused(&hf(&private, None), "acme/p").await;
+    assert_eq!(e.kind, OriginErrorKind::NotFound, "{e}");
+    assert!(e.message.contains("private repo needs a token"), "{e}");
+    let files = fetch_files(&hf(&private, Some("right")), "acme/p").await;
+    assert_eq!(bytes_of(&files, "adapter_config.json"), CONFIG);
+}
+
+#[tokio::test]
+async fn hf_mirror_without_lfs_listing_is_verified_by_x_linked_etag() {
+    // Mirrors and proxies of the Hub often list no `lfs` (no SHA-256) in the revision API;
+    // the `X-Linked-Etag` of `/resolve/` still carries the LFS file's SHA-256.
+    let hub = StandInHub::start(None, CdnHost::Other).await.unwrap();
+    hub.list_lfs(false);
+    let weights = pattern(300_000, 3);
+    hub.add_commit("acme/m", "3333cccc", &["main"], adapter_repo(&weights));
+    let origin = hf(&hub, None);
+    let n = name("acme/m");
+    let manifest = origin.manifest(&n).await.unwrap();
+    assert!(
+        manifest.files.iter().all(|f| f.sha256.is_none()),
+        "nothing listed"
+    );
+    let mut pulled = Vec::new();
+    for file in &manifest.files {
+        let mut sink = VecSink(Vec::new());
+        let t = pull_file(&origin, &n, &manifest, file, &mut sink)
+            .await
+            .unwrap();
+        pulled.push((file.path.clone(), t.sha256));
     }
+    let want: [u8; 32] = Sha256::digest(&weights).into();
+    assert_eq!(
+        pulled,
+        [
+            ("adapter_config.json".to_owned(), None),
+            ("adapter_model.safetensors".to_owned(), Some(want)),
+            ("tokenizer_config.json".to_owned(), None),
+        ],
+        "the weights were hashed against X-Linked-Etag; a git file's (a 40-digit sha1) is no SHA-256"
+    );
+    // Small files went through the Hub's 307 to its resolve cache, which names the git blob.
+    assert_eq!(
+        hub.hits("/api/resolve-cache/models/acme/m/3333cccc/adapter_config.json"),
+        1
+    );
+
+    // Bytes that do not match the announced SHA-256 are refused.
+    let mut lying = adapter_repo(&pattern(300_000, 4));
+    lying[1].lie_sha256 = Some([0xab; 32]);
+    hub.add_commit("acme/lie", "4444dddd", &["main"], lying);
+    let e = refused(&origin, "acme/lie").await;
+    assert_eq!(e.kind, OriginErrorKind::Invalid, "{e}");
+    assert!(e.message.contains("sha256 mismatch"), "{e}");
 }
 
 #[tokio::test]
@@ -328,6 +430,8 @@ async fn hf_missing_repo_or_non_adapter_is_not_found_and_weightless_is_refused()
         refused(&origin, "acme/nope").await.kind,
         OriginErrorKind::NotFound
     );
+    let e = refused(&origin, "acme/model@v9").await;
+    assert_eq!(e.kind, OriginErrorKind::NotFound, "{e}");
     assert_eq!(
         refused(&origin, "acme/model").await.kind,
         OriginErrorKind::NotFound
@@ -572,6 +676,144 @@ async fn s3_verifies_crc64nvme_checksums_and_rejects_corrupt_objects() {
     assert_eq!(e.into_error(&name("acme/n"), "s3").status(), 502);
 }
 
+fn crc(algorithm: CrcAlgorithm, data: &[u8]) -> Vec<u8> {
+    let mut c = algorithm.smithy().into_impl();
+    c.update(data);
+    c.finalize().to_vec()
+}
+
+/// Upload through the S3 API with the object's full-object `algorithm` checksum.
+async fn put_with_crc(origin: &S3, key: &str, body: &[u8], algorithm: CrcAlgorithm) {
+    let sum = STANDARD.encode(crc(algorithm, body));
+    let put = origin
+        .client()
+        .await
+        .sdk()
+        .put_object()
+        .bucket("bkt")
+        .key(key);
+    let put = match algorithm {
+        CrcAlgorithm::Crc32 => put.checksum_crc32(sum),
+        CrcAlgorithm::Crc32c => put.checksum_crc32_c(sum),
+        CrcAlgorithm::Crc64Nvme => put.checksum_crc64_nvme(sum),
+    };
+    put.body(ByteStream::from(body.to_vec()))
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn s3_stand_in_answers_checksums_only_in_checksum_mode_as_s3_does() {
+    let server = S3Server::start(&["bkt"]).await;
+    let origin = s3(&server, "bkt", "");
+    let key = "acme/k/adapter_model.safetensors";
+    put_with_crc(&origin, key, b"weights", CrcAlgorithm::Crc32c).await;
+    let sdk = origin.client().await.sdk();
+    let plain = sdk
+        .head_object()
+        .bucket("bkt")
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        plain.checksum_crc32_c(),
+        None,
+        "HeadObject without ChecksumMode"
+    );
+    let get = sdk
+        .get_object()
+        .bucket("bkt")
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        get.checksum_crc32_c(),
+        None,
+        "GetObject without ChecksumMode"
+    );
+    let asked = sdk
+        .head_object()
+        .bucket("bkt")
+        .key(key)
+        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    let want = STANDARD.encode(crc(CrcAlgorithm::Crc32c, b"weights"));
+    assert_eq!(asked.checksum_crc32_c(), Some(want.as_str()));
+    assert_eq!(
+        asked.checksum_type(),
+        Some(&aws_sdk_s3::types::ChecksumType::FullObject)
+    );
+    let listed = sdk.list_objects_v2().bucket("bkt").send().await.unwrap();
+    assert_eq!(
+        listed.contents()[0].checksum_algorithm(),
+        [aws_sdk_s3::types::ChecksumAlgorithm::Crc32C]
+    );
+    // loraplex asks: its manifest reads the weights' checksum in checksum mode.
+    server.put_file("bkt", "acme/k/adapter_config.json", CONFIG);
+    server.knobs.heads.lock().unwrap().clear();
+    let manifest = origin.manifest(&name("acme/k")).await.unwrap();
+    assert_eq!(
+        manifest.files[1].crc.as_ref().map(|c| c.algorithm),
+        Some(CrcAlgorithm::Crc32c)
+    );
+    let heads = server.knobs.heads.lock().unwrap().clone();
+    assert!(heads.contains(&(key.to_owned(), true)), "{heads:?}");
+}
+
+#[tokio::test]
+async fn s3_verifies_crc32c_and_crc32_checksums_and_rejects_corrupt_objects() {
+    for (algorithm, label) in [
+        (CrcAlgorithm::Crc32c, "crc32c"),
+        (CrcAlgorithm::Crc32, "crc32"),
+    ] {
+        let server = S3Server::start(&["bkt"]).await;
+        let origin = s3(&server, "bkt", "");
+        let weights = pattern(1 << 20, 9);
+        put_with_crc(&origin, "acme/c/adapter_config.json", CONFIG, algorithm).await;
+        put_with_crc(
+            &origin,
+            "acme/c/adapter_model.safetensors",
+            &weights,
+            algorithm,
+        )
+        .await;
+        let (manifest, files) = fetch(&origin, &name("acme/c")).await.unwrap();
+        for (file, body) in [(0, CONFIG), (1, &weights[..])] {
+            let got = manifest.files[file].crc.as_ref().expect(label);
+            assert_eq!(
+                (got.algorithm, &got.value),
+                (algorithm, &crc(algorithm, body)),
+                "{label}"
+            );
+        }
+        assert_eq!(bytes_of(&files, "adapter_model.safetensors"), &weights[..]);
+
+        // Same size, other bytes, behind the server's back: the recorded CRC now lies. The
+        // config is checked too (the listing names its checksum), not only the weights.
+        for (key, at) in [
+            ("acme/c/adapter_model.safetensors", 300_000),
+            ("acme/c/adapter_config.json", 3),
+        ] {
+            let path = server.object_path("bkt", key);
+            let good = std::fs::read(&path).unwrap();
+            let mut bad = good.clone();
+            bad[at] ^= 0x20;
+            std::fs::write(&path, &bad).unwrap();
+            let e = refused(&origin, "acme/c").await;
+            assert_eq!(e.kind, OriginErrorKind::Invalid, "{label} {key}: {e}");
+            assert!(e.message.contains(&format!("{label} mismatch")), "{e}");
+            let file = key.rsplit('/').next().unwrap();
+            assert!(e.message.contains(file), "{e}");
+            std::fs::write(&path, &good).unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn s3_resumes_with_range_after_a_reset() {
     let server = S3Server::start(&["bkt"]).await;
@@ -650,4 +892,101 @@ async fn the_config_builds_huggingface_and_s3_origins_in_order() {
     assert_eq!(kinds, ["huggingface", "s3"]);
     let described: Vec<_> = chain.iter().map(|o| o.describe()).collect();
     assert_eq!(described[1], "s3 s3://b/ at http://127.0.0.1:9");
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP
+
+#[tokio::test]
+async fn http_origin_notices_new_weights_of_the_same_size_by_nginx_etags() {
+    // nginx's ETag is `"{mtime hex}-{size hex}"`, no hash of the content: retrained weights
+    // have the same size, so only their new mtime tells them apart. The content id joins the
+    // config's ETag and the weights' (the Go project looked at the config's alone).
+    let server = OriginStandIn::start(OriginConfig::default()).unwrap();
+    let spec = AdapterSpec::new("base", 50_000, 1);
+    server.put_adapter("acme/h", &spec);
+    let origin =
+        loraplex::origin::http::HttpOrigin::new(&server.base_url(), None, transfer()).unwrap();
+    let n = name("acme/h");
+    let before = origin.head(&n).await.unwrap().unwrap();
+    let weights = server.file("acme/h", SAFETENSORS_FILE).unwrap();
+    let mtime = server.mtime("acme/h", SAFETENSORS_FILE).unwrap();
+    let etag = server.etag("acme/h", SAFETENSORS_FILE).unwrap();
+    assert_eq!(etag, nginx_etag(mtime, weights.len() as u64));
+    assert_eq!(
+        etag,
+        format!("\"{mtime:x}-{:x}\"", weights.len()),
+        "nginx's shape"
+    );
+    let (manifest, _) = fetch(&origin, &n).await.unwrap();
+    assert_eq!(manifest.content_id(), Some(before.as_str()));
+
+    // New weights, same size, a later mtime; the config untouched.
+    let mut retrained = weights.to_vec();
+    retrained[weights.len() / 2] ^= 0xff;
+    server.put_file_at("acme/h", SAFETENSORS_FILE, retrained.clone(), mtime + 60);
+    let after = origin.head(&n).await.unwrap().unwrap();
+    assert_ne!(after, before, "the new weights are noticed");
+    let files = fetch_files(&origin, "acme/h").await;
+    assert_eq!(bytes_of(&files, SAFETENSORS_FILE), &retrained[..]);
+}
+
+#[tokio::test]
+async fn http_origin_refuses_a_file_replaced_during_its_download() {
+    let server = OriginStandIn::start(OriginConfig::default()).unwrap();
+    server.put_adapter("acme/r", &AdapterSpec::new("base", 400_000, 2));
+    let weights = format!("acme/r/{SAFETENSORS_FILE}");
+    // The first GET of the weights stalls after 100 KB, longer than the idle timeout.
+    let pause = Duration::from_secs(5);
+    let stall = FaultKind::StallAfter {
+        bytes: 100_000,
+        pause,
+    };
+    server.inject(OriginFault::new(stall).on(weights.clone()));
+    let mut t = transfer();
+    t.idle_timeout = Duration::from_secs(1);
+    let origin =
+        Arc::new(loraplex::origin::http::HttpOrigin::new(&server.base_url(), None, t).unwrap());
+    let n = name("acme/r");
+    let manifest = origin.manifest(&n).await.unwrap();
+    let task = tokio::spawn({
+        let (origin, manifest) = (origin.clone(), manifest.clone());
+        async move {
+            let mut sink = VecSink(Vec::new());
+            let r = pull_file(
+                origin.as_ref(),
+                &n,
+                &manifest,
+                &manifest.files[1],
+                &mut sink,
+            )
+            .await;
+            (r, sink.0)
+        }
+    });
+    // While that download stalls, retrained weights of the same size replace the file.
+    let started = std::time::Instant::now();
+    while server.gets(&weights) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no GET of the weights"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut retrained = server.file("acme/r", SAFETENSORS_FILE).unwrap().to_vec();
+    let half = retrained.len() / 2;
+    retrained[half..].iter_mut().for_each(|b| *b ^= 0x5a);
+    server.put_file("acme/r", SAFETENSORS_FILE, retrained);
+    let (r, got) = task.await.unwrap();
+    match r {
+        Err(TransferError::Origin(e)) => {
+            assert_eq!(e.kind, OriginErrorKind::Invalid, "{e}");
+            assert!(e.message.contains("changed at the origin"), "{e}");
+        }
+        other => panic!(
+            "stitched from two versions ({} bytes): {other:?}",
+            got.len()
+        ),
+    }
+    assert_eq!(server.gets(&weights), 2, "one resume, refused");
 }

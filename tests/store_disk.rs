@@ -1,15 +1,125 @@
 //! The store on real disks: the writer on io_uring and epoll, O_DIRECT and its buffered
-//! fallback, ENOSPC on a real full filesystem and injected, a real `kill -9` mid-fetch,
-//! crash leftovers and corrupt entries at startup, restarts, and what vLLM can see while an
-//! adapter is being written.
+//! fallback (and `storage.direct_io: off`), checked against the page cache (`cachestat(2)`:
+//! direct writes leave none, buffered ones leave clean pages once fsynced), ENOSPC on a real
+//! full filesystem and injected, a real `kill -9` mid-fetch, crash leftovers and corrupt
+//! entries at startup, restarts, and what vLLM can see while an adapter is being written.
+//!
+//! A test that needs a capability the machine may lack (mounting a tmpfs, `cachestat`) says
+//! so on stdout when it is absent; under `CI=true` it fails instead, unless the capability is
+//! truly absent (no `CAP_SYS_ADMIN`, a kernel without `cachestat`).
 
 #[path = "store_common/mod.rs"]
 mod common;
 
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    io,
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+};
 
 use common::*;
-use loraplex::{config::Driver, store::validate};
+use loraplex::{
+    config::{DirectIo, Driver},
+    store::validate,
+};
+
+/// Whether this run is CI's (`CI=true`), where a capability the machine has must be used.
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Page-cache state of a whole file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CacheStat {
+    cached: u64,
+    dirty: u64,
+    writeback: u64,
+}
+
+/// `cachestat(2)` (Linux 6.5+): pages of `path` in the page cache, dirty, under writeback.
+/// `Err` with `ENOSYS` on older kernels.
+fn cachestat(path: &Path) -> io::Result<CacheStat> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    /// The same number in every architecture's table (it came after the unification).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let file = std::fs::File::open(path)?;
+    let range = Range { off: 0, len: 0 }; // len 0: to the end
+    let mut stat = Stat::default();
+    // SAFETY: the two pointers are to live, correctly laid out structs; flags must be 0.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(CacheStat {
+        cached: stat.nr_cache,
+        dirty: stat.nr_dirty,
+        writeback: stat.nr_writeback,
+    })
+}
+
+/// Check that `file` was written as `mode` says: `direct` leaves nothing in the page cache
+/// (but the last page, see below); `buffered` leaves all its pages cached, none dirty or under
+/// writeback (it was fsynced before it was published). Call it before anything reads the file.
+/// Says so on stdout when the kernel has no `cachestat`.
+fn assert_written_as(file: &Path, mode: &str) {
+    let stat = match cachestat(file) {
+        Ok(stat) => stat,
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            println!(
+                "\n!!! SKIPPED: this kernel has no cachestat(2) (before 6.5): how {} was \
+                 written ({mode}) is NOT checked against the page cache !!!\n",
+                file.display()
+            );
+            return;
+        }
+        Err(e) => panic!("cachestat {}: {e}", file.display()),
+    };
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    let pages = std::fs::metadata(file).unwrap().len().div_ceil(page);
+    let at = file.display();
+    match mode {
+        // At most the last page: the ftruncate after the padded tail zeroes it in the cache.
+        "direct" => assert!(
+            stat.cached <= 1,
+            "{at}: went through the page cache: {stat:?}"
+        ),
+        "buffered" => {
+            assert_eq!(
+                stat.cached, pages,
+                "{at}: not through the page cache: {stat:?}"
+            );
+            assert_eq!(
+                (stat.dirty, stat.writeback),
+                (0, 0),
+                "{at}: not fsynced: {stat:?}"
+            );
+        }
+        other => panic!("write mode {other:?}"),
+    }
+}
 
 #[test]
 fn restart_rebuilds_the_index_without_refetching() {
@@ -267,6 +377,10 @@ fn fetch_with(driver: Driver, refuse: Refuse) -> serde_json::Value {
     }
     let s = store.clone();
     mono(move || async move { s.ensure(&name("w")).await.map(|_| ()) }).unwrap();
+    // Before anything reads the files back into the page cache.
+    let stats = store.stats();
+    let weights = store_dir.path().join("w/adapter_model.safetensors");
+    assert_written_as(&weights, stats["write_mode"].as_str().unwrap());
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         assert_eq!(
             std::fs::read(store_dir.path().join("w").join(f)).unwrap(),
@@ -275,7 +389,7 @@ fn fetch_with(driver: Driver, refuse: Refuse) -> serde_json::Value {
         );
     }
     validate::check_dir(&store_dir.path().join("w")).unwrap();
-    store.stats()
+    stats
 }
 
 #[test]
@@ -310,6 +424,39 @@ fn writer_falls_back_to_buffered_when_direct_is_refused() {
     }
 }
 
+/// `storage.direct_io: off`: every file is written buffered and fsynced before the adapter is
+/// published, whatever the filesystem allows (this one takes O_DIRECT), and the stats say so.
+#[test]
+fn direct_io_off_writes_buffered_and_fsyncs() {
+    let mut drivers = vec![Driver::Epoll];
+    if monoio::utils::detect_uring() {
+        drivers.push(Driver::IoUring);
+    }
+    for driver in drivers {
+        let origin_dir = tempfile::tempdir().unwrap();
+        let store_dir = tempfile::tempdir().unwrap();
+        write_adapter(origin_dir.path(), "off", 700_001);
+        let env = Env::new(store_dir.path());
+        let mut opts = options(store_dir.path(), 1 << 30);
+        opts.driver = driver;
+        opts.direct_io = DirectIo::Off;
+        let store = env.open(opts, vec![Counted::file(origin_dir.path())]);
+        assert_eq!(store.stats()["write_mode"], "buffered", "{driver:?}");
+        let s = store.clone();
+        mono(move || async move { s.ensure(&name("off")).await.map(|_| ()) }).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            let stored = store_dir.path().join("off").join(f);
+            assert_written_as(&stored, "buffered");
+            assert_eq!(
+                std::fs::read(&stored).unwrap(),
+                std::fs::read(origin_dir.path().join("off").join(f)).unwrap(),
+                "{f} on {driver:?}"
+            );
+        }
+        assert_eq!(store.stats()["write_mode"], "buffered");
+    }
+}
+
 /// A mounted tmpfs of `size`, unmounted on drop. `Err` says why it could not be mounted.
 struct Tmpfs(tempfile::TempDir);
 
@@ -326,6 +473,26 @@ impl Tmpfs {
         }
         Ok(Tmpfs(dir))
     }
+
+    /// A tmpfs, or `None` after saying on stdout why `test` goes without one. Under
+    /// `CI=true` a process that may mount (it has `CAP_SYS_ADMIN`) must get one.
+    fn or_skip(size: &str, test: &str, instead: &str) -> Option<Tmpfs> {
+        let why = match Tmpfs::mount(size) {
+            Ok(fs) => return Some(fs),
+            Err(why) => why,
+        };
+        let capable = can_mount();
+        assert!(
+            !(capable && ci()),
+            "{test}: this process has CAP_SYS_ADMIN but mounting a {size} tmpfs failed: {why}"
+        );
+        println!(
+            "\n!!! SKIPPED {test}: could not mount a {size} tmpfs ({}; CAP_SYS_ADMIN {}); {instead} !!!\n",
+            why.trim(),
+            if capable { "present" } else { "absent" }
+        );
+        None
+    }
 }
 
 impl Drop for Tmpfs {
@@ -334,6 +501,16 @@ impl Drop for Tmpfs {
             .arg(self.0.path())
             .status();
     }
+}
+
+/// Whether this process may mount filesystems: `CAP_SYS_ADMIN` (bit 21) in its effective set.
+fn can_mount() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 21) != 0)
 }
 
 /// ENOSPC during a fetch: 507, temp files removed, the store keeps working.
@@ -363,13 +540,11 @@ fn check_enospc(store_dir: &std::path::Path, inject: bool) {
 
 #[test]
 fn enospc_on_a_real_full_filesystem() {
-    match Tmpfs::mount("2m") {
-        Ok(fs) => check_enospc(&fs.0.path().join("store"), false),
-        Err(why) => {
-            eprintln!(
-                "\n!!! enospc_on_a_real_full_filesystem: could not mount a 2 MiB tmpfs ({why}); \
-                 the REAL ENOSPC path is NOT tested here; running the injected-ENOSPC variant instead !!!\n"
-            );
+    let test = "enospc_on_a_real_full_filesystem";
+    let instead = "the REAL ENOSPC path is NOT tested; running the injected-ENOSPC variant instead";
+    match Tmpfs::or_skip("2m", test, instead) {
+        Some(fs) => check_enospc(&fs.0.path().join("store"), false),
+        None => {
             let dir = tempfile::tempdir().unwrap();
             check_enospc(dir.path(), true);
         }
@@ -395,12 +570,36 @@ fn injected_enospc_and_eio() {
     assert!(tmp_entries(store_dir.path()).is_empty());
 }
 
+/// Whether an aligned O_DIRECT write works in `dir`, asked of the kernel without the store.
+fn o_direct_write_works(dir: &Path) -> bool {
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+    // SAFETY: a non-zero size; freed below with the same layout.
+    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!buf.is_null());
+    // SAFETY: `buf` points to 4096 initialised bytes.
+    let block = unsafe { std::slice::from_raw_parts(buf, 4096) };
+    let path = dir.join("o_direct-check");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .and_then(|mut f| io::Write::write_all(&mut f, block));
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    let _ = std::fs::remove_file(&path);
+    written.is_ok()
+}
+
+/// On tmpfs (which takes O_DIRECT since Linux 6.6 and refused it before), the store writes
+/// direct exactly when the kernel takes an O_DIRECT write there, buffered otherwise.
 #[test]
-fn tmpfs_store_works_in_whatever_mode_it_allows() {
-    let fs = match Tmpfs::mount("64m") {
-        Ok(fs) => fs,
-        Err(why) => panic!("cannot mount tmpfs to test the store on it: {why}"),
+fn tmpfs_store_writes_direct_exactly_when_the_kernel_takes_it() {
+    let test = "tmpfs_store_writes_direct_exactly_when_the_kernel_takes_it";
+    let Some(fs) = Tmpfs::or_skip("64m", test, "the store on tmpfs is NOT tested") else {
+        return;
     };
+    let direct = o_direct_write_works(fs.0.path());
     let dir = fs.0.path().join("store");
     let origin_dir = tempfile::tempdir().unwrap();
     write_adapter(origin_dir.path(), "t", 300_001);
@@ -412,8 +611,7 @@ fn tmpfs_store_works_in_whatever_mode_it_allows() {
     let s = store.clone();
     mono(move || async move { s.ensure(&name("t")).await.map(|_| ()) }).unwrap();
     validate::check_dir(&dir.join("t")).unwrap();
-    // Kernels since 6.6 accept O_DIRECT on tmpfs; older ones refuse it (buffered then).
     let mode = store.stats()["write_mode"].as_str().unwrap().to_owned();
-    eprintln!("tmpfs write mode on this kernel: {mode}");
-    assert!(mode == "direct" || mode == "buffered");
+    println!("tmpfs takes O_DIRECT on this kernel: {direct}; the store writes {mode}");
+    assert_eq!(mode, if direct { "direct" } else { "buffered" });
 }

@@ -19,6 +19,7 @@ fn transfer() -> TransferConfig {
         connect_timeout: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(5),
         retries: 3,
+        ..TransferConfig::default()
     }
 }
 

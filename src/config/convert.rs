@@ -77,6 +77,20 @@ impl Convert<'_> {
         })
     }
 
+    /// A rate in bytes per second: a size, optionally followed by `/s` (`64KiB`, `1MB/s`);
+    /// `"0"` means none.
+    fn rate(&self, key: &str, v: &Leaf, default: Option<u64>) -> Result<Option<u64>> {
+        let Some(s) = text(v) else { return Ok(default) };
+        let size = s.trim().strip_suffix("/s").unwrap_or(&s);
+        let n = units::parse_size(size).map_err(|_| {
+            self.err(
+                key,
+                format!("invalid rate {s:?} (a size per second: 64KiB, 1MB/s; \"0\" for none)"),
+            )
+        })?;
+        Ok((n > 0).then_some(n))
+    }
+
     /// A duration of which 0 means nothing useful (a timeout, a polling interval).
     fn positive_duration(&self, key: &str, v: &Leaf, default: Duration) -> Result<Duration> {
         let d = self.duration(key, v, default)?;
@@ -235,6 +249,8 @@ impl Convert<'_> {
                 "connect_timeout",
                 "idle_timeout",
                 "retries",
+                "min_rate",
+                "min_rate_window",
             ],
             "s3" => &[
                 "bucket",
@@ -244,6 +260,8 @@ impl Convert<'_> {
                 "connect_timeout",
                 "idle_timeout",
                 "retries",
+                "min_rate",
+                "min_rate_window",
             ],
             "http" => &[
                 "base_url",
@@ -251,6 +269,8 @@ impl Convert<'_> {
                 "connect_timeout",
                 "idle_timeout",
                 "retries",
+                "min_rate",
+                "min_rate_window",
             ],
             "file" => &["path"],
             _ => {
@@ -271,6 +291,8 @@ impl Convert<'_> {
             ("connect_timeout", &o.connect_timeout),
             ("idle_timeout", &o.idle_timeout),
             ("retries", &o.retries),
+            ("min_rate", &o.min_rate),
+            ("min_rate_window", &o.min_rate_window),
         ] {
             if text(leaf).is_some() && !used.contains(&name) {
                 self.warnings
@@ -298,6 +320,12 @@ impl Convert<'_> {
                     d.idle_timeout,
                 )?,
                 retries: retries as u32,
+                min_rate: self.rate(&at("min_rate"), &o.min_rate, d.min_rate)?,
+                rate_window: self.positive_duration(
+                    &at("min_rate_window"),
+                    &o.min_rate_window,
+                    d.rate_window,
+                )?,
             })
         };
         let required = |k: &str, v: &Leaf| {

@@ -158,6 +158,11 @@ pub struct FileOrigin {
     pub idle_timeout: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retries: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_rate: Leaf,
+    /// A test knob: the window of `min_rate` (30 s; the README mentions it under `min_rate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_rate_window: Leaf,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

@@ -263,6 +263,11 @@ pub struct TransferConfig {
     pub idle_timeout: Duration,
     /// Retries of one file after a 5xx, reset or stall (with `Range` where allowed).
     pub retries: u32,
+    /// Bytes per second below which a transfer counts as stalled when its average over any
+    /// [`rate_window`](Self::rate_window) stays under it (`None`: no floor).
+    pub min_rate: Option<u64>,
+    /// The window of `min_rate`: 30 s; the hidden key `min_rate_window` shortens it for tests.
+    pub rate_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -502,6 +507,8 @@ impl Default for TransferConfig {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             retries: 3,
+            min_rate: Some(64 << 10),
+            rate_window: Duration::from_secs(30),
         }
     }
 }

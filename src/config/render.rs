@@ -115,6 +115,10 @@ fn origin(o: &OriginConfig, secret: &dyn Fn(&Option<String>) -> Option<Scalar>) 
         connect_timeout: dur(t.connect_timeout),
         idle_timeout: dur(t.idle_timeout),
         retries: n(u64::from(t.retries)),
+        min_rate: s(t.min_rate.map_or("0".into(), format_size)),
+        // Hidden (a test knob): printed only when it is not the default.
+        min_rate_window: (t.rate_window != TransferConfig::default().rate_window)
+            .then(|| Scalar::Str(format_duration(t.rate_window))),
         ..f
     };
     let kind = s(o.type_name());

@@ -472,8 +472,8 @@ fn printed_config_loads_back() {
         storage: {dir: /mnt/x, max_size: 1.5TB, rewrite_base_model: true, direct_io: off}\n\
         origins:\n\
         - {type: huggingface, token: t1, endpoint: 'https://hf.local', idle_timeout: 1m, retries: 5}\n\
-        - {type: s3, bucket: b, region: r, prefix: p/, endpoint: 'http://s3.local:9000'}\n\
-        - {type: http, base_url: 'http://o.local/a', token: t2, connect_timeout: 250ms}\n\
+        - {type: s3, bucket: b, region: r, prefix: p/, endpoint: 'http://s3.local:9000', min_rate: 0}\n\
+        - {type: http, base_url: 'http://o.local/a', token: t2, connect_timeout: 250ms, min_rate: 1MB/s, min_rate_window: 2s}\n\
         - {type: file, path: /srv/adapters}\n\
         invalidation: {ttl: 0}\n\
         discovery: {mode: static, static: {peers: ['10.0.0.1:9090', '[::1]:9090']}}\n\
@@ -501,6 +501,42 @@ fn printed_config_loads_back() {
         "{redacted}"
     );
     assert_eq!(redacted.matches("<redacted>").count(), 4, "{redacted}");
+}
+
+#[test]
+fn min_rate_is_a_size_per_second_and_0_disables_it() {
+    let rate = |v: &str| {
+        let c = cfg(&format!(
+            "origins:\n  - type: http\n    base_url: http://h\n{v}"
+        ));
+        match &c.origins[0] {
+            OriginConfig::Http { transfer, .. } => (transfer.min_rate, transfer.rate_window),
+            other => panic!("{other:?}"),
+        }
+    };
+    let window = Duration::from_secs(30);
+    assert_eq!(rate(""), (Some(64 << 10), window), "the default");
+    assert_eq!(rate("    min_rate: 64KiB\n"), (Some(64 << 10), window));
+    assert_eq!(rate("    min_rate: 1MB/s\n"), (Some(1 << 20), window));
+    assert_eq!(rate("    min_rate: \"0\"\n"), (None, window));
+    assert_eq!(
+        rate("    min_rate: 10KB\n    min_rate_window: 2s\n"),
+        (Some(10 << 10), Duration::from_secs(2))
+    );
+    let e = err("origins:\n  - type: s3\n    bucket: b\n    min_rate: fast\n");
+    assert!(
+        e.starts_with("origins[0].min_rate: invalid rate \"fast\""),
+        "{e}"
+    );
+    let e = err("origins:\n  - type: s3\n    bucket: b\n    min_rate_window: 0\n");
+    assert_eq!(e, "origins[0].min_rate_window: must be more than 0");
+    // The window is printed only when it is not the default (it is a test knob).
+    let printed =
+        cfg("origins:\n  - {type: http, base_url: 'http://h'}\n").to_yaml(Redact::Nothing);
+    assert!(
+        printed.contains("min_rate: 64KB") && !printed.contains("min_rate_window"),
+        "{printed}"
+    );
 }
 
 #[test]

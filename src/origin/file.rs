@@ -196,6 +196,7 @@ impl Origin for FileOrigin {
             Ok(FileStream {
                 offset,
                 total: Some(len),
+                sha256: None,
                 body,
             })
         }

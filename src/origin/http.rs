@@ -2,14 +2,17 @@
 //!
 //! The manifest comes from `HEAD` requests: the config (its ETag is the content id; a 404
 //! means this origin does not have the adapter), then `adapter_model.safetensors`, else
-//! `adapter_model.bin`. Files stream with `GET`, from an offset with `Range` when resuming.
+//! `adapter_model.bin`. Files stream with `GET`, from an offset with `Range` when resuming,
+//! and `If-Range` with the ETag the manifest saw: a file replaced since (nginx's ETag is its
+//! mtime and size) comes back whole (200), and the download is refused rather than stitched
+//! from two versions; the next request fetches the new one.
 //! Timeouts: connect, and per read (reqwest's `read_timeout` restarts after every read), so a
 //! slow but moving 2 GB transfer finishes.
 
 use futures_util::{FutureExt, StreamExt, TryStreamExt, future::BoxFuture};
 use reqwest::{
     Client, Method, RequestBuilder, Response, StatusCode,
-    header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, ETAG, RANGE},
+    header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_RANGE, RANGE},
 };
 
 use super::{
@@ -148,11 +151,15 @@ impl Origin for HttpOrigin {
             let Some(cfg) = self.probe(name, CONFIG_FILE).await? else {
                 return Err(OriginError::not_found(self.url(name, CONFIG_FILE)));
             };
-            let mut files = vec![FileSpec::new(CONFIG_FILE, header_len(&cfg))];
+            let spec = |path: &str, resp: &Response| FileSpec {
+                validator: etag(resp).filter(|e| !e.starts_with("W/")),
+                ..FileSpec::new(path, header_len(resp))
+            };
+            let mut files = vec![spec(CONFIG_FILE, &cfg)];
             let mut weights_resp = None;
             for weights in [SAFETENSORS_FILE, BIN_FILE] {
                 if let Some(resp) = self.probe(name, weights).await? {
-                    files.push(FileSpec::new(weights, header_len(&resp)));
+                    files.push(spec(weights, &resp));
                     weights_resp = Some(resp);
                     break;
                 }
@@ -178,10 +185,25 @@ impl Origin for HttpOrigin {
         async move {
             let url = self.url(name, &file.path);
             let mut req = self.request(Method::GET, &url);
+            // Only the rest of the version already begun (If-Range takes a strong ETag).
+            let validator = file.validator.as_deref().filter(|_| offset > 0);
             if offset > 0 {
                 req = req.header(RANGE, format!("bytes={offset}-"));
             }
+            if let Some(v) = validator {
+                req = req.header(IF_RANGE, v);
+            }
             let resp = self.send(req, &url).await?;
+            if let Some(v) = validator
+                && resp.status() == StatusCode::OK
+                && etag(&resp).as_deref() != Some(v)
+            {
+                return Err(OriginError::invalid(format!(
+                    "GET {url}: the file changed at the origin during the download (ETag {v} \
+                     became {})",
+                    etag(&resp).unwrap_or_else(|| "none".into())
+                )));
+            }
             let ContentRange { start, total } = match resp.status() {
                 StatusCode::PARTIAL_CONTENT => match content_range(&resp) {
                     Some(range) => range,
@@ -204,6 +226,7 @@ impl Origin for HttpOrigin {
             Ok(FileStream {
                 offset: start,
                 total,
+                sha256: None,
                 body,
             })
         }

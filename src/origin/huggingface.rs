@@ -7,7 +7,11 @@
 //! of that same commit, so a push to `main` during a download cannot mix two versions. LFS
 //! files answer with a redirect to a CDN; the `X-Linked-Etag` (SHA-256), `X-Linked-Size` and
 //! `X-Repo-Commit` of that first answer are checked against the listing, and the bytes are
-//! hashed while they stream (`transfer::pull_file`): a mismatch rejects the adapter.
+//! hashed while they stream (`transfer::pull_file`): a mismatch rejects the adapter. When the
+//! listing has no LFS SHA-256 (mirrors and proxies of the Hub often list none), the
+//! `X-Linked-Etag` is the checksum, if it is one: 64 hex digits (a small file's is its git
+//! blob sha1, 40 digits, and is not used; nor is a plain `ETag`, which a mirror may set to
+//! anything).
 //!
 //! Redirects are followed by hand (`redirect::Policy::none()`), for two reasons: the
 //! `X-Linked-*` headers are on the redirect itself, which reqwest's automatic policy hides, and
@@ -19,9 +23,13 @@
 //! and its storage stack (88 crates more than this crate already builds, measured with
 //! `cargo tree`), while what we need from the Hub is two GET endpoints and three headers.
 //!
-//! Errors: 404 (or the Hub's `X-Error-Code: RepoNotFound`/`RevisionNotFound`) is "not found",
-//! so the chain tries the next origin; 401/403 are a 502 naming authentication; 5xx, resets
-//! and stalls are transient (the store retries them, resuming with `Range`).
+//! Errors, as `huggingface_hub` reads them: 404 (or `X-Error-Code: RepoNotFound`,
+//! `RevisionNotFound`, `EntryNotFound`) is "not found", so the chain tries the next origin; so
+//! is a 401, which the Hub answers without a token for a repo that does not exist as for a
+//! private one (the message hints at the token), except the 401 of a token the Hub refuses
+//! ("Invalid credentials in Authorization header") and of a gated repo, which, like 403, are a
+//! 502 naming authentication; 5xx, resets and stalls are transient (the store retries them,
+//! resuming with `Range`).
 
 use futures_util::{FutureExt, StreamExt, TryStreamExt, future::BoxFuture};
 use reqwest::{StatusCode, Url, header, redirect};
@@ -151,7 +159,7 @@ impl HubClient {
             .await
             .map_err(|e| classify_reqwest(&e, &what, false))?;
         if !resp.status().is_success() {
-            return Err(self.refusal(&resp, &what));
+            return Err(self.refusal(resp, &what).await);
         }
         resp.json::<RepoRevision>()
             .await
@@ -159,15 +167,16 @@ impl HubClient {
     }
 
     /// Open `file` of `repo` at `commit` from byte `offset`, following the CDN redirect by
-    /// hand. The `X-Linked-Etag` (SHA-256) of the first answer must match `sha256` when both
-    /// are known, and its `X-Repo-Commit` must be `commit`.
+    /// hand. The first answer's `X-Repo-Commit` must be `commit`; its `X-Linked-Etag`, when it
+    /// is a SHA-256 (64 hex digits: LFS files; small files have a git blob sha1 or nothing),
+    /// goes with the stream for the transfer to check, and its `X-Linked-Size` must agree
+    /// with the body's.
     pub async fn open(
         &self,
         repo: &str,
         commit: &str,
         file: &str,
         offset: u64,
-        sha256: Option<[u8; 32]>,
     ) -> Result<FileStream, OriginError> {
         let what = format!("Hugging Face {repo}/{file}@{commit}");
         let mut url = self.url(&[repo, "resolve", commit, file]);
@@ -188,7 +197,6 @@ impl HubClient {
                     "{what}: the Hub answered for commit {c}"
                 )));
             }
-            agree("sha256", sha256, facts.sha256).map_err(|e| e.context(&what))?;
             let status = resp.status();
             if status.is_redirection() {
                 let location = resp
@@ -204,19 +212,20 @@ impl HubClient {
                 continue;
             }
             if !status.is_success() {
-                return Err(self.refusal(&resp, &what));
+                return Err(self.refusal(resp, &what).await);
             }
             let ContentRange { start, total } =
                 body_range(&resp, offset).map_err(|e| e.context(&what))?;
-            let size = linked.take().and_then(|l| l.size);
-            agree("size", size, total).map_err(|e| e.context(&what))?;
+            let facts = linked.take().unwrap_or_default();
+            agree("size", facts.size, total).map_err(|e| e.context(&what))?;
             let body = resp
                 .bytes_stream()
                 .map_err(|e| classify_reqwest(&e, "reading the Hub's body", false))
                 .boxed();
             return Ok(FileStream {
                 offset: start,
-                total: size.or(total),
+                total: facts.size.or(total),
+                sha256: facts.sha256,
                 body,
             });
         }
@@ -225,43 +234,102 @@ impl HubClient {
         )))
     }
 
-    /// Classify a non-success answer of the Hub.
-    fn refusal(&self, resp: &reqwest::Response, what: &str) -> OriginError {
+    /// Classify a non-success answer of the Hub, as `huggingface_hub` does
+    /// (`hf_raise_for_status`): the `X-Error-Code` first; then a 401 is "not found" unless its
+    /// message says the token is invalid, because the Hub answers 401 to a request without a
+    /// token for a repo that does not exist as for a private one.
+    async fn refusal(&self, resp: reqwest::Response, what: &str) -> OriginError {
         let status = resp.status();
         let code = resp
             .headers()
             .get("x-error-code")
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        match (status, code) {
+            .unwrap_or("")
+            .to_owned();
+        let message = match status {
+            StatusCode::UNAUTHORIZED => error_message(resp).await,
+            _ => String::new(),
+        };
+        let token = self.token.is_some();
+        match (status, code.as_str()) {
             (_, "RepoNotFound" | "RevisionNotFound" | "EntryNotFound")
             | (StatusCode::NOT_FOUND, _) => {
-                let hint = match self.token {
-                    None => " (a private repo needs a token on the huggingface origin)",
-                    Some(_) => "",
+                let hint = match token {
+                    false => " (a private repo needs a token on the huggingface origin)",
+                    true => "",
                 };
                 OriginError::not_found(format!("{what}: not found ({status}){hint}"))
             }
-            (StatusCode::UNAUTHORIZED, _) => OriginError::auth(format!(
-                "{what}: the Hub refused authentication ({status}): the token is {}; set \
-                 `token` on the huggingface origin (usually ${{HF_TOKEN}})",
-                if self.token.is_some() {
-                    "wrong or expired"
-                } else {
-                    "missing"
-                }
-            )),
-            (StatusCode::FORBIDDEN, _) => OriginError::auth(format!(
-                "{what}: the Hub denied access ({status}{}): authentication: the token has no \
-                 access to this repo (gated or private)",
-                if code.is_empty() {
-                    String::new()
-                } else {
-                    format!(", {code}")
+            (StatusCode::UNAUTHORIZED, "GatedRepo") | (StatusCode::FORBIDDEN, _) => {
+                OriginError::auth(format!(
+                    "{what}: the Hub denied access ({status}{}): authentication: {}",
+                    if code.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {code}")
+                    },
+                    match token {
+                        true => "the token has no access to this repo (gated or private)",
+                        false => "a gated repo needs a token on the huggingface origin",
+                    }
+                ))
+            }
+            (StatusCode::UNAUTHORIZED, _) if message == INVALID_CREDENTIALS => {
+                OriginError::auth(format!(
+                    "{what}: the Hub refused authentication ({status}: {message}): the token \
+                     is wrong or expired; set `token` on the huggingface origin (usually \
+                     ${{HF_TOKEN}})"
+                ))
+            }
+            (StatusCode::UNAUTHORIZED, _) => OriginError::not_found(format!(
+                "{what}: not found ({status}{}; the Hub answers so for a repo that does not \
+                 exist{})",
+                match message.is_empty() {
+                    true => String::new(),
+                    false => format!(": {message}"),
+                },
+                match token {
+                    false =>
+                        " and for a private one: a private repo needs a token on the \
+                               huggingface origin",
+                    true => " and for one the token cannot see",
                 }
             )),
             _ => OriginError::from_status(status.as_u16(), what),
         }
+    }
+}
+
+/// The message the Hub gives with an invalid token (`huggingface_hub` tells it apart by it).
+const INVALID_CREDENTIALS: &str = "Invalid credentials in Authorization header";
+/// Bytes of an error body read for its message.
+const MAX_ERROR_BODY: usize = 4096;
+
+/// The Hub's message for a refusal: `X-Error-Message`, else the body's `{"error": "..."}`,
+/// else its text (at most [`MAX_ERROR_BODY`] bytes read).
+async fn error_message(mut resp: reqwest::Response) -> String {
+    if let Some(m) = resp
+        .headers()
+        .get("x-error-message")
+        .and_then(|v| v.to_str().ok())
+    {
+        return m.trim().to_owned();
+    }
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(MAX_ERROR_BODY);
+    #[derive(Deserialize)]
+    struct HubError {
+        error: String,
+    }
+    match serde_json::from_slice::<HubError>(&body) {
+        Ok(e) => e.error.trim().to_owned(),
+        Err(_) => String::from_utf8_lossy(&body).trim().to_owned(),
     }
 }
 
@@ -378,6 +446,7 @@ fn spec(s: &Sibling) -> Result<FileSpec, OriginError> {
         size: file_size(s),
         sha256,
         crc: None,
+        validator: None,
     })
 }
 
@@ -463,118 +532,12 @@ impl Origin for HuggingFace {
                 OriginError::invalid("a Hugging Face manifest without its commit")
             })?;
             let (repo, path) = (name.repo(), file.path.as_str());
-            self.client
-                .open(repo, commit, path, offset, file.sha256)
-                .await
+            self.client.open(repo, commit, path, offset).await
         }
         .boxed()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::origin::OriginErrorKind;
-
-    fn sib(name: &str, size: u64, lfs: bool) -> Sibling {
-        Sibling {
-            rfilename: name.into(),
-            size: Some(size),
-            lfs: lfs.then(|| LfsInfo {
-                sha256: "ab".repeat(32),
-                size,
-            }),
-        }
-    }
-
-    fn names(files: &[FileSpec]) -> Vec<&str> {
-        files.iter().map(|f| f.path.as_str()).collect()
-    }
-
-    #[test]
-    fn selects_config_weights_and_small_companions() {
-        let repo = [
-            sib("adapter_config.json", 500, false),
-            sib("adapter_model.bin", 9 << 20, true),
-            sib("adapter_model.safetensors", 8 << 20, true),
-            sib("tokenizer.json", 3 << 20, false),
-            sib("tokenizer.model", 500_000, true),
-            sib("chat_template.jinja", 900, false),
-            sib("huge.json", 100 << 20, true),
-            sib("README.md", 100, false),
-            sib(".gitattributes", 100, false),
-            sib("model.safetensors", 5 << 30, true),
-            sib("training_args.bin", 5000, true),
-            sib("checkpoint-5/adapter_config.json", 500, false),
-            sib("weird name.json", 10, false),
-        ];
-        let files = select_files(&repo).unwrap();
-        assert_eq!(
-            names(&files),
-            [
-                "adapter_config.json",
-                "adapter_model.safetensors",
-                "tokenizer.json",
-                "tokenizer.model",
-                "chat_template.jinja",
-            ]
-        );
-        assert_eq!(files[1].size, Some(8 << 20));
-        assert_eq!(files[1].sha256, Some([0xab; 32]));
-        assert_eq!(files[0].sha256, None, "git files have no sha256");
-    }
-
-    #[test]
-    fn bin_weights_when_no_safetensors_and_refusals() {
-        let repo = [
-            sib("adapter_config.json", 5, false),
-            sib("adapter_model.bin", 9, true),
-        ];
-        assert_eq!(
-            names(&select_files(&repo).unwrap()),
-            ["adapter_config.json", "adapter_model.bin"]
-        );
-        let no_weights = [sib("adapter_config.json", 5, false)];
-        assert_eq!(
-            select_files(&no_weights).unwrap_err().kind,
-            OriginErrorKind::Invalid
-        );
-        let nested = [
-            sib("sub/adapter_config.json", 5, false),
-            sib("adapter_model.bin", 9, true),
-        ];
-        assert_eq!(
-            select_files(&nested).unwrap_err().kind,
-            OriginErrorKind::NotFound
-        );
-        let mut bad_sha = sib("adapter_model.bin", 9, true);
-        bad_sha.lfs.as_mut().unwrap().sha256 = "xyz".into();
-        let repo = [sib("adapter_config.json", 5, false), bad_sha];
-        assert_eq!(
-            select_files(&repo).unwrap_err().kind,
-            OriginErrorKind::Invalid
-        );
-    }
-
-    #[test]
-    fn token_only_for_the_hub_origin() {
-        let t = TransferConfig::default();
-        let c = HubClient::new("https://hub.example:443/", Some("t".into()), &t).unwrap();
-        for (url, same) in [
-            ("https://hub.example/org/x/resolve/abc/f", true),
-            ("https://hub.example:443/x", true),
-            ("http://hub.example/x", false),
-            ("https://hub.example:8443/x", false),
-            ("https://cdn-lfs.hub.example/x", false),
-            ("https://other.example/x", false),
-        ] {
-            assert_eq!(c.same_origin(&Url::parse(url).unwrap()), same, "{url}");
-        }
-        assert_eq!(
-            c.url(&["org/x", "resolve", "main", "a b.json"]).as_str(),
-            "https://hub.example/org/x/resolve/main/a%20b.json"
-        );
-        assert!(HubClient::new("ftp://x", None, &t).is_err());
-        assert!(HubClient::new("not a url", None, &t).is_err());
-    }
-}
+#[path = "huggingface_tests.rs"]
+mod tests;

@@ -18,6 +18,7 @@ pub mod file;
 pub mod http;
 pub mod huggingface;
 pub mod peer;
+pub mod rate;
 pub mod remote;
 pub mod s3;
 pub mod transfer;
@@ -129,6 +130,9 @@ pub struct FileSpec {
     pub sha256: Option<[u8; 32]>,
     /// A CRC of the whole content, when the origin keeps one and no SHA-256 (S3).
     pub crc: Option<Crc>,
+    /// The file's ETag when the manifest was made (http): a resume asks for the rest of that
+    /// version only (`If-Range`), so a file replaced meanwhile is never stitched from two.
+    pub validator: Option<String>,
 }
 
 /// A CRC an origin keeps for a whole object: S3's full-object `x-amz-checksum-crc64nvme`
@@ -180,6 +184,7 @@ impl FileSpec {
             size,
             sha256: None,
             crc: None,
+            validator: None,
         }
     }
 }
@@ -217,6 +222,10 @@ pub struct FileStream {
     pub offset: u64,
     /// Size of the whole file, when the answer says it (`Content-Length`, `Content-Range`).
     pub total: Option<u64>,
+    /// The SHA-256 of the whole file, when the answer announces one (the Hub's
+    /// `X-Linked-Etag`). It must agree with the manifest's; when the manifest has none, the
+    /// transfer checks the bytes against it.
+    pub sha256: Option<[u8; 32]>,
     pub body: BoxStream<'static, Result<Bytes, OriginError>>,
 }
 

@@ -140,6 +140,7 @@ impl Origin for PeerOrigin {
             Ok(FileStream {
                 offset: start,
                 total: file.size,
+                sha256: None,
                 body,
             })
         }

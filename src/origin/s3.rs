@@ -313,6 +313,7 @@ impl S3Client {
         Ok(FileStream {
             offset: start,
             total,
+            sha256: None,
             body: byte_stream(out.body, what),
         })
     }
@@ -455,6 +456,7 @@ impl S3 {
                 size: Some(o.size),
                 sha256: checksum.sha256,
                 crc: checksum.crc,
+                validator: None,
             });
         }
         let Some(config_etag) = config_etag else {

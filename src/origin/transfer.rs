@@ -1,16 +1,19 @@
 //! Moving one file from an origin to a sink, the same way for every origin: stall detection
-//! (an idle timeout per read, never a total-time limit), retries with backoff that resume from
-//! the byte offset reached (`Range`), and the size and checksum (SHA-256, or a CRC) checks,
-//! computed while streaming.
+//! (an idle timeout per read, and the `min_rate` floor over a sliding window, [`super::rate`];
+//! never a total-time limit), retries with backoff that resume from the byte offset reached
+//! (`Range`), and the size and checksum (SHA-256, or a CRC) checks, computed while streaming.
+//! The checksum is the manifest's, else the SHA-256 the first answer announces (the Hub's
+//! `X-Linked-Etag` when the revision API listed none, as mirrors of the Hub do).
 
 use std::{future::Future, time::Duration};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
+use tokio::time::Instant;
 
-use super::{FileSpec, Manifest, Origin, OriginError, OriginErrorKind};
-use crate::{adapter::AdapterName, error::Error};
+use super::{FileSpec, Manifest, Origin, OriginError, OriginErrorKind, rate::RateFloor};
+use crate::{adapter::AdapterName, config::TransferConfig, error::Error};
 
 /// First retry delay; doubles per retry up to [`BACKOFF_CAP`].
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -43,57 +46,99 @@ pub struct Transferred {
     pub retries: u32,
 }
 
-/// The checksum computed while streaming: the SHA-256 when the origin gave one, else its CRC.
+/// The checksum computed while streaming and the value it must reach: the SHA-256 when the
+/// origin gave one, else its CRC.
 enum Check {
-    Sha256(Sha256),
-    Crc(Box<dyn aws_smithy_checksums::http::HttpChecksum>),
+    Sha256 {
+        hasher: Sha256,
+        want: [u8; 32],
+    },
+    Crc {
+        hasher: Box<dyn aws_smithy_checksums::http::HttpChecksum>,
+        want: super::Crc,
+    },
 }
 
 impl Check {
     fn for_file(file: &FileSpec) -> Option<Check> {
-        match (&file.sha256, &file.crc) {
-            (Some(_), _) => Some(Check::Sha256(Sha256::new())),
-            (None, Some(crc)) => Some(Check::Crc(crc.algorithm.smithy().into_impl())),
+        match (file.sha256, &file.crc) {
+            (Some(want), _) => Some(Check::sha256(want)),
+            (None, Some(crc)) => Some(Check::Crc {
+                hasher: crc.algorithm.smithy().into_impl(),
+                want: crc.clone(),
+            }),
             (None, None) => None,
+        }
+    }
+
+    fn sha256(want: [u8; 32]) -> Check {
+        Check::Sha256 {
+            hasher: Sha256::new(),
+            want,
         }
     }
 
     fn update(&mut self, chunk: &[u8]) {
         match self {
-            Check::Sha256(h) => h.update(chunk),
-            Check::Crc(c) => c.update(chunk),
+            Check::Sha256 { hasher, .. } => hasher.update(chunk),
+            Check::Crc { hasher, .. } => hasher.update(chunk),
         }
     }
 
-    /// Compare with what `file` announced: the content's SHA-256 when that was the check,
-    /// `None` for a CRC, or the mismatch.
-    fn finish(self, file: &FileSpec) -> Result<Option<[u8; 32]>, OriginError> {
+    /// Compare with the value wanted: the content's SHA-256 when that was the check, `None`
+    /// for a CRC, or the mismatch.
+    fn finish(self, path: &str) -> Result<Option<[u8; 32]>, OriginError> {
         let mismatch = |what: &str, want: &[u8], got: &[u8]| {
             OriginError::invalid(format!(
-                "{}: {what} mismatch (expected {}, got {})",
-                file.path,
+                "{path}: {what} mismatch (expected {}, got {})",
                 hex(want),
                 hex(got)
             ))
         };
         match self {
-            Check::Sha256(h) => {
-                let got: [u8; 32] = h.finalize().into();
-                match file.sha256 {
-                    Some(want) if want != got => Err(mismatch("sha256", &want, &got)),
-                    _ => Ok(Some(got)),
+            Check::Sha256 { hasher, want } => {
+                let got: [u8; 32] = hasher.finalize().into();
+                match want == got {
+                    true => Ok(Some(got)),
+                    false => Err(mismatch("sha256", &want, &got)),
                 }
             }
-            Check::Crc(c) => {
-                let got = c.finalize();
-                match &file.crc {
-                    Some(want) if want.value != got => {
-                        Err(mismatch(want.algorithm.name(), &want.value, &got))
-                    }
-                    _ => Ok(None),
+            Check::Crc { hasher, want } => {
+                let got = hasher.finalize();
+                match want.value == got {
+                    true => Ok(None),
+                    false => Err(mismatch(want.algorithm.name(), &want.value, &got)),
                 }
             }
         }
+    }
+}
+
+/// Take the SHA-256 an answer announces: it must agree with the one being checked; when there
+/// is none yet and the transfer starts from the first byte, it becomes the check.
+fn adopt_announced(
+    check: &mut Option<Check>,
+    announced: Option<[u8; 32]>,
+    done: u64,
+    path: &str,
+) -> Result<(), OriginError> {
+    let Some(announced) = announced else {
+        return Ok(());
+    };
+    match check {
+        Some(Check::Sha256 { want, .. }) if *want != announced => {
+            Err(OriginError::invalid(format!(
+                "{path}: the answer announces sha256 {}, expected {}",
+                hex(&announced),
+                hex(want)
+            )))
+        }
+        None if done == 0 => {
+            *check = Some(Check::sha256(announced));
+            Ok(())
+        }
+        // Already checked, by this value or by a CRC; or bytes arrived before any value did.
+        _ => Ok(()),
     }
 }
 
@@ -155,8 +200,7 @@ pub async fn pull_file<S: ChunkSink>(
             &mut check,
             &mut done,
             &mut expected,
-            cfg.idle_timeout,
-            cfg.connect_timeout,
+            &cfg,
         )
         .await;
         match attempt {
@@ -177,7 +221,7 @@ pub async fn pull_file<S: ChunkSink>(
         }
     }
     let sha256 = match check {
-        Some(c) => c.finish(file).map_err(TransferError::Origin)?,
+        Some(c) => c.finish(&file.path).map_err(TransferError::Origin)?,
         None => None,
     };
     Ok(Transferred {
@@ -187,7 +231,8 @@ pub async fn pull_file<S: ChunkSink>(
     })
 }
 
-/// One open + read-to-end attempt. `done` and the checksum carry over between attempts.
+/// One open + read-to-end attempt. `done` and the checksum carry over between attempts; the
+/// rate floor starts again with each.
 #[allow(clippy::too_many_arguments)]
 async fn stream_once<S: ChunkSink>(
     origin: &dyn Origin,
@@ -198,9 +243,9 @@ async fn stream_once<S: ChunkSink>(
     check: &mut Option<Check>,
     done: &mut u64,
     expected: &mut Option<u64>,
-    idle: Duration,
-    connect: Duration,
+    cfg: &TransferConfig,
 ) -> Result<(), TransferError> {
+    let (idle, connect) = (cfg.idle_timeout, cfg.connect_timeout);
     let stall = |what: &str| {
         TransferError::Origin(OriginError::transient(format!(
             "{}: no data for {idle:?} ({what})",
@@ -228,18 +273,40 @@ async fn stream_once<S: ChunkSink>(
             _ => *expected = Some(total),
         }
     }
+    adopt_announced(check, opened.sha256, *done, &file.path).map_err(TransferError::Origin)?;
     // Bytes before `done` were already delivered (the origin restarted from an earlier offset).
     let mut skip = *done - opened.offset;
     let mut body = opened.body;
+    let mut floor = cfg
+        .min_rate
+        .map(|rate| RateFloor::new(rate, cfg.rate_window, Instant::now()));
     loop {
-        let next = tokio::time::timeout(idle, body.next())
-            .await
-            .map_err(|_| stall("mid-transfer"))?;
+        let idle_at = Instant::now() + idle;
+        let wait_until = floor
+            .as_ref()
+            .map_or(idle_at, |f| f.deadline().min(idle_at));
+        let next = match tokio::time::timeout_at(wait_until, body.next()).await {
+            Ok(next) => next,
+            Err(_) if wait_until < idle_at => {
+                let f = floor.as_ref().expect("only a floor ends a wait early");
+                return Err(TransferError::Origin(OriginError::transient(format!(
+                    "{}: slower than min_rate ({} bytes/s over {:?}; {} bytes in this attempt)",
+                    file.path,
+                    cfg.min_rate.unwrap_or_default(),
+                    cfg.rate_window,
+                    f.total(),
+                ))));
+            }
+            Err(_) => return Err(stall("mid-transfer")),
+        };
         let mut chunk = match next {
             None => break,
             Some(Ok(c)) => c,
             Some(Err(e)) => return Err(TransferError::Origin(e)),
         };
+        if let Some(f) = floor.as_mut() {
+            f.record(chunk.len() as u64, Instant::now());
+        }
         if skip > 0 {
             let n = skip.min(chunk.len() as u64);
             let _ = chunk.split_to(n as usize);
@@ -291,180 +358,5 @@ pub fn parse_sha256(s: &str) -> Option<[u8; 32]> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
-    };
-
-    use futures_util::{FutureExt, future::BoxFuture, stream};
-
-    use super::*;
-    use crate::{config::TransferConfig, origin::FileStream};
-
-    /// An origin serving one in-memory file, failing the first `cuts` opens after `cut_at`
-    /// bytes, honouring offsets only when `ranges`.
-    struct Flaky {
-        data: Bytes,
-        cuts: AtomicU32,
-        cut_at: usize,
-        ranges: bool,
-        opens: AtomicU32,
-    }
-
-    impl Origin for Flaky {
-        fn kind(&self) -> &'static str {
-            "test"
-        }
-        fn describe(&self) -> String {
-            "test flaky".into()
-        }
-        fn transfer(&self) -> TransferConfig {
-            TransferConfig {
-                retries: 3,
-                ..TransferConfig::default()
-            }
-        }
-        fn head<'a>(
-            &'a self,
-            _: &'a AdapterName,
-        ) -> BoxFuture<'a, Result<Option<String>, OriginError>> {
-            async { Ok(None) }.boxed()
-        }
-        fn manifest<'a>(
-            &'a self,
-            _: &'a AdapterName,
-        ) -> BoxFuture<'a, Result<Manifest, OriginError>> {
-            unreachable!()
-        }
-        fn open<'a>(
-            &'a self,
-            _: &'a AdapterName,
-            _: &'a Manifest,
-            _: &'a FileSpec,
-            offset: u64,
-        ) -> BoxFuture<'a, Result<FileStream, OriginError>> {
-            self.opens.fetch_add(1, Ordering::SeqCst);
-            let start = if self.ranges { offset as usize } else { 0 };
-            let rest = self.data.slice(start..);
-            let cut = self
-                .cuts
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
-                .is_ok();
-            let mut items: Vec<Result<Bytes, OriginError>> = rest
-                .chunks(7)
-                .map(|c| Ok(Bytes::copy_from_slice(c)))
-                .collect();
-            if cut {
-                let keep = self.cut_at.div_ceil(7).min(items.len());
-                items.truncate(keep);
-                items.push(Err(OriginError::transient("connection reset")));
-            }
-            async move {
-                Ok(FileStream {
-                    offset: start as u64,
-                    total: Some(self.data.len() as u64),
-                    body: stream::iter(items).boxed(),
-                })
-            }
-            .boxed()
-        }
-    }
-
-    struct Collect(Vec<u8>);
-    impl ChunkSink for Collect {
-        async fn accept(&mut self, chunk: Bytes) -> Result<(), TransferError> {
-            self.0.extend_from_slice(&chunk);
-            Ok(())
-        }
-    }
-
-    fn data() -> Bytes {
-        (0..1000u32)
-            .map(|i| (i * 7 % 251) as u8)
-            .collect::<Vec<_>>()
-            .into()
-    }
-
-    async fn run(
-        o: &Flaky,
-        sha: Option<[u8; 32]>,
-    ) -> (Result<Transferred, TransferError>, Vec<u8>) {
-        let name = AdapterName::parse("a").unwrap();
-        let m = Manifest {
-            files: vec![],
-            etag: None,
-            revision: None,
-            source: None,
-        };
-        let spec = FileSpec {
-            path: "w".into(),
-            size: Some(1000),
-            sha256: sha,
-            crc: None,
-        };
-        let mut sink = Collect(Vec::new());
-        let r = pull_file(o, &name, &m, &spec, &mut sink).await;
-        (r, sink.0)
-    }
-
-    fn flaky(cuts: u32, ranges: bool) -> Arc<Flaky> {
-        Arc::new(Flaky {
-            data: data(),
-            cuts: AtomicU32::new(cuts),
-            cut_at: 400,
-            ranges,
-            opens: AtomicU32::new(0),
-        })
-    }
-
-    #[tokio::test]
-    async fn resumes_with_range_and_verifies() {
-        let o = flaky(2, true);
-        let want: [u8; 32] = Sha256::digest(data()).into();
-        let (r, got) = run(&o, Some(want)).await;
-        let t = r.unwrap();
-        assert_eq!(got, data().to_vec());
-        assert_eq!((t.bytes, t.retries, t.sha256), (1000, 2, Some(want)));
-        assert_eq!(o.opens.load(Ordering::SeqCst), 3);
-    }
-
-    #[tokio::test]
-    async fn restarts_when_range_is_ignored() {
-        let o = flaky(1, false);
-        let (r, got) = run(&o, None).await;
-        assert_eq!(r.unwrap().retries, 1);
-        assert_eq!(got, data().to_vec());
-    }
-
-    #[tokio::test]
-    async fn gives_up_after_retries() {
-        let o = flaky(10, true);
-        let (r, _) = run(&o, None).await;
-        match r {
-            Err(TransferError::Origin(e)) => assert_eq!(e.kind, OriginErrorKind::Transient),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(o.opens.load(Ordering::SeqCst), 4);
-    }
-
-    #[tokio::test]
-    async fn sha_mismatch_is_invalid() {
-        let o = flaky(0, true);
-        let (r, _) = run(&o, Some([7; 32])).await;
-        match r {
-            Err(TransferError::Origin(e)) => {
-                assert_eq!(e.kind, OriginErrorKind::Invalid);
-                assert!(e.message.contains("sha256 mismatch"));
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn sha_hex_roundtrip() {
-        let d: [u8; 32] = Sha256::digest(b"x").into();
-        assert_eq!(parse_sha256(&format!("\"{}\"", hex(&d))), Some(d));
-        assert_eq!(parse_sha256("abc"), None);
-    }
-}
+#[path = "transfer_tests.rs"]
+mod tests;

@@ -82,7 +82,7 @@ pub struct ModelDims {
 }
 
 impl ModelDims {
-    /// The tiny Llama of `shared/vllm-cpu/make_tiny_model.py` (2 layers, hidden 256, 2 KV heads
+    /// The tiny Llama of `scripts/vllm/make_tiny_model.py` (2 layers, hidden 256, 2 KV heads
     /// of 64): adapters with these dims and `q/k/v/o_proj` load in the real CPU vLLM.
     pub const TINY_LLAMA: ModelDims = ModelDims {
         layers: 2,

@@ -1,18 +1,28 @@
 //! A stand-in Hugging Face Hub speaking the parts of its HTTP API that loraplex uses, on real
-//! sockets (for the tests, the demo and the benchmark).
+//! sockets (for the tests, the demo and the benchmark), answering as `huggingface.co` does.
 //!
 //! - `GET /api/models/{repo}/revision/{rev}[?blobs=true]`: `sha` and `siblings` (with `size`
-//!   and `lfs.sha256` when `blobs=true`).
-//! - `GET /{repo}/resolve/{rev}/{file}`: small files answer 200 directly; LFS files answer 302
-//!   to `/cdn/{sha256}` with `X-Linked-Etag`, `X-Linked-Size` and `X-Repo-Commit`, either on
-//!   the Hub's own origin or on a second listener (another port: another origin).
-//! - `GET /cdn/{sha256}`: the bytes, with `Range`.
+//!   and `lfs.sha256` when `blobs=true`; [`StandInHub::list_lfs`] turns the `lfs` objects off,
+//!   as mirrors and proxies of the Hub often do).
+//! - `GET /{repo}/resolve/{rev}/{file}`: every answer carries `X-Repo-Commit`. Small (git)
+//!   files answer a relative 307 to `/api/resolve-cache/models/{repo}/{commit}/{file}` with
+//!   `X-Linked-Etag` = their git blob sha1, and that route serves the bytes with the same
+//!   `ETag`; LFS files answer 302 to `/cdn/{sha256}` with `X-Linked-Etag` (the SHA-256),
+//!   `X-Linked-Size`, either on the Hub's own origin or on a second listener (another port:
+//!   another origin).
+//! - `GET /cdn/{sha256}`: the bytes, with `Range`, and the CDN's own `ETag` (not the content's
+//!   SHA-256, as the real CDN's is its Xet hash).
 //!
-//! A token, when set, is required on `/api` and `/resolve` (401 without it, as the Hub does);
-//! the CDN never checks it, and records which `Authorization` it was sent. Unknown repos,
-//! revisions and files are 404 with the Hub's `X-Error-Code`. Faults can be armed per path:
-//! an error status, a body cut after N bytes (connection reset), a body that stalls after N
-//! bytes. Every request is counted per path.
+//! Errors have the Hub's shapes (`X-Error-Code`, `X-Error-Message`, a JSON `{"error": ...}`
+//! body on `/api`): without a token, a repo that does not exist is **401** "Invalid username or
+//! password." (no `X-Error-Code`), exactly like a private one; with a token it is 404
+//! `RepoNotFound`. A token the Hub does not know is 401 "Invalid credentials in Authorization
+//! header". A stand-in started with a token has private repos only: that token sees them,
+//! no token gets the 401 of a missing repo. Unknown revisions and files are 404
+//! `RevisionNotFound` / `EntryNotFound`. The CDN never checks a token, and records which
+//! `Authorization` it was sent. Faults can be armed per path: an error status, a body cut
+//! after N bytes (connection reset), a body that stalls after N bytes. Every request is
+//! counted per path.
 
 use std::{
     collections::HashMap,
@@ -115,6 +125,8 @@ struct Inner {
     faults: HashMap<String, Vec<Fault>>,
     /// CDN link speed in bytes/s (`None`: as fast as the socket takes it).
     link_rate: Option<u64>,
+    /// The revision API leaves out `lfs` (a mirror).
+    hide_lfs: bool,
 }
 
 struct HubState {
@@ -203,6 +215,13 @@ impl StandInHub {
         self.state.lock().link_rate = bytes_per_sec;
     }
 
+    /// Whether the revision API lists the `lfs` object (with its SHA-256) of LFS files, as
+    /// `huggingface.co` does (the default); `false` answers as many mirrors and proxies of the
+    /// Hub do, with sizes only.
+    pub fn list_lfs(&self, listed: bool) {
+        self.state.lock().hide_lfs = !listed;
+    }
+
     /// Requests seen for `path` (e.g. `/cdn/{sha256}`, `/org/x/resolve/{sha}/file`).
     pub fn hits(&self, path: &str) -> u64 {
         self.state.lock().hits.get(path).copied().unwrap_or(0)
@@ -268,27 +287,127 @@ fn handle(st: &HubState, req: Request) -> Response {
         };
         return match blob {
             Some(bytes) if fault.is_none() => {
-                paced(serve_bytes(head, bytes, None, Vec::new()), rate)
+                let etag = cdn_etag(&bytes);
+                paced(serve_bytes(head, bytes, None, etag, Vec::new()), rate)
             }
-            Some(bytes) => serve_bytes(head, bytes, fault, Vec::new()),
+            Some(bytes) => {
+                let etag = cdn_etag(&bytes);
+                serve_bytes(head, bytes, fault, etag, Vec::new())
+            }
             None => Response::text(404, "no such blob"),
         };
     }
+    let api = path.starts_with("/api/");
     let expected = st.token.as_ref().map(|t| format!("Bearer {t}"));
-    if expected.is_some() && auth != expected {
-        return Response::text(401, "Invalid credentials in Authorization header");
+    let who = match (&auth, &expected) {
+        (Some(a), Some(e)) if a != e => return hub_error(401, None, INVALID_CREDENTIALS, api),
+        (Some(_), _) => Caller::Authenticated,
+        (None, _) => Caller::Anonymous,
+    };
+    let ctx = Ctx { st, who, api };
+    if let Some(rest) = path.strip_prefix("/api/resolve-cache/models/") {
+        return match parse_cached(rest) {
+            Some((repo, commit, file)) => ctx.with_commit(repo, commit, |c| {
+                match c.files.iter().find(|f| f.name == file && !f.lfs) {
+                    Some(f) => {
+                        let etag = format!("\"{}\"", git_blob_sha1(&f.bytes));
+                        let commit = vec![("x-repo-commit".to_owned(), c.sha.clone())];
+                        serve_bytes(head, f.bytes.clone(), fault, etag, commit)
+                    }
+                    None => entry_not_found(&c.sha),
+                }
+            }),
+            None => hub_error(404, Some("EntryNotFound"), "Entry not found", api),
+        };
     }
     if let Some(rest) = path.strip_prefix("/api/models/") {
         let blobs = head.query_param("blobs") == Some("true");
         return match rest.split_once("/revision/") {
-            Some((repo, rev)) => repo_info(st, repo, rev, blobs),
-            None => not_found("RepoNotFound"),
+            Some((repo, rev)) => repo_info(&ctx, repo, rev, blobs),
+            None => ctx.missing_repo(),
         };
     }
     match parse_resolve(&path) {
-        Some((repo, rev, file)) => resolve(st, head, repo, rev, file, fault),
-        None => not_found("EntryNotFound"),
+        Some((repo, rev, file)) => resolve(&ctx, repo, rev, file),
+        None => hub_error(404, Some("EntryNotFound"), "Entry not found", api),
     }
+}
+
+/// The Hub's message for a token it does not know.
+const INVALID_CREDENTIALS: &str = "Invalid credentials in Authorization header";
+/// The Hub's message for a repo it will not show without a token: missing, or private.
+const INVALID_USERNAME: &str = "Invalid username or password.";
+
+/// Who is asking.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Anonymous,
+    /// With a token the Hub accepts.
+    Authenticated,
+}
+
+/// One request's view of the Hub.
+struct Ctx<'a> {
+    st: &'a HubState,
+    who: Caller,
+    /// An `/api` route (errors have a JSON body there, text elsewhere).
+    api: bool,
+}
+
+impl Ctx<'_> {
+    /// What the Hub answers for a repo this caller may not see: without a token the 401 that
+    /// does not say whether the repo exists; with one, 404.
+    fn missing_repo(&self) -> Response {
+        match self.who {
+            Caller::Anonymous => hub_error(401, None, INVALID_USERNAME, self.api).header(
+                "www-authenticate",
+                "Bearer realm=\"Authentication required\", charset=\"UTF-8\"",
+            ),
+            Caller::Authenticated => {
+                hub_error(404, Some("RepoNotFound"), "Repository not found", self.api)
+            }
+        }
+    }
+
+    /// Find the commit `rev` (a ref or a sha) of `repo`, and run `f` on it. A stand-in with a
+    /// token keeps its repos private: only that token sees them.
+    fn with_commit(&self, repo: &str, rev: &str, f: impl FnOnce(&Commit) -> Response) -> Response {
+        let private = self.st.token.is_some() && self.who == Caller::Anonymous;
+        let inner = self.st.lock();
+        let Some(commits) = inner.repos.get(repo).filter(|_| !private) else {
+            return self.missing_repo();
+        };
+        match commits
+            .iter()
+            .find(|c| c.sha == rev || c.refs.iter().any(|r| r == rev))
+        {
+            Some(c) => f(c),
+            None => hub_error(
+                404,
+                Some("RevisionNotFound"),
+                &format!("Invalid rev id: {rev}"),
+                self.api,
+            ),
+        }
+    }
+}
+
+/// An error answer in the Hub's shape: `X-Error-Code` (when there is one), `X-Error-Message`,
+/// and the message as `{"error": ...}` on `/api`, as text elsewhere.
+fn hub_error(status: u16, code: Option<&str>, message: &str, api: bool) -> Response {
+    let resp = match api {
+        true => Response::json(status, &serde_json::json!({ "error": message })),
+        false => Response::text(status, message),
+    };
+    let resp = resp.header("x-error-message", message);
+    match code {
+        Some(code) => resp.header("x-error-code", code),
+        None => resp,
+    }
+}
+
+fn entry_not_found(commit: &str) -> Response {
+    hub_error(404, Some("EntryNotFound"), "Entry not found", false).header("x-repo-commit", commit)
 }
 
 /// `/{repo}/resolve/{rev}/{file}` → (repo, rev, file).
@@ -298,32 +417,26 @@ fn parse_resolve(path: &str) -> Option<(&str, &str, &str)> {
     Some((repo, rev, file))
 }
 
-fn not_found(code: &'static str) -> Response {
-    Response::text(404, code).header("x-error-code", code)
+/// `{org}/{name}/{commit}/{file}` (after `/api/resolve-cache/models/`) → (repo, commit, file).
+fn parse_cached(rest: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = rest.splitn(4, '/');
+    let (org, name, commit, file) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let repo = rest.get(..org.len() + 1 + name.len())?;
+    Some((repo, commit, file))
 }
 
-/// Find the commit `rev` (a ref or a sha) of `repo`, and run `f` on it.
-fn with_commit(
-    st: &HubState,
-    repo: &str,
-    rev: &str,
-    f: impl FnOnce(&Commit) -> Response,
-) -> Response {
-    let inner = st.lock();
-    let Some(commits) = inner.repos.get(repo) else {
-        return not_found("RepoNotFound");
-    };
-    match commits
-        .iter()
-        .find(|c| c.sha == rev || c.refs.iter().any(|r| r == rev))
-    {
-        Some(c) => f(c),
-        None => not_found("RevisionNotFound"),
-    }
+/// The git blob id of `bytes` (hex SHA-1 of `blob {len}\0` + the bytes): what the Hub sends as
+/// the ETag of a file kept in git rather than LFS.
+pub fn git_blob_sha1(bytes: &[u8]) -> String {
+    let mut sha1 = aws_smithy_checksums::ChecksumAlgorithm::Sha1.into_impl();
+    sha1.update(format!("blob {}\0", bytes.len()).as_bytes());
+    sha1.update(bytes);
+    hex(&sha1.finalize())
 }
 
-fn repo_info(st: &HubState, repo: &str, rev: &str, blobs: bool) -> Response {
-    with_commit(st, repo, rev, |c| {
+fn repo_info(ctx: &Ctx<'_>, repo: &str, rev: &str, blobs: bool) -> Response {
+    let hide_lfs = ctx.st.lock().hide_lfs;
+    ctx.with_commit(repo, rev, |c| {
         let siblings: Vec<serde_json::Value> = c
             .files
             .iter()
@@ -331,7 +444,7 @@ fn repo_info(st: &HubState, repo: &str, rev: &str, blobs: bool) -> Response {
                 let mut s = serde_json::json!({ "rfilename": f.name });
                 if blobs {
                     s["size"] = f.bytes.len().into();
-                    if f.lfs {
+                    if f.lfs && !hide_lfs {
                         s["lfs"] = serde_json::json!({
                             "sha256": f.announced_sha256(),
                             "size": f.bytes.len(),
@@ -347,32 +460,30 @@ fn repo_info(st: &HubState, repo: &str, rev: &str, blobs: bool) -> Response {
     })
 }
 
-fn resolve(
-    st: &HubState,
-    head: &super::server::RequestHead,
-    repo: &str,
-    rev: &str,
-    name: &str,
-    fault: Option<Fault>,
-) -> Response {
-    with_commit(st, repo, rev, |c| {
+fn resolve(ctx: &Ctx<'_>, repo: &str, rev: &str, name: &str) -> Response {
+    ctx.with_commit(repo, rev, |c| {
         let Some(file) = c.files.iter().find(|f| f.name == name) else {
-            return not_found("EntryNotFound");
+            return entry_not_found(&c.sha);
         };
-        let commit = ("x-repo-commit".to_owned(), c.sha.clone());
         if !file.lfs {
-            return serve_bytes(head, file.bytes.clone(), fault, vec![commit]);
+            let blob = git_blob_sha1(&file.bytes);
+            return Response::new(307)
+                .header("x-repo-commit", c.sha.clone())
+                .header("x-linked-etag", format!("\"{blob}\""))
+                .header(
+                    "location",
+                    format!("/api/resolve-cache/models/{repo}/{}/{name}", c.sha),
+                );
         }
         let sha = file.announced_sha256();
-        let location = match st.cdn {
+        let location = match ctx.st.cdn {
             CdnHost::Same => format!("/cdn/{sha}"),
-            CdnHost::Other => format!("{}/cdn/{sha}", st.cdn_base.get().expect("set at start")),
+            CdnHost::Other => format!("{}/cdn/{sha}", ctx.st.cdn_base.get().expect("set at start")),
         };
         Response::new(302)
             .header("x-repo-commit", c.sha.clone())
             .header("x-linked-etag", format!("\"{sha}\""))
             .header("x-linked-size", file.bytes.len().to_string())
-            .header("etag", format!("\"{sha}\""))
             .header("location", location)
     })
 }
@@ -413,18 +524,24 @@ fn range_start(v: Option<&str>) -> Option<u64> {
     start.trim().parse().ok()
 }
 
+/// The CDN's own ETag of `bytes`: a hash that is not the content's SHA-256 (the real CDN's is
+/// the Xet hash), so a client that took it for one would notice.
+fn cdn_etag(bytes: &[u8]) -> String {
+    format!(
+        "\"{}\"",
+        hex(&Sha256::digest(&bytes[..bytes.len().min(4096)]))
+    )
+}
+
 /// The bytes, honouring `Range`, with the armed fault applied to the body.
 fn serve_bytes(
     head: &super::server::RequestHead,
     bytes: Bytes,
     fault: Option<Fault>,
+    etag: String,
     headers: Vec<(String, String)>,
 ) -> Response {
     let total = bytes.len() as u64;
-    let etag = format!(
-        "\"{}\"",
-        hex(&Sha256::digest(&bytes[..bytes.len().min(4096)]))
-    );
     let (status, start, end) = match pick_range(head, &etag, total) {
         RangeAnswer::Whole => (200, 0, total),
         RangeAnswer::Partial(a, b) => (206, a, b + 1),

@@ -1,12 +1,15 @@
 //! The stand-in HTTP adapter origin: serves `{prefix}/{name}/{file}` like a plain web server
 //! (nginx `root`/`alias`) would, with the knobs tests need to break it.
 //!
-//! Mirrors: `GET` and `HEAD`; a strong `ETag` (xxh3 of the content, quoted) that changes when the
-//! content does; `Content-Length`; `Accept-Ranges: bytes`; one `Range: bytes=a-b | a- | -n` →
-//! 206 with `Content-Range` (several ranges or bad syntax: the range is ignored, 200; past the
-//! end: 416 `bytes */len`); `If-Range` with another ETag → 200 whole; `If-None-Match` → 304;
-//! 404 for a missing file; 405 for other methods. The Go loraplex HTTP origin asks for
-//! `{base}/{name}/adapter_config.json`, `adapter_model.safetensors`, `adapter_model.bin`.
+//! Mirrors: `GET` and `HEAD`; nginx's `ETag`, `"{mtime hex}-{size hex}"` (not a hash of the
+//! content: new bytes of the same size under the same mtime keep it), and `Last-Modified`; each
+//! put gets an mtime later than any file it replaces, as an upload a moment later would
+//! ([`OriginStandIn::put_file_at`] sets one); `Content-Length`; `Accept-Ranges: bytes`; one
+//! `Range: bytes=a-b | a- | -n` → 206 with `Content-Range` (several ranges or bad syntax: the
+//! range is ignored, 200; past the end: 416 `bytes */len`); `If-Range` with another ETag → 200
+//! whole; `If-None-Match` → 304; 404 for a missing file; 405 for other methods. The Go loraplex
+//! HTTP origin asks for `{base}/{name}/adapter_config.json`, `adapter_model.safetensors`,
+//! `adapter_model.bin`.
 //!
 //! Test controls: GET/HEAD counts per path, replacing content at runtime, a bearer token, a
 //! throttled rate, and [`Fault`]s: an error status, a cut after K body bytes, a stall after K
@@ -23,11 +26,10 @@ use std::{
 
 use bytes::Bytes;
 use tokio::runtime::Handle;
-use xxhash_rust::xxh3::xxh3_64;
 
 pub use super::origin_faults::{Fault, FaultKind};
 use super::{
-    adapters::{AdapterSpec, adapter_files, hash16},
+    adapters::{AdapterSpec, adapter_files},
     origin_faults::{body_with_faults, take_fault},
     range::{RangeAnswer, pick_range},
     server::{Request, RequestHead, Response, Server, handler, lock},
@@ -54,12 +56,22 @@ impl Default for OriginConfig {
 
 struct File {
     data: Bytes,
+    /// Seconds since the epoch, as nginx reads them from the file.
+    mtime: u64,
     etag: String,
+}
+
+/// nginx's ETag for a file: `"{mtime:x}-{size:x}"` (`ngx_http_set_etag`).
+pub fn nginx_etag(mtime: u64, size: u64) -> String {
+    format!("\"{mtime:x}-{size:x}\"")
 }
 
 #[derive(Default)]
 struct Inner {
     files: HashMap<String, File>,
+    /// The last mtime given to each path, kept when the file is removed: a file put again
+    /// is newer than any it replaces.
+    mtimes: HashMap<String, u64>,
     gets: HashMap<String, u64>,
     heads: HashMap<String, u64>,
     faults: Vec<Fault>,
@@ -114,13 +126,32 @@ impl OriginStandIn {
         format!("{}{}", self.server.url(), self.state.prefix)
     }
 
-    /// Put (or replace) one file of adapter `name`.
+    /// Put (or replace) one file of adapter `name`, modified now (and after the file it
+    /// replaces).
     pub fn put_file(&self, name: &str, file: &str, data: impl Into<Bytes>) {
-        let data = data.into();
-        let etag = format!("\"{}\"", hash16(xxh3_64(&data)));
-        lock(&self.state.inner)
-            .files
-            .insert(format!("{name}/{file}"), File { data, etag });
+        let path = format!("{name}/{file}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut inner = lock(&self.state.inner);
+        let mtime = match inner.mtimes.get(&path) {
+            Some(old) => now.max(old + 1),
+            None => now,
+        };
+        insert(&mut inner, path, data.into(), mtime);
+    }
+
+    /// Put (or replace) one file of adapter `name` with the modification time `mtime`
+    /// (seconds since the epoch).
+    pub fn put_file_at(&self, name: &str, file: &str, data: impl Into<Bytes>, mtime: u64) {
+        let mut inner = lock(&self.state.inner);
+        insert(&mut inner, format!("{name}/{file}"), data.into(), mtime);
+    }
+
+    /// The modification time of `{name}/{file}` (seconds since the epoch).
+    pub fn mtime(&self, name: &str, file: &str) -> Option<u64> {
+        let inner = lock(&self.state.inner);
+        inner.files.get(&format!("{name}/{file}")).map(|f| f.mtime)
     }
 
     /// Generate adapter `name` from `spec`, replacing all its files.
@@ -253,6 +284,19 @@ impl OriginStandIn {
     }
 }
 
+fn insert(inner: &mut Inner, path: String, data: Bytes, mtime: u64) {
+    let etag = nginx_etag(mtime, data.len() as u64);
+    inner.mtimes.insert(path.clone(), mtime);
+    inner.files.insert(path, File { data, mtime, etag });
+}
+
+/// `Last-Modified` of an mtime: an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`).
+fn http_date(mtime: u64) -> String {
+    let at = jiff::Timestamp::from_second(i64::try_from(mtime).unwrap_or(i64::MAX))
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    at.strftime("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
 fn serve(state: &State, req: &Request) -> Response {
     let head = &req.head;
     let is_get = head.method == "GET";
@@ -290,6 +334,7 @@ fn serve(state: &State, req: &Request) -> Response {
         return Response::text(404, "not found");
     };
     let (data, etag) = (file.data.clone(), file.etag.clone());
+    let last_modified = http_date(file.mtime);
     let throttle = match fault {
         Some(FaultKind::Throttle(rate)) => Some(rate),
         _ => inner.throttle,
@@ -304,6 +349,7 @@ fn serve(state: &State, req: &Request) -> Response {
     let base = |status| {
         Response::new(status)
             .header("content-type", content_type)
+            .header("last-modified", last_modified.clone())
             .header("etag", etag.clone())
             .header("accept-ranges", "bytes")
     };

@@ -2,6 +2,12 @@
 //! directory per bucket) on a 127.0.0.1 port, wrapped to inject what a filesystem cannot hold
 //! (a hostile `..` key in listings) and transfer faults (a body cut after N bytes), and to
 //! record every GetObject with its range start.
+//!
+//! The wrapper also makes it answer checksums as S3 does, where s3s-fs is more generous:
+//! HeadObject and GetObject carry an object's `x-amz-checksum-*` (with
+//! `x-amz-checksum-type: FULL_OBJECT`) only when the request asks with
+//! `x-amz-checksum-mode: ENABLED`, and ListObjectsV2 names each object's checksum algorithm
+//! (`ChecksumAlgorithm`, `ChecksumType`) as S3's listing does.
 // Shared by the tests and the benchmark; each uses part of it.
 #![allow(dead_code)]
 
@@ -46,6 +52,8 @@ pub struct Knobs {
     pub cuts: Mutex<HashMap<String, u64>>,
     /// Every GetObject: (key, range start).
     pub gets: Mutex<Vec<(String, Option<u64>)>>,
+    /// Every HeadObject: (key, whether it asked for checksums).
+    pub heads: Mutex<Vec<(String, bool)>>,
 }
 
 struct Wrapped {
@@ -73,7 +81,12 @@ impl S3 for Wrapped {
         &self,
         req: S3Request<dto::HeadObjectInput>,
     ) -> S3Result<S3Response<dto::HeadObjectOutput>> {
-        self.fs.head_object(req).await
+        let asks = checksum_mode(&req.input.checksum_mode);
+        let key = req.input.key.clone();
+        self.knobs.heads.lock().unwrap().push((key, asks));
+        let mut resp = self.fs.head_object(req).await?;
+        answer_checksums!(resp.output, asks);
+        Ok(resp)
     }
 
     async fn list_objects_v2(
@@ -81,7 +94,58 @@ impl S3 for Wrapped {
         req: S3Request<dto::ListObjectsV2Input>,
     ) -> S3Result<S3Response<dto::ListObjectsV2Output>> {
         let prefix = req.input.prefix.clone().unwrap_or_default();
+        let bucket = req.input.bucket.clone();
+        let (method, uri, headers) = (req.method.clone(), req.uri.clone(), req.headers.clone());
+        let (credentials, region, service) = (
+            req.credentials.clone(),
+            req.region.clone(),
+            req.service.clone(),
+        );
+        let head_req = |key: String| S3Request {
+            input: dto::HeadObjectInput {
+                bucket: bucket.clone(),
+                key,
+                checksum_mode: Some(dto::ChecksumMode::from_static(dto::ChecksumMode::ENABLED)),
+                ..Default::default()
+            },
+            method: method.clone(),
+            uri: uri.clone(),
+            headers: headers.clone(),
+            extensions: Default::default(),
+            credentials: credentials.clone(),
+            region: region.clone(),
+            service: service.clone(),
+            trailing_headers: None,
+        };
         let mut resp = self.fs.list_objects_v2(req).await?;
+        // S3 lists the algorithm of each object's checksum; s3s-fs lists none.
+        for obj in resp.output.contents.iter_mut().flatten() {
+            let Some(key) = obj.key.clone() else { continue };
+            let Ok(head) = self.fs.head_object(head_req(key)).await else {
+                continue;
+            };
+            let h = head.output;
+            let algorithms: Vec<dto::ChecksumAlgorithm> = [
+                (dto::ChecksumAlgorithm::CRC32, h.checksum_crc32.is_some()),
+                (dto::ChecksumAlgorithm::CRC32C, h.checksum_crc32c.is_some()),
+                (
+                    dto::ChecksumAlgorithm::CRC64NVME,
+                    h.checksum_crc64nvme.is_some(),
+                ),
+                (dto::ChecksumAlgorithm::SHA1, h.checksum_sha1.is_some()),
+                (dto::ChecksumAlgorithm::SHA256, h.checksum_sha256.is_some()),
+            ]
+            .into_iter()
+            .filter(|(_, has)| *has)
+            .map(|(a, _)| dto::ChecksumAlgorithm::from_static(a))
+            .collect();
+            if !algorithms.is_empty() {
+                obj.checksum_algorithm = Some(algorithms);
+                obj.checksum_type = Some(dto::ChecksumType::from_static(
+                    dto::ChecksumType::FULL_OBJECT,
+                ));
+            }
+        }
         let hostile = self.knobs.hostile_key.lock().unwrap().clone();
         if let Some(key) = hostile.filter(|k| k.starts_with(&prefix)) {
             let obj = dto::Object {
@@ -106,13 +170,50 @@ impl S3 for Wrapped {
         };
         self.knobs.gets.lock().unwrap().push((key.clone(), start));
         let cut = self.knobs.cuts.lock().unwrap().remove(&key);
+        let asks = checksum_mode(&req.input.checksum_mode);
         let mut resp = self.fs.get_object(req).await?;
+        answer_checksums!(resp.output, asks);
         if let Some(left) = cut {
             let inner = resp.output.body.take().expect("GetObject has a body");
             resp.output.body = Some(StreamingBlob::wrap(Cut { inner, left }));
         }
         Ok(resp)
     }
+}
+
+fn checksum_mode(mode: &Option<dto::ChecksumMode>) -> bool {
+    mode.as_ref()
+        .is_some_and(|m| m.as_str() == dto::ChecksumMode::ENABLED)
+}
+
+/// S3's rule for the checksum headers of HeadObject's and GetObject's output `$o`: only in
+/// checksum mode, and then with the checksum's type.
+macro_rules! answer_checksums {
+    ($o:expr, $asks:expr) => {{
+        let o = &mut $o;
+        let sums = [
+            &mut o.checksum_crc32,
+            &mut o.checksum_crc32c,
+            &mut o.checksum_crc64nvme,
+            &mut o.checksum_sha1,
+            &mut o.checksum_sha256,
+        ];
+        o.checksum_type = checksum_type(sums, $asks);
+    }};
+}
+use answer_checksums;
+
+/// Clear `sums` unless the request `asks`; the type of those answered (s3s-fs keeps the
+/// full-object checksums of single PUTs only).
+fn checksum_type(sums: [&mut Option<String>; 5], asks: bool) -> Option<dto::ChecksumType> {
+    let mut any = false;
+    for sum in sums {
+        any |= sum.is_some();
+        if !asks {
+            *sum = None;
+        }
+    }
+    (asks && any).then(|| dto::ChecksumType::from_static(dto::ChecksumType::FULL_OBJECT))
 }
 
 /// A body that ends in a reset after `left` bytes.
