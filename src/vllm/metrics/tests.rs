@@ -1,41 +1,18 @@
 use super::*;
 
-/// Lines as vLLM 0.32 writes them (from a capture of a real server with four LoRA slots).
-const REAL: &str = r#"# HELP python_gc_objects_collected_total Objects collected during gc
-# TYPE python_gc_objects_collected_total counter
-python_gc_objects_collected_total{generation="0"} 15459.0
-# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.
-# TYPE process_start_time_seconds gauge
-process_start_time_seconds 1.7961368319e+09
-# HELP vllm:num_requests_running Number of requests in model execution batches.
-# TYPE vllm:num_requests_running gauge
-vllm:num_requests_running{engine="0",model_name="/tmp/tiny/base-a"} 5.0
-# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
-# TYPE vllm:num_requests_waiting gauge
-vllm:num_requests_waiting{engine="0",model_name="/tmp/tiny/base-a"} 1.0
-vllm:num_requests_waiting_by_reason{engine="0",model_name="/tmp/tiny/base-a",reason="capacity"} 0.0
-# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
-# TYPE vllm:kv_cache_usage_perc gauge
-vllm:kv_cache_usage_perc{engine="0",model_name="/tmp/tiny/base-a"} 0.0006104260774020265
-# HELP vllm:request_success_total Count of successfully processed requests.
-# TYPE vllm:request_success_total counter
-vllm:request_success_total{engine="0",finished_reason="stop",model_name="/tmp/tiny/base-a"} 0.0
-vllm:request_success_total{engine="0",finished_reason="length",model_name="/tmp/tiny/base-a"} 1.0
-# HELP vllm:lora_requests_info Running stats on lora requests.
-# TYPE vllm:lora_requests_info gauge
-vllm:lora_requests_info{max_lora="4",running_lora_adapters="acme/summarizer-lora",waiting_lora_adapters="acme/summarizer-lora"} 1.7961368979391618e+09
-vllm:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""} 1.796136897915014e+09
-vllm:lora_requests_info{max_lora="4",running_lora_adapters="acme/summarizer-lora,acme/translator-lora,acme/coder-lora,acme/math-lora",waiting_lora_adapters="acme/summarizer-lora,acme/translator-lora,acme/coder-lora,acme/math-lora"} 1.7961368981362147e+09
-vllm:lora_requests_info{max_lora="4",running_lora_adapters="acme/summarizer-lora,acme/translator-lora,acme/coder-lora",waiting_lora_adapters="acme/summarizer-lora,acme/translator-lora,acme/coder-lora"} 1.7961368980535724e+09
-"#;
+/// Captures of a real vLLM 0.32 (`tests/fixtures/vllm/README.md` says how they were taken).
+const BUSY: &str = include_str!("../../../tests/fixtures/vllm/metrics-busy-lora.txt");
+const IDLE_AFTER: &str = include_str!("../../../tests/fixtures/vllm/metrics-idle-after-lora.txt");
+const FRESH: &str = include_str!("../../../tests/fixtures/vllm/metrics-idle-fresh.txt");
+const SERVED: &str = include_str!("../../../tests/fixtures/vllm/metrics-served-name-after-lora.txt");
 
 #[test]
-fn reads_a_real_vllm_exposition() {
-    let m = VllmMetrics::parse(REAL).unwrap();
+fn reads_a_real_vllm_while_busy() {
+    // Five adapters, four slots: four run, one waits (and the base model runs too).
+    let m = VllmMetrics::parse(BUSY).unwrap();
     assert!(m.is_vllm);
     assert_eq!((m.running, m.waiting), (5.0, 1.0));
-    assert!((m.kv.unwrap() - 0.00061).abs() < 1e-5);
-    assert_eq!(m.success_total, 1.0);
+    assert!(m.kv.unwrap() > 0.0 && m.kv.unwrap() < 1.0);
     assert_eq!(m.started, Some(1.7961368319e9));
     assert_eq!(m.max_lora, Some(4));
     // The newest label set, not the last line.
@@ -48,6 +25,26 @@ fn reads_a_real_vllm_exposition() {
             "acme/math-lora"
         ]
     );
+}
+
+#[test]
+fn reads_a_real_vllm_idle_before_and_after_lora_requests() {
+    let fresh = VllmMetrics::parse(FRESH).unwrap();
+    assert!(fresh.is_vllm);
+    assert_eq!((fresh.running, fresh.waiting, fresh.success_total), (0.0, 0.0, 0.0));
+    assert_eq!((fresh.max_lora, fresh.adapters.len()), (None, 0), "no LoRA request yet");
+    let after = VllmMetrics::parse(IDLE_AFTER).unwrap();
+    assert_eq!((after.running, after.waiting), (0.0, 0.0));
+    assert!(after.success_total >= 6.0, "{}", after.success_total);
+    assert_eq!(after.max_lora, Some(4));
+    // Every label set seen stays exported (eight here); the newest, once idle, is the empty one.
+    let series = IDLE_AFTER.lines().filter(|l| l.starts_with("vllm:lora_requests_info{")).count();
+    assert!(series >= 5, "{series}");
+    assert!(after.adapters.is_empty(), "{:?}", after.adapters);
+    // With --served-model-name: the same figures.
+    let served = VllmMetrics::parse(SERVED).unwrap();
+    assert_eq!(served.max_lora, Some(4));
+    assert!(served.started.is_some() && served.adapters.is_empty());
 }
 
 #[test]
