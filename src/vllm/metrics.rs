@@ -135,6 +135,13 @@ pub fn unescape(raw: &str) -> Cow<'_, str> {
 }
 
 impl<'a> Sample<'a> {
+    /// Every label, in order, values unescaped.
+    pub fn label_pairs(&self) -> Vec<(&'a str, Cow<'a, str>)> {
+        let mut out = Vec::new();
+        let _ = walk_labels(self.labels, |n, v| out.push((n, unescape(v))));
+        out
+    }
+
     /// A label's value, unescaped.
     pub fn label(&self, name: &str) -> Option<Cow<'a, str>> {
         let mut found = None;

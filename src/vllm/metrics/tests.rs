@@ -4,7 +4,8 @@ use super::*;
 const BUSY: &str = include_str!("../../../tests/fixtures/vllm/metrics-busy-lora.txt");
 const IDLE_AFTER: &str = include_str!("../../../tests/fixtures/vllm/metrics-idle-after-lora.txt");
 const FRESH: &str = include_str!("../../../tests/fixtures/vllm/metrics-idle-fresh.txt");
-const SERVED: &str = include_str!("../../../tests/fixtures/vllm/metrics-served-name-after-lora.txt");
+const SERVED: &str =
+    include_str!("../../../tests/fixtures/vllm/metrics-served-name-after-lora.txt");
 
 #[test]
 fn reads_a_real_vllm_while_busy() {
@@ -31,14 +32,24 @@ fn reads_a_real_vllm_while_busy() {
 fn reads_a_real_vllm_idle_before_and_after_lora_requests() {
     let fresh = VllmMetrics::parse(FRESH).unwrap();
     assert!(fresh.is_vllm);
-    assert_eq!((fresh.running, fresh.waiting, fresh.success_total), (0.0, 0.0, 0.0));
-    assert_eq!((fresh.max_lora, fresh.adapters.len()), (None, 0), "no LoRA request yet");
+    assert_eq!(
+        (fresh.running, fresh.waiting, fresh.success_total),
+        (0.0, 0.0, 0.0)
+    );
+    assert_eq!(
+        (fresh.max_lora, fresh.adapters.len()),
+        (None, 0),
+        "no LoRA request yet"
+    );
     let after = VllmMetrics::parse(IDLE_AFTER).unwrap();
     assert_eq!((after.running, after.waiting), (0.0, 0.0));
     assert!(after.success_total >= 6.0, "{}", after.success_total);
     assert_eq!(after.max_lora, Some(4));
     // Every label set seen stays exported (eight here); the newest, once idle, is the empty one.
-    let series = IDLE_AFTER.lines().filter(|l| l.starts_with("vllm:lora_requests_info{")).count();
+    let series = IDLE_AFTER
+        .lines()
+        .filter(|l| l.starts_with("vllm:lora_requests_info{"))
+        .count();
     assert!(series >= 5, "{series}");
     assert!(after.adapters.is_empty(), "{:?}", after.adapters);
     // With --served-model-name: the same figures.
