@@ -382,7 +382,8 @@ impl Router {
             }
         }
         let adapter = req.adapter.unwrap_or(key);
-        let scale = cands.len as f32;
+        // Every entry node is assumed to send like this one (a load balancer spreads clients).
+        let scale = topo.peers.len() as f32;
         let mut anywhere: Option<bool> = None;
         let mut costs = [(0.0f32, 0.0f32, false); MAX_TOP];
         for (c, i) in cands.iter().enumerate() {
