@@ -338,8 +338,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
     let requests = trace(&a);
-    let mut names: HashSet<&str> = requests.iter().map(|r| r.adapter.as_str()).collect();
-    names.insert(FLASH);
+    let mut names: HashSet<String> = requests.iter().map(|r| r.adapter.clone()).collect();
+    names.insert(FLASH.to_owned());
     for (i, name) in names.iter().enumerate() {
         origin.put_adapter(name, &AdapterSpec::new(BASE, a.adapter_bytes, i as u64));
     }

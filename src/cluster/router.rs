@@ -153,8 +153,10 @@ impl Sent {
     fn ahead(&self, view: &View, idx: usize) -> u32 {
         let inner = self.inner.borrow();
         match (inner.1.get(idx), view.nodes.get(idx)) {
-            (Some(&(seq, n)), Some(node)) if inner.0 == view.generation => {
-                if seq == node.backend.seq { n } else { 0 }
+            (Some(&(seq, n)), Some(node))
+                if inner.0 == view.generation && seq == node.backend.seq =>
+            {
+                n
             }
             _ => 0,
         }

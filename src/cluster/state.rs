@@ -128,6 +128,9 @@ struct Inner {
     top: Vec<KeyRate>,
 }
 
+/// Gives the xxh3 of every adapter name the node stores.
+type StoredSet = Box<dyn Fn() -> Vec<u64> + Send + Sync>;
+
 /// See the module doc. Shared as `Arc<ClusterState>`.
 pub struct ClusterState {
     router: Arc<Router>,
@@ -139,7 +142,7 @@ pub struct ClusterState {
     /// This process's id in the peer state (a restarted node resends its whole filter).
     instance: u64,
     /// The node's own disk set, from the store (set by the node at start).
-    stored: Mutex<Option<Box<dyn Fn() -> Vec<u64> + Send + Sync>>>,
+    stored: Mutex<Option<StoredSet>>,
 }
 
 impl ClusterState {
@@ -414,9 +417,8 @@ impl ClusterState {
                 None => usize::from(k),
             }
             .clamp(1, usable.min(usize::from(u8::MAX))) as u8;
-            let entry = if want >= k {
-                (want, 0)
-            } else if below + 1 >= COOLDOWN_TICKS {
+            // Up at once; down after the cooldown.
+            let entry = if want >= k || below + 1 >= COOLDOWN_TICKS {
                 (want, 0)
             } else {
                 (k, below + 1)

@@ -203,9 +203,8 @@ impl Engine {
                 }
             }
             inner.running += 1;
-            if let Err(back) = waiter.tx.send(Admission { start }) {
+            if waiter.tx.send(Admission { start }).is_err() {
                 // The request went away between the check and now: undo.
-                drop(back);
                 Self::release(inner, waiter.adapter.as_deref());
             }
         }
