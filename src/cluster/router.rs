@@ -283,7 +283,7 @@ impl Router {
         match (self.policy, req.key, view) {
             (RoutingPolicy::Hash, None, _) => Decision::local(Reason::Spread),
             (RoutingPolicy::Hash, Some(key), _) | (_, Some(key), None) => {
-                self.bounded(topo, None, key, req.my_load)
+                self.bounded(topo, None, key, req)
             }
             (RoutingPolicy::Auto, None, None) | (RoutingPolicy::LeastLoad, None, None) => {
                 Decision::local(Reason::Spread)
@@ -295,9 +295,9 @@ impl Router {
                 self.least_loaded(topo, view, req, sent, Reason::Spread)
             }
             (RoutingPolicy::Auto, Some(key), Some(view)) => match req.adapter {
-                None => self.bounded(topo, Some(view), key, req.my_load),
+                None => self.bounded(topo, Some(view), key, req),
                 Some(_) => match view.replicas.get(key) {
-                    k if k <= 1 => self.bounded(topo, Some(view), key, req.my_load),
+                    k if k <= 1 => self.bounded(topo, Some(view), key, req),
                     k => self.scored(topo, view, key, k, req, sent),
                 },
             },
@@ -314,22 +314,28 @@ impl Router {
     }
 
     /// Load in 0..=1 for the overflow threshold: loraplex's own requests in flight, and with a
-    /// view the vLLM's KV use and queue.
-    fn shed_load(&self, topo: &Topology, view: Option<&View>, i: usize, my_load: f64) -> f64 {
+    /// view the vLLM's queue and LoRA slots ([`score::shed_load`]).
+    fn shed_load(&self, topo: &Topology, view: Option<&View>, i: usize, req: &RouteRequest) -> f64 {
         let proxy = if i == topo.me {
-            my_load
+            req.my_load
         } else {
             topo.peers[i].health.load()
         };
         match view {
-            Some(v) => score::shed_load(&v.nodes[i].backend, proxy),
+            Some(v) => score::shed_load(&v.nodes[i].backend, proxy, req.adapter),
             None => proxy,
         }
     }
 
     /// The owner, unless it is down or past the overflow threshold: then the next usable node
     /// of the key's order below it (at most [`SPREAD`] candidates; all overloaded: the owner).
-    fn bounded(&self, topo: &Topology, view: Option<&View>, key: u64, my_load: f64) -> Decision {
+    fn bounded(
+        &self,
+        topo: &Topology,
+        view: Option<&View>,
+        key: u64,
+        req: &RouteRequest,
+    ) -> Decision {
         let mut order = [0u16; MAX_TOP];
         let n = topo.placement.top(key, &mut order);
         let mut cands = Peers::default();
@@ -346,7 +352,7 @@ impl Router {
         };
         let pos = cands
             .iter()
-            .position(|i| self.shed_load(topo, view, i, my_load) < self.overflow_threshold)
+            .position(|i| self.shed_load(topo, view, i, req) < self.overflow_threshold)
             .unwrap_or(0);
         let owner = usize::from(order[0]);
         let reason = if pos == 0 && first == owner {
@@ -423,7 +429,7 @@ impl Router {
         }
         let known = costs[..len].iter().filter(|c| c.2).count();
         if known == 0 {
-            return self.bounded(topo, Some(view), key, req.my_load);
+            return self.bounded(topo, Some(view), key, req);
         }
         let mean = costs[..len]
             .iter()
@@ -490,7 +496,7 @@ impl Router {
         }
         if known == 0 {
             return match req.key {
-                Some(key) => self.bounded(topo, Some(view), key, req.my_load),
+                Some(key) => self.bounded(topo, Some(view), key, req),
                 None => Decision::local(reason),
             };
         }

@@ -99,15 +99,22 @@ pub fn residency_ms(b: &BackendState, residency: Residency) -> f32 {
     }
 }
 
-/// The load of a node in 0..=1 for the hard shed limit (`routing.overflow_threshold`): the
-/// highest of loraplex's own requests in flight over 200 (`proxy_load`), vLLM's KV-cache use,
-/// and its waiting queue over its running batch.
-pub fn shed_load(b: &BackendState, proxy_load: f64) -> f64 {
+/// The load of a node in 0..=1 for the hard shed limit (`routing.overflow_threshold`), for a
+/// request for `adapter` (xxh3; `None`: the base model): the highest of loraplex's own requests
+/// in flight over 200 (`proxy_load`), vLLM's waiting queue over its running batch, and 1 when
+/// the adapter would wait for a LoRA slot there (not in one, every slot serving running
+/// requests, requests already waiting).
+pub fn shed_load(b: &BackendState, proxy_load: f64, adapter: Option<u64>) -> f64 {
     if !b.known {
         return proxy_load;
     }
     let queue = f64::from(b.waiting) / f64::from(b.running.max(1.0));
-    proxy_load.max(f64::from(b.kv)).max(queue.min(1.0))
+    let no_slot = adapter.is_some_and(|a| {
+        !b.gpu_has(a) && b.max_lora > 0 && b.lora_busy >= b.max_lora && b.waiting > 0.0
+    });
+    proxy_load
+        .max(queue.min(1.0))
+        .max(if no_slot { 1.0 } else { 0.0 })
 }
 
 #[cfg(test)]
@@ -162,12 +169,21 @@ mod tests {
     }
 
     #[test]
-    fn shed_load_reads_kv_and_queue() {
-        assert_eq!(shed_load(&backend(8.0, 0.0), 0.1), 0.1);
-        assert_eq!(shed_load(&backend(8.0, 8.0), 0.1), 1.0);
-        let mut kv = backend(1.0, 0.0);
-        kv.kv = 0.85;
-        assert!((shed_load(&kv, 0.0) - 0.85).abs() < 1e-6);
-        assert_eq!(shed_load(&BackendState::default(), 0.3), 0.3);
+    fn shed_load_reads_the_queue_and_the_slots() {
+        assert_eq!(shed_load(&backend(8.0, 0.0), 0.1, None), 0.1);
+        assert_eq!(shed_load(&backend(8.0, 8.0), 0.1, None), 1.0);
+        assert_eq!(shed_load(&backend(8.0, 2.0), 0.0, None), 0.25);
+        assert_eq!(shed_load(&BackendState::default(), 0.3, Some(1)), 0.3);
+        // Every slot busy and a queue: an adapter not in a slot would wait for one.
+        let mut full = backend(8.0, 1.0);
+        full.lora_busy = 4;
+        full.gpu = std::sync::Arc::from([7]);
+        assert_eq!(shed_load(&full, 0.0, Some(9)), 1.0);
+        assert_eq!(shed_load(&full, 0.0, Some(7)), 0.125, "in a slot already");
+        assert_eq!(
+            shed_load(&full, 0.0, None),
+            0.125,
+            "the base model needs no slot"
+        );
     }
 }
