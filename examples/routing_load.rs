@@ -53,7 +53,7 @@ struct Args {
     out: PathBuf,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    #[arg(long, default_value_t = 25.0)]
+    #[arg(long, default_value_t = 20.0)]
     rate: f64,
     #[arg(long, default_value_t = 90.0)]
     secs: f64,

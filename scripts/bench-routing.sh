@@ -11,7 +11,9 @@
 #   (d) auto: the new routing.
 # The load generator enters the nodes in turn in every case.
 #
-#   usage: scripts/bench-routing.sh [SECS] [RATE]       (defaults: 90 s at 25 requests/s)
+#   usage: scripts/bench-routing.sh [SECS] [RATE]       (defaults: 90 s at 20 requests/s)
+#   ONLY="b d" scripts/bench-routing.sh ...: rerun only some policies (the others' last results
+#   stay in the table)
 #   output: a markdown table on stdout and in target/bench/routing.md, the raw results in
 #   target/bench/routing-*.json, and the plot docs/bench-routing.png
 #
@@ -19,7 +21,7 @@
 # saturated measures the machine, not the routing; rerun it when the machine is quieter).
 set -euo pipefail
 SECS=${1:-90}
-RATE=${2:-25}
+RATE=${2:-20}
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
 for tool in curl python3; do need "$tool" "$tool"; done
@@ -87,10 +89,12 @@ CONF
   for p in "${node_pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
 }
 
-run a-round-robin auto false
-run b-hash hash true
-run c-least-load least-load true
-run d-auto auto true
+# ONLY=d (or "b d", ...) reruns some of them; the table then reads the others' last results.
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+want a && run a-round-robin auto false
+want b && run b-hash hash true
+want c && run c-least-load least-load true
+want d && run d-auto auto true
 
 python3 - "$OUT" "$SECS" "$RATE" "$MACHINE" <<'PY' | tee "$OUT/routing.md"
 import json, sys
