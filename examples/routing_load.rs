@@ -415,6 +415,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Counters of the nodes and the stand-ins.
     let (mut forwards, mut stored, mut fetches) = (0.0, 0.0, 0.0);
+    let mut capacity = Vec::new();
     let mut reasons: BTreeMap<String, f64> = BTreeMap::new();
     rt.block_on(async {
         for n in &a.nodes {
@@ -428,6 +429,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap();
             forwards += metric_sum(&text, "loraplex_peer_forwards_total");
             fetches += metric_sum(&text, "loraplex_fetches_total");
+            // What each node learnt its vLLM completes while requests wait (0 for a vLLM
+            // that never queued): the capacity the offered rate is set against.
+            capacity.push(metric_sum(
+                &text,
+                "loraplex_vllm_capacity_requests_per_second",
+            ));
             for (k, v) in metric_by_label(&text, "loraplex_route_decisions_total", "reason") {
                 *reasons.entry(k).or_default() += v;
             }
@@ -486,6 +493,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "copies_per_adapter": stored / distinct,
         "fetches": fetches,
         "forwards": forwards,
+        "learnt_capacity_rps": capacity,
         "forwards_per_request": forwards / total.max(1) as f64,
         "reasons": reasons,
         "cpu_busy_avg_pct": busy.iter().sum::<f64>() / busy.len().max(1) as f64,

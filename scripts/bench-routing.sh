@@ -100,10 +100,13 @@ python3 - "$OUT" "$SECS" "$RATE" "$MACHINE" <<'PY' | tee "$OUT/routing.md"
 import json, sys
 out, secs, rate, machine = sys.argv[1:]
 rows = [json.load(open(f"{out}/routing-{l}.json")) for l in ("a-round-robin", "b-hash", "c-least-load", "d-auto")]
-print(f"| routing ({secs} s at {rate} req/s, 4 nodes) | req/s | TTFB p50 ms | TTFB p99 ms | errors | slot loads / 1k req | disk copies / adapter | forwards / req | CPU busy avg / max % | loraplex CPU ms / req |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+# The capacity each node learnt of its vLLM (completions per second while requests wait; 0
+# for a vLLM that never queued), to set the offered rate against.
+cap = lambda r: " / ".join(f"{c:.1f}" for c in r.get("learnt_capacity_rps", [])) or "-"
+print(f"| routing ({secs} s at {rate} req/s, 4 nodes) | req/s | TTFB p50 ms | TTFB p99 ms | errors | slot loads / 1k req | disk copies / adapter | forwards / req | CPU busy avg / max % | s at >= 95% CPU | loraplex CPU ms / req | learnt capacity per node, req/s |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
-    print(f"| {r['label']} | {r['throughput']:.1f} | {r['ttfb_p50_ms']:.0f} | {r['ttfb_p99_ms']:.0f} | {r['errors']} | {r['slot_loads_per_1k']:.0f} | {r['copies_per_adapter']:.2f} | {r['forwards_per_request']:.2f} | {r['cpu_busy_avg_pct']:.0f} / {r['cpu_busy_max_pct']:.0f} | {r['loraplex_cpu_ms_per_request']:.2f} |")
+    print(f"| {r['label']} | {r['throughput']:.1f} | {r['ttfb_p50_ms']:.0f} | {r['ttfb_p99_ms']:.0f} | {r['errors']} | {r['slot_loads_per_1k']:.0f} | {r['copies_per_adapter']:.2f} | {r['forwards_per_request']:.2f} | {r['cpu_busy_avg_pct']:.0f} / {r['cpu_busy_max_pct']:.0f} | {r['cpu_saturated_secs']} | {r['loraplex_cpu_ms_per_request']:.2f} | {cap(r)} |")
 best = min(r["ttfb_p99_ms"] for r in rows[:3])
 d = rows[3]
 print()
