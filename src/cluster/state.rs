@@ -1,8 +1,8 @@
 //! What this node knows of every backend and every hot key, merged into the router's
 //! [`View`] (control plane).
 //!
-//! Inputs: the local vLLM's samples (from the metrics scrape, `crate::vllm`), the adapters this
-//! node's workers sent to it ([`Recent`]), its store's disk set, the peers' states (their
+//! Inputs: the local vLLM's samples (fed in by the `vllm` module's metrics scrape), the adapters
+//! this node's workers sent to it ([`Recent`]), its store's disk set, the peers' states (their
 //! `/_loraplex/state`, polled), and the demand tables ([`super::demand`]). Outputs: the view the
 //! workers route by, this node's own state for its peers ([`ClusterState::publish`]), and the
 //! replica counts of hot keys.
