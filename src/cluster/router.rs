@@ -337,14 +337,22 @@ impl Router {
         req: &RouteRequest,
     ) -> Decision {
         let mut order = [0u16; MAX_TOP];
-        let n = topo.placement.top(key, &mut order);
         let mut cands = Peers::default();
-        for i in order[..n].iter().map(|&i| usize::from(i)) {
-            if usize::from(cands.len) == SPREAD {
-                break;
+        // The key's first SPREAD nodes (cheap: past the slot's hot peers `top` scores every
+        // peer, and keeps as many as asked); more only when some of them are not usable.
+        for want in [SPREAD, MAX_TOP] {
+            let n = topo.placement.top(key, &mut order[..want]);
+            cands = Peers::default();
+            for i in order[..n].iter().map(|&i| usize::from(i)) {
+                if usize::from(cands.len) == SPREAD {
+                    break;
+                }
+                if Self::usable(topo, view, i) {
+                    cands.push(i);
+                }
             }
-            if Self::usable(topo, view, i) {
-                cands.push(i);
+            if usize::from(cands.len) == SPREAD || n < want {
+                break;
             }
         }
         let Some(first) = cands.iter().next() else {
@@ -382,11 +390,18 @@ impl Router {
         sent: &Sent,
     ) -> Decision {
         let mut order = [0u16; MAX_TOP];
-        let n = topo.placement.top(key, &mut order);
         let mut cands = Peers::default();
-        for i in order[..n].iter().map(|&i| usize::from(i)) {
-            if usize::from(cands.len) < k && Self::usable(topo, Some(view), i) {
-                cands.push(i);
+        // The key's first k nodes; more only when some of them are not usable (as `bounded`).
+        for want in [k.min(MAX_TOP), MAX_TOP] {
+            let n = topo.placement.top(key, &mut order[..want]);
+            cands = Peers::default();
+            for i in order[..n].iter().map(|&i| usize::from(i)) {
+                if usize::from(cands.len) < k && Self::usable(topo, Some(view), i) {
+                    cands.push(i);
+                }
+            }
+            if usize::from(cands.len) == k || n < want {
+                break;
             }
         }
         let adapter = req.adapter.unwrap_or(key);
@@ -510,12 +525,18 @@ impl Router {
         let mut best = start
             .or_else(|| (0..view.nodes.len()).find(|&i| Self::usable(topo, Some(view), i)))
             .unwrap_or(topo.me);
+        // Each node's cost once (the best one's kept): this walk is the decision's O(nodes).
+        let mut best_cost = total(best);
         for i in 0..view.nodes.len() {
-            if Self::usable(topo, Some(view), i) && total(i) < total(best) {
-                best = i;
+            if i == best || !Self::usable(topo, Some(view), i) {
+                continue;
+            }
+            let c = total(i);
+            if c < best_cost {
+                (best, best_cost) = (i, c);
             }
         }
-        if Self::usable(topo, Some(view), topo.me) && total(topo.me) <= total(best) + HOP_MS {
+        if Self::usable(topo, Some(view), topo.me) && total(topo.me) <= best_cost + HOP_MS {
             best = topo.me;
         }
         let owner = req.key.and_then(|key| topo.placement.owner_of_hash(key));

@@ -106,6 +106,52 @@ fn an_owner_past_the_threshold_or_down_sheds_in_key_order() {
 }
 
 #[test]
+fn with_the_first_nodes_of_a_key_down_the_next_usable_ones_in_its_order_serve() {
+    // 64 nodes: the decision asks the placement for only the key's first few nodes, and for
+    // more when some of those are down; the answer must be the full order's first usable ones.
+    let (r, t) = router(64, RoutingPolicy::Auto);
+    let v = view(&t);
+    for i in 0..200u64 {
+        let key = xxh3_64(format!("down-{i}").as_bytes());
+        let mut all = [0u16; MAX_TOP];
+        let n = t.placement.top(key, &mut all);
+        let full: Vec<usize> = all[..n].iter().map(|&x| usize::from(x)).collect();
+        // Its first three nodes down (this node stays up: it is the last resort).
+        let down: Vec<usize> = full
+            .iter()
+            .copied()
+            .filter(|&n| n != t.me)
+            .take(3)
+            .collect();
+        for &n in &down {
+            t.peers[n].health.mark_down();
+        }
+        let usable: Vec<usize> = full.iter().copied().filter(|n| !down.contains(n)).collect();
+        let d = r.decide(&t, &v, &req(key), &Sent::default());
+        let want: Vec<usize> = usable
+            .iter()
+            .copied()
+            .take(SPREAD)
+            .take_while(|&n| n != t.me)
+            .collect();
+        assert_eq!(d.peers.iter().collect::<Vec<_>>(), want, "key {i}");
+        // A hot key over 4 replicas: its candidates are the first 4 usable nodes.
+        let mut hot = v.clone();
+        hot.replicas = ReplicaTable::build([(key, 4)]);
+        let d = r.decide(&t, &hot, &req(key), &Sent::default());
+        let target = target(&d).unwrap_or(t.me);
+        assert!(
+            usable[..4].contains(&target),
+            "key {i}: {target} not in {:?}",
+            &usable[..4]
+        );
+        for &n in &down {
+            t.peers[n].health.observe(true, 0.0);
+        }
+    }
+}
+
+#[test]
 fn a_hot_key_goes_to_the_replica_holding_it_or_the_least_busy() {
     let (r, t) = router(4, RoutingPolicy::Auto);
     let o = other(&t);
