@@ -3,11 +3,15 @@
 //!
 //! Data-plane workers are monoio threads. They hand work to the control plane with
 //! [`Control::run`] and await the answer; the future returned is runtime-agnostic (a tokio
-//! oneshot), and monoio's `sync` feature lets a tokio thread wake a monoio task.
+//! oneshot), and monoio's `sync` feature lets a tokio thread wake a monoio task. A task that
+//! panics answers its waiter with an internal error (a 500), never a panic of the worker.
 
-use std::{future::Future, io};
+use std::{any::Any, future::Future, io, panic::AssertUnwindSafe};
 
+use futures_util::FutureExt;
 use tokio::runtime::{Builder, Handle, Runtime};
+
+use crate::error::Error;
 
 /// Owns the control-plane runtime. Dropping it shuts the runtime down.
 pub struct ControlPlane {
@@ -67,19 +71,29 @@ impl Control {
 
     /// Run `fut` on the control plane and await its output from any runtime (monoio included).
     /// Dropping the returned future does not cancel `fut`: work that others may wait on (a
-    /// fetch) must survive one waiter going away.
-    pub fn run<F>(&self, fut: F) -> impl Future<Output = F::Output> + use<F>
+    /// fetch) must survive one waiter going away. If `fut` panics, or the runtime stops before
+    /// it ends, the waiter gets an internal error.
+    pub fn run<F>(&self, fut: F) -> impl Future<Output = Result<F::Output, Error>> + use<F>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.handle.spawn(async move {
-            let _ = tx.send(fut.await);
+            let out = AssertUnwindSafe(fut).catch_unwind().await;
+            let _ = tx.send(out.map_err(panic_message));
         });
         async move {
-            rx.await
-                .expect("control-plane task panicked or runtime stopped")
+            match rx.await {
+                Ok(Ok(out)) => Ok(out),
+                Ok(Err(why)) => {
+                    tracing::error!(panic = %why, "a control-plane task panicked");
+                    Err(Error::internal(format!(
+                        "a control-plane task failed: {why}"
+                    )))
+                }
+                Err(_) => Err(Error::internal("the control plane stopped")),
+            }
         }
     }
 
@@ -89,6 +103,16 @@ impl Control {
         F: Future<Output = ()> + Send + 'static,
     {
         self.handle.spawn(fut);
+    }
+}
+
+/// What a panic said (`panic!("...")` payloads are `&str` or `String`).
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map_or_else(|| "a panic".to_owned(), |s| (*s).to_owned()),
     }
 }
 
@@ -111,6 +135,36 @@ mod tests {
                 })
                 .await
         });
-        assert_eq!(out, 42);
+        assert_eq!(out, Ok(42));
+    }
+
+    #[test]
+    fn a_panicking_task_is_an_internal_error_for_its_waiter() {
+        let cp = ControlPlane::start(1).unwrap();
+        let control = cp.control();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            for round in 0..3 {
+                let e = control
+                    .run(async move {
+                        if round < 3 {
+                            panic!("boom {round}");
+                        }
+                    })
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.status(), 500);
+                assert!(
+                    e.message.contains(&format!("boom {round}")),
+                    "{}",
+                    e.message
+                );
+                // The control plane keeps its threads, the waiter its runtime.
+                assert_eq!(control.run(async { 7 }).await, Ok(7));
+            }
+        });
+        drop(cp);
     }
 }

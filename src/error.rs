@@ -14,11 +14,16 @@ pub enum ErrorKind {
     BadRequest,
     /// Missing or wrong admin/cluster token. 401.
     Unauthorized,
+    /// An admin call this client may not make (not loopback, not a peer, no token set). 403.
+    Forbidden,
     /// The adapter (or admin path) does not exist. 404.
     NotFound,
     /// Method not allowed on a proxy-owned endpoint. 405.
     MethodNotAllowed,
-    /// The request conflicts with the configuration (evicting a preloaded adapter). 409.
+    /// The client was too slow to send its request head or body. 408.
+    RequestTimeout,
+    /// The request conflicts with what is stored: the adapter's directory would nest inside
+    /// another stored adapter's, or hold one; or it evicts a preloaded adapter. 409.
     Conflict,
     /// Body above `server.max_body_size`. 413.
     PayloadTooLarge,
@@ -26,6 +31,8 @@ pub enum ErrorKind {
     HeaderTooLarge,
     /// A bug or an unexpected local failure. 500.
     Internal,
+    /// A request feature loraplex does not support (a transfer coding other than chunked). 501.
+    NotImplemented,
     /// vLLM, a peer or an origin answered something unusable, or the adapter is invalid. 502.
     BadGateway,
     /// vLLM or every peer is unreachable, or the proxy is shutting down. 503.
@@ -42,12 +49,15 @@ impl ErrorKind {
         match self {
             ErrorKind::BadRequest => 400,
             ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::Conflict => 409,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::HeaderTooLarge => 431,
             ErrorKind::Internal => 500,
+            ErrorKind::NotImplemented => 501,
             ErrorKind::BadGateway => 502,
             ErrorKind::Unavailable => 503,
             ErrorKind::Timeout => 504,
@@ -60,12 +70,15 @@ impl ErrorKind {
         match self {
             ErrorKind::BadRequest => "BadRequestError",
             ErrorKind::Unauthorized => "AuthenticationError",
+            ErrorKind::Forbidden => "PermissionDeniedError",
             ErrorKind::NotFound => "NotFoundError",
             ErrorKind::MethodNotAllowed => "MethodNotAllowedError",
+            ErrorKind::RequestTimeout => "RequestTimeoutError",
             ErrorKind::Conflict => "ConflictError",
             ErrorKind::PayloadTooLarge => "RequestTooLargeError",
             ErrorKind::HeaderTooLarge => "RequestHeaderFieldsTooLargeError",
             ErrorKind::Internal => "InternalServerError",
+            ErrorKind::NotImplemented => "NotImplementedError",
             ErrorKind::BadGateway => "BadGatewayError",
             ErrorKind::Unavailable => "ServiceUnavailableError",
             ErrorKind::Timeout => "GatewayTimeoutError",
@@ -78,12 +91,15 @@ impl ErrorKind {
         match self {
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Forbidden => "forbidden",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::Conflict => "conflict",
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::Internal => "internal",
+            ErrorKind::NotImplemented => "not_implemented",
             ErrorKind::BadGateway => "bad_gateway",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Timeout => "timeout",
@@ -136,7 +152,7 @@ impl Error {
     pub fn model_not_found(name: &str) -> Self {
         Error::new(
             ErrorKind::NotFound,
-            format!("The model `{name}` does not exist."),
+            format!("The model `{}` does not exist.", Clipped(name)),
         )
         .with_param("model")
     }
@@ -173,6 +189,49 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// Most bytes of a client's string (a model name) an error message repeats: a 4 MB `model`
+/// must not come back as a 4 MB error.
+pub const CLIP: usize = 200;
+
+/// A client's string as an error message quotes it: at most [`CLIP`] bytes (cut at a character
+/// boundary), then `…` when cut. `{:?}` quotes and escapes it, and says the full length.
+pub struct Clipped<'a>(pub &'a str);
+
+impl Clipped<'_> {
+    fn parts(&self) -> (&str, bool) {
+        if self.0.len() <= CLIP {
+            return (self.0, false);
+        }
+        let mut end = CLIP;
+        while !self.0.is_char_boundary(end) {
+            end -= 1;
+        }
+        (&self.0[..end], true)
+    }
+}
+
+impl fmt::Display for Clipped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (shown, cut) = self.parts();
+        f.write_str(shown)?;
+        if cut {
+            f.write_str("…")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Clipped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (shown, cut) = self.parts();
+        fmt::Debug::fmt(shown, f)?;
+        if cut {
+            write!(f, "… ({} bytes in all)", self.0.len())?;
+        }
+        Ok(())
+    }
+}
+
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         let kind = match e.raw_os_error() {
@@ -206,6 +265,20 @@ mod tests {
             serde_json::from_slice(&Error::bad_request("bad").to_json()).unwrap();
         assert!(v["error"]["param"].is_null());
         assert_eq!(v["error"]["code"], 400);
+    }
+
+    #[test]
+    fn long_strings_are_clipped() {
+        let long = "é".repeat(1000); // 2 bytes each: the cut falls inside one
+        let shown = Clipped(&long).to_string();
+        assert!(shown.len() <= CLIP + "…".len(), "{}", shown.len());
+        assert!(shown.ends_with('…') && shown.starts_with("éé"));
+        let quoted = format!("{:?}", Clipped(&long));
+        assert!(quoted.ends_with("… (2000 bytes in all)"), "{quoted}");
+        assert_eq!(format!("{:?}", Clipped("a\"b")), r#""a\"b""#);
+        assert_eq!(Clipped("short").to_string(), "short");
+        let e = Error::model_not_found(&"m".repeat(1 << 20));
+        assert!(e.to_json().len() < 400);
     }
 
     #[test]

@@ -159,11 +159,29 @@ async fn vllm_refuses_broken_adapters_and_does_not_cache_failures() {
     assert_eq!(chat(&vllm, "x/nobase").await.0, 500);
     assert_eq!(chat(&vllm, "x/json").await.0, 500);
     assert!(vllm.loaded().is_empty());
+    // A directory without its config (a partial publish) is vLLM's 404 too; a parent of nested
+    // adapters (`x`) and another base model's adapter are not partial.
+    std::fs::create_dir(d.join("bare")).unwrap();
+    assert_eq!(chat(&vllm, "bare").await.0, 404);
+    assert_eq!(chat(&vllm, "x").await.0, 404);
+    let refused: Vec<_> = vllm
+        .refusals()
+        .into_iter()
+        .map(|r| (r.name, r.status))
+        .collect();
+    let want = [
+        ("x/trunc", 400),
+        ("x/nobase", 500),
+        ("x/json", 500),
+        ("bare", 404),
+    ];
+    assert_eq!(refused, want.map(|(n, s)| (n.to_owned(), s)));
 
     // Once the files are whole, the next request resolves again and succeeds.
     write_adapter(d, "x/trunc", &spec).unwrap();
     assert_eq!(chat(&vllm, "x/trunc").await.0, 200);
     assert_eq!(vllm.resolutions("x/trunc"), 2);
+    assert_eq!(vllm.refusals().len(), 4);
 }
 
 #[tokio::test]

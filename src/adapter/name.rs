@@ -2,16 +2,27 @@
 //!
 //! A name is a Hugging Face repo id: segments of `[A-Za-z0-9._-]` separated by `/`, none empty,
 //! none starting with `.` (so `.`, `..` and hidden names, which loraplex keeps for its own temp
-//! files, are impossible), at most [`MAX_LEN`] bytes. The last segment may pin a revision with
-//! one `@`: `org/name@v2` (stored under that literal directory name). A valid name is always
-//! a relative path that stays inside the storage directory.
+//! files, are impossible), at most [`MAX_SEGMENTS`] segments and [`MAX_LEN`] bytes, each segment
+//! at most [`MAX_SEGMENT_LEN`] bytes (a directory name the filesystem can hold). The last
+//! segment may pin a revision with one `@`: `org/name@v2` (stored under that literal directory
+//! name). A valid name is always a relative path that stays inside the storage directory, and
+//! the store's temp names never grow with it, so every valid name can be stored.
+//!
+//! Names nest as directories do: `x` is an [ancestor](AdapterName::ancestors) of `x/y`. The
+//! store never holds two adapters of which one is the other's ancestor (see `store::flight`).
 
-use std::{fmt, path::Path};
+use std::{borrow::Borrow, fmt, path::Path};
 
-use crate::error::Error;
+use crate::error::{Clipped, Error};
 
 /// Longest accepted name, in bytes.
 pub const MAX_LEN: usize = 256;
+/// Longest segment, in bytes: `NAME_MAX` of Linux filesystems (the segment with its `@revision`
+/// is one directory name).
+pub const MAX_SEGMENT_LEN: usize = 255;
+/// Most segments in a name (`org/name` has 2). Recovery walks the storage directory exactly
+/// this deep, so every adapter a name can reach is found again after a restart.
+pub const MAX_SEGMENTS: usize = 8;
 
 /// A validated adapter name.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -29,7 +40,7 @@ impl AdapterName {
     pub fn parse(name: &str) -> Result<AdapterName, Error> {
         let bad = |why: &str| {
             Err(
-                Error::bad_request(format!("invalid adapter name {name:?}: {why}"))
+                Error::bad_request(format!("invalid adapter name {:?}: {why}", Clipped(name)))
                     .with_param("model"),
             )
         };
@@ -55,7 +66,28 @@ impl AdapterName {
                 );
             }
         }
+        if repo.split('/').count() > MAX_SEGMENTS {
+            return bad("more than 8 segments");
+        }
+        if name
+            .split('/')
+            .any(|segment| segment.len() > MAX_SEGMENT_LEN)
+        {
+            return bad("a segment is longer than 255 bytes");
+        }
         Ok(AdapterName(name.to_owned()))
+    }
+
+    /// The names this one's directory lies in: `a` and `a/b` for `a/b/c` (shortest first).
+    pub fn ancestors(&self) -> impl Iterator<Item = &str> {
+        self.0.match_indices('/').map(|(i, _)| &self.0[..i])
+    }
+
+    /// Is `other` inside this name's directory (`x/y` for `x`)?
+    pub fn contains(&self, other: &str) -> bool {
+        other.len() > self.0.len()
+            && other.starts_with(self.0.as_str())
+            && other.as_bytes()[self.0.len()] == b'/'
     }
 
     pub fn as_str(&self) -> &str {
@@ -92,6 +124,13 @@ impl fmt::Debug for AdapterName {
 
 impl AsRef<str> for AdapterName {
     fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Hashes and orders as the `str` it wraps, so maps keyed by names are looked up by `&str`.
+impl Borrow<str> for AdapterName {
+    fn borrow(&self) -> &str {
         &self.0
     }
 }
@@ -145,6 +184,43 @@ mod tests {
             let e = AdapterName::parse(bad).unwrap_err();
             assert_eq!(e.status(), 400, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn depth_is_bounded() {
+        let deepest = ["s"; MAX_SEGMENTS].join("/");
+        assert!(AdapterName::parse(&deepest).is_ok());
+        assert!(AdapterName::parse(&format!("{deepest}@v1")).is_ok());
+        let e = AdapterName::parse(&format!("{deepest}/s")).unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(e.message.contains("8 segments"), "{}", e.message);
+    }
+
+    #[test]
+    fn segments_fit_a_directory_name() {
+        let longest = "a".repeat(MAX_SEGMENT_LEN);
+        let two = format!("{}/{}", "o".repeat(127), "n".repeat(127));
+        for ok in [longest.clone(), two, format!("{}@v1", "a".repeat(252))] {
+            assert!(AdapterName::parse(&ok).is_ok(), "{}", ok.len());
+        }
+        // Within 256 bytes, only a name of one segment can pass 255.
+        let e = AdapterName::parse(&format!("{longest}b")).unwrap_err();
+        assert!(e.message.contains("longer than 255 bytes"), "{}", e.message);
+        // A huge name is quoted in part.
+        let huge = "x".repeat(4 << 20);
+        let e = AdapterName::parse(&huge).unwrap_err();
+        assert!(e.message.len() < 400, "{}", e.message.len());
+        assert!(e.message.contains("4194304 bytes in all"), "{}", e.message);
+    }
+
+    #[test]
+    fn nesting() {
+        let n = AdapterName::parse("a/b/c@v1").unwrap();
+        assert_eq!(n.ancestors().collect::<Vec<_>>(), ["a", "a/b"]);
+        let x = AdapterName::parse("x").unwrap();
+        assert_eq!(x.ancestors().count(), 0);
+        assert!(x.contains("x/y") && x.contains("x/adapter_config.json"));
+        assert!(!x.contains("x") && !x.contains("xy") && !x.contains("x@v2") && !x.contains("x.y"));
     }
 
     #[test]

@@ -218,6 +218,12 @@ impl Convert<'_> {
                 cfg.storage.preload.push(name);
             }
         }
+        let wait = self.duration(
+            "storage.fetch_wait_timeout",
+            &st.fetch_wait_timeout,
+            Duration::from_secs(120),
+        )?;
+        cfg.storage.fetch_wait_timeout = (!wait.is_zero()).then_some(wait);
 
         cfg.origins = Vec::new();
         for (i, o) in f.origins.iter().flatten().enumerate() {
@@ -233,6 +239,8 @@ impl Convert<'_> {
         self.vllm(f, &mut cfg)?;
         self.server(f, &mut cfg)?;
         cfg.admin.token = f.admin.as_ref().and_then(|t| text(&t.token));
+        let open = f.admin.as_ref().and_then(|a| a.open.clone());
+        cfg.admin.open = self.boolean("admin.open", &open, false)?;
         cfg.cluster.token = f.cluster.as_ref().and_then(|t| text(&t.token));
         Ok(cfg)
     }
@@ -616,6 +624,11 @@ impl Convert<'_> {
             "server.header_read_timeout",
             &s.header_read_timeout,
             d.header_read_timeout,
+        )?;
+        d.body_read_timeout = self.positive_duration(
+            "server.body_read_timeout",
+            &s.body_read_timeout,
+            d.body_read_timeout,
         )?;
         d.idle_timeout =
             self.positive_duration("server.idle_timeout", &s.idle_timeout, d.idle_timeout)?;

@@ -112,7 +112,7 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<FileServer>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub admin: Option<FileToken>,
+    pub admin: Option<FileAdmin>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<FileToken>,
 }
@@ -130,6 +130,8 @@ pub struct FileStorage {
     pub direct_io: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preload: Option<Vec<Leaf>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetch_wait_timeout: Leaf,
 }
 
 /// One origin; which keys apply depends on `type`.
@@ -258,6 +260,8 @@ pub struct FileServer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub header_read_timeout: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_read_timeout: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_connect_timeout: Leaf,
@@ -269,7 +273,17 @@ pub struct FileServer {
     pub log_format: Leaf,
 }
 
-/// `admin` and `cluster`: a shared secret.
+/// `admin`: its token, and whether it is open without one.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileAdmin {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open: Leaf,
+}
+
+/// `cluster`: a shared secret.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct FileToken {

@@ -244,6 +244,9 @@ pub struct StorageConfig {
     /// Adapters fetched at start on the node(s) that would serve them, loaded into vLLM (again
     /// after it restarts) and never evicted.
     pub preload: Vec<String>,
+    /// How long a request waits for its adapter's download before a 504 (the download goes
+    /// on for later requests); `None`: no limit.
+    pub fetch_wait_timeout: Option<Duration>,
 }
 
 /// O_DIRECT policy for adapter writes.
@@ -420,6 +423,8 @@ pub struct ServerConfig {
     pub max_header_size: usize,
     /// A client must send a whole request head within this.
     pub header_read_timeout: Duration,
+    /// A client must send a whole request body within this (counted from the end of the head).
+    pub body_read_timeout: Duration,
     /// An idle keep-alive client connection is closed after this.
     pub idle_timeout: Duration,
     pub upstream_connect_timeout: Duration,
@@ -441,6 +446,9 @@ pub enum LogFormat {
 pub struct AdminConfig {
     /// Bearer token required on `/admin/*` when set.
     pub token: Option<String>,
+    /// Without a token, let any client evict and warm up (the Go project's behaviour); by
+    /// default only loopback clients and authenticated peers may.
+    pub open: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -462,6 +470,7 @@ impl Default for Config {
                 rewrite_base_model: false,
                 direct_io: DirectIo::Auto,
                 preload: Vec::new(),
+                fetch_wait_timeout: Some(Duration::from_secs(120)),
             },
             origins: Vec::new(),
             invalidation: InvalidationConfig {
@@ -489,6 +498,7 @@ impl Default for Config {
                 max_body_size: 32 << 20,
                 max_header_size: 64 << 10,
                 header_read_timeout: Duration::from_secs(30),
+                body_read_timeout: Duration::from_secs(60),
                 idle_timeout: Duration::from_secs(120),
                 upstream_connect_timeout: Duration::from_secs(5),
                 upstream_idle_timeout: Duration::from_secs(60),

@@ -6,8 +6,8 @@
 use super::{
     Config, DirectIo, DiscoveryConfig, Driver, HashOn, LogFormat, OriginConfig, TransferConfig,
     file::{
-        FileConfig, FileDiscovery, FileFileDiscovery, FileInvalidation, FileK8s, FileOrigin,
-        FileRouting, FileServer, FileStatic, FileStorage, FileToken, FileVllm, Scalar,
+        FileAdmin, FileConfig, FileDiscovery, FileFileDiscovery, FileInvalidation, FileK8s,
+        FileOrigin, FileRouting, FileServer, FileStatic, FileStorage, FileToken, FileVllm, Scalar,
     },
     units::{format_duration, format_size},
 };
@@ -54,6 +54,10 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
                 DirectIo::Off => "off",
             }),
             preload: Some(cfg.storage.preload.iter().map(|n| s(n.as_str())).collect()),
+            fetch_wait_timeout: s(cfg
+                .storage
+                .fetch_wait_timeout
+                .map_or("0".into(), format_duration)),
         }),
         origins: Some(cfg.origins.iter().map(|o| origin(o, &secret)).collect()),
         invalidation: Some(FileInvalidation {
@@ -91,6 +95,7 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
             max_body_size: s(format_size(sv.max_body_size as u64)),
             max_header_size: s(format_size(sv.max_header_size as u64)),
             header_read_timeout: dur(sv.header_read_timeout),
+            body_read_timeout: dur(sv.body_read_timeout),
             idle_timeout: dur(sv.idle_timeout),
             upstream_connect_timeout: dur(sv.upstream_connect_timeout),
             upstream_idle_timeout: dur(sv.upstream_idle_timeout),
@@ -100,8 +105,9 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
                 LogFormat::Json => "json",
             }),
         }),
-        admin: Some(FileToken {
+        admin: Some(FileAdmin {
             token: secret(&cfg.admin.token),
+            open: Some(Scalar::Bool(cfg.admin.open)),
         }),
         cluster: Some(FileToken {
             token: secret(&cfg.cluster.token),

@@ -469,7 +469,7 @@ fn overrides_win_and_errors_name_the_flag() {
 #[test]
 fn printed_config_loads_back() {
     let text = "listen: \"0.0.0.0:9090\"\nself_addr: 10.0.0.1:9090\nvllm_url: http://127.0.0.1:8000\n\
-        storage: {dir: /mnt/x, max_size: 1.5TB, rewrite_base_model: true, direct_io: off}\n\
+        storage: {dir: /mnt/x, max_size: 1.5TB, rewrite_base_model: true, direct_io: off, fetch_wait_timeout: 0}\n\
         origins:\n\
         - {type: huggingface, token: t1, endpoint: 'https://hf.local', idle_timeout: 1m, retries: 5}\n\
         - {type: s3, bucket: b, region: r, prefix: p/, endpoint: 'http://s3.local:9000', min_rate: 0}\n\
@@ -481,9 +481,9 @@ fn printed_config_loads_back() {
                   overflow_threshold: 0.65, fallback_to_base_model: true}\n\
         vllm: {model_name: base/m, max_loras: 8, max_lora_rank: 16, health_check_interval: 750ms}\n\
         server: {workers: 3, driver: epoll, max_body_size: 1MB, max_header_size: 8KB, \
-                 header_read_timeout: 7s, idle_timeout: 1h, upstream_connect_timeout: 1s, \
+                 header_read_timeout: 7s, body_read_timeout: 9s, idle_timeout: 1h, upstream_connect_timeout: 1s, \
                  upstream_idle_timeout: 2s, shutdown_grace: 0, log_format: json}\n\
-        admin: {token: a}\ncluster: {token: c}\n";
+        admin: {token: a, open: true}\ncluster: {token: c}\n";
     let c = cfg(text);
     let printed = c.to_yaml(Redact::Nothing);
     assert_eq!(cfg(&printed), c, "{printed}");

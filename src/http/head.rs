@@ -4,7 +4,9 @@
 //! then its framing is decided once: how long the body is, whether the connection stays open,
 //! whether the client waits for `100 Continue`. Ambiguous framing that enables request smuggling
 //! (both `Transfer-Encoding` and `Content-Length`, conflicting lengths, a transfer coding other
-//! than a final `chunked`) is refused with 400 instead of guessed.
+//! than a final `chunked`) is refused with 400 instead of guessed; a request whose body has
+//! another coding under `chunked` (`gzip, chunked`) gets 501 (RFC 9112 §6.1). A request needs
+//! exactly one `Host` (none is fine for HTTP/1.0), else 400 (RFC 9112 §3.2).
 
 use std::ops::Range;
 
@@ -15,8 +17,9 @@ use crate::error::{Error, ErrorKind};
 /// Most headers accepted in one head; more is 431.
 pub const MAX_HEADERS: usize = 128;
 
-/// Room for loraplex's own headers on top of [`MAX_HEADERS`]: a forward adds up to this many,
-/// and the peer must not refuse a request its entry node accepted.
+/// Room for headers the count leaves out, on top of [`MAX_HEADERS`]: a forward carries up to
+/// this many (the forward mark and token, `content-length`, `host`), and the peer must not
+/// refuse a request its entry node accepted.
 pub const INTERNAL_SLACK: usize = 4;
 
 /// Header name prefix of loraplex's own headers (forward mark, fallback notice).
@@ -189,21 +192,35 @@ impl Fields {
                 ));
             }
             (Some(te), _) => {
+                // A list: empty elements don't count (RFC 9110 §5.6.1).
                 let value = self.bytes(&te);
-                let last = value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .unwrap_or(b"")
-                    .trim_ascii();
+                let mut codings = value
+                    .split(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .filter(|c| !c.is_empty());
+                let last = codings.next_back().unwrap_or(b"");
                 if last.eq_ignore_ascii_case(b"chunked") {
-                    if minor == 0 && request {
+                    if request && minor == 0 {
                         return Err(Error::bad_request(
                             "Transfer-Encoding in an HTTP/1.0 request",
                         ));
                     }
+                    if request && codings.next().is_some() {
+                        let shown = String::from_utf8_lossy(value);
+                        return Err(Error::new(
+                            ErrorKind::NotImplemented,
+                            format!(
+                                "Transfer-Encoding {:?}: only chunked is supported",
+                                shown.chars().take(100).collect::<String>()
+                            ),
+                        ));
+                    }
                     BodyKind::Chunked
                 } else if request {
-                    return Err(Error::bad_request("unsupported Transfer-Encoding"));
+                    // The body's end can't be known: refused, never guessed (RFC 9112 §6.3).
+                    return Err(Error::bad_request(
+                        "Transfer-Encoding without chunked last: unsupported",
+                    ));
                 } else {
                     BodyKind::UntilClose
                 }
@@ -290,13 +307,21 @@ impl RequestHead {
             h.name.len() >= INTERNAL_PREFIX.len()
                 && h.name.as_bytes()[..INTERNAL_PREFIX.len()].eq_ignore_ascii_case(INTERNAL_PREFIX)
         };
+        let is_host = |h: &httparse::Header<'_>| h.name.eq_ignore_ascii_case("host");
         // The limit counts what a client controls: not loraplex's own headers, nor the one
-        // `Content-Length` a forward always writes.
+        // `Content-Length` and `Host` a forward always writes.
         let counted = |h: &&httparse::Header<'_>| {
-            !is_internal(h) && !h.name.eq_ignore_ascii_case("content-length")
+            !is_internal(h) && !is_host(h) && !h.name.eq_ignore_ascii_case("content-length")
         };
         if req.headers.iter().filter(counted).count() > MAX_HEADERS {
             return Err(parse_error(httparse::Error::TooManyHeaders));
+        }
+        match req.headers.iter().filter(|h| is_host(h)).count() {
+            0 if minor == 1 => {
+                return Err(Error::bad_request("HTTP/1.1 request without a Host header"));
+            }
+            0 | 1 => {}
+            _ => return Err(Error::bad_request("more than one Host header")),
         }
         let mut fields = Fields::new(buf, len, req.headers);
         let framing = fields.frame(minor, true)?;
@@ -365,12 +390,17 @@ impl RequestHead {
 
     /// Serialise this head for the next hop: same method and target, end-to-end headers only,
     /// then `extra` headers, then the framing of a body of `body_len` bytes (the proxy always
-    /// sends bodies with a length, having read them whole).
+    /// sends bodies with a length, having read them whole). The next hop gets HTTP/1.1, so an
+    /// HTTP/1.0 request without `Host` gets an empty one (RFC 9112 §3.2: the target has no
+    /// authority of its own).
     pub fn write_forward(&self, out: &mut Vec<u8>, extra: &[(&str, &[u8])], body_len: usize) {
         out.extend_from_slice(self.method().as_bytes());
         out.push(b' ');
         out.extend_from_slice(self.target().as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
+        if self.header("host").is_none() {
+            out.extend_from_slice(b"host: \r\n");
+        }
         self.fields.write_end_to_end(out);
         for (name, value) in extra {
             out.extend_from_slice(name.as_bytes());
@@ -573,7 +603,7 @@ mod tests {
 
     #[test]
     fn framing_and_keep_alive() {
-        let h = req("POST /v1/completions?x=1 HTTP/1.1\r\nContent-Length: 12\r\n\r\n");
+        let h = req("POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n");
         assert_eq!(h.body, BodyKind::Length(12));
         assert!(h.keep_alive);
         assert_eq!(h.path(), "/v1/completions");
@@ -582,26 +612,66 @@ mod tests {
         assert!(!h.keep_alive);
         let h = req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
         assert!(h.keep_alive);
-        let h = req("GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        let h = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
         assert!(!h.keep_alive);
-        let h = req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        // Empty list elements don't count.
+        let h = req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: , chunked,\r\n\r\n");
         assert_eq!(h.body, BodyKind::Chunked);
+    }
+
+    #[test]
+    fn codings_under_chunked_are_501() {
+        for te in [
+            "gzip, chunked",
+            "chunked, chunked",
+            "identity,chunked",
+            "x , ,chunked",
+        ] {
+            let s = format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n");
+            let e = RequestHead::parse(s.as_bytes()).unwrap_err();
+            assert_eq!(e.status(), 501, "{te}");
+            assert_eq!(e.kind.openai_type(), "NotImplementedError");
+        }
+        // An upstream may send them: passed through as they are.
+        let (r, _) = ResponseHead::parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            Method::Get,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.body, BodyKind::Chunked);
+    }
+
+    #[test]
+    fn one_host_for_http_1_1() {
+        let bad = |s: &str| RequestHead::parse(s.as_bytes()).unwrap_err().message;
+        assert!(bad("GET / HTTP/1.1\r\n\r\n").contains("without a Host"));
+        assert!(bad("GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n").contains("more than one"));
+        assert!(bad("GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n").contains("more than one"));
+        // HTTP/1.0 may leave it out; the next hop gets HTTP/1.1 with an empty one.
+        let h = req("GET /x HTTP/1.0\r\n\r\n");
+        assert_eq!(forwarded(&h, 0), "GET /x HTTP/1.1\r\nhost: \r\n\r\n");
+        let h = req("GET /x HTTP/1.1\r\nHost:\r\n\r\n");
+        assert_eq!(forwarded(&h, 0), "GET /x HTTP/1.1\r\nHost: \r\n\r\n");
     }
 
     #[test]
     fn smuggling_shapes_are_refused() {
         for bad in [
-            "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             let e = RequestHead::parse(bad.as_bytes()).unwrap_err();
             assert_eq!(e.status(), 400, "{bad:?}");
+            assert!(!e.message.contains("Host"), "{bad:?}: {}", e.message);
         }
         // The same length twice is fine.
-        let h = req("POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n");
+        let h = req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n");
         assert_eq!(h.body, BodyKind::Length(2));
     }
 
@@ -624,7 +694,7 @@ mod tests {
 
     #[test]
     fn too_many_headers_is_431() {
-        let mut s = String::from("GET / HTTP/1.1\r\n");
+        let mut s = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
         for i in 0..MAX_HEADERS + 1 {
             s.push_str(&format!("X-{i}: v\r\n"));
         }

@@ -8,12 +8,15 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        409 => "Conflict",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
@@ -76,6 +79,15 @@ pub fn json<T: serde::Serialize + ?Sized>(
     write(out, status, "application/json", &[], &body, keep_alive);
 }
 
+/// Make `out`, a whole answer, the answer to HEAD: the same head (its `content-length` kept),
+/// no body (RFC 9110 §9.3.2). A client reads no body after a HEAD answer whatever its head
+/// says, so body bytes would be taken for the next answer on the connection.
+pub fn strip_body(out: &mut Vec<u8>) {
+    if let Some(end) = out.windows(4).position(|p| p == b"\r\n\r\n") {
+        out.truncate(end + 4);
+    }
+}
+
 /// The interim answer to `Expect: 100-continue`.
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
@@ -90,5 +102,16 @@ mod tests {
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"));
         assert!(s.contains("connection: close\r\n\r\n{\"error\":"));
+    }
+
+    #[test]
+    fn head_answer_keeps_the_head_only() {
+        let mut out = Vec::new();
+        error(&mut out, &Error::model_not_found("x"), true);
+        let whole = out.clone();
+        strip_body(&mut out);
+        let end = whole.windows(4).position(|p| p == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(out, whole[..end]);
+        assert!(String::from_utf8(out).unwrap().contains("content-length: "));
     }
 }

@@ -9,7 +9,8 @@
 //! is where the adapter lived before this node took it over (rendezvous: a joining node takes
 //! keys from exactly those), at most [`ASK`] of them, each with a short timeout. What they send
 //! is verified like any origin's (sizes, then the store's safetensors and config checks).
-//! `head` always answers "not found": revalidation asks the real origins.
+//! `head` always answers "not found", and a revalidation downloads the new version from the
+//! configured origins only (the store skips this one): revalidation asks the real origins.
 
 use std::sync::Arc;
 

@@ -27,7 +27,7 @@ use crate::{
         router::RouteRequest,
     },
     error::Error,
-    http::{RequestHead, response},
+    http::RequestHead,
     metrics::{PeerLabel, Tier},
     proxy::Proxy,
     proxy::upstream::{Request, Stage, Target},
@@ -36,11 +36,11 @@ use crate::{
 
 use super::{Reply, Served};
 
-/// Tell the forwarding peer its request arrived (ends its forward timeout).
-pub async fn acknowledge(conn: &mut Conn) -> Result<(), Error> {
-    conn.write_all(response::CONTINUE.to_vec())
+/// Tell the forwarding peer its request arrived (ends its forward timeout). Peers forward as
+/// HTTP/1.1; an HTTP/1.0 client that sends the mark gets no `100 Continue`.
+pub async fn acknowledge(conn: &mut Conn, head: &RequestHead) -> Result<(), Error> {
+    conn.write_continue(head)
         .await
-        .map(drop)
         .map_err(|e| Error::bad_request(format!("peer went away: {e}")))
 }
 

@@ -7,6 +7,8 @@
 //! - `GET /metrics`: Prometheus text. (vLLM's own `/metrics` stays on vLLM's port.)
 //! - `/admin/*`: see `admin_api.rs`; Bearer `admin.token` required when set.
 //! - `GET /_loraplex/state`: this node's state for its peers (`peer_state.rs`).
+//!
+//! HEAD is answered wherever GET is, with the same head and no body; so are errors to HEAD.
 
 use std::sync::atomic::Ordering;
 
@@ -101,10 +103,7 @@ pub(super) async fn serve(
         Endpoint::Peer => unreachable!("answered above"),
     };
     if head.kind == Method::Head {
-        // Same head, no body.
-        if let Some(end) = out.windows(4).position(|p| p == b"\r\n\r\n") {
-            out.truncate(end + 4);
-        }
+        response::strip_body(&mut out);
     }
     let written = conn.write_all(out).await.is_ok();
     Ok(Served {

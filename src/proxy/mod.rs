@@ -2,7 +2,7 @@
 //!
 //! 1. the proxy's own endpoints (`/healthz`, `/readyz`, `/metrics`, `/admin/*`);
 //! 2. the body, read whole (bounded by `server.max_body_size`);
-//! 3. the top-level `model` of a JSON body;
+//! 3. the `model`: the top-level one of a JSON body, or the field of a multipart form;
 //! 4. base model or adapter (adapter names validated before anything touches the disk);
 //! 5. routing: forward to the node owning the request's hash key, or keep it here;
 //! 6. the adapter on local disk (fetched on a miss), pinned while the request runs;
@@ -27,6 +27,7 @@ mod state;
 pub mod upstream;
 
 use std::{
+    borrow::Cow,
     sync::{Arc, atomic::Ordering},
     time::Instant,
 };
@@ -36,14 +37,18 @@ use bytes::Bytes;
 use crate::{
     adapter::AdapterName,
     cluster::{hashkey::hash_key, protocol},
+    config::units::format_duration,
     error::{Error, ErrorKind},
     http::{
-        RequestHead,
+        Method, RequestHead,
         model::{extract_model, rewrite_model},
+        multipart::{self, Boundary},
         response,
     },
     metrics::Tier,
     server::{Handler, conn::Conn},
+    store::Ensured,
+    vllm::BaseModel,
 };
 
 pub use self::state::{Proxy, Shared};
@@ -95,6 +100,9 @@ pub async fn process_request(w: &Proxy, conn: &mut Conn, head: RequestHead) -> b
             let keep_alive = body_read && head.keep_alive;
             let mut out = Vec::new();
             response::error(&mut out, &err, keep_alive);
+            if head.kind == Method::Head {
+                response::strip_body(&mut out);
+            }
             let written = conn.write_all(out).await.is_ok();
             Served {
                 tier: Tier::Error,
@@ -129,31 +137,29 @@ async fn pipeline(
 
     // 2. The body.
     let body = conn
-        .read_body(head, cfg.max_body_size, cfg.idle_timeout)
+        .read_body(head, cfg.max_body_size, cfg.body_read_timeout)
         .await?;
     *body_read = true;
     if let Some(endpoint) = own {
         return local::serve(w, conn, head, &body, endpoint).await;
     }
 
-    // 3. The model.
-    let model = if head.carries_model(&body) {
-        extract_model(&body)?
-    } else {
-        None
+    // 3. The model: the top-level `model` of a JSON body, or the `model` field of a form.
+    let form = Boundary::of(head)?;
+    let model = match &form {
+        Some(boundary) => multipart::extract_model(&body, boundary)?.map(Cow::Borrowed),
+        None if head.carries_model(&body) => extract_model(&body)?,
+        None => None,
     };
 
-    // 4. Base model or adapter.
-    let adapter = match model.as_deref() {
+    // 4. Base model (any name vLLM serves it by) or adapter.
+    let base = match model.as_deref() {
         None | Some("") => None,
-        Some(name) => {
-            let base = base_model(w).await?;
-            if name == &*base {
-                None
-            } else {
-                Some(AdapterName::parse(name)?)
-            }
-        }
+        Some(_) => Some(base_model(w).await?),
+    };
+    let adapter = match (model.as_deref(), &base) {
+        (Some(name), Some(base)) if !base.is_base(name) => Some(AdapterName::parse(name)?),
+        _ => None,
     };
     let mut tier = if adapter.is_some() {
         Tier::Local
@@ -164,21 +170,13 @@ async fn pipeline(
     // 5. Routing. A forwarded request is acknowledged whether its mark is trusted or not
     // (the sender learns it was delivered); only a trusted mark skips routing.
     if protocol::is_marked(head) {
-        forward::acknowledge(conn).await?;
+        forward::acknowledge(conn, head).await?;
     }
     if !protocol::is_trusted_forward(&shared.router, head, conn.peer.ip()) {
-        let base = if model.is_some() {
-            shared.vllm.base_model()
-        } else {
-            None
-        };
+        // A base-model request names the base model by the name it uses.
+        let base_name = model.as_deref().filter(|_| adapter.is_none());
         let header = |name: &str| head.header_str(name);
-        let key = hash_key(
-            &shared.router.hash_on,
-            model.as_deref(),
-            base.as_deref(),
-            header,
-        );
+        let key = hash_key(&shared.router.hash_on, model.as_deref(), base_name, header);
         // Keyless requests are routed only when they name the base model (inference); the
         // rest (model lists, tokenizer calls, ...) are answered here.
         let base_request = adapter.is_none() && model.as_deref().is_some_and(|m| !m.is_empty());
@@ -200,7 +198,7 @@ async fn pipeline(
     let mut extra: &[(&str, &[u8])] = &[];
     let _pin = match &adapter {
         None => None,
-        Some(name) => match shared.store.ensure(name).await {
+        Some(name) => match ensure_in_time(w, name).await {
             Ok(ensured) => {
                 if ensured.fetched {
                     tier = Tier::Origin;
@@ -210,7 +208,11 @@ async fn pipeline(
             Err(err) if shared.config.routing.fallback_to_base_model => {
                 let base = base_model(w).await?;
                 tracing::warn!(adapter = %name, error = %err, "adapter unavailable: base model");
-                body = rewrite_model(&body, &base)?.into();
+                body = match &form {
+                    Some(boundary) => multipart::rewrite_model(&body, boundary, base.name())?,
+                    None => rewrite_model(&body, base.name())?,
+                }
+                .into();
                 extra = &[(FALLBACK_HEADER, b"base-model")];
                 tier = Tier::FallbackBase;
                 None
@@ -228,8 +230,31 @@ async fn pipeline(
     Ok(Served { tier, reply })
 }
 
-/// The served base model, learnt from vLLM on first need when not configured.
-async fn base_model(w: &Proxy) -> Result<Arc<str>, Error> {
+/// The adapter on disk and pinned, waiting at most `storage.fetch_wait_timeout` for its
+/// download: past that, a 504 (or the fallback). The download itself goes on, for the requests
+/// after this one: it belongs to no request, and the transfer layer stops it if it crawls
+/// (`origins[].min_rate`).
+async fn ensure_in_time(w: &Proxy, name: &AdapterName) -> Result<Ensured, Error> {
+    let store = &w.shared.store;
+    let Some(limit) = w.shared.config.storage.fetch_wait_timeout else {
+        return store.ensure(name).await;
+    };
+    match monoio::time::timeout(limit, store.ensure(name)).await {
+        Ok(ensured) => ensured,
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "adapter {name} is still being downloaded after {} (storage.fetch_wait_timeout); \
+                 the download goes on: try again later",
+                format_duration(limit)
+            ),
+        )
+        .with_param("model")),
+    }
+}
+
+/// The base model, learnt from vLLM on first need when not configured.
+async fn base_model(w: &Proxy) -> Result<Arc<BaseModel>, Error> {
     if let Some(base) = w.shared.vllm.base_model() {
         return Ok(base);
     }
@@ -237,7 +262,7 @@ async fn base_model(w: &Proxy) -> Result<Arc<str>, Error> {
     w.shared
         .control
         .run(async move { vllm.learn_base_model().await })
-        .await
+        .await?
 }
 
 /// Send the request to the local vLLM and stream the answer.

@@ -8,52 +8,22 @@
 //!
 //! Only peers may ask (the same trust as the forwarded mark: `cluster.token`, else a peer's
 //! address). Only files listed in the manifest are served, so a path can never leave the
-//! adapter's directory; the adapter is pinned while its files stream.
-
-use std::path::Path;
+//! adapter's directory; the adapter is pinned while its files stream. The manifest is the
+//! store's record of what it published (no filesystem call on the worker); a file is opened
+//! and read with monoio's file operations.
 
 use monoio::fs::File;
 
 use crate::{
-    adapter::{AdapterName, META_FILE},
+    adapter::AdapterName,
     cluster::protocol::{PeerFile, PeerManifest, PeerPath, is_trusted_peer},
     error::{Error, ErrorKind},
-    http::{RequestHead, head::itoa_buf, response},
+    http::{Method, RequestHead, head::itoa_buf, response},
     proxy::{Proxy, Reply},
     server::conn::Conn,
 };
 
 const CHUNK: usize = 256 * 1024;
-
-/// The files of an adapter directory, relative, sorted (loraplex's own meta file left out).
-pub fn list_files(dir: &Path) -> std::io::Result<Vec<PeerFile>> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<PeerFile>) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                walk(root, &entry.path(), out)?;
-            } else if kind.is_file() && entry.file_name() != META_FILE {
-                let rel = entry
-                    .path()
-                    .strip_prefix(root)
-                    .expect("under root")
-                    .to_owned();
-                if let Some(rel) = rel.to_str() {
-                    out.push(PeerFile {
-                        path: rel.to_owned(),
-                        size: entry.metadata()?.len(),
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out)?;
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
-}
 
 /// Answer a peer endpoint request.
 pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<Reply, Error> {
@@ -71,23 +41,30 @@ pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<Rep
     let name = AdapterName::parse(name)?;
     let not_here = || Error::model_not_found(name.as_str());
     let (dir, pin) = w.shared.store.adapter_dir(&name).ok_or_else(not_here)?;
-    let files = list_files(&dir).map_err(|_| not_here())?;
     let keep_alive = head.keep_alive;
     let Some(wanted) = what else {
+        let files = pin.files().iter().map(|f| PeerFile {
+            path: f.path.clone(),
+            size: f.size,
+        });
         let body = PeerManifest {
             adapter: name.to_string(),
             content_id: pin.content_id().map(str::to_owned),
-            files,
+            files: files.collect(),
         };
         let mut out = Vec::new();
         response::json(&mut out, 200, &body, keep_alive);
+        if head.kind == Method::Head {
+            response::strip_body(&mut out);
+        }
         let written = conn.write_all(out).await.is_ok();
         return Ok(Reply {
             status: 200,
             keep_alive: keep_alive && written,
         });
     };
-    let size = files
+    let size = pin
+        .files()
         .iter()
         .find(|f| f.path == wanted)
         .map(|f| f.size)
@@ -95,7 +72,8 @@ pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<Rep
     let offset = range_start(head).unwrap_or(0).min(size);
     let status = if offset > 0 { 206 } else { 200 };
     let file = File::open(dir.join(wanted)).await?;
-    let whole = send_file(conn, &file, offset, size, status, keep_alive).await;
+    let head_only = head.kind == Method::Head;
+    let whole = send_file(conn, &file, offset, size, status, keep_alive, head_only).await;
     drop(pin);
     if let Err(e) = &whole {
         tracing::debug!(adapter = %name, file = wanted, error = %e, "peer file transfer cut short");
@@ -123,6 +101,7 @@ async fn send_file(
     size: u64,
     status: u16,
     keep_alive: bool,
+    head_only: bool,
 ) -> std::io::Result<()> {
     let len = size - offset;
     let mut head = Vec::with_capacity(256);
@@ -142,6 +121,9 @@ async fn send_file(
     }
     head.extend_from_slice(b"\r\n\r\n");
     conn.write_all(head).await?;
+    if head_only {
+        return Ok(());
+    }
     let mut pos = offset;
     let mut buf = Vec::with_capacity(CHUNK);
     while pos < size {

@@ -2,9 +2,16 @@
 //! the body and answers), repeat.
 //!
 //! Requests on a connection are handled one after the other, so pipelined requests are answered
-//! in order. Timeouts: a keep-alive connection idle for `server.idle_timeout` is closed; once a
-//! request's first byte has arrived its whole head must arrive within
-//! `server.header_read_timeout` (slowloris); a body that stalls for `idle_timeout` is a 408.
+//! in order. Every wait is bounded:
+//! - the first head must arrive whole within `server.header_read_timeout` of the accept; a
+//!   keep-alive connection idle for `server.idle_timeout` between requests is closed, and once
+//!   a later request's first byte has arrived its whole head must follow within
+//!   `header_read_timeout` (slowloris). A connection that sent nothing is closed quietly; one
+//!   cut short mid-head gets a 408.
+//! - a body must arrive whole within `server.body_read_timeout` of the end of its head, however
+//!   it trickles: 408 and close.
+//! - a head longer than `server.max_header_size` is a 431: never more than one byte past the
+//!   limit is read while a head is incomplete, and a complete head is measured exactly.
 
 use std::{net::SocketAddr, rc::Rc, time::Duration};
 
@@ -13,6 +20,7 @@ use monoio::{
     buf::IoBufMut,
     io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt},
     net::TcpStream,
+    time::Instant,
 };
 
 use super::{Handler, Worker};
@@ -24,6 +32,12 @@ use crate::{
 /// Bytes asked of the kernel per read.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// How long a connection the server closes keeps reading (and dropping) what the client still
+/// sends: closing with unread bytes makes the kernel send a reset, which discards whatever of
+/// the answer is not sent yet (a 413 or 431 answered before the whole request was read;
+/// RFC 9112 §9.6).
+const LINGER: Duration = Duration::from_secs(2);
+
 /// A client connection and the bytes read from it but not yet used.
 pub struct Conn {
     pub stream: TcpStream,
@@ -31,6 +45,11 @@ pub struct Conn {
     buf: BytesMut,
     /// Requests served so far on this connection.
     pub requests: u64,
+    /// When the connection was accepted.
+    opened: Instant,
+    /// The head being read is a HEAD request's, as far as its first bytes tell: an answer
+    /// refusing it has no body. (A read cut short by a timeout takes its buffer with it.)
+    head_request: bool,
 }
 
 /// What reading the next head gave.
@@ -48,14 +67,24 @@ pub async fn serve<H: Handler>(worker: Rc<Worker<H>>, stream: TcpStream, peer: S
         peer,
         buf: BytesMut::with_capacity(READ_CHUNK),
         requests: 0,
+        opened: Instant::now(),
+        head_request: false,
     };
+    // Whether the server ends the connection while the client may still be sending.
+    let mut linger = true;
     loop {
         let head = match conn.next_head(&worker).await {
             Ok(Next::Head(head)) => head,
-            Ok(Next::Closed) => break,
+            Ok(Next::Closed) => {
+                linger = false;
+                break;
+            }
             Err(err) => {
                 let mut out = Vec::new();
                 response::error(&mut out, &err, false);
+                if conn.head_request {
+                    response::strip_body(&mut out);
+                }
                 worker.common.metrics.count_error(err.kind.as_str());
                 let _ = conn.write_all(out).await;
                 break;
@@ -68,67 +97,101 @@ pub async fn serve<H: Handler>(worker: Rc<Worker<H>>, stream: TcpStream, peer: S
         }
     }
     let _ = conn.stream.shutdown().await;
+    if linger {
+        conn.linger().await;
+    }
 }
 
 impl Conn {
     async fn next_head<H>(&mut self, worker: &Worker<H>) -> Result<Next, Error> {
         let cfg = &worker.common.config;
-        // Between requests: wait for the first byte, at most the idle timeout, or shutdown.
+        let max = cfg.max_header_size;
+        // The first head counts from the accept; a later one from its first byte (already here
+        // when pipelined), which may take up to the idle timeout to come.
+        let mut deadline = if self.requests == 0 {
+            self.opened + cfg.header_read_timeout
+        } else {
+            Instant::now() + cfg.header_read_timeout
+        };
         if self.buf.is_empty() {
             let wait = if self.requests == 0 {
-                cfg.header_read_timeout
+                deadline
             } else {
-                cfg.idle_timeout
+                Instant::now() + cfg.idle_timeout
             };
             monoio::select! {
-                read = monoio::time::timeout(wait, self.fill()) => match read {
+                read = monoio::time::timeout_at(wait, self.fill(max + 1)) => match read {
                     Ok(Ok(n)) if n > 0 => {}
                     // EOF, a reset, or idle too long: close quietly.
                     _ => return Ok(Next::Closed),
                 },
                 _ = worker.closing.wait() => return Ok(Next::Closed),
             }
+            if self.requests > 0 {
+                deadline = Instant::now() + cfg.header_read_timeout;
+            }
         }
-        let deadline = monoio::time::Instant::now() + cfg.header_read_timeout;
         loop {
+            self.head_request = self.buf.starts_with(b"HEAD ");
             if let Some((head, len)) = RequestHead::parse(&self.buf)? {
+                if len > max {
+                    return Err(head_too_large(max));
+                }
                 let _ = self.buf.split_to(len);
                 return Ok(Next::Head(head));
             }
-            if self.buf.len() > cfg.max_header_size {
-                return Err(Error::new(
-                    ErrorKind::HeaderTooLarge,
-                    "request head too large",
-                ));
+            // Incomplete: every byte so far is head.
+            if self.buf.len() > max {
+                return Err(head_too_large(max));
             }
-            match monoio::time::timeout_at(deadline, self.fill()).await {
+            match monoio::time::timeout_at(deadline, self.fill(max + 1 - self.buf.len())).await {
                 Ok(Ok(0)) => return Ok(Next::Closed),
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) => return Ok(Next::Closed),
-                Err(_) => return Err(timeout_408("request head")),
+                Err(_) => {
+                    return Err(timeout_408(
+                        "request head",
+                        "server.header_read_timeout",
+                        cfg.header_read_timeout,
+                    ));
+                }
             }
         }
     }
 
-    /// Read more bytes into the buffer; `Ok(0)` on EOF.
-    async fn fill(&mut self) -> std::io::Result<usize> {
+    /// After the server's last answer: drop what the client still sends until it closes, at
+    /// most [`LINGER`].
+    async fn linger(&mut self) {
+        let deadline = Instant::now() + LINGER;
+        loop {
+            self.buf.clear();
+            match monoio::time::timeout_at(deadline, self.fill(READ_CHUNK)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// Read more bytes into the buffer, at most `limit`; `Ok(0)` on EOF.
+    async fn fill(&mut self, limit: usize) -> std::io::Result<usize> {
         let mut buf = std::mem::take(&mut self.buf);
-        buf.reserve(READ_CHUNK);
+        buf.reserve(READ_CHUNK.min(limit));
         let len = buf.len();
-        let cap = buf.capacity();
-        let (res, slice) = self.stream.read(buf.slice_mut(len..cap)).await;
+        let end = buf.capacity().min(len.saturating_add(limit));
+        let (res, slice) = self.stream.read(buf.slice_mut(len..end)).await;
         self.buf = slice.into_inner();
         res
     }
 
-    /// Read the whole body of `head`, at most `max` bytes (413 above), answering
-    /// `Expect: 100-continue` first when the client waits for it.
+    /// Read the whole body of `head`, at most `max` bytes (413 above) within `timeout` (408),
+    /// answering `Expect: 100-continue` first when the client waits for it.
     pub async fn read_body(
         &mut self,
         head: &RequestHead,
         max: usize,
-        idle: Duration,
+        timeout: Duration,
     ) -> Result<Bytes, Error> {
+        let deadline = Instant::now() + timeout;
         let too_large = || {
             Error::new(
                 ErrorKind::PayloadTooLarge,
@@ -144,7 +207,7 @@ impl Conn {
                 }
                 self.send_continue(head).await?;
                 while self.buf.len() < n {
-                    self.fill_body(idle).await?;
+                    self.fill_body(deadline, timeout).await?;
                 }
                 Ok(self.buf.split_to(n).freeze())
             }
@@ -161,7 +224,7 @@ impl Conn {
                     if decoder.is_done() {
                         return Ok(body.into());
                     }
-                    self.fill_body(idle).await?;
+                    self.fill_body(deadline, timeout).await?;
                 }
             }
         }
@@ -169,19 +232,32 @@ impl Conn {
 
     async fn send_continue(&mut self, head: &RequestHead) -> Result<(), Error> {
         if head.expect_continue && self.buf.is_empty() {
-            self.write_all(response::CONTINUE.to_vec())
+            self.write_continue(head)
                 .await
                 .map_err(|e| Error::bad_request(format!("client went away: {e}")))?;
         }
         Ok(())
     }
 
-    async fn fill_body(&mut self, idle: Duration) -> Result<(), Error> {
-        match monoio::time::timeout(idle, self.fill()).await {
+    /// Send `100 Continue` for `head`, unless its client speaks HTTP/1.0, which knows no 1xx
+    /// answer (RFC 9110 §15.2: never sent to an HTTP/1.0 client).
+    pub async fn write_continue(&mut self, head: &RequestHead) -> std::io::Result<()> {
+        if head.minor == 0 {
+            return Ok(());
+        }
+        self.write_all(response::CONTINUE.to_vec()).await.map(drop)
+    }
+
+    async fn fill_body(&mut self, deadline: Instant, timeout: Duration) -> Result<(), Error> {
+        match monoio::time::timeout_at(deadline, self.fill(usize::MAX)).await {
             Ok(Ok(0)) => Err(Error::bad_request("client closed the connection mid-body")),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(Error::bad_request(format!("reading the body: {e}"))),
-            Err(_) => Err(timeout_408("request body")),
+            Err(_) => Err(timeout_408(
+                "request body",
+                "server.body_read_timeout",
+                timeout,
+            )),
         }
     }
 
@@ -197,7 +273,16 @@ impl Conn {
     }
 }
 
-fn timeout_408(what: &str) -> Error {
-    // 408 is not an Error kind of its own: a client too slow to send is a bad request.
-    Error::bad_request(format!("timed out waiting for the {what}"))
+fn timeout_408(what: &str, key: &str, limit: Duration) -> Error {
+    Error::new(
+        ErrorKind::RequestTimeout,
+        format!("the {what} did not arrive within {key} ({limit:?})"),
+    )
+}
+
+fn head_too_large(max: usize) -> Error {
+    Error::new(
+        ErrorKind::HeaderTooLarge,
+        format!("request head larger than server.max_header_size ({max} bytes)"),
+    )
 }

@@ -57,6 +57,12 @@ impl Store {
         });
         let mut first_err: Option<Error> = None;
         for origin in self.origins.iter() {
+            // A new version comes from the configured origins: a peer's copy is one it fetched
+            // before, no newer than ours as far as anyone knows (taking it republished the old
+            // version at every TTL, for as long as a peer held it).
+            if replacing.is_some() && origin.kind() == "peer" {
+                continue;
+            }
             let started = Instant::now();
             let label = origin.kind();
             let outcome = self.fetch_from(origin.as_ref(), name, replacing).await;
@@ -118,16 +124,17 @@ impl Store {
         name: &AdapterName,
         replacing: Option<&Arc<Entry>>,
     ) -> Result<Pin, Failure> {
-        let manifest = with_retries(origin, "manifest", || origin.manifest(name))
+        let mut manifest = with_retries(origin, "manifest", || origin.manifest(name))
             .await
             .map_err(Failure::Origin)?;
         check_manifest(&manifest).map_err(Failure::Origin)?;
+        drop_nested_adapters(&mut manifest.files);
         let known = manifest.known_size();
         let mut reservation = self
             .reserve(known.map_or(self.grow_step(), |k| k + META_RESERVE))
             .await
             .map_err(Failure::Local)?;
-        let tmp = self.tmp_path("fetch", name);
+        let tmp = self.tmp_path("fetch");
         let (tx, done) = self
             .writer
             .begin(&self.opts.dir, tmp)
@@ -189,7 +196,8 @@ impl Store {
             })
             .inc_by(progress.bytes());
         tracing::info!(
-            adapter = %name, origin = %origin.describe(), bytes = committed.bytes,
+            adapter = %name, origin = %origin.describe(),
+            bytes = committed.bytes(),
             secs = progress.elapsed().as_secs_f64(), "adapter fetched and published"
         );
         Ok(self
@@ -214,7 +222,8 @@ impl Store {
         // One pin held from birth, for the flight: no eviction before every waiter pinned it.
         let entry = Arc::new(Entry::new(
             name.clone(),
-            committed.bytes,
+            committed.bytes(),
+            committed.files,
             provenance,
             meta.fetched_at_ms(),
             1,
@@ -225,17 +234,18 @@ impl Store {
             l.reserved -= reservation.take();
             let old = l.policy.remove(name);
             let old_bytes = match (&committed.published, old) {
-                (Published::Replaced(_), Some(old)) => old.size,
+                (Published::Replaced(_), Some(old)) => old.size(),
                 _ => 0,
             };
             l.freeing += old_bytes;
             match replacing {
                 Some(_) => l
                     .policy
-                    .insert_main(name.clone(), entry.size, entry.clone()),
-                None => l.policy.insert(name.clone(), entry.size, entry.clone()),
+                    .insert_main(name.clone(), entry.size(), entry.clone()),
+                None => l.policy.insert(name.clone(), entry.size(), entry.clone()),
             }
             self.index.insert(entry.clone());
+            self.flights.set_stored(name, true);
             old_bytes
         };
         self.update_gauges();
@@ -247,6 +257,20 @@ impl Store {
             self.update_gauges();
         }
         pin
+    }
+}
+
+/// Files in a subdirectory that holds its own `adapter_config.json` are another adapter's
+/// (`x/y`, which an S3 prefix listing of `x` includes): `x` does not take them.
+fn drop_nested_adapters(files: &mut Vec<FileSpec>) {
+    let config = format!("/{CONFIG_FILE}");
+    let nested: Vec<String> = files
+        .iter()
+        .filter_map(|f| f.path.strip_suffix(config.as_str()))
+        .map(|dir| format!("{dir}/"))
+        .collect();
+    if !nested.is_empty() {
+        files.retain(|f| !nested.iter().any(|dir| f.path.starts_with(dir.as_str())));
     }
 }
 
@@ -367,4 +391,36 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_adapters_files_are_left_out() {
+        let mut files: Vec<FileSpec> = [
+            CONFIG_FILE,
+            SAFETENSORS_FILE,
+            "sub/tokenizer.json",
+            "y/adapter_config.json",
+            "y/adapter_model.safetensors",
+            "y/z/adapter_config.json",
+            "yy/notes.txt",
+        ]
+        .into_iter()
+        .map(|p| FileSpec::new(p, Some(1)))
+        .collect();
+        drop_nested_adapters(&mut files);
+        let kept: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            kept,
+            [
+                CONFIG_FILE,
+                SAFETENSORS_FILE,
+                "sub/tokenizer.json",
+                "yy/notes.txt"
+            ]
+        );
+    }
 }

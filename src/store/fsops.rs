@@ -13,6 +13,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::index::StoredFile;
+
 /// Hidden work area inside the storage directory (vLLM only resolves `{dir}/{name}`).
 pub const TMP_DIR: &str = ".loraplex-tmp";
 
@@ -73,17 +75,30 @@ pub enum Published {
 /// Move the complete, fsynced directory `tmp` to `target` atomically and durably.
 pub fn publish(root: &Path, tmp: &Path, target: &Path) -> io::Result<Published> {
     let parent = target.parent().unwrap_or(root);
-    // A concurrent eviction may remove an empty parent between our mkdir and the rename.
+    // A concurrent eviction may remove an empty parent between our mkdir and the rename, or
+    // the empty directory at `target` it leaves behind (a name inside it was evicted) between
+    // the two renames: look again.
     let mut tries = 0;
+    let gone = |e: &io::Error, tries: &mut u32| {
+        *tries += 1;
+        e.raw_os_error() == Some(libc::ENOENT) && *tries <= 3
+    };
     let outcome = loop {
-        create_parents(root, parent)?;
+        match create_parents(root, parent) {
+            Ok(()) => {}
+            Err(e) if gone(&e, &mut tries) => continue,
+            Err(e) => return Err(e),
+        }
         match renameat2(tmp, target, libc::RENAME_NOREPLACE) {
             Ok(()) => break Published::New,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                renameat2(tmp, target, libc::RENAME_EXCHANGE)?;
-                break Published::Replaced(tmp.to_owned());
+                match renameat2(tmp, target, libc::RENAME_EXCHANGE) {
+                    Ok(()) => break Published::Replaced(tmp.to_owned()),
+                    Err(e) if gone(&e, &mut tries) => {}
+                    Err(e) => return Err(e),
+                }
             }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && tries < 3 => tries += 1,
+            Err(e) if gone(&e, &mut tries) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // A filesystem without renameat2 flags (some network filesystems): plain
                 // rename works when nothing is there; replacing leaves a short window.
@@ -150,19 +165,32 @@ pub fn remove_empty_parents(root: &Path, target: &Path) {
     }
 }
 
-/// Bytes of the regular files under `dir` (recursively).
-pub fn dir_size(dir: &Path) -> io::Result<u64> {
-    let mut total = 0;
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let ft = entry.file_type()?;
-        if ft.is_dir() {
-            total += dir_size(&entry.path())?;
-        } else if ft.is_file() {
-            total += entry.metadata()?.len();
+/// The regular files under `dir` (recursively, symlinks not followed), relative to it, with
+/// their lengths; and the bytes of them all (a file whose name is not UTF-8 counts there but
+/// is not listed: no peer could ask for it).
+pub fn files(dir: &Path) -> io::Result<(Vec<StoredFile>, u64)> {
+    fn walk(root: &Path, dir: &Path, out: &mut (Vec<StoredFile>, u64)) -> io::Result<()> {
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                walk(root, &entry.path(), out)?;
+            } else if ft.is_file() {
+                let size = entry.metadata()?.len();
+                out.1 += size;
+                let path = entry.path();
+                let rel = path.strip_prefix(root).expect("walked under root");
+                if let Some(rel) = rel.to_str() {
+                    let path = rel.to_owned();
+                    out.0.push(StoredFile { path, size });
+                }
+            }
         }
+        Ok(())
     }
-    Ok(total)
+    let mut out = (Vec::new(), 0);
+    walk(dir, dir, &mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use std::{
 };
 
 use super::policy::Tracked;
-use crate::adapter::AdapterName;
+use crate::adapter::{AdapterName, META_FILE};
 
 const EVICTING: u64 = 1 << 63;
 
@@ -56,13 +56,24 @@ impl Provenance {
     }
 }
 
+/// One file of a stored adapter, relative to its directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFile {
+    pub path: String,
+    pub size: u64,
+}
+
 /// One stored adapter. Immutable but for the atomics; a new version is a new `Entry`.
 #[derive(Debug)]
 pub struct Entry {
     pub name: AdapterName,
-    /// Bytes of its files on disk.
-    pub size: u64,
+    /// Bytes of its files on disk; changes only under the store's ledger lock, together with
+    /// the policy's count (a refreshed `.loraplex_meta` may differ in length).
+    size: AtomicU64,
     pub provenance: Provenance,
+    /// Its files as published (`.loraplex_meta` left out), sorted by path: what a peer is
+    /// offered, known without touching the disk.
+    files: Box<[StoredFile]>,
     state: AtomicU64,
     freq: AtomicU8,
     last_access_ms: AtomicU64,
@@ -75,18 +86,24 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// A new entry, with `pins` pins already held (1 for the flight that fetched it).
+    /// A new entry, with `pins` pins already held (1 for the flight that fetched it). `size`:
+    /// bytes of every file of its directory; `files`: those a peer may ask for.
     pub fn new(
         name: AdapterName,
         size: u64,
+        files: Vec<StoredFile>,
         provenance: Provenance,
         fetched_at_ms: u64,
         pins: u64,
     ) -> Self {
+        let mut files: Vec<StoredFile> =
+            files.into_iter().filter(|f| f.path != META_FILE).collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
         Entry {
             name,
-            size,
+            size: AtomicU64::new(size),
             provenance,
+            files: files.into(),
             state: AtomicU64::new(pins),
             freq: AtomicU8::new(0),
             last_access_ms: AtomicU64::new(fetched_at_ms),
@@ -131,6 +148,21 @@ impl Entry {
 
     pub fn is_evicting(&self) -> bool {
         self.state.load(Ordering::Acquire) & EVICTING != 0
+    }
+
+    /// Bytes of its files on disk.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Its files as published, `.loraplex_meta` left out.
+    pub fn files(&self) -> &[StoredFile] {
+        &self.files
+    }
+
+    /// Under the ledger lock, with the policy's count.
+    pub(crate) fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Relaxed);
     }
 
     pub fn last_access_ms(&self) -> u64 {
@@ -188,7 +220,12 @@ impl Pin {
 
     /// Bytes on disk.
     pub fn size(&self) -> u64 {
-        self.entry.size
+        self.entry.size()
+    }
+
+    /// Its files as published, `.loraplex_meta` left out.
+    pub fn files(&self) -> &[StoredFile] {
+        self.entry.files()
     }
 
     /// ETag or revision it was fetched at, when known.
@@ -281,9 +318,14 @@ mod tests {
     use super::*;
 
     fn entry(name: &str) -> Arc<Entry> {
+        let file = StoredFile {
+            path: "f".into(),
+            size: 10,
+        };
         Arc::new(Entry::new(
             AdapterName::parse(name).unwrap(),
             10,
+            vec![file],
             Provenance::default(),
             0,
             0,

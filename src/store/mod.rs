@@ -10,6 +10,10 @@
 //! - Space: a fetch reserves its bytes first ([`space`]); the eviction [`policy`] (size-aware
 //!   S3-FIFO) picks unpinned victims; an evicted adapter disappears from vLLM's sight by a
 //!   rename, vLLM is told to unload it ([`VllmHooks`]), then it is deleted.
+//! - Names: `x` and `x/y` are never stored together (one directory would hold the other); the
+//!   second is a 409 ([`flight`] is also the namespace).
+//! - The ledger counts the published files to the byte (each entry records its files), so
+//!   `stats` `size` is what the storage directory holds outside the temp area.
 //! - Startup ([`recover`]): temp leftovers removed, the index rebuilt from disk, corrupt
 //!   entries removed, the budget enforced. TTL revalidation: [`revalidate`].
 //!
@@ -54,7 +58,7 @@ use crate::{
     adapter::AdapterName,
     config::{Config, DirectIo, Driver},
     control::Control,
-    error::Error,
+    error::{Error, ErrorKind},
     metrics::{Metrics, TierLabel},
     origin::OriginChain,
 };
@@ -63,7 +67,7 @@ use crate::{
 pub trait VllmHooks: Send + Sync + 'static {
     /// `POST /v1/unload_lora_adapter {"lora_name": name}`; a 404 counts as success.
     fn unload(&self, name: &str) -> BoxFuture<'static, Result<(), Error>>;
-    /// The served base model (for `storage.rewrite_base_model`), if known.
+    /// vLLM's `--model`, what `storage.rewrite_base_model` writes (not a served name), if known.
     fn base_model(&self) -> Option<String>;
 }
 
@@ -122,6 +126,25 @@ pub struct Ensured {
     pub pin: Pin,
     /// True when this call waited for a download (`cache_tier` "origin").
     pub fetched: bool,
+}
+
+/// The 409 for `name` while `other` is held: one directory would contain the other's, and
+/// loraplex never stores such a pair (a swap or an eviction of the outer one would take the
+/// inner one with it; see [`flight`]).
+fn conflict(name: &AdapterName, other: &AdapterName) -> Error {
+    let how = if other.contains(name.as_str()) {
+        "lie inside that of"
+    } else {
+        "contain that of"
+    };
+    Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "adapter `{name}` cannot be stored: its directory would {how} adapter `{other}`, \
+             which is stored here or being fetched; evict `{other}` first"
+        ),
+    )
+    .with_param("model")
 }
 
 /// The adapter store. Shared as `Arc<Store>` by every thread.
@@ -228,6 +251,7 @@ impl Store {
                     flight
                 }
                 Join::Follow(flight) => flight,
+                Join::Conflict(other) => return Err(conflict(name, &other)),
             };
             if flight.kind == FlightKind::Fetch {
                 self.misses.inc();
@@ -291,11 +315,12 @@ impl Store {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A fresh path in the temp area: `{tmp}/{what}-{seq}-{name with / as __}`.
-    fn tmp_path(&self, what: &str, name: &AdapterName) -> PathBuf {
+    /// A fresh path in the temp area: `{tmp}/{what}-{seq}`. The name stays out of it: a
+    /// flattened `org/name` could pass the filesystem's 255 bytes long before the name's own
+    /// limits do (the logs say which adapter a temp path is for).
+    fn tmp_path(&self, what: &str) -> PathBuf {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.tmp
-            .join(format!("{what}-{n}-{}", name.as_str().replace('/', "__")))
+        self.tmp.join(format!("{what}-{n}"))
     }
 
     /// Refresh the size and item gauges.
@@ -312,18 +337,11 @@ impl Store {
     }
 
     /// Tell vLLM to forget `name` (after an eviction or a replacement); failures are logged.
+    /// The vLLM client counts the call (`loraplex_vllm_unloads_total`, by its outcome).
     async fn unload(&self, name: &AdapterName) {
-        let result = match self.hooks.unload(name.as_str()).await {
-            Ok(()) => "ok",
-            Err(e) => {
-                tracing::warn!(adapter = %name, error = %e, "vLLM unload failed");
-                "error"
-            }
-        };
-        self.metrics
-            .vllm_unloads
-            .get_or_create(&crate::metrics::ResultLabel { result })
-            .inc();
+        if let Err(e) = self.hooks.unload(name.as_str()).await {
+            tracing::warn!(adapter = %name, error = %e, "vLLM unload failed");
+        }
     }
 
     /// Remove a tree on the blocking pool (control plane context).

@@ -177,6 +177,20 @@ impl<K: Hash + Eq + Clone, V: Tracked> S3Fifo<K, V> {
         Some(slot.value)
     }
 
+    /// Change the size of an entry in place (its queue and position stay). `false`: absent.
+    pub fn resize(&mut self, key: &K, size: u64) -> bool {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return false;
+        };
+        let bytes = match slot.queue {
+            Queue::Small => &mut self.small_bytes,
+            Queue::Main => &mut self.main_bytes,
+        };
+        *bytes = *bytes - slot.size + size;
+        slot.size = size;
+        true
+    }
+
     /// Pick and remove the next victim that `claim` accepts. `None`: nothing can go.
     pub fn evict(&mut self, mut claim: impl FnMut(&K, &V) -> bool) -> Option<(K, V, u64)> {
         let prefer_small = self.small_bytes >= self.small_target || self.main_bytes == 0;
@@ -347,6 +361,19 @@ mod tests {
         assert_eq!(p.evict(|_, _| true).map(|v| (v.0, v.2)), Some((0, 30)));
         assert_eq!(p.bytes(), 0);
         assert!(p.evict(|_, _| true).is_none());
+    }
+
+    #[test]
+    fn resize_keeps_the_byte_counts() {
+        let mut p = S3Fifo::new(100);
+        p.insert(0, 10, cell());
+        p.insert_main(1, 20, cell());
+        assert!(p.resize(&0, 12) && p.resize(&1, 19));
+        assert!(!p.resize(&2, 5));
+        assert_eq!(p.bytes(), 31);
+        assert_eq!(p.evict(|_, _| true).map(|v| (v.0, v.2)), Some((0, 12)));
+        assert_eq!(p.evict(|_, _| true).map(|v| (v.0, v.2)), Some((1, 19)));
+        assert_eq!(p.bytes(), 0);
     }
 
     #[test]

@@ -128,20 +128,35 @@ impl Store {
             ttl_seconds: self.opts.ttl.map_or(0, |t| t.as_secs() as i64),
         };
         let dir = self.opts.dir.join(entry.name.rel_path());
-        let tmp: PathBuf = self.tmp_path("meta", &entry.name);
-        tokio::task::spawn_blocking(move || {
+        let tmp: PathBuf = self.tmp_path("meta");
+        let bytes = meta.to_bytes();
+        let new_len = bytes.len() as u64;
+        let old_len = tokio::task::spawn_blocking(move || {
+            let path = dir.join(META_FILE);
+            let old_len = fs::metadata(&path).map_or(0, |m| m.len());
             let mut f = fs::File::create(&tmp)?;
-            f.write_all(&meta.to_bytes())?;
+            f.write_all(&bytes)?;
             f.sync_all()?;
-            let r = fs::rename(&tmp, dir.join(META_FILE)).and_then(|_| fsops::fsync_dir(&dir));
+            let r = fs::rename(&tmp, &path).and_then(|_| fsops::fsync_dir(&dir));
             if r.is_err() {
                 let _ = fs::remove_file(&tmp);
             }
-            r
+            r.map(|()| old_len)
         })
         .await
         .map_err(|e| Error::internal(e.to_string()))?
-        .map_err(|e| super::file_writer::storage_error(e, "refreshing .loraplex_meta"))
+        .map_err(|e| super::file_writer::storage_error(e, "refreshing .loraplex_meta"))?;
+        if new_len != old_len {
+            // The ledger counts what is on disk, to the byte.
+            let mut l = self.ledger();
+            let size = (entry.size() + new_len).saturating_sub(old_len);
+            if l.policy.resize(&entry.name, size) {
+                entry.set_size(size);
+            }
+            drop(l);
+            self.update_gauges();
+        }
+        Ok(())
     }
 }
 

@@ -173,15 +173,19 @@ impl Store {
         let name = entry.name.clone();
         self.index.remove_if_same(&entry);
         let target = self.opts.dir.join(name.rel_path());
-        let hidden = self.tmp_path("evict", &name);
+        let hidden = self.tmp_path("evict");
         let (t, h) = (target.clone(), hidden.clone());
         let hid = tokio::task::spawn_blocking(move || fsops::hide(&t, &h))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        lead.finish(Ok(None));
-        if let Err(e) = &hid {
-            tracing::error!(adapter = %name, error = %e, "evict: could not move the adapter away");
+        match &hid {
+            // Out of `{dir}/{name}`: names inside or around it may be fetched now.
+            Ok(_) => self.flights.set_stored(&name, false),
+            Err(e) => {
+                tracing::error!(adapter = %name, error = %e, "evict: could not move the adapter away")
+            }
         }
+        lead.finish(Ok(None));
         self.unload(&name).await;
         let root = self.opts.dir.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -191,10 +195,10 @@ impl Store {
             fsops::remove_empty_parents(&root, &target);
         })
         .await;
-        self.ledger().freeing -= entry.size;
+        self.ledger().freeing -= entry.size();
         self.metrics.cache_evictions.get_or_create(&LOCAL).inc();
         self.update_gauges();
-        tracing::info!(adapter = %name, bytes = entry.size, "evicted");
+        tracing::info!(adapter = %name, bytes = entry.size(), "evicted");
     }
 
     /// Admin evict: `Ok(false)` when not stored. Waits briefly for in-flight requests and
@@ -204,7 +208,7 @@ impl Store {
         let name = name.clone();
         self.control
             .run(async move { store.evict_now(&name).await })
-            .await
+            .await?
     }
 
     async fn evict_now(self: &Arc<Self>, name: &AdapterName) -> Result<bool, Error> {
@@ -231,7 +235,7 @@ impl Store {
                     .try_lead(name, FlightKind::Evict, || entry.try_claim());
                 lead.inspect(|_| {
                     l.policy.remove(name);
-                    l.freeing += entry.size;
+                    l.freeing += entry.size();
                 })
             };
             if let Some(lead) = claimed {

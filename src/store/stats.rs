@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{Store, flight::FlightKind};
-use crate::adapter::AdapterName;
+use crate::{adapter::AdapterName, error::Clipped};
 
 /// A long fetch logs its progress this often.
 const LOG_EVERY: Duration = Duration::from_secs(5);
@@ -170,7 +170,7 @@ impl Store {
 
     /// Bytes of a stored adapter, if stored.
     pub fn stored_size(&self, name: &AdapterName) -> Option<u64> {
-        self.index.get(name).map(|e| e.size)
+        self.index.get(name).map(|e| e.size())
     }
 
     /// The names of the stored adapters (for the disk set peers see).
@@ -197,14 +197,15 @@ impl Store {
     pub async fn warmup(self: &Arc<Self>, names: &[String]) -> Value {
         let mut results = Vec::with_capacity(names.len());
         for raw in names {
-            let status = match AdapterName::parse(raw) {
+            let (adapter, status) = match AdapterName::parse(raw) {
                 Ok(name) => match self.ensure(&name).await {
-                    Ok(_) => "ok".to_owned(),
-                    Err(e) => format!("error: {}", e.message),
+                    Ok(_) => (raw.clone(), "ok".to_owned()),
+                    Err(e) => (raw.clone(), format!("error: {}", e.message)),
                 },
-                Err(e) => format!("error: {}", e.message),
+                // A bad name may be huge: the answer repeats only its start.
+                Err(e) => (Clipped(raw).to_string(), format!("error: {}", e.message)),
             };
-            results.push(json!({ "adapter": raw, "status": status }));
+            results.push(json!({ "adapter": adapter, "status": status }));
         }
         json!({ "results": results })
     }

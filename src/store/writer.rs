@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     file_writer::{Faults, FileWriter, Shared, storage_error},
     fsops::{self, Published},
+    index::StoredFile,
 };
 use crate::{
     config::Driver,
@@ -66,9 +67,16 @@ pub enum Msg {
 /// What a committed job did.
 #[derive(Debug)]
 pub struct Committed {
-    /// Bytes of all files written.
-    pub bytes: u64,
+    /// Every file written, with its length.
+    pub files: Vec<StoredFile>,
     pub published: Published,
+}
+
+impl Committed {
+    /// Bytes of all files written.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
 }
 
 /// The sending side of a write job, and its result.
@@ -230,13 +238,16 @@ async fn write_dir(
 ) -> Result<Committed, Error> {
     std::fs::create_dir(dir).map_err(|e| storage_error(e, "creating the temp dir"))?;
     let mut dirs = vec![dir.to_owned()];
-    let mut current: Option<FileWriter> = None;
-    let mut bytes = 0;
+    let mut current: Option<(FileWriter, String)> = None;
+    let mut files = Vec::new();
     while let Some(msg) = rx.recv().await {
         match msg {
             Msg::File(rel, size) => {
-                if let Some(f) = current.take() {
-                    bytes += f.finish().await?;
+                if let Some((f, path)) = current.take() {
+                    files.push(StoredFile {
+                        size: f.finish().await?,
+                        path,
+                    });
                 }
                 let path = dir.join(&rel);
                 let parent = path.parent().unwrap_or(dir).to_owned();
@@ -244,15 +255,18 @@ async fn write_dir(
                     std::fs::create_dir_all(&parent).map_err(|e| storage_error(e, &rel))?;
                     dirs.push(parent);
                 }
-                current = Some(FileWriter::create(path, size, shared).await?);
+                current = Some((FileWriter::create(path, size, shared).await?, rel));
             }
             Msg::Data(b) => match current.as_mut() {
-                Some(f) => f.write(&b).await?,
+                Some((f, _)) => f.write(&b).await?,
                 None => return Err(Error::internal("writer: data before any file")),
             },
             Msg::Commit(target) => {
-                if let Some(f) = current.take() {
-                    bytes += f.finish().await?;
+                if let Some((f, path)) = current.take() {
+                    files.push(StoredFile {
+                        size: f.finish().await?,
+                        path,
+                    });
                 }
                 // Deepest first: a subdirectory's entry lives in its parent.
                 for d in dirs.iter().rev() {
@@ -260,7 +274,7 @@ async fn write_dir(
                 }
                 let published = fsops::publish(root, dir, &target)
                     .map_err(|e| storage_error(e, "publishing the adapter"))?;
-                return Ok(Committed { bytes, published });
+                return Ok(Committed { files, published });
             }
         }
     }

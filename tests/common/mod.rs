@@ -4,7 +4,9 @@
 
 #[cfg(feature = "demo")]
 pub mod cluster;
+pub mod netns;
 pub mod s3;
+pub mod store;
 pub mod tools;
 
 use std::{
@@ -102,6 +104,21 @@ impl Node {
             addr,
             dir,
             logs,
+        }
+    }
+
+    /// Wait (bounded) until `/readyz` answers 200: the first vLLM health probe has passed.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let mut c = Raw::connect(self.addr).await;
+            c.send(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await;
+            if c.response(false).await.status == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "loraplex never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -309,6 +326,11 @@ impl Raw {
         };
         let head = String::from_utf8(self.buf[..end].to_vec()).unwrap();
         self.buf.drain(..end);
+        // Stray bytes before the status line (a body that should not have been sent) fail here.
+        assert!(
+            head.starts_with("HTTP/1.1 ") || head.starts_with("HTTP/1.0 "),
+            "not a status line: {head:?}"
+        );
         let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
         let mut resp = RawResponse {
             status,
