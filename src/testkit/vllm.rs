@@ -104,7 +104,7 @@ impl VllmConfig {
             max_model_len: 2048,
             max_cpu_loras: DEFAULT_MAX_CPU_LORAS,
             keep_alive_timeout: Some(KEEP_ALIVE_TIMEOUT),
-            keep_heads: 64,
+            keep_heads: 256, // loraplex scrapes /metrics every second: room for minutes of them
             engine: EngineConfig::unbounded(),
             metrics: true,
         }
@@ -410,9 +410,13 @@ impl VllmStandIn {
         self.server.stats().requests()
     }
 
-    /// The last request heads received, oldest first.
+    /// The last request heads received, oldest first, without the scrapes of `/metrics`
+    /// (loraplex reads them every `vllm.metrics_interval`: monitoring, not traffic a test
+    /// counts).
     pub fn recent_heads(&self) -> Vec<RequestHead> {
-        self.server.stats().recent_heads()
+        let mut heads = self.server.stats().recent_heads();
+        heads.retain(|h| h.target != "/metrics");
+        heads
     }
 
     /// Stop and wait until the port is closed.
