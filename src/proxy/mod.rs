@@ -14,6 +14,7 @@
 //! - `local.rs`: the proxy's own endpoints.
 //! - `admin_api.rs`: the admin API (`/admin/*`).
 //! - `peer_files.rs`: stored adapters served to peers.
+//! - `peer_state.rs`: this node's state for its peers.
 //! - `trace.rs`: the request's span and those of what it sends on.
 //! - `state.rs`: what every worker shares, and each worker's own [`Proxy`] (the server's
 //!   handler).
@@ -22,6 +23,7 @@ pub mod admin_api;
 pub mod forward;
 pub mod local;
 pub mod peer_files;
+mod peer_state;
 mod state;
 mod trace;
 pub mod upstream;
@@ -194,14 +196,19 @@ async fn pipeline(
         span.set_with("loraplex.hash_key.kind", || {
             trace::key_kind(&shared.router.hash_on, key.as_ref())
         });
-        if key.is_none() {
+        // Keyless requests are routed only when they name the base model (inference); the
+        // rest (model lists, tokenizer calls, ...) are answered here.
+        let base_request = adapter.is_none() && model.as_deref().is_some_and(|m| !m.is_empty());
+        if !(key.is_some() || base_request) {
             span.set("loraplex.route", "local");
         }
-        if let Some(key) = key {
-            if let Some(done) = forward::route(w, conn, head, &body, &key, span).await? {
+        if key.is_some() || base_request {
+            let routed =
+                forward::route(w, conn, head, &body, key.as_deref(), adapter.as_ref(), span);
+            if let Some(done) = routed.await? {
                 return Ok(done);
             }
-            if adapter.is_none() {
+            if key.is_some() && adapter.is_none() {
                 tier = Tier::Routed;
             }
         }
@@ -238,6 +245,10 @@ async fn pipeline(
     };
 
     // 7. Upstream.
+    if let (Some(name), Some(_)) = (&adapter, &_pin) {
+        w.recent
+            .note(xxhash_rust::xxh3::xxh3_64(name.as_str().as_bytes()));
+    }
     span.set_str("loraplex.route.target", shared.router.me.canonical());
     let reply = to_vllm(w, conn, head, body, extra, span).await?;
     Ok(Served { tier, reply })
