@@ -22,6 +22,9 @@
 //! - [`metrics`]: the `loraplex_*` Prometheus metrics.
 //! - [`shutdown`]: the process-wide graceful-shutdown signal.
 //! - [`control`]: the control-plane runtime and the bridge from workers to it.
+//! - [`tls`]: rustls for clients and peer links: certificates and their reload, the TLS
+//!   stream over monoio, the listener's sniff-and-handshake, how peers' certificates are
+//!   checked.
 //! - [`http`]: HTTP/1.1 codec: request/response heads (httparse), body framing, the `model`
 //!   field.
 //! - [`adapter`]: an adapter's validated name and the files of its directory.
@@ -61,6 +64,7 @@ pub mod shutdown;
 pub mod store;
 #[cfg(feature = "demo")]
 pub mod testkit;
+pub mod tls;
 pub mod vllm;
 
 pub use error::{Error, ErrorKind, Result};

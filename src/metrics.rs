@@ -178,6 +178,9 @@ pub struct Metrics {
     pub inflight_requests: Gauge<i64, AtomicI64>,
     pub fetches_inflight: Gauge<i64, AtomicI64>,
     pub upstream_connects: Counter<u64, AtomicU64>,
+    /// New client connections on a `server.tls` listener, by what became of them.
+    pub tls_connections: Family<ResultLabel, Counter>,
+    pub tls_reloads: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -215,6 +218,8 @@ impl Metrics {
             inflight_requests: Gauge::default(),
             fetches_inflight: Gauge::default(),
             upstream_connects: Counter::default(),
+            tls_connections: Family::default(),
+            tls_reloads: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -332,6 +337,17 @@ impl Metrics {
             "upstream_connects",
             "New TCP connections to vLLM or peers",
             m.upstream_connects.clone(),
+        );
+        r.register(
+            "tls_connections",
+            "Client connections to a server.tls listener: tls (handshake done), plain \
+             (server.tls.allow_plain), plain_refused, failed (bad or stalled handshake)",
+            m.tls_connections.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "Reloads of the TLS files (SIGHUP or a change) by result",
+            m.tls_reloads.clone(),
         );
         m
     }

@@ -20,6 +20,8 @@ const MAX_WORKERS: u64 = 4096;
 const MAX_RETRIES: u64 = 100;
 const MIN_HEADER_SIZE: u64 = 1024;
 
+mod tls;
+
 type Leaf = Option<Scalar>;
 type Result<T> = std::result::Result<T, ConfigError>;
 
@@ -230,6 +232,7 @@ impl Convert<'_> {
         self.server(f, &mut cfg)?;
         cfg.admin.token = f.admin.as_ref().and_then(|t| text(&t.token));
         cfg.cluster.token = f.cluster.as_ref().and_then(|t| text(&t.token));
+        self.tls(f, &mut cfg)?;
         Ok(cfg)
     }
 

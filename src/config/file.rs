@@ -114,7 +114,7 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<FileToken>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<FileToken>,
+    pub cluster: Option<FileCluster>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -265,9 +265,40 @@ pub struct FileServer {
     pub shutdown_grace: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<FileServerTls>,
 }
 
-/// `admin` and `cluster`: a shared secret.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileServerTls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_plain: Leaf,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileCluster {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<FileClusterTls>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileClusterTls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Leaf,
+}
+
+/// `admin`: a shared secret.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct FileToken {
