@@ -273,6 +273,8 @@ async fn to_vllm(
         head_timeout: None,
         acknowledges: false,
         source: None,
+        // vLLM runs next to loraplex: plain HTTP.
+        tls: None,
     };
     let req = Request::relay(&w.pool, head, &[], &body, extra, &w.shared.shutdown);
     match w.pool.exchange(conn, &target, req).await {

@@ -11,6 +11,7 @@ use crate::{
     proxy::upstream::Pool,
     shutdown::Shutdown,
     store::Store,
+    tls::Tls,
     vllm::Vllm,
 };
 
@@ -27,6 +28,8 @@ pub struct Shared {
     /// The client for every control-plane call to a peer.
     pub peer_client: PeerClient,
     pub store: Arc<Store>,
+    /// `server.tls` and `cluster.tls` (forwards dial peers with `tls.peers`).
+    pub tls: Tls,
 }
 
 /// One worker's proxy: built on the worker's thread, owned by it.
