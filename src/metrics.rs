@@ -352,10 +352,10 @@ impl Metrics {
         // Every result from the start at zero (with TLS off too): a rate over them works from
         // the first scrape, and the dashboard's TLS panels read 0 rather than "no data".
         for result in ["tls", "plain", "plain_refused", "failed"] {
-            m.tls_connections.get_or_create(&ResultLabel { result });
+            let _ = m.tls_connections.get_or_create(&ResultLabel { result });
         }
         for result in ["ok", "error"] {
-            m.tls_reloads.get_or_create(&ResultLabel { result });
+            let _ = m.tls_reloads.get_or_create(&ResultLabel { result });
         }
         m
     }

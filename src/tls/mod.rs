@@ -14,6 +14,8 @@ mod accept;
 pub mod certs;
 pub mod reload;
 mod stream;
+#[cfg(test)]
+mod tests;
 mod verify;
 
 use std::{io, net::IpAddr, sync::Arc};

@@ -28,6 +28,17 @@ pub const POLL: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct CertResolver(ArcSwap<CertifiedKey>);
 
+impl CertResolver {
+    pub fn new(key: CertifiedKey) -> CertResolver {
+        CertResolver(ArcSwap::from_pointee(key))
+    }
+
+    /// The certificate new handshakes get.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.0.load_full()
+    }
+}
+
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.0.load_full())
@@ -91,7 +102,7 @@ impl ServerFiles {
         let k = certs::read("server.tls.key", &key)?;
         let ck = certs::certified_key(&cert, &c, &key, &k)?;
         Ok(ServerFiles {
-            resolver: Arc::new(CertResolver(ArcSwap::from_pointee(ck))),
+            resolver: Arc::new(CertResolver::new(ck)),
             seen: Mutex::new(fingerprint(&[&c, &k])),
             cert,
             key,
