@@ -14,6 +14,8 @@ pub enum ErrorKind {
     BadRequest,
     /// Missing or wrong admin/cluster token. 401.
     Unauthorized,
+    /// An admin call this client may not make (not loopback, not a peer, no token set). 403.
+    Forbidden,
     /// The adapter (or admin path) does not exist. 404.
     NotFound,
     /// Method not allowed on a proxy-owned endpoint. 405.
@@ -46,6 +48,7 @@ impl ErrorKind {
         match self {
             ErrorKind::BadRequest => 400,
             ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::RequestTimeout => 408,
@@ -66,6 +69,7 @@ impl ErrorKind {
         match self {
             ErrorKind::BadRequest => "BadRequestError",
             ErrorKind::Unauthorized => "AuthenticationError",
+            ErrorKind::Forbidden => "PermissionDeniedError",
             ErrorKind::NotFound => "NotFoundError",
             ErrorKind::MethodNotAllowed => "MethodNotAllowedError",
             ErrorKind::RequestTimeout => "RequestTimeoutError",
@@ -86,6 +90,7 @@ impl ErrorKind {
         match self {
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Forbidden => "forbidden",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::RequestTimeout => "request_timeout",

@@ -17,6 +17,7 @@ use crate::{
         BodyKind, Method, RequestHead,
         chunked::ChunkedDecoder,
         model::{extract_model, rewrite_model},
+        multipart::{self, Boundary},
     },
 };
 
@@ -29,6 +30,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("request_head", request_head),
     ("chunked", chunked),
     ("config_load", config_load),
+    ("multipart_model", multipart_model),
 ];
 
 /// A body whose `model` can be read can have it rewritten, and the result reads as the new
@@ -59,6 +61,64 @@ pub fn model_extract_with(
             String::from_utf8_lossy(&body)
         )),
     }
+}
+
+/// The input is a `Content-Type` value, a newline, then a body. A form whose `model` field
+/// can be read (or that has none) can have it set, and then reads as the new name with every
+/// other byte kept; a value read never holds a delimiter that would have ended its part.
+pub fn multipart_model(data: &[u8]) -> Result<(), String> {
+    multipart_model_with(data, multipart::rewrite_model)
+}
+
+/// [`multipart_model`] over a `rewrite` implementation.
+pub fn multipart_model_with(
+    data: &[u8],
+    rewrite: impl Fn(&[u8], &Boundary, &str) -> Result<Vec<u8>, Error>,
+) -> Result<(), String> {
+    let (content_type, body) = match memchr::memchr(b'\n', data) {
+        Some(at) => (&data[..at], &data[at + 1..]),
+        None => (data, &[][..]),
+    };
+    let Ok(Some(boundary)) = Boundary::of_content_type(content_type) else {
+        return Ok(());
+    };
+    let Ok(range) = multipart::model_range(body, &boundary) else {
+        return Ok(());
+    };
+    let delimiter = boundary.delimiter();
+    if let Some(r) = &range {
+        let value = &body[r.clone()];
+        for end in [&b"\r\n"[..], b"--"] {
+            let ending = [delimiter, end].concat();
+            if memchr::memmem::find(value, &ending).is_some() {
+                return Err(format!("the model value runs over a delimiter: {value:?}"));
+            }
+        }
+    }
+    let current = range.as_ref().map(|r| &body[r.clone()]);
+    let new = if current == Some(b"fuzz/renamed") {
+        "fuzz/other"
+    } else {
+        "fuzz/renamed"
+    };
+    let out = rewrite(body, &boundary, new)
+        .map_err(|e| format!("read {current:?} but rewriting failed: {e}"))?;
+    let shown = || String::from_utf8_lossy(&out).into_owned();
+    let again = match multipart::model_range(&out, &boundary) {
+        Ok(Some(r)) if &out[r.clone()] == new.as_bytes() => r,
+        other => return Err(format!("rewritten form reads as {other:?}: {}", shown())),
+    };
+    let kept = match range {
+        Some(r) => out[..again.start] == body[..r.start] && out[again.end..] == body[r.end..],
+        None => out.ends_with(body),
+    };
+    if !kept {
+        return Err(format!(
+            "rewriting changed more than the model: {}",
+            shown()
+        ));
+    }
+    Ok(())
 }
 
 /// A head that parses, once forwarded, parses again to the same request with the framing the

@@ -189,6 +189,21 @@ impl Node {
 
 fn log_summary(shared: &Shared, driver: DriverKind, addr: SocketAddr) {
     let cfg = &shared.config;
+    if cfg.admin.token.is_none() {
+        if cfg.admin.open {
+            tracing::warn!(
+                listen = %addr,
+                "admin.open without admin.token: any client can evict adapters (here and on \
+                 every peer) and start downloads"
+            );
+        } else if !addr.ip().to_canonical().is_loopback() {
+            tracing::warn!(
+                listen = %addr,
+                "no admin.token while listening beyond loopback: evict and warm-up answer only \
+                 loopback clients and peers; set admin.token to call them from elsewhere"
+            );
+        }
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         driver = driver.as_str(),

@@ -3,19 +3,20 @@
 //!
 //! The data plane proxies to vLLM over its own pooled connections (see `proxy::upstream`);
 //! this module is the control-plane side (reqwest on tokio): the `/health` poll every
-//! `vllm.health_check_interval`, learning the base model from `GET /v1/models` when
-//! `vllm.model_name` is unset (so the flags-only quick start works), and
+//! `vllm.health_check_interval`, learning the base model ([`BaseModel`]: every served name and
+//! `--model`) from `GET /v1/models` once vLLM is healthy and again whenever it comes back, and
 //! `POST /v1/unload_lora_adapter` after an adapter is evicted or replaced.
 
 use std::{
     net::{SocketAddr, ToSocketAddrs},
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
+use arc_swap::ArcSwapOption;
 use serde::Deserialize;
 
 use crate::{
@@ -34,8 +35,12 @@ pub struct Vllm {
     pub url: String,
     /// Resolved once at start; the data plane connects to these.
     pub addrs: Vec<SocketAddr>,
-    configured_model: Option<Arc<str>>,
-    learnt_model: OnceLock<Arc<str>>,
+    /// `vllm.model_name`: a base-model name before vLLM has told, and after.
+    configured_model: Option<Arc<BaseModel>>,
+    /// What vLLM's `/v1/models` said last.
+    learnt_model: ArcSwapOption<BaseModel>,
+    /// Set while vLLM is down (and at start): the next healthy check learns the base again.
+    base_stale: AtomicBool,
     healthy: AtomicBool,
     client: reqwest::Client,
     metrics: Arc<Metrics>,
@@ -51,7 +56,67 @@ struct ModelList {
 struct ModelCard {
     id: String,
     #[serde(default)]
+    root: Option<String>,
+    #[serde(default)]
     parent: Option<String>,
+}
+
+/// The base model as vLLM serves it: the entries of `/v1/models` without a parent, one per
+/// `--served-model-name` (vLLM takes several), each with `root` = `--model`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseModel {
+    /// The served names, vLLM's first first (then `vllm.model_name` when vLLM does not list
+    /// it): a request naming one of them is a base-model request.
+    pub served: Vec<Arc<str>>,
+    /// `--model`: what a stored adapter's `base_model_name_or_path` must equal for vLLM's
+    /// resolver (`storage.rewrite_base_model` writes it).
+    pub root: Arc<str>,
+}
+
+impl BaseModel {
+    /// `vllm.model_name` alone, taken as both served name and `--model` until vLLM tells.
+    fn configured(name: &str) -> BaseModel {
+        BaseModel {
+            served: vec![Arc::from(name)],
+            root: Arc::from(name),
+        }
+    }
+
+    /// The entries without a parent of a `/v1/models` answer, plus `configured` as a served
+    /// name; `None` when vLLM lists no base model.
+    fn from_cards(cards: Vec<ModelCard>, configured: Option<&BaseModel>) -> Option<BaseModel> {
+        let mut root = None;
+        let mut served: Vec<Arc<str>> = Vec::new();
+        for card in cards.into_iter().filter(|c| c.parent.is_none()) {
+            root.get_or_insert_with(|| card.root.clone().unwrap_or_else(|| card.id.clone()));
+            served.push(Arc::from(card.id));
+        }
+        let root = Arc::from(root?);
+        if let Some(name) = configured.map(BaseModel::name)
+            && !served.contains(name)
+        {
+            tracing::warn!(
+                model_name = %name,
+                served = ?served,
+                "vllm.model_name is not a name vLLM serves; requests naming it go to vLLM as the \
+                 base model"
+            );
+            served.push(name.clone());
+        }
+        Some(BaseModel { served, root })
+    }
+
+    /// The name requests for the base model use (vLLM's first served name): the fallback's.
+    pub fn name(&self) -> &Arc<str> {
+        &self.served[0]
+    }
+
+    /// Whether a request naming `model` is for the base model: one of its served names, or
+    /// `--model` itself (which vLLM answers 404 when served names differ, but which is never
+    /// an adapter to fetch).
+    pub fn is_base(&self, model: &str) -> bool {
+        &*self.root == model || self.served.iter().any(|s| &**s == model)
+    }
 }
 
 impl Vllm {
@@ -65,8 +130,13 @@ impl Vllm {
         Ok(Arc::new(Vllm {
             url,
             addrs,
-            configured_model: cfg.vllm.model_name.as_deref().map(Arc::from),
-            learnt_model: OnceLock::new(),
+            configured_model: cfg
+                .vllm
+                .model_name
+                .as_deref()
+                .map(|name| Arc::new(BaseModel::configured(name))),
+            learnt_model: ArcSwapOption::empty(),
+            base_stale: AtomicBool::new(true),
             healthy: AtomicBool::new(false),
             client,
             metrics,
@@ -78,25 +148,19 @@ impl Vllm {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// The served base model: configured, or learnt from vLLM.
-    pub fn base_model(&self) -> Option<Arc<str>> {
-        self.configured_model
-            .clone()
-            .or_else(|| self.learnt_model.get().cloned())
+    /// The base model: as vLLM last listed it, else `vllm.model_name`; `None` before either.
+    pub fn base_model(&self) -> Option<Arc<BaseModel>> {
+        self.learnt_model
+            .load_full()
+            .or_else(|| self.configured_model.clone())
     }
 
-    /// `GET /v1/models` and keep the first model without a parent (the base model).
-    pub async fn learn_base_model(&self) -> Result<Arc<str>, Error> {
-        if let Some(m) = self.base_model() {
-            return Ok(m);
-        }
+    /// `GET /v1/models` and keep its base entries (replacing what was learnt before).
+    pub async fn learn_base_model(&self) -> Result<Arc<BaseModel>, Error> {
         let unreachable = |e: reqwest::Error| {
             Error::new(
                 ErrorKind::Unavailable,
-                format!(
-                    "vLLM at {} is unreachable and vllm.model_name is unset: {e}",
-                    self.url
-                ),
+                format!("vLLM at {} is unreachable: {e}", self.url),
             )
         };
         let list: ModelList = self
@@ -109,13 +173,18 @@ impl Vllm {
             .json()
             .await
             .map_err(unreachable)?;
-        let base = list
-            .data
-            .into_iter()
-            .find(|m| m.parent.is_none())
+        let base = BaseModel::from_cards(list.data, self.configured_model.as_deref())
             .ok_or_else(|| Error::new(ErrorKind::BadGateway, "vLLM lists no base model"))?;
-        tracing::info!(base_model = %base.id, "learnt the base model from vLLM");
-        Ok(self.learnt_model.get_or_init(|| Arc::from(base.id)).clone())
+        let base = Arc::new(base);
+        let before = self.learnt_model.swap(Some(base.clone()));
+        if before.as_deref() != Some(&*base) {
+            tracing::info!(
+                served = ?base.served,
+                model = %base.root,
+                "learnt the base model from vLLM"
+            );
+        }
+        Ok(base)
     }
 
     /// Tell vLLM to forget `name` so its next request re-resolves it from disk.
@@ -162,6 +231,19 @@ impl Vllm {
             self.client.get(format!("{}/health", self.url)).send().await,
             Ok(r) if r.status().is_success()
         );
+        // The base model is learnt when vLLM is first seen healthy, and again whenever it
+        // comes back (a restarted vLLM may serve other names or another model), before it is
+        // reported healthy: ready means the base model's names are known.
+        if !ok {
+            self.base_stale.store(true, Ordering::Relaxed);
+        } else if self.base_stale.load(Ordering::Relaxed) {
+            match self.learn_base_model().await {
+                Ok(_) => self.base_stale.store(false, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "cannot learn the base model yet"),
+            }
+        }
+        // The gauge first: whoever sees the new health (`/healthz`) sees it in `/metrics` too.
+        self.metrics.vllm_healthy.set(i64::from(ok));
         let was = self.healthy.swap(ok, Ordering::Relaxed);
         if was != ok {
             if ok {
@@ -169,13 +251,6 @@ impl Vllm {
             } else {
                 tracing::warn!(url = %self.url, "vLLM is unhealthy or unreachable");
             }
-        }
-        self.metrics.vllm_healthy.set(i64::from(ok));
-        if ok
-            && self.base_model().is_none()
-            && let Err(e) = self.learn_base_model().await
-        {
-            tracing::warn!(error = %e, "cannot learn the base model yet");
         }
         ok
     }
@@ -233,13 +308,72 @@ impl crate::store::VllmHooks for Hooks {
     }
 
     fn base_model(&self) -> Option<String> {
-        self.vllm.base_model().map(|m| m.to_string())
+        self.vllm.base_model().map(|m| m.root.to_string())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cards(json: &str) -> Vec<ModelCard> {
+        serde_json::from_str::<ModelList>(json).unwrap().data
+    }
+
+    #[test]
+    fn every_served_name_is_the_base_and_root_is_the_model() {
+        // `--model /m/base --served-model-name a b`, one adapter loaded.
+        let list = cards(
+            r#"{"data":[{"id":"a","root":"/m/base","parent":null},
+            {"id":"b","root":"/m/base","parent":null},
+            {"id":"acme/x","root":"/store/acme/x","parent":"a"}]}"#,
+        );
+        let base = BaseModel::from_cards(list, None).unwrap();
+        assert_eq!(base.name().as_ref(), "a");
+        assert_eq!(base.root.as_ref(), "/m/base");
+        assert!(base.is_base("a") && base.is_base("b") && base.is_base("/m/base"));
+        assert!(!base.is_base("acme/x") && !base.is_base(""));
+        // vllm.model_name that vLLM does not list still counts as the base model.
+        let list = cards(r#"{"data":[{"id":"a","root":"/m/base"}]}"#);
+        let configured = BaseModel::configured("old-name");
+        let base = BaseModel::from_cards(list, Some(&configured)).unwrap();
+        assert_eq!(base.served.len(), 2);
+        assert!(base.is_base("old-name"));
+        assert_eq!(base.name().as_ref(), "a");
+        // No `root` (not vLLM): the id stands for it; no base entry: none.
+        let base = BaseModel::from_cards(cards(r#"{"data":[{"id":"m"}]}"#), None).unwrap();
+        assert_eq!(base.root.as_ref(), "m");
+        let only_adapters = cards(r#"{"data":[{"id":"x","parent":"m"}]}"#);
+        assert_eq!(BaseModel::from_cards(only_adapters, None), None);
+    }
+
+    /// Real vLLM 0.32 answers (`tests/fixtures/vllm/`): without and with `--served-model-name`.
+    #[test]
+    fn reads_real_vllm_model_lists() {
+        let plain = cards(include_str!(
+            "../tests/fixtures/vllm/models-after-lora.json"
+        ));
+        let base = BaseModel::from_cards(plain, None).unwrap();
+        let path = "/tmp/loraplex-vllm-fixtures/tiny/base-a";
+        assert_eq!((base.served.len(), &*base.root), (1, path));
+        assert!(base.is_base(path) && !base.is_base("acme/summarizer-lora"));
+        let served = cards(include_str!(
+            "../tests/fixtures/vllm/models-served-name-after-lora.json"
+        ));
+        let base = BaseModel::from_cards(served, None).unwrap();
+        assert_eq!(base.name().as_ref(), "tiny-b");
+        assert_eq!(base.served.len(), 1);
+        assert_eq!(&*base.root, "/tmp/loraplex-vllm-fixtures/tiny/base-b");
+        assert!(!base.is_base("acme/b-lora"));
+        // `--served-model-name tiny tiny-chat`: two base entries.
+        let two = cards(include_str!(
+            "../tests/fixtures/vllm/models-two-served-names.json"
+        ));
+        let base = BaseModel::from_cards(two, None).unwrap();
+        let served: Vec<&str> = base.served.iter().map(|s| &**s).collect();
+        assert_eq!(served, ["tiny", "tiny-chat"]);
+        assert_eq!(&*base.root, "/tmp/ph-real/base");
+    }
 
     #[test]
     fn resolves_localhost_and_refuses_https() {

@@ -1,6 +1,7 @@
 //! Three real nodes on loopback (127.0.0.1, .2, .3, one port), each with its own stand-in vLLM:
-//! one owner per key, the same vLLM for a key from any entry node, dead and overloaded owners,
-//! a spoofed forward mark, SSE through a peer. Every case runs under both io drivers
+//! one owner per key, the same vLLM for a key from any entry node, dead, sick (vLLM down),
+//! returning and overloaded owners, a spoofed forward mark, SSE and forms through a peer, evict
+//! broadcasts. Every case runs under both io drivers
 //! (`io_uring::case`, `epoll::case`).
 
 mod common;
@@ -16,6 +17,7 @@ use loraplex::{
         vllm::{VllmConfig, VllmStandIn},
     },
 };
+use serde_json::json;
 
 const BASE: &str = "tiny-base";
 
@@ -23,6 +25,9 @@ struct Cluster {
     nodes: Vec<Option<Node>>,
     vllms: Vec<VllmStandIn>,
     peers: Vec<String>,
+    /// Each node's config, to start it again.
+    yamls: Vec<String>,
+    driver: Driver,
 }
 
 /// A loopback subnet of its own for each cluster (`127.x.y.1-3`): nodes listen with
@@ -70,10 +75,8 @@ async fn cluster_with(driver: Driver, extra: &str, origin: Option<&OriginStandIn
         .map(|p| format!("\"{p}\""))
         .collect::<Vec<_>>()
         .join(", ");
-    let nodes = dirs
-        .into_iter()
-        .enumerate()
-        .map(|(i, dir)| {
+    let yamls: Vec<String> = (0..3)
+        .map(|i| {
             let yaml = format!(
                 "listen: \"{peer}\"\nvllm_url: \"{url}\"\nvllm:\n  model_name: \"{BASE}\"\n  \
                  health_check_interval: 200ms\ndiscovery:\n  mode: static\n  static:\n    \
@@ -81,19 +84,29 @@ async fn cluster_with(driver: Driver, extra: &str, origin: Option<&OriginStandIn
                 peer = peers[i],
                 url = vllms[i].url(),
             );
-            let node =
-                tokio::task::block_in_place(|| Node::start_in(dir, &driver.config(&yaml), &[]));
-            node.assert_driver(driver);
-            Some(node)
+            driver.config(&yaml)
         })
+        .collect();
+    let nodes = dirs
+        .into_iter()
+        .zip(&yamls)
+        .map(|(dir, yaml)| Some(start_node(driver, dir, yaml)))
         .collect();
     let c = Cluster {
         nodes,
         vllms,
         peers,
+        yamls,
+        driver,
     };
     c.wait_until_all_see_each_other().await;
     c
+}
+
+fn start_node(driver: Driver, dir: tempfile::TempDir, yaml: &str) -> Node {
+    let node = tokio::task::block_in_place(|| Node::start_in(dir, yaml, &[]));
+    node.assert_driver(driver);
+    node
 }
 
 impl Drop for Cluster {
@@ -124,8 +137,11 @@ impl Cluster {
         for n in self.nodes.iter().flatten() {
             loop {
                 let mut raw = Raw::connect(n.addr).await;
-                raw.send(b"GET /admin/peers HTTP/1.1\r\nHost: t\r\n\r\n")
-                    .await;
+                // The token of the clusters that set `admin.token`; ignored by the others.
+                raw.send(
+                    b"GET /admin/peers HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer adm1n\r\n\r\n",
+                )
+                .await;
                 let peers = raw.response(false).await.json();
                 let all_ok = peers["peers"].as_array().unwrap().iter().all(|p| {
                     p["self"] == true
@@ -147,6 +163,71 @@ impl Cluster {
 
     fn node(&self, i: usize) -> &Node {
         self.nodes[i].as_ref().unwrap()
+    }
+
+    /// `kill -9` node `i`.
+    fn kill(&mut self, i: usize) {
+        let mut dead = self.nodes[i].take().unwrap();
+        dead.child.kill().unwrap();
+        let _ = dead.child.wait();
+    }
+
+    /// Start node `i` again, same address and config (a fresh store).
+    fn restart(&mut self, i: usize) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("store")).unwrap();
+        self.nodes[i] = Some(start_node(self.driver, dir, &self.yamls[i]));
+    }
+
+    /// The key's nodes, owner first (what every node computes).
+    fn order_of(&self, key: &str) -> Vec<usize> {
+        Placement::build(&self.peers)
+            .order(key.as_bytes())
+            .collect()
+    }
+
+    /// Base-model answers each node's vLLM has given so far.
+    fn served(&self) -> Vec<u64> {
+        self.vllms.iter().map(|v| v.served(BASE)).collect()
+    }
+
+    /// Send `session` through `entry` until `node`'s vLLM answers it (a health poll or two
+    /// must see the change first); fails after 15 s.
+    async fn until_served_by(&self, entry: usize, session: &str, node: usize, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let before = self.served();
+            let r = chat(self.node(entry).addr, session, false).await;
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            let after = self.served();
+            let by: Vec<usize> = (0..3).filter(|&i| after[i] > before[i]).collect();
+            assert_eq!(by.len(), 1, "one vLLM answers each request: {by:?}");
+            if by[0] == node {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never served by node {node}: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `name` of node `i`'s metrics, summed over its series (0 when absent).
+    async fn metric(&self, i: usize, name: &str) -> f64 {
+        let m = reqwest::get(format!("{}/metrics", self.node(i).url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        m.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with([' ', '{']))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     /// The node owning `key`, as every node computes it (peers sort the same as node order).
@@ -273,6 +354,92 @@ async fn a_dead_owner_moves_its_keys_to_the_next_node(driver: Driver) {
     assert!(now.len() == 2 && now.contains(&owner), "{now:?}");
 }
 
+async fn a_peer_whose_vllm_is_down_loses_its_keys_until_it_recovers(driver: Driver) {
+    let c = cluster(driver, &format!("routing:\n  {SESSION}\n")).await;
+    let session = "sick-vllm";
+    let order = c.order_of(session);
+    let (owner, next, last) = (order[0], order[1], order[2]);
+    c.until_served_by(last, session, owner, "the owner serves its key")
+        .await;
+    // The owner's vLLM fails its health checks: peers see `vllm_healthy: false` in its
+    // /healthz and send its keys to the next node.
+    c.vllms[owner].set_healthy(false);
+    c.until_served_by(last, session, next, "the key moves to the next node")
+        .await;
+    let served = c.served();
+    for _ in 0..3 {
+        assert_eq!(chat(c.node(last).addr, session, false).await.status, 200);
+    }
+    assert_eq!(
+        c.served()[owner],
+        served[owner],
+        "nothing more for the sick owner"
+    );
+    // Its vLLM recovers: the key comes back.
+    c.vllms[owner].set_healthy(true);
+    c.until_served_by(last, session, owner, "the key comes back to its owner")
+        .await;
+}
+
+async fn a_peer_that_comes_back_gets_its_keys_back(driver: Driver) {
+    let mut c = cluster(driver, &format!("routing:\n  {SESSION}\n")).await;
+    let session = "phoenix";
+    let order = c.order_of(session);
+    let (owner, next, last) = (order[0], order[1], order[2]);
+    c.until_served_by(last, session, owner, "the owner serves its key")
+        .await;
+    c.kill(owner);
+    c.until_served_by(last, session, next, "the key moves to the next node")
+        .await;
+    // The same node starts again (same address): once its peers have seen it healthy, its
+    // keys are its own again.
+    c.restart(owner);
+    c.until_served_by(last, session, owner, "the key comes back to its owner")
+        .await;
+    c.until_served_by(next, session, owner, "from every node")
+        .await;
+}
+
+async fn a_transcription_is_served_by_the_owner_of_its_adapter(driver: Driver) {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    let c = cluster_with(driver, "", Some(&origin)).await;
+    let name = c.key_owned_by(2, "acme/whisper");
+    origin.put_adapter(&name, &AdapterSpec::new(BASE, 30_000, 5));
+    let audio: Vec<u8> = (0..=255u8).cycle().take(50_000).collect();
+    let mut body =
+        b"--BnD\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n"
+            .to_vec();
+    body.extend_from_slice(&audio);
+    body.extend_from_slice(
+        format!("\r\n--BnD\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{name}\r\n--BnD--\r\n")
+            .as_bytes(),
+    );
+    // Entered at node 0: forwarded to the owner, which fetches the adapter and serves it.
+    let mut raw = Raw::connect(c.node(0).addr).await;
+    let head = format!(
+        "POST /v1/audio/transcriptions HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; \
+         boundary=BnD\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    raw.send(&[head.as_bytes(), &body].concat()).await;
+    let r = raw.response(false).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let weights = loraplex::testkit::adapters::file_hash(
+        &c.node(2)
+            .path("store")
+            .join(&name)
+            .join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let want = loraplex::testkit::vllm_audio::transcription_text(Some((&name, weights)), &audio);
+    assert_eq!(r.json()["text"], want);
+    assert_eq!(
+        (0..3).map(|i| c.vllms[i].served(&name)).collect::<Vec<_>>(),
+        vec![0, 0, 1]
+    );
+    assert!(!c.node(0).path("store").join(&name).exists());
+}
+
 async fn an_overloaded_owner_sheds_to_the_next_node(driver: Driver) {
     let c = cluster(
         driver,
@@ -280,39 +447,45 @@ async fn an_overloaded_owner_sheds_to_the_next_node(driver: Driver) {
     )
     .await;
     let session = "hot-session";
-    chat(c.node(0).addr, session, false).await;
-    let owner = c.served_by(session)[0];
-    // Three slow requests held on the owner's vLLM: load 3/200 > 0.01.
+    let order = c.order_of(session);
+    let (owner, next, last) = (order[0], order[1], order[2]);
+    c.until_served_by(last, session, owner, "the owner serves its key")
+        .await;
+    // Three slow requests held on the owner: load 3/200 > 0.01.
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut raw = Raw::connect(c.node(owner).addr).await;
-        raw.send(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        raw.send(b"GET /slow?ms=5000 HTTP/1.1\r\nHost: t\r\n\r\n")
             .await;
         held.push(raw);
     }
-    let entry = (owner + 1) % 3;
-    // Once a health poll has seen the load, new requests of the key go elsewhere.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        assert_eq!(chat(c.node(entry).addr, session, false).await.status, 200);
-        if c.served_by(session).len() > 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the owner never shed load");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    common::eventually("the owner's vLLM to hold the slow requests", || {
+        c.vllms[owner]
+            .recent_heads()
+            .iter()
+            .filter(|h| h.target.starts_with("/slow"))
+            .count()
+            == 3
+    })
+    .await;
+    // Once a health poll has seen the load, the next node of the key serves it: entered
+    // there, it serves it itself and counts an overflow...
+    c.until_served_by(next, session, next, "the next node keeps the key")
+        .await;
+    assert!(c.metric(next, "loraplex_overflow_local_total").await >= 1.0);
+    // ...and the last node forwards it to the next node, not to the owner or itself.
+    c.until_served_by(last, session, next, "the last node forwards to the next")
+        .await;
+    let served = c.served();
+    for _ in 0..3 {
+        assert_eq!(chat(c.node(last).addr, session, false).await.status, 200);
     }
-    let m = reqwest::get(format!("{}/metrics", c.node(entry).url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let shed_here = c.served_by(session).contains(&entry);
-    let overflow: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("loraplex_overflow_local_total "))
-        .map_or(0, |v| v.trim().parse().unwrap());
-    assert!(!shed_here || overflow >= 1, "{m}");
+    let now = c.served();
+    assert_eq!(
+        (now[owner], now[next], now[last]),
+        (served[owner], served[next] + 3, served[last]),
+        "shed to the next node only"
+    );
     drop(held);
 }
 
@@ -402,8 +575,17 @@ async fn a_request_a_peer_acknowledged_is_never_sent_elsewhere(driver: Driver) {
 }
 
 async fn post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> common::RawResponse {
+    admin_post(addr, path, body, "").await
+}
+
+async fn admin_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+    extra: &str,
+) -> common::RawResponse {
     let mut raw = Raw::connect(addr).await;
-    raw.send(&post(path, body, "")).await;
+    raw.send(&post(path, body, extra)).await;
     raw.response(false).await
 }
 
@@ -527,36 +709,70 @@ async fn an_update_comes_from_the_origin_not_a_peers_old_copy(driver: Driver) {
 
 async fn an_evict_reaches_every_peer(driver: Driver) {
     let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
-    let c = cluster_with(driver, "", Some(&origin)).await;
+    // With an admin token: the broadcast must carry it to the peers.
+    let c = cluster_with(driver, "admin:\n  token: adm1n\n", Some(&origin)).await;
     origin.put_adapter("acme/everywhere", &AdapterSpec::new(BASE, 50_000, 3));
+    let bearer = "Authorization: Bearer adm1n\r\n";
+    let warm = |i: usize| {
+        let addr = c.node(i).addr;
+        async move {
+            let body = r#"{"adapters":["acme/everywhere"]}"#;
+            let r = admin_post(addr, "/admin/cache/warmup", body, bearer).await;
+            assert_eq!(r.json()["results"][0]["status"], "ok");
+        }
+    };
     for i in 0..3 {
-        let r = post_json(
-            c.node(i).addr,
-            "/admin/cache/warmup",
-            r#"{"adapters":["acme/everywhere"]}"#,
-        )
-        .await;
-        assert_eq!(r.json()["results"][0]["status"], "ok");
+        warm(i).await;
         assert!(c.node(i).path("store/acme/everywhere").exists());
     }
-    let r = post_json(
-        c.node(1).addr,
-        "/admin/cache/evict",
-        r#"{"adapter":"acme/everywhere"}"#,
-    )
-    .await
-    .json();
-    assert_eq!(r["status"], "evicted");
-    let peers = r["peers"].as_array().unwrap();
-    assert_eq!(peers.len(), 2);
-    assert!(peers.iter().all(|p| p["ok"] == true), "{r}");
+    let evict = r#"{"adapter":"acme/everywhere"}"#;
+    let r = admin_post(c.node(1).addr, "/admin/cache/evict", evict, bearer)
+        .await
+        .json();
+    assert_eq!(
+        (&r["status"], &r["evicted"]),
+        (&json!("evicted"), &json!(true))
+    );
+    let peers: Vec<&str> = r["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["ok"] == true)
+        .map(|p| p["peer"].as_str().unwrap())
+        .collect();
+    assert_eq!(peers, vec![&c.peers[0][..], &c.peers[2][..]], "{r}");
     for i in 0..3 {
         assert!(
             !c.node(i).path("store/acme/everywhere").exists(),
             "still on node {i}"
         );
+        let evictions = c.metric(i, "loraplex_cache_evictions_total").await;
+        assert_eq!(evictions, 1.0, "node {i} evicted it once");
     }
-    // A client can't spoof a broadcast into a loop or past the token: the peers got it once.
+
+    // A client's forward mark keeps its evict on the node it sent it to: no broadcast, so
+    // no loop either.
+    for i in 0..3 {
+        warm(i).await;
+    }
+    let marked = format!("{bearer}X-Loraplex-Forwarded: 1\r\n");
+    let r = admin_post(c.node(0).addr, "/admin/cache/evict", evict, &marked)
+        .await
+        .json();
+    assert_eq!((&r["evicted"], &r["peers"]), (&json!(true), &json!([])));
+    assert!(!c.node(0).path("store/acme/everywhere").exists());
+    // Nor does the mark stand in for the token.
+    let spoof = admin_post(
+        c.node(1).addr,
+        "/admin/cache/evict",
+        evict,
+        "X-Loraplex-Forwarded: 1\r\n",
+    )
+    .await;
+    assert_eq!(spoof.status, 401);
+    for i in [1, 2] {
+        assert!(c.node(i).path("store/acme/everywhere").exists(), "node {i}");
+    }
 }
 
 /// `routing.forward_timeout` bounds connect + acknowledgement, never the generation: an answer
@@ -594,6 +810,9 @@ on_both_drivers!(
     sse_streams_through_a_peer_event_by_event,
     a_dead_owner_moves_its_keys_to_the_next_node,
     an_overloaded_owner_sheds_to_the_next_node,
+    a_peer_whose_vllm_is_down_loses_its_keys_until_it_recovers,
+    a_peer_that_comes_back_gets_its_keys_back,
+    a_transcription_is_served_by_the_owner_of_its_adapter,
     a_spoofed_forward_mark_does_not_bypass_routing,
     without_a_token_only_peer_addresses_are_trusted,
     a_request_a_peer_acknowledged_is_never_sent_elsewhere,

@@ -60,6 +60,8 @@ async fn next_answer_parses(c: &mut Raw, after: &str) {
 async fn head_answers_have_no_body(driver: Driver) {
     let vllm = vllm();
     let lp = node(driver, &vllm.url(), "");
+    // `/readyz` is one of the cases: wait for the first vLLM probe so it is 200, not 503.
+    lp.wait_ready().await;
     let mut c = Raw::connect(lp.addr).await;
     let cases: Vec<(Vec<u8>, u16)> = vec![
         (

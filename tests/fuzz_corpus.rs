@@ -71,9 +71,15 @@ fn checks_detect_breakage() {
         error::Error,
         fuzz_checks::{
             Decoder, chunked, chunked_with, config_load, config_load_with, model_extract,
-            model_extract_with, request_head, request_head_with,
+            model_extract_with, multipart_model, multipart_model_with, request_head,
+            request_head_with,
         },
-        http::{RequestHead, chunked::ChunkedDecoder, model::rewrite_model},
+        http::{
+            RequestHead,
+            chunked::ChunkedDecoder,
+            model::rewrite_model,
+            multipart::{self, Boundary},
+        },
     };
 
     // model_extract: a rewrite that leaves the body as it was, that writes the new name
@@ -167,9 +173,32 @@ fn checks_detect_breakage() {
             .contains("does not load")
     );
 
+    // multipart_model: a rewrite that leaves the form as it was, or that sets the model but
+    // also touches another part.
+    let form = b"multipart/form-data; boundary=B\n--B\r\nContent-Disposition: form-data; \
+        name=file; filename=a\r\n\r\nAUDIO\r\n--B\r\nContent-Disposition: form-data; \
+        name=model\r\n\r\nacme/x\r\n--B--\r\n";
+    assert_eq!(multipart_model(form), Ok(()));
+    let unchanged = |b: &[u8], _: &Boundary, _: &str| -> Result<Vec<u8>, Error> { Ok(b.to_vec()) };
+    let err = multipart_model_with(form, unchanged).unwrap_err();
+    assert!(err.contains("reads as"), "{err}");
+    let meddling = |b: &[u8], bd: &Boundary, m: &str| -> Result<Vec<u8>, Error> {
+        let out = multipart::rewrite_model(b, bd, m)?;
+        Ok(String::from_utf8(out)
+            .unwrap()
+            .replace("AUDIO", "audio")
+            .into_bytes())
+    };
+    let err = multipart_model_with(form, meddling).unwrap_err();
+    assert!(err.contains("changed more than the model"), "{err}");
+
     // Inputs that are refused are fine: the properties hold vacuously.
     assert_eq!(model_extract(b"{"), Ok(()));
     assert_eq!(request_head(b"\0\0"), Ok(()));
     assert_eq!(config_load(b"{{{"), Ok(()));
     assert_eq!(chunked(b""), Ok(()));
+    assert_eq!(
+        multipart_model(b"multipart/form-data; boundary=B\n--B\r\n"),
+        Ok(())
+    );
 }

@@ -231,6 +231,8 @@ impl Convert<'_> {
         self.vllm(f, &mut cfg)?;
         self.server(f, &mut cfg)?;
         cfg.admin.token = f.admin.as_ref().and_then(|t| text(&t.token));
+        let open = f.admin.as_ref().and_then(|a| a.open.clone());
+        cfg.admin.open = self.boolean("admin.open", &open, false)?;
         cfg.cluster.token = f.cluster.as_ref().and_then(|t| text(&t.token));
         self.tls(f, &mut cfg)?;
         Ok(cfg)

@@ -112,7 +112,7 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<FileServer>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub admin: Option<FileToken>,
+    pub admin: Option<FileAdmin>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<FileCluster>,
 }
@@ -269,6 +269,7 @@ pub struct FileServer {
     pub tls: Option<FileServerTls>,
 }
 
+/// `server.tls`: the listener's certificate.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct FileServerTls {
@@ -280,6 +281,7 @@ pub struct FileServerTls {
     pub allow_plain: Leaf,
 }
 
+/// `cluster`: a shared secret, and TLS for peer links.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct FileCluster {
@@ -289,6 +291,7 @@ pub struct FileCluster {
     pub tls: Option<FileClusterTls>,
 }
 
+/// `cluster.tls`: how peers' certificates are checked.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct FileClusterTls {
@@ -298,12 +301,14 @@ pub struct FileClusterTls {
     pub server_name: Leaf,
 }
 
-/// `admin`: a shared secret.
+/// `admin`: its token, and whether it is open without one.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub struct FileToken {
+pub struct FileAdmin {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open: Leaf,
 }
 
 /// Expand `${VAR}`s with `env`, then parse. Returns the file and the keys it has that

@@ -434,6 +434,9 @@ pub enum LogFormat {
 pub struct AdminConfig {
     /// Bearer token required on `/admin/*` when set.
     pub token: Option<String>,
+    /// Without a token, let any client evict and warm up (the Go project's behaviour); by
+    /// default only loopback clients and authenticated peers may.
+    pub open: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

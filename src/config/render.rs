@@ -6,9 +6,9 @@
 use super::{
     Config, DirectIo, DiscoveryConfig, Driver, HashOn, LogFormat, OriginConfig, TransferConfig,
     file::{
-        FileCluster, FileClusterTls, FileConfig, FileDiscovery, FileFileDiscovery,
+        FileAdmin, FileCluster, FileClusterTls, FileConfig, FileDiscovery, FileFileDiscovery,
         FileInvalidation, FileK8s, FileOrigin, FileRouting, FileServer, FileServerTls, FileStatic,
-        FileStorage, FileToken, FileVllm, Scalar,
+        FileStorage, FileVllm, Scalar,
     },
     units::{format_duration, format_size},
 };
@@ -115,8 +115,9 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
                 },
             }),
         }),
-        admin: Some(FileToken {
+        admin: Some(FileAdmin {
             token: secret(&cfg.admin.token),
+            open: Some(Scalar::Bool(cfg.admin.open)),
         }),
         cluster: Some(FileCluster {
             token: secret(&cfg.cluster.token),

@@ -484,7 +484,7 @@ fn printed_config_loads_back() {
                  header_read_timeout: 7s, body_read_timeout: 9s, idle_timeout: 1h, upstream_connect_timeout: 1s, \
                  upstream_idle_timeout: 2s, shutdown_grace: 0, log_format: json, \
                  tls: {cert: /etc/t/tls.crt, key: /etc/t/tls.key, allow_plain: true}}\n\
-        admin: {token: a}\ncluster: {token: c, tls: {ca: /etc/t/ca.crt, server_name: peers.local}}\n";
+        admin: {token: a, open: true}\ncluster: {token: c, tls: {ca: /etc/t/ca.crt, server_name: peers.local}}\n";
     let c = cfg(text);
     let printed = c.to_yaml(Redact::Nothing);
     assert_eq!(cfg(&printed), c, "{printed}");

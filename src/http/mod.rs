@@ -4,6 +4,7 @@
 //!   hop-by-hop headers (RFC 9110 §7.6.1), serialising a head for the next hop.
 //! - [`chunked`]: a streaming chunked-transfer decoder (decode or just find the end).
 //! - [`model`]: the top-level `"model"` of an OpenAI JSON body, and rewriting it.
+//! - [`multipart`]: the `model` field of a `multipart/form-data` body, and rewriting it.
 //! - [`response`]: small answers of the proxy's own (errors, JSON, text).
 //! - [`constant_time_eq`]: comparing a token a request carries with the configured secret.
 //!
@@ -13,6 +14,7 @@
 pub mod chunked;
 pub mod head;
 pub mod model;
+pub mod multipart;
 pub mod response;
 
 pub use head::{BodyKind, Method, RequestHead, ResponseHead};

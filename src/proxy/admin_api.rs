@@ -8,7 +8,11 @@
 //!   and on every peer. The name is validated: nothing outside the storage dir is touched.
 //! - `GET /admin/peers`: the peers with load and health.
 //!
-//! When `admin.token` is set every admin request needs `Authorization: Bearer <token>`.
+//! Who may call them ([`authorize`]): with `admin.token` set, every admin request needs
+//! `Authorization: Bearer <token>`. Without one, the reads are open but the calls that change
+//! something (warm-up, evict: an evict reaches every peer) answer only clients on loopback and
+//! authenticated peers (`cluster.token`, else a peer's address), 403 for others; `admin.open`
+//! opens them to every client, as the Go project does.
 
 use std::sync::atomic::Ordering;
 
@@ -19,8 +23,9 @@ use crate::{
     adapter::AdapterName,
     cluster::{
         peering::broadcast_evict,
-        protocol::{is_marked, load},
+        protocol::{is_marked, is_trusted_peer, load},
     },
+    config::AdminConfig,
     error::{Error, ErrorKind},
     http::{Method, RequestHead, constant_time_eq, response},
     proxy::Proxy,
@@ -30,13 +35,16 @@ use crate::{
 /// Answer an admin request into `out`; returns the status written.
 pub async fn serve(
     w: &Proxy,
-    _conn: &Conn,
+    conn: &Conn,
     head: &RequestHead,
     body: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<u16, Error> {
     let shared = &w.shared;
-    authorize(shared.config.admin.token.as_deref(), head)?;
+    let from = conn.peer.ip().to_canonical();
+    authorize(&shared.config.admin, head, || {
+        from.is_loopback() || is_trusted_peer(&shared.router, head, from)
+    })?;
     let store = &shared.store;
     let answer = match (head.kind, head.path()) {
         (Method::Get | Method::Head, "/admin/cache/stats") => store.stats(),
@@ -103,9 +111,25 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Error> {
     serde_json::from_slice(body).map_err(|e| Error::bad_request(format!("invalid JSON body: {e}")))
 }
 
-/// Check the Bearer token when one is configured.
-pub fn authorize(token: Option<&str>, head: &RequestHead) -> Result<(), Error> {
-    let Some(token) = token else { return Ok(()) };
+/// Whether `head` may use the admin API: the Bearer token when one is configured; else any
+/// read, and a call that changes something (any method but GET and HEAD) when `admin.open` or
+/// when `local_or_peer()` (a loopback client or an authenticated peer).
+pub fn authorize(
+    admin: &AdminConfig,
+    head: &RequestHead,
+    local_or_peer: impl FnOnce() -> bool,
+) -> Result<(), Error> {
+    let Some(token) = admin.token.as_deref() else {
+        let reads = matches!(head.kind, Method::Get | Method::Head);
+        if reads || admin.open || local_or_peer() {
+            return Ok(());
+        }
+        return Err(Error::new(
+            ErrorKind::Forbidden,
+            "without admin.token, evict and warm-up answer only loopback clients and peers \
+             (set admin.token, or admin.open: true)",
+        ));
+    };
     let given = head
         .header("authorization")
         .and_then(|v| v.strip_prefix(b"Bearer "))
@@ -124,30 +148,62 @@ pub fn authorize(token: Option<&str>, head: &RequestHead) -> Result<(), Error> {
 mod tests {
     use super::*;
 
-    fn head(auth: Option<&str>) -> RequestHead {
+    fn request(method: &str, auth: Option<&str>) -> RequestHead {
         let h = auth
             .map(|a| format!("Authorization: {a}\r\n"))
             .unwrap_or_default();
-        let raw = format!("GET /admin/cache/stats HTTP/1.1\r\nHost: a\r\n{h}\r\n");
+        let raw = format!(
+            "{method} /admin/cache/evict HTTP/1.1
+Host: a
+{h}Content-Length: 0
+
+"
+        );
         RequestHead::parse(raw.as_bytes()).unwrap().unwrap().0
+    }
+
+    fn head(auth: Option<&str>) -> RequestHead {
+        request("GET", auth)
+    }
+
+    fn admin(token: Option<&str>, open: bool) -> AdminConfig {
+        AdminConfig {
+            token: token.map(str::to_owned),
+            open,
+        }
     }
 
     #[test]
     fn token_is_required_when_set() {
-        assert!(authorize(None, &head(None)).is_ok());
-        assert!(authorize(Some("s3cret"), &head(Some("Bearer s3cret"))).is_ok());
+        let with = admin(Some("s3cret"), false);
+        let anyone = || true;
+        assert!(authorize(&admin(None, false), &head(None), anyone).is_ok());
+        assert!(authorize(&with, &head(Some("Bearer s3cret")), anyone).is_ok());
+        for auth in [None, Some("Bearer s3cre"), Some("s3cret")] {
+            let e = authorize(&with, &head(auth), anyone).unwrap_err();
+            assert_eq!(e.status(), 401, "{auth:?}");
+        }
+    }
+
+    #[test]
+    fn without_a_token_changes_need_a_local_client_or_a_peer() {
+        let closed = admin(None, false);
+        let (local, stranger) = (|| true, || false);
+        assert!(authorize(&closed, &request("POST", None), local).is_ok());
+        let e = authorize(&closed, &request("POST", None), stranger).unwrap_err();
         assert_eq!(
-            authorize(Some("s3cret"), &head(None)).unwrap_err().status(),
-            401
+            (e.status(), e.kind.openai_type()),
+            (403, "PermissionDeniedError")
         );
+        for read in ["GET", "HEAD"] {
+            assert!(authorize(&closed, &request(read, None), stranger).is_ok());
+        }
+        assert!(authorize(&admin(None, true), &request("POST", None), stranger).is_ok());
+        // With a token, where the client is from does not matter.
+        let with = admin(Some("t"), false);
+        assert!(authorize(&with, &request("POST", Some("Bearer t")), stranger).is_ok());
         assert_eq!(
-            authorize(Some("s3cret"), &head(Some("Bearer s3cre")))
-                .unwrap_err()
-                .status(),
-            401
-        );
-        assert_eq!(
-            authorize(Some("s3cret"), &head(Some("s3cret")))
+            authorize(&with, &request("POST", None), local)
                 .unwrap_err()
                 .status(),
             401

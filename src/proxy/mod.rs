@@ -2,7 +2,7 @@
 //!
 //! 1. the proxy's own endpoints (`/healthz`, `/readyz`, `/metrics`, `/admin/*`);
 //! 2. the body, read whole (bounded by `server.max_body_size`);
-//! 3. the top-level `model` of a JSON body;
+//! 3. the `model`: the top-level one of a JSON body, or the field of a multipart form;
 //! 4. base model or adapter (adapter names validated before anything touches the disk);
 //! 5. routing: forward to the node owning the request's hash key, or keep it here;
 //! 6. the adapter on local disk (fetched on a miss), pinned while the request runs;
@@ -25,6 +25,7 @@ mod state;
 pub mod upstream;
 
 use std::{
+    borrow::Cow,
     sync::{Arc, atomic::Ordering},
     time::Instant,
 };
@@ -39,11 +40,13 @@ use crate::{
     http::{
         Method, RequestHead,
         model::{extract_model, rewrite_model},
+        multipart::{self, Boundary},
         response,
     },
     metrics::Tier,
     server::{Handler, conn::Conn},
     store::Ensured,
+    vllm::BaseModel,
 };
 
 pub use self::state::{Proxy, Shared};
@@ -139,24 +142,22 @@ async fn pipeline(
         return local::serve(w, conn, head, &body, endpoint).await;
     }
 
-    // 3. The model.
-    let model = if head.carries_model(&body) {
-        extract_model(&body)?
-    } else {
-        None
+    // 3. The model: the top-level `model` of a JSON body, or the `model` field of a form.
+    let form = Boundary::of(head)?;
+    let model = match &form {
+        Some(boundary) => multipart::extract_model(&body, boundary)?.map(Cow::Borrowed),
+        None if head.carries_model(&body) => extract_model(&body)?,
+        None => None,
     };
 
-    // 4. Base model or adapter.
-    let adapter = match model.as_deref() {
+    // 4. Base model (any name vLLM serves it by) or adapter.
+    let base = match model.as_deref() {
         None | Some("") => None,
-        Some(name) => {
-            let base = base_model(w).await?;
-            if name == &*base {
-                None
-            } else {
-                Some(AdapterName::parse(name)?)
-            }
-        }
+        Some(_) => Some(base_model(w).await?),
+    };
+    let adapter = match (model.as_deref(), &base) {
+        (Some(name), Some(base)) if !base.is_base(name) => Some(AdapterName::parse(name)?),
+        _ => None,
     };
     let mut tier = if adapter.is_some() {
         Tier::Local
@@ -170,18 +171,10 @@ async fn pipeline(
         forward::acknowledge(conn, head).await?;
     }
     if !protocol::is_trusted_forward(&shared.router, head, conn.peer.ip()) {
-        let base = if model.is_some() {
-            shared.vllm.base_model()
-        } else {
-            None
-        };
+        // A base-model request names the base model by the name it uses.
+        let base_name = model.as_deref().filter(|_| adapter.is_none());
         let header = |name: &str| head.header_str(name);
-        let key = hash_key(
-            &shared.router.hash_on,
-            model.as_deref(),
-            base.as_deref(),
-            header,
-        );
+        let key = hash_key(&shared.router.hash_on, model.as_deref(), base_name, header);
         if let Some(key) = key {
             if let Some(done) = forward::route(w, conn, head, &body, &key).await? {
                 return Ok(done);
@@ -209,7 +202,11 @@ async fn pipeline(
             Err(err) if shared.config.routing.fallback_to_base_model => {
                 let base = base_model(w).await?;
                 tracing::warn!(adapter = %name, error = %err, "adapter unavailable: base model");
-                body = rewrite_model(&body, &base)?.into();
+                body = match &form {
+                    Some(boundary) => multipart::rewrite_model(&body, boundary, base.name())?,
+                    None => rewrite_model(&body, base.name())?,
+                }
+                .into();
                 extra = &[(FALLBACK_HEADER, b"base-model")];
                 tier = Tier::FallbackBase;
                 None
@@ -246,8 +243,8 @@ async fn ensure_in_time(w: &Proxy, name: &AdapterName) -> Result<Ensured, Error>
     }
 }
 
-/// The served base model, learnt from vLLM on first need when not configured.
-async fn base_model(w: &Proxy) -> Result<Arc<str>, Error> {
+/// The base model, learnt from vLLM on first need when not configured.
+async fn base_model(w: &Proxy) -> Result<Arc<BaseModel>, Error> {
     if let Some(base) = w.shared.vllm.base_model() {
         return Ok(base);
     }

@@ -67,7 +67,7 @@ use crate::{
 pub trait VllmHooks: Send + Sync + 'static {
     /// `POST /v1/unload_lora_adapter {"lora_name": name}`; a 404 counts as success.
     fn unload(&self, name: &str) -> BoxFuture<'static, Result<(), Error>>;
-    /// The served base model (for `storage.rewrite_base_model`), if known.
+    /// vLLM's `--model`, what `storage.rewrite_base_model` writes (not a served name), if known.
     fn base_model(&self) -> Option<String>;
 }
 

@@ -10,8 +10,11 @@
 //!   `lora_filesystem_resolver` does (config checks, `--model` match, 404/400/500 with vLLM's
 //!   bodies, a name cached until `POST /v1/unload_lora_adapter`), checks the weights are whole
 //!   and prints their hash in every answer, so a test can tell new weights from old ones.
-//!   Streams SSE like vLLM, paced per server or per request. Carries the transparency probes of
-//!   [`probes`] (echo, framing, status, slow) for proxy tests.
+//!   Streams SSE like vLLM, paced per server or per request. Serves several names for the base
+//!   model apart from `--model`, reads weights pushed out of its CPU LoRA cache again, closes
+//!   idle keep-alive connections after 5 s, and answers multipart speech-to-text forms
+//!   ([`vllm_audio`]). Carries the transparency probes of [`probes`] (echo, framing, status,
+//!   slow) for proxy tests.
 //! - [`origin`]: a stand-in HTTP origin serving `{prefix}/{name}/{file}` like nginx (ETag,
 //!   Range, HEAD, 404), with GET counts per path, runtime content replacement, a bearer token,
 //!   throttling and injected faults (error status, cut after K bytes, stall, per-request
@@ -45,6 +48,7 @@ pub mod response;
 pub mod server;
 pub mod vllm;
 pub mod vllm_api;
+pub mod vllm_audio;
 pub mod vllm_resolve;
 mod vllm_routes;
 pub mod wire;

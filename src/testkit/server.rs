@@ -13,6 +13,10 @@
 //! that half-closes (shuts down its write side) while waiting counts as gone too, as it does
 //! for uvicorn in front of vLLM.
 //!
+//! A server may close keep-alive connections left idle after an answer
+//! ([`Server::start_with`]), as uvicorn in front of vLLM does after 5 s: a client's pooled
+//! connection then goes stale under it.
+//!
 //! Request parsing lives in [`super::wire`], response writing in [`super::response`]; this file
 //! owns the listener, the connection loop and the counters.
 
@@ -31,7 +35,7 @@ use std::{
 
 use bytes::BytesMut;
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     runtime::Handle,
     sync::watch,
@@ -130,11 +134,25 @@ pub struct Server {
 }
 
 impl Server {
-    /// Bind `bind` (use `127.0.0.1:0`) and serve on the runtime behind `rt`.
+    /// Bind `bind` (use `127.0.0.1:0`) and serve on the runtime behind `rt`; idle keep-alive
+    /// connections stay open until the client closes them.
     pub fn start_on(
         rt: &Handle,
         bind: SocketAddr,
         keep_heads: usize,
+        handler: Handler,
+    ) -> io::Result<Server> {
+        Server::start_with(rt, bind, keep_heads, None, handler)
+    }
+
+    /// [`Server::start_on`], closing a keep-alive connection on which no byte of a next request
+    /// came within `keep_alive_timeout` of an answer (uvicorn's `timeout_keep_alive`; a fresh
+    /// connection has no such limit, as in uvicorn).
+    pub fn start_with(
+        rt: &Handle,
+        bind: SocketAddr,
+        keep_heads: usize,
+        keep_alive_timeout: Option<Duration>,
         handler: Handler,
     ) -> io::Result<Server> {
         let std_listener = std::net::TcpListener::bind(bind)?;
@@ -146,7 +164,13 @@ impl Server {
         };
         let stats = Arc::new(ServerStats::new(keep_heads));
         let (tx, rx) = watch::channel(());
-        let accept_task = rt.spawn(accept_loop(listener, handler, stats.clone(), rx));
+        let accept_task = rt.spawn(accept_loop(
+            listener,
+            handler,
+            stats.clone(),
+            keep_alive_timeout,
+            rx,
+        ));
         Ok(Server {
             addr,
             stats,
@@ -188,6 +212,7 @@ async fn accept_loop(
     listener: TcpListener,
     handler: Handler,
     stats: Arc<ServerStats>,
+    keep_alive_timeout: Option<Duration>,
     mut stop: watch::Receiver<()>,
 ) {
     loop {
@@ -199,7 +224,7 @@ async fn accept_loop(
                     let (handler, stats, mut stop) = (handler.clone(), stats.clone(), stop.clone());
                     tokio::spawn(async move {
                         tokio::select! {
-                            _ = serve_connection(stream, handler, stats) => {}
+                            _ = serve_connection(stream, handler, stats, keep_alive_timeout) => {}
                             _ = stop.changed() => {}
                         }
                     });
@@ -212,10 +237,28 @@ async fn accept_loop(
     }
 }
 
-async fn serve_connection(stream: TcpStream, handler: Handler, stats: Arc<ServerStats>) {
+async fn serve_connection(
+    stream: TcpStream,
+    handler: Handler,
+    stats: Arc<ServerStats>,
+    keep_alive_timeout: Option<Duration>,
+) {
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(8192);
+    let mut answered = false;
     loop {
+        // After an answer, wait at most `keep_alive_timeout` for the next request to begin.
+        if let Some(limit) = keep_alive_timeout.filter(|_| answered && buf.is_empty()) {
+            match tokio::time::timeout(limit, rd.read_buf(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return,
+                Err(_) => {
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+            }
+        }
+        answered = true;
         let req = match read_request(&mut rd, &mut wr, &mut buf).await {
             Ok(ReadOutcome::Request(req)) => req,
             Ok(ReadOutcome::Closed) | Err(_) => return,

@@ -2,10 +2,18 @@
 //! exactly as vLLM's `lora_filesystem_resolver` does, and tells which weights answered.
 //!
 //! What it mirrors (vLLM 0.32, `OpenAIServingModels` and the filesystem resolver):
-//! - `model` equal to `--model` (or absent) is the base model; a name already loaded is served
-//!   from memory for the server's lifetime, whatever happens to its directory afterwards;
-//!   any other name is resolved ([`super::vllm_resolve`]) once, under a per-name lock, so many
-//!   concurrent first requests cause one directory read.
+//! - `model` equal to one of the served names (`--served-model-name`, several allowed; `--model`
+//!   when none is given), or absent, is the base model; `--model` itself is not a name to
+//!   request when served names are set. An adapter's `base_model_name_or_path` must equal
+//!   `--model`. `GET /v1/models` lists one base entry per served name (`id` the served name,
+//!   `root` `--model`).
+//! - A name already loaded is known for the server's lifetime; its weights stay in memory while
+//!   it is among the last `max_cpu_loras` adapters used (vLLM's CPU LoRA cache, 4 by default as
+//!   with `--max-loras 4`), and are read from its directory again when it was pushed out: a
+//!   vanished or changed file then shows. Any other name is resolved ([`super::vllm_resolve`])
+//!   once, under a per-name lock, so many concurrent first requests cause one directory read.
+//! - An idle keep-alive connection is closed 5 s after its last answer (uvicorn's
+//!   `timeout_keep_alive`).
 //! - Unknown or unresolvable: 404 with vLLM's exact body; found but not loadable (no weights,
 //!   weights not whole): 400 `BadRequestError`; the resolver raising (bad JSON, missing key):
 //!   500 `InternalServerError`. Failures are not cached: the next request resolves again.
@@ -21,7 +29,7 @@
 //! `vllm_routes.rs`.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     io,
     net::SocketAddr,
     path::PathBuf,
@@ -46,8 +54,12 @@ use super::{
 pub struct VllmConfig {
     /// Where to listen; `127.0.0.1:0` picks a free port.
     pub bind: SocketAddr,
-    /// The `--model` string: the served base name and what adapters must name as their base.
+    /// The `--model` string: what adapters must name as their base (`root` in `/v1/models`),
+    /// and the served name when `served_model_names` is empty.
     pub base_model: String,
+    /// `--served-model-name`: the names requests use for the base model, the first one the
+    /// name answers carry; empty: `base_model`.
+    pub served_model_names: Vec<String>,
     /// `VLLM_LORA_RESOLVER_CACHE_DIR`; `None` disables the resolver (every adapter name 404s).
     pub lora_dir: Option<PathBuf>,
     /// Gap between SSE events (a request's `x-test-event-gap-ms` overrides it).
@@ -55,23 +67,35 @@ pub struct VllmConfig {
     /// `max_tokens` when the request has none.
     pub max_tokens: u64,
     pub max_model_len: u64,
-    /// Re-read a loaded adapter's weights on every request, as vLLM does after its LoRA cache
-    /// evicted them: a vanished or broken file then fails the request with 500.
-    pub reread_weights: bool,
+    /// `--max-cpu-loras`: adapters whose weights stay in memory (least recently used pushed
+    /// out first). A loaded adapter outside them has its weights read from disk again on its
+    /// next request: a vanished or broken file then fails that request with 500. `0`: read on
+    /// every request.
+    pub max_cpu_loras: usize,
+    /// uvicorn's `timeout_keep_alive`: an idle keep-alive connection is closed this long after
+    /// its last answer (`None`: never).
+    pub keep_alive_timeout: Option<Duration>,
     /// Request heads kept for [`VllmStandIn::recent_heads`].
     pub keep_heads: usize,
 }
+
+/// vLLM's CPU LoRA cache as `--max-loras 4` gives it (`--max-cpu-loras` defaults to it).
+pub const DEFAULT_MAX_CPU_LORAS: usize = 4;
+/// uvicorn's default `timeout_keep_alive`, which vLLM keeps.
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl VllmConfig {
     pub fn new(base_model: impl Into<String>) -> VllmConfig {
         VllmConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             base_model: base_model.into(),
+            served_model_names: Vec::new(),
             lora_dir: None,
             event_gap: Duration::from_millis(5),
             max_tokens: 8,
             max_model_len: 2048,
-            reread_weights: false,
+            max_cpu_loras: DEFAULT_MAX_CPU_LORAS,
+            keep_alive_timeout: Some(KEEP_ALIVE_TIMEOUT),
             keep_heads: 64,
         }
     }
@@ -86,9 +110,44 @@ impl VllmConfig {
         self
     }
 
-    pub fn reread_weights(mut self, on: bool) -> VllmConfig {
-        self.reread_weights = on;
+    /// `--served-model-name a b ...`.
+    pub fn served_model_names<S: Into<String>>(
+        mut self,
+        names: impl IntoIterator<Item = S>,
+    ) -> VllmConfig {
+        self.served_model_names = names.into_iter().map(Into::into).collect();
         self
+    }
+
+    /// Read a loaded adapter's weights on every request (`max_cpu_loras` 0), or keep the
+    /// default CPU cache.
+    pub fn reread_weights(mut self, on: bool) -> VllmConfig {
+        self.max_cpu_loras = if on { 0 } else { DEFAULT_MAX_CPU_LORAS };
+        self
+    }
+
+    pub fn max_cpu_loras(mut self, n: usize) -> VllmConfig {
+        self.max_cpu_loras = n;
+        self
+    }
+
+    pub fn keep_alive_timeout(mut self, limit: Option<Duration>) -> VllmConfig {
+        self.keep_alive_timeout = limit;
+        self
+    }
+
+    /// The names requests use for the base model (`--served-model-name`, else `--model`).
+    pub fn served_names(&self) -> Vec<&str> {
+        if self.served_model_names.is_empty() {
+            vec![self.base_model.as_str()]
+        } else {
+            self.served_model_names.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// Whether a request naming `model` is a base-model request.
+    pub fn is_base(&self, model: &str) -> bool {
+        self.served_names().contains(&model)
     }
 
     pub fn bind(mut self, addr: SocketAddr) -> VllmConfig {
@@ -103,7 +162,8 @@ pub enum VllmFault {
     /// A request used a loaded adapter whose weights file is no longer on disk: the next time
     /// vLLM re-reads it (LoRA cache eviction) that request fails.
     WeightsGoneWhileLoaded { name: String, path: PathBuf },
-    /// With `reread_weights`: the weights under a loaded name changed without an unload.
+    /// Read again (after leaving the CPU cache), the weights under a loaded name had changed
+    /// without an unload.
     WeightsChangedWhileLoaded { name: String, old: u64, new: u64 },
 }
 
@@ -121,11 +181,14 @@ pub struct Refusal {
 #[derive(Default)]
 pub(super) struct Counters {
     pub(super) loaded: Vec<LoadedAdapter>,
+    /// Names whose weights are in memory, most recently used first (the CPU LoRA cache).
+    pub(super) in_memory: VecDeque<String>,
     pub(super) requests: HashMap<String, u64>,
     pub(super) served: HashMap<String, u64>,
     pub(super) resolutions: HashMap<String, u64>,
     pub(super) loads: HashMap<String, u64>,
     pub(super) unloads: HashMap<String, u64>,
+    pub(super) rereads: HashMap<String, u64>,
     pub(super) faults: Vec<VllmFault>,
     pub(super) refusals: Vec<Refusal>,
 }
@@ -168,7 +231,14 @@ impl VllmStandIn {
         });
         let routed = state.clone();
         let h = handler(move |req| route(routed.clone(), req));
-        let server = Server::start_on(rt, state.config.bind, state.config.keep_heads, h)?;
+        let config = &state.config;
+        let server = Server::start_with(
+            rt,
+            config.bind,
+            config.keep_heads,
+            config.keep_alive_timeout,
+            h,
+        )?;
         Ok(VllmStandIn { server, state })
     }
 
@@ -181,8 +251,14 @@ impl VllmStandIn {
         self.server.url()
     }
 
+    /// The `--model` string (what adapters name as their base).
     pub fn base_model(&self) -> &str {
         &self.state.config.base_model
+    }
+
+    /// The name answers for the base model carry (the first served name).
+    pub fn served_name(&self) -> &str {
+        self.state.config.served_names()[0]
     }
 
     /// `GET /health` answers 200 when healthy, 503 otherwise.
@@ -248,7 +324,7 @@ impl VllmStandIn {
         prompt_tokens: u64,
         max_tokens: u64,
     ) -> Option<String> {
-        if model == self.base_model() {
+        if self.state.config.is_base(model) {
             return Some(vllm_api::completion_text(None, prompt_tokens, max_tokens));
         }
         let hash = self.loaded_hash(model)?;
@@ -270,7 +346,14 @@ impl VllmStandIn {
 
     /// Forget every loaded adapter, as a restarted vLLM would (counters are kept).
     pub fn forget_all(&self) {
-        lock(&self.state.inner).loaded.clear();
+        let mut inner = lock(&self.state.inner);
+        inner.loaded.clear();
+        inner.in_memory.clear();
+    }
+
+    /// Times a loaded adapter's weights were read from disk again after leaving the CPU cache.
+    pub fn rereads(&self, name: &str) -> u64 {
+        self.read(|c| c.rereads.get(name).copied().unwrap_or(0))
     }
 
     /// Requests whose client (the proxy) went away before the answer was complete.

@@ -181,8 +181,14 @@ pub fn stream(
         .pieces(Framing::Chunked, pieces)
 }
 
-/// `GET /v1/models`: the base model, then the adapters in load order.
-pub fn models(base: &str, max_model_len: u64, loaded: &[LoadedAdapter]) -> Response {
+/// `GET /v1/models`: one entry per served name of the base model (`root` the `--model`
+/// string), then the adapters in load order (`parent` the first served name).
+pub fn models(
+    served: &[&str],
+    root: &str,
+    max_model_len: u64,
+    loaded: &[LoadedAdapter],
+) -> Response {
     let created = now();
     let card = |id: &str, root: &str, parent: Option<&str>, max_len: Option<u64>| {
         json!({
@@ -209,10 +215,13 @@ pub fn models(base: &str, max_model_len: u64, loaded: &[LoadedAdapter]) -> Respo
             }],
         })
     };
-    let mut data = vec![card(base, base, None, Some(max_model_len))];
+    let mut data: Vec<Value> = served
+        .iter()
+        .map(|name| card(name, root, None, Some(max_model_len)))
+        .collect();
     for adapter in loaded {
-        let root = adapter.path.to_string_lossy();
-        data.push(card(&adapter.name, &root, Some(base), None));
+        let path = adapter.path.to_string_lossy();
+        data.push(card(&adapter.name, &path, served.first().copied(), None));
     }
     Response::json(200, &json!({"object": "list", "data": data}))
 }

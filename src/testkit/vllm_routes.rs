@@ -1,5 +1,5 @@
-//! The routes of the stand-in vLLM: inference with on-demand resolution, the model list, load
-//! and unload, health. Decisions follow vLLM's `OpenAIServingModels` (see [`super::vllm`]).
+//! The routes of the stand-in vLLM: inference with on-demand resolution (speech-to-text in
+//! `vllm_audio.rs`), the model list, load and unload, health. Decisions follow vLLM's `OpenAIServingModels` (see [`super::vllm`]).
 
 use std::{
     path::PathBuf,
@@ -13,8 +13,9 @@ use super::{
     adapters::{CONFIG_FILE, checked_rel_path},
     probes,
     server::{Request, Response, lock},
-    vllm::{Refusal, State, VllmFault, bump},
+    vllm::{Counters, Refusal, State, VllmFault, bump},
     vllm_api::{self, Endpoint, error, model_not_found},
+    vllm_audio,
     vllm_resolve::{self, LoadError, Resolution},
 };
 
@@ -36,10 +37,14 @@ pub(super) async fn route(state: Arc<State>, req: Request) -> Response {
         ("GET", "/v1/models") => {
             let loaded = lock(&state.inner).loaded.clone();
             let config = &state.config;
-            vllm_api::models(&config.base_model, config.max_model_len, &loaded)
+            let served = config.served_names();
+            vllm_api::models(&served, &config.base_model, config.max_model_len, &loaded)
         }
         ("POST", "/v1/chat/completions") => inference(&state, &req, Endpoint::Chat).await,
         ("POST", "/v1/completions") => inference(&state, &req, Endpoint::Completions).await,
+        ("POST", "/v1/audio/transcriptions" | "/v1/audio/translations") => {
+            vllm_audio::transcription(&state, &req).await
+        }
         ("POST", "/v1/load_lora_adapter") => load_adapter(&state, &req).await,
         ("POST", "/v1/unload_lora_adapter") => unload_adapter(&state, &req).await,
         (
@@ -48,6 +53,8 @@ pub(super) async fn route(state: Arc<State>, req: Request) -> Response {
             | "/v1/models"
             | "/v1/chat/completions"
             | "/v1/completions"
+            | "/v1/audio/transcriptions"
+            | "/v1/audio/translations"
             | "/v1/load_lora_adapter"
             | "/v1/unload_lora_adapter",
         ) => Response::json(405, &serde_json::json!({"detail": "Method Not Allowed"})),
@@ -85,10 +92,12 @@ async fn inference(state: &Arc<State>, req: &Request, endpoint: Endpoint) -> Res
         Ok(body) => body,
         Err(resp) => return resp,
     };
-    let base = state.config.base_model.as_str();
-    // vLLM serves the base model when `model` is absent; a non-string fails validation.
+    let base = state.config.served_names()[0];
+    // vLLM serves the base model when `model` is absent or empty; a non-string fails
+    // validation.
     let model = match body.get("model") {
         None | Some(Value::Null) => base,
+        Some(Value::String(model)) if model.is_empty() => base,
         Some(Value::String(model)) => model.as_str(),
         Some(_) => return error(400, "BadRequestError", "`model` must be a string", None),
     };
@@ -106,21 +115,18 @@ async fn inference(state: &Arc<State>, req: &Request, endpoint: Endpoint) -> Res
             None,
         );
     }
-    let adapter = if model == base {
-        None
-    } else {
-        match ensure_loaded(state, model).await {
-            Ok(hash) => Some((model, hash)),
-            Err(resp) => return resp,
-        }
+    let adapter = match model_weights(state, model).await {
+        Ok(adapter) => adapter,
+        Err(resp) => return resp,
     };
-    bump(&mut lock(&state.inner).served, model);
     if let Some(ttft) = header_ms(req, "x-test-ttft-ms") {
         tokio::time::sleep(ttft).await;
     }
     let prompt = vllm_api::prompt_tokens(endpoint, &body);
     let tokens = vllm_api::completion_tokens(adapter, prompt, max_tokens);
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
+    // vLLM names the base model in its answers by its first served name, whichever was asked.
+    let model = if adapter.is_some() { model } else { base };
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let gap = header_ms(req, "x-test-event-gap-ms").unwrap_or(Duration::from_millis(
             state.event_gap_ms.load(Ordering::SeqCst),
@@ -147,30 +153,44 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| error(500, "InternalServerError", &e.to_string(), None))
 }
 
-/// The weights hash for a name already in memory, after the checks a re-read would make.
-async fn cached(state: &State, name: &str) -> Result<Option<u64>, Response> {
-    let found = lock(&state.inner)
-        .loaded
-        .iter()
-        .find(|l| l.name == name)
-        .cloned();
-    let Some(loaded) = found else {
-        return Ok(None);
-    };
-    if !state.config.reread_weights {
-        if !loaded.weights_file.is_file() {
-            lock(&state.inner)
-                .faults
-                .push(VllmFault::WeightsGoneWhileLoaded {
-                    name: name.to_owned(),
-                    path: loaded.path.clone(),
-                });
-        }
-        return Ok(Some(loaded.weights_hash));
+/// Put `name` first in the CPU LoRA cache, pushing out the least recently used beyond
+/// `max_cpu_loras`.
+pub(super) fn keep_in_memory(inner: &mut Counters, name: &str, max_cpu_loras: usize) {
+    inner.in_memory.retain(|n| n != name);
+    if max_cpu_loras > 0 {
+        inner.in_memory.push_front(name.to_owned());
+        inner.in_memory.truncate(max_cpu_loras);
     }
+}
+
+/// The weights hash for a name vLLM knows: from memory while it is in the CPU LoRA cache, else
+/// read from its directory again (as vLLM's worker does), noticing weights that vanished or
+/// changed under the loaded name.
+async fn cached(state: &State, name: &str) -> Result<Option<u64>, Response> {
+    let max_cpu_loras = state.config.max_cpu_loras;
+    let loaded = {
+        let mut inner = lock(&state.inner);
+        let Some(loaded) = inner.loaded.iter().find(|l| l.name == name).cloned() else {
+            return Ok(None);
+        };
+        if inner.in_memory.iter().any(|n| n == name) {
+            keep_in_memory(&mut inner, name, max_cpu_loras);
+            // Served from memory. A weights file gone from under it is a fault all the same:
+            // the next read, once the cache pushed it out, fails.
+            if !loaded.weights_file.is_file() {
+                inner.faults.push(VllmFault::WeightsGoneWhileLoaded {
+                    name: name.to_owned(),
+                    path: loaded.path,
+                });
+            }
+            return Ok(Some(loaded.weights_hash));
+        }
+        loaded
+    };
     let path = loaded.path.clone();
     let reread = blocking(move || vllm_resolve::read_weights(&path)).await?;
     let mut inner = lock(&state.inner);
+    bump(&mut inner.rereads, name);
     match reread {
         Err(why) => {
             inner.faults.push(VllmFault::WeightsGoneWhileLoaded {
@@ -190,9 +210,25 @@ async fn cached(state: &State, name: &str) -> Result<Option<u64>, Response> {
                     l.weights_hash = hash;
                 }
             }
+            keep_in_memory(&mut inner, name, max_cpu_loras);
             Ok(Some(hash))
         }
     }
+}
+
+/// What answers a request for `model`: the base model (`None`), or an adapter and its
+/// weights' hash (resolved on first use); counted as served once known.
+pub(super) async fn model_weights<'m>(
+    state: &Arc<State>,
+    model: &'m str,
+) -> Result<Option<(&'m str, u64)>, Response> {
+    let adapter = if state.config.is_base(model) {
+        None
+    } else {
+        Some((model, ensure_loaded(state, model).await?))
+    };
+    bump(&mut lock(&state.inner).served, model);
+    Ok(adapter)
 }
 
 /// The loaded weights' hash for `name`, resolving it from the directory on first use.
@@ -234,6 +270,7 @@ async fn ensure_loaded(state: &Arc<State>, name: &str) -> Result<u64, Response> 
             let mut inner = lock(&state.inner);
             bump(&mut inner.loads, name);
             inner.loaded.push(loaded);
+            keep_in_memory(&mut inner, name, state.config.max_cpu_loras);
             Ok(hash)
         }
         Resolution::NotFound => {
@@ -303,6 +340,7 @@ async fn load_adapter(state: &Arc<State>, req: &Request) -> Response {
     let mut inner = lock(&state.inner);
     inner.loaded.retain(|l| l.name != name);
     inner.loaded.push(loaded);
+    keep_in_memory(&mut inner, name, state.config.max_cpu_loras);
     bump(&mut inner.loads, name);
     Response::text(
         200,
@@ -325,6 +363,7 @@ async fn unload_adapter(state: &Arc<State>, req: &Request) -> Response {
     let mut inner = lock(&state.inner);
     let before = inner.loaded.len();
     inner.loaded.retain(|l| l.name != name);
+    inner.in_memory.retain(|n| n != name);
     if inner.loaded.len() == before {
         let msg = format!("The lora adapter '{name}' cannot be found.");
         return error(404, "NotFoundError", &msg, None);

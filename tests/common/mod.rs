@@ -2,6 +2,7 @@
 //! config in a tempdir, its JSON log lines, and raw-HTTP helpers for byte-exact checks.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod s3;
 pub mod store;
 pub mod tools;
@@ -101,6 +102,21 @@ impl Node {
             addr,
             dir,
             logs,
+        }
+    }
+
+    /// Wait (bounded) until `/readyz` answers 200: the first vLLM health probe has passed.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let mut c = Raw::connect(self.addr).await;
+            c.send(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await;
+            if c.response(false).await.status == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "loraplex never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
