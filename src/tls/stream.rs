@@ -225,7 +225,7 @@ impl TlsStream {
         loop {
             let mut reader = self.conn.reader();
             match reader.fill_buf() {
-                Ok(chunk) if chunk.is_empty() => return (Ok(0), buf),
+                Ok([]) => return (Ok(0), buf),
                 Ok(chunk) => {
                     let n = chunk.len().min(room);
                     // SAFETY: `buf` has room for `room` bytes at `write_ptr`; `n` of them are
