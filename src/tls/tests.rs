@@ -23,7 +23,7 @@ use super::{
     Accepted, Acceptor, Outcome, PeerVerifier, Stream, certs,
     reload::{PeerFiles, Reloader, ServerFiles},
 };
-use crate::{metrics::Metrics, server::runtime::DriverKind};
+use crate::metrics::Metrics;
 
 struct Ca(CertifiedIssuer<'static, KeyPair>);
 
@@ -169,13 +169,29 @@ fn a_check_reloads_what_changed_and_keeps_the_last_good_files() {
     assert!(matches!(r.check(false), Outcome::Failed(e) if e.contains("cluster.tls.ca")));
 }
 
-/// Run `f` on a monoio runtime of `kind`.
+#[derive(PartialEq)]
+enum DriverKind {
+    IoUring,
+    Epoll,
+}
+
+/// Run `f` on a monoio runtime of `kind` (as the server's workers build them).
 fn on(kind: DriverKind, f: impl AsyncFnOnce()) {
-    if kind == DriverKind::IoUring && !monoio::utils::detect_uring() {
-        eprintln!("SKIPPED: this kernel refuses io_uring");
-        return;
+    match kind {
+        DriverKind::IoUring if !monoio::utils::detect_uring() => {
+            eprintln!("SKIPPED: this kernel refuses io_uring");
+        }
+        DriverKind::IoUring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(f()),
+        DriverKind::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(f()),
     }
-    crate::server::runtime::build(kind).unwrap().block_on(f());
 }
 
 /// A TLS listener for 127.0.0.1 and a client config trusting it.

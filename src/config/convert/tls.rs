@@ -1,5 +1,5 @@
 //! `server.tls` and `cluster.tls`: which files, checked for consistency (the files themselves
-//! are read by `crate::tls` when the node starts, and `check-config` reads them too).
+//! are read when the node starts, and by `check-config`).
 
 use std::path::PathBuf;
 
