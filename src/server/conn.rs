@@ -30,7 +30,7 @@ use super::{Handler, Worker};
 use crate::{
     error::{Error, ErrorKind},
     http::{BodyKind, RequestHead, chunked::ChunkedDecoder, response},
-    metrics::ResultLabel,
+    metrics::{Metrics, ResultLabel},
     tls::{Accepted, Stream},
 };
 
@@ -96,13 +96,7 @@ pub async fn serve<H: Handler>(worker: Rc<Worker<H>>, tcp: TcpStream, peer: Sock
                 break;
             }
             Err(err) => {
-                let mut out = Vec::new();
-                response::error(&mut out, &err, false);
-                if conn.head_request {
-                    response::strip_body(&mut out);
-                }
-                worker.common.metrics.count_error(err.kind.as_str());
-                let _ = conn.write_all(out).await;
+                conn.write_last_error(&err, &worker.common.metrics).await;
                 break;
             }
         };
@@ -166,13 +160,7 @@ async fn accept_tls<H>(
                 "this port speaks HTTPS (server.tls): plain HTTP is refused \
                  (server.tls.allow_plain is off)",
             );
-            let mut out = Vec::new();
-            response::error(&mut out, &err, false);
-            if conn.head_request {
-                response::strip_body(&mut out);
-            }
-            worker.common.metrics.count_error(err.kind.as_str());
-            let _ = conn.write_all(out).await;
+            conn.write_last_error(&err, &worker.common.metrics).await;
             let _ = conn.stream.shutdown().await;
             conn.linger().await;
             None
@@ -192,6 +180,17 @@ async fn accept_tls<H>(
 }
 
 impl Conn {
+    /// Answer `err` on a connection about to close (no body for a HEAD request), and count it.
+    async fn write_last_error(&mut self, err: &Error, metrics: &Metrics) {
+        let mut out = Vec::new();
+        response::error(&mut out, err, false);
+        if self.head_request {
+            response::strip_body(&mut out);
+        }
+        metrics.count_error(err.kind.as_str());
+        let _ = self.write_all(out).await;
+    }
+
     async fn next_head<H>(&mut self, worker: &Worker<H>) -> Result<Next, Error> {
         let cfg = &worker.common.config;
         let max = cfg.max_header_size;
