@@ -18,7 +18,9 @@ cd "$(dirname "$0")/.."
 for tool in wrk nginx curl; do need "$tool" "$tool"; done
 
 TLS=${TLS:-1}
-UP_PORT=18500 NGX_PORT=18501 LP_PORT=18502 NGXS_PORT=18503 LPS_PORT=18504
+# Ports PORT..PORT+4 (another run on this machine picks another PORT).
+PORT=${PORT:-18500}
+UP_PORT=$PORT NGX_PORT=$((PORT + 1)) LP_PORT=$((PORT + 2)) NGXS_PORT=$((PORT + 3)) LPS_PORT=$((PORT + 4))
 cleanup() {
   stop_nginx
   [ -n "${LP_PID:-}" ] && kill "$LP_PID" 2>/dev/null
