@@ -374,7 +374,43 @@ async fn a_peer_certificate_of_another_ca_is_refused(driver: Driver) {
     assert_eq!(pair.served_by(&session), vec![0]);
 }
 
+/// A TLS client that hangs up (close_notify, then FIN) mid-answer cancels the upstream
+/// request, as a plain one does: the alert's bytes must not pass for a pipelined request.
+async fn a_tls_client_hanging_up_cancels_the_upstream_request(driver: Driver) {
+    let ca = Ca::new("cluster CA");
+    let dir = tempfile::tempdir().unwrap();
+    write_files(dir.path(), &ca.leaf(&["127.0.0.1"]), &ca);
+    let vllm = VllmStandIn::start(VllmConfig::new(BASE)).unwrap();
+    let yaml = format!(
+        "vllm_url: \"{}\"\nvllm:\n  model_name: \"{BASE}\"\n{}",
+        vllm.url(),
+        tls_yaml(driver, false, false)
+    );
+    let node = tokio::task::block_in_place(|| Node::start_in(dir, &yaml, &[]));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(ca.client_config()));
+    let tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let name = ServerName::IpAddress(node.addr.ip().into());
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    tls.write_all(b"GET /slow?ms=5000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let slow = || {
+        vllm.recent_heads()
+            .iter()
+            .any(|h| h.target.starts_with("/slow"))
+    };
+    common::eventually("the request to reach vLLM", slow).await;
+    tls.shutdown().await.unwrap();
+    drop(tls);
+    common::eventually("vLLM to see the request cancelled", || {
+        vllm.cancelled() == 1
+    })
+    .await;
+}
+
 on_both_drivers!(
+    a_tls_client_hanging_up_cancels_the_upstream_request,
     clients_and_peers_speak_tls_only,
     plain_and_tls_peers_meet_while_a_cluster_moves_to_tls,
     a_peer_certificate_of_another_ca_is_refused,
