@@ -22,7 +22,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The client was too slow to send its request head or body. 408.
     RequestTimeout,
-    /// The adapter's directory would nest inside another stored adapter's, or hold one. 409.
+    /// The request conflicts with what is stored: the adapter's directory would nest inside
+    /// another stored adapter's, or hold one; or it evicts a preloaded adapter. 409.
     Conflict,
     /// Body above `server.max_body_size`. 413.
     PayloadTooLarge,

@@ -111,6 +111,19 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabel {
+    pub key: String,
+}
+
+/// A gauge of a fractional value.
+pub type FloatGauge = Gauge<f64, AtomicU64>;
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Request latency buckets: the Go project's (Prometheus defaults) plus long generations.
@@ -181,6 +194,17 @@ pub struct Metrics {
     /// New client connections on a `server.tls` listener, by what became of them.
     pub tls_connections: Family<ResultLabel, Counter>,
     pub tls_reloads: Family<ResultLabel, Counter>,
+    // Routing by what vLLM holds (issue 11).
+    pub route_decisions: Family<ReasonLabel, Counter>,
+    pub vllm_requests_running: FloatGauge,
+    pub vllm_requests_waiting: FloatGauge,
+    pub vllm_kv_cache_usage: FloatGauge,
+    pub vllm_lora_slots: Gauge,
+    pub vllm_gpu_adapters: Gauge,
+    pub vllm_capacity: FloatGauge,
+    pub vllm_scrapes: Family<ResultLabel, Counter>,
+    pub key_replicas: Family<KeyLabel, Gauge>,
+    pub key_request_rate: Family<KeyLabel, FloatGauge>,
 }
 
 impl Default for Metrics {
@@ -220,6 +244,16 @@ impl Metrics {
             upstream_connects: Counter::default(),
             tls_connections: Family::default(),
             tls_reloads: Family::default(),
+            route_decisions: Family::default(),
+            vllm_requests_running: FloatGauge::default(),
+            vllm_requests_waiting: FloatGauge::default(),
+            vllm_kv_cache_usage: FloatGauge::default(),
+            vllm_lora_slots: Gauge::default(),
+            vllm_gpu_adapters: Gauge::default(),
+            vllm_capacity: FloatGauge::default(),
+            vllm_scrapes: Family::default(),
+            key_replicas: Family::default(),
+            key_request_rate: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -357,6 +391,56 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = m.tls_reloads.get_or_create(&ResultLabel { result });
         }
+        r.register(
+            "route_decisions",
+            "Routing decisions by reason: owner, residency, load, spread, fallback",
+            m.route_decisions.clone(),
+        );
+        r.register(
+            "vllm_requests_running",
+            "Requests in vLLM's running batch, as last read from its /metrics",
+            m.vllm_requests_running.clone(),
+        );
+        r.register(
+            "vllm_requests_waiting",
+            "Requests waiting in vLLM's queue, as last read from its /metrics",
+            m.vllm_requests_waiting.clone(),
+        );
+        r.register(
+            "vllm_kv_cache_usage",
+            "vLLM's KV-cache use (0..1), as last read from its /metrics",
+            m.vllm_kv_cache_usage.clone(),
+        );
+        r.register(
+            "vllm_lora_slots",
+            "vLLM's LoRA slots (max_lora, else vllm.max_loras)",
+            m.vllm_lora_slots.clone(),
+        );
+        r.register(
+            "vllm_gpu_adapters",
+            "Adapters likely in vLLM's GPU slots (running, or sent to it last)",
+            m.vllm_gpu_adapters.clone(),
+        );
+        r.register(
+            "vllm_capacity_requests_per_second",
+            "Requests per second vLLM completes when saturated (learnt; 0 until seen)",
+            m.vllm_capacity.clone(),
+        );
+        r.register(
+            "vllm_scrapes",
+            "Reads of vLLM's /metrics by result: ok, no_metrics, error",
+            m.vllm_scrapes.clone(),
+        );
+        r.register(
+            "key_replicas",
+            "Nodes serving a hot key (the adapter under hash_on: model), top keys entering this node",
+            m.key_replicas.clone(),
+        );
+        r.register(
+            "key_request_rate",
+            "Requests per second of a hot key across the cluster, top keys entering this node",
+            m.key_request_rate.clone(),
+        );
         m
     }
 

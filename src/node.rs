@@ -2,14 +2,20 @@
 //! store), then serves the proxy on the server's workers; waits for a signal, shuts down
 //! gracefully.
 
+mod preload;
+
 use std::{
     net::SocketAddr,
-    sync::{Arc, atomic::AtomicI64},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64},
+    },
 };
 
 use crate::{
     cluster::{
         discovery::Discovery, identity::Identity, peering, protocol::PeerClient, router::Router,
+        state::ClusterState,
     },
     config::Config,
     control::{Control, ControlPlane},
@@ -105,13 +111,50 @@ impl Node {
             vllm: vllm.clone(),
             control: control.clone(),
         });
+        let preloaded = preload::names(&config)?;
         let store = Store::open(
-            StoreOptions::from_config(&config),
+            StoreOptions {
+                preload: preloaded.clone(),
+                ..StoreOptions::from_config(&config)
+            },
             origins,
             hooks,
             control.clone(),
             metrics.clone(),
         )?;
+        // Adapters loaded ahead: the ones this node would serve, refused when they cannot fit.
+        let preload_here = preload::mine(&config, &router, &preloaded);
+        preload::check_size(
+            &control,
+            &store,
+            &configured,
+            &preload_here,
+            config.storage.max_size,
+        )?;
+        let preload_done = Arc::new(AtomicBool::new(false));
+        // What routing reads: the local vLLM's metrics, the peers' states, the demand.
+        let cluster = ClusterState::new(
+            router.clone(),
+            metrics.clone(),
+            config.vllm.metrics_interval,
+        );
+        let stored = store.clone();
+        cluster.set_stored(move || {
+            stored
+                .stored_names()
+                .iter()
+                .map(|n| xxhash_rust::xxh3::xxh3_64(n.as_str().as_bytes()))
+                .collect()
+        });
+        peering::start_state_poll(
+            cluster.clone(),
+            router.clone(),
+            peer_client.clone(),
+            &control,
+            config.vllm.metrics_interval,
+            shutdown.clone(),
+        );
+        vllm.spawn_metrics_scrape(cluster.clone(), &control, shutdown.clone());
         let shared = Arc::new(Shared {
             config,
             metrics,
@@ -120,10 +163,20 @@ impl Node {
             shutdown,
             pending: AtomicI64::new(0),
             router,
+            cluster,
             peer_client,
             store,
             tls,
+            preload_done: preload_done.clone(),
         });
+        preload::start(
+            preload_here,
+            shared.store.clone(),
+            shared.vllm.clone(),
+            &shared.control,
+            preload_done,
+            shared.shutdown.clone(),
+        );
         shared
             .vllm
             .spawn_health_poll(&shared.control, shared.shutdown.clone());
@@ -224,6 +277,7 @@ fn log_summary(shared: &Shared, driver: DriverKind, addr: SocketAddr) {
         max_size = %crate::config::units::format_size(cfg.storage.max_size),
         origins = %cfg.origins.iter().map(|o| o.type_name()).collect::<Vec<_>>().join(","),
         base_model = cfg.vllm.model_name.as_deref().unwrap_or("(learnt from /v1/models)"),
+        policy = cfg.routing.policy.as_str(),
         "loraplex started"
     );
 }

@@ -11,6 +11,9 @@
 //!   ([`PeerManifest`]) and `GET {PREFIX}{name}/files/{path}` (`Range: bytes=N-`).
 //! - Evict broadcast: `POST /admin/cache/evict {"adapter": name}`, marked forwarded so it is
 //!   not broadcast again.
+//! - `GET {STATE_PATH}?since=V&instance=I` ([`PeerState`]): a node's vLLM state per backend,
+//!   its hot keys and the changed segments of its disk filter; polled every
+//!   `vllm.metrics_interval`, peers only.
 //!
 //! [`PeerClient`] is the one HTTP client (control plane) a node uses for all of it, built at
 //! start, connecting from this node's own address; over HTTPS with `cluster.tls` (peers'
@@ -21,7 +24,12 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 use reqwest::{StatusCode, header::RANGE};
 use serde::{Deserialize, Serialize};
 
-use crate::{adapter::AdapterName, cluster::router::Router, error::Error, http::RequestHead};
+use crate::{
+    adapter::AdapterName,
+    cluster::{disk_filter::WireSegment, router::Router},
+    error::Error,
+    http::RequestHead,
+};
 
 /// Marks a request as forwarded by a peer (value `1`).
 pub const FORWARDED_HEADER: &str = "x-loraplex-forwarded";
@@ -29,6 +37,9 @@ pub const FORWARDED_HEADER: &str = "x-loraplex-forwarded";
 pub const TOKEN_HEADER: &str = "x-loraplex-token";
 /// Path prefix of the adapter-copy endpoints.
 pub const PREFIX: &str = "/_loraplex/adapters/";
+
+/// The peer-state endpoint.
+pub const STATE_PATH: &str = "/_loraplex/state";
 
 /// Requests in flight that count as full load (the Go project's `Load(200)`).
 pub const FULL_LOAD: i64 = 200;
@@ -75,6 +86,56 @@ impl Healthz {
             vllm_healthy,
         }
     }
+}
+
+/// One backend (vLLM) of a node, as it publishes it to its peers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendReport {
+    /// Its metrics were read (false: unknown load; peers route by hash).
+    pub known: bool,
+    pub healthy: bool,
+    pub running: f32,
+    pub waiting: f32,
+    /// KV-cache use, 0..1.
+    pub kv: f32,
+    /// LoRA slots.
+    pub max_lora: u16,
+    /// Distinct adapters in its running batch.
+    pub lora_busy: u16,
+    /// Largest running batch seen while requests waited (learnt; 0: not yet).
+    pub batch: f32,
+    /// Requests per second it completes when saturated (learnt; 0: not yet).
+    pub capacity: f32,
+    /// `process_start_time_seconds`.
+    pub started: f64,
+    /// Age of the sample when sent, in milliseconds.
+    pub age_ms: u64,
+    /// Sample number (changes with every sample).
+    pub seq: u64,
+    /// xxh3 of the adapters likely in its GPU slots.
+    pub gpu: Vec<u64>,
+}
+
+/// A key entering a node from clients, and its rate there (requests/s).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HotKey {
+    pub h: u64,
+    pub r: f32,
+}
+
+/// `GET {STATE_PATH}`: what a node tells its peers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerState {
+    /// Changes when the node restarts (its filter versions start over).
+    pub instance: u64,
+    /// One per vLLM of the node.
+    pub backends: Vec<BackendReport>,
+    /// Its hottest keys.
+    pub hot: Vec<HotKey>,
+    /// The poller has the disk filter up to this version once it applied `disk`.
+    pub disk_version: u64,
+    /// Changed segments of the disk filter.
+    pub disk: Vec<WireSegment>,
 }
 
 /// A stored adapter as a peer describes it, files relative to its directory.
@@ -183,6 +244,19 @@ impl PeerClient {
     pub async fn healthz(&self, peer: &str) -> reqwest::Result<Healthz> {
         self.http
             .get(format!("{}://{peer}/healthz", self.scheme))
+            .timeout(HEALTH_TIMEOUT)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await
+    }
+
+    /// `GET http://{peer}{STATE_PATH}`, for a poller that has the disk filter up to `since` of
+    /// `instance`.
+    pub async fn state(&self, peer: &str, since: u64, instance: u64) -> reqwest::Result<PeerState> {
+        let url = format!("http://{peer}{STATE_PATH}?since={since}&instance={instance}");
+        self.with_token(self.http.get(url))
             .timeout(HEALTH_TIMEOUT)
             .send()
             .await?

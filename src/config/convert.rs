@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 
 use super::{
     Config, ConfigError, DirectIo, DiscoveryConfig, Driver, HashOn, LogFormat, OriginConfig,
-    TransferConfig,
+    RoutingPolicy, TransferConfig,
     file::{FileConfig, FileOrigin, Scalar},
     units::{self, UnitError},
 };
@@ -210,6 +210,16 @@ impl Convert<'_> {
             &[("auto", DirectIo::Auto), ("off", DirectIo::Off)],
             d.storage.direct_io,
         )?;
+        // Names are checked as adapter names when the node starts.
+        cfg.storage.preload = Vec::new();
+        for (i, leaf) in st.preload.iter().flatten().enumerate() {
+            let Some(name) = text(leaf) else {
+                return Err(self.err(&format!("storage.preload[{i}]"), "empty adapter name"));
+            };
+            if !cfg.storage.preload.contains(&name) {
+                cfg.storage.preload.push(name);
+            }
+        }
         let wait = self.duration(
             "storage.fetch_wait_timeout",
             &st.fetch_wait_timeout,
@@ -496,6 +506,17 @@ impl Convert<'_> {
         if let Some(s) = text(&r.hash_on) {
             d.hash_on = parse_hash_on(&s).map_err(|m| self.err("routing.hash_on", m))?;
         }
+        d.policy = self.choice(
+            "routing.policy",
+            &r.policy,
+            "policy",
+            &[
+                ("auto", RoutingPolicy::Auto),
+                ("hash", RoutingPolicy::Hash),
+                ("least-load", RoutingPolicy::LeastLoad),
+            ],
+            d.policy,
+        )?;
         let vnodes = self.uint("routing.vnodes_per_peer", &r.vnodes_per_peer, 150, true)?;
         d.vnodes_per_peer = u32::try_from(vnodes)
             .map_err(|_| self.err("routing.vnodes_per_peer", format!("{vnodes} is too large")))?;
@@ -548,6 +569,11 @@ impl Convert<'_> {
             "vllm.health_check_interval",
             &v.health_check_interval,
             d.health_check_interval,
+        )?;
+        d.metrics_interval = self.positive_duration(
+            "vllm.metrics_interval",
+            &v.metrics_interval,
+            d.metrics_interval,
         )?;
         Ok(())
     }

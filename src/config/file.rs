@@ -129,6 +129,8 @@ pub struct FileStorage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub direct_io: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub preload: Option<Vec<Leaf>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fetch_wait_timeout: Leaf,
 }
 
@@ -218,6 +220,8 @@ pub struct FileRouting {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hash_on: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vnodes_per_peer: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forward_timeout: Leaf,
@@ -238,6 +242,8 @@ pub struct FileVllm {
     pub max_lora_rank: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check_interval: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_interval: Leaf,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

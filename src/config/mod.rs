@@ -241,6 +241,9 @@ pub struct StorageConfig {
     pub rewrite_base_model: bool,
     /// How adapter files are written.
     pub direct_io: DirectIo,
+    /// Adapters fetched at start on the node(s) that would serve them, loaded into vLLM (again
+    /// after it restarts) and never evicted.
+    pub preload: Vec<String>,
     /// How long a request waits for its adapter's download before a 504 (the download goes
     /// on for later requests); `None`: no limit.
     pub fetch_wait_timeout: Option<Duration>,
@@ -355,9 +358,31 @@ pub enum HashOn {
     HeaderModel(String),
 }
 
+/// How requests are routed between nodes (`routing.policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingPolicy {
+    /// By what each vLLM holds and how busy it is, hot keys over more nodes.
+    Auto,
+    /// Round 1's: the key's owner, shedding to the next nodes past the overflow threshold.
+    Hash,
+    /// The least loaded node by vLLM's queue, ignoring where adapters are.
+    LeastLoad,
+}
+
+impl RoutingPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingPolicy::Auto => "auto",
+            RoutingPolicy::Hash => "hash",
+            RoutingPolicy::LeastLoad => "least-load",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingConfig {
     pub hash_on: HashOn,
+    pub policy: RoutingPolicy,
     /// Accepted for compatibility; placement uses a fixed slot table instead of vnodes.
     pub vnodes_per_peer: u32,
     /// Bounds connect + response headers of a forward, never the generation itself.
@@ -374,6 +399,8 @@ pub struct VllmConfig {
     pub max_loras: u32,
     pub max_lora_rank: u32,
     pub health_check_interval: Duration,
+    /// How often vLLM's `/metrics` is read and the peers' state polled.
+    pub metrics_interval: Duration,
 }
 
 /// Which io driver the workers use.
@@ -471,6 +498,7 @@ impl Default for Config {
                 max_size: 100 << 30,
                 rewrite_base_model: false,
                 direct_io: DirectIo::Auto,
+                preload: Vec::new(),
                 fetch_wait_timeout: Some(Duration::from_secs(120)),
             },
             origins: Vec::new(),
@@ -480,6 +508,7 @@ impl Default for Config {
             discovery: DiscoveryConfig::Static { peers: Vec::new() },
             routing: RoutingConfig {
                 hash_on: HashOn::Model,
+                policy: RoutingPolicy::Auto,
                 vnodes_per_peer: 150,
                 forward_timeout: Duration::from_secs(5),
                 overflow_threshold: 0.8,
@@ -490,6 +519,7 @@ impl Default for Config {
                 max_loras: 200,
                 max_lora_rank: 64,
                 health_check_interval: Duration::from_secs(10),
+                metrics_interval: Duration::from_secs(1),
             },
             server: ServerConfig {
                 workers: std::thread::available_parallelism().map_or(1, |n| n.get()),

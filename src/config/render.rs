@@ -54,6 +54,7 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
                 DirectIo::Auto => "auto",
                 DirectIo::Off => "off",
             }),
+            preload: Some(cfg.storage.preload.iter().map(|n| s(n.as_str())).collect()),
             fetch_wait_timeout: s(cfg
                 .storage
                 .fetch_wait_timeout
@@ -72,6 +73,7 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
                 HashOn::Header(h) => format!("header:{h}"),
                 HashOn::HeaderModel(h) => format!("header:{h}/model"),
             }),
+            policy: s(r.policy.as_str()),
             vnodes_per_peer: n(u64::from(r.vnodes_per_peer)),
             forward_timeout: dur(r.forward_timeout),
             overflow_threshold: Some(Scalar::Float(r.overflow_threshold)),
@@ -82,6 +84,7 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
             max_loras: n(u64::from(cfg.vllm.max_loras)),
             max_lora_rank: n(u64::from(cfg.vllm.max_lora_rank)),
             health_check_interval: dur(cfg.vllm.health_check_interval),
+            metrics_interval: dur(cfg.vllm.metrics_interval),
         }),
         server: Some(FileServer {
             workers: n(sv.workers as u64),

@@ -1,4 +1,5 @@
-//! The routing phase: send a request to the node that owns its hash key, or keep it here.
+//! The routing phase: send a request to the node the router picks (`cluster::router`), or keep
+//! it here; count its key's demand (requests entering from clients) on the way.
 //!
 //! A request is forwarded at most once: the receiving peer sees the forwarded mark and serves it
 //! itself. The mark is trusted only from peers (`cluster::protocol::is_trusted_peer`: with
@@ -17,10 +18,13 @@ use std::{sync::atomic::Ordering, time::Instant};
 
 use bytes::Bytes;
 
+use xxhash_rust::xxh3::xxh3_64;
+
 use crate::{
+    adapter::AdapterName,
     cluster::{
         protocol::{FORWARDED_HEADER, TOKEN_HEADER, load},
-        router::Decision,
+        router::RouteRequest,
     },
     error::Error,
     http::RequestHead,
@@ -40,33 +44,49 @@ pub async fn acknowledge(conn: &mut Conn, head: &RequestHead) -> Result<(), Erro
         .map_err(|e| Error::bad_request(format!("peer went away: {e}")))
 }
 
-/// Route by `key`. `Some(done)` when a peer answered (or the client is gone); `None` when the
-/// request is to be served here.
+/// Route a request by its hash key (`None`: no key, a base-model request under `hash_on:
+/// model`) and, for an adapter request, the adapter. `Some(done)` when a peer answered (or the
+/// client is gone); `None` when the request is to be served here.
 pub(super) async fn route(
     w: &Proxy,
     conn: &mut Conn,
     head: &RequestHead,
     body: &Bytes,
-    key: &str,
+    key: Option<&str>,
+    adapter: Option<&AdapterName>,
 ) -> Result<Option<Served>, Error> {
     let shared = &w.shared;
     let router = &shared.router;
     let topo = router.topology();
-    let my_load = load(shared.pending.load(Ordering::Relaxed) - 1);
-    let peers = match router.decide(&topo, key.as_bytes(), my_load) {
-        Decision::Local { overflow } => {
-            if overflow {
-                shared.metrics.overflow_local.inc();
-            }
-            return Ok(None);
-        }
-        Decision::Forward { peers, .. } => peers,
+    let key_hash = key.map(|k| xxh3_64(k.as_bytes()));
+    if let Some(h) = key_hash {
+        w.demand.count(h, key.unwrap_or_default());
+    }
+    let decision = {
+        let view = router.view();
+        let req = RouteRequest {
+            key: key_hash,
+            adapter: adapter.map(|a| xxh3_64(a.as_str().as_bytes())),
+            local_disk: adapter.is_some_and(|a| shared.store.contains(a)),
+            my_load: load(shared.pending.load(Ordering::Relaxed) - 1),
+        };
+        let d = router.decide(&topo, &view, &req, &w.sent);
+        w.sent.add(&view, d.peers.iter().next().unwrap_or(topo.me));
+        d
     };
+    w.count_decision(decision.reason);
+    if decision.is_local() {
+        if decision.overflow {
+            shared.metrics.overflow_local.inc();
+        }
+        return Ok(None);
+    }
+    let peers = decision.peers;
     let mut extra: Vec<(&str, &[u8])> = vec![(FORWARDED_HEADER, b"1")];
     if let Some(token) = &router.token {
         extra.push((TOKEN_HEADER, token.as_bytes()));
     }
-    for idx in peers {
+    for idx in peers.iter() {
         let peer = &topo.peers[idx];
         let started = Instant::now();
         let target = Target {
@@ -114,6 +134,6 @@ pub(super) async fn route(
             }
         }
     }
-    tracing::warn!(key, "no peer of the key reachable: serving here");
+    tracing::warn!(key, "no chosen peer reachable: serving here");
     Ok(None)
 }

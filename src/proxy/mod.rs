@@ -14,6 +14,7 @@
 //! - `local.rs`: the proxy's own endpoints.
 //! - `admin_api.rs`: the admin API (`/admin/*`).
 //! - `peer_files.rs`: stored adapters served to peers.
+//! - `peer_state.rs`: this node's state for its peers.
 //! - `state.rs`: what every worker shares, and each worker's own [`Proxy`] (the server's
 //!   handler).
 
@@ -21,6 +22,7 @@ pub mod admin_api;
 pub mod forward;
 pub mod local;
 pub mod peer_files;
+mod peer_state;
 mod state;
 pub mod upstream;
 
@@ -175,11 +177,15 @@ async fn pipeline(
         let base_name = model.as_deref().filter(|_| adapter.is_none());
         let header = |name: &str| head.header_str(name);
         let key = hash_key(&shared.router.hash_on, model.as_deref(), base_name, header);
-        if let Some(key) = key {
-            if let Some(done) = forward::route(w, conn, head, &body, &key).await? {
+        // Keyless requests are routed only when they name the base model (inference); the
+        // rest (model lists, tokenizer calls, ...) are answered here.
+        let base_request = adapter.is_none() && model.as_deref().is_some_and(|m| !m.is_empty());
+        if key.is_some() || base_request {
+            let routed = forward::route(w, conn, head, &body, key.as_deref(), adapter.as_ref());
+            if let Some(done) = routed.await? {
                 return Ok(done);
             }
-            if adapter.is_none() {
+            if key.is_some() && adapter.is_none() {
                 tier = Tier::Routed;
             }
         }
@@ -216,6 +222,10 @@ async fn pipeline(
     };
 
     // 7. Upstream.
+    if let (Some(name), Some(_)) = (&adapter, &_pin) {
+        w.recent
+            .note(xxhash_rust::xxh3::xxh3_64(name.as_str().as_bytes()));
+    }
     let reply = to_vllm(w, conn, head, body, extra).await?;
     Ok(Served { tier, reply })
 }

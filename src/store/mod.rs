@@ -100,6 +100,8 @@ pub struct StoreOptions {
     pub pinned_wait: Duration,
     /// Fault injection (tests).
     pub faults: Arc<Faults>,
+    /// `storage.preload`: never evicted (an explicit evict is refused with 409).
+    pub preload: Vec<AdapterName>,
 }
 
 impl StoreOptions {
@@ -113,6 +115,7 @@ impl StoreOptions {
             driver: cfg.server.driver,
             pinned_wait: Duration::from_secs(2),
             faults: Arc::default(),
+            preload: Vec::new(),
         }
     }
 }
@@ -159,6 +162,8 @@ pub struct Store {
     writer: Writer,
     progress: ProgressBoard,
     seq: AtomicU64,
+    /// What became of each preloaded adapter (`/admin/cache/stats`).
+    preload_status: Mutex<std::collections::BTreeMap<String, String>>,
     /// `loraplex_cache_hits_total{tier="local"}`, resolved once: the hit path must not
     /// look the label set up (a lock) every time.
     hits: Counter,
@@ -196,6 +201,7 @@ impl Store {
             control,
             writer,
             progress: ProgressBoard::default(),
+            preload_status: Mutex::default(),
             seq: AtomicU64::new(0),
             hits,
             misses,
@@ -263,6 +269,25 @@ impl Store {
                 _ => {}
             }
         }
+    }
+
+    /// Whether `name` is in `storage.preload` (never evicted).
+    pub fn is_preloaded(&self, name: &AdapterName) -> bool {
+        self.opts.preload.contains(name)
+    }
+
+    /// Record what became of a preloaded adapter (shown in `/admin/cache/stats`).
+    pub fn set_preload_status(&self, name: &AdapterName, status: impl Into<String>) {
+        self.preload_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), status.into());
+    }
+
+    /// Whether `name` is stored (lock-free, no pin, no filesystem access).
+    #[inline]
+    pub fn contains(&self, name: &AdapterName) -> bool {
+        self.index.contains(name)
     }
 
     /// The directory of a stored adapter, pinned (for serving files to peers).
