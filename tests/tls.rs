@@ -288,7 +288,9 @@ async fn clients_and_peers_speak_tls_only(driver: Driver) {
     let n0 = https(pair.nodes[0].addr);
     let n1 = https(pair.nodes[1].addr);
     let refused = "loraplex_tls_connections_total{result=\"plain_refused\"}";
+    // No peer call in plain (health and state polls, forwards): the only refusal is ours.
     assert_eq!(metric(&client, &n0, refused).await, 1.0);
+    assert_eq!(metric(&client, &n1, refused).await, 0.0);
     // Node 1 took node 0's health polls and the forward over TLS, never in plain.
     let tls = "loraplex_tls_connections_total{result=\"tls\"}";
     assert!(metric(&client, &n1, tls).await >= 2.0);

@@ -252,10 +252,13 @@ impl PeerClient {
             .await
     }
 
-    /// `GET http://{peer}{STATE_PATH}`, for a poller that has the disk filter up to `since` of
+    /// `GET http(s)://{peer}{STATE_PATH}`, for a poller that has the disk filter up to `since` of
     /// `instance`.
     pub async fn state(&self, peer: &str, since: u64, instance: u64) -> reqwest::Result<PeerState> {
-        let url = format!("http://{peer}{STATE_PATH}?since={since}&instance={instance}");
+        let url = format!(
+            "{}://{peer}{STATE_PATH}?since={since}&instance={instance}",
+            self.scheme
+        );
         self.with_token(self.http.get(url))
             .timeout(HEALTH_TIMEOUT)
             .send()
