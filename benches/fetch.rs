@@ -119,6 +119,7 @@ fn main() {
                 driver,
                 pinned_wait: Duration::from_secs(1),
                 faults: Arc::default(),
+                preload: Vec::new(),
             },
             OriginChain::new(vec![Arc::new(FileOrigin::new(origin.path().to_owned()))]),
             Arc::new(NoVllm),

@@ -84,6 +84,7 @@ fn main() {
         driver: Driver::Auto,
         pinned_wait: Duration::from_secs(1),
         faults: Arc::default(),
+        preload: Vec::new(),
     };
     let store = Store::open(
         opts,

@@ -6,11 +6,14 @@
 #   output: a markdown table on stdout, and target/bench/proxy.{md,csv}
 #   LORAPLEX_BIN=path: that binary instead of this tree's release build (before/after runs)
 #
-# wrk -t1 -c64 POSTs a ~300 B chat body, two cases:
+# wrk -t1 -c64 POSTs a ~300 B chat body, three cases:
 # - base model: body read, `model` parsed, request streamed to the upstream and back;
 # - warm adapter: the same naming an adapter stored on local disk (name validated, adapter
-#   looked up and pinned while the answer streams); nginx proxies the same request.
-# Every round runs both proxies on both cases, the order alternating (nginx first in odd
+#   looked up and pinned while the answer streams); nginx proxies the same request;
+# - TLS: the base-model request over TLS to clients (`server.tls`, and nginx `listen ssl`
+#   beside it, the same self-signed P-256 certificate, keep-alive connections: the cost per
+#   request, not per handshake); `TLS=0` leaves the TLS runs out.
+# Every round runs both proxies on every case, the order alternating (nginx first in odd
 # rounds, loraplex first in even ones). A proxy's CPU per request is the user + system time of
 # its processes over a run (/proc/PID/stat, every thread; nginx: its master and workers)
 # divided by the run's requests; the upstream's CPU counts for neither. Medians over rounds.
@@ -22,11 +25,15 @@ cd "$(dirname "$0")/.."
 for tool in wrk nginx curl; do need "$tool" "$tool"; done
 command -v pgrep >/dev/null || need pgrep procps
 
-UP_PORT=18500 NGX_PORT=18501 LP_PORT=18502
+TLS=${TLS:-1}
+# Ports PORT..PORT+4 (another run on this machine picks another PORT).
+PORT=${PORT:-18500}
+UP_PORT=$PORT NGX_PORT=$((PORT + 1)) LP_PORT=$((PORT + 2)) NGXS_PORT=$((PORT + 3)) LPS_PORT=$((PORT + 4))
 ADAPTER=bench/warm-lora
 cleanup() {
   stop_nginx
   [ -n "${LP_PID:-}" ] && kill "$LP_PID" 2>/dev/null
+  [ -n "${LPS_PID:-}" ] && kill "$LPS_PID" 2>/dev/null
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -68,6 +75,20 @@ CONF
 RUST_LOG=warn "$BIN" --config "$WORK/lp.yaml" >"$WORK/lp.log" 2>&1 &
 LP_PID=$!
 wait_healthz "127.0.0.1:$LP_PORT"
+if [ "$TLS" = 1 ]; then
+  make_tls_cert
+  start_nginx_proxy pxs "127.0.0.1:$NGXS_PORT" "127.0.0.1:$UP_PORT" tls
+  cat > "$WORK/lps.yaml" <<CONF
+listen: "127.0.0.1:$LPS_PORT"
+vllm_url: "http://127.0.0.1:$UP_PORT"
+vllm: { model_name: "base-model" }
+storage: { dir: "$WORK/store-tls", max_size: "1GB" }
+server: { workers: 2, tls: { cert: "$WORK/tls.crt", key: "$WORK/tls.key" } }
+CONF
+  RUST_LOG=warn "$BIN" --config "$WORK/lps.yaml" >"$WORK/lps.log" 2>&1 &
+  LPS_PID=$!
+  wait_healthz "https://127.0.0.1:$LPS_PORT"
+fi
 
 NGX=http://127.0.0.1:$NGX_PORT/v1/chat/completions
 LP=http://127.0.0.1:$LP_PORT/v1/chat/completions
@@ -75,19 +96,32 @@ LP=http://127.0.0.1:$LP_PORT/v1/chat/completions
 curl -sf -o /dev/null -H 'Content-Type: application/json' \
   -d "{\"model\":\"$ADAPTER\",\"messages\":[]}" "$LP" \
   || { echo "the adapter request failed:" >&2; cat "$WORK/lp.log" >&2; exit 1; }
+NGXS=https://127.0.0.1:$NGXS_PORT/v1/chat/completions
+LPS=https://127.0.0.1:$LPS_PORT/v1/chat/completions
+CASES="base adapter"
+[ "$TLS" = 1 ] && CASES="base adapter tls"
 for c in base adapter; do
   LUA=$WORK/$c.lua wrk_run warmup "$NGX" 2 >/dev/null
   LUA=$WORK/$c.lua wrk_run warmup "$LP" 2 >/dev/null
 done
+if [ "$TLS" = 1 ]; then
+  LUA=$WORK/base.lua wrk_run warmup "$NGXS" 2 >/dev/null
+  LUA=$WORK/base.lua wrk_run warmup "$LPS" 2 >/dev/null
+fi
 
 TCK=$(getconf CLK_TCK)
 # run CASE PROXY: one wrk run; appends "CASE-PROXY rps p50 p99 requests cpu_us_per_request".
 run() {
-  local pids url before after line
-  if [ "$2" = nginx ]; then pids=$(nginx_pids px) url=$NGX; else pids=$LP_PID url=$LP; fi
+  local pids url lua=$WORK/$1.lua before after line
+  case "$1-$2" in
+    tls-nginx) pids=$(nginx_pids pxs) url=$NGXS lua=$WORK/base.lua ;;
+    tls-loraplex) pids=$LPS_PID url=$LPS lua=$WORK/base.lua ;;
+    *-nginx) pids=$(nginx_pids px) url=$NGX ;;
+    *) pids=$LP_PID url=$LP ;;
+  esac
   # shellcheck disable=SC2086
   before=$(cpu_ticks $pids)
-  line=$(LUA=$WORK/$1.lua wrk_run "$1-$2" "$url")
+  line=$(LUA=$lua wrk_run "$1-$2" "$url")
   # shellcheck disable=SC2086
   after=$(cpu_ticks $pids)
   echo "$line" | awk -v d=$((after - before)) -v tck="$TCK" \
@@ -96,10 +130,11 @@ run() {
 : > "$WORK/runs"
 for r in $(seq "$ROUNDS"); do
   if [ $((r % 2)) = 1 ]; then order="nginx loraplex"; else order="loraplex nginx"; fi
-  for c in base adapter; do
-    for p in $order; do run "$c" "$p"; done
+  n=0
+  for c in $CASES; do
+    for p in $order; do run "$c" "$p"; n=$((n + 1)); done
   done
-  echo "round $r/$ROUNDS ($order): $(tail -4 "$WORK/runs" | tr '\n' ' ')" >&2
+  echo "round $r/$ROUNDS ($order): $(tail -$n "$WORK/runs" | tr '\n' ' ')" >&2
 done
 RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$LP_PID/status")
 UPSTREAM=$(LUA=$WORK/base.lua wrk_run upstream-alone "http://127.0.0.1:$UP_PORT/v1/chat/completions")
@@ -107,26 +142,36 @@ UPSTREAM=$(LUA=$WORK/base.lua wrk_run upstream-alone "http://127.0.0.1:$UP_PORT/
 col() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$WORK/runs" | median; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0) ? a / b : 0 }'; }
 NGINX_V=$(nginx -v 2>&1 | sed 's/.*\///')
+what() {
+  case "$1" in
+    base) echo "base model" ;;
+    adapter) echo "warm adapter" ;;
+    tls) echo "base model, TLS to clients" ;;
+  esac
+}
 {
   echo "| wrk -t1 -c64, ${SECS}s x $ROUNDS, medians | req/s | p50 ms | p99 ms | CPU µs/request |"
   echo "|---|---:|---:|---:|---:|"
-  for c in base adapter; do
-    what=$([ "$c" = base ] && echo "base model" || echo "warm adapter")
-    echo "| $what: nginx $NGINX_V (2 workers, keepalive upstream) | $(col "$c-nginx" 2) | $(col "$c-nginx" 3) | $(col "$c-nginx" 4) | $(col "$c-nginx" 6) |"
-    echo "| $what: loraplex (2 workers) | $(col "$c-loraplex" 2) | $(col "$c-loraplex" 3) | $(col "$c-loraplex" 4) | $(col "$c-loraplex" 6) |"
+  for c in $CASES; do
+    echo "| $(what "$c"): nginx $NGINX_V (2 workers, keepalive upstream) | $(col "$c-nginx" 2) | $(col "$c-nginx" 3) | $(col "$c-nginx" 4) | $(col "$c-nginx" 6) |"
+    echo "| $(what "$c"): loraplex (2 workers) | $(col "$c-loraplex" 2) | $(col "$c-loraplex" 3) | $(col "$c-loraplex" 4) | $(col "$c-loraplex" 6) |"
   done
   echo "| upstream alone (no proxy) | $(echo "$UPSTREAM" | awk '{print $2 " | " $3 " | " $4}') | |"
   echo
-  for c in base adapter; do
-    what=$([ "$c" = base ] && echo "base model" || echo "warm adapter")
-    echo "- $what, loraplex / nginx: CPU per request **$(ratio "$(col "$c-loraplex" 6)" "$(col "$c-nginx" 6)")x**, req/s $(ratio "$(col "$c-loraplex" 2)" "$(col "$c-nginx" 2)")x, p99 $(ratio "$(col "$c-loraplex" 4)" "$(col "$c-nginx" 4)")x."
+  for c in $CASES; do
+    echo "- $(what "$c"), loraplex / nginx: CPU per request **$(ratio "$(col "$c-loraplex" 6)" "$(col "$c-nginx" 6)")x**, req/s $(ratio "$(col "$c-loraplex" 2)" "$(col "$c-nginx" 2)")x, p99 $(ratio "$(col "$c-loraplex" 4)" "$(col "$c-nginx" 4)")x."
   done
+  if [ "$TLS" = 1 ]; then
+    echo "- TLS / plain req/s (base model): loraplex **$(ratio "$(col tls-loraplex 2)" "$(col base-loraplex 2)")x**, nginx **$(ratio "$(col tls-nginx 2)" "$(col base-nginx 2)")x**."
+  fi
   echo
   echo "loraplex peak RSS: $((RSS_KB / 1024)) MiB. Machine: $MACHINE."
 } | tee "$OUT/proxy.md"
 {
   echo "name,rps,p50_ms,p99_ms,cpu_us_per_request"
-  for n in base-nginx base-loraplex adapter-nginx adapter-loraplex; do
-    echo "$n,$(col "$n" 2),$(col "$n" 3),$(col "$n" 4),$(col "$n" 6)"
+  for c in $CASES; do
+    for p in nginx loraplex; do
+      echo "$c-$p,$(col "$c-$p" 2),$(col "$c-$p" 3),$(col "$c-$p" 4),$(col "$c-$p" 6)"
+    done
   done
 } > "$OUT/proxy.csv"

@@ -89,7 +89,7 @@ log "building loraplex and the stand-ins"
 
 # --- 2. a tiny base model and real PEFT adapters
 log "writing the tiny model and adapters into $WORK/tiny"
-make_models "$WORK/tiny" acme/summarizer-lora acme/translator-lora acme/tuned-lora acme/tuned-lora-v2
+make_models "$WORK/tiny" acme/summarizer-lora acme/translator-lora acme/tuned-lora acme/tuned-lora-v2 acme/warm-lora
 BASE=$WORK/tiny/base
 ADAPTERS=$WORK/tiny/adapters
 CACHE=$WORK/cache
@@ -97,7 +97,7 @@ mkdir -p "$CACHE"
 
 # --- 3. origins: summarizer and translator on the Hub, tuned-lora in S3
 mkdir -p "$WORK/hub/acme" "$WORK/s3/loras/adapters/acme"
-cp -r "$ADAPTERS/acme/summarizer-lora" "$ADAPTERS/acme/translator-lora" "$WORK/hub/acme/"
+cp -r "$ADAPTERS/acme/summarizer-lora" "$ADAPTERS/acme/translator-lora" "$ADAPTERS/acme/warm-lora" "$WORK/hub/acme/"
 cp -r "$ADAPTERS/acme/tuned-lora" "$WORK/s3/loras/adapters/acme/"
 start standins "$REPO/target/release/examples/standins" --hub-dir "$WORK/hub" --s3-dir "$WORK/s3"
 for _ in $(seq 100); do grep -q '^ready$' "$WORK/standins.log" && break; sleep 0.1; done
@@ -291,6 +291,42 @@ if [ "${#bad[@]}" -eq 0 ] && [ "$ev" -ge 1 ] && [ "${#refetched[@]}" -ge 1 ] &&
   record "f. eviction" PASS "$ev evictions, $unl vLLM unloads (evicted names gone from vLLM /v1/models); refetched after eviction: ${refetched[*]}, outputs == direct; items<=2, size<=$MAX_SIZE"
 else
   record "f. eviction" FAIL "evictions +$ev; wrong outputs [${bad[*]}]; refetched [${refetched[*]}]; evicted but still in vLLM [${still_listed[*]}]; used but not in vLLM [${not_listed[*]}]; over budget [${over[*]}]"
+fi
+
+# --- 6g. warm-up with load: the adapter is in vLLM's /v1/models before any request for it
+curl -s -H 'content-type: application/json' -d '{"adapters":["acme/warm-lora"],"load":true}' \
+  "$LP/admin/cache/warmup" >"$WORK/warmup.json" || true
+curl -s "$VLLM/v1/models" >"$WORK/models.json"
+listed=" $(json_get "$WORK/models.json" '" ".join(m["id"] for m in d["data"])' 2>/dev/null) "
+loaded=$(json_get "$WORK/warmup.json" 'd["results"][0].get("loaded")' 2>/dev/null || echo "?")
+if [ "$loaded" = True ] && [[ "$listed" == *" acme/warm-lora "* ]]; then
+  load_direct direct-warm "$ADAPTERS/acme/warm-lora"
+  d_warm=$(gen "$VLLM" direct-warm)
+  p_warm=$(gen "$LP" acme/warm-lora)
+  if [ "$p_warm" = "$d_warm" ]; then
+    record "g. warm-up with load" PASS "in vLLM /v1/models before any request; output == direct"
+  else
+    record "g. warm-up with load" FAIL "listed, but output $p_warm vs direct $d_warm"
+  fi
+else
+  record "g. warm-up with load" FAIL "loaded=$loaded; vLLM lists [$listed]; $(head -c 300 "$WORK/warmup.json")"
+fi
+
+# --- 6h. vLLM's real /metrics parse: loraplex read its queue, KV use and LoRA slots
+# (reads before vLLM came up failed; count those of the last 3 s)
+reads() { echo $(($(metric "loraplex_vllm_scrapes_total{result=\"$1\"}"))); }
+ok0=$(reads ok) err0=$(($(reads error) + $(reads no_metrics)))
+sleep 3
+curl -s "$LP/admin/peers" >"$WORK/peers.json"
+view=$(json_get "$WORK/peers.json" '[p["vllm"] for p in d["peers"] if p["self"]][0]' 2>/dev/null || echo "none")
+known=$(json_get "$WORK/peers.json" '[p["vllm"] for p in d["peers"] if p["self"]][0]["known"]' 2>/dev/null || echo "?")
+slots=$(json_get "$WORK/peers.json" '[p["vllm"] for p in d["peers"] if p["self"]][0]["lora_slots"]' 2>/dev/null || echo "?")
+ok_reads=$(($(reads ok) - ok0))
+bad_reads=$(($(reads error) + $(reads no_metrics) - err0))
+if [ "$known" = True ] && [ "$slots" = 4 ] && [ "$ok_reads" -ge 1 ] && [ "$bad_reads" = 0 ]; then
+  record "h. vLLM metrics parsed" PASS "$ok_reads reads, none failed; max_lora 4 read from vllm:lora_requests_info; $view"
+else
+  record "h. vLLM metrics parsed" FAIL "known=$known slots=$slots ok=$ok_reads failed=$bad_reads; $view"
 fi
 
 # --- 7. summary

@@ -9,7 +9,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-targets=(model_extract request_head chunked config_load multipart_model)
+targets=(model_extract request_head chunked config_load prom_text multipart_model)
 which=${1:-all}
 secs=${2:-600}
 

@@ -22,7 +22,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The client was too slow to send its request head or body. 408.
     RequestTimeout,
-    /// The adapter's directory would nest inside another stored adapter's, or hold one. 409.
+    /// The request conflicts with what is stored: the adapter's directory would nest inside
+    /// another stored adapter's, or hold one; or it evicts a preloaded adapter. 409.
     Conflict,
     /// Body above `server.max_body_size`. 413.
     PayloadTooLarge,
@@ -242,6 +243,19 @@ impl From<std::io::Error> for Error {
         };
         Error::new(kind, e.to_string())
     }
+}
+
+/// An error and its sources, so the message names the real cause (refused, reset, a
+/// certificate refused, ...).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("request_head", request_head),
     ("chunked", chunked),
     ("config_load", config_load),
+    ("prom_text", prom_text),
     ("multipart_model", multipart_model),
 ];
 
@@ -310,5 +311,93 @@ pub fn config_load_with(data: &[u8], print: impl Fn(&Config) -> String) -> Resul
             loaded.config, again.config
         )),
         Err(e) => Err(format!("printed config does not load: {e}\n{printed}")),
+    }
+}
+
+/// A sample as the `prom_text` property compares it: name, labels (unescaped), value bits.
+pub type OwnedSample = (String, Vec<(String, String)>, u64);
+
+/// The samples of a text exposition with the library's parser (`vllm::metrics`).
+pub fn parse_samples(text: &str) -> Result<Vec<OwnedSample>, String> {
+    crate::vllm::metrics::samples(text)
+        .map(|s| {
+            let s = s.map_err(|e| e.to_string())?;
+            let labels = s
+                .label_pairs()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.into_owned()))
+                .collect();
+            // NaN has many encodings: compare them as one.
+            let bits = if s.value.is_nan() {
+                f64::NAN.to_bits()
+            } else {
+                s.value.to_bits()
+            };
+            Ok((s.name.to_owned(), labels, bits))
+        })
+        .collect()
+}
+
+/// vLLM's `/metrics` text: what parses, written back in canonical form, parses to the same
+/// samples, and the figures routing reads from it are the same (`VllmMetrics::parse` never
+/// panics either way).
+pub fn prom_text(data: &[u8]) -> Result<(), String> {
+    prom_text_with(data, parse_samples)
+}
+
+/// [`prom_text`] over a `parse` implementation.
+pub fn prom_text_with(
+    data: &[u8],
+    parse: impl Fn(&str) -> Result<Vec<OwnedSample>, String>,
+) -> Result<(), String> {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return Ok(());
+    };
+    let figures = crate::vllm::metrics::VllmMetrics::parse(text);
+    let Ok(samples) = parse(text) else {
+        return Ok(());
+    };
+    let mut canonical = String::new();
+    for (name, labels, bits) in &samples {
+        canonical.push_str(name);
+        if !labels.is_empty() {
+            let pairs: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .replace('\\', "\\\\")
+                        .replace('"', "\\\"")
+                        .replace('\n', "\\n");
+                    format!("{k}=\"{v}\"")
+                })
+                .collect();
+            canonical.push_str(&format!("{{{}}}", pairs.join(",")));
+        }
+        let v = f64::from_bits(*bits);
+        let v = if v.is_nan() {
+            "NaN".to_owned()
+        } else if v.is_infinite() {
+            if v > 0.0 {
+                "+Inf".into()
+            } else {
+                "-Inf".into()
+            }
+        } else {
+            format!("{v:e}")
+        };
+        canonical.push_str(&format!(" {v}\n"));
+    }
+    let again =
+        parse(&canonical).map_err(|e| format!("canonical form refused: {e}\n{canonical}"))?;
+    if again != samples {
+        return Err(format!(
+            "round trip changed the samples:\n{samples:?}\n{again:?}"
+        ));
+    }
+    // Same samples, same figures (compared as printed: NaN equals NaN there).
+    let refigured = crate::vllm::metrics::VllmMetrics::parse(&canonical);
+    match (&figures, &refigured) {
+        (Ok(a), Ok(b)) if format!("{a:?}") == format!("{b:?}") => Ok(()),
+        _ => Err(format!("figures changed: {figures:?} vs {refigured:?}")),
     }
 }

@@ -116,6 +116,28 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Why finished trace spans were dropped (`loraplex_trace_spans_dropped_total{reason}`): the
+/// export queue was full (the collector is slower than the spans come), or the export failed
+/// (collector down, refused, timed out).
+pub const SPANS_QUEUE_FULL: ReasonLabel = ReasonLabel {
+    reason: "queue_full",
+};
+pub const SPANS_EXPORT_FAILED: ReasonLabel = ReasonLabel {
+    reason: "export_failed",
+};
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabel {
+    pub key: String,
+}
+
+/// A gauge of a fractional value.
+pub type FloatGauge = Gauge<f64, AtomicU64>;
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Request latency buckets: the Go project's (Prometheus defaults) plus long generations.
@@ -183,6 +205,22 @@ pub struct Metrics {
     pub inflight_requests: Gauge<i64, AtomicI64>,
     pub fetches_inflight: Gauge<i64, AtomicI64>,
     pub upstream_connects: Counter<u64, AtomicU64>,
+    pub trace_spans_exported: Counter,
+    pub trace_spans_dropped: Family<ReasonLabel, Counter>,
+    /// New client connections on a `server.tls` listener, by what became of them.
+    pub tls_connections: Family<ResultLabel, Counter>,
+    pub tls_reloads: Family<ResultLabel, Counter>,
+    // Routing by what vLLM holds (issue 11).
+    pub route_decisions: Family<ReasonLabel, Counter>,
+    pub vllm_requests_running: FloatGauge,
+    pub vllm_requests_waiting: FloatGauge,
+    pub vllm_kv_cache_usage: FloatGauge,
+    pub vllm_lora_slots: Gauge,
+    pub vllm_gpu_adapters: Gauge,
+    pub vllm_capacity: FloatGauge,
+    pub vllm_scrapes: Family<ResultLabel, Counter>,
+    pub key_replicas: Family<KeyLabel, Gauge>,
+    pub key_request_rate: Family<KeyLabel, FloatGauge>,
 }
 
 impl Default for Metrics {
@@ -220,7 +258,25 @@ impl Metrics {
             inflight_requests: Gauge::default(),
             fetches_inflight: Gauge::default(),
             upstream_connects: Counter::default(),
+            trace_spans_exported: Counter::default(),
+            trace_spans_dropped: Family::default(),
+            tls_connections: Family::default(),
+            tls_reloads: Family::default(),
+            route_decisions: Family::default(),
+            vllm_requests_running: FloatGauge::default(),
+            vllm_requests_waiting: FloatGauge::default(),
+            vllm_kv_cache_usage: FloatGauge::default(),
+            vllm_lora_slots: Gauge::default(),
+            vllm_gpu_adapters: Gauge::default(),
+            vllm_capacity: FloatGauge::default(),
+            vllm_scrapes: Family::default(),
+            key_replicas: Family::default(),
+            key_request_rate: Family::default(),
         };
+        // Both reasons from the start: a drop shows as a rise from 0, not a new series.
+        for reason in [SPANS_QUEUE_FULL, SPANS_EXPORT_FAILED] {
+            let _ = m.trace_spans_dropped.get_or_create(&reason);
+        }
         let r = &mut m.registry;
         r.register(
             "requests",
@@ -337,6 +393,85 @@ impl Metrics {
             "upstream_connects",
             "New TCP connections to vLLM or peers",
             m.upstream_connects.clone(),
+        );
+        r.register(
+            "trace_spans_exported",
+            "Trace spans accepted by the OTLP collector",
+            m.trace_spans_exported.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Trace spans lost: export queue full, or the export failed",
+            m.trace_spans_dropped.clone(),
+        );
+        r.register(
+            "tls_connections",
+            "Client connections to a server.tls listener: tls (handshake done), plain \
+             (server.tls.allow_plain), plain_refused, failed (bad or stalled handshake)",
+            m.tls_connections.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "Reloads of the TLS files (SIGHUP or a change) by result",
+            m.tls_reloads.clone(),
+        );
+        // Every result from the start at zero (with TLS off too): a rate over them works from
+        // the first scrape, and the dashboard's TLS panels read 0 rather than "no data".
+        for result in ["tls", "plain", "plain_refused", "failed"] {
+            let _ = m.tls_connections.get_or_create(&ResultLabel { result });
+        }
+        for result in ["ok", "error"] {
+            let _ = m.tls_reloads.get_or_create(&ResultLabel { result });
+        }
+        r.register(
+            "route_decisions",
+            "Routing decisions by reason: owner, residency, load, spread, fallback",
+            m.route_decisions.clone(),
+        );
+        r.register(
+            "vllm_requests_running",
+            "Requests in vLLM's running batch, as last read from its /metrics",
+            m.vllm_requests_running.clone(),
+        );
+        r.register(
+            "vllm_requests_waiting",
+            "Requests waiting in vLLM's queue, as last read from its /metrics",
+            m.vllm_requests_waiting.clone(),
+        );
+        r.register(
+            "vllm_kv_cache_usage",
+            "vLLM's KV-cache use (0..1), as last read from its /metrics",
+            m.vllm_kv_cache_usage.clone(),
+        );
+        r.register(
+            "vllm_lora_slots",
+            "vLLM's LoRA slots (max_lora, else vllm.max_loras)",
+            m.vllm_lora_slots.clone(),
+        );
+        r.register(
+            "vllm_gpu_adapters",
+            "Adapters likely in vLLM's GPU slots (running, or sent to it last)",
+            m.vllm_gpu_adapters.clone(),
+        );
+        r.register(
+            "vllm_capacity_requests_per_second",
+            "Requests per second vLLM completes when saturated (learnt; 0 until seen)",
+            m.vllm_capacity.clone(),
+        );
+        r.register(
+            "vllm_scrapes",
+            "Reads of vLLM's /metrics by result: ok, no_metrics, error",
+            m.vllm_scrapes.clone(),
+        );
+        r.register(
+            "key_replicas",
+            "Nodes serving a hot key (the adapter under hash_on: model), top keys entering this node",
+            m.key_replicas.clone(),
+        );
+        r.register(
+            "key_request_rate",
+            "Requests per second of a hot key across the cluster, top keys entering this node",
+            m.key_request_rate.clone(),
         );
         m
     }

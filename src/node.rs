@@ -2,11 +2,17 @@
 //! store), then serves the proxy on the server's workers; waits for a signal, shuts down
 //! gracefully.
 
-use std::{net::SocketAddr, sync::Arc};
+mod preload;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicBool},
+};
 
 use crate::{
     cluster::{
         discovery::Discovery, identity::Identity, peering, protocol::PeerClient, router::Router,
+        state::ClusterState,
     },
     config::Config,
     control::{Control, ControlPlane},
@@ -20,6 +26,8 @@ use crate::{
     },
     shutdown::Shutdown,
     store::{Store, StoreOptions},
+    telemetry::Tracer,
+    tls::Tls,
     vllm::{Hooks, Vllm},
 };
 
@@ -63,6 +71,9 @@ impl Node {
         let control_plane = ControlPlane::start(2)?;
         let control = control_plane.control();
         let metrics = Arc::new(Metrics::new());
+        // The TLS files are read before anything binds: a bad certificate stops the start.
+        let tls = Tls::from_config(&config, metrics.clone())
+            .map_err(|e| Error::internal(e.to_string()))?;
         let vllm = Vllm::new(&config, metrics.clone())?;
         let listeners = bind(&config.listen, config.server.workers.max(1))?;
         let addr = listeners[0].local_addr()?;
@@ -72,7 +83,10 @@ impl Node {
         let me = Identity::new(addr, config.self_addr.as_deref())?;
         let discovery = Discovery::start(&config.discovery, &me, &control, shutdown.clone())?;
         let router = Arc::new(Router::new(&config, me, metrics.clone()));
-        let peer_client = PeerClient::new(router.source_ip, router.token.clone())?;
+        let peer_client =
+            PeerClient::new(router.source_ip, router.token.clone(), tls.peers.clone())?;
+        tls.watch(&control, shutdown.clone());
+        let tracer = Tracer::start(&config.tracing, router.me.canonical(), &metrics, &control)?;
         let interval = config.vllm.health_check_interval;
         peering::start(
             router.clone(),
@@ -96,13 +110,50 @@ impl Node {
             vllm: vllm.clone(),
             control: control.clone(),
         });
+        let preloaded = preload::names(&config)?;
         let store = Store::open(
-            StoreOptions::from_config(&config),
+            StoreOptions {
+                preload: preloaded.clone(),
+                ..StoreOptions::from_config(&config)
+            },
             origins,
             hooks,
             control.clone(),
             metrics.clone(),
         )?;
+        // Adapters loaded ahead: the ones this node would serve, refused when they cannot fit.
+        let preload_here = preload::mine(&config, &router, &preloaded);
+        preload::check_size(
+            &control,
+            &store,
+            &configured,
+            &preload_here,
+            config.storage.max_size,
+        )?;
+        let preload_done = Arc::new(AtomicBool::new(false));
+        // What routing reads: the local vLLM's metrics, the peers' states, the demand.
+        let cluster = ClusterState::new(
+            router.clone(),
+            metrics.clone(),
+            config.vllm.metrics_interval,
+        );
+        let stored = store.clone();
+        cluster.set_stored(move || {
+            stored
+                .stored_names()
+                .iter()
+                .map(|n| xxhash_rust::xxh3::xxh3_64(n.as_str().as_bytes()))
+                .collect()
+        });
+        peering::start_state_poll(
+            cluster.clone(),
+            router.clone(),
+            peer_client.clone(),
+            &control,
+            config.vllm.metrics_interval,
+            shutdown.clone(),
+        );
+        vllm.spawn_metrics_scrape(cluster.clone(), &control, shutdown.clone());
         let shared = Arc::new(Shared {
             config,
             metrics,
@@ -111,9 +162,21 @@ impl Node {
             shutdown,
             pending: Pending::new(listeners.len()),
             router,
+            cluster,
             peer_client,
             store,
+            tracer,
+            tls,
+            preload_done: preload_done.clone(),
         });
+        preload::start(
+            preload_here,
+            shared.store.clone(),
+            shared.vllm.clone(),
+            &shared.control,
+            preload_done,
+            shared.shutdown.clone(),
+        );
         shared
             .vllm
             .spawn_health_poll(&shared.control, shared.shutdown.clone());
@@ -124,6 +187,7 @@ impl Node {
             &shared.config.server,
             shared.shutdown.clone(),
             shared.metrics.clone(),
+            shared.tls.acceptor.clone(),
             move |id| Proxy::new(for_workers.clone(), id),
         )?;
         log_summary(&shared, driver, addr);
@@ -172,6 +236,9 @@ impl Node {
     pub fn wait(self) {
         self.server.wait();
         self.shared.store.shutdown();
+        // The spans of the last requests; bounded (a few seconds), before the control plane
+        // goes with `self`.
+        self.shared.tracer.shutdown();
         tracing::info!("stopped");
     }
 }
@@ -201,11 +268,19 @@ fn log_summary(shared: &Shared, driver: DriverKind, addr: SocketAddr) {
         node = %shared.router.me.canonical(),
         discovery = cfg.discovery.mode(),
         vllm = %cfg.vllm_url,
+        tls = match (&cfg.server.tls, &cfg.cluster.tls) {
+            (None, _) => "off",
+            (Some(t), None) if t.allow_plain => "server (plain allowed)",
+            (Some(_), None) => "server",
+            (Some(t), Some(_)) if t.allow_plain => "server and peers (plain allowed)",
+            (Some(_), Some(_)) => "server and peers",
+        },
         storage = %cfg.storage.dir.display(),
         write_mode = shared.store.write_mode().as_str(),
         max_size = %crate::config::units::format_size(cfg.storage.max_size),
         origins = %cfg.origins.iter().map(|o| o.type_name()).collect::<Vec<_>>().join(","),
         base_model = cfg.vllm.model_name.as_deref().unwrap_or("(learnt from /v1/models)"),
+        policy = cfg.routing.policy.as_str(),
         "loraplex started"
     );
 }

@@ -6,6 +6,11 @@
 //! `vllm.health_check_interval`, learning the base model ([`BaseModel`]: every served name and
 //! `--model`) from `GET /v1/models` once vLLM is healthy and again whenever it comes back, and
 //! `POST /v1/unload_lora_adapter` after an adapter is evicted or replaced.
+//!
+//! Added for routing by what vLLM holds: [`metrics`] (the `/metrics` parser), `scrape.rs` (the
+//! scrape every `vllm.metrics_interval`, feeding the cluster state), and [`Vllm::load`]
+//! (`POST /v1/load_lora_adapter`, for warm-ups with `load` and preloaded adapters), with
+//! [`Vllm::restarts`] telling when vLLM came back or restarted.
 
 use std::{
     net::{SocketAddr, ToSocketAddrs},
@@ -18,6 +23,9 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 use serde::Deserialize;
+
+pub mod metrics;
+mod scrape;
 
 use crate::{
     config::Config,
@@ -42,9 +50,16 @@ pub struct Vllm {
     /// Set while vLLM is down (and at start): the next healthy check learns the base again.
     base_stale: AtomicBool,
     healthy: AtomicBool,
+    /// A health check has completed (before it, a successful scrape counts as healthy).
+    checked: AtomicBool,
     client: reqwest::Client,
     metrics: Arc<Metrics>,
     interval: Duration,
+    metrics_interval: Duration,
+    /// `vllm.max_loras`: the slot count when vLLM does not say.
+    fallback_max_loras: u16,
+    /// Bumped when vLLM comes back healthy or its process start time changes.
+    restarts: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Deserialize)]
@@ -138,10 +153,51 @@ impl Vllm {
             learnt_model: ArcSwapOption::empty(),
             base_stale: AtomicBool::new(true),
             healthy: AtomicBool::new(false),
+            checked: AtomicBool::new(false),
             client,
             metrics,
             interval: cfg.vllm.health_check_interval,
+            metrics_interval: cfg.vllm.metrics_interval,
+            fallback_max_loras: cfg.vllm.max_loras.min(u32::from(u16::MAX)) as u16,
+            restarts: tokio::sync::watch::Sender::new(0),
         }))
+    }
+
+    /// Changes whenever vLLM came back healthy or restarted (its loaded adapters are gone).
+    pub fn restarts(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.restarts.subscribe()
+    }
+
+    fn announce_restart(&self) {
+        self.restarts.send_modify(|n| *n += 1);
+    }
+
+    /// `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`: load an adapter stored at
+    /// `path` into vLLM now. "Already loaded" (400 naming it) counts as success.
+    pub async fn load(&self, name: &str, path: &std::path::Path) -> Result<(), Error> {
+        let res = self
+            .client
+            .post(format!("{}/v1/load_lora_adapter", self.url))
+            .json(&serde_json::json!({ "lora_name": name, "lora_path": path }))
+            .send()
+            .await
+            .map_err(|e| Error::new(ErrorKind::Unavailable, format!("load {name}: {e}")))?;
+        let status = res.status();
+        if status.is_success() {
+            tracing::debug!(adapter = name, "loaded into vLLM");
+            return Ok(());
+        }
+        let body = res.text().await.unwrap_or_default();
+        if status.as_u16() == 400 && body.contains("already been loaded") {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::BadGateway,
+            format!(
+                "vLLM refused to load {name}: HTTP {status}: {}",
+                body.trim()
+            ),
+        ))
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -245,9 +301,11 @@ impl Vllm {
         // The gauge first: whoever sees the new health (`/healthz`) sees it in `/metrics` too.
         self.metrics.vllm_healthy.set(i64::from(ok));
         let was = self.healthy.swap(ok, Ordering::Relaxed);
+        self.checked.store(true, Ordering::Relaxed);
         if was != ok {
             if ok {
                 tracing::info!(url = %self.url, "vLLM is healthy");
+                self.announce_restart();
             } else {
                 tracing::warn!(url = %self.url, "vLLM is unhealthy or unreachable");
             }

@@ -105,8 +105,9 @@ fn dashboard_is_importable_and_filters_every_query() {
     ] {
         assert!(titles.contains(want), "no panel {want:?}");
     }
-    // The row kept for vLLM's queue and KV use holds no query (its metrics don't exist yet).
-    let future = d["panels"]
+    // The row kept for vLLM's queue and KV use is filled by the routing: every panel of it
+    // queries something, among them the queue, KV use, LoRA slots and routing decisions.
+    let row = d["panels"]
         .as_array()
         .unwrap()
         .iter()
@@ -115,16 +116,28 @@ fn dashboard_is_importable_and_filters_every_query() {
                 && p["title"]
                     .as_str()
                     .unwrap()
-                    .contains("vLLM queue and KV use")
+                    .contains("vLLM queue, KV use and routing")
         })
-        .expect("the vLLM queue and KV use row");
+        .expect("the vLLM queue, KV use and routing row");
+    let panels = row["panels"].as_array().unwrap();
     assert!(
-        future["panels"]
-            .as_array()
-            .unwrap()
+        panels
             .iter()
-            .all(|p| p.get("targets").is_none())
+            .all(|p| p["targets"].as_array().is_some_and(|t| !t.is_empty())),
+        "a panel of the vLLM row without a query"
     );
+    let exprs = serde_json::to_string(panels).unwrap();
+    for metric in [
+        "loraplex_vllm_requests_waiting",
+        "loraplex_vllm_kv_cache_usage",
+        "loraplex_vllm_lora_slots",
+        "loraplex_route_decisions_total",
+    ] {
+        assert!(
+            exprs.contains(metric),
+            "no panel of the vLLM row reads {metric}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

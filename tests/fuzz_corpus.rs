@@ -71,8 +71,8 @@ fn checks_detect_breakage() {
         error::Error,
         fuzz_checks::{
             Decoder, chunked, chunked_with, config_load, config_load_with, model_extract,
-            model_extract_with, multipart_model, multipart_model_with, request_head,
-            request_head_with,
+            model_extract_with, multipart_model, multipart_model_with, parse_samples, prom_text,
+            prom_text_with, request_head, request_head_with,
         },
         http::{
             RequestHead,
@@ -172,6 +172,36 @@ fn checks_detect_breakage() {
             .unwrap_err()
             .contains("does not load")
     );
+
+    // prom_text: a parser that leaves label values escaped, or that drops a sample.
+    let text = b"m{a=\"q\\\"x\"} 1\nn 2\n";
+    assert_eq!(prom_text(text), Ok(()));
+    let escaped = |t: &str| {
+        parse_samples(t).map(|v| {
+            v.into_iter()
+                .map(|(n, l, b)| {
+                    let l = l
+                        .into_iter()
+                        .map(|(k, v)| (k, v.replace('"', "\\\"")))
+                        .collect();
+                    (n, l, b)
+                })
+                .collect()
+        })
+    };
+    assert!(
+        prom_text_with(text, escaped)
+            .unwrap_err()
+            .contains("round trip")
+    );
+    let dropping = |t: &str| {
+        parse_samples(t).map(|mut v| {
+            v.pop();
+            v
+        })
+    };
+    assert!(prom_text_with(text, dropping).is_err());
+    assert_eq!(prom_text(b"m{a=x} 1"), Ok(()), "refused text: vacuous");
 
     // multipart_model: a rewrite that leaves the form as it was, or that sets the model but
     // also touches another part.

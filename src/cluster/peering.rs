@@ -1,5 +1,6 @@
 //! The cluster's control-plane work (tokio): following discovery into topology rebuilds,
-//! polling every peer's `/healthz` for health and load, and broadcasting evictions.
+//! polling every peer's `/healthz` for health and load, polling every peer's state (its vLLM,
+//! hot keys, disk filter) and ticking the cluster state, and broadcasting evictions.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -8,6 +9,7 @@ use crate::{
         discovery::{Discovery, Members},
         protocol::PeerClient,
         router::Router,
+        state::ClusterState,
     },
     control::Control,
     shutdown::Shutdown,
@@ -50,6 +52,48 @@ pub fn start(
     });
 }
 
+/// Poll every peer's state, then tick the cluster state, every `interval` until `shutdown`.
+pub fn start_state_poll(
+    cluster: Arc<ClusterState>,
+    router: Arc<Router>,
+    client: PeerClient,
+    control: &Control,
+    interval: Duration,
+    shutdown: Shutdown,
+) {
+    control.spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait() => return,
+            }
+            let topo = router.topology();
+            let polls = topo
+                .peers
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| *i != topo.me && p.health.is_up())
+                .map(|(_, p)| {
+                    let (cluster, client) = (&cluster, &client);
+                    async move {
+                        let (since, instance) = cluster.poll_args(&p.addr);
+                        match client.state(&p.addr, since, instance).await {
+                            Ok(state) => cluster.set_peer(&p.addr, state),
+                            // Its last state ages out on its own.
+                            Err(e) => tracing::debug!(peer = %p.addr, error = %e, "peer state poll failed"),
+                        }
+                    }
+                });
+            futures_util::future::join_all(polls).await;
+            let peers: Vec<String> = topo.peers.iter().map(|p| p.addr.clone()).collect();
+            cluster.forget_peers_not_in(&peers);
+            cluster.tick();
+        }
+    });
+}
+
 async fn resolve(members: &Members) -> HashMap<String, Vec<SocketAddr>> {
     let mut out = HashMap::new();
     for peer in members.peers() {
@@ -81,7 +125,7 @@ async fn poll_peers(router: &Router, client: &PeerClient) {
                 Err(e) => {
                     let was_up = p.health.is_up();
                     if p.health.check_failed() && was_up {
-                        tracing::warn!(peer = %p.addr, error = %e, "peer is down");
+                        tracing::warn!(peer = %p.addr, error = %crate::error::chain(&e), "peer is down");
                     }
                 }
             }

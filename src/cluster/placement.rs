@@ -222,22 +222,7 @@ impl Placement {
     /// The peer owning `key`; `None` when there are no peers.
     #[inline]
     pub fn owner(&self, key: &[u8]) -> Option<usize> {
-        if self.peers.is_empty() {
-            return None;
-        }
-        let key_hash = xxh3_64(key);
-        let slot = slot_of(key_hash);
-        #[cfg(target_arch = "x86_64")]
-        if self.avx512
-            && let Some(record) = self.table.record8(slot)
-        {
-            // SAFETY: AVX-512F/DQ were detected at build; the table only holds indices of
-            // `peers`, which `key_seeds` matches one to one.
-            return Some(unpack(unsafe {
-                simd::best8(record, key_hash, &self.key_seeds)
-            }));
-        }
-        self.owner_portable(key_hash, slot)
+        self.owner_of_hash(xxh3_64(key))
     }
 
     /// [`Placement::owner`] without SIMD.
@@ -277,6 +262,89 @@ impl Placement {
             tail: None,
             pos: 0,
         }
+    }
+}
+
+/// Most entries [`Placement::top`] gives.
+pub const MAX_TOP: usize = 16;
+
+/// Insert packed rank `v` into `top[..*len]`, kept in decreasing order and at most `cap` long.
+#[inline]
+fn insert_ranked(top: &mut [u64; MAX_TOP], len: &mut usize, cap: usize, v: u64) {
+    if *len == cap && v <= top[cap - 1] {
+        return;
+    }
+    let mut at = (*len).min(cap - 1);
+    while at > 0 && top[at - 1] < v {
+        top[at] = top[at - 1];
+        at -= 1;
+    }
+    top[at] = v;
+    *len = (*len + 1).min(cap);
+}
+
+impl Placement {
+    /// The first `out.len()` (at most [`MAX_TOP`]) entries of [`order`](Self::order) for a
+    /// key hashed with xxh3, written into `out`; returns how many. Allocates nothing: the routing
+    /// decision calls it on every request whose key has several candidates.
+    pub fn top(&self, key_hash: u64, out: &mut [u16]) -> usize {
+        let cap = out.len().min(MAX_TOP).min(self.peers.len());
+        if cap == 0 {
+            return 0;
+        }
+        let slot = slot_of(key_hash);
+        let hot: &[u16] = if self.slot_is_hot(slot) {
+            self.slot_candidates(slot)
+        } else {
+            &[]
+        };
+        let (mut ranks, mut len) = ([0u64; MAX_TOP], 0);
+        for &i in hot {
+            insert_ranked(
+                &mut ranks,
+                &mut len,
+                cap,
+                self.key_rank(key_hash, usize::from(i)),
+            );
+        }
+        let head = len;
+        if head < cap {
+            // The rest by slot-level rank, skipping the hot ones (both ascending).
+            let (mut tail, mut tlen) = ([0u64; MAX_TOP], 0);
+            let mut hot = hot.iter().map(|&i| usize::from(i)).peekable();
+            for i in 0..self.peers.len() {
+                if hot.next_if_eq(&i).is_some() {
+                    continue;
+                }
+                insert_ranked(&mut tail, &mut tlen, cap - head, self.slot_rank(slot, i));
+            }
+            ranks[head..head + tlen].copy_from_slice(&tail[..tlen]);
+            len = head + tlen;
+        }
+        for (o, r) in out.iter_mut().zip(&ranks[..len]) {
+            *o = unpack(*r) as u16;
+        }
+        len
+    }
+
+    /// The owner of a key hashed with xxh3 (see [`owner`](Self::owner)).
+    #[inline]
+    pub fn owner_of_hash(&self, key_hash: u64) -> Option<usize> {
+        if self.peers.is_empty() {
+            return None;
+        }
+        let slot = slot_of(key_hash);
+        #[cfg(target_arch = "x86_64")]
+        if self.avx512
+            && let Some(record) = self.table.record8(slot)
+        {
+            // SAFETY: AVX-512F/DQ were detected at build; the table only holds indices of
+            // `peers`, which `key_seeds` matches one to one.
+            return Some(unpack(unsafe {
+                simd::best8(record, key_hash, &self.key_seeds)
+            }));
+        }
+        self.owner_portable(key_hash, slot)
     }
 }
 

@@ -11,16 +11,26 @@
 //!   ([`PeerManifest`]) and `GET {PREFIX}{name}/files/{path}` (`Range: bytes=N-`).
 //! - Evict broadcast: `POST /admin/cache/evict {"adapter": name}`, marked forwarded so it is
 //!   not broadcast again.
+//! - `GET {STATE_PATH}?since=V&instance=I` ([`PeerState`]): a node's vLLM state per backend,
+//!   its hot keys and the changed segments of its disk filter; polled every
+//!   `vllm.metrics_interval`, peers only.
 //!
 //! [`PeerClient`] is the one HTTP client (control plane) a node uses for all of it, built at
-//! start, connecting from this node's own address.
+//! start, connecting from this node's own address; over HTTPS with `cluster.tls` (peers'
+//! certificates checked against the cluster CA, `crate::tls::PeerVerifier`).
 
-use std::{borrow::Cow, net::IpAddr, time::Duration};
+use std::{borrow::Cow, net::IpAddr, sync::Arc, time::Duration};
 
 use reqwest::{StatusCode, header::RANGE};
 use serde::{Deserialize, Serialize};
 
-use crate::{adapter::AdapterName, cluster::router::Router, error::Error, http::RequestHead};
+use crate::{
+    adapter::AdapterName,
+    cluster::{disk_filter::WireSegment, router::Router},
+    error::Error,
+    http::RequestHead,
+    telemetry,
+};
 
 /// Marks a request as forwarded by a peer (value `1`).
 pub const FORWARDED_HEADER: &str = "x-loraplex-forwarded";
@@ -28,6 +38,9 @@ pub const FORWARDED_HEADER: &str = "x-loraplex-forwarded";
 pub const TOKEN_HEADER: &str = "x-loraplex-token";
 /// Path prefix of the adapter-copy endpoints.
 pub const PREFIX: &str = "/_loraplex/adapters/";
+
+/// The peer-state endpoint.
+pub const STATE_PATH: &str = "/_loraplex/state";
 
 /// Requests in flight that count as full load (the Go project's `Load(200)`).
 pub const FULL_LOAD: i64 = 200;
@@ -74,6 +87,56 @@ impl Healthz {
             vllm_healthy,
         }
     }
+}
+
+/// One backend (vLLM) of a node, as it publishes it to its peers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendReport {
+    /// Its metrics were read (false: unknown load; peers route by hash).
+    pub known: bool,
+    pub healthy: bool,
+    pub running: f32,
+    pub waiting: f32,
+    /// KV-cache use, 0..1.
+    pub kv: f32,
+    /// LoRA slots.
+    pub max_lora: u16,
+    /// Distinct adapters in its running batch.
+    pub lora_busy: u16,
+    /// Largest running batch seen while requests waited (learnt; 0: not yet).
+    pub batch: f32,
+    /// Requests per second it completes when saturated (learnt; 0: not yet).
+    pub capacity: f32,
+    /// `process_start_time_seconds`.
+    pub started: f64,
+    /// Age of the sample when sent, in milliseconds.
+    pub age_ms: u64,
+    /// Sample number (changes with every sample).
+    pub seq: u64,
+    /// xxh3 of the adapters likely in its GPU slots.
+    pub gpu: Vec<u64>,
+}
+
+/// A key entering a node from clients, and its rate there (requests/s).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HotKey {
+    pub h: u64,
+    pub r: f32,
+}
+
+/// `GET {STATE_PATH}`: what a node tells its peers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerState {
+    /// Changes when the node restarts (its filter versions start over).
+    pub instance: u64,
+    /// One per vLLM of the node.
+    pub backends: Vec<BackendReport>,
+    /// Its hottest keys.
+    pub hot: Vec<HotKey>,
+    /// The poller has the disk filter up to this version once it applied `disk`.
+    pub disk_version: u64,
+    /// Changed segments of the disk filter.
+    pub disk: Vec<WireSegment>,
 }
 
 /// A stored adapter as a peer describes it, files relative to its directory.
@@ -143,25 +206,61 @@ pub fn is_trusted_peer(router: &Router, head: &RequestHead, from: IpAddr) -> boo
 pub struct PeerClient {
     http: reqwest::Client,
     token: Option<String>,
+    /// `https` with `cluster.tls`, else `http`.
+    scheme: &'static str,
 }
 
 impl PeerClient {
     /// `source`: the local address to connect from (peers recognise the connection as a
-    /// peer's even on a host with several addresses); `token`: `cluster.token`.
-    pub fn new(source: Option<IpAddr>, token: Option<String>) -> Result<PeerClient, Error> {
-        let http = reqwest::Client::builder()
+    /// peer's even on a host with several addresses); `token`: `cluster.token`; `tls`: the
+    /// client config of `cluster.tls` (`None`: plain HTTP).
+    pub fn new(
+        source: Option<IpAddr>,
+        token: Option<String>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<PeerClient, Error> {
+        let mut builder = reqwest::Client::builder()
             .no_proxy()
             .local_address(source)
-            .connect_timeout(MANIFEST_TIMEOUT)
+            .connect_timeout(MANIFEST_TIMEOUT);
+        let scheme = match tls {
+            Some(cfg) => {
+                // The same config as the data plane's forwards (reqwest runs on this rustls).
+                builder = builder.tls_backend_preconfigured((*cfg).clone());
+                "https"
+            }
+            None => "http",
+        };
+        let http = builder
             .build()
             .map_err(|e| Error::internal(format!("peer http client: {e}")))?;
-        Ok(PeerClient { http, token })
+        Ok(PeerClient {
+            http,
+            token,
+            scheme,
+        })
     }
 
-    /// `GET http://{peer}/healthz`.
+    /// `GET http(s)://{peer}/healthz`.
     pub async fn healthz(&self, peer: &str) -> reqwest::Result<Healthz> {
         self.http
-            .get(format!("http://{peer}/healthz"))
+            .get(format!("{}://{peer}/healthz", self.scheme))
+            .timeout(HEALTH_TIMEOUT)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await
+    }
+
+    /// `GET http(s)://{peer}{STATE_PATH}`, for a poller that has the disk filter up to `since` of
+    /// `instance`.
+    pub async fn state(&self, peer: &str, since: u64, instance: u64) -> reqwest::Result<PeerState> {
+        let url = format!(
+            "{}://{peer}{STATE_PATH}?since={since}&instance={instance}",
+            self.scheme
+        );
+        self.with_token(self.http.get(url))
             .timeout(HEALTH_TIMEOUT)
             .send()
             .await?
@@ -173,7 +272,7 @@ impl PeerClient {
     /// The manifest of `name` stored on `peer`; `None` when it has none (or does not answer in
     /// time).
     pub async fn manifest(&self, peer: &str, name: &AdapterName) -> Option<PeerManifest> {
-        let url = format!("http://{peer}{PREFIX}{name}/manifest");
+        let url = format!("{}://{peer}{PREFIX}{name}/manifest", self.scheme);
         let resp = self
             .with_token(self.http.get(url))
             .timeout(MANIFEST_TIMEOUT)
@@ -187,8 +286,8 @@ impl PeerClient {
     }
 
     /// The URL of `file` of adapter `name` on `peer`.
-    pub fn file_url(peer: &str, name: &AdapterName, file: &str) -> String {
-        format!("http://{peer}{PREFIX}{name}/files/{file}")
+    pub fn file_url(&self, peer: &str, name: &AdapterName, file: &str) -> String {
+        format!("{}://{peer}{PREFIX}{name}/files/{file}", self.scheme)
     }
 
     /// Start streaming the file at `url` ([`PeerClient::file_url`]) from byte `offset` (no time
@@ -206,7 +305,7 @@ impl PeerClient {
     pub async fn evict(&self, peer: &str, adapter: &str, admin_token: Option<&str>) -> bool {
         let mut req = self
             .http
-            .post(format!("http://{peer}/admin/cache/evict"))
+            .post(format!("{}://{peer}/admin/cache/evict", self.scheme))
             .timeout(EVICT_TIMEOUT)
             .header(FORWARDED_HEADER, "1")
             .json(&serde_json::json!({ "adapter": adapter }));
@@ -217,7 +316,13 @@ impl PeerClient {
         matches!(req.send().await, Ok(r) if r.status().is_success())
     }
 
+    /// The cluster token, and the `traceparent` of the fetch this call is part of (a traced
+    /// peer copy continues the trace on the peer).
     fn with_token(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let req = match telemetry::outgoing() {
+            Some(tp) => req.header(telemetry::TRACEPARENT, tp.as_str()),
+            None => req,
+        };
         match &self.token {
             Some(t) => req.header(TOKEN_HEADER, t),
             None => req,

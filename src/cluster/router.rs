@@ -1,202 +1,196 @@
-//! Which node serves a request: the current topology (placement + peer health) and the routing
-//! decision the pipeline asks for on every routed request.
+//! Which node serves a request: the routing decision the pipeline asks for on every routed
+//! request, under `routing.policy`.
 //!
-//! The hot path reads one `arc-swap` snapshot (no lock), hashes the key, and walks the key's
-//! order only as far as needed: the owner when it is healthy and not overloaded, else the next
-//! peers in the key's order (bounded-load style: a hot key spreads over its first few nodes,
-//! not over all of them). Peer health and load live in [`PeerHealth`] records keyed by address
-//! that survive topology rebuilds, so a rebuild never resets what is known about a peer.
+//! - `auto` (default): an adapter's candidates are the first k usable nodes of its key's order,
+//!   k sized by the key's demand ([`super::view::ReplicaTable`], 1 for rare keys). With k = 1
+//!   the owner serves unless it is down or past `routing.overflow_threshold`; with k > 1 each
+//!   candidate is scored by expected time to first token ([`super::score`]: residency + queue)
+//!   and the best serves, ties to the owner, this node kept unless another is better by more
+//!   than a hop. Base-model requests (no key) go to the least loaded node by vLLM's queue, again
+//!   only when that beats the hop. A key without an adapter (`hash_on` a header, base model)
+//!   stays on its key's order, bounded by load.
+//! - `hash`: round 1's rule: the first of the key's first [`SPREAD`] usable nodes below the
+//!   overflow threshold, by loraplex's own load; base-model requests stay here.
+//! - `least-load`: the least loaded node by vLLM's queue, ignoring residency.
+//!
+//! The decision reads two `arc-swap` snapshots (topology, view), takes no lock and allocates
+//! nothing: candidates and fallbacks are fixed arrays.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 
+pub use super::topology::{FAILED_CHECKS_DOWN, Peer, PeerHealth, Topology};
+use super::{
+    placement::{MAX_TOP, Placement},
+    score::{self, HOP_MS, Residency},
+    view::{BackendState, View},
+};
 use crate::{
-    cluster::{discovery::Members, identity::Identity, placement::Placement},
-    config::{Config, HashOn},
+    cluster::{discovery::Members, identity::Identity},
+    config::{Config, HashOn, RoutingPolicy},
     metrics::Metrics,
 };
 
-/// Healthy, not-overloaded candidates considered before giving up on shedding: a hot key
-/// spreads over at most this many nodes.
+/// Candidates of the `hash` policy: a hot key spreads over at most this many nodes.
 pub const SPREAD: usize = 3;
 
-/// Health checks that must fail in a row before a peer counts as down.
-pub const FAILED_CHECKS_DOWN: u32 = 2;
-
-/// What is known about a peer, updated by the health poll and by failed forwards.
-#[derive(Debug)]
-pub struct PeerHealth {
-    /// Reachable (its `/healthz` answered, or no check has failed yet).
-    up: AtomicBool,
-    vllm_healthy: AtomicBool,
-    /// Load in thousandths (0..=1000), from its `/healthz`.
-    load_milli: AtomicU32,
-    /// Successful checks so far.
-    checks_ok: AtomicU64,
-    /// Failed checks in a row.
-    failures: AtomicU32,
+/// Why a request went where it went (`loraplex_route_decisions_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The key's owner serves it.
+    Owner,
+    /// Another replica of a hot key, because of what it holds (GPU slot, disk).
+    Residency,
+    /// Another replica, or the least loaded node, because of load.
+    Load,
+    /// A base-model request without a key, placed by load (here or elsewhere).
+    Spread,
+    /// The owner is down or past the overflow threshold, or nothing is known of the
+    /// candidates' vLLMs (routed by hash).
+    Fallback,
 }
 
-impl Default for PeerHealth {
-    fn default() -> Self {
-        // Optimistic until a check says otherwise: a new peer gets traffic at once.
-        PeerHealth {
-            up: AtomicBool::new(true),
-            vllm_healthy: AtomicBool::new(true),
-            load_milli: AtomicU32::new(0),
-            checks_ok: AtomicU64::new(0),
-            failures: AtomicU32::new(0),
+impl Reason {
+    pub const ALL: [Reason; 5] = [
+        Reason::Owner,
+        Reason::Residency,
+        Reason::Load,
+        Reason::Spread,
+        Reason::Fallback,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Owner => "owner",
+            Reason::Residency => "residency",
+            Reason::Load => "load",
+            Reason::Spread => "spread",
+            Reason::Fallback => "fallback",
         }
     }
 }
 
-impl PeerHealth {
-    pub fn usable(&self) -> bool {
-        self.up.load(Ordering::Relaxed) && self.vllm_healthy.load(Ordering::Relaxed)
-    }
-
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
-    }
-
-    pub fn vllm_healthy(&self) -> bool {
-        self.vllm_healthy.load(Ordering::Relaxed)
-    }
-
-    pub fn load(&self) -> f64 {
-        f64::from(self.load_milli.load(Ordering::Relaxed)) / 1000.0
-    }
-
-    pub fn checks_ok(&self) -> u64 {
-        self.checks_ok.load(Ordering::Relaxed)
-    }
-
-    /// A `/healthz` answer arrived.
-    pub fn observe(&self, vllm_healthy: bool, load: f64) {
-        self.checks_ok.fetch_add(1, Ordering::Relaxed);
-        self.failures.store(0, Ordering::Relaxed);
-        self.up.store(true, Ordering::Relaxed);
-        self.vllm_healthy.store(vllm_healthy, Ordering::Relaxed);
-        self.load_milli
-            .store((load.clamp(0.0, 1.0) * 1000.0) as u32, Ordering::Relaxed);
-    }
-
-    /// The peer could not be reached (a connect was refused): down at once.
-    pub fn mark_down(&self) {
-        self.up.store(false, Ordering::Relaxed);
-    }
-
-    /// A health check failed: down after [`FAILED_CHECKS_DOWN`] in a row, so one slow answer
-    /// from a busy peer does not move its keys. Returns whether the peer is now down.
-    pub fn check_failed(&self) -> bool {
-        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= FAILED_CHECKS_DOWN {
-            self.mark_down();
-        }
-        !self.is_up()
-    }
+/// Peers to try in turn, a fixed array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Peers {
+    idx: [u16; MAX_TOP],
+    len: u8,
 }
 
-/// One peer of the topology.
-#[derive(Debug)]
-pub struct Peer {
-    /// Canonical `host:port`, as every node spells it.
-    pub addr: String,
-    /// Resolved when the topology was built.
-    pub sockaddrs: Vec<SocketAddr>,
-    pub health: Arc<PeerHealth>,
-}
-
-/// An immutable snapshot: placement and peers, aligned by index.
-#[derive(Debug)]
-pub struct Topology {
-    pub placement: Placement,
-    pub peers: Vec<Peer>,
-    /// This node's index.
-    pub me: usize,
-}
-
-impl Topology {
-    fn single(me: &Identity) -> Topology {
-        let addr = me.canonical().to_owned();
-        Topology {
-            placement: Placement::build(std::slice::from_ref(&addr)),
-            peers: vec![Peer {
-                addr,
-                sockaddrs: Vec::new(),
-                health: Arc::default(),
-            }],
-            me: 0,
+impl Peers {
+    fn push(&mut self, i: usize) {
+        if usize::from(self.len) < MAX_TOP {
+            self.idx[usize::from(self.len)] = i as u16;
+            self.len += 1;
         }
     }
 
-    /// `GET /admin/peers`: the Go project's shape (`peers[].{addr,load,self}`, `self`,
-    /// `count`) plus health.
-    pub fn to_json(&self, my_load: f64) -> serde_json::Value {
-        let peers: Vec<serde_json::Value> = self
-            .peers
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.idx[..usize::from(self.len)]
             .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let me = i == self.me;
-                serde_json::json!({
-                    "addr": p.addr,
-                    "self": me,
-                    "load": if me { my_load } else { p.health.load() },
-                    "healthy": me || p.health.is_up(),
-                    "vllm_healthy": me || p.health.vllm_healthy(),
-                    "checks_ok": p.health.checks_ok(),
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "peers": peers,
-            "self": self.peers[self.me].addr,
-            "count": self.peers.len(),
-        })
+            .map(|&i| usize::from(i))
     }
 
-    pub fn is_single(&self) -> bool {
-        self.peers.len() <= 1
-    }
-
-    /// Whether `ip` is one of the peers' addresses (trust of the forwarded mark without a
-    /// cluster token).
-    pub fn is_peer_ip(&self, ip: std::net::IpAddr) -> bool {
-        self.peers
-            .iter()
-            .enumerate()
-            .any(|(i, p)| i != self.me && p.sockaddrs.iter().any(|s| s.ip() == ip))
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
-/// Where a routed request goes.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// Serve here. `overflow`: the owner is another node, shed because it is overloaded.
-    Local { overflow: bool },
-    /// Forward to these peers in turn (only while nothing was delivered), then serve here.
-    Forward { peers: Vec<usize>, overflow: bool },
+/// Where a routed request goes: `peers` in turn (only while nothing was delivered; empty: none),
+/// then this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub peers: Peers,
+    pub reason: Reason,
+    /// The key's owner is another node, usable, and was passed over (load, residency, the
+    /// overflow threshold): `loraplex_overflow_local_total` when served here.
+    pub overflow: bool,
+}
+
+impl Decision {
+    fn local(reason: Reason) -> Decision {
+        Decision {
+            peers: Peers::default(),
+            reason,
+            overflow: false,
+        }
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.peers.is_empty()
+    }
+}
+
+/// What the decision needs to know about a request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteRequest {
+    /// xxh3 of the hash key; `None`: no key (a base-model request under `hash_on: model`).
+    pub key: Option<u64>,
+    /// xxh3 of the adapter's name, for an adapter request.
+    pub adapter: Option<u64>,
+    /// Whether this node's store holds the adapter.
+    pub local_disk: bool,
+    /// This node's own load (requests in flight over 200).
+    pub my_load: f64,
+}
+
+/// Requests one worker sent to each node since that node's last sample: counted on top of the
+/// sample so that entry nodes do not all pile onto the node that looked idle. Per worker, so no
+/// counter is shared between cores; resized (the only allocation) when the topology changes.
+#[derive(Default)]
+pub struct Sent {
+    inner: RefCell<(u64, Vec<(u64, u32)>)>,
+}
+
+impl Sent {
+    fn ahead(&self, view: &View, idx: usize) -> u32 {
+        let inner = self.inner.borrow();
+        match (inner.1.get(idx), view.nodes.get(idx)) {
+            (Some(&(seq, n)), Some(node))
+                if inner.0 == view.generation && seq == node.backend.seq =>
+            {
+                n
+            }
+            _ => 0,
+        }
+    }
+
+    /// Count one request sent to `idx`.
+    pub fn add(&self, view: &View, idx: usize) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.0 != view.generation || inner.1.len() != view.nodes.len() {
+            *inner = (view.generation, vec![(0, 0); view.nodes.len()]);
+        }
+        let Some(seq) = view.nodes.get(idx).map(|n| n.backend.seq) else {
+            return;
+        };
+        let entry = &mut inner.1[idx];
+        if entry.0 != seq {
+            *entry = (seq, 0);
+        }
+        entry.1 += 1;
+    }
 }
 
 /// The cluster as the data plane sees it.
 pub struct Router {
     pub me: Identity,
     pub hash_on: HashOn,
+    pub policy: RoutingPolicy,
     pub forward_timeout: Duration,
     pub overflow_threshold: f64,
     pub token: Option<String>,
     /// This node's own IP when its identity names one: peer connections come from it.
     pub source_ip: Option<std::net::IpAddr>,
     topology: ArcSwap<Topology>,
+    view: ArcSwap<View>,
     health: Mutex<HashMap<String, Arc<PeerHealth>>>,
     metrics: Arc<Metrics>,
 }
@@ -207,6 +201,7 @@ impl Router {
         metrics.peers_active.set(1);
         Router {
             hash_on: cfg.routing.hash_on.clone(),
+            policy: cfg.routing.policy,
             forward_timeout: cfg.routing.forward_timeout,
             overflow_threshold: cfg.routing.overflow_threshold,
             token: cfg.cluster.token.clone(),
@@ -220,6 +215,7 @@ impl Router {
                 }),
             me,
             topology,
+            view: ArcSwap::from_pointee(View::default()),
             health: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -228,6 +224,16 @@ impl Router {
     /// The current snapshot.
     pub fn topology(&self) -> Arc<Topology> {
         self.topology.load_full()
+    }
+
+    /// The current view (lock-free; hold it only for the decision).
+    pub fn view(&self) -> Guard<Arc<View>> {
+        self.view.load()
+    }
+
+    /// Install a new view (control plane).
+    pub fn set_view(&self, view: View) {
+        self.view.store(Arc::new(view));
     }
 
     /// Install a new membership (`resolved`: each peer's socket addresses).
@@ -252,162 +258,320 @@ impl Router {
             me = members.me(),
             "cluster membership changed"
         );
+        let generation = self.topology.load().generation + 1;
         self.topology.store(Arc::new(Topology {
+            generation,
             placement,
             peers,
             me,
         }));
     }
 
-    /// Route `key` given this node's own load (0..=1).
-    ///
-    /// The first [`SPREAD`] usable nodes of the key's order are the candidates; the first of
-    /// them below `overflow_threshold` serves (the owner when it isn't overloaded), and when all
-    /// are overloaded the owner serves anyway. A forward falls back, on connect failures, to the
-    /// candidates after the chosen one, up to this node, which then serves itself.
-    pub fn decide(&self, topo: &Topology, key: &[u8], my_load: f64) -> Decision {
+    /// Route a request (see the module doc). `view` is used only when built for `topo`.
+    pub fn decide(
+        &self,
+        topo: &Topology,
+        view: &View,
+        req: &RouteRequest,
+        sent: &Sent,
+    ) -> Decision {
         if topo.is_single() {
-            return Decision::Local { overflow: false };
+            return Decision::local(Reason::Owner);
         }
-        let candidates: Vec<(usize, f64)> = topo
-            .placement
-            .order(key)
-            .filter_map(|idx| {
-                if idx == topo.me {
-                    return Some((idx, my_load));
-                }
-                let h = &topo.peers[idx].health;
-                h.usable().then(|| (idx, h.load()))
-            })
-            .take(SPREAD)
-            .collect();
-        let Some(&(owner, _)) = candidates.first() else {
-            return Decision::Local { overflow: false };
-        };
-        let pos = candidates
-            .iter()
-            .position(|&(_, load)| load < self.overflow_threshold)
-            .unwrap_or(0);
-        let chosen = candidates[pos].0;
-        let overflow = chosen != owner;
-        if chosen == topo.me {
-            return Decision::Local { overflow };
+        let view = (view.generation == topo.generation && view.nodes.len() == topo.peers.len())
+            .then_some(view);
+        match (self.policy, req.key, view) {
+            (RoutingPolicy::Hash, None, _) => Decision::local(Reason::Spread),
+            (RoutingPolicy::Hash, Some(key), _) | (_, Some(key), None) => {
+                self.bounded(topo, None, key, req)
+            }
+            (RoutingPolicy::Auto, None, None) | (RoutingPolicy::LeastLoad, None, None) => {
+                Decision::local(Reason::Spread)
+            }
+            (RoutingPolicy::LeastLoad, _, Some(view)) => {
+                self.least_loaded(topo, view, req, sent, Reason::Load)
+            }
+            (RoutingPolicy::Auto, None, Some(view)) => {
+                self.least_loaded(topo, view, req, sent, Reason::Spread)
+            }
+            (RoutingPolicy::Auto, Some(key), Some(view)) => match req.adapter {
+                None => self.bounded(topo, Some(view), key, req),
+                Some(_) => match view.replicas.get(key) {
+                    k if k <= 1 => self.bounded(topo, Some(view), key, req),
+                    k => self.scored(topo, view, key, k, req, sent),
+                },
+            },
         }
-        let peers = candidates[pos..]
-            .iter()
-            .map(|&(i, _)| i)
-            .take_while(|&i| i != topo.me)
-            .collect();
-        Decision::Forward { peers, overflow }
     }
+
+    /// Whether node `i` can take requests.
+    fn usable(topo: &Topology, view: Option<&View>, i: usize) -> bool {
+        let vllm_up = view.is_none_or(|v| {
+            let b = &v.nodes[i].backend;
+            !b.known || b.healthy
+        });
+        (i == topo.me || topo.peers[i].health.usable()) && vllm_up
+    }
+
+    /// Load in 0..=1 for the overflow threshold: loraplex's own requests in flight, and with a
+    /// view the vLLM's queue and LoRA slots ([`score::shed_load`]).
+    fn shed_load(&self, topo: &Topology, view: Option<&View>, i: usize, req: &RouteRequest) -> f64 {
+        let proxy = if i == topo.me {
+            req.my_load
+        } else {
+            topo.peers[i].health.load()
+        };
+        match view {
+            Some(v) => score::shed_load(&v.nodes[i].backend, proxy, req.adapter),
+            None => proxy,
+        }
+    }
+
+    /// The owner, unless it is down or past the overflow threshold: then the next usable node
+    /// of the key's order below it (at most [`SPREAD`] candidates; all overloaded: the owner).
+    fn bounded(
+        &self,
+        topo: &Topology,
+        view: Option<&View>,
+        key: u64,
+        req: &RouteRequest,
+    ) -> Decision {
+        let mut order = [0u16; MAX_TOP];
+        let mut cands = Peers::default();
+        // The key's first SPREAD nodes (cheap: past the slot's hot peers `top` scores every
+        // peer, and keeps as many as asked); more only when some of them are not usable.
+        for want in [SPREAD, MAX_TOP] {
+            let n = topo.placement.top(key, &mut order[..want]);
+            cands = Peers::default();
+            for i in order[..n].iter().map(|&i| usize::from(i)) {
+                if usize::from(cands.len) == SPREAD {
+                    break;
+                }
+                if Self::usable(topo, view, i) {
+                    cands.push(i);
+                }
+            }
+            if usize::from(cands.len) == SPREAD || n < want {
+                break;
+            }
+        }
+        let Some(first) = cands.iter().next() else {
+            return Decision::local(Reason::Fallback);
+        };
+        let pos = cands
+            .iter()
+            .position(|i| self.shed_load(topo, view, i, req) < self.overflow_threshold)
+            .unwrap_or(0);
+        let owner = usize::from(order[0]);
+        let reason = if pos == 0 && first == owner {
+            Reason::Owner
+        } else {
+            Reason::Fallback
+        };
+        let mut peers = Peers::default();
+        for i in cands.iter().skip(pos).take_while(|&i| i != topo.me) {
+            peers.push(i);
+        }
+        Decision {
+            peers,
+            reason,
+            overflow: pos > 0 && first == owner,
+        }
+    }
+
+    /// A hot key: score its first `k` usable nodes and pick the best.
+    fn scored(
+        &self,
+        topo: &Topology,
+        view: &View,
+        key: u64,
+        k: usize,
+        req: &RouteRequest,
+        sent: &Sent,
+    ) -> Decision {
+        let mut order = [0u16; MAX_TOP];
+        let mut cands = Peers::default();
+        // The key's first k nodes; more only when some of them are not usable (as `bounded`).
+        for want in [k.min(MAX_TOP), MAX_TOP] {
+            let n = topo.placement.top(key, &mut order[..want]);
+            cands = Peers::default();
+            for i in order[..n].iter().map(|&i| usize::from(i)) {
+                if usize::from(cands.len) < k && Self::usable(topo, Some(view), i) {
+                    cands.push(i);
+                }
+            }
+            if usize::from(cands.len) == k || n < want {
+                break;
+            }
+        }
+        let adapter = req.adapter.unwrap_or(key);
+        // Every entry node is assumed to send like this one (a load balancer spreads clients).
+        let scale = topo.peers.len() as f32;
+        let mut anywhere: Option<bool> = None;
+        let mut costs = [(0.0f32, 0.0f32, false); MAX_TOP];
+        for (c, i) in cands.iter().enumerate() {
+            let node = &view.nodes[i];
+            let b = &node.backend;
+            let residency = if b.known && b.gpu_has(adapter) {
+                Residency::Gpu
+            } else if if i == topo.me {
+                req.local_disk
+            } else {
+                node.disk.as_ref().is_none_or(|d| d.contains(adapter))
+            } {
+                Residency::Disk
+            } else if *anywhere.get_or_insert_with(|| {
+                req.local_disk
+                    || view.nodes.iter().enumerate().any(|(j, n)| {
+                        j != topo.me && n.disk.as_ref().is_some_and(|d| d.contains(adapter))
+                    })
+            }) {
+                Residency::PeerDisk
+            } else {
+                Residency::Origin
+            };
+            let ahead = sent.ahead(view, i) as f32 * scale;
+            let queue = score::queue_ms(b, ahead);
+            costs[c] = (
+                score::residency_ms(b, residency),
+                queue.unwrap_or(0.0),
+                queue.is_some(),
+            );
+        }
+        let len = usize::from(cands.len);
+        if len == 0 {
+            return Decision::local(Reason::Fallback);
+        }
+        let known = costs[..len].iter().filter(|c| c.2).count();
+        if known == 0 {
+            return self.bounded(topo, Some(view), key, req);
+        }
+        let mean = costs[..len]
+            .iter()
+            .filter(|c| c.2)
+            .map(|c| c.1)
+            .sum::<f32>()
+            / known as f32;
+        let total = |c: &(f32, f32, bool)| c.0 + if c.2 { c.1 } else { mean };
+        let mut best = 0;
+        for c in 1..len {
+            if total(&costs[c]) < total(&costs[best]) {
+                best = c;
+            }
+        }
+        let at = |c: usize| cands.idx[c] as usize;
+        if let Some(mine) = (0..len).find(|&c| at(c) == topo.me)
+            && total(&costs[mine]) <= total(&costs[best]) + HOP_MS
+        {
+            best = mine;
+        }
+        let reason = if best == 0 {
+            Reason::Owner
+        } else if costs[best].0 < costs[0].0 {
+            Reason::Residency
+        } else {
+            Reason::Load
+        };
+        let mut peers = Peers::default();
+        if at(best) != topo.me {
+            peers.push(at(best));
+            // On connect failures: the other candidates in order, then here.
+            for c in 0..len {
+                if c != best && at(c) != topo.me {
+                    peers.push(at(c));
+                }
+            }
+        }
+        Decision {
+            peers,
+            reason,
+            overflow: best != 0 && at(0) == usize::from(order[0]),
+        }
+    }
+
+    /// The least loaded usable node by vLLM's queue (this node unless another is better by more
+    /// than a hop); nodes with unknown load count as the mean of the known.
+    fn least_loaded(
+        &self,
+        topo: &Topology,
+        view: &View,
+        req: &RouteRequest,
+        sent: &Sent,
+        reason: Reason,
+    ) -> Decision {
+        let scale = view.nodes.len() as f32;
+        let cost =
+            |i: usize| score::queue_ms(&view.nodes[i].backend, sent.ahead(view, i) as f32 * scale);
+        let (mut sum, mut known) = (0.0, 0);
+        for i in 0..view.nodes.len() {
+            if let Some(c) = cost(i) {
+                sum += c;
+                known += 1;
+            }
+        }
+        if known == 0 {
+            return match req.key {
+                Some(key) => self.bounded(topo, Some(view), key, req),
+                None => Decision::local(reason),
+            };
+        }
+        let mean = sum / known as f32;
+        let total = |i: usize| cost(i).unwrap_or(mean);
+        // Start from the key's owner (or this node), so ties stay put.
+        let start = req
+            .key
+            .and_then(|key| topo.placement.owner_of_hash(key))
+            .filter(|&o| Self::usable(topo, Some(view), o));
+        let mut best = start
+            .or_else(|| (0..view.nodes.len()).find(|&i| Self::usable(topo, Some(view), i)))
+            .unwrap_or(topo.me);
+        // Each node's cost once (the best one's kept): this walk is the decision's O(nodes).
+        let mut best_cost = total(best);
+        for i in 0..view.nodes.len() {
+            if i == best || !Self::usable(topo, Some(view), i) {
+                continue;
+            }
+            let c = total(i);
+            if c < best_cost {
+                (best, best_cost) = (i, c);
+            }
+        }
+        if Self::usable(topo, Some(view), topo.me) && total(topo.me) <= best_cost + HOP_MS {
+            best = topo.me;
+        }
+        let owner = req.key.and_then(|key| topo.placement.owner_of_hash(key));
+        let reason = if owner == Some(best) {
+            Reason::Owner
+        } else {
+            reason
+        };
+        let mut peers = Peers::default();
+        if best != topo.me {
+            peers.push(best);
+        }
+        Decision {
+            peers,
+            reason,
+            overflow: owner.is_some_and(|o| o != best && Self::usable(topo, Some(view), o)),
+        }
+    }
+}
+
+/// A node's vLLM as the view has it (for `/admin/peers`).
+pub fn backend_json(b: &BackendState) -> serde_json::Value {
+    serde_json::json!({
+        "known": b.known,
+        "healthy": b.healthy,
+        "running": b.running,
+        "waiting": b.waiting,
+        "kv_cache_usage": b.kv,
+        "lora_slots": b.max_lora,
+        "lora_busy": b.lora_busy,
+        "batch": b.batch,
+        "capacity_rps": b.capacity,
+        "gpu_adapters": b.gpu.len(),
+    })
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
-
-    use super::*;
-
-    fn router(n: usize) -> (Router, Arc<Topology>) {
-        let ips = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))];
-        let me = Identity::with_local_ips("10.0.0.1:9090".parse().unwrap(), None, ips).unwrap();
-        let r = Router::new(&Config::default(), me, Arc::new(Metrics::new()));
-        let peers: Vec<String> = (1..=n).map(|i| format!("10.0.0.{i}:9090")).collect();
-        let members = Members::build(&peers, &r.me);
-        r.rebuild(&members, HashMap::new());
-        let t = r.topology();
-        (r, t)
-    }
-
-    fn key_owned_by(t: &Topology, who: usize) -> Vec<u8> {
-        (0..)
-            .map(|i| format!("adapter-{i}").into_bytes())
-            .find(|k| t.placement.owner(k) == Some(who))
-            .unwrap()
-    }
-
-    #[test]
-    fn single_node_is_always_local() {
-        let (r, t) = router(1);
-        assert_eq!(r.decide(&t, b"x", 1.0), Decision::Local { overflow: false });
-    }
-
-    #[test]
-    fn owner_serves_and_others_forward_to_it() {
-        let (r, t) = router(3);
-        let mine = key_owned_by(&t, t.me);
-        assert_eq!(
-            r.decide(&t, &mine, 0.0),
-            Decision::Local { overflow: false }
-        );
-        let other = (0..3).find(|&i| i != t.me).unwrap();
-        let theirs = key_owned_by(&t, other);
-        match r.decide(&t, &theirs, 0.0) {
-            Decision::Forward { peers, overflow } => {
-                assert_eq!(peers[0], other);
-                assert!(!overflow);
-                assert!(!peers.contains(&t.me));
-            }
-            d => panic!("{d:?}"),
-        }
-    }
-
-    #[test]
-    fn dead_or_overloaded_owner_is_skipped_in_key_order() {
-        let (r, t) = router(3);
-        let other = (0..3).find(|&i| i != t.me).unwrap();
-        let key = key_owned_by(&t, other);
-        let order: Vec<usize> = t.placement.order(&key).collect();
-        t.peers[other].health.mark_down();
-        let next = order[1];
-        let d = r.decide(&t, &key, 0.0);
-        if next == t.me {
-            assert_eq!(
-                d,
-                Decision::Local { overflow: false },
-                "a dead owner is not overflow"
-            );
-        } else {
-            assert_eq!(
-                d,
-                Decision::Forward {
-                    peers: vec![next],
-                    overflow: false
-                }
-            );
-        }
-        t.peers[other].health.observe(true, 0.95);
-        let d = r.decide(&t, &key, 0.0);
-        match d {
-            Decision::Local { overflow } => assert!(overflow && next == t.me),
-            Decision::Forward { peers, overflow } => assert!(overflow && peers[0] == next),
-        }
-    }
-
-    #[test]
-    fn everyone_overloaded_goes_to_the_owner() {
-        let (r, t) = router(3);
-        for p in &t.peers {
-            p.health.observe(true, 1.0);
-        }
-        let other = (0..3).find(|&i| i != t.me).unwrap();
-        let key = key_owned_by(&t, other);
-        match r.decide(&t, &key, 1.0) {
-            Decision::Forward { peers, .. } => assert_eq!(peers[0], other),
-            d => panic!("{d:?}"),
-        }
-    }
-
-    #[test]
-    fn health_survives_rebuilds() {
-        let (r, t) = router(3);
-        let other = (0..3).find(|&i| i != t.me).unwrap();
-        t.peers[other].health.observe(true, 0.5);
-        let addr = t.peers[other].addr.clone();
-        let peers: Vec<String> = (1..=4).map(|i| format!("10.0.0.{i}:9090")).collect();
-        r.rebuild(&Members::build(&peers, &r.me), HashMap::new());
-        let t2 = r.topology();
-        let p = t2.peers.iter().find(|p| p.addr == addr).unwrap();
-        assert_eq!(p.health.load(), 0.5);
-    }
-}
+mod tests;

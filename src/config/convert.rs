@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 
 use super::{
     Config, ConfigError, DirectIo, DiscoveryConfig, Driver, HashOn, LogFormat, OriginConfig,
-    TransferConfig,
+    RoutingPolicy, TransferConfig,
     file::{FileConfig, FileOrigin, Scalar},
     units::{self, UnitError},
 };
@@ -19,6 +19,8 @@ pub(super) const K8S_NAMESPACE_FILE: &str =
 const MAX_WORKERS: u64 = 4096;
 const MAX_RETRIES: u64 = 100;
 const MIN_HEADER_SIZE: u64 = 1024;
+
+mod tls;
 
 type Leaf = Option<Scalar>;
 type Result<T> = std::result::Result<T, ConfigError>;
@@ -33,7 +35,7 @@ pub(super) struct Convert<'a> {
 }
 
 /// The text of a leaf; `None` for a missing key, a null, or an empty string (Go's "unset").
-fn text(v: &Leaf) -> Option<String> {
+pub(super) fn text(v: &Leaf) -> Option<String> {
     v.as_ref()
         .map(|s| s.text().into_owned())
         .filter(|s| !s.is_empty())
@@ -49,7 +51,7 @@ impl Convert<'_> {
         key.to_owned()
     }
 
-    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::invalid(self.key(key), message)
     }
 
@@ -208,6 +210,16 @@ impl Convert<'_> {
             &[("auto", DirectIo::Auto), ("off", DirectIo::Off)],
             d.storage.direct_io,
         )?;
+        // Names are checked as adapter names when the node starts.
+        cfg.storage.preload = Vec::new();
+        for (i, leaf) in st.preload.iter().flatten().enumerate() {
+            let Some(name) = text(leaf) else {
+                return Err(self.err(&format!("storage.preload[{i}]"), "empty adapter name"));
+            };
+            if !cfg.storage.preload.contains(&name) {
+                cfg.storage.preload.push(name);
+            }
+        }
         let wait = self.duration(
             "storage.fetch_wait_timeout",
             &st.fetch_wait_timeout,
@@ -232,6 +244,8 @@ impl Convert<'_> {
         let open = f.admin.as_ref().and_then(|a| a.open.clone());
         cfg.admin.open = self.boolean("admin.open", &open, false)?;
         cfg.cluster.token = f.cluster.as_ref().and_then(|t| text(&t.token));
+        cfg.tracing = self.tracing(f.tracing.as_ref())?;
+        self.tls(f, &mut cfg)?;
         Ok(cfg)
     }
 
@@ -493,6 +507,17 @@ impl Convert<'_> {
         if let Some(s) = text(&r.hash_on) {
             d.hash_on = parse_hash_on(&s).map_err(|m| self.err("routing.hash_on", m))?;
         }
+        d.policy = self.choice(
+            "routing.policy",
+            &r.policy,
+            "policy",
+            &[
+                ("auto", RoutingPolicy::Auto),
+                ("hash", RoutingPolicy::Hash),
+                ("least-load", RoutingPolicy::LeastLoad),
+            ],
+            d.policy,
+        )?;
         let vnodes = self.uint("routing.vnodes_per_peer", &r.vnodes_per_peer, 150, true)?;
         d.vnodes_per_peer = u32::try_from(vnodes)
             .map_err(|_| self.err("routing.vnodes_per_peer", format!("{vnodes} is too large")))?;
@@ -545,6 +570,11 @@ impl Convert<'_> {
             "vllm.health_check_interval",
             &v.health_check_interval,
             d.health_check_interval,
+        )?;
+        d.metrics_interval = self.positive_duration(
+            "vllm.metrics_interval",
+            &v.metrics_interval,
+            d.metrics_interval,
         )?;
         Ok(())
     }

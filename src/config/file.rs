@@ -114,7 +114,9 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<FileAdmin>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<FileToken>,
+    pub cluster: Option<FileCluster>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<super::otel::FileTracing>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -128,6 +130,8 @@ pub struct FileStorage {
     pub rewrite_base_model: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub direct_io: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preload: Option<Vec<Leaf>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fetch_wait_timeout: Leaf,
 }
@@ -218,6 +222,8 @@ pub struct FileRouting {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hash_on: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vnodes_per_peer: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forward_timeout: Leaf,
@@ -238,6 +244,8 @@ pub struct FileVllm {
     pub max_lora_rank: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check_interval: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_interval: Leaf,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -265,6 +273,40 @@ pub struct FileServer {
     pub shutdown_grace: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<FileServerTls>,
+}
+
+/// `server.tls`: the listener's certificate.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileServerTls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_plain: Leaf,
+}
+
+/// `cluster`: a shared secret, and TLS for peer links.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileCluster {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<FileClusterTls>,
+}
+
+/// `cluster.tls`: how peers' certificates are checked.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileClusterTls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Leaf,
 }
 
 /// `admin`: its token, and whether it is open without one.
@@ -275,14 +317,6 @@ pub struct FileAdmin {
     pub token: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open: Leaf,
-}
-
-/// `cluster`: a shared secret.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-pub struct FileToken {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token: Leaf,
 }
 
 /// Expand `${VAR}`s with `env`, then parse. Returns the file and the keys it has that

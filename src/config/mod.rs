@@ -14,12 +14,14 @@ use std::{
 mod convert;
 pub mod env;
 pub mod file;
+mod otel;
 mod render;
 pub mod units;
 
 #[cfg(test)]
 mod tests;
 
+pub use otel::TracingConfig;
 pub use render::Redact;
 
 use crate::error::Error;
@@ -228,6 +230,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub admin: AdminConfig,
     pub cluster: ClusterConfig,
+    pub tracing: TracingConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -241,6 +244,9 @@ pub struct StorageConfig {
     pub rewrite_base_model: bool,
     /// How adapter files are written.
     pub direct_io: DirectIo,
+    /// Adapters fetched at start on the node(s) that would serve them, loaded into vLLM (again
+    /// after it restarts) and never evicted.
+    pub preload: Vec<String>,
     /// How long a request waits for its adapter's download before a 504 (the download goes
     /// on for later requests); `None`: no limit.
     pub fetch_wait_timeout: Option<Duration>,
@@ -355,9 +361,31 @@ pub enum HashOn {
     HeaderModel(String),
 }
 
+/// How requests are routed between nodes (`routing.policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingPolicy {
+    /// By what each vLLM holds and how busy it is, hot keys over more nodes.
+    Auto,
+    /// Round 1's: the key's owner, shedding to the next nodes past the overflow threshold.
+    Hash,
+    /// The least loaded node by vLLM's queue, ignoring where adapters are.
+    LeastLoad,
+}
+
+impl RoutingPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingPolicy::Auto => "auto",
+            RoutingPolicy::Hash => "hash",
+            RoutingPolicy::LeastLoad => "least-load",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingConfig {
     pub hash_on: HashOn,
+    pub policy: RoutingPolicy,
     /// Accepted for compatibility; placement uses a fixed slot table instead of vnodes.
     pub vnodes_per_peer: u32,
     /// Bounds connect + response headers of a forward, never the generation itself.
@@ -374,6 +402,8 @@ pub struct VllmConfig {
     pub max_loras: u32,
     pub max_lora_rank: u32,
     pub health_check_interval: Duration,
+    /// How often vLLM's `/metrics` is read and the peers' state polled.
+    pub metrics_interval: Duration,
 }
 
 /// Which io driver the workers use.
@@ -407,6 +437,21 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// `text` or `json` logs.
     pub log_format: LogFormat,
+    /// `server.tls`: serve clients (and peers) over TLS; `None`: plain HTTP.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `server.tls`: the certificate the listener presents. Both files are read again when they
+/// change or on SIGHUP (a new handshake gets the new certificate, a connection keeps its own).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Also serve plain HTTP on the same port, told apart by a connection's first byte: the
+    /// phase of a move to TLS where peers and clients still speak plain.
+    pub allow_plain: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -428,6 +473,20 @@ pub struct AdminConfig {
 pub struct ClusterConfig {
     /// Shared secret that authenticates forwards between peers when set.
     pub token: Option<String>,
+    /// `cluster.tls`: dial peers over TLS; `None`: plain HTTP.
+    pub tls: Option<ClusterTlsConfig>,
+}
+
+/// `cluster.tls`: how a peer's certificate is checked when this node dials it (forwards, adapter
+/// copies, health polls, evict broadcasts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterTlsConfig {
+    /// PEM certificate(s) of the cluster CA a peer's certificate must chain to (read again
+    /// with the server's certificate).
+    pub ca: PathBuf,
+    /// The name a peer's certificate must carry (one certificate shared by every node, as a
+    /// Kubernetes Secret is); `None`: the peer's IP address, as an IP SAN.
+    pub server_name: Option<String>,
 }
 
 impl Default for Config {
@@ -442,6 +501,7 @@ impl Default for Config {
                 max_size: 100 << 30,
                 rewrite_base_model: false,
                 direct_io: DirectIo::Auto,
+                preload: Vec::new(),
                 fetch_wait_timeout: Some(Duration::from_secs(120)),
             },
             origins: Vec::new(),
@@ -451,6 +511,7 @@ impl Default for Config {
             discovery: DiscoveryConfig::Static { peers: Vec::new() },
             routing: RoutingConfig {
                 hash_on: HashOn::Model,
+                policy: RoutingPolicy::Auto,
                 vnodes_per_peer: 150,
                 forward_timeout: Duration::from_secs(5),
                 overflow_threshold: 0.8,
@@ -461,6 +522,7 @@ impl Default for Config {
                 max_loras: 200,
                 max_lora_rank: 64,
                 health_check_interval: Duration::from_secs(10),
+                metrics_interval: Duration::from_secs(1),
             },
             server: ServerConfig {
                 workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -474,9 +536,11 @@ impl Default for Config {
                 upstream_idle_timeout: Duration::from_secs(60),
                 shutdown_grace: Duration::from_secs(15),
                 log_format: LogFormat::Text,
+                tls: None,
             },
             admin: AdminConfig::default(),
             cluster: ClusterConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }

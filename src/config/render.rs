@@ -6,8 +6,9 @@
 use super::{
     Config, DirectIo, DiscoveryConfig, Driver, HashOn, LogFormat, OriginConfig, TransferConfig,
     file::{
-        FileAdmin, FileConfig, FileDiscovery, FileFileDiscovery, FileInvalidation, FileK8s,
-        FileOrigin, FileRouting, FileServer, FileStatic, FileStorage, FileToken, FileVllm, Scalar,
+        FileAdmin, FileCluster, FileClusterTls, FileConfig, FileDiscovery, FileFileDiscovery,
+        FileInvalidation, FileK8s, FileOrigin, FileRouting, FileServer, FileServerTls, FileStatic,
+        FileStorage, FileVllm, Scalar,
     },
     units::{format_duration, format_size},
 };
@@ -53,6 +54,7 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
                 DirectIo::Auto => "auto",
                 DirectIo::Off => "off",
             }),
+            preload: Some(cfg.storage.preload.iter().map(|n| s(n.as_str())).collect()),
             fetch_wait_timeout: s(cfg
                 .storage
                 .fetch_wait_timeout
@@ -71,6 +73,7 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
                 HashOn::Header(h) => format!("header:{h}"),
                 HashOn::HeaderModel(h) => format!("header:{h}/model"),
             }),
+            policy: s(r.policy.as_str()),
             vnodes_per_peer: n(u64::from(r.vnodes_per_peer)),
             forward_timeout: dur(r.forward_timeout),
             overflow_threshold: Some(Scalar::Float(r.overflow_threshold)),
@@ -81,6 +84,7 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
             max_loras: n(u64::from(cfg.vllm.max_loras)),
             max_lora_rank: n(u64::from(cfg.vllm.max_lora_rank)),
             health_check_interval: dur(cfg.vllm.health_check_interval),
+            metrics_interval: dur(cfg.vllm.metrics_interval),
         }),
         server: Some(FileServer {
             workers: n(sv.workers as u64),
@@ -101,14 +105,40 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
                 LogFormat::Text => "text",
                 LogFormat::Json => "json",
             }),
+            tls: Some(match &sv.tls {
+                Some(t) => FileServerTls {
+                    cert: s(t.cert.to_string_lossy()),
+                    key: s(t.key.to_string_lossy()),
+                    allow_plain: Some(Scalar::Bool(t.allow_plain)),
+                },
+                None => FileServerTls {
+                    cert: s(""),
+                    key: s(""),
+                    allow_plain: Some(Scalar::Bool(false)),
+                },
+            }),
         }),
         admin: Some(FileAdmin {
             token: secret(&cfg.admin.token),
             open: Some(Scalar::Bool(cfg.admin.open)),
         }),
-        cluster: Some(FileToken {
+        cluster: Some(FileCluster {
             token: secret(&cfg.cluster.token),
+            tls: Some(FileClusterTls {
+                ca: s(cfg
+                    .cluster
+                    .tls
+                    .as_ref()
+                    .map_or(String::new(), |t| t.ca.to_string_lossy().into_owned())),
+                server_name: s(cfg
+                    .cluster
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.server_name.clone())
+                    .unwrap_or_default()),
+            }),
         }),
+        tracing: Some(super::otel::render(&cfg.tracing)),
     };
     serde_yaml_ng::to_string(&file).expect("plain scalars, strings and lists always serialize")
 }

@@ -3,10 +3,13 @@
 //! - `GET /admin/cache/stats`: `items`, `size`, `max_size`, `dir` (Go) plus write mode, hits,
 //!   misses, fetches in flight, pinned.
 //! - `GET /admin/cache/fetches`: fetches in flight with bytes, total, rate, elapsed.
-//! - `POST /admin/cache/warmup {"adapters": [...]}`: fetch now; per adapter `ok` or the error.
+//! - `POST /admin/cache/warmup {"adapters": [...], "load": bool}`: fetch now; per adapter `ok`
+//!   or the error; with `load`, also load each into vLLM (`"loaded": true`), so its first request
+//!   pays no load.
 //! - `POST /admin/cache/evict {"adapter": NAME}`: remove it here (vLLM is told to unload it)
-//!   and on every peer. The name is validated: nothing outside the storage dir is touched.
-//! - `GET /admin/peers`: the peers with load and health.
+//!   and on every peer. The name is validated: nothing outside the storage dir is touched. A
+//!   preloaded adapter (`storage.preload`) is refused with 409.
+//! - `GET /admin/peers`: the peers with load and health, and each node's vLLM as last known.
 //!
 //! Who may call them ([`authorize`]): with `admin.token` set, every admin request needs
 //! `Authorization: Bearer <token>`. Without one, the reads are open but the calls that change
@@ -24,6 +27,7 @@ use crate::{
     cluster::{
         peering::broadcast_evict,
         protocol::{is_marked, is_trusted_peer, load},
+        router::backend_json,
     },
     config::AdminConfig,
     error::{Error, ErrorKind},
@@ -51,11 +55,25 @@ pub async fn serve(
         (Method::Get | Method::Head, "/admin/cache/fetches") => store.fetches(),
         (Method::Get | Method::Head, "/admin/peers") => {
             let load = load(shared.pending.load(Ordering::Relaxed) - 1);
-            shared.router.topology().to_json(load)
+            let topo = shared.router.topology();
+            let mut answer = topo.to_json(load);
+            let view = shared.router.view();
+            if view.generation == topo.generation
+                && let Some(peers) = answer["peers"].as_array_mut()
+            {
+                for (p, node) in peers.iter_mut().zip(&view.nodes) {
+                    p["vllm"] = backend_json(&node.backend);
+                }
+            }
+            answer
         }
         (Method::Post, "/admin/cache/warmup") => {
             let req: WarmupRequest = parse(body)?;
-            store.warmup(&req.adapters).await
+            let mut answer = store.warmup(&req.adapters).await;
+            if req.load {
+                load_warmed(w, &mut answer).await;
+            }
+            answer
         }
         (Method::Post, "/admin/cache/evict") => {
             let req: EvictRequest = parse(body)?;
@@ -100,6 +118,42 @@ pub async fn serve(
 #[derive(Deserialize)]
 struct WarmupRequest {
     adapters: Vec<String>,
+    /// Also load each adapter into vLLM once its files are here.
+    #[serde(default)]
+    load: bool,
+}
+
+/// Load every adapter the warm-up stored into vLLM (`POST /v1/load_lora_adapter`); each result
+/// gets `"loaded": true`, or its status becomes the error.
+async fn load_warmed(w: &Proxy, answer: &mut Value) {
+    let Some(results) = answer["results"].as_array_mut() else {
+        return;
+    };
+    for r in results {
+        let ok = r["status"] == "ok";
+        let name = r["adapter"]
+            .as_str()
+            .and_then(|n| AdapterName::parse(n).ok());
+        let (Some(name), true) = (name, ok) else {
+            r["loaded"] = json!(false);
+            continue;
+        };
+        let vllm = w.shared.vllm.clone();
+        let path = w.shared.store.dir().join(name.rel_path());
+        let loaded = w
+            .shared
+            .control
+            .run(async move { vllm.load(name.as_str(), &path).await })
+            .await
+            .and_then(|r| r);
+        match loaded {
+            Ok(()) => r["loaded"] = json!(true),
+            Err(e) => {
+                r["loaded"] = json!(false);
+                r["status"] = json!(format!("error: {}", e.message));
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]

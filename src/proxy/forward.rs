@@ -1,4 +1,5 @@
-//! The routing phase: send a request to the node that owns its hash key, or keep it here.
+//! The routing phase: send a request to the node the router picks (`cluster::router`), or keep
+//! it here; count its key's demand (requests entering from clients) on the way.
 //!
 //! A request is forwarded at most once: the receiving peer sees the forwarded mark and serves it
 //! itself. The mark is trusted only from peers (`cluster::protocol::is_trusted_peer`: with
@@ -17,17 +18,22 @@ use std::{sync::atomic::Ordering, time::Instant};
 
 use bytes::Bytes;
 
+use xxhash_rust::xxh3::xxh3_64;
+
 use crate::{
+    adapter::AdapterName,
     cluster::{
         protocol::{FORWARDED_HEADER, TOKEN_HEADER, load},
-        router::Decision,
+        router::RouteRequest,
     },
     error::Error,
     http::RequestHead,
     metrics::Tier,
     proxy::Proxy,
+    proxy::trace,
     proxy::upstream::{Request, Stage, Target},
     server::conn::Conn,
+    telemetry::Span,
 };
 
 use super::{Reply, Served};
@@ -40,28 +46,52 @@ pub async fn acknowledge(conn: &mut Conn, head: &RequestHead) -> Result<(), Erro
         .map_err(|e| Error::bad_request(format!("peer went away: {e}")))
 }
 
-/// Route by `key`. `Some(done)` when a peer answered (or the client is gone); `None` when the
-/// request is to be served here.
+/// Route a request by its hash key (`None`: no key, a base-model request under `hash_on:
+/// model`) and, for an adapter request, the adapter. `Some(done)` when a peer answered (or the
+/// client is gone); `None` when the request is to be served here.
 pub(super) async fn route(
     w: &Proxy,
     conn: &mut Conn,
     head: &RequestHead,
     body: &Bytes,
-    key: &str,
+    key: Option<&str>,
+    adapter: Option<&AdapterName>,
+    span: &mut Span,
 ) -> Result<Option<Served>, Error> {
     let shared = &w.shared;
     let router = &shared.router;
     let topo = router.topology();
-    let my_load = load(shared.pending.load(Ordering::Relaxed) - 1);
-    let peers = match router.decide(&topo, key.as_bytes(), my_load) {
-        Decision::Local { overflow } => {
-            if overflow {
-                shared.metrics.overflow_local.inc();
-            }
-            return Ok(None);
-        }
-        Decision::Forward { peers, .. } => peers,
+    let key_hash = key.map(|k| xxh3_64(k.as_bytes()));
+    if let Some(h) = key_hash {
+        w.demand.count(h, key.unwrap_or_default());
+    }
+    let decision = {
+        let view = router.view();
+        let req = RouteRequest {
+            key: key_hash,
+            adapter: adapter.map(|a| xxh3_64(a.as_str().as_bytes())),
+            local_disk: adapter.is_some_and(|a| shared.store.contains(a)),
+            my_load: load(shared.pending.load(Ordering::Relaxed) - 1),
+        };
+        let d = router.decide(&topo, &view, &req, &w.sent);
+        w.sent.add(&view, d.peers.iter().next().unwrap_or(topo.me));
+        d
     };
+    w.count_decision(decision.reason);
+    span.set("loraplex.route.reason", decision.reason.as_str());
+    if decision.is_local() {
+        if decision.overflow {
+            shared.metrics.overflow_local.inc();
+        }
+        let route = if decision.overflow {
+            "overflow"
+        } else {
+            "local"
+        };
+        span.set("loraplex.route", route);
+        return Ok(None);
+    }
+    let peers = decision.peers;
     let token = router.token.as_deref().unwrap_or_default();
     let marks: [(&str, &[u8]); 2] = [(FORWARDED_HEADER, b"1"), (TOKEN_HEADER, token.as_bytes())];
     let extra = if router.token.is_some() {
@@ -69,18 +99,25 @@ pub(super) async fn route(
     } else {
         &marks[..1]
     };
-    for idx in peers {
+    span.set("loraplex.route", "forward");
+    for idx in peers.iter() {
         let peer = &topo.peers[idx];
         let started = Instant::now();
+        span.set_str("loraplex.route.target", &peer.addr);
+        let (mut fwd, tp) = trace::outgoing(span, "forward", || peer.addr.clone());
+        let mut buf = Vec::new();
+        let extra = trace::with_traceparent(&extra, &tp, &mut buf);
         let target = Target {
             addrs: &peer.sockaddrs,
             name: &peer.addr,
             head_timeout: Some(router.forward_timeout),
             acknowledges: true,
             source: router.source_ip,
+            tls: shared.tls.peers.as_ref(),
         };
         let req = Request::relay(&w.pool, head, extra, body, &[], &shared.shutdown);
         let result = w.pool.exchange(conn, &target, req).await;
+        trace::exchanged(&mut fwd, &result);
         let m = &shared.metrics;
         match result {
             Ok(answered) => {
@@ -112,6 +149,7 @@ pub(super) async fn route(
             }
         }
     }
-    tracing::warn!(key, "no peer of the key reachable: serving here");
+    tracing::warn!(key, "no chosen peer reachable: serving here");
+    span.set("loraplex.route", "unreachable");
     Ok(None)
 }

@@ -2,9 +2,11 @@
 //!
 //! - `GET /healthz`: liveness, always 200, the Go project's JSON (`cluster::protocol::Healthz`):
 //!   `status` (`ok`|`degraded`), `load`, `pending`, `vllm_healthy`.
-//! - `GET /readyz`: readiness, 503 while vLLM is unhealthy.
+//! - `GET /readyz`: readiness, 503 while vLLM is unhealthy or the `storage.preload` attempts
+//!   have not finished.
 //! - `GET /metrics`: Prometheus text. (vLLM's own `/metrics` stays on vLLM's port.)
 //! - `/admin/*`: see `admin_api.rs`; Bearer `admin.token` required when set.
+//! - `GET /_loraplex/state`: this node's state for its peers (`peer_state.rs`).
 //!
 //! HEAD is answered wherever GET is, with the same head and no body; so are errors to HEAD.
 
@@ -31,6 +33,8 @@ pub enum Endpoint {
     Admin,
     /// Adapter files for peers (`/_loraplex/adapters/...`).
     Peer,
+    /// This node's state for its peers (`/_loraplex/state`).
+    State,
 }
 
 /// Which own endpoint `path` is, if any.
@@ -40,6 +44,7 @@ pub fn route(path: &str) -> Option<Endpoint> {
         "/readyz" => Some(Endpoint::Readyz),
         "/metrics" => Some(Endpoint::Metrics),
         p if p == "/admin" || p.starts_with("/admin/") => Some(Endpoint::Admin),
+        protocol::STATE_PATH => Some(Endpoint::State),
         p if p.starts_with(protocol::PREFIX) => Some(Endpoint::Peer),
         _ => None,
     }
@@ -79,8 +84,11 @@ pub(super) async fn serve(
         }
         Endpoint::Readyz => {
             let healthy = shared.vllm.is_healthy();
-            let status = if healthy { 200 } else { 503 };
-            let body = json!({ "ready": healthy, "vllm_healthy": healthy });
+            let preloaded = shared.preload_done.load(Ordering::Relaxed);
+            let ready = healthy && preloaded;
+            let status = if ready { 200 } else { 503 };
+            let body =
+                json!({ "ready": ready, "vllm_healthy": healthy, "preload_done": preloaded });
             response::json(&mut out, status, &body, keep_alive);
             status
         }
@@ -93,6 +101,7 @@ pub(super) async fn serve(
             200
         }
         Endpoint::Admin => super::admin_api::serve(w, conn, head, body, &mut out).await?,
+        Endpoint::State => super::peer_state::serve(w, conn, head, &mut out)?,
         Endpoint::Peer => unreachable!("answered above"),
     };
     if head.kind == Method::Head {

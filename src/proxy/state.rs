@@ -5,18 +5,27 @@ use std::{
     cell::RefCell,
     sync::{
         Arc,
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
     },
 };
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::{
-    cluster::{protocol::PeerClient, router::Router},
+    cluster::{
+        demand::DemandTable,
+        protocol::PeerClient,
+        router::{Reason, Router, Sent},
+        state::{ClusterState, Recent},
+    },
     config::Config,
     control::Control,
     metrics::{Metrics, Tier},
     proxy::{handles::Handles, upstream::Pool},
     shutdown::Shutdown,
     store::Store,
+    telemetry::Tracer,
+    tls::Tls,
     vllm::Vllm,
 };
 
@@ -30,9 +39,17 @@ pub struct Shared {
     /// Requests in flight on this node (the Go project's `pending`).
     pub pending: Pending,
     pub router: Arc<Router>,
+    /// What is known of every node's vLLM and of hot keys (control plane).
+    pub cluster: Arc<ClusterState>,
     /// The client for every control-plane call to a peer.
     pub peer_client: PeerClient,
     pub store: Arc<Store>,
+    /// OpenTelemetry spans (off unless `tracing.otlp_endpoint` is set).
+    pub tracer: Tracer,
+    /// `server.tls` and `cluster.tls` (forwards dial peers with `tls.peers`).
+    pub tls: Tls,
+    /// The `storage.preload` attempts have finished (`/readyz` waits for it).
+    pub preload_done: Arc<AtomicBool>,
 }
 
 /// One worker's proxy: built on the worker's thread, owned by it.
@@ -46,6 +63,14 @@ pub struct Proxy {
     pub worker: usize,
     /// The buffer of the proxy's own answers (`/healthz`, `/metrics`, ...), kept between them.
     answer_buf: RefCell<Vec<u8>>,
+    /// This worker's demand counters (requests entering from clients, per key).
+    pub demand: Arc<DemandTable>,
+    /// What this worker sent to each node since its last sample.
+    pub sent: Sent,
+    /// Adapters this worker sent to the local vLLM.
+    pub recent: Arc<Recent>,
+    /// `loraplex_route_decisions_total` by reason (`Reason::ALL` order), resolved once.
+    decisions: Vec<Counter>,
 }
 
 /// Largest own-answer buffer kept for the next answer.
@@ -59,6 +84,16 @@ impl Proxy {
             handles: Handles::new(shared.metrics.clone()),
             worker,
             answer_buf: RefCell::default(),
+            demand: shared.cluster.demand.table(),
+            sent: Sent::default(),
+            recent: shared.cluster.recent(),
+            decisions: Reason::ALL
+                .iter()
+                .map(|r| {
+                    let label = crate::metrics::ReasonLabel { reason: r.as_str() };
+                    shared.metrics.route_decisions.get_or_create(&label).clone()
+                })
+                .collect(),
             shared,
         }
     }
@@ -76,6 +111,15 @@ impl Proxy {
             buf.clear();
             *self.answer_buf.borrow_mut() = buf;
         }
+    }
+
+    /// Count a routing decision.
+    pub fn count_decision(&self, reason: Reason) {
+        let i = Reason::ALL
+            .iter()
+            .position(|&r| r == reason)
+            .expect("every reason is in ALL");
+        self.decisions[i].inc();
     }
 
     /// Count one finished request.

@@ -280,6 +280,10 @@ impl Index {
         self.map.pin().get(name).cloned()
     }
 
+    pub fn contains(&self, name: &AdapterName) -> bool {
+        self.map.pin().contains_key(name)
+    }
+
     /// Insert or replace; returns the entry replaced.
     pub fn insert(&self, entry: Arc<Entry>) -> Option<Arc<Entry>> {
         self.map.pin().insert(entry.name.clone(), entry).cloned()

@@ -61,6 +61,7 @@ use crate::{
     error::{Error, ErrorKind},
     metrics::{Metrics, TierLabel},
     origin::OriginChain,
+    telemetry::{Span, SpanKind},
 };
 
 /// What the store needs from vLLM (implemented by the vLLM client).
@@ -100,6 +101,8 @@ pub struct StoreOptions {
     pub pinned_wait: Duration,
     /// Fault injection (tests).
     pub faults: Arc<Faults>,
+    /// `storage.preload`: never evicted (an explicit evict is refused with 409).
+    pub preload: Vec<AdapterName>,
 }
 
 impl StoreOptions {
@@ -113,6 +116,7 @@ impl StoreOptions {
             driver: cfg.server.driver,
             pinned_wait: Duration::from_secs(2),
             faults: Arc::default(),
+            preload: Vec::new(),
         }
     }
 }
@@ -159,6 +163,8 @@ pub struct Store {
     writer: Writer,
     progress: ProgressBoard,
     seq: AtomicU64,
+    /// What became of each preloaded adapter (`/admin/cache/stats`).
+    preload_status: Mutex<std::collections::BTreeMap<String, String>>,
     /// `loraplex_cache_hits_total{tier="local"}`, resolved once: the hit path must not
     /// look the label set up (a lock) every time.
     hits: Counter,
@@ -196,6 +202,7 @@ impl Store {
             control,
             writer,
             progress: ProgressBoard::default(),
+            preload_status: Mutex::default(),
             seq: AtomicU64::new(0),
             hits,
             misses,
@@ -229,6 +236,17 @@ impl Store {
     /// Make sure `name` is stored and pin it: a hit, or the one fetch for it (joined by every
     /// concurrent caller; a caller going away does not cancel it).
     pub async fn ensure(self: &Arc<Self>, name: &AdapterName) -> Result<Ensured, Error> {
+        self.ensure_traced(name, &mut Span::default()).await
+    }
+
+    /// [`Store::ensure`] for a traced request: the fetch it leads (if any) is a child span of
+    /// `span` (`fetch`, with `fetch.origin`, `verify` and `publish` under it); one it joins is
+    /// only noted (`loraplex.fetch` = `led` | `joined`).
+    pub async fn ensure_traced(
+        self: &Arc<Self>,
+        name: &AdapterName,
+        span: &mut Span,
+    ) -> Result<Ensured, Error> {
         let mut fetched = false;
         loop {
             if let Some(pin) = self.pin(name) {
@@ -238,13 +256,21 @@ impl Store {
                 Join::Lead(lead) => {
                     let flight = lead.flight();
                     let store = self.clone();
+                    span.set("loraplex.fetch", "led");
+                    let mut fetch = span.child("fetch", SpanKind::Internal);
                     self.control.spawn(async move {
-                        let outcome = store.fetch(lead.name()).await.map(Some);
-                        lead.finish(outcome);
+                        fetch.set_str("loraplex.adapter", lead.name().as_str());
+                        let outcome = store.fetch_version(lead.name(), None, &mut fetch).await;
+                        lead.finish(outcome.map(Some));
                     });
                     flight
                 }
-                Join::Follow(flight) => flight,
+                Join::Follow(flight) => {
+                    if flight.kind == FlightKind::Fetch {
+                        span.set("loraplex.fetch", "joined");
+                    }
+                    flight
+                }
                 Join::Conflict(other) => return Err(conflict(name, &other)),
             };
             if flight.kind == FlightKind::Fetch {
@@ -263,6 +289,25 @@ impl Store {
                 _ => {}
             }
         }
+    }
+
+    /// Whether `name` is in `storage.preload` (never evicted).
+    pub fn is_preloaded(&self, name: &AdapterName) -> bool {
+        self.opts.preload.contains(name)
+    }
+
+    /// Record what became of a preloaded adapter (shown in `/admin/cache/stats`).
+    pub fn set_preload_status(&self, name: &AdapterName, status: impl Into<String>) {
+        self.preload_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), status.into());
+    }
+
+    /// Whether `name` is stored (lock-free, no pin, no filesystem access).
+    #[inline]
+    pub fn contains(&self, name: &AdapterName) -> bool {
+        self.index.contains(name)
     }
 
     /// The directory of a stored adapter, pinned (for serving files to peers).

@@ -127,6 +127,9 @@ impl Store {
                     let flights = &self.flights;
                     let mut lead = None;
                     let picked = l.policy.evict(|name, entry| {
+                        if self.is_preloaded(name) {
+                            return false;
+                        }
                         lead = flights.try_lead(name, FlightKind::Evict, || entry.try_claim());
                         lead.is_some()
                     });
@@ -209,6 +212,12 @@ impl Store {
     }
 
     async fn evict_now(self: &Arc<Self>, name: &AdapterName) -> Result<bool, Error> {
+        if self.is_preloaded(name) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("{name} is in storage.preload: it is never evicted"),
+            ));
+        }
         let deadline = Instant::now() + self.opts.pinned_wait;
         loop {
             let Some(entry) = self.index.get(name) else {

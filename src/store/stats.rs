@@ -164,7 +164,22 @@ impl Store {
             "hits": self.hits.get(),
             "misses": self.misses.get(),
             "pinned": pinned,
+            "preload": self.preload_status.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         })
+    }
+
+    /// Bytes of a stored adapter, if stored.
+    pub fn stored_size(&self, name: &AdapterName) -> Option<u64> {
+        self.index.get(name).map(|e| e.size())
+    }
+
+    /// The names of the stored adapters (for the disk set peers see).
+    pub fn stored_names(&self) -> Vec<AdapterName> {
+        self.index
+            .entries()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect()
     }
 
     /// The fetches in flight and their progress.

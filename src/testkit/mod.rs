@@ -13,8 +13,9 @@
 //!   Streams SSE like vLLM, paced per server or per request. Serves several names for the base
 //!   model apart from `--model`, reads weights pushed out of its CPU LoRA cache again, closes
 //!   idle keep-alive connections after 5 s, and answers multipart speech-to-text forms
-//!   ([`vllm_audio`]). Carries the transparency probes of [`probes`] (echo, framing, status,
-//!   slow) for proxy tests.
+//!   ([`vllm_audio`]). Its engine ([`vllm_engine`]) models the batch, the queue and the LoRA
+//!   slots, and exports vLLM's `/metrics`. Carries the transparency probes of [`probes`] (echo,
+//!   framing, status, slow) for proxy tests.
 //! - [`origin`]: a stand-in HTTP origin serving `{prefix}/{name}/{file}` like nginx (ETag,
 //!   Range, HEAD, 404), with GET counts per path, runtime content replacement, a bearer token,
 //!   throttling and injected faults (error status, cut after K bytes, stall, per-request
@@ -49,6 +50,7 @@ pub mod server;
 pub mod vllm;
 pub mod vllm_api;
 pub mod vllm_audio;
+pub mod vllm_engine;
 pub mod vllm_resolve;
 mod vllm_routes;
 pub mod wire;

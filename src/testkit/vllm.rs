@@ -25,6 +25,9 @@
 //! disk, SSE pacing per server or per request (`x-test-event-gap-ms`), a delay before the
 //! answer (`x-test-ttft-ms`), and the transparency probes of [`super::probes`].
 //!
+//! The engine behind inference (batch, queue, LoRA slots, load stalls) and vLLM's `/metrics`
+//! are modelled in [`super::vllm_engine`]; by default it runs everything at once.
+//!
 //! This file owns the configuration, the state and the handle; the routes are in
 //! `vllm_routes.rs`.
 
@@ -45,6 +48,7 @@ use tokio::runtime::Handle;
 use super::{
     server::{RequestHead, Server, handler, lock},
     vllm_api,
+    vllm_engine::{Engine, EngineConfig},
     vllm_resolve::LoadedAdapter,
     vllm_routes::route,
 };
@@ -77,6 +81,10 @@ pub struct VllmConfig {
     pub keep_alive_timeout: Option<Duration>,
     /// Request heads kept for [`VllmStandIn::recent_heads`].
     pub keep_heads: usize,
+    /// Batch, LoRA slots and their costs ([`EngineConfig::unbounded`] by default).
+    pub engine: EngineConfig,
+    /// Serve `/metrics` (false: 404, as a server without vLLM's metrics).
+    pub metrics: bool,
 }
 
 /// vLLM's CPU LoRA cache as `--max-loras 4` gives it (`--max-cpu-loras` defaults to it).
@@ -96,8 +104,21 @@ impl VllmConfig {
             max_model_len: 2048,
             max_cpu_loras: DEFAULT_MAX_CPU_LORAS,
             keep_alive_timeout: Some(KEEP_ALIVE_TIMEOUT),
-            keep_heads: 64,
+            keep_heads: 256, // loraplex scrapes /metrics every second: room for minutes of them
+            engine: EngineConfig::unbounded(),
+            metrics: true,
         }
+    }
+
+    /// No `/metrics` (404): a vLLM whose metrics loraplex cannot read.
+    pub fn without_metrics(mut self) -> VllmConfig {
+        self.metrics = false;
+        self
+    }
+
+    pub fn engine(mut self, engine: EngineConfig) -> VllmConfig {
+        self.engine = engine;
+        self
     }
 
     pub fn lora_dir(mut self, dir: impl Into<PathBuf>) -> VllmConfig {
@@ -201,6 +222,7 @@ pub(super) struct State {
     pub(super) inner: Mutex<Counters>,
     /// vLLM's `lora_resolver_lock`: one resolution or load per name at a time.
     pub(super) name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(super) engine: Arc<Engine>,
 }
 
 /// A running stand-in vLLM. Dropping it stops the server.
@@ -227,6 +249,7 @@ impl VllmStandIn {
             next_id: AtomicU64::new(1),
             inner: Mutex::new(Counters::default()),
             name_locks: Mutex::new(HashMap::new()),
+            engine: Engine::new(config.engine.clone()),
             config,
         });
         let routed = state.clone();
@@ -356,6 +379,18 @@ impl VllmStandIn {
         self.read(|c| c.rereads.get(name).copied().unwrap_or(0))
     }
 
+    /// The engine model: queue, slots, slot loads.
+    pub fn engine(&self) -> &Engine {
+        &self.state.engine
+    }
+
+    /// Restart: loaded adapters forgotten, slots emptied, a new `process_start_time_seconds`
+    /// (the request counters of the stand-in are kept).
+    pub fn restart(&self) {
+        self.forget_all();
+        self.state.engine.restart();
+    }
+
     /// Requests whose client (the proxy) went away before the answer was complete.
     pub fn cancelled(&self) -> u64 {
         self.server.stats().cancelled()
@@ -375,9 +410,13 @@ impl VllmStandIn {
         self.server.stats().requests()
     }
 
-    /// The last request heads received, oldest first.
+    /// The last request heads received, oldest first, without the scrapes of `/metrics`
+    /// (loraplex reads them every `vllm.metrics_interval`: monitoring, not traffic a test
+    /// counts).
     pub fn recent_heads(&self) -> Vec<RequestHead> {
-        self.server.stats().recent_heads()
+        let mut heads = self.server.stats().recent_heads();
+        heads.retain(|h| h.target != "/metrics");
+        heads
     }
 
     /// Stop and wait until the port is closed.

@@ -47,9 +47,17 @@ pub(super) async fn route(state: Arc<State>, req: Request) -> Response {
         }
         ("POST", "/v1/load_lora_adapter") => load_adapter(&state, &req).await,
         ("POST", "/v1/unload_lora_adapter") => unload_adapter(&state, &req).await,
+        ("GET", "/metrics") if !state.config.metrics => {
+            Response::json(404, &serde_json::json!({"detail": "Not Found"}))
+        }
+        ("GET", "/metrics") => Response::new(200).body(
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.engine.metrics_text(state.config.served_names()[0]),
+        ),
         (
             _,
             "/health"
+            | "/metrics"
             | "/v1/models"
             | "/v1/chat/completions"
             | "/v1/completions"
@@ -119,6 +127,13 @@ async fn inference(state: &Arc<State>, req: &Request, endpoint: Endpoint) -> Res
         Ok(adapter) => adapter,
         Err(resp) => return resp,
     };
+    // The engine: wait for a place in the batch (and a LoRA slot), then for the first token;
+    // the request leaves the batch once its last token is out.
+    let ticket = state.engine.admit(adapter.map(|(name, _)| name)).await;
+    ticket.first_token().await;
+    let per_token = state.engine.config().per_token;
+    let decode = per_token * u32::try_from(max_tokens.saturating_sub(1)).unwrap_or(u32::MAX);
+    tokio::spawn(ticket.finish(max_tokens.saturating_sub(1)));
     if let Some(ttft) = header_ms(req, "x-test-ttft-ms") {
         tokio::time::sleep(ttft).await;
     }
@@ -131,8 +146,13 @@ async fn inference(state: &Arc<State>, req: &Request, endpoint: Endpoint) -> Res
         let gap = header_ms(req, "x-test-event-gap-ms").unwrap_or(Duration::from_millis(
             state.event_gap_ms.load(Ordering::SeqCst),
         ));
+        // With a per-token time the engine paces the events; the first goes at once.
+        let gap = if per_token.is_zero() { gap } else { per_token };
         vllm_api::stream(endpoint, id, model, &tokens, gap)
     } else {
+        if !decode.is_zero() {
+            tokio::time::sleep(decode).await;
+        }
         vllm_api::whole(endpoint, id, model, &tokens, prompt)
     }
 }

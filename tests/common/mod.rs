@@ -2,6 +2,8 @@
 //! config in a tempdir, its JSON log lines, and raw-HTTP helpers for byte-exact checks.
 #![allow(dead_code)]
 
+#[cfg(feature = "demo")]
+pub mod cluster;
 pub mod netns;
 pub mod s3;
 pub mod store;

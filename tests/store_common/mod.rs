@@ -253,6 +253,7 @@ pub fn options(dir: &Path, max_size: u64) -> StoreOptions {
         driver: Driver::Auto,
         pinned_wait: Duration::from_millis(200),
         faults: Arc::default(),
+        preload: Vec::new(),
     }
 }
 

@@ -311,3 +311,24 @@ fn avx512_agrees_with_the_portable_path() {
         "{simd} of 200000 lookups took the AVX-512 path"
     );
 }
+
+#[test]
+fn top_is_the_start_of_the_order() {
+    for n in [1, 2, 3, 7, 64, 130] {
+        let p = Placement::build(&addrs(n, 0));
+        for key in keys(300) {
+            let hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+            let order: Vec<usize> = p.order(key.as_bytes()).collect();
+            for want in [1, 2, 4, MAX_TOP, MAX_TOP + 5] {
+                let mut out = [0u16; MAX_TOP + 5];
+                let got = p.top(hash, &mut out[..want]);
+                let expect = want.min(MAX_TOP).min(n);
+                assert_eq!(got, expect, "n={n} want={want}");
+                let got: Vec<usize> = out[..got].iter().map(|&i| usize::from(i)).collect();
+                assert_eq!(got, order[..expect], "n={n} key={key}");
+            }
+            assert_eq!(p.owner_of_hash(hash), Some(order[0]));
+        }
+    }
+    assert_eq!(Placement::build(&[]).top(1, &mut [0; 4]), 0);
+}

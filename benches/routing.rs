@@ -1,0 +1,157 @@
+//! The routing decision's cost (criterion): a rare key (its owner), a hot key scored over its
+//! four replicas, a base-model request (the least loaded of all nodes), at 3, 64 and 256 peers,
+//! with every node's vLLM known. Before the timed part, it counts the heap allocations of
+//! 10,000 decisions of each kind (a counting global allocator) and fails if there is any: the
+//! decision must stay allocation-free.
+//!
+//! Run: `cargo bench --bench routing`.
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    collections::HashMap,
+    hint::black_box,
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use criterion::{BenchmarkId, Criterion};
+use loraplex::{
+    cluster::{
+        discovery::Members,
+        identity::Identity,
+        router::{RouteRequest, Router, Sent},
+        view::{BackendState, NodeState, ReplicaTable, View},
+    },
+    config::Config,
+    metrics::Metrics,
+};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Counts allocations, then hands them to the system allocator.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to `System`.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const SIZES: [usize; 3] = [3, 64, 256];
+const HOT: &[u8] = b"acme/hot-adapter";
+
+fn setup(n: usize) -> (Router, View) {
+    let ips = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))];
+    let me = Identity::with_local_ips("10.0.0.1:9090".parse().unwrap(), None, ips).unwrap();
+    let router = Router::new(&Config::default(), me, Arc::new(Metrics::new()));
+    let peers: Vec<String> = (1..=n)
+        .map(|i| format!("10.0.{}.{}:9090", i / 256, i % 256))
+        .collect();
+    router.rebuild(&Members::build(&peers, &router.me), HashMap::new());
+    let topo = router.topology();
+    let nodes = (0..n)
+        .map(|i| NodeState {
+            backend: BackendState {
+                known: true,
+                healthy: true,
+                running: (i % 32) as f32,
+                waiting: (i % 3) as f32,
+                kv: 0.4,
+                max_lora: 16,
+                lora_busy: 8,
+                batch: 32.0,
+                capacity: 10.0,
+                gpu: (0..16u64)
+                    .map(|g| g * 7919 + i as u64)
+                    .collect::<Vec<_>>()
+                    .into(),
+                seq: 1,
+            },
+            disk: None,
+        })
+        .collect();
+    let view = View {
+        generation: topo.generation,
+        nodes,
+        replicas: ReplicaTable::build([(xxh3_64(HOT), 4)]),
+    };
+    (router, view)
+}
+
+fn requests() -> [(&'static str, RouteRequest); 3] {
+    let rare = xxh3_64(b"acme/rare-adapter");
+    let hot = xxh3_64(HOT);
+    [
+        (
+            "rare key",
+            RouteRequest {
+                key: Some(rare),
+                adapter: Some(rare),
+                ..RouteRequest::default()
+            },
+        ),
+        (
+            "hot key, 4 replicas",
+            RouteRequest {
+                key: Some(hot),
+                adapter: Some(hot),
+                ..RouteRequest::default()
+            },
+        ),
+        ("base model, least loaded", RouteRequest::default()),
+    ]
+}
+
+fn check_no_allocation() {
+    for n in SIZES {
+        let (router, view) = setup(n);
+        let topo = router.topology();
+        let sent = Sent::default();
+        sent.add(&view, 0);
+        for (name, req) in requests() {
+            let before = ALLOCATIONS.load(Ordering::Relaxed);
+            for _ in 0..10_000 {
+                black_box(router.decide(&topo, &view, black_box(&req), &sent));
+            }
+            let allocs = ALLOCATIONS.load(Ordering::Relaxed) - before;
+            println!("{n} peers, {name}: {allocs} allocations in 10,000 decisions");
+            assert_eq!(allocs, 0, "the routing decision allocated");
+        }
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    check_no_allocation();
+    let mut g = c.benchmark_group("decide");
+    for n in SIZES {
+        let (router, view) = setup(n);
+        let topo = router.topology();
+        let sent = Sent::default();
+        sent.add(&view, 0);
+        for (name, req) in requests() {
+            g.bench_with_input(BenchmarkId::new(name, n), &req, |b, req| {
+                b.iter(|| router.decide(&topo, &view, black_box(req), &sent))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion::criterion_group!(benches, bench);
+criterion::criterion_main!(benches);

@@ -1,0 +1,543 @@
+//! What this node knows of every backend and every hot key, merged into the router's
+//! [`View`] (control plane).
+//!
+//! Inputs: the local vLLM's samples (fed in by the `vllm` module's metrics scrape), the adapters
+//! this node's workers sent to it ([`Recent`]), its store's disk set, the peers' states (their
+//! `/_loraplex/state`, polled), and the demand tables ([`super::demand`]). Outputs: the view the
+//! workers route by, this node's own state for its peers ([`ClusterState::publish`]), and the
+//! replica counts of hot keys.
+//!
+//! Replicas: a key's cluster rate is its rate entering this node plus what every peer reports
+//! for it; with `C` the mean learnt capacity of the nodes, `k = ceil(rate / (TARGET_SHARE × C))`
+//! clamped to the usable nodes; before any capacity is learnt, a key's k grows by one per tick
+//! while all its replicas queue. k grows at once and shrinks only after [`COOLDOWN_TICKS`]
+//! ticks of wanting less.
+//!
+//! Stale data ages out: a sample older than [`STALE_INTERVALS`] intervals counts as unknown.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use super::{
+    demand::{DemandBoard, DemandReader, KeyRate},
+    disk_filter::DiskFilter,
+    protocol::{BackendReport, HotKey, PeerState},
+    router::Router,
+    view::{BackendState, NodeState, ReplicaTable, View},
+};
+use crate::metrics::{KeyLabel, Metrics};
+
+/// A key's replicas are sized so that each takes about this share of a node's capacity.
+pub const TARGET_SHARE: f64 = 0.5;
+/// Ticks a key must want fewer replicas before it gets them.
+pub const COOLDOWN_TICKS: u32 = 3;
+/// Intervals after which a sample is stale.
+pub const STALE_INTERVALS: u32 = 3;
+/// Hot keys published to peers.
+pub const HOT_KEYS: usize = 32;
+/// Keys exported as replica metrics.
+pub const METRIC_KEYS: usize = 10;
+/// Adapter hashes kept per worker of what was sent to the local vLLM.
+const RECENT: usize = 64;
+/// At most this many adapters count as likely in GPU slots.
+pub const MAX_GPU_SET: usize = 64;
+/// Rate below which a key without learnt capacity is not grown (requests/s).
+const MIN_HOT_RATE: f64 = 1.0;
+
+/// The adapters one worker sent to the local vLLM, newest last (a ring, written by the worker).
+pub struct Recent {
+    ring: [AtomicU64; RECENT],
+    next: AtomicU64,
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        Recent {
+            ring: std::array::from_fn(|_| AtomicU64::new(0)),
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Recent {
+    /// Note an adapter (xxh3 of its name) sent to the local vLLM. Called only by its worker.
+    #[inline]
+    pub fn note(&self, adapter: u64) {
+        let n = self.next.load(Relaxed);
+        let last = self.ring[((n + RECENT as u64 - 1) % RECENT as u64) as usize].load(Relaxed);
+        if n > 0 && last == adapter {
+            return;
+        }
+        self.ring[(n % RECENT as u64) as usize].store(adapter, Relaxed);
+        self.next.store(n + 1, Relaxed);
+    }
+
+    /// Newest first.
+    fn newest(&self) -> impl Iterator<Item = u64> + '_ {
+        let n = self.next.load(Relaxed);
+        (0..n.min(RECENT as u64))
+            .map(move |i| self.ring[((n - 1 - i) % RECENT as u64) as usize].load(Relaxed))
+    }
+}
+
+/// One sample of the local vLLM, as the scrape read it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalSample {
+    pub healthy: bool,
+    /// Metrics were read (false: old vLLM without them, or the scrape failed).
+    pub known: bool,
+    pub running: f32,
+    pub waiting: f32,
+    pub kv: f32,
+    /// `max_lora` from vLLM, else `vllm.max_loras`.
+    pub max_lora: u16,
+    /// xxh3 of the adapters in vLLM's current `lora_requests_info`.
+    pub running_adapters: Vec<u64>,
+    pub batch: f32,
+    pub capacity: f32,
+    pub started: f64,
+}
+
+struct PeerRecord {
+    instance: u64,
+    since: u64,
+    /// Shared with the views built since it last changed.
+    filter: Arc<DiskFilter>,
+    filter_known: bool,
+    report: Option<(BackendReport, Instant)>,
+    hot: Vec<HotKey>,
+}
+
+struct Inner {
+    local: Option<(LocalSample, Instant)>,
+    local_seq: u64,
+    peers: HashMap<String, PeerRecord>,
+    disk: DiskFilter,
+    disk_counter: u64,
+    demand: DemandReader,
+    last_tick: Instant,
+    /// Key → (replicas, ticks it has wanted fewer).
+    replicas: HashMap<u64, (u8, u32)>,
+    table: ReplicaTable,
+    top: Vec<KeyRate>,
+}
+
+/// Gives the xxh3 of every adapter name the node stores.
+type StoredSet = Box<dyn Fn() -> Vec<u64> + Send + Sync>;
+
+/// See the module doc. Shared as `Arc<ClusterState>`.
+pub struct ClusterState {
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    pub demand: Arc<DemandBoard>,
+    recent: Mutex<Vec<Arc<Recent>>>,
+    inner: Mutex<Inner>,
+    interval: Duration,
+    /// This process's id in the peer state (a restarted node resends its whole filter).
+    instance: u64,
+    /// The node's own disk set, from the store (set by the node at start).
+    stored: Mutex<Option<StoredSet>>,
+}
+
+impl ClusterState {
+    pub fn new(
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+        interval: Duration,
+    ) -> Arc<ClusterState> {
+        let demand = Arc::new(DemandBoard::default());
+        let instance = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()) << 32;
+        Arc::new(ClusterState {
+            router,
+            metrics,
+            inner: Mutex::new(Inner {
+                local: None,
+                local_seq: 0,
+                peers: HashMap::new(),
+                disk: DiskFilter::default(),
+                disk_counter: 0,
+                demand: DemandReader::new(demand.clone()),
+                last_tick: Instant::now(),
+                replicas: HashMap::new(),
+                table: ReplicaTable::default(),
+                top: Vec::new(),
+            }),
+            demand,
+            recent: Mutex::new(Vec::new()),
+            interval,
+            instance,
+            stored: Mutex::new(None),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A worker's ring of adapters sent to the local vLLM.
+    pub fn recent(&self) -> Arc<Recent> {
+        let r = Arc::new(Recent::default());
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(r.clone());
+        r
+    }
+
+    /// Where the node's disk set comes from (xxh3 of every stored adapter's name).
+    pub fn set_stored(&self, f: impl Fn() -> Vec<u64> + Send + Sync + 'static) {
+        *self.stored.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    fn stale_after(&self) -> Duration {
+        self.interval * STALE_INTERVALS + Duration::from_secs(1)
+    }
+
+    /// A new sample of the local vLLM.
+    pub fn set_local(&self, sample: LocalSample) {
+        let mut inner = self.lock();
+        inner.local_seq += 1;
+        inner.local = Some((sample, Instant::now()));
+        self.install(&inner);
+    }
+
+    /// The local backend as published and routed by: the sample, with the GPU-likely set (what
+    /// vLLM runs, then what was sent to it most recently, `max_lora` in all).
+    fn local_report(&self, inner: &Inner) -> Option<BackendReport> {
+        let (s, at) = inner.local.as_ref()?;
+        let slots = usize::from(s.max_lora).clamp(1, MAX_GPU_SET);
+        let mut gpu: Vec<u64> = s.running_adapters.iter().copied().take(slots).collect();
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut iters: Vec<_> = recent.iter().map(|r| r.newest()).collect();
+        'fill: loop {
+            let mut any = false;
+            for it in &mut iters {
+                if gpu.len() >= slots {
+                    break 'fill;
+                }
+                if let Some(h) = it.next() {
+                    any = true;
+                    if !gpu.contains(&h) {
+                        gpu.push(h);
+                    }
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        Some(BackendReport {
+            known: s.known,
+            healthy: s.healthy,
+            running: s.running,
+            waiting: s.waiting,
+            kv: s.kv,
+            max_lora: s.max_lora,
+            lora_busy: s.running_adapters.len().min(usize::from(u16::MAX)) as u16,
+            batch: s.batch,
+            capacity: s.capacity,
+            started: s.started,
+            age_ms: at.elapsed().as_millis() as u64,
+            seq: inner.local_seq,
+            gpu,
+        })
+    }
+
+    /// This node's state for a peer that has the disk filter up to version `since` (and
+    /// belongs to instance `instance`: another instance gets everything anew).
+    pub fn publish(&self, since: u64, instance: u64) -> PeerState {
+        let inner = self.lock();
+        let since = if instance == self.instance { since } else { 0 };
+        let (segments, synced_to) = inner.disk.delta(since, inner.disk_counter);
+        PeerState {
+            instance: self.instance,
+            backends: self.local_report(&inner).into_iter().collect(),
+            hot: inner
+                .demand
+                .top(HOT_KEYS)
+                .into_iter()
+                .map(|k| HotKey {
+                    h: k.hash,
+                    r: k.rate as f32,
+                })
+                .collect(),
+            disk_version: synced_to,
+            disk: segments,
+        }
+    }
+
+    /// What to ask `peer` for: `(since, instance)`.
+    pub fn poll_args(&self, peer: &str) -> (u64, u64) {
+        self.lock()
+            .peers
+            .get(peer)
+            .map_or((0, 0), |p| (p.since, p.instance))
+    }
+
+    /// A peer's state arrived.
+    pub fn set_peer(&self, peer: &str, state: PeerState) {
+        let mut inner = self.lock();
+        let rec = inner
+            .peers
+            .entry(peer.to_owned())
+            .or_insert_with(|| PeerRecord {
+                instance: 0,
+                since: 0,
+                filter: Arc::default(),
+                filter_known: false,
+                report: None,
+                hot: Vec::new(),
+            });
+        if rec.instance != state.instance {
+            rec.instance = state.instance;
+            rec.filter = Arc::default();
+            rec.filter_known = false;
+        }
+        let applied = if state.disk.is_empty() {
+            Ok(())
+        } else {
+            Arc::make_mut(&mut rec.filter).apply(&state.disk)
+        };
+        match applied {
+            Ok(()) => {
+                rec.since = state.disk_version;
+                rec.filter_known = true;
+            }
+            Err(e) => {
+                tracing::warn!(peer, error = %e, "bad disk filter from a peer; asking again");
+                rec.since = 0;
+                rec.filter = Arc::default();
+                rec.filter_known = false;
+            }
+        }
+        let now = Instant::now();
+        rec.report = state.backends.into_iter().next().map(|b| {
+            let at = now
+                .checked_sub(Duration::from_millis(b.age_ms))
+                .unwrap_or(now);
+            (b, at)
+        });
+        rec.hot = state.hot;
+        self.install(&inner);
+    }
+
+    /// A peer did not answer: its data ages out on its own; nothing to do but rebuild later.
+    pub fn forget_peers_not_in(&self, peers: &[String]) {
+        self.lock().peers.retain(|p, _| peers.contains(p));
+    }
+
+    /// The control-plane tick (every `vllm.metrics_interval`): read the demand tables, refresh
+    /// the disk filter, resize the replicas, age the view.
+    pub fn tick(&self) {
+        let stored = self
+            .stored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|f| f());
+        let mut inner = self.lock();
+        let secs = inner.last_tick.elapsed().as_secs_f64();
+        inner.last_tick = Instant::now();
+        inner.demand.tick(secs);
+        if let Some(hashes) = stored {
+            let inner = &mut *inner;
+            inner
+                .disk
+                .update_from(DiskFilter::build(hashes), &mut inner.disk_counter);
+        }
+        self.size_replicas(&mut inner);
+        self.install(&inner);
+        self.publish_metrics(&inner);
+    }
+
+    /// `loraplex_key_replicas` and `loraplex_key_request_rate` of the top keys (others
+    /// removed), `loraplex_vllm_gpu_adapters`.
+    fn publish_metrics(&self, inner: &Inner) {
+        let m = &self.metrics;
+        m.key_replicas.clear();
+        m.key_request_rate.clear();
+        for k in &inner.top {
+            let label = KeyLabel {
+                key: k.name.clone(),
+            };
+            m.key_replicas
+                .get_or_create(&label)
+                .set(inner.table.get(k.hash) as i64);
+            m.key_request_rate.get_or_create(&label).set(k.rate);
+        }
+        if let Some(r) = self.local_report(inner) {
+            m.vllm_gpu_adapters.set(r.gpu.len() as i64);
+        }
+    }
+
+    fn size_replicas(&self, inner: &mut Inner) {
+        let topo = self.router.topology();
+        let view = self.view_of(inner);
+        let usable = (0..topo.peers.len())
+            .filter(|&i| {
+                (i == topo.me || topo.peers[i].health.usable())
+                    && view
+                        .get(i)
+                        .is_none_or(|n| !n.backend.known || n.backend.healthy)
+            })
+            .count()
+            .max(1);
+        let caps: Vec<f64> = view
+            .iter()
+            .filter(|n| n.backend.known && n.backend.capacity > 0.0)
+            .map(|n| f64::from(n.backend.capacity))
+            .collect();
+        let cap = (!caps.is_empty()).then(|| caps.iter().sum::<f64>() / caps.len() as f64);
+        // Cluster rates: own top keys plus what the peers report.
+        let own = inner.demand.top(HOT_KEYS * 2);
+        let mut rates: HashMap<u64, f64> = own.iter().map(|k| (k.hash, k.rate)).collect();
+        for p in inner.peers.values() {
+            for h in &p.hot {
+                *rates.entry(h.h).or_insert_with(|| inner.demand.rate(h.h)) += f64::from(h.r);
+            }
+        }
+        let mut next = HashMap::new();
+        for (&hash, &rate) in &rates {
+            let (k, below) = inner.replicas.get(&hash).copied().unwrap_or((1, 0));
+            let want = match cap {
+                Some(c) => (rate / (TARGET_SHARE * c)).ceil().max(1.0) as usize,
+                None if rate >= MIN_HOT_RATE && self.replicas_queue(&topo, &view, hash, k) => {
+                    usize::from(k) + 1
+                }
+                None if rate < MIN_HOT_RATE => 1,
+                None => usize::from(k),
+            }
+            .clamp(1, usable.min(usize::from(u8::MAX))) as u8;
+            // Up at once; down after the cooldown.
+            let entry = if want >= k || below + 1 >= COOLDOWN_TICKS {
+                (want, 0)
+            } else {
+                (k, below + 1)
+            };
+            if entry.0 > 1 || entry.1 > 0 {
+                next.insert(hash, entry);
+            }
+        }
+        // Keys no longer reported keep shrinking on the same cooldown.
+        for (&hash, &(k, below)) in &inner.replicas {
+            if !rates.contains_key(&hash) && k > 1 && below + 1 < COOLDOWN_TICKS {
+                next.insert(hash, (k, below + 1));
+            }
+        }
+        inner.replicas = next;
+        let mut hot: Vec<(u64, u8, f64)> = inner
+            .replicas
+            .iter()
+            .map(|(&h, &(k, _))| (h, k, rates.get(&h).copied().unwrap_or(0.0)))
+            .collect();
+        hot.sort_by(|a, b| b.2.total_cmp(&a.2));
+        inner.table = ReplicaTable::build(hot.iter().map(|&(h, k, _)| (h, k)));
+        inner.top = own
+            .into_iter()
+            .take(METRIC_KEYS)
+            .map(|mut k| {
+                k.rate = rates.get(&k.hash).copied().unwrap_or(k.rate);
+                k
+            })
+            .collect();
+    }
+
+    /// Whether every one of the key's first `k` nodes has a queue.
+    fn replicas_queue(
+        &self,
+        topo: &super::router::Topology,
+        view: &[NodeState],
+        key: u64,
+        k: u8,
+    ) -> bool {
+        let mut order = [0u16; super::placement::MAX_TOP];
+        let n = topo.placement.top(key, &mut order);
+        let firsts = &order[..n.min(usize::from(k))];
+        !firsts.is_empty()
+            && firsts.iter().all(|&i| {
+                view.get(usize::from(i))
+                    .is_some_and(|s| s.backend.known && s.backend.waiting > 0.0)
+            })
+    }
+
+    /// The top keys entering this node with their cluster rates and replicas (for metrics).
+    pub fn top_keys(&self) -> Vec<(String, f64, usize)> {
+        let inner = self.lock();
+        inner
+            .top
+            .iter()
+            .map(|k| (k.name.clone(), k.rate, inner.table.get(k.hash)))
+            .collect()
+    }
+
+    /// The node entries of a view for the current topology.
+    fn view_of(&self, inner: &Inner) -> Vec<NodeState> {
+        let topo = self.router.topology();
+        let stale = self.stale_after();
+        let backend = |r: &BackendReport, at: Instant| BackendState {
+            known: r.known && at.elapsed() < stale,
+            healthy: r.healthy,
+            running: r.running,
+            waiting: r.waiting,
+            kv: r.kv,
+            max_lora: r.max_lora,
+            lora_busy: r.lora_busy,
+            batch: r.batch,
+            capacity: r.capacity,
+            gpu: {
+                let mut g = r.gpu.clone();
+                g.sort_unstable();
+                g.dedup();
+                g.into()
+            },
+            seq: r.seq,
+        };
+        topo.peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if i == topo.me {
+                    return NodeState {
+                        backend: self
+                            .local_report(inner)
+                            .zip(inner.local.as_ref().map(|l| l.1))
+                            .map_or_else(BackendState::default, |(r, at)| backend(&r, at)),
+                        disk: None,
+                    };
+                }
+                match inner.peers.get(&p.addr) {
+                    Some(rec) => NodeState {
+                        backend: rec
+                            .report
+                            .as_ref()
+                            .map_or_else(BackendState::default, |(r, at)| backend(r, *at)),
+                        disk: rec.filter_known.then(|| rec.filter.clone()),
+                    },
+                    None => NodeState::default(),
+                }
+            })
+            .collect()
+    }
+
+    /// Build the view and hand it to the router.
+    fn install(&self, inner: &Inner) {
+        let generation = self.router.topology().generation;
+        self.router.set_view(View {
+            generation,
+            nodes: self.view_of(inner),
+            replicas: inner.table.clone(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

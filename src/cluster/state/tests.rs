@@ -1,0 +1,211 @@
+use std::net::{IpAddr, Ipv4Addr};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::*;
+use crate::{
+    cluster::{discovery::Members, identity::Identity},
+    config::Config,
+    metrics::Metrics,
+};
+
+fn state(n: usize) -> (Arc<Router>, Arc<ClusterState>) {
+    let ips = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))];
+    let me = Identity::with_local_ips("10.0.0.1:9090".parse().unwrap(), None, ips).unwrap();
+    let r = Arc::new(Router::new(
+        &Config::default(),
+        me,
+        Arc::new(Metrics::new()),
+    ));
+    let peers: Vec<String> = (1..=n).map(|i| format!("10.0.0.{i}:9090")).collect();
+    r.rebuild(&Members::build(&peers, &r.me), Default::default());
+    let s = ClusterState::new(
+        r.clone(),
+        Arc::new(Metrics::new()),
+        Duration::from_millis(100),
+    );
+    (r, s)
+}
+
+fn sample(capacity: f32) -> LocalSample {
+    LocalSample {
+        healthy: true,
+        known: true,
+        max_lora: 4,
+        batch: 8.0,
+        capacity,
+        ..LocalSample::default()
+    }
+}
+
+fn report(capacity: f32, waiting: f32) -> BackendReport {
+    BackendReport {
+        known: true,
+        healthy: true,
+        waiting,
+        running: 8.0,
+        max_lora: 4,
+        batch: 8.0,
+        capacity,
+        seq: 1,
+        ..BackendReport::default()
+    }
+}
+
+fn peer_state(capacity: f32, hot: &[(u64, f32)]) -> PeerState {
+    PeerState {
+        instance: 7,
+        backends: vec![report(capacity, 0.0)],
+        hot: hot.iter().map(|&(h, r)| HotKey { h, r }).collect(),
+        ..PeerState::default()
+    }
+}
+
+#[test]
+fn replicas_follow_demand_and_shrink_after_the_cooldown() {
+    let (r, s) = state(4);
+    let others: Vec<String> = r
+        .topology()
+        .peers
+        .iter()
+        .map(|p| p.addr.clone())
+        .filter(|a| *a != "10.0.0.1:9090")
+        .collect();
+    let hot = xxh3_64(b"hot");
+    let table = s.demand.table();
+    s.set_local(sample(10.0));
+    // 10 req/s here and 10 on each of three peers: 40 req/s over nodes of 10 req/s at a target
+    // share of 0.5: 8 wanted, clamped to the 4 nodes.
+    for _ in 0..8 {
+        for _ in 0..10 {
+            table.count(hot, "hot");
+        }
+        for p in &others {
+            s.set_peer(p, peer_state(10.0, &[(hot, 10.0)]));
+        }
+        s.lock().last_tick = Instant::now() - Duration::from_secs(1);
+        s.tick();
+    }
+    assert_eq!(r.view().replicas.get(hot), 4);
+    let top = s.top_keys();
+    assert_eq!(top[0].0, "hot");
+    assert_eq!(top[0].2, 4);
+    assert!(top[0].1 > 35.0, "cluster rate {}", top[0].1);
+    // Demand stops: still 4 for the cooldown, then back to 1.
+    for p in &others {
+        s.set_peer(p, peer_state(10.0, &[]));
+    }
+    let mut ks = Vec::new();
+    for _ in 0..12 {
+        s.lock().last_tick = Instant::now() - Duration::from_secs(1);
+        s.tick();
+        ks.push(r.view().replicas.get(hot));
+    }
+    assert_eq!(ks[0], 4, "{ks:?}");
+    assert_eq!(*ks.last().unwrap(), 1, "{ks:?}");
+    // A rare key never gets more than one.
+    assert_eq!(r.view().replicas.get(xxh3_64(b"rare")), 1);
+}
+
+#[test]
+fn without_learnt_capacity_a_key_grows_while_its_replicas_queue() {
+    let (r, s) = state(3);
+    let others: Vec<String> = r
+        .topology()
+        .peers
+        .iter()
+        .map(|p| p.addr.clone())
+        .filter(|a| *a != "10.0.0.1:9090")
+        .collect();
+    let hot = xxh3_64(b"hot");
+    let table = s.demand.table();
+    let mut queued = sample(0.0);
+    queued.waiting = 5.0;
+    queued.running = 8.0;
+    s.set_local(queued);
+    for p in &others {
+        let mut st = peer_state(0.0, &[]);
+        st.backends[0].waiting = 5.0;
+        s.set_peer(p, st);
+    }
+    for _ in 0..6 {
+        for _ in 0..20 {
+            table.count(hot, "hot");
+        }
+        s.lock().last_tick = Instant::now() - Duration::from_secs(1);
+        s.tick();
+    }
+    assert_eq!(r.view().replicas.get(hot), 3);
+}
+
+#[test]
+fn stale_peer_state_ages_out() {
+    let (r, s) = state(2);
+    let peer = r
+        .topology()
+        .peers
+        .iter()
+        .find(|p| p.addr != "10.0.0.1:9090")
+        .unwrap()
+        .addr
+        .clone();
+    let idx = r.topology().placement.index_of(&peer).unwrap();
+    s.set_peer(&peer, peer_state(10.0, &[]));
+    assert!(r.view().nodes[idx].backend.known);
+    // A sample already old when it arrived is stale at once.
+    let mut old = peer_state(10.0, &[]);
+    old.backends[0].age_ms = 60_000;
+    s.set_peer(&peer, old);
+    assert!(!r.view().nodes[idx].backend.known);
+    // And a fresh one ages out by itself after a few intervals.
+    s.set_peer(&peer, peer_state(10.0, &[]));
+    std::thread::sleep(s.stale_after() + Duration::from_millis(50));
+    s.tick();
+    assert!(!r.view().nodes[idx].backend.known);
+}
+
+#[test]
+fn the_disk_filter_travels_in_deltas_and_resets_with_a_new_instance() {
+    let (r, a) = state(2);
+    let (_, b) = state(2);
+    let stored: Vec<u64> = (0..500)
+        .map(|i| xxh3_64(format!("a-{i}").as_bytes()))
+        .collect();
+    let set = stored.clone();
+    a.set_stored(move || set.clone());
+    a.tick();
+    let peer = "10.0.0.2:9090";
+    let idx = r.topology().placement.index_of(peer).unwrap();
+    let (since, inst) = b.poll_args(peer);
+    let st = a.publish(since, inst);
+    assert!(!st.disk.is_empty());
+    b.set_peer(peer, st);
+    let view = b.router.view();
+    let disk = view.nodes[idx].disk.as_ref().expect("received");
+    assert!(stored.iter().all(|&h| disk.contains(h)));
+    // Nothing changed: nothing resent.
+    let (since, inst) = b.poll_args(peer);
+    assert!(a.publish(since, inst).disk.is_empty());
+    // Another instance (a restart of the poller's view of it) starts over.
+    assert!(!a.publish(since, inst + 1).disk.is_empty());
+}
+
+#[test]
+fn the_local_gpu_set_is_what_vllm_runs_then_what_was_sent() {
+    let (r, s) = state(1);
+    let ring = s.recent();
+    for name in ["a", "b", "c", "d", "e", "f"] {
+        ring.note(xxh3_64(name.as_bytes()));
+    }
+    let mut smp = sample(10.0);
+    smp.running_adapters = vec![xxh3_64(b"z")];
+    s.set_local(smp);
+    let b = &r.view().nodes[0].backend;
+    // 4 slots: z (running), then f, e, d (sent last).
+    for name in ["z", "f", "e", "d"] {
+        assert!(b.gpu_has(xxh3_64(name.as_bytes())), "{name}");
+    }
+    assert!(!b.gpu_has(xxh3_64(b"c")));
+    let published = s.publish(0, 0);
+    assert_eq!(published.backends[0].gpu.len(), 4);
+}

@@ -1,0 +1,216 @@
+//! Clusters of real nodes on a loopback subnet of their own (`127.x.y.1..n`, one port), each in
+//! front of its own stand-in vLLM reading the node's store, for the routing tests.
+
+use std::time::{Duration, Instant};
+
+use loraplex::{
+    cluster::placement::Placement,
+    testkit::{
+        origin::OriginStandIn,
+        vllm::{VllmConfig, VllmStandIn},
+    },
+};
+
+use super::{Driver, Node, Raw};
+
+pub const BASE: &str = "tiny-base";
+
+/// A cluster under test; a failing test prints every node's log.
+pub struct Cluster {
+    pub nodes: Vec<Option<Node>>,
+    pub vllms: Vec<VllmStandIn>,
+    pub peers: Vec<String>,
+}
+
+/// A loopback subnet nobody else uses in this process (nodes listen with `SO_REUSEPORT`: two
+/// clusters on the same address and port would share connections).
+fn subnet() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("127.{}.{}", 1 + std::process::id() % 250, 128 + n % 120)
+}
+
+fn free_port(ip: &str) -> u16 {
+    let l = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// How to build a cluster.
+pub struct Spec<'a> {
+    pub nodes: usize,
+    /// The stand-in vLLM of node `i` (its `lora_dir` is set to the node's store).
+    pub vllm: &'a dyn Fn(usize) -> VllmConfig,
+    /// YAML added to every node's config.
+    pub extra: String,
+    pub origin: Option<&'a OriginStandIn>,
+    /// Nodes whose vLLM exports no metrics (their state stays unknown).
+    pub unknown: Vec<usize>,
+}
+
+impl Spec<'_> {
+    pub fn new(nodes: usize) -> Spec<'static> {
+        Spec {
+            nodes,
+            vllm: &|_| VllmConfig::new(BASE),
+            extra: String::new(),
+            origin: None,
+            unknown: Vec::new(),
+        }
+    }
+}
+
+impl Cluster {
+    pub async fn start(driver: Driver, spec: Spec<'_>) -> Cluster {
+        let net = subnet();
+        let port = free_port(&format!("{net}.1"));
+        let peers: Vec<String> = (1..=spec.nodes)
+            .map(|i| format!("{net}.{i}:{port}"))
+            .collect();
+        let dirs: Vec<tempfile::TempDir> = (0..spec.nodes)
+            .map(|_| tempfile::tempdir().unwrap())
+            .collect();
+        let vllms: Vec<VllmStandIn> = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let store = d.path().join("store");
+                std::fs::create_dir_all(&store).unwrap();
+                VllmStandIn::start((spec.vllm)(i).lora_dir(store)).unwrap()
+            })
+            .collect();
+        let origins = spec.origin.map_or(String::new(), |o| {
+            format!(
+                "origins:\n  - type: http\n    base_url: \"{}\"\n",
+                o.base_url()
+            )
+        });
+        let list = peers
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let nodes = dirs
+            .into_iter()
+            .enumerate()
+            .map(|(i, dir)| {
+                let yaml = format!(
+                    "listen: \"{peer}\"\nvllm_url: \"{url}\"\nvllm:\n  model_name: \"{BASE}\"\n  \
+                     health_check_interval: 200ms\n  metrics_interval: 200ms\ndiscovery:\n  \
+                     mode: static\n  static:\n    peers: [{list}]\n{origins}{extra}",
+                    peer = peers[i],
+                    url = vllms[i].url(),
+                    extra = spec.extra,
+                );
+                let node =
+                    tokio::task::block_in_place(|| Node::start_in(dir, &driver.config(&yaml), &[]));
+                node.assert_driver(driver);
+                Some(node)
+            })
+            .collect();
+        let c = Cluster {
+            nodes,
+            vllms,
+            peers,
+        };
+        c.wait_until_all_see_each_other(&spec.unknown).await;
+        c
+    }
+
+    /// Every node has checked every peer and has fresh vLLM state for all of them (but the
+    /// `unknown` ones).
+    pub async fn wait_until_all_see_each_other(&self, unknown: &[usize]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let unknown: Vec<&str> = unknown.iter().map(|&i| self.peers[i].as_str()).collect();
+        for n in self.nodes.iter().flatten() {
+            loop {
+                let peers = self.admin_peers(n).await;
+                let all_ok = peers["peers"].as_array().unwrap().iter().all(|p| {
+                    (p["vllm"]["known"] == true
+                        || unknown.contains(&p["addr"].as_str().unwrap_or_default()))
+                        && (p["self"] == true
+                            || (p["healthy"] == true
+                                && p["vllm_healthy"] == true
+                                && p["checks_ok"].as_u64() > Some(0)))
+                });
+                if all_ok && peers["count"] == self.peers.len() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster never converged: {peers}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    pub async fn admin_peers(&self, n: &Node) -> serde_json::Value {
+        let mut raw = Raw::connect(n.addr).await;
+        raw.send(b"GET /admin/peers HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await;
+        raw.response(false).await.json()
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        self.nodes[i].as_ref().unwrap()
+    }
+
+    /// The node owning `key`, as every node computes it.
+    pub fn owner_of(&self, key: &str) -> usize {
+        let placement = Placement::build(&self.peers);
+        let owner = placement.owner(key.as_bytes()).unwrap();
+        self.peers
+            .iter()
+            .position(|p| p == &placement.peers()[owner])
+            .unwrap()
+    }
+
+    /// A key owned by node `i`.
+    pub fn key_owned_by(&self, i: usize, prefix: &str) -> String {
+        (0..)
+            .map(|n| format!("{prefix}-{n}"))
+            .find(|k| self.owner_of(k) == i)
+            .unwrap()
+    }
+
+    /// Whether node `i`'s store holds `adapter`.
+    pub fn stores(&self, i: usize, adapter: &str) -> bool {
+        self.node(i)
+            .path("store")
+            .join(adapter)
+            .join("adapter_config.json")
+            .is_file()
+    }
+
+    /// A node's `/metrics` value of `line_start` (a metric with its labels), 0 when absent.
+    pub async fn metric(&self, i: usize, line_start: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.node(i).url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(line_start))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (i, n) in self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| Some((i, n.as_ref()?)))
+            {
+                eprintln!("--- node {i} ({}) log:", self.peers[i]);
+                for line in n.logs.lock().unwrap().iter() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
