@@ -106,7 +106,7 @@ pub(super) async fn route(
         span.set_str("loraplex.route.target", &peer.addr);
         let (mut fwd, tp) = trace::outgoing(span, "forward", || peer.addr.clone());
         let mut buf = Vec::new();
-        let extra = trace::with_traceparent(&extra, &tp, &mut buf);
+        let extra = trace::with_traceparent(extra, &tp, &mut buf);
         let target = Target {
             addrs: &peer.sockaddrs,
             name: &peer.addr,
