@@ -22,6 +22,8 @@
 //! - [`metrics`]: the `loraplex_*` Prometheus metrics.
 //! - [`shutdown`]: the process-wide graceful-shutdown signal.
 //! - [`control`]: the control-plane runtime and the bridge from workers to it.
+//! - [`telemetry`]: OpenTelemetry spans (OTLP/HTTP export on the control plane; off unless
+//!   `tracing.otlp_endpoint` is set).
 //! - [`http`]: HTTP/1.1 codec: request/response heads (httparse), body framing, the `model`
 //!   field.
 //! - [`adapter`]: an adapter's validated name and the files of its directory.
@@ -59,6 +61,7 @@ pub mod proxy;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod telemetry;
 #[cfg(feature = "demo")]
 pub mod testkit;
 pub mod vllm;

@@ -116,6 +116,15 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Why finished trace spans were dropped (`loraplex_trace_spans_dropped_total{reason}`): the
+/// export queue was full (the collector is slower than the spans come), or the export failed
+/// (collector down, refused, timed out).
+pub const SPANS_QUEUE_FULL: ReasonLabel = ReasonLabel {
+    reason: "queue_full",
+};
+pub const SPANS_EXPORT_FAILED: ReasonLabel = ReasonLabel {
+    reason: "export_failed",
+};
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyLabel {
     pub key: String,
@@ -191,6 +200,8 @@ pub struct Metrics {
     pub inflight_requests: Gauge<i64, AtomicI64>,
     pub fetches_inflight: Gauge<i64, AtomicI64>,
     pub upstream_connects: Counter<u64, AtomicU64>,
+    pub trace_spans_exported: Counter,
+    pub trace_spans_dropped: Family<ReasonLabel, Counter>,
     // Routing by what vLLM holds (issue 11).
     pub route_decisions: Family<ReasonLabel, Counter>,
     pub vllm_requests_running: FloatGauge,
@@ -239,6 +250,8 @@ impl Metrics {
             inflight_requests: Gauge::default(),
             fetches_inflight: Gauge::default(),
             upstream_connects: Counter::default(),
+            trace_spans_exported: Counter::default(),
+            trace_spans_dropped: Family::default(),
             route_decisions: Family::default(),
             vllm_requests_running: FloatGauge::default(),
             vllm_requests_waiting: FloatGauge::default(),
@@ -250,6 +263,10 @@ impl Metrics {
             key_replicas: Family::default(),
             key_request_rate: Family::default(),
         };
+        // Both reasons from the start: a drop shows as a rise from 0, not a new series.
+        for reason in [SPANS_QUEUE_FULL, SPANS_EXPORT_FAILED] {
+            let _ = m.trace_spans_dropped.get_or_create(&reason);
+        }
         let r = &mut m.registry;
         r.register(
             "requests",
@@ -366,6 +383,16 @@ impl Metrics {
             "upstream_connects",
             "New TCP connections to vLLM or peers",
             m.upstream_connects.clone(),
+        );
+        r.register(
+            "trace_spans_exported",
+            "Trace spans accepted by the OTLP collector",
+            m.trace_spans_exported.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Trace spans lost: export queue full, or the export failed",
+            m.trace_spans_dropped.clone(),
         );
         r.register(
             "route_decisions",

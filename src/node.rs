@@ -29,6 +29,7 @@ use crate::{
     },
     shutdown::Shutdown,
     store::{Store, StoreOptions},
+    telemetry::Tracer,
     vllm::{Hooks, Vllm},
 };
 
@@ -82,6 +83,7 @@ impl Node {
         let discovery = Discovery::start(&config.discovery, &me, &control, shutdown.clone())?;
         let router = Arc::new(Router::new(&config, me, metrics.clone()));
         let peer_client = PeerClient::new(router.source_ip, router.token.clone())?;
+        let tracer = Tracer::start(&config.tracing, router.me.canonical(), &metrics, &control)?;
         let interval = config.vllm.health_check_interval;
         peering::start(
             router.clone(),
@@ -160,6 +162,7 @@ impl Node {
             cluster,
             peer_client,
             store,
+            tracer,
             preload_done: preload_done.clone(),
         });
         preload::start(
@@ -228,6 +231,9 @@ impl Node {
     pub fn wait(self) {
         self.server.wait();
         self.shared.store.shutdown();
+        // The spans of the last requests; bounded (a few seconds), before the control plane
+        // goes with `self`.
+        self.shared.tracer.shutdown();
         tracing::info!("stopped");
     }
 }

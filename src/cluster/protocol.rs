@@ -28,6 +28,7 @@ use crate::{
     cluster::{disk_filter::WireSegment, router::Router},
     error::Error,
     http::RequestHead,
+    telemetry,
 };
 
 /// Marks a request as forwarded by a peer (value `1`).
@@ -291,7 +292,13 @@ impl PeerClient {
         matches!(req.send().await, Ok(r) if r.status().is_success())
     }
 
+    /// The cluster token, and the `traceparent` of the fetch this call is part of (a traced
+    /// peer copy continues the trace on the peer).
     fn with_token(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let req = match telemetry::outgoing() {
+            Some(tp) => req.header(telemetry::TRACEPARENT, tp.as_str()),
+            None => req,
+        };
         match &self.token {
             Some(t) => req.header(TOKEN_HEADER, t),
             None => req,

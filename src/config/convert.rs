@@ -33,7 +33,7 @@ pub(super) struct Convert<'a> {
 }
 
 /// The text of a leaf; `None` for a missing key, a null, or an empty string (Go's "unset").
-fn text(v: &Leaf) -> Option<String> {
+pub(super) fn text(v: &Leaf) -> Option<String> {
     v.as_ref()
         .map(|s| s.text().into_owned())
         .filter(|s| !s.is_empty())
@@ -49,7 +49,7 @@ impl Convert<'_> {
         key.to_owned()
     }
 
-    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::invalid(self.key(key), message)
     }
 
@@ -242,6 +242,7 @@ impl Convert<'_> {
         let open = f.admin.as_ref().and_then(|a| a.open.clone());
         cfg.admin.open = self.boolean("admin.open", &open, false)?;
         cfg.cluster.token = f.cluster.as_ref().and_then(|t| text(&t.token));
+        cfg.tracing = self.tracing(f.tracing.as_ref())?;
         Ok(cfg)
     }
 

@@ -115,6 +115,8 @@ pub struct FileConfig {
     pub admin: Option<FileAdmin>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<FileToken>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<super::otel::FileTracing>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

@@ -14,12 +14,14 @@ use std::{
 mod convert;
 pub mod env;
 pub mod file;
+mod otel;
 mod render;
 pub mod units;
 
 #[cfg(test)]
 mod tests;
 
+pub use otel::TracingConfig;
 pub use render::Redact;
 
 use crate::error::Error;
@@ -228,6 +230,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub admin: AdminConfig,
     pub cluster: ClusterConfig,
+    pub tracing: TracingConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -507,6 +510,7 @@ impl Default for Config {
             },
             admin: AdminConfig::default(),
             cluster: ClusterConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }

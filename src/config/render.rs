@@ -112,6 +112,7 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
         cluster: Some(FileToken {
             token: secret(&cfg.cluster.token),
         }),
+        tracing: Some(super::otel::render(&cfg.tracing)),
     };
     serde_yaml_ng::to_string(&file).expect("plain scalars, strings and lists always serialize")
 }

@@ -483,7 +483,8 @@ fn printed_config_loads_back() {
         server: {workers: 3, driver: epoll, max_body_size: 1MB, max_header_size: 8KB, \
                  header_read_timeout: 7s, body_read_timeout: 9s, idle_timeout: 1h, upstream_connect_timeout: 1s, \
                  upstream_idle_timeout: 2s, shutdown_grace: 0, log_format: json}\n\
-        admin: {token: a, open: true}\ncluster: {token: c}\n";
+        admin: {token: a, open: true}\ncluster: {token: c}\n\
+        tracing: {otlp_endpoint: 'https://otel.local:4318/custom/traces', service_name: lp, sample_ratio: 0.25}\n";
     let c = cfg(text);
     let printed = c.to_yaml(Redact::Nothing);
     assert_eq!(cfg(&printed), c, "{printed}");
@@ -501,6 +502,58 @@ fn printed_config_loads_back() {
         "{redacted}"
     );
     assert_eq!(redacted.matches("<redacted>").count(), 4, "{redacted}");
+}
+
+#[test]
+fn tracing_is_off_by_default_and_its_keys_are_checked() {
+    let d = cfg("");
+    assert_eq!(d.tracing.otlp_endpoint, None);
+    assert_eq!(d.tracing.service_name, "loraplex");
+    assert_eq!(d.tracing.sample_ratio, 1.0);
+    let endpoint = |v: &str| {
+        cfg(&format!("tracing:\n  otlp_endpoint: \"{v}\"\n"))
+            .tracing
+            .otlp_endpoint
+            .unwrap()
+    };
+    // A bare collector address gets the standard path; a path is kept as written.
+    assert_eq!(endpoint("http://otel:4318"), "http://otel:4318/v1/traces");
+    assert_eq!(endpoint("http://otel:4318/"), "http://otel:4318/v1/traces");
+    assert_eq!(
+        endpoint("https://tempo.local/otlp/v1/traces"),
+        "https://tempo.local/otlp/v1/traces"
+    );
+    let c = cfg("tracing: {otlp_endpoint: 'http://o:4318', service_name: edge, sample_ratio: 0}\n");
+    assert_eq!(c.tracing.service_name, "edge");
+    assert_eq!(c.tracing.sample_ratio, 0.0);
+    assert_eq!(
+        cfg("tracing: {sample_ratio: 1}\n").tracing.sample_ratio,
+        1.0
+    );
+    for (text, want) in [
+        (
+            "tracing: {otlp_endpoint: 'grpc://o:4317'}\n",
+            r#"tracing.otlp_endpoint: URL "grpc://o:4317" must start with http:// or https://"#,
+        ),
+        (
+            "tracing: {otlp_endpoint: 'o:4318'}\n",
+            r#"tracing.otlp_endpoint: URL "o:4318" must start with http:// or https://"#,
+        ),
+        (
+            "tracing: {otlp_endpoint: 'http://o:4318/v1/traces?x=1'}\n",
+            r#"tracing.otlp_endpoint: invalid URL "http://o:4318/v1/traces?x=1": expected scheme://host[:port][/path]"#,
+        ),
+        (
+            "tracing: {sample_ratio: 1.5}\n",
+            "tracing.sample_ratio: 1.5 is not between 0 and 1",
+        ),
+        (
+            "tracing: {sample_ratio: half}\n",
+            r#"tracing.sample_ratio: invalid number "half""#,
+        ),
+    ] {
+        assert_eq!(err(text), want, "{text}");
+    }
 }
 
 #[test]

@@ -232,10 +232,19 @@ impl Fields {
         Ok(framing)
     }
 
-    /// Append the end-to-end headers (hop-by-hop and internal ones left out).
-    fn write_end_to_end(&self, out: &mut Vec<u8>) {
+    /// Append the end-to-end headers (hop-by-hop and internal ones left out), but those named
+    /// in `replaced` (their new values follow).
+    fn write_end_to_end(&self, out: &mut Vec<u8>, replaced: &[(&str, &[u8])]) {
         for h in self.headers.iter().filter(|h| !h.hop) {
-            out.extend_from_slice(self.bytes(&h.name));
+            let name = self.bytes(&h.name);
+            if !replaced.is_empty()
+                && replaced
+                    .iter()
+                    .any(|(r, _)| r.as_bytes().eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
+            out.extend_from_slice(name);
             out.extend_from_slice(b": ");
             out.extend_from_slice(self.bytes(&h.value));
             out.extend_from_slice(b"\r\n");
@@ -389,7 +398,8 @@ impl RequestHead {
     }
 
     /// Serialise this head for the next hop: same method and target, end-to-end headers only,
-    /// then `extra` headers, then the framing of a body of `body_len` bytes (the proxy always
+    /// then `extra` headers (which replace the client's headers of the same name: a rewritten
+    /// `traceparent`), then the framing of a body of `body_len` bytes (the proxy always
     /// sends bodies with a length, having read them whole). The next hop gets HTTP/1.1, so an
     /// HTTP/1.0 request without `Host` gets an empty one (RFC 9112 §3.2: the target has no
     /// authority of its own).
@@ -401,7 +411,7 @@ impl RequestHead {
         if self.header("host").is_none() {
             out.extend_from_slice(b"host: \r\n");
         }
-        self.fields.write_end_to_end(out);
+        self.fields.write_end_to_end(out, extra);
         for (name, value) in extra {
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
@@ -508,7 +518,7 @@ impl ResponseHead {
         out.push(b' ');
         out.extend_from_slice(self.reason());
         out.extend_from_slice(b"\r\n");
-        self.fields.write_end_to_end(out);
+        self.fields.write_end_to_end(out, &[]);
         for (name, value) in extra {
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
@@ -653,6 +663,21 @@ mod tests {
         assert_eq!(forwarded(&h, 0), "GET /x HTTP/1.1\r\nhost: \r\n\r\n");
         let h = req("GET /x HTTP/1.1\r\nHost:\r\n\r\n");
         assert_eq!(forwarded(&h, 0), "GET /x HTTP/1.1\r\nHost: \r\n\r\n");
+    }
+
+    #[test]
+    fn extra_headers_replace_the_clients_of_the_same_name() {
+        let h = req("POST /v1/x HTTP/1.1\r\nHost: a\r\nTraceParent: 00-old\r\n\
+             tracestate: k=v\r\ntraceparent: 00-again\r\n\r\n");
+        let mut out = Vec::new();
+        h.write_forward(&mut out, &[("traceparent", b"00-new")], 2);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /v1/x HTTP/1.1\r\nHost: a\r\ntracestate: k=v\r\ntraceparent: 00-new\r\n\
+             content-length: 2\r\n\r\n"
+        );
+        // Without extras every end-to-end header passes as it came.
+        assert!(forwarded(&h, 0).contains("TraceParent: 00-old\r\n"));
     }
 
     #[test]

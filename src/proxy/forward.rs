@@ -30,8 +30,10 @@ use crate::{
     http::RequestHead,
     metrics::{PeerLabel, Tier},
     proxy::Proxy,
+    proxy::trace,
     proxy::upstream::{Request, Stage, Target},
     server::conn::Conn,
+    telemetry::Span,
 };
 
 use super::{Reply, Served};
@@ -54,6 +56,7 @@ pub(super) async fn route(
     body: &Bytes,
     key: Option<&str>,
     adapter: Option<&AdapterName>,
+    span: &mut Span,
 ) -> Result<Option<Served>, Error> {
     let shared = &w.shared;
     let router = &shared.router;
@@ -75,10 +78,17 @@ pub(super) async fn route(
         d
     };
     w.count_decision(decision.reason);
+    span.set("loraplex.route.reason", decision.reason.as_str());
     if decision.is_local() {
         if decision.overflow {
             shared.metrics.overflow_local.inc();
         }
+        let route = if decision.overflow {
+            "overflow"
+        } else {
+            "local"
+        };
+        span.set("loraplex.route", route);
         return Ok(None);
     }
     let peers = decision.peers;
@@ -86,9 +96,14 @@ pub(super) async fn route(
     if let Some(token) = &router.token {
         extra.push((TOKEN_HEADER, token.as_bytes()));
     }
+    span.set("loraplex.route", "forward");
     for idx in peers.iter() {
         let peer = &topo.peers[idx];
         let started = Instant::now();
+        span.set_str("loraplex.route.target", &peer.addr);
+        let (mut fwd, tp) = trace::outgoing(span, "forward", || peer.addr.clone());
+        let mut buf = Vec::new();
+        let extra = trace::with_traceparent(&extra, &tp, &mut buf);
         let target = Target {
             addrs: &peer.sockaddrs,
             name: &peer.addr,
@@ -96,8 +111,9 @@ pub(super) async fn route(
             acknowledges: true,
             source: router.source_ip,
         };
-        let req = Request::relay(&w.pool, head, &extra, body, &[], &shared.shutdown);
+        let req = Request::relay(&w.pool, head, extra, body, &[], &shared.shutdown);
         let result = w.pool.exchange(conn, &target, req).await;
+        trace::exchanged(&mut fwd, &result);
         let m = &shared.metrics;
         match result {
             Ok(answered) => {
@@ -134,5 +150,6 @@ pub(super) async fn route(
         }
     }
     tracing::warn!(key, "no chosen peer reachable: serving here");
+    span.set("loraplex.route", "unreachable");
     Ok(None)
 }

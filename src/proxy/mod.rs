@@ -15,6 +15,7 @@
 //! - `admin_api.rs`: the admin API (`/admin/*`).
 //! - `peer_files.rs`: stored adapters served to peers.
 //! - `peer_state.rs`: this node's state for its peers.
+//! - `trace.rs`: the request's span and those of what it sends on.
 //! - `state.rs`: what every worker shares, and each worker's own [`Proxy`] (the server's
 //!   handler).
 
@@ -24,6 +25,7 @@ pub mod local;
 pub mod peer_files;
 mod peer_state;
 mod state;
+mod trace;
 pub mod upstream;
 
 use std::{
@@ -48,6 +50,7 @@ use crate::{
     metrics::Tier,
     server::{Handler, conn::Conn},
     store::Ensured,
+    telemetry::Span,
     vllm::BaseModel,
 };
 
@@ -83,13 +86,18 @@ pub async fn process_request(w: &Proxy, conn: &mut Conn, head: RequestHead) -> b
     shared.pending.fetch_add(1, Ordering::Relaxed);
     shared.metrics.inflight_requests.inc();
     let mut body_read = false;
-    let result = pipeline(w, conn, &head, &mut body_read).await;
+    let mut span = trace::request_span(w, conn, &head);
+    let result = pipeline(w, conn, &head, &mut body_read, &mut span).await;
     shared.pending.fetch_sub(1, Ordering::Relaxed);
     shared.metrics.inflight_requests.dec();
 
     let served = match result {
-        Ok(served) => served,
+        Ok(served) => {
+            trace::finish(&mut span, served.reply.status, served.tier.as_str(), None);
+            served
+        }
         Err(err) => {
+            trace::finish(&mut span, err.status(), Tier::Error.as_str(), Some(&err));
             shared.metrics.count_error(err.kind.as_str());
             if err.kind == ErrorKind::Internal {
                 tracing::error!(path = head.path(), error = %err, "internal error");
@@ -113,6 +121,7 @@ pub async fn process_request(w: &Proxy, conn: &mut Conn, head: RequestHead) -> b
             }
         }
     };
+    drop(span);
     let tenant = head.header_str("x-tenant-id");
     w.record_request(tenant, served.tier, started.elapsed().as_secs_f64());
     tracing::trace!(
@@ -128,6 +137,7 @@ async fn pipeline(
     conn: &mut Conn,
     head: &RequestHead,
     body_read: &mut bool,
+    span: &mut Span,
 ) -> Result<Served, Error> {
     let shared = &w.shared;
     let cfg = &shared.config.server;
@@ -158,7 +168,11 @@ async fn pipeline(
         Some(_) => Some(base_model(w).await?),
     };
     let adapter = match (model.as_deref(), &base) {
-        (Some(name), Some(base)) if !base.is_base(name) => Some(AdapterName::parse(name)?),
+        (Some(name), Some(base)) if !base.is_base(name) => {
+            let adapter = AdapterName::parse(name)?;
+            span.set_str("loraplex.adapter", adapter.as_str());
+            Some(adapter)
+        }
         _ => None,
     };
     let mut tier = if adapter.is_some() {
@@ -172,16 +186,25 @@ async fn pipeline(
     if protocol::is_marked(head) {
         forward::acknowledge(conn, head).await?;
     }
-    if !protocol::is_trusted_forward(&shared.router, head, conn.peer.ip()) {
+    if protocol::is_trusted_forward(&shared.router, head, conn.peer.ip()) {
+        span.set("loraplex.route", "from_peer");
+    } else {
         // A base-model request names the base model by the name it uses.
         let base_name = model.as_deref().filter(|_| adapter.is_none());
         let header = |name: &str| head.header_str(name);
         let key = hash_key(&shared.router.hash_on, model.as_deref(), base_name, header);
+        span.set_with("loraplex.hash_key.kind", || {
+            trace::key_kind(&shared.router.hash_on, key.as_ref())
+        });
         // Keyless requests are routed only when they name the base model (inference); the
         // rest (model lists, tokenizer calls, ...) are answered here.
         let base_request = adapter.is_none() && model.as_deref().is_some_and(|m| !m.is_empty());
+        if !(key.is_some() || base_request) {
+            span.set("loraplex.route", "local");
+        }
         if key.is_some() || base_request {
-            let routed = forward::route(w, conn, head, &body, key.as_deref(), adapter.as_ref());
+            let routed =
+                forward::route(w, conn, head, &body, key.as_deref(), adapter.as_ref(), span);
             if let Some(done) = routed.await? {
                 return Ok(done);
             }
@@ -198,7 +221,7 @@ async fn pipeline(
     let mut extra: &[(&str, &[u8])] = &[];
     let _pin = match &adapter {
         None => None,
-        Some(name) => match ensure_in_time(w, name).await {
+        Some(name) => match ensure_in_time(w, name, span).await {
             Ok(ensured) => {
                 if ensured.fetched {
                     tier = Tier::Origin;
@@ -226,7 +249,8 @@ async fn pipeline(
         w.recent
             .note(xxhash_rust::xxh3::xxh3_64(name.as_str().as_bytes()));
     }
-    let reply = to_vllm(w, conn, head, body, extra).await?;
+    span.set_str("loraplex.route.target", shared.router.me.canonical());
+    let reply = to_vllm(w, conn, head, body, extra, span).await?;
     Ok(Served { tier, reply })
 }
 
@@ -234,12 +258,12 @@ async fn pipeline(
 /// download: past that, a 504 (or the fallback). The download itself goes on, for the requests
 /// after this one: it belongs to no request, and the transfer layer stops it if it crawls
 /// (`origins[].min_rate`).
-async fn ensure_in_time(w: &Proxy, name: &AdapterName) -> Result<Ensured, Error> {
+async fn ensure_in_time(w: &Proxy, name: &AdapterName, span: &mut Span) -> Result<Ensured, Error> {
     let store = &w.shared.store;
     let Some(limit) = w.shared.config.storage.fetch_wait_timeout else {
-        return store.ensure(name).await;
+        return store.ensure_traced(name, span).await;
     };
-    match monoio::time::timeout(limit, store.ensure(name)).await {
+    match monoio::time::timeout(limit, store.ensure_traced(name, span)).await {
         Ok(ensured) => ensured,
         Err(_) => Err(Error::new(
             ErrorKind::Timeout,
@@ -272,8 +296,16 @@ async fn to_vllm(
     head: &RequestHead,
     body: Bytes,
     extra: &[(&str, &[u8])],
+    span: &Span,
 ) -> Result<Reply, Error> {
     let vllm = &w.shared.vllm;
+    let (mut up, tp) = trace::outgoing(span, "vllm", || {
+        vllm.addrs
+            .first()
+            .map_or_else(String::new, |a| a.to_string())
+    });
+    let mut buf = Vec::new();
+    let upstream_extra = trace::with_traceparent(&[], &tp, &mut buf);
     let target = Target {
         addrs: &vllm.addrs,
         name: "vLLM",
@@ -281,8 +313,17 @@ async fn to_vllm(
         acknowledges: false,
         source: None,
     };
-    let req = Request::relay(&w.pool, head, &[], &body, extra, &w.shared.shutdown);
-    match w.pool.exchange(conn, &target, req).await {
+    let req = Request::relay(
+        &w.pool,
+        head,
+        upstream_extra,
+        &body,
+        extra,
+        &w.shared.shutdown,
+    );
+    let result = w.pool.exchange(conn, &target, req).await;
+    trace::exchanged(&mut up, &result);
+    match result {
         Ok(answered) => Ok(Reply {
             status: answered.status,
             keep_alive: answered.keep_alive,

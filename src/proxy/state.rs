@@ -21,6 +21,7 @@ use crate::{
     proxy::upstream::Pool,
     shutdown::Shutdown,
     store::Store,
+    telemetry::Tracer,
     vllm::Vllm,
 };
 
@@ -39,6 +40,8 @@ pub struct Shared {
     /// The client for every control-plane call to a peer.
     pub peer_client: PeerClient,
     pub store: Arc<Store>,
+    /// OpenTelemetry spans (off unless `tracing.otlp_endpoint` is set).
+    pub tracer: Tracer,
     /// The `storage.preload` attempts have finished (`/readyz` waits for it).
     pub preload_done: Arc<AtomicBool>,
 }

@@ -28,6 +28,7 @@ use crate::{
         FileSpec, Origin, OriginError, OriginErrorKind, check_manifest,
         transfer::{ChunkSink, TransferError, pull_file, with_retries},
     },
+    telemetry::{self, Span, SpanKind},
 };
 
 /// Reservation step when sizes are unknown.
@@ -45,11 +46,13 @@ enum Failure {
 
 impl Store {
     /// Fetch `name` from the first origin that has it. `replacing`: the stored version a
-    /// revalidation found outdated (it stays in place until the new one is published).
+    /// revalidation found outdated (it stays in place until the new one is published). `span`
+    /// (the `fetch` span, or nothing) gets a `fetch.origin` child per origin tried.
     pub(super) async fn fetch_version(
         self: &Arc<Self>,
         name: &AdapterName,
         replacing: Option<&Arc<Entry>>,
+        span: &mut Span,
     ) -> Result<Pin, Error> {
         self.metrics.fetches_inflight.inc();
         let _inflight = scopeguard(|| {
@@ -65,8 +68,15 @@ impl Store {
             }
             let started = Instant::now();
             let label = origin.kind();
-            let outcome = self.fetch_from(origin.as_ref(), name, replacing).await;
+            let mut attempt = span.child("fetch.origin", SpanKind::Client);
+            attempt.set("loraplex.origin", label);
+            let outcome = telemetry::with_parent(
+                attempt.traceparent(),
+                self.fetch_from(origin.as_ref(), name, replacing, &mut attempt),
+            )
+            .await;
             let result = if outcome.is_ok() { "ok" } else { "error" };
+            attempt.set("loraplex.fetch.result", result);
             self.metrics
                 .fetches
                 .get_or_create(&OriginResult {
@@ -80,10 +90,14 @@ impl Store {
                         .fetch_duration
                         .get_or_create(&OriginLabel { origin: label })
                         .observe(started.elapsed().as_secs_f64());
+                    span.set("loraplex.origin", label);
+                    span.set("loraplex.fetch.bytes", pin.entry().size() as i64);
                     return Ok(pin);
                 }
                 Err(Failure::Origin(e)) => {
                     self.count_failure(label, e.kind.as_str());
+                    attempt.set("error.type", e.kind.as_str());
+                    attempt.fail(|| e.to_string());
                     if e.kind == OriginErrorKind::NotFound {
                         tracing::debug!(adapter = %name, origin = %origin.describe(), "not found at origin");
                     } else {
@@ -93,17 +107,17 @@ impl Store {
                 }
                 Err(Failure::Local(e)) => {
                     self.count_failure(label, "storage");
+                    attempt.set("error.type", "storage");
+                    attempt.fail(|| e.to_string());
+                    span.fail(|| e.to_string());
                     tracing::warn!(adapter = %name, error = %e, "fetch failed");
                     return Err(e);
                 }
             }
         }
-        Err(first_err.unwrap_or_else(|| Error::model_not_found(name.as_str())))
-    }
-
-    /// A cold fetch (the Fetch flight's work).
-    pub(super) async fn fetch(self: &Arc<Self>, name: &AdapterName) -> Result<Pin, Error> {
-        self.fetch_version(name, None).await
+        let e = first_err.unwrap_or_else(|| Error::model_not_found(name.as_str()));
+        span.fail(|| e.to_string());
+        Err(e)
     }
 
     /// How much to reserve at a time when sizes are unknown (small budgets get small steps).
@@ -123,6 +137,7 @@ impl Store {
         origin: &dyn Origin,
         name: &AdapterName,
         replacing: Option<&Arc<Entry>>,
+        span: &mut Span,
     ) -> Result<Pin, Failure> {
         let mut manifest = with_retries(origin, "manifest", || origin.manifest(name))
             .await
@@ -159,7 +174,20 @@ impl Store {
             for file in &manifest.files {
                 sink.begin(file).await?;
                 pull_file(origin, name, &manifest, file, &mut sink).await?;
-                sink.end(base.as_deref()).await?;
+                // The checks that need the whole file (a safetensors header, a config).
+                let mut verify = match sink.kind {
+                    FileKind::Other => Span::OFF,
+                    _ => span.child("verify", SpanKind::Internal),
+                };
+                verify.set_str("loraplex.file", &file.path);
+                let checked = sink.end(base.as_deref()).await;
+                if let Err(e) = &checked {
+                    verify.fail(|| match e {
+                        TransferError::Origin(e) => e.to_string(),
+                        TransferError::Sink(e) => e.to_string(),
+                    });
+                }
+                checked?;
             }
             let meta = AdapterMeta {
                 origin: origin.kind().to_owned(),
@@ -175,10 +203,20 @@ impl Store {
             Ok::<AdapterMeta, TransferError>(meta)
         }
         .await;
+        span.set("loraplex.fetch.files", manifest.files.len() as i64);
+        span.set("loraplex.fetch.bytes", progress.bytes() as i64);
+        // fsync, atomic rename, then the index.
+        let mut publish = match sent {
+            Ok(_) => span.child("publish", SpanKind::Internal),
+            Err(_) => Span::OFF,
+        };
         drop(tx);
         let committed = done
             .await
             .unwrap_or_else(|_| Err(Error::internal("the storage thread stopped")));
+        if let Err(e) = &committed {
+            publish.fail(|| e.to_string());
+        }
         let (meta, committed) = match (sent, committed) {
             (Ok(meta), Ok(c)) => (meta, c),
             // The channel closed under the sender: the writer's error (ENOSPC...) is the cause.
@@ -200,9 +238,11 @@ impl Store {
             bytes = committed.bytes(),
             secs = progress.elapsed().as_secs_f64(), "adapter fetched and published"
         );
-        Ok(self
+        let pin = self
             .install(name, meta, committed, reservation, replacing)
-            .await)
+            .await;
+        publish.end();
+        Ok(pin)
     }
 
     /// Index the published adapter; delete what it replaced once vLLM has been told.

@@ -61,6 +61,7 @@ use crate::{
     error::{Error, ErrorKind},
     metrics::{Metrics, TierLabel},
     origin::OriginChain,
+    telemetry::{Span, SpanKind},
 };
 
 /// What the store needs from vLLM (implemented by the vLLM client).
@@ -235,6 +236,17 @@ impl Store {
     /// Make sure `name` is stored and pin it: a hit, or the one fetch for it (joined by every
     /// concurrent caller; a caller going away does not cancel it).
     pub async fn ensure(self: &Arc<Self>, name: &AdapterName) -> Result<Ensured, Error> {
+        self.ensure_traced(name, &mut Span::default()).await
+    }
+
+    /// [`Store::ensure`] for a traced request: the fetch it leads (if any) is a child span of
+    /// `span` (`fetch`, with `fetch.origin`, `verify` and `publish` under it); one it joins is
+    /// only noted (`loraplex.fetch` = `led` | `joined`).
+    pub async fn ensure_traced(
+        self: &Arc<Self>,
+        name: &AdapterName,
+        span: &mut Span,
+    ) -> Result<Ensured, Error> {
         let mut fetched = false;
         loop {
             if let Some(pin) = self.pin(name) {
@@ -244,13 +256,21 @@ impl Store {
                 Join::Lead(lead) => {
                     let flight = lead.flight();
                     let store = self.clone();
+                    span.set("loraplex.fetch", "led");
+                    let mut fetch = span.child("fetch", SpanKind::Internal);
                     self.control.spawn(async move {
-                        let outcome = store.fetch(lead.name()).await.map(Some);
-                        lead.finish(outcome);
+                        fetch.set_str("loraplex.adapter", lead.name().as_str());
+                        let outcome = store.fetch_version(lead.name(), None, &mut fetch).await;
+                        lead.finish(outcome.map(Some));
                     });
                     flight
                 }
-                Join::Follow(flight) => flight,
+                Join::Follow(flight) => {
+                    if flight.kind == FlightKind::Fetch {
+                        span.set("loraplex.fetch", "joined");
+                    }
+                    flight
+                }
                 Join::Conflict(other) => return Err(conflict(name, &other)),
             };
             if flight.kind == FlightKind::Fetch {

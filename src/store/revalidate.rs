@@ -33,6 +33,7 @@ use crate::{
     },
     error::Error,
     metrics::ResultLabel,
+    telemetry::Span,
 };
 
 const BACKOFF_MIN: Duration = Duration::from_secs(5);
@@ -114,7 +115,10 @@ impl Store {
             return Ok("unchanged");
         }
         tracing::info!(adapter = %name, old = ?entry.provenance.content_id(), new = ?id, "adapter changed at the origin; fetching the new version");
-        drop(self.fetch_version(name, Some(entry)).await?);
+        drop(
+            self.fetch_version(name, Some(entry), &mut Span::default())
+                .await?,
+        );
         Ok("updated")
     }
 
