@@ -309,7 +309,10 @@ fn a_base_model_request_samples_a_few_nodes_and_avoids_a_long_queue() {
         let to = target(&d).expect("this node has a queue: the request leaves");
         chosen[to] += 1;
     }
-    assert_eq!(chosen[long], 0, "the node with a long queue got work: {chosen:?}");
+    assert_eq!(
+        chosen[long], 0,
+        "the node with a long queue got work: {chosen:?}"
+    );
     // Idle nodes tie; the draws spread the requests over them (reading every node sent every
     // tie to the same one).
     let used = chosen.iter().filter(|&&c| c > 0).count();
