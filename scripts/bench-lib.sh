@@ -39,8 +39,11 @@ CONF
   nginx -c "$WORK/$1.conf"
 }
 
-# start_nginx_proxy NAME LISTEN UPSTREAM: nginx (2 workers) as a keep-alive reverse proxy.
+# start_nginx_proxy NAME LISTEN UPSTREAM [tls]: nginx (2 workers) as a keep-alive reverse
+# proxy; with `tls`, its clients speak TLS (the certificate of make_tls_cert).
 start_nginx_proxy() {
+  local ssl=""
+  [ "${4:-}" = tls ] && ssl=" ssl; ssl_certificate $WORK/tls.crt; ssl_certificate_key $WORK/tls.key"
   cat > "$WORK/$1.conf" <<CONF
 worker_processes 2;
 pid $WORK/$1.pid;
@@ -52,7 +55,7 @@ http {
   proxy_temp_path $WORK;
   upstream up { server $3; keepalive 256; }
   server {
-    listen $2;
+    listen $2$ssl;
     keepalive_requests 1000000;
     location / {
       proxy_pass http://up;
@@ -64,6 +67,13 @@ http {
 }
 CONF
   nginx -c "$WORK/$1.conf"
+}
+
+# make_tls_cert: a self-signed certificate for 127.0.0.1 (IP SAN) in $WORK/tls.{crt,key}.
+make_tls_cert() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -subj /CN=bench -addext subjectAltName=IP:127.0.0.1 \
+    -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
 }
 
 # stop_nginx: stop every nginx started from $WORK.
@@ -95,7 +105,7 @@ wrk_run() {
 
 # wait_healthz ADDR: until loraplex at ADDR answers /healthz (10 s at most).
 wait_healthz() {
-  for _ in $(seq 100); do curl -sf "$1/healthz" >/dev/null && return; sleep 0.1; done
+  for _ in $(seq 100); do curl -skf "$1/healthz" >/dev/null && return; sleep 0.1; done
   echo "loraplex at $1 did not come up" >&2
   return 1
 }

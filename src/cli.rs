@@ -319,6 +319,9 @@ pub fn check_config_with_env(
     };
     let text = config::read_file(path).map_err(err)?;
     let loaded = Config::resolve(Some(&text), &Overrides::default(), env).map_err(err)?;
+    // The TLS files too, as the node would read them at start.
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    crate::tls::Tls::from_config(&loaded.config, metrics).map_err(err)?;
     let mut out = format!("# {}: OK\n", path.display());
     for w in &loaded.warnings {
         out.push_str(&format!("# warning: {w}\n"));

@@ -245,6 +245,19 @@ impl From<std::io::Error> for Error {
     }
 }
 
+/// An error and its sources, so the message names the real cause (refused, reset, a
+/// certificate refused, ...).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,9 @@
 //! - [`control`]: the control-plane runtime and the bridge from workers to it.
 //! - [`telemetry`]: OpenTelemetry spans (OTLP/HTTP export on the control plane; off unless
 //!   `tracing.otlp_endpoint` is set).
+//! - [`tls`]: rustls for clients and peer links: certificates and their reload, the TLS
+//!   stream over monoio, the listener's sniff-and-handshake, how peers' certificates are
+//!   checked.
 //! - [`http`]: HTTP/1.1 codec: request/response heads (httparse), body framing, the `model`
 //!   field.
 //! - [`adapter`]: an adapter's validated name and the files of its directory.
@@ -64,6 +67,7 @@ pub mod store;
 pub mod telemetry;
 #[cfg(feature = "demo")]
 pub mod testkit;
+pub mod tls;
 pub mod vllm;
 
 pub use error::{Error, ErrorKind, Result};

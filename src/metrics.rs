@@ -202,6 +202,9 @@ pub struct Metrics {
     pub upstream_connects: Counter<u64, AtomicU64>,
     pub trace_spans_exported: Counter,
     pub trace_spans_dropped: Family<ReasonLabel, Counter>,
+    /// New client connections on a `server.tls` listener, by what became of them.
+    pub tls_connections: Family<ResultLabel, Counter>,
+    pub tls_reloads: Family<ResultLabel, Counter>,
     // Routing by what vLLM holds (issue 11).
     pub route_decisions: Family<ReasonLabel, Counter>,
     pub vllm_requests_running: FloatGauge,
@@ -252,6 +255,8 @@ impl Metrics {
             upstream_connects: Counter::default(),
             trace_spans_exported: Counter::default(),
             trace_spans_dropped: Family::default(),
+            tls_connections: Family::default(),
+            tls_reloads: Family::default(),
             route_decisions: Family::default(),
             vllm_requests_running: FloatGauge::default(),
             vllm_requests_waiting: FloatGauge::default(),
@@ -394,6 +399,25 @@ impl Metrics {
             "Trace spans lost: export queue full, or the export failed",
             m.trace_spans_dropped.clone(),
         );
+        r.register(
+            "tls_connections",
+            "Client connections to a server.tls listener: tls (handshake done), plain \
+             (server.tls.allow_plain), plain_refused, failed (bad or stalled handshake)",
+            m.tls_connections.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "Reloads of the TLS files (SIGHUP or a change) by result",
+            m.tls_reloads.clone(),
+        );
+        // Every result from the start at zero (with TLS off too): a rate over them works from
+        // the first scrape, and the dashboard's TLS panels read 0 rather than "no data".
+        for result in ["tls", "plain", "plain_refused", "failed"] {
+            let _ = m.tls_connections.get_or_create(&ResultLabel { result });
+        }
+        for result in ["ok", "error"] {
+            let _ = m.tls_reloads.get_or_create(&ResultLabel { result });
+        }
         r.register(
             "route_decisions",
             "Routing decisions by reason: owner, residency, load, spread, fallback",

@@ -30,6 +30,7 @@ use crate::{
     shutdown::Shutdown,
     store::{Store, StoreOptions},
     telemetry::Tracer,
+    tls::Tls,
     vllm::{Hooks, Vllm},
 };
 
@@ -73,6 +74,9 @@ impl Node {
         let control_plane = ControlPlane::start(2)?;
         let control = control_plane.control();
         let metrics = Arc::new(Metrics::new());
+        // The TLS files are read before anything binds: a bad certificate stops the start.
+        let tls = Tls::from_config(&config, metrics.clone())
+            .map_err(|e| Error::internal(e.to_string()))?;
         let vllm = Vllm::new(&config, metrics.clone())?;
         let listeners = bind(&config.listen, config.server.workers.max(1))?;
         let addr = listeners[0].local_addr()?;
@@ -82,7 +86,9 @@ impl Node {
         let me = Identity::new(addr, config.self_addr.as_deref())?;
         let discovery = Discovery::start(&config.discovery, &me, &control, shutdown.clone())?;
         let router = Arc::new(Router::new(&config, me, metrics.clone()));
-        let peer_client = PeerClient::new(router.source_ip, router.token.clone())?;
+        let peer_client =
+            PeerClient::new(router.source_ip, router.token.clone(), tls.peers.clone())?;
+        tls.watch(&control, shutdown.clone());
         let tracer = Tracer::start(&config.tracing, router.me.canonical(), &metrics, &control)?;
         let interval = config.vllm.health_check_interval;
         peering::start(
@@ -163,6 +169,7 @@ impl Node {
             peer_client,
             store,
             tracer,
+            tls,
             preload_done: preload_done.clone(),
         });
         preload::start(
@@ -183,6 +190,7 @@ impl Node {
             &shared.config.server,
             shared.shutdown.clone(),
             shared.metrics.clone(),
+            shared.tls.acceptor.clone(),
             move |_| Proxy::new(for_workers.clone()),
         )?;
         log_summary(&shared, driver, addr);
@@ -263,6 +271,13 @@ fn log_summary(shared: &Shared, driver: DriverKind, addr: SocketAddr) {
         node = %shared.router.me.canonical(),
         discovery = cfg.discovery.mode(),
         vllm = %cfg.vllm_url,
+        tls = match (&cfg.server.tls, &cfg.cluster.tls) {
+            (None, _) => "off",
+            (Some(t), None) if t.allow_plain => "server (plain allowed)",
+            (Some(_), None) => "server",
+            (Some(t), Some(_)) if t.allow_plain => "server and peers (plain allowed)",
+            (Some(_), Some(_)) => "server and peers",
+        },
         storage = %cfg.storage.dir.display(),
         write_mode = shared.store.write_mode().as_str(),
         max_size = %crate::config::units::format_size(cfg.storage.max_size),

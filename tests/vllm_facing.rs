@@ -148,6 +148,8 @@ async fn a_request_after_vllm_closed_the_idle_pooled_connection_succeeds(driver:
             vllm.url()
         ),
     );
+    // The first health check (and its connection) done before counting connections.
+    wait_ready(&lp, 200).await;
     // One client connection, so both requests use the same worker and its pool.
     let mut c = Raw::connect(lp.addr).await;
     let body = format!(r#"{{"model":"{MODEL}","messages":[]}}"#);

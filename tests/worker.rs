@@ -68,6 +68,7 @@ async fn survives(driver: loraplex::config::Driver) {
         &config,
         shutdown.clone(),
         std::sync::Arc::new(Metrics::new()),
+        None,
         move |_| OnControlPlane {
             control: control.clone(),
         },

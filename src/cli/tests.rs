@@ -356,3 +356,18 @@ fn check_config_prints_every_key() {
         format!("config {bad}: routing.overflow_threshold: 1.5 is not between 0 and 1")
     );
 }
+
+#[test]
+fn check_config_reads_the_tls_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let yaml = format!("server:\n  tls: {{cert: {d}/none.crt, key: {d}/none.key}}\n");
+    let path = write(&dir, "tls.yaml", &yaml);
+    let e = check_config_with_env(path.as_ref(), no_env).unwrap_err();
+    assert_eq!(e.exit_code(), 1);
+    let e = e.to_string();
+    assert!(
+        e.contains(&format!("server.tls.cert: {d}/none.crt: No such file")),
+        "{e}"
+    );
+}

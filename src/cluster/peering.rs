@@ -125,7 +125,7 @@ async fn poll_peers(router: &Router, client: &PeerClient) {
                 Err(e) => {
                     let was_up = p.health.is_up();
                     if p.health.check_failed() && was_up {
-                        tracing::warn!(peer = %p.addr, error = %e, "peer is down");
+                        tracing::warn!(peer = %p.addr, error = %crate::error::chain(&e), "peer is down");
                     }
                 }
             }

@@ -16,9 +16,10 @@
 //!   `vllm.metrics_interval`, peers only.
 //!
 //! [`PeerClient`] is the one HTTP client (control plane) a node uses for all of it, built at
-//! start, connecting from this node's own address.
+//! start, connecting from this node's own address; over HTTPS with `cluster.tls` (peers'
+//! certificates checked against the cluster CA, `crate::tls::PeerVerifier`).
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use reqwest::{StatusCode, header::RANGE};
 use serde::{Deserialize, Serialize};
@@ -205,25 +206,45 @@ pub fn is_trusted_peer(router: &Router, head: &RequestHead, from: IpAddr) -> boo
 pub struct PeerClient {
     http: reqwest::Client,
     token: Option<String>,
+    /// `https` with `cluster.tls`, else `http`.
+    scheme: &'static str,
 }
 
 impl PeerClient {
     /// `source`: the local address to connect from (peers recognise the connection as a
-    /// peer's even on a host with several addresses); `token`: `cluster.token`.
-    pub fn new(source: Option<IpAddr>, token: Option<String>) -> Result<PeerClient, Error> {
-        let http = reqwest::Client::builder()
+    /// peer's even on a host with several addresses); `token`: `cluster.token`; `tls`: the
+    /// client config of `cluster.tls` (`None`: plain HTTP).
+    pub fn new(
+        source: Option<IpAddr>,
+        token: Option<String>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<PeerClient, Error> {
+        let mut builder = reqwest::Client::builder()
             .no_proxy()
             .local_address(source)
-            .connect_timeout(MANIFEST_TIMEOUT)
+            .connect_timeout(MANIFEST_TIMEOUT);
+        let scheme = match tls {
+            Some(cfg) => {
+                // The same config as the data plane's forwards (reqwest runs on this rustls).
+                builder = builder.tls_backend_preconfigured((*cfg).clone());
+                "https"
+            }
+            None => "http",
+        };
+        let http = builder
             .build()
             .map_err(|e| Error::internal(format!("peer http client: {e}")))?;
-        Ok(PeerClient { http, token })
+        Ok(PeerClient {
+            http,
+            token,
+            scheme,
+        })
     }
 
-    /// `GET http://{peer}/healthz`.
+    /// `GET http(s)://{peer}/healthz`.
     pub async fn healthz(&self, peer: &str) -> reqwest::Result<Healthz> {
         self.http
-            .get(format!("http://{peer}/healthz"))
+            .get(format!("{}://{peer}/healthz", self.scheme))
             .timeout(HEALTH_TIMEOUT)
             .send()
             .await?
@@ -232,10 +253,13 @@ impl PeerClient {
             .await
     }
 
-    /// `GET http://{peer}{STATE_PATH}`, for a poller that has the disk filter up to `since` of
+    /// `GET http(s)://{peer}{STATE_PATH}`, for a poller that has the disk filter up to `since` of
     /// `instance`.
     pub async fn state(&self, peer: &str, since: u64, instance: u64) -> reqwest::Result<PeerState> {
-        let url = format!("http://{peer}{STATE_PATH}?since={since}&instance={instance}");
+        let url = format!(
+            "{}://{peer}{STATE_PATH}?since={since}&instance={instance}",
+            self.scheme
+        );
         self.with_token(self.http.get(url))
             .timeout(HEALTH_TIMEOUT)
             .send()
@@ -248,7 +272,7 @@ impl PeerClient {
     /// The manifest of `name` stored on `peer`; `None` when it has none (or does not answer in
     /// time).
     pub async fn manifest(&self, peer: &str, name: &AdapterName) -> Option<PeerManifest> {
-        let url = format!("http://{peer}{PREFIX}{name}/manifest");
+        let url = format!("{}://{peer}{PREFIX}{name}/manifest", self.scheme);
         let resp = self
             .with_token(self.http.get(url))
             .timeout(MANIFEST_TIMEOUT)
@@ -262,8 +286,8 @@ impl PeerClient {
     }
 
     /// The URL of `file` of adapter `name` on `peer`.
-    pub fn file_url(peer: &str, name: &AdapterName, file: &str) -> String {
-        format!("http://{peer}{PREFIX}{name}/files/{file}")
+    pub fn file_url(&self, peer: &str, name: &AdapterName, file: &str) -> String {
+        format!("{}://{peer}{PREFIX}{name}/files/{file}", self.scheme)
     }
 
     /// Start streaming the file at `url` ([`PeerClient::file_url`]) from byte `offset` (no time
@@ -281,7 +305,7 @@ impl PeerClient {
     pub async fn evict(&self, peer: &str, adapter: &str, admin_token: Option<&str>) -> bool {
         let mut req = self
             .http
-            .post(format!("http://{peer}/admin/cache/evict"))
+            .post(format!("{}://{peer}/admin/cache/evict", self.scheme))
             .timeout(EVICT_TIMEOUT)
             .header(FORWARDED_HEADER, "1")
             .json(&serde_json::json!({ "adapter": adapter }));

@@ -20,6 +20,8 @@ const MAX_WORKERS: u64 = 4096;
 const MAX_RETRIES: u64 = 100;
 const MIN_HEADER_SIZE: u64 = 1024;
 
+mod tls;
+
 type Leaf = Option<Scalar>;
 type Result<T> = std::result::Result<T, ConfigError>;
 
@@ -243,6 +245,7 @@ impl Convert<'_> {
         cfg.admin.open = self.boolean("admin.open", &open, false)?;
         cfg.cluster.token = f.cluster.as_ref().and_then(|t| text(&t.token));
         cfg.tracing = self.tracing(f.tracing.as_ref())?;
+        self.tls(f, &mut cfg)?;
         Ok(cfg)
     }
 

@@ -114,7 +114,7 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<FileAdmin>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<FileToken>,
+    pub cluster: Option<FileCluster>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tracing: Option<super::otel::FileTracing>,
 }
@@ -273,6 +273,40 @@ pub struct FileServer {
     pub shutdown_grace: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<FileServerTls>,
+}
+
+/// `server.tls`: the listener's certificate.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileServerTls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_plain: Leaf,
+}
+
+/// `cluster`: a shared secret, and TLS for peer links.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileCluster {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<FileClusterTls>,
+}
+
+/// `cluster.tls`: how peers' certificates are checked.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileClusterTls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Leaf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Leaf,
 }
 
 /// `admin`: its token, and whether it is open without one.
@@ -283,14 +317,6 @@ pub struct FileAdmin {
     pub token: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open: Leaf,
-}
-
-/// `cluster`: a shared secret.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-pub struct FileToken {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token: Leaf,
 }
 
 /// Expand `${VAR}`s with `env`, then parse. Returns the file and the keys it has that

@@ -437,6 +437,21 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// `text` or `json` logs.
     pub log_format: LogFormat,
+    /// `server.tls`: serve clients (and peers) over TLS; `None`: plain HTTP.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `server.tls`: the certificate the listener presents. Both files are read again when they
+/// change or on SIGHUP (a new handshake gets the new certificate, a connection keeps its own).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Also serve plain HTTP on the same port, told apart by a connection's first byte: the
+    /// phase of a move to TLS where peers and clients still speak plain.
+    pub allow_plain: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,6 +473,20 @@ pub struct AdminConfig {
 pub struct ClusterConfig {
     /// Shared secret that authenticates forwards between peers when set.
     pub token: Option<String>,
+    /// `cluster.tls`: dial peers over TLS; `None`: plain HTTP.
+    pub tls: Option<ClusterTlsConfig>,
+}
+
+/// `cluster.tls`: how a peer's certificate is checked when this node dials it (forwards, adapter
+/// copies, health polls, evict broadcasts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterTlsConfig {
+    /// PEM certificate(s) of the cluster CA a peer's certificate must chain to (read again
+    /// with the server's certificate).
+    pub ca: PathBuf,
+    /// The name a peer's certificate must carry (one certificate shared by every node, as a
+    /// Kubernetes Secret is); `None`: the peer's IP address, as an IP SAN.
+    pub server_name: Option<String>,
 }
 
 impl Default for Config {
@@ -507,6 +536,7 @@ impl Default for Config {
                 upstream_idle_timeout: Duration::from_secs(60),
                 shutdown_grace: Duration::from_secs(15),
                 log_format: LogFormat::Text,
+                tls: None,
             },
             admin: AdminConfig::default(),
             cluster: ClusterConfig::default(),

@@ -6,8 +6,9 @@
 use super::{
     Config, DirectIo, DiscoveryConfig, Driver, HashOn, LogFormat, OriginConfig, TransferConfig,
     file::{
-        FileAdmin, FileConfig, FileDiscovery, FileFileDiscovery, FileInvalidation, FileK8s,
-        FileOrigin, FileRouting, FileServer, FileStatic, FileStorage, FileToken, FileVllm, Scalar,
+        FileAdmin, FileCluster, FileClusterTls, FileConfig, FileDiscovery, FileFileDiscovery,
+        FileInvalidation, FileK8s, FileOrigin, FileRouting, FileServer, FileServerTls, FileStatic,
+        FileStorage, FileVllm, Scalar,
     },
     units::{format_duration, format_size},
 };
@@ -104,13 +105,38 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
                 LogFormat::Text => "text",
                 LogFormat::Json => "json",
             }),
+            tls: Some(match &sv.tls {
+                Some(t) => FileServerTls {
+                    cert: s(t.cert.to_string_lossy()),
+                    key: s(t.key.to_string_lossy()),
+                    allow_plain: Some(Scalar::Bool(t.allow_plain)),
+                },
+                None => FileServerTls {
+                    cert: s(""),
+                    key: s(""),
+                    allow_plain: Some(Scalar::Bool(false)),
+                },
+            }),
         }),
         admin: Some(FileAdmin {
             token: secret(&cfg.admin.token),
             open: Some(Scalar::Bool(cfg.admin.open)),
         }),
-        cluster: Some(FileToken {
+        cluster: Some(FileCluster {
             token: secret(&cfg.cluster.token),
+            tls: Some(FileClusterTls {
+                ca: s(cfg
+                    .cluster
+                    .tls
+                    .as_ref()
+                    .map_or(String::new(), |t| t.ca.to_string_lossy().into_owned())),
+                server_name: s(cfg
+                    .cluster
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.server_name.clone())
+                    .unwrap_or_default()),
+            }),
         }),
         tracing: Some(super::otel::render(&cfg.tracing)),
     };

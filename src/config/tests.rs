@@ -482,8 +482,9 @@ fn printed_config_loads_back() {
         vllm: {model_name: base/m, max_loras: 8, max_lora_rank: 16, health_check_interval: 750ms}\n\
         server: {workers: 3, driver: epoll, max_body_size: 1MB, max_header_size: 8KB, \
                  header_read_timeout: 7s, body_read_timeout: 9s, idle_timeout: 1h, upstream_connect_timeout: 1s, \
-                 upstream_idle_timeout: 2s, shutdown_grace: 0, log_format: json}\n\
-        admin: {token: a, open: true}\ncluster: {token: c}\n\
+                 upstream_idle_timeout: 2s, shutdown_grace: 0, log_format: json, \
+                 tls: {cert: /etc/t/tls.crt, key: /etc/t/tls.key, allow_plain: true}}\n\
+        admin: {token: a, open: true}\ncluster: {token: c, tls: {ca: /etc/t/ca.crt, server_name: peers.local}}\n\
         tracing: {otlp_endpoint: 'https://otel.local:4318/custom/traces', service_name: lp, sample_ratio: 0.25}\n";
     let c = cfg(text);
     let printed = c.to_yaml(Redact::Nothing);
@@ -603,4 +604,70 @@ fn load_reads_files() {
     std::fs::write(&path, b"listen: \"\xff\"\n").unwrap();
     let e = Config::load(&path).unwrap_err().to_string();
     assert!(e.contains("not UTF-8"), "{e}");
+}
+
+#[test]
+fn tls_keys() {
+    let c = cfg("server:\n  tls: {cert: c.pem, key: k.pem}\ncluster:\n  tls: {ca: ca.pem}\n");
+    assert_eq!(
+        c.server.tls,
+        Some(ServerTlsConfig {
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            allow_plain: false,
+        })
+    );
+    assert_eq!(
+        c.cluster.tls,
+        Some(ClusterTlsConfig {
+            ca: "ca.pem".into(),
+            server_name: None,
+        })
+    );
+    // Nothing set (or empty strings): plain, both ways.
+    let c = cfg("server:\n  tls: {cert: '', key: ''}\ncluster:\n  tls: {ca: ''}\n");
+    assert_eq!((c.server.tls, c.cluster.tls), (None, None));
+    let ip =
+        cfg("server:\n  tls: {cert: c, key: k}\ncluster:\n  tls: {ca: a, server_name: 10.0.0.1}\n");
+    assert_eq!(
+        ip.cluster.tls.unwrap().server_name.as_deref(),
+        Some("10.0.0.1")
+    );
+
+    for (text, want) in [
+        (
+            "server:\n  tls: {cert: c.pem}\n",
+            "server.tls.key: missing (server.tls.cert is set)",
+        ),
+        (
+            "server:\n  tls: {key: k.pem}\n",
+            "server.tls.cert: missing (server.tls.key is set)",
+        ),
+        (
+            "server:\n  tls: {cert: c, key: k, allow_plain: maybe}\n",
+            "server.tls.allow_plain: invalid boolean \"maybe\" (true or false)",
+        ),
+        (
+            "cluster:\n  tls: {ca: ca.pem}\n",
+            "cluster.tls.ca: peers are dialled over TLS, so every node serves TLS: \
+             set server.tls.cert and server.tls.key too",
+        ),
+        (
+            "server:\n  tls: {cert: c, key: k}\ncluster:\n  tls: {server_name: peers}\n",
+            "cluster.tls.server_name: set without cluster.tls.ca (the CA peers' certificates \
+             are checked against)",
+        ),
+        (
+            "server:\n  tls: {cert: c, key: k}\ncluster:\n  tls: {ca: a, server_name: 'a b'}\n",
+            "cluster.tls.server_name: \"a b\" is neither a DNS name nor an IP address",
+        ),
+    ] {
+        assert_eq!(err(text), want, "{text}");
+    }
+    let l = load("server:\n  tls: {allow_plain: true}\n").unwrap();
+    assert_eq!(l.config.server.tls, None);
+    assert_eq!(
+        l.warnings,
+        ["server.tls.allow_plain has no effect without server.tls.cert and key"]
+    );
 }

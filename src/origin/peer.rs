@@ -123,7 +123,7 @@ impl Origin for PeerOrigin {
                 .source
                 .as_deref()
                 .ok_or_else(|| OriginError::transient(format!("no peer chosen for {name}")))?;
-            let url = PeerClient::file_url(peer, name, &file.path);
+            let url = self.client.file_url(peer, name, &file.path);
             let resp = self
                 .client
                 .file(&url, offset)

@@ -21,17 +21,7 @@ pub fn classify_reqwest(e: &reqwest::Error, what: impl fmt::Display, json: bool)
     OriginError::new(kind, format!("{what}: {}", chain(e)))
 }
 
-/// An error and its sources, so the message names the real cause (refused, reset, ...).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
-}
+pub use crate::error::chain;
 
 /// The content id of an adapter: `{config ETag}+{weights ETag}`, or the config's alone when
 /// the weights have none, so new weights under an unchanged config are noticed too (the Go

@@ -110,6 +110,7 @@ pub(super) async fn route(
             head_timeout: Some(router.forward_timeout),
             acknowledges: true,
             source: router.source_ip,
+            tls: shared.tls.peers.as_ref(),
         };
         let req = Request::relay(&w.pool, head, extra, body, &[], &shared.shutdown);
         let result = w.pool.exchange(conn, &target, req).await;

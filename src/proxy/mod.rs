@@ -312,6 +312,8 @@ async fn to_vllm(
         head_timeout: None,
         acknowledges: false,
         source: None,
+        // vLLM runs next to loraplex: plain HTTP.
+        tls: None,
     };
     let req = Request::relay(
         &w.pool,

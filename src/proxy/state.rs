@@ -22,6 +22,7 @@ use crate::{
     shutdown::Shutdown,
     store::Store,
     telemetry::Tracer,
+    tls::Tls,
     vllm::Vllm,
 };
 
@@ -42,6 +43,8 @@ pub struct Shared {
     pub store: Arc<Store>,
     /// OpenTelemetry spans (off unless `tracing.otlp_endpoint` is set).
     pub tracer: Tracer,
+    /// `server.tls` and `cluster.tls` (forwards dial peers with `tls.peers`).
+    pub tls: Tls,
     /// The `storage.preload` attempts have finished (`/readyz` waits for it).
     pub preload_done: Arc<AtomicBool>,
 }

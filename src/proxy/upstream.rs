@@ -34,6 +34,7 @@ use crate::{
     metrics::Metrics,
     server::conn::Conn,
     shutdown::Shutdown,
+    tls::{self, Stream},
 };
 
 /// Idle connections kept per upstream address and worker.
@@ -50,7 +51,7 @@ const BODY_CHUNK: usize = 64 * 1024;
 const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(5);
 
 struct Idle {
-    stream: TcpStream,
+    stream: Stream,
     since: Instant,
 }
 
@@ -79,6 +80,10 @@ pub struct Target<'a> {
     /// Local address to connect from (peers: this node's own address, so the peer recognises
     /// the connection as coming from a peer even on a host with several addresses).
     pub source: Option<std::net::IpAddr>,
+    /// Dial TLS with this config (`cluster.tls`, peers); `None`: plain HTTP. An address is
+    /// dialled one way only (peers and vLLM have addresses of their own), so the pool's
+    /// connections are keyed by address alone.
+    pub tls: Option<&'a Arc<rustls::ClientConfig>>,
 }
 
 /// How far a failed exchange got; decides what the caller may still do.
@@ -148,18 +153,18 @@ impl Pool {
     }
 
     /// A live idle connection to `addr`, most recently used first.
-    fn take_idle(&self, addr: SocketAddr) -> Option<TcpStream> {
+    fn take_idle(&self, addr: SocketAddr) -> Option<Stream> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
-        while let Some(c) = list.pop() {
-            if c.since.elapsed() < self.idle_timeout && still_open(&c.stream) {
+        while let Some(mut c) = list.pop() {
+            if c.since.elapsed() < self.idle_timeout && still_open(&mut c.stream) {
                 return Some(c.stream);
             }
         }
         None
     }
 
-    fn put(&self, addr: SocketAddr, stream: TcpStream) {
+    fn put(&self, addr: SocketAddr, stream: Stream) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
@@ -174,12 +179,23 @@ impl Pool {
         &self,
         target: &Target<'_>,
         budget: Duration,
-    ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+    ) -> Result<(Stream, SocketAddr), UpstreamError> {
         let mut last = String::from("no address");
         for &addr in target.addrs {
-            match monoio::time::timeout(budget, connect_from(addr, target.source)).await {
+            let dial = async {
+                let stream = connect_from(addr, target.source).await?;
+                let _ = stream.set_nodelay(true);
+                match target.tls {
+                    // A handshake refused (a certificate not of the cluster CA) is like a
+                    // refused connect: nothing was sent, the next peer may take the request.
+                    Some(cfg) => tls::connect(cfg, stream, addr.ip())
+                        .await
+                        .map_err(|e| std::io::Error::new(e.kind(), format!("TLS: {e}"))),
+                    None => Ok(Stream::Plain(stream)),
+                }
+            };
+            match monoio::time::timeout(budget, dial).await {
                 Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
                     self.metrics.upstream_connects.inc();
                     return Ok((stream, addr));
                 }
@@ -363,7 +379,7 @@ enum HeadError {
 
 async fn read_head(
     pool: &Pool,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     client: &Conn,
     method: Method,
     target: &Target<'_>,
@@ -500,7 +516,7 @@ impl Relay {
 /// Stream the answer to the client; pool the upstream connection when it ended cleanly.
 async fn relay(
     pool: &Pool,
-    mut upstream: TcpStream,
+    mut upstream: Stream,
     addr: SocketAddr,
     client: &mut Conn,
     head: Head,
@@ -633,7 +649,7 @@ enum ReadEvent {
 /// optional deadline. When the read is abandoned its buffer is lost with it (the connection
 /// is closed anyway), so an empty one comes back.
 async fn read_watching(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: Vec<u8>,
     client: &Conn,
     deadline: Option<Instant>,
@@ -662,19 +678,44 @@ async fn read_watching(
 
 /// Resolves when the client has closed its side (EOF or error). Starts watching only after
 /// [`WATCH_CLIENT_AFTER`]. If the client has sent more bytes (a pipelined request), a hang-up
-/// can't be seen without reading them, so it stops watching.
-async fn client_gone(client: &TcpStream) {
+/// can't be seen without reading them, so it stops watching; except over TLS, where a client
+/// closing sends bytes first (a close_notify alert): there a shut read side
+/// (`POLLRDHUP`) behind the bytes counts as gone, checked every [`RECHECK_TLS`].
+async fn client_gone(client: &Stream) {
     monoio::time::sleep(WATCH_CLIENT_AFTER).await;
+    let tcp = client.tcp();
     loop {
-        if client.readable(false).await.is_err() {
+        if tcp.readable(false).await.is_err() {
             return;
         }
-        match peek(client) {
+        match peek(tcp) {
             PeekResult::Eof | PeekResult::Error => return,
+            PeekResult::Data if client.is_tls() => loop {
+                if read_side_shut(tcp) {
+                    return;
+                }
+                monoio::time::sleep(RECHECK_TLS).await;
+            },
             PeekResult::Data => std::future::pending::<()>().await,
             PeekResult::Nothing => {}
         }
     }
+}
+
+/// How often a TLS client with unread bytes is checked for a hang-up.
+const RECHECK_TLS: Duration = Duration::from_millis(100);
+
+/// Whether the peer of `stream` has shut its sending side (FIN received), even with bytes
+/// still unread.
+fn read_side_shut(stream: &TcpStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd on the stack, a zero timeout.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 enum PeekResult {
@@ -706,7 +747,7 @@ fn peek(stream: &TcpStream) -> PeekResult {
 }
 
 /// An idle pooled connection is usable if the upstream has neither closed it nor sent
-/// anything unasked.
-fn still_open(stream: &TcpStream) -> bool {
-    matches!(peek(stream), PeekResult::Nothing)
+/// anything unasked (over TLS: nothing left unread in the TLS layer either).
+fn still_open(stream: &mut Stream) -> bool {
+    matches!(peek(stream.tcp()), PeekResult::Nothing) && !stream.has_buffered_input()
 }

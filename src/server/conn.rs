@@ -12,6 +12,9 @@
 //!   it trickles: 408 and close.
 //! - a head longer than `server.max_header_size` is a 431: never more than one byte past the
 //!   limit is read while a head is incomplete, and a complete head is measured exactly.
+//! - with `server.tls`, the TLS handshake counts against the first head's
+//!   `header_read_timeout`; plain HTTP on a TLS listener (unless `server.tls.allow_plain`) gets
+//!   a 400 in plain text and is closed.
 
 use std::{net::SocketAddr, rc::Rc, time::Duration};
 
@@ -27,6 +30,8 @@ use super::{Handler, Worker};
 use crate::{
     error::{Error, ErrorKind},
     http::{BodyKind, RequestHead, chunked::ChunkedDecoder, response},
+    metrics::{Metrics, ResultLabel},
+    tls::{Accepted, Stream},
 };
 
 /// Bytes asked of the kernel per read.
@@ -40,7 +45,8 @@ const LINGER: Duration = Duration::from_secs(2);
 
 /// A client connection and the bytes read from it but not yet used.
 pub struct Conn {
-    pub stream: TcpStream,
+    /// Plain TCP, or TLS (`server.tls`).
+    pub stream: Stream,
     pub peer: SocketAddr,
     buf: BytesMut,
     /// Requests served so far on this connection.
@@ -60,14 +66,24 @@ enum Next {
 }
 
 /// Serve a connection until it closes.
-pub async fn serve<H: Handler>(worker: Rc<Worker<H>>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve<H: Handler>(worker: Rc<Worker<H>>, tcp: TcpStream, peer: SocketAddr) {
     let _guard = worker.conn_guard();
+    let opened = Instant::now();
+    let (stream, read) = match &worker.common.tls {
+        None => (Stream::Plain(tcp), Vec::new()),
+        Some(acceptor) => match accept_tls(&worker, acceptor, tcp, peer, opened).await {
+            Some(accepted) => accepted,
+            None => return,
+        },
+    };
+    let mut buf = BytesMut::with_capacity(READ_CHUNK.max(read.len()));
+    buf.extend_from_slice(&read);
     let mut conn = Conn {
         stream,
         peer,
-        buf: BytesMut::with_capacity(READ_CHUNK),
+        buf,
         requests: 0,
-        opened: Instant::now(),
+        opened,
         head_request: false,
     };
     // Whether the server ends the connection while the client may still be sending.
@@ -80,13 +96,7 @@ pub async fn serve<H: Handler>(worker: Rc<Worker<H>>, stream: TcpStream, peer: S
                 break;
             }
             Err(err) => {
-                let mut out = Vec::new();
-                response::error(&mut out, &err, false);
-                if conn.head_request {
-                    response::strip_body(&mut out);
-                }
-                worker.common.metrics.count_error(err.kind.as_str());
-                let _ = conn.write_all(out).await;
+                conn.write_last_error(&err, &worker.common.metrics).await;
                 break;
             }
         };
@@ -102,7 +112,85 @@ pub async fn serve<H: Handler>(worker: Rc<Worker<H>>, stream: TcpStream, peer: S
     }
 }
 
+/// The TLS handshake of a new connection on a `server.tls` listener, within the first head's
+/// `header_read_timeout` (or until shutdown). The stream and the bytes already read from it
+/// (plain HTTP, when allowed); `None` when the connection is done with (closed, failed, refused
+/// and answered).
+async fn accept_tls<H>(
+    worker: &Worker<H>,
+    acceptor: &crate::tls::Acceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    opened: Instant,
+) -> Option<(Stream, Vec<u8>)> {
+    let cfg = &worker.common.config;
+    let count = |result| {
+        worker
+            .common
+            .metrics
+            .tls_connections
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    };
+    let deadline = opened + cfg.header_read_timeout;
+    let accepted = monoio::select! {
+        a = monoio::time::timeout_at(deadline, acceptor.accept(tcp, cfg.max_header_size + 1)) => a,
+        _ = worker.closing.wait() => return None,
+    };
+    match accepted {
+        Ok(Ok(Accepted::Tls(stream))) => {
+            count("tls");
+            Some((stream, Vec::new()))
+        }
+        Ok(Ok(Accepted::Plain { stream, read })) => {
+            count("plain");
+            Some((stream, read))
+        }
+        Ok(Ok(Accepted::Refused { stream, read })) => {
+            count("plain_refused");
+            let mut conn = Conn {
+                stream,
+                peer,
+                buf: BytesMut::new(),
+                requests: 0,
+                opened,
+                head_request: read.starts_with(b"HEAD "),
+            };
+            let err = Error::bad_request(
+                "this port speaks HTTPS (server.tls): plain HTTP is refused \
+                 (server.tls.allow_plain is off)",
+            );
+            conn.write_last_error(&err, &worker.common.metrics).await;
+            let _ = conn.stream.shutdown().await;
+            conn.linger().await;
+            None
+        }
+        Ok(Ok(Accepted::Closed)) => None,
+        Ok(Err(e)) => {
+            count("failed");
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            count("failed");
+            tracing::debug!(%peer, "TLS handshake not done within server.header_read_timeout");
+            None
+        }
+    }
+}
+
 impl Conn {
+    /// Answer `err` on a connection about to close (no body for a HEAD request), and count it.
+    async fn write_last_error(&mut self, err: &Error, metrics: &Metrics) {
+        let mut out = Vec::new();
+        response::error(&mut out, err, false);
+        if self.head_request {
+            response::strip_body(&mut out);
+        }
+        metrics.count_error(err.kind.as_str());
+        let _ = self.write_all(out).await;
+    }
+
     async fn next_head<H>(&mut self, worker: &Worker<H>) -> Result<Next, Error> {
         let cfg = &worker.common.config;
         let max = cfg.max_header_size;

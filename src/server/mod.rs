@@ -25,6 +25,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use self::{closing::Closing, conn::Conn, runtime::DriverKind};
 use crate::{
     config::ServerConfig, error::Error, http::RequestHead, metrics::Metrics, shutdown::Shutdown,
+    tls::Acceptor,
 };
 
 /// What a worker does with each request. One handler per worker, built on the worker's own
@@ -42,6 +43,8 @@ pub struct Common {
     pub config: ServerConfig,
     pub shutdown: Shutdown,
     pub metrics: Arc<Metrics>,
+    /// `server.tls`: connections start with a TLS handshake (`None`: plain HTTP).
+    pub tls: Option<Acceptor>,
 }
 
 /// Per-thread state of a worker. Everything a worker touches per request is its own (`Rc`,
@@ -79,13 +82,15 @@ pub struct Server {
 
 impl Server {
     /// Start one worker per listener on `driver`. Each builds its handler with `make(id)` on its
-    /// own thread. The workers stop accepting when `shutdown` triggers, then drain.
+    /// own thread. The workers stop accepting when `shutdown` triggers, then drain. With `tls`,
+    /// every connection starts with a TLS handshake (see [`Acceptor`]).
     pub fn start<H, F>(
         listeners: Vec<StdListener>,
         driver: DriverKind,
         config: &ServerConfig,
         shutdown: Shutdown,
         metrics: Arc<Metrics>,
+        tls: Option<Acceptor>,
         make: F,
     ) -> std::io::Result<Server>
     where
@@ -96,6 +101,7 @@ impl Server {
             config: config.clone(),
             shutdown,
             metrics,
+            tls,
         });
         let make = Arc::new(make);
         let mut workers = Vec::with_capacity(listeners.len());
