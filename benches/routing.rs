@@ -4,7 +4,12 @@
 //! 10,000 decisions of each kind (a counting global allocator) and fails if there is any: the
 //! decision must stay allocation-free.
 //!
-//! Run: `cargo bench --bench routing`.
+//! `decide/owner lookup (reference)` is `Placement::owner` over 65,536 random keys, as
+//! `cargo bench --bench placement`'s `owner` group measures it: measured in the same run, it
+//! says how much slower than a quiet machine the shared one ran (the README has the quiet
+//! figures).
+//!
+//! Run: `cargo bench --bench routing` (`-- /64` for 64 peers only).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -136,12 +141,36 @@ fn check_no_allocation() {
     }
 }
 
+/// The keys of `cargo bench --bench placement` (splitmix64-named, 500 organisations).
+fn reference_keys() -> Vec<String> {
+    (0..1u64 << 16)
+        .map(|i| {
+            let mut z = (i ^ 7).wrapping_add(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            format!("org{}/lora-{:016x}", i % 500, z ^ (z >> 31))
+        })
+        .collect()
+}
+
 fn bench(c: &mut Criterion) {
     check_no_allocation();
+    let keys = reference_keys();
     let mut g = c.benchmark_group("decide");
     for n in SIZES {
         let (router, view) = setup(n);
         let topo = router.topology();
+        let mut i = 0;
+        g.bench_with_input(
+            BenchmarkId::new("owner lookup (reference)", n),
+            &keys,
+            |b, keys| {
+                b.iter(|| {
+                    i = (i + 1) & (keys.len() - 1);
+                    topo.placement.owner(black_box(keys[i].as_bytes()))
+                })
+            },
+        );
         let sent = Sent::default();
         sent.add(&view, 0);
         for (name, req) in requests() {

@@ -6,9 +6,14 @@ use std::process::Command;
 /// `loraplex check-config examples/NAME.yaml` with the tokens they reference set: the effective
 /// settings it prints, and its stderr.
 fn check(name: &str) -> (serde_yaml_ng::Value, String) {
+    check_file(name, &format!("examples/{name}.yaml"))
+}
+
+/// [`check`] of the config at `path` (relative to the repository, or absolute).
+fn check_file(name: &str, path: &str) -> (serde_yaml_ng::Value, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_loraplex"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["check-config", &format!("examples/{name}.yaml")])
+        .args(["check-config", path])
         .env("HF_TOKEN", "hf_example")
         .env("LORAPLEX_CLUSTER_TOKEN", "cluster-secret")
         .env("LORAPLEX_ADMIN_TOKEN", "admin-secret")
@@ -30,7 +35,14 @@ fn get<'a>(v: &'a serde_yaml_ng::Value, path: &str) -> &'a serde_yaml_ng::Value 
 }
 
 fn assert_keys(name: &str, expected: &[(&str, &str)]) {
-    let (v, stderr) = check(name);
+    assert_checked(name, check(name), expected);
+}
+
+fn assert_checked(
+    name: &str,
+    (v, stderr): (serde_yaml_ng::Value, String),
+    expected: &[(&str, &str)],
+) {
     assert!(!stderr.to_lowercase().contains("warn"), "{name}: {stderr}");
     for (path, want) in expected {
         let got = get(&v, path);
@@ -104,11 +116,34 @@ fn document_routing() {
     );
 }
 
+/// The Kubernetes config reads its TLS files from the Secret's mount (`/etc/loraplex-tls`), which
+/// `check-config` loads: here a certificate for the name peers are checked for, in a tempdir.
 #[test]
 fn kubernetes() {
-    assert_keys(
+    const MOUNT: &str = "/etc/loraplex-tls";
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["loraplex-headless.inference.svc".into()]).unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("tls.crt"), cert.cert.pem()).unwrap();
+    std::fs::write(d.join("tls.key"), cert.signing_key.serialize_pem()).unwrap();
+    std::fs::write(d.join("ca.crt"), cert.cert.pem()).unwrap();
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/k8s/config.yaml"),
+    )
+    .unwrap();
+    assert!(text.contains(MOUNT), "the config reads the Secret's mount");
+    let config = d.join("config.yaml");
+    std::fs::write(&config, text.replace(MOUNT, &d.display().to_string())).unwrap();
+    let tls = |f: &str| d.join(f).display().to_string();
+    assert_checked(
         "k8s/config",
+        check_file("k8s/config", config.to_str().unwrap()),
         &[
+            ("server.tls.cert", tls("tls.crt").as_str()),
+            ("server.tls.key", tls("tls.key").as_str()),
+            ("cluster.tls.ca", tls("ca.crt").as_str()),
+            ("cluster.tls.server_name", "loraplex-headless.inference.svc"),
             ("discovery.mode", "k8s"),
             ("discovery.k8s.service", "loraplex-headless"),
             ("storage.dir", "/data/loraplex"),

@@ -171,6 +171,34 @@ fn manifests_are_consistent() {
         volume(&config_mount["name"])["configMap"]["name"],
         generated["name"]
     );
+
+    // server.tls and cluster.tls read the Secret loraplex-tls where it is mounted, and the
+    // probes speak HTTPS to the TLS listener.
+    let tls_files = [
+        &config["server"]["tls"]["cert"],
+        &config["server"]["tls"]["key"],
+        &config["cluster"]["tls"]["ca"],
+    ];
+    for file in tls_files {
+        let file = Path::new(file.as_str().expect("a TLS file in the config"));
+        let tls_mount = lp["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| file.parent() == Some(Path::new(m["mountPath"].as_str().unwrap())))
+            .expect("the TLS files' directory is mounted");
+        assert_eq!(
+            volume(&tls_mount["name"])["secret"]["secretName"],
+            "loraplex-tls"
+        );
+    }
+    assert_eq!(
+        config["cluster"]["tls"]["server_name"],
+        format!("{SERVICE}.{NS}.svc"),
+        "peers are checked for the headless Service's name"
+    );
+    assert_eq!(lp["livenessProbe"]["httpGet"]["scheme"], "HTTPS");
+    assert_eq!(lp["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
 }
 
 /// `admin.token` (and `cluster.token`) come from the Secret through `${...}`: every variable

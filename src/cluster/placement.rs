@@ -74,7 +74,18 @@ pub struct Placement {
     /// Per slot: its hot peers (ascending), or its single slot-level winner when no peer is
     /// hot there. Empty when there are no peers.
     table: SlotTable,
+    /// Per slot with fewer than [`TAIL_CACHE`] hot peers: the first [`TAIL_CACHE`] peers of its
+    /// order past the hot ones (they depend on the slot only), [`NO_PEER`] past the last peer.
+    /// [`Placement::top`] reads them instead of scoring every peer.
+    tails: Box<[[u16; TAIL_CACHE]]>,
 }
+
+/// Order entries past a slot's hot peers cached per slot: the routing decision asks for a key's
+/// first 3 nodes (a rare key) or its first k (a hot key over k replicas), and a slot has about
+/// `peers / 64` hot peers, so at 64 peers most keys need 2-3 of them. 2 MiB per placement.
+pub const TAIL_CACHE: usize = 4;
+/// Padding of [`Placement::tails`].
+const NO_PEER: u16 = u16::MAX;
 
 /// The murmur3 64-bit finalizer: a full-avalanche mix, for seeds and slot-level scores.
 #[inline]
@@ -126,6 +137,7 @@ impl Placement {
             key_seeds,
             avx512: simd_available(),
             table: SlotTable::default(),
+            tails: Box::default(),
         };
         if !placement.peers.is_empty() {
             placement.fill_table();
@@ -159,13 +171,30 @@ impl Placement {
                 cursor[slot] += 1;
             }
         }
-        for (slot, _) in counts.iter().enumerate().filter(|(_, c)| **c == 0) {
-            let winner = (0..self.peers.len())
-                .map(|i| self.slot_rank(slot, i))
-                .max()
-                .map_or(0, unpack);
-            candidates[offsets[slot] as usize] = winner as u16;
+        // The tail caches of the slots with few hot peers; a slot nobody is hot in gets its
+        // tail's first as its slot-level winner.
+        let mut tails = vec![[NO_PEER; TAIL_CACHE]; SLOTS].into_boxed_slice();
+        for (slot, &count) in counts.iter().enumerate() {
+            if count as usize >= TAIL_CACHE {
+                continue;
+            }
+            let start = offsets[slot] as usize;
+            let hot = &candidates[start..start + count as usize];
+            let (mut top, mut len) = ([0u64; MAX_TOP], 0);
+            let mut hot = hot.iter().map(|&i| usize::from(i)).peekable();
+            for i in 0..self.peers.len() {
+                if hot.next_if_eq(&i).is_none() {
+                    insert_ranked(&mut top, &mut len, TAIL_CACHE, self.slot_rank(slot, i));
+                }
+            }
+            for (t, r) in tails[slot].iter_mut().zip(&top[..len]) {
+                *t = unpack(*r) as u16;
+            }
+            if count == 0 {
+                candidates[start] = tails[slot][0];
+            }
         }
+        self.tails = tails;
         self.table = SlotTable::new(&offsets, &candidates);
     }
 
@@ -233,7 +262,7 @@ impl Placement {
 
     /// Bytes held by the slot table (what a placement costs beyond its peer list).
     pub fn table_bytes(&self) -> usize {
-        self.table.bytes()
+        self.table.bytes() + self.tails.len() * TAIL_CACHE * 2
     }
 
     /// Every peer once, by decreasing score for `key`: the owner first, then the peer that
@@ -286,7 +315,8 @@ fn insert_ranked(top: &mut [u64; MAX_TOP], len: &mut usize, cap: usize, v: u64) 
 impl Placement {
     /// The first `out.len()` (at most [`MAX_TOP`]) entries of [`order`](Self::order) for a
     /// key hashed with xxh3, written into `out`; returns how many. Allocates nothing: the routing
-    /// decision calls it on every request whose key has several candidates.
+    /// decision calls it on every routed request with a key. Past the slot's hot peers it reads
+    /// the slot's cached tail ([`TAIL_CACHE`] entries), and scores every peer only beyond it.
     pub fn top(&self, key_hash: u64, out: &mut [u16]) -> usize {
         let cap = out.len().min(MAX_TOP).min(self.peers.len());
         if cap == 0 {
@@ -308,6 +338,21 @@ impl Placement {
             );
         }
         let head = len;
+        if head < cap
+            && hot.len() < TAIL_CACHE
+            && cap - head <= TAIL_CACHE
+            && let Some(tail) = self.tails.get(slot)
+        {
+            for (o, r) in out.iter_mut().zip(&ranks[..head]) {
+                *o = unpack(*r) as u16;
+            }
+            let mut n = head;
+            for &t in tail.iter().take(cap - head).take_while(|&&t| t != NO_PEER) {
+                out[n] = t;
+                n += 1;
+            }
+            return n;
+        }
         if head < cap {
             // The rest by slot-level rank, skipping the hot ones (both ascending).
             let (mut tail, mut tlen) = ([0u64; MAX_TOP], 0);

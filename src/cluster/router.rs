@@ -6,18 +6,20 @@
 //!   the owner serves unless it is down or past `routing.overflow_threshold`; with k > 1 each
 //!   candidate is scored by expected time to first token ([`super::score`]: residency + queue)
 //!   and the best serves, ties to the owner, this node kept unless another is better by more
-//!   than a hop. Base-model requests (no key) go to the least loaded node by vLLM's queue, again
+//!   than a hop. Base-model requests (no key) go to the least loaded by vLLM's queue of this
+//!   node and [`SAMPLED`] others drawn at random (power of d choices, `docs/routing.md`), again
 //!   only when that beats the hop. A key without an adapter (`hash_on` a header, base model)
 //!   stays on its key's order, bounded by load.
 //! - `hash`: round 1's rule: the first of the key's first [`SPREAD`] usable nodes below the
 //!   overflow threshold, by loraplex's own load; base-model requests stay here.
-//! - `least-load`: the least loaded node by vLLM's queue, ignoring residency.
+//! - `least-load`: the least loaded node by vLLM's queue, ignoring residency (every node read).
 //!
 //! The decision reads two `arc-swap` snapshots (topology, view), takes no lock and allocates
-//! nothing: candidates and fallbacks are fixed arrays.
+//! nothing: candidates and fallbacks are fixed arrays; a key's first nodes come from the
+//! placement's per-slot cache ([`Placement::top`]), so no decision of `auto` reads every node.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -40,6 +42,9 @@ use crate::{
 
 /// Candidates of the `hash` policy: a hot key spreads over at most this many nodes.
 pub const SPREAD: usize = 3;
+
+/// Other nodes drawn at random for a base-model request under `auto` (beside this node).
+pub const SAMPLED: usize = 2;
 
 /// Why a request went where it went (`loraplex_route_decisions_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +97,7 @@ impl Peers {
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = usize> + Clone + '_ {
         self.idx[..usize::from(self.len)]
             .iter()
             .map(|&i| usize::from(i))
@@ -144,12 +149,39 @@ pub struct RouteRequest {
 /// Requests one worker sent to each node since that node's last sample: counted on top of the
 /// sample so that entry nodes do not all pile onto the node that looked idle. Per worker, so no
 /// counter is shared between cores; resized (the only allocation) when the topology changes.
-#[derive(Default)]
+/// Also the worker's random source for sampling nodes (seeded per `Sent`, so workers and nodes
+/// draw different nodes).
 pub struct Sent {
     inner: RefCell<(u64, Vec<(u64, u32)>)>,
+    rng: Cell<u64>,
+}
+
+impl Default for Sent {
+    fn default() -> Self {
+        static SEEDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let n = SEEDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Sent {
+            inner: RefCell::default(),
+            rng: Cell::new(nanos ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        }
+    }
 }
 
 impl Sent {
+    /// A uniform draw from `0..n` (splitmix64, then Lemire's multiply-shift).
+    fn draw(&self, n: usize) -> usize {
+        let s = self.rng.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.rng.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((u128::from(z) * n as u128) >> 64) as usize
+    }
+
     fn ahead(&self, view: &View, idx: usize) -> u32 {
         let inner = self.inner.borrow();
         match (inner.1.get(idx), view.nodes.get(idx)) {
@@ -289,11 +321,16 @@ impl Router {
                 Decision::local(Reason::Spread)
             }
             (RoutingPolicy::LeastLoad, _, Some(view)) => {
-                self.least_loaded(topo, view, req, sent, Reason::Load)
+                self.least_loaded(topo, view, req, sent, Reason::Load, 0..view.nodes.len())
             }
-            (RoutingPolicy::Auto, None, Some(view)) => {
-                self.least_loaded(topo, view, req, sent, Reason::Spread)
-            }
+            (RoutingPolicy::Auto, None, Some(view)) => match self.sample(topo, view, sent) {
+                Some(sampled) => {
+                    self.least_loaded(topo, view, req, sent, Reason::Spread, sampled.iter())
+                }
+                None => {
+                    self.least_loaded(topo, view, req, sent, Reason::Spread, 0..view.nodes.len())
+                }
+            },
             (RoutingPolicy::Auto, Some(key), Some(view)) => match req.adapter {
                 None => self.bounded(topo, Some(view), key, req),
                 Some(_) => match view.replicas.get(key) {
@@ -489,8 +526,35 @@ impl Router {
         }
     }
 
-    /// The least loaded usable node by vLLM's queue (this node unless another is better by more
-    /// than a hop); nodes with unknown load count as the mean of the known.
+    /// This node and [`SAMPLED`] other usable nodes drawn at random (power of d choices: the
+    /// least loaded of a few random nodes balances almost as well as the least loaded of all,
+    /// and herds less on stale figures; `docs/routing.md`). `None` when the cluster is small
+    /// enough to read every node, or when the draws found no usable node (most are down).
+    fn sample(&self, topo: &Topology, view: &View, sent: &Sent) -> Option<Peers> {
+        let n = view.nodes.len();
+        if n <= SAMPLED + 1 {
+            return None;
+        }
+        let mut out = Peers::default();
+        out.push(topo.me);
+        for _ in 0..4 * SAMPLED {
+            // Uniform over the others: draw from n - 1 and skip this node's index.
+            let mut i = sent.draw(n - 1);
+            if i >= topo.me {
+                i += 1;
+            }
+            if !out.iter().any(|c| c == i) && Self::usable(topo, Some(view), i) {
+                out.push(i);
+                if usize::from(out.len) == SAMPLED + 1 {
+                    break;
+                }
+            }
+        }
+        (out.len > 1).then_some(out)
+    }
+
+    /// The least loaded usable node of `cands` by vLLM's queue (this node unless another is
+    /// better by more than a hop); nodes with unknown load count as the mean of the known.
     fn least_loaded(
         &self,
         topo: &Topology,
@@ -498,12 +562,13 @@ impl Router {
         req: &RouteRequest,
         sent: &Sent,
         reason: Reason,
+        cands: impl Iterator<Item = usize> + Clone,
     ) -> Decision {
         let scale = view.nodes.len() as f32;
         let cost =
             |i: usize| score::queue_ms(&view.nodes[i].backend, sent.ahead(view, i) as f32 * scale);
         let (mut sum, mut known) = (0.0, 0);
-        for i in 0..view.nodes.len() {
+        for i in cands.clone() {
             if let Some(c) = cost(i) {
                 sum += c;
                 known += 1;
@@ -523,11 +588,11 @@ impl Router {
             .and_then(|key| topo.placement.owner_of_hash(key))
             .filter(|&o| Self::usable(topo, Some(view), o));
         let mut best = start
-            .or_else(|| (0..view.nodes.len()).find(|&i| Self::usable(topo, Some(view), i)))
+            .or_else(|| cands.clone().find(|&i| Self::usable(topo, Some(view), i)))
             .unwrap_or(topo.me);
-        // Each node's cost once (the best one's kept): this walk is the decision's O(nodes).
+        // Each candidate's cost once (the best one's kept).
         let mut best_cost = total(best);
-        for i in 0..view.nodes.len() {
+        for i in cands {
             if i == best || !Self::usable(topo, Some(view), i) {
                 continue;
             }

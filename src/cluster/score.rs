@@ -109,8 +109,9 @@ pub fn shed_load(b: &BackendState, proxy_load: f64, adapter: Option<u64>) -> f64
         return proxy_load;
     }
     let queue = f64::from(b.waiting) / f64::from(b.running.max(1.0));
+    // The slot lookup last: a rare key's decision mostly stops at the cheap compares.
     let no_slot = adapter.is_some_and(|a| {
-        !b.gpu_has(a) && b.max_lora > 0 && b.lora_busy >= b.max_lora && b.waiting > 0.0
+        b.max_lora > 0 && b.lora_busy >= b.max_lora && b.waiting > 0.0 && !b.gpu_has(a)
     });
     proxy_load
         .max(queue.min(1.0))

@@ -289,3 +289,42 @@ fn health_survives_rebuilds() {
     let p = t2.peers.iter().find(|p| p.addr == addr).unwrap();
     assert_eq!(p.health.load(), 0.5);
 }
+
+#[test]
+fn a_base_model_request_samples_a_few_nodes_and_avoids_a_long_queue() {
+    // 16 nodes: more than SAMPLED + 1, so each decision compares this node with SAMPLED drawn
+    // at random instead of reading all. This node and `long` have a queue; the rest are idle.
+    let (r, t) = router(16, RoutingPolicy::Auto);
+    let long = other(&t);
+    let mut v = view(&t);
+    for i in [t.me, long] {
+        v.nodes[i].backend.running = 8.0;
+        v.nodes[i].backend.waiting = 40.0;
+    }
+    let sent = Sent::default();
+    let mut chosen = vec![0u32; 16];
+    for _ in 0..2000 {
+        let d = r.decide(&t, &v, &RouteRequest::default(), &sent);
+        assert_eq!(d.reason, Reason::Spread);
+        let to = target(&d).expect("this node has a queue: the request leaves");
+        chosen[to] += 1;
+    }
+    assert_eq!(
+        chosen[long], 0,
+        "the node with a long queue got work: {chosen:?}"
+    );
+    // Idle nodes tie; the draws spread the requests over them (reading every node sent every
+    // tie to the same one).
+    let used = chosen.iter().filter(|&&c| c > 0).count();
+    assert_eq!(used, 14, "{chosen:?}");
+    assert!(chosen.iter().all(|&c| c < 400), "{chosen:?}");
+    // With every other node down but one, the draws may miss it: then every node is read.
+    let idle = (0..16).find(|&i| i != t.me && i != long).unwrap();
+    for i in (0..16).filter(|&i| i != t.me && i != idle) {
+        t.peers[i].health.mark_down();
+    }
+    for _ in 0..200 {
+        let d = r.decide(&t, &v, &RouteRequest::default(), &sent);
+        assert_eq!(target(&d), Some(idle));
+    }
+}
