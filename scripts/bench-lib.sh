@@ -82,25 +82,43 @@ stop_nginx() {
   return 0
 }
 
-# write_post_lua: the wrk script POSTing a ~300 B chat body (base model) to $WORK/post.lua;
-# extra headers as arguments, `Name: value`.
+# write_post_lua: the wrk script POSTing a ~300 B chat body to $LUA (default $WORK/post.lua),
+# its `model` $MODEL (default base-model); extra headers as arguments, `Name: value`.
 write_post_lua() {
   {
     echo 'wrk.method = "POST"'
-    echo "wrk.body   = '{\"model\":\"base-model\",\"messages\":[{\"role\":\"system\",\"content\":\"You are a helpful assistant.\"},{\"role\":\"user\",\"content\":\"Summarize in one sentence: the quick brown fox jumps over the lazy dog, twice.\"}],\"max_tokens\":64,\"temperature\":0.0,\"stream\":false}'"
+    echo "wrk.body   = '{\"model\":\"${MODEL:-base-model}\",\"messages\":[{\"role\":\"system\",\"content\":\"You are a helpful assistant.\"},{\"role\":\"user\",\"content\":\"Summarize in one sentence: the quick brown fox jumps over the lazy dog, twice.\"}],\"max_tokens\":64,\"temperature\":0.0,\"stream\":false}'"
     echo 'wrk.headers["Content-Type"] = "application/json"'
     for h in "$@"; do echo "wrk.headers[\"${h%%:*}\"] = \"${h#*: }\""; done
-  } > "$WORK/post.lua"
+  } > "${LUA:-$WORK/post.lua}"
 }
 
-# wrk_run NAME URL [SECONDS]: one wrk -t1 -c64 run; prints "NAME rps p50_ms p99_ms".
+# wrk_run NAME URL [SECONDS]: one wrk -t1 -c64 run of $LUA (default $WORK/post.lua); prints
+# "NAME rps p50_ms p99_ms requests".
 wrk_run() {
-  wrk -t1 -c64 -d"${3:-${SECS:-10}}s" -s "$WORK/post.lua" --latency "$2" \
+  wrk -t1 -c64 -d"${3:-${SECS:-10}}s" -s "${LUA:-$WORK/post.lua}" --latency "$2" \
     | awk -v name="$1" '
       function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
       /Requests\/sec/ { rps=$2 } / 50%/ { p50=ms($2) } / 99%/ { p99=ms($2) }
+      / requests in / { n=$1 }
       /Non-2xx/ { bad=$4 }
-      END { if (bad>0) print "ERROR " name " non-2xx " bad > "/dev/stderr"; printf "%s %.0f %.3f %.3f\n", name, rps, p50, p99 }'
+      END { if (bad>0) print "ERROR " name " non-2xx " bad > "/dev/stderr"; printf "%s %.0f %.3f %.3f %d\n", name, rps, p50, p99, n }'
+}
+
+# cpu_ticks PID...: user + system CPU time of these processes (every thread), in clock ticks.
+cpu_ticks() {
+  local t=0 p
+  for p in "$@"; do
+    t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+  done
+  echo "$t"
+}
+
+# nginx_pids NAME: the master and worker processes of the nginx started as NAME.
+nginx_pids() {
+  local master
+  master=$(cat "$WORK/$1.pid")
+  echo "$master" $(pgrep -P "$master")
 }
 
 # wait_healthz ADDR: until loraplex at ADDR answers /healthz (10 s at most).

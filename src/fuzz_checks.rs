@@ -16,7 +16,7 @@ use crate::{
     http::{
         BodyKind, Method, RequestHead,
         chunked::ChunkedDecoder,
-        model::{extract_model, rewrite_model},
+        model::{extract_fast, extract_full, extract_model, rewrite_model},
         multipart::{self, Boundary},
     },
 };
@@ -45,6 +45,15 @@ pub fn model_extract_with(
     data: &[u8],
     rewrite: impl Fn(&[u8], &str) -> Result<Vec<u8>, Error>,
 ) -> Result<(), String> {
+    // The fast reading, where it reads a body at all, reads what the full one does.
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Some(fast) = extract_fast(text)
+    {
+        let full = extract_full(text).map_err(|e| e.message.clone());
+        if full.as_ref().map(Option::as_deref) != Ok(fast.as_deref()) {
+            return Err(format!("fast reading {fast:?}, full reading {full:?}"));
+        }
+    }
     let Ok(Some(model)) = extract_model(data) else {
         return Ok(());
     };

@@ -55,6 +55,11 @@ impl Tier {
         Tier::Error,
     ];
 
+    /// The tier's place in [`Tier::ALL`] (its declaration order).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Tier::Passthrough => "passthrough",
@@ -473,18 +478,25 @@ impl Metrics {
 
     /// The tenant label for `tenant` (bounded; `_default` when absent).
     pub fn tenant_label(&self, tenant: Option<&str>) -> String {
-        let Some(tenant) = tenant.filter(|t| !t.is_empty()) else {
-            return "_default".into();
-        };
+        match tenant.filter(|t| !t.is_empty()) {
+            None => "_default".into(),
+            Some(tenant) if self.tenant_kept(tenant) => tenant.into(),
+            Some(_) => "_other".into(),
+        }
+    }
+
+    /// Whether `tenant` has a label of its own (one of the first [`MAX_TENANTS`] seen), else
+    /// it counts as `_other`. Allocates only the first time a tenant is kept.
+    pub fn tenant_kept(&self, tenant: &str) -> bool {
         let mut seen = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         if seen.contains(tenant) {
-            return tenant.into();
+            return true;
         }
         if seen.len() < MAX_TENANTS {
             seen.insert(tenant.into());
-            return tenant.into();
+            return true;
         }
-        "_other".into()
+        false
     }
 
     /// Count an error answer of `kind` (`loraplex_errors_total{kind}`).
@@ -547,6 +559,13 @@ mod tests {
             "loraplex_forward_duration_seconds_bucket",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn tier_index_is_its_place_in_all() {
+        for (i, tier) in Tier::ALL.iter().enumerate() {
+            assert_eq!(tier.index(), i, "{tier:?}");
         }
     }
 

@@ -6,10 +6,7 @@ mod preload;
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicI64},
-    },
+    sync::{Arc, atomic::AtomicBool},
 };
 
 use crate::{
@@ -22,7 +19,7 @@ use crate::{
     error::Error,
     metrics::Metrics,
     origin::{Origin, OriginChain, peer::PeerOrigin},
-    proxy::{Proxy, Shared},
+    proxy::{Pending, Proxy, Shared},
     server::{
         Server, bind,
         runtime::{self, DriverKind},
@@ -163,7 +160,7 @@ impl Node {
             vllm,
             control,
             shutdown,
-            pending: AtomicI64::new(0),
+            pending: Pending::new(listeners.len()),
             router,
             cluster,
             peer_client,
@@ -191,7 +188,7 @@ impl Node {
             shared.shutdown.clone(),
             shared.metrics.clone(),
             shared.tls.acceptor.clone(),
-            move |_| Proxy::new(for_workers.clone()),
+            move |id| Proxy::new(for_workers.clone(), id),
         )?;
         log_summary(&shared, driver, addr);
         Ok(Node {

@@ -11,7 +11,7 @@
 //! Names nest as directories do: `x` is an [ancestor](AdapterName::ancestors) of `x/y`. The
 //! store never holds two adapters of which one is the other's ancestor (see `store::flight`).
 
-use std::{borrow::Borrow, fmt, path::Path};
+use std::{borrow::Borrow, fmt, path::Path, sync::Arc};
 
 use crate::error::{Clipped, Error};
 
@@ -24,9 +24,10 @@ pub const MAX_SEGMENT_LEN: usize = 255;
 /// this deep, so every adapter a name can reach is found again after a restart.
 pub const MAX_SEGMENTS: usize = 8;
 
-/// A validated adapter name.
+/// A validated adapter name. Shared, not copied, when cloned (the proxy's workers keep the
+/// names they have seen and hand out clones; see `proxy::handles`).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AdapterName(String);
+pub struct AdapterName(Arc<str>);
 
 fn segment_ok(s: &str) -> bool {
     !s.is_empty()
@@ -75,7 +76,7 @@ impl AdapterName {
         {
             return bad("a segment is longer than 255 bytes");
         }
-        Ok(AdapterName(name.to_owned()))
+        Ok(AdapterName(name.into()))
     }
 
     /// The names this one's directory lies in: `a` and `a/b` for `a/b/c` (shortest first).
@@ -86,7 +87,7 @@ impl AdapterName {
     /// Is `other` inside this name's directory (`x/y` for `x`)?
     pub fn contains(&self, other: &str) -> bool {
         other.len() > self.0.len()
-            && other.starts_with(self.0.as_str())
+            && other.starts_with(&*self.0)
             && other.as_bytes()[self.0.len()] == b'/'
     }
 
@@ -96,7 +97,7 @@ impl AdapterName {
 
     /// The repo id without a pinned revision: `org/name` for `org/name@v2`.
     pub fn repo(&self) -> &str {
-        self.0.split_once('@').map_or(&self.0, |(repo, _)| repo)
+        self.0.split_once('@').map_or(&*self.0, |(repo, _)| repo)
     }
 
     /// The pinned revision, if any.
@@ -106,7 +107,7 @@ impl AdapterName {
 
     /// The name as a relative path (nested directories for `/`).
     pub fn rel_path(&self) -> &Path {
-        Path::new(&self.0)
+        Path::new(&*self.0)
     }
 }
 

@@ -19,7 +19,7 @@
 //! start, connecting from this node's own address; over HTTPS with `cluster.tls` (peers'
 //! certificates checked against the cluster CA, `crate::tls::PeerVerifier`).
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{borrow::Cow, net::IpAddr, sync::Arc, time::Duration};
 
 use reqwest::{StatusCode, header::RANGE};
 use serde::{Deserialize, Serialize};
@@ -64,7 +64,7 @@ pub fn load(pending: i64) -> f64 {
 pub struct Healthz {
     /// `ok`, or `degraded` while vLLM is unhealthy.
     #[serde(default)]
-    pub status: String,
+    pub status: Cow<'static, str>,
     #[serde(default)]
     pub load: f64,
     /// Requests in flight, the asking one not counted.
@@ -81,7 +81,7 @@ fn yes() -> bool {
 impl Healthz {
     pub fn new(pending: i64, vllm_healthy: bool) -> Healthz {
         Healthz {
-            status: if vllm_healthy { "ok" } else { "degraded" }.into(),
+            status: Cow::Borrowed(if vllm_healthy { "ok" } else { "degraded" }),
             load: load(pending),
             pending,
             vllm_healthy,

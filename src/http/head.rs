@@ -1,16 +1,22 @@
 //! Request and response heads.
 //!
-//! A head is parsed with `httparse` into spans over the raw bytes (kept as a cheap `Bytes`),
-//! then its framing is decided once: how long the body is, whether the connection stays open,
+//! A head is parsed with `httparse` into spans over the raw bytes, then its framing is decided
+//! once: how long the body is, whether the connection stays open,
 //! whether the client waits for `100 Continue`. Ambiguous framing that enables request smuggling
 //! (both `Transfer-Encoding` and `Content-Length`, conflicting lengths, a transfer coding other
 //! than a final `chunked`) is refused with 400 instead of guessed; a request whose body has
 //! another coding under `chunked` (`gzip, chunked`) gets 501 (RFC 9112 §6.1). A request needs
 //! exactly one `Host` (none is fine for HTTP/1.0), else 400 (RFC 9112 §3.2).
+//!
+//! Nothing is allocated per head on the proxy's path: a request head keeps the bytes it was
+//! read into (split off the connection's buffer, [`RequestHead::split_from`]), a response head
+//! keeps the buffer it was read into ([`ResponseHead::parse`]), and up to [`INLINE_HEADERS`]
+//! header spans are held inline.
 
 use std::ops::Range;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
 
 use crate::error::{Error, ErrorKind};
 
@@ -21,6 +27,10 @@ pub const MAX_HEADERS: usize = 128;
 /// this many (the forward mark and token, `content-length`, `host`), and the peer must not
 /// refuse a request its entry node accepted.
 pub const INTERNAL_SLACK: usize = 4;
+
+/// Headers whose spans a head holds without allocating; a head with more spills them to the
+/// heap (one allocation). Clients such as OpenAI's SDKs send 15-20.
+pub const INLINE_HEADERS: usize = 32;
 
 /// Header name prefix of loraplex's own headers (forward mark, fallback notice).
 pub const INTERNAL_PREFIX: &[u8] = b"x-loraplex-";
@@ -74,15 +84,18 @@ struct HeaderSpan {
     hop: bool,
 }
 
-/// What both heads share: the raw bytes and the header spans.
+/// What both heads share: the raw bytes (`B`: a request's split-off `Bytes`, a response's read
+/// buffer) and the header spans into them.
 #[derive(Debug, Clone)]
-struct Fields {
-    raw: Bytes,
-    headers: Vec<HeaderSpan>,
+struct Fields<B> {
+    raw: B,
+    headers: SmallVec<[HeaderSpan; INLINE_HEADERS]>,
 }
 
-impl Fields {
-    fn new(buf: &[u8], len: usize, parsed: &[httparse::Header<'_>]) -> Fields {
+impl<B: AsRef<[u8]>> Fields<B> {
+    /// Spans of `parsed` (headers httparse found in `buf`), with `raw` to keep (`buf` itself, a
+    /// copy, or an empty placeholder until the bytes are attached).
+    fn new(buf: &[u8], parsed: &[httparse::Header<'_>], raw: B) -> Fields<B> {
         let base = buf.as_ptr() as usize;
         let span = |s: &[u8]| {
             let start = (s.as_ptr() as usize - base) as u32;
@@ -96,14 +109,11 @@ impl Fields {
                 hop: false,
             })
             .collect();
-        Fields {
-            raw: Bytes::copy_from_slice(&buf[..len]),
-            headers,
-        }
+        Fields { raw, headers }
     }
 
     fn bytes(&self, s: &Span) -> &[u8] {
-        &self.raw[s.start as usize..s.end as usize]
+        &self.raw.as_ref()[s.start as usize..s.end as usize]
     }
 
     fn get(&self, name: &str) -> Option<&[u8]> {
@@ -118,18 +128,40 @@ impl Fields {
             .map(|h| (self.bytes(&h.name), self.bytes(&h.value)))
     }
 
-    /// Decide framing and mark hop-by-hop headers. `request`: refuse non-chunked codings.
-    fn frame(&mut self, minor: u8, request: bool) -> Result<Framing, Error> {
+    /// Append the end-to-end headers (hop-by-hop and internal ones left out), but those named
+    /// in `replaced` (their new values follow).
+    fn write_end_to_end(&self, out: &mut Vec<u8>, replaced: &[(&str, &[u8])]) {
+        for h in self.headers.iter().filter(|h| !h.hop) {
+            let name = self.bytes(&h.name);
+            if !replaced.is_empty()
+                && replaced
+                    .iter()
+                    .any(|(r, _)| r.as_bytes().eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(self.bytes(&h.value));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+impl<B> Fields<B> {
+    /// Decide framing and mark hop-by-hop headers; `raw` holds the bytes the spans point into.
+    /// `request`: refuse non-chunked codings.
+    fn frame(&mut self, raw: &[u8], minor: u8, request: bool) -> Result<Framing, Error> {
+        let bytes = |s: &Span| &raw[s.start as usize..s.end as usize];
         let mut framing = Framing {
             keep_alive: minor == 1,
             ..Framing::default()
         };
-        let mut connection_tokens: Vec<Vec<u8>> = Vec::new();
+        let mut connection_tokens: SmallVec<[&[u8]; 8]> = SmallVec::new();
         let mut te: Option<Span> = None;
         let mut length: Option<u64> = None;
-        for i in 0..self.headers.len() {
-            let name = self.bytes(&self.headers[i].name);
-            let value = self.bytes(&self.headers[i].value);
+        for h in &mut self.headers {
+            let (name, value) = (bytes(&h.name), bytes(&h.value));
             let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
             let hop = if is(b"connection") || is(b"proxy-connection") {
                 for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -138,7 +170,7 @@ impl Fields {
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
                         framing.keep_alive_token = true;
                     } else if !token.is_empty() {
-                        connection_tokens.push(token.to_vec());
+                        connection_tokens.push(token);
                     }
                 }
                 true
@@ -146,7 +178,7 @@ impl Fields {
                 if te.is_some() {
                     return Err(Error::bad_request("repeated Transfer-Encoding header"));
                 }
-                te = Some(self.headers[i].value.clone());
+                te = Some(h.value.clone());
                 true
             } else if is(b"content-length") {
                 let n = parse_content_length(value)?;
@@ -167,11 +199,11 @@ impl Fields {
                         .get(..INTERNAL_PREFIX.len())
                         .is_some_and(|p| p.eq_ignore_ascii_case(INTERNAL_PREFIX))
             };
-            self.headers[i].hop = hop;
+            h.hop = hop;
         }
         if !connection_tokens.is_empty() {
             for h in &mut self.headers {
-                let name = &self.raw[h.name.start as usize..h.name.end as usize];
+                let name = bytes(&h.name);
                 if connection_tokens
                     .iter()
                     .any(|t| t.eq_ignore_ascii_case(name))
@@ -193,7 +225,7 @@ impl Fields {
             }
             (Some(te), _) => {
                 // A list: empty elements don't count (RFC 9110 §5.6.1).
-                let value = self.bytes(&te);
+                let value = bytes(&te);
                 let mut codings = value
                     .split(|&b| b == b',')
                     .map(<[u8]>::trim_ascii)
@@ -231,25 +263,6 @@ impl Fields {
         };
         Ok(framing)
     }
-
-    /// Append the end-to-end headers (hop-by-hop and internal ones left out), but those named
-    /// in `replaced` (their new values follow).
-    fn write_end_to_end(&self, out: &mut Vec<u8>, replaced: &[(&str, &[u8])]) {
-        for h in self.headers.iter().filter(|h| !h.hop) {
-            let name = self.bytes(&h.name);
-            if !replaced.is_empty()
-                && replaced
-                    .iter()
-                    .any(|(r, _)| r.as_bytes().eq_ignore_ascii_case(name))
-            {
-                continue;
-            }
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(self.bytes(&h.value));
-            out.extend_from_slice(b"\r\n");
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -282,7 +295,7 @@ fn parse_error(e: httparse::Error) -> Error {
 /// A parsed request head.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
-    fields: Fields,
+    fields: Fields<Bytes>,
     method: Span,
     target: Span,
     pub kind: Method,
@@ -296,8 +309,28 @@ pub struct RequestHead {
 
 impl RequestHead {
     /// Parse a head at the start of `buf`. `Ok(None)`: more bytes are needed.
-    /// Returns the head and its length in bytes.
+    /// Returns the head (with a copy of its bytes) and its length in bytes.
     pub fn parse(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, Error> {
+        let Some((mut head, len)) = RequestHead::parse_spans(buf)? else {
+            return Ok(None);
+        };
+        head.fields.raw = Bytes::copy_from_slice(&buf[..len]);
+        Ok(Some((head, len)))
+    }
+
+    /// [`parse`](Self::parse) the head at the start of `buf` and, when it is complete, split it
+    /// off `buf`: the head keeps those bytes without copying them. `Ok(None)`: more bytes are
+    /// needed (`buf` is left as it is).
+    pub fn split_from(buf: &mut BytesMut) -> Result<Option<(RequestHead, usize)>, Error> {
+        let Some((mut head, len)) = RequestHead::parse_spans(buf)? else {
+            return Ok(None);
+        };
+        head.fields.raw = buf.split_to(len).freeze();
+        Ok(Some((head, len)))
+    }
+
+    /// The head at the start of `buf`, its bytes not attached yet (an empty `raw`).
+    fn parse_spans(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, Error> {
         let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS + INTERNAL_SLACK];
         let mut req = httparse::Request::new(&mut storage);
         let len = match req.parse(buf).map_err(parse_error)? {
@@ -332,8 +365,8 @@ impl RequestHead {
             0 | 1 => {}
             _ => return Err(Error::bad_request("more than one Host header")),
         }
-        let mut fields = Fields::new(buf, len, req.headers);
-        let framing = fields.frame(minor, true)?;
+        let mut fields = Fields::new(buf, req.headers, Bytes::new());
+        let framing = fields.frame(buf, minor, true)?;
         let head = RequestHead {
             fields,
             method,
@@ -427,10 +460,11 @@ impl RequestHead {
     }
 }
 
-/// A parsed response head from an upstream (vLLM or a peer).
+/// A parsed response head from an upstream (vLLM or a peer). It keeps the buffer it was read
+/// into: the head, then whatever body bytes came with it ([`ResponseHead::into_buf`]).
 #[derive(Debug, Clone)]
 pub struct ResponseHead {
-    fields: Fields,
+    fields: Fields<Vec<u8>>,
     pub status: u16,
     reason: Span,
     pub minor: u8,
@@ -440,13 +474,15 @@ pub struct ResponseHead {
 }
 
 impl ResponseHead {
-    /// Parse a response head. `request` is the method it answers (HEAD has no body).
-    pub fn parse(buf: &[u8], request: Method) -> Result<Option<(ResponseHead, usize)>, Error> {
+    /// Parse the response head at the start of `buf`, which the head keeps (no copy). `request`
+    /// is the method it answers (HEAD has no body). [`ParsedResponse::Partial`] hands `buf` back when
+    /// more bytes are needed.
+    pub fn parse(buf: Vec<u8>, request: Method) -> Result<ParsedResponse, Error> {
         let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut res = httparse::Response::new(&mut storage);
-        let len = match res.parse(buf) {
+        let len = match res.parse(&buf) {
             Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
+            Ok(httparse::Status::Partial) => return Ok(ParsedResponse::Partial(buf)),
             Err(e) => {
                 return Err(Error::new(
                     ErrorKind::BadGateway,
@@ -463,9 +499,9 @@ impl ResponseHead {
             start..start + reason.len() as u32
         };
         let (status, minor) = (res.code.unwrap_or(502), res.version.unwrap_or(1));
-        let mut fields = Fields::new(buf, len, res.headers);
+        let mut fields = Fields::new(&buf, res.headers, Vec::new());
         let framing = fields
-            .frame(minor, false)
+            .frame(&buf, minor, false)
             .map_err(|e| Error::new(ErrorKind::BadGateway, format!("upstream: {}", e.message)))?;
         let mut body = framing.body;
         if request == Method::Head || status == 204 || status == 304 || (100..200).contains(&status)
@@ -473,7 +509,8 @@ impl ResponseHead {
             body = BodyKind::None;
         }
         let keep_alive = framing.keep_alive && body != BodyKind::UntilClose;
-        Ok(Some((
+        fields.raw = buf;
+        Ok(ParsedResponse::Head(
             ResponseHead {
                 fields,
                 status,
@@ -483,7 +520,17 @@ impl ResponseHead {
                 keep_alive,
             },
             len,
-        )))
+        ))
+    }
+
+    /// The buffer the head was read into (the head's bytes, then any body bytes after them).
+    pub fn buf(&self) -> &[u8] {
+        &self.fields.raw
+    }
+
+    /// Give the buffer back, for the body (the head is done with).
+    pub fn into_buf(self) -> Vec<u8> {
+        self.fields.raw
     }
 
     pub fn header(&self, name: &str) -> Option<&[u8]> {
@@ -555,6 +602,27 @@ impl ResponseHead {
     /// No body although the head may describe one (HEAD, 204, 304).
     fn body_none_by_rule(&self) -> bool {
         self.body == BodyKind::None && self.status != 204 && !(100..200).contains(&self.status)
+    }
+}
+
+/// What [`ResponseHead::parse`] found.
+// The head holds its header spans inline; boxing it would cost the allocation that saves.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum ParsedResponse {
+    /// A whole head, and its length in bytes.
+    Head(ResponseHead, usize),
+    /// Not a whole head yet: the buffer back.
+    Partial(Vec<u8>),
+}
+
+impl ParsedResponse {
+    /// The head, when whole (tests).
+    pub fn head(self) -> Option<(ResponseHead, usize)> {
+        match self {
+            ParsedResponse::Head(head, len) => Some((head, len)),
+            ParsedResponse::Partial(_) => None,
+        }
     }
 }
 
@@ -644,10 +712,11 @@ mod tests {
         }
         // An upstream may send them: passed through as they are.
         let (r, _) = ResponseHead::parse(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n".to_vec(),
             Method::Get,
         )
         .unwrap()
+        .head()
         .unwrap();
         assert_eq!(r.body, BodyKind::Chunked);
     }
@@ -729,7 +798,7 @@ mod tests {
 
     #[test]
     fn response_framing() {
-        let p = |s: &str, m| ResponseHead::parse(s.as_bytes(), m).unwrap().unwrap().0;
+        let p = |s: &str, m| ResponseHead::parse(s.into(), m).unwrap().head().unwrap().0;
         let r = p("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Method::Get);
         assert_eq!((r.body, r.keep_alive), (BodyKind::Length(3), true));
         let r = p(
@@ -749,10 +818,12 @@ mod tests {
     fn response_is_rewritten_for_the_client() {
         let (r, _) = ResponseHead::parse(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: keep-alive\r\n\
-              Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5\r\n\r\n",
+              Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5\r\n\r\n"
+                .to_vec(),
             Method::Post,
         )
         .unwrap()
+        .head()
         .unwrap();
         let mut out = Vec::new();
         r.write_client(&mut out, BodyKind::Chunked, true, 1, &[]);

@@ -17,7 +17,7 @@ pub mod model;
 pub mod multipart;
 pub mod response;
 
-pub use head::{BodyKind, Method, RequestHead, ResponseHead};
+pub use head::{BodyKind, Method, ParsedResponse, RequestHead, ResponseHead};
 
 /// Compare secrets without an early exit that would leak the matching prefix length.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

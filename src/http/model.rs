@@ -11,10 +11,20 @@
 //! - `model` twice: 400 (Python's `json` keeps the last one and a streaming parser the first;
 //!   refusing the ambiguity means loraplex and vLLM can never route on different names);
 //! - invalid JSON, a body that is not UTF-8, or a top level that is not an object: 400.
+//!
+//! Two readings, so that a request allocates nothing here: the fast one walks the values it
+//! does not keep with `deserialize_any` (serde_json's skipping keeps a heap stack of the arrays
+//! and objects it is inside) and borrows `model` from the body unless it has escapes. It
+//! refuses some JSON that the full reading (serde's derived struct) accepts: a lone surrogate
+//! escape or a number beyond `f64` in a skipped value, nesting deeper than 128. Whatever the
+//! fast reading refuses goes through the full one, which decides (and words the error).
 
 use std::borrow::Cow;
 
-use serde::Deserialize;
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, MapAccess, SeqAccess, Visitor},
+};
 use serde_json::value::RawValue;
 
 use crate::error::Error;
@@ -37,9 +47,141 @@ pub fn extract_model(body: &[u8]) -> Result<Option<Cow<'_, str>>, Error> {
     // them, so check the whole body here: a body vLLM would refuse is refused here too.
     let text = std::str::from_utf8(body)
         .map_err(|e| Error::bad_request(format!("the request body is not UTF-8: {e}")))?;
+    match extract_fast(text) {
+        Some(model) => Ok(model),
+        None => extract_full(text),
+    }
+}
+
+/// The full reading of the module doc, which decides what the fast one refuses.
+#[doc(hidden)]
+pub fn extract_full(text: &str) -> Result<Option<Cow<'_, str>>, Error> {
     match serde_json::from_str::<Peek<'_>>(text) {
         Ok(peek) => Ok(peek.model),
         Err(e) => Err(Error::bad_request(format!("invalid JSON body: {e}"))),
+    }
+}
+
+/// The fast reading of the module doc: `None` when it refuses `text` (the full reading
+/// decides then). Allocates only for strings with escapes.
+#[doc(hidden)]
+pub fn extract_fast(text: &str) -> Option<Option<Cow<'_, str>>> {
+    serde_json::from_str::<Fast<'_>>(text)
+        .ok()
+        .map(|fast| fast.0)
+}
+
+/// The top-level `model` of an object, every other value walked without being kept.
+struct Fast<'a>(Option<Cow<'a, str>>);
+
+impl<'de> Deserialize<'de> for Fast<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Fast<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut model: Option<Option<Model<'de>>> = None;
+                while let Some(IsModel(is_model)) = map.next_key()? {
+                    if !is_model {
+                        map.next_value::<Skip>()?;
+                    } else if model.is_some() {
+                        return Err(de::Error::duplicate_field("model"));
+                    } else {
+                        model = Some(map.next_value()?);
+                    }
+                }
+                Ok(Fast(model.flatten().map(|m| m.0)))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Whether a key (escapes decoded) is `model`.
+struct IsModel(bool);
+
+impl<'de> Deserialize<'de> for IsModel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = IsModel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<IsModel, E> {
+                Ok(IsModel(v == "model"))
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// A `model` string, borrowed from the body unless it has escapes.
+struct Model<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Model<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Model<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Model<'de>, E> {
+                Ok(Model(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Model<'de>, E> {
+                Ok(Model(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Any JSON value, walked and dropped (recursion bounded by serde_json's depth limit).
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SkipVisitor)
+    }
+}
+
+struct SkipVisitor;
+
+impl<'de> Visitor<'de> for SkipVisitor {
+    type Value = Skip;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
+        Ok(Skip)
     }
 }
 
@@ -113,6 +255,56 @@ mod tests {
         extract_model(s.as_bytes())
             .map(|m| m.map(Cow::into_owned))
             .map_err(|e| e.status())
+    }
+
+    /// What the full reading alone gives.
+    fn full(s: &str) -> Result<Option<String>, u16> {
+        extract_full(s)
+            .map(|m| m.map(Cow::into_owned))
+            .map_err(|e| e.status())
+    }
+
+    #[test]
+    fn the_fast_reading_agrees_with_the_full_one_or_steps_aside() {
+        let deep = format!(
+            "{{\"model\":\"m\",\"x\":{}1{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        for body in [
+            r#"{"model":"acme/x","messages":[{"role":"user","content":"hi"}],"n":1,"t":0.5}"#,
+            r#"{"messages":[{"content":"line\none"}],"model":"a\/b","stop":null,"s":true}"#,
+            r#"{"mod\u0065l":"x","tools":[{"model":"nested"}]}"#,
+            r#"{"model":null,"a":{}}"#,
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"model":1}"#,
+            r#"{"model":"acme/x","prompt":"\ud800"}"#,
+            r#"{"model":"acme/x","temperature":1e400}"#,
+            r#"{"model":"x","a":[1,]}"#,
+            r#"{"model":"x"} trailing"#,
+            &deep,
+        ] {
+            let fast = extract_fast(body).map(|m| m.map(Cow::into_owned));
+            if let Some(fast) = fast {
+                assert_eq!(Ok(fast), full(body), "{body}");
+            }
+            assert_eq!(model(body), full(body), "{body}");
+        }
+        // Stepped aside for what serde_json's skipping accepts and a walk does not.
+        for body in [
+            r#"{"model":"acme/x","prompt":"\ud800"}"#,
+            r#"{"model":"acme/x","temperature":1e400}"#,
+            &deep,
+        ] {
+            assert!(extract_fast(body).is_none(), "{body}");
+            assert_eq!(
+                model(body),
+                Ok(Some(if body == deep { "m" } else { "acme/x" }.into()))
+            );
+        }
+        // Borrowed from the body when there is nothing to unescape.
+        let borrowed = extract_fast(r#"{"messages":[{"a":[1]}],"model":"acme/x"}"#);
+        assert!(matches!(borrowed, Some(Some(Cow::Borrowed("acme/x")))));
     }
 
     #[test]

@@ -34,6 +34,19 @@ pub fn write(
     body: &[u8],
     keep_alive: bool,
 ) {
+    write_head(out, status, content_type, extra, body.len(), keep_alive);
+    out.extend_from_slice(body);
+}
+
+/// The head of a whole response whose body is `body_len` bytes.
+fn write_head(
+    out: &mut Vec<u8>,
+    status: u16,
+    content_type: &str,
+    extra: &[(&str, &[u8])],
+    body_len: usize,
+    keep_alive: bool,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa_buf(u64::from(status)).as_bytes());
     out.push(b' ');
@@ -41,7 +54,7 @@ pub fn write(
     out.extend_from_slice(b"\r\ncontent-type: ");
     out.extend_from_slice(content_type.as_bytes());
     out.extend_from_slice(b"\r\ncontent-length: ");
-    out.extend_from_slice(itoa_buf(body.len() as u64).as_bytes());
+    out.extend_from_slice(itoa_buf(body_len as u64).as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in extra {
         out.extend_from_slice(name.as_bytes());
@@ -53,7 +66,6 @@ pub fn write(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
 }
 
 /// An error as an OpenAI-shaped JSON response.
@@ -68,15 +80,20 @@ pub fn error(out: &mut Vec<u8>, err: &Error, keep_alive: bool) {
     );
 }
 
-/// A JSON response.
+/// A JSON response. The body is written into `out` first and the head moved in front of it,
+/// so nothing is allocated when `out` has the room.
 pub fn json<T: serde::Serialize + ?Sized>(
     out: &mut Vec<u8>,
     status: u16,
     value: &T,
     keep_alive: bool,
 ) {
-    let body = serde_json::to_vec(value).expect("our answers always serialize");
-    write(out, status, "application/json", &[], &body, keep_alive);
+    let start = out.len();
+    serde_json::to_writer(&mut *out, value).expect("our answers always serialize");
+    let body_len = out.len() - start;
+    write_head(out, status, "application/json", &[], body_len, keep_alive);
+    let head_len = out.len() - start - body_len;
+    out[start..].rotate_right(head_len);
 }
 
 /// Make `out`, a whole answer, the answer to HEAD: the same head (its `content-length` kept),
@@ -102,6 +119,22 @@ mod tests {
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"));
         assert!(s.contains("connection: close\r\n\r\n{\"error\":"));
+    }
+
+    #[test]
+    fn json_response_after_what_is_there() {
+        let mut out = b"earlier".to_vec();
+        json(&mut out, 200, &serde_json::json!({"a": 1}), true);
+        let mut whole = b"earlier".to_vec();
+        write(
+            &mut whole,
+            200,
+            "application/json",
+            &[],
+            br#"{"a":1}"#,
+            true,
+        );
+        assert_eq!(String::from_utf8(out), String::from_utf8(whole));
     }
 
     #[test]

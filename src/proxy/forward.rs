@@ -28,7 +28,7 @@ use crate::{
     },
     error::Error,
     http::RequestHead,
-    metrics::{PeerLabel, Tier},
+    metrics::Tier,
     proxy::Proxy,
     proxy::trace,
     proxy::upstream::{Request, Stage, Target},
@@ -92,10 +92,13 @@ pub(super) async fn route(
         return Ok(None);
     }
     let peers = decision.peers;
-    let mut extra: Vec<(&str, &[u8])> = vec![(FORWARDED_HEADER, b"1")];
-    if let Some(token) = &router.token {
-        extra.push((TOKEN_HEADER, token.as_bytes()));
-    }
+    let token = router.token.as_deref().unwrap_or_default();
+    let marks: [(&str, &[u8]); 2] = [(FORWARDED_HEADER, b"1"), (TOKEN_HEADER, token.as_bytes())];
+    let extra = if router.token.is_some() {
+        &marks[..]
+    } else {
+        &marks[..1]
+    };
     span.set("loraplex.route", "forward");
     for idx in peers.iter() {
         let peer = &topo.peers[idx];
@@ -103,7 +106,7 @@ pub(super) async fn route(
         span.set_str("loraplex.route.target", &peer.addr);
         let (mut fwd, tp) = trace::outgoing(span, "forward", || peer.addr.clone());
         let mut buf = Vec::new();
-        let extra = trace::with_traceparent(&extra, &tp, &mut buf);
+        let extra = trace::with_traceparent(extra, &tp, &mut buf);
         let target = Target {
             addrs: &peer.sockaddrs,
             name: &peer.addr,
@@ -118,11 +121,7 @@ pub(super) async fn route(
         let m = &shared.metrics;
         match result {
             Ok(answered) => {
-                m.peer_forwards
-                    .get_or_create(&PeerLabel {
-                        target_peer: peer.addr.clone(),
-                    })
-                    .inc();
+                w.handles.count_forward(&peer.addr);
                 m.forward_duration
                     .observe((answered.head_at - started).as_secs_f64());
                 return Ok(Some(Served {

@@ -66,13 +66,13 @@ pub(super) async fn serve(
             reply,
         });
     }
-    let mut out = Vec::with_capacity(1024);
     if endpoint != Endpoint::Admin && !matches!(head.kind, Method::Get | Method::Head) {
         return Err(Error::new(
             ErrorKind::MethodNotAllowed,
             format!("{} is GET only", head.path()),
         ));
     }
+    let mut out = w.take_answer_buf();
     let status = match endpoint {
         Endpoint::Healthz => {
             // This request counts itself; report the others.
@@ -93,6 +93,8 @@ pub(super) async fn serve(
             status
         }
         Endpoint::Metrics => {
+            let inflight = shared.pending.load(Ordering::Relaxed);
+            shared.metrics.inflight_requests.set(inflight);
             let text = shared.metrics.encode();
             let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
             response::write(&mut out, 200, ct, &[], text.as_bytes(), keep_alive);
@@ -105,7 +107,13 @@ pub(super) async fn serve(
     if head.kind == Method::Head {
         response::strip_body(&mut out);
     }
-    let written = conn.write_all(out).await.is_ok();
+    let written = match conn.write_all(out).await {
+        Ok(out) => {
+            w.give_answer_buf(out);
+            true
+        }
+        Err(_) => false,
+    };
     Ok(Served {
         tier: Tier::Passthrough,
         reply: Reply {

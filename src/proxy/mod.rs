@@ -18,9 +18,11 @@
 //! - `trace.rs`: the request's span and those of what it sends on.
 //! - `state.rs`: what every worker shares, and each worker's own [`Proxy`] (the server's
 //!   handler).
+//! - `handles.rs`: a worker's metric handles and adapter names, resolved once.
 
 pub mod admin_api;
 pub mod forward;
+mod handles;
 pub mod local;
 pub mod peer_files;
 mod peer_state;
@@ -28,11 +30,7 @@ mod state;
 mod trace;
 pub mod upstream;
 
-use std::{
-    borrow::Cow,
-    sync::{Arc, atomic::Ordering},
-    time::Instant,
-};
+use std::{borrow::Cow, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 
@@ -54,7 +52,7 @@ use crate::{
     vllm::BaseModel,
 };
 
-pub use self::state::{Proxy, Shared};
+pub use self::state::{Pending, Proxy, Shared};
 use self::upstream::{Request, Stage, Target};
 
 /// Response header telling the client its adapter was replaced by the base model.
@@ -83,13 +81,11 @@ impl Handler for Proxy {
 pub async fn process_request(w: &Proxy, conn: &mut Conn, head: RequestHead) -> bool {
     let started = Instant::now();
     let shared = &w.shared;
-    shared.pending.fetch_add(1, Ordering::Relaxed);
-    shared.metrics.inflight_requests.inc();
+    shared.pending.enter(w.worker);
     let mut body_read = false;
     let mut span = trace::request_span(w, conn, &head);
     let result = pipeline(w, conn, &head, &mut body_read, &mut span).await;
-    shared.pending.fetch_sub(1, Ordering::Relaxed);
-    shared.metrics.inflight_requests.dec();
+    shared.pending.leave(w.worker);
 
     let served = match result {
         Ok(served) => {
@@ -169,7 +165,7 @@ async fn pipeline(
     };
     let adapter = match (model.as_deref(), &base) {
         (Some(name), Some(base)) if !base.is_base(name) => {
-            let adapter = AdapterName::parse(name)?;
+            let adapter = w.handles.adapter_name(name)?;
             span.set_str("loraplex.adapter", adapter.as_str());
             Some(adapter)
         }

@@ -1,9 +1,12 @@
 //! The proxy's state: [`Shared`] by every worker, and [`Proxy`], one worker's own (the
 //! server's handler on that worker's thread).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicI64},
+use std::{
+    cell::RefCell,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
 };
 
 use prometheus_client::metrics::counter::Counter;
@@ -17,8 +20,8 @@ use crate::{
     },
     config::Config,
     control::Control,
-    metrics::{Metrics, RequestHandles, Tier},
-    proxy::upstream::Pool,
+    metrics::{Metrics, Tier},
+    proxy::{handles::Handles, upstream::Pool},
     shutdown::Shutdown,
     store::Store,
     telemetry::Tracer,
@@ -34,7 +37,7 @@ pub struct Shared {
     pub control: Control,
     pub shutdown: Shutdown,
     /// Requests in flight on this node (the Go project's `pending`).
-    pub pending: AtomicI64,
+    pub pending: Pending,
     pub router: Arc<Router>,
     /// What is known of every node's vLLM and of hot keys (control plane).
     pub cluster: Arc<ClusterState>,
@@ -54,8 +57,12 @@ pub struct Proxy {
     pub shared: Arc<Shared>,
     /// Keep-alive connections to vLLM and peers, owned by this thread.
     pub pool: Pool,
-    /// Request metrics of requests without a tenant, by tier (`Tier::ALL` order).
-    pub untenanted: Vec<RequestHandles>,
+    /// Metric handles and adapter names, resolved once.
+    pub handles: Handles,
+    /// This worker's slot in [`Shared::pending`].
+    pub worker: usize,
+    /// The buffer of the proxy's own answers (`/healthz`, `/metrics`, ...), kept between them.
+    answer_buf: RefCell<Vec<u8>>,
     /// This worker's demand counters (requests entering from clients, per key).
     pub demand: Arc<DemandTable>,
     /// What this worker sent to each node since its last sample.
@@ -66,14 +73,17 @@ pub struct Proxy {
     decisions: Vec<Counter>,
 }
 
+/// Largest own-answer buffer kept for the next answer.
+const MAX_ANSWER_BUF: usize = 256 * 1024;
+
 impl Proxy {
-    pub fn new(shared: Arc<Shared>) -> Proxy {
+    /// Worker `worker`'s proxy.
+    pub fn new(shared: Arc<Shared>, worker: usize) -> Proxy {
         Proxy {
             pool: Pool::new(&shared.config.server, shared.metrics.clone()),
-            untenanted: Tier::ALL
-                .iter()
-                .map(|&t| shared.metrics.request_handles(None, t))
-                .collect(),
+            handles: Handles::new(shared.metrics.clone()),
+            worker,
+            answer_buf: RefCell::default(),
             demand: shared.cluster.demand.table(),
             sent: Sent::default(),
             recent: shared.cluster.recent(),
@@ -88,6 +98,21 @@ impl Proxy {
         }
     }
 
+    /// An empty buffer for an own answer (the kept one, unless another answer has it).
+    pub fn take_answer_buf(&self) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut *self.answer_buf.borrow_mut());
+        buf.reserve(1024);
+        buf
+    }
+
+    /// Keep `buf` for the next own answer.
+    pub fn give_answer_buf(&self, mut buf: Vec<u8>) {
+        if buf.capacity() <= MAX_ANSWER_BUF {
+            buf.clear();
+            *self.answer_buf.borrow_mut() = buf;
+        }
+    }
+
     /// Count a routing decision.
     pub fn count_decision(&self, reason: Reason) {
         let i = Reason::ALL
@@ -99,15 +124,66 @@ impl Proxy {
 
     /// Count one finished request.
     pub fn record_request(&self, tenant: Option<&str>, tier: Tier, seconds: f64) {
-        match tenant.filter(|t| !t.is_empty()) {
-            None => {
-                let i = Tier::ALL
-                    .iter()
-                    .position(|&t| t == tier)
-                    .expect("every tier is in ALL");
-                self.untenanted[i].record(seconds);
-            }
-            Some(_) => self.shared.metrics.record_request(tenant, tier, seconds),
+        self.handles.record_request(tenant, tier, seconds);
+    }
+}
+
+/// Requests in flight on this node: one counter per worker, each on its own cache line and
+/// written by its worker only, so that counting a request never contends with another core;
+/// reading sums them (`/healthz`, routing, `loraplex_inflight_requests`).
+pub struct Pending {
+    slots: Box<[Slot]>,
+}
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Slot(AtomicI64);
+
+impl Pending {
+    /// Counters for `workers` workers.
+    pub fn new(workers: usize) -> Pending {
+        Pending {
+            slots: (0..workers.max(1)).map(|_| Slot::default()).collect(),
         }
+    }
+
+    /// A request starts on `worker`.
+    pub fn enter(&self, worker: usize) {
+        self.slots[worker % self.slots.len()]
+            .0
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request ends on `worker`.
+    pub fn leave(&self, worker: usize) {
+        self.slots[worker % self.slots.len()]
+            .0
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Requests in flight on every worker (each counter read with `order`).
+    pub fn load(&self, order: Ordering) -> i64 {
+        self.slots.iter().map(|s| s.0.load(order)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_sums_the_workers() {
+        let p = Pending::new(3);
+        p.enter(0);
+        p.enter(2);
+        p.enter(2);
+        p.leave(0);
+        assert_eq!(p.load(Ordering::Relaxed), 2);
+        p.enter(7);
+        assert_eq!(
+            p.load(Ordering::Relaxed),
+            3,
+            "an id past the slots still counts"
+        );
     }
 }

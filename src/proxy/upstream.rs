@@ -30,7 +30,7 @@ use monoio::{
 use crate::{
     config::ServerConfig,
     error::{Error, ErrorKind},
-    http::{BodyKind, Method, RequestHead, ResponseHead, chunked::ChunkedDecoder},
+    http::{BodyKind, Method, ParsedResponse, RequestHead, ResponseHead, chunked::ChunkedDecoder},
     metrics::Metrics,
     server::conn::Conn,
     shutdown::Shutdown,
@@ -135,12 +135,14 @@ impl Pool {
         }
     }
 
-    /// An empty buffer (a spare one when there is one).
+    /// An empty buffer (a spare one when there is one). New ones are made [`BODY_CHUNK`]
+    /// large: a body read grows a smaller one to that anyway, and a spare grown mid-request
+    /// would cost an allocation in steady state.
     pub fn take_buf(&self) -> Vec<u8> {
         self.bufs
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(16 * 1024))
+            .unwrap_or_else(|| Vec::with_capacity(BODY_CHUNK))
     }
 
     /// Hand a buffer back for reuse (big ones are let go).
@@ -362,11 +364,10 @@ pub struct ClientSide<'a> {
     pub shutdown: &'a Shutdown,
 }
 
-/// A response head and the body bytes that came with it.
+/// A response head and the body bytes that came with it (in the head's buffer).
 struct Head {
     head: ResponseHead,
-    buf: Vec<u8>,
-    /// Start of body bytes in `buf`.
+    /// Start of body bytes in the head's buffer.
     body_start: usize,
     at: Instant,
 }
@@ -424,25 +425,28 @@ async fn read_head(
         }
         // One read may hold an interim answer and the final head after it.
         loop {
-            match ResponseHead::parse(&buf, method) {
-                Ok(Some((head, len)))
+            match ResponseHead::parse(buf, method) {
+                Ok(ParsedResponse::Head(head, len))
                     if (100..200).contains(&head.status) && head.status != 101 =>
                 {
                     // An interim answer: not for the client. A peer sends `100 Continue` as
                     // soon as it has a forwarded request, which ends the forward timeout: what
                     // follows is the generation, which may take as long as it takes.
+                    buf = head.into_buf();
                     buf.drain(..len);
                     deadline = None;
                 }
-                Ok(Some((head, len))) => {
+                Ok(ParsedResponse::Head(head, len)) => {
                     return Ok(Head {
                         head,
-                        buf,
                         body_start: len,
                         at: Instant::now(),
                     });
                 }
-                Ok(None) => break,
+                Ok(ParsedResponse::Partial(back)) => {
+                    buf = back;
+                    break;
+                }
                 Err(error) => {
                     return Err(HeadError::Failed(UpstreamError {
                         stage: Stage::Sent,
@@ -524,10 +528,10 @@ async fn relay(
 ) -> Result<Answered, UpstreamError> {
     let Head {
         head,
-        mut buf,
         body_start,
         at,
     } = head;
+    let (status, upstream_keep_alive) = (head.status, head.keep_alive);
     let (client_body, mut relay) = match head.body {
         BodyKind::None => (BodyKind::None, Relay::Done),
         BodyKind::Length(n) => (BodyKind::Length(n), Relay::Length(n)),
@@ -554,21 +558,21 @@ async fn relay(
         stage: Stage::Streaming,
         error: e,
     };
-    let mut clean = head.keep_alive;
+    let mut clean = upstream_keep_alive;
 
     // The head and whatever body bytes came with it, in one write.
     let mut out = pool.take_buf();
     head.write_client(&mut out, client_body, keep_alive, side.minor, side.extra);
     let mut decoded = Vec::new();
-    let (used, was_decoded) = relay
-        .feed(&buf[body_start..], &mut decoded)
-        .map_err(streaming)?;
-    clean &= used == buf.len() - body_start;
+    let first = &head.buf()[body_start..];
+    let (used, was_decoded) = relay.feed(first, &mut decoded).map_err(streaming)?;
+    clean &= used == first.len();
     if was_decoded {
         out.extend_from_slice(&decoded);
     } else {
-        out.extend_from_slice(&buf[body_start..body_start + used]);
+        out.extend_from_slice(&first[..used]);
     }
+    let mut buf = head.into_buf();
     let out = client
         .write_all(out)
         .await
@@ -624,12 +628,12 @@ async fn relay(
     }
     pool.give_buf(buf);
     let pooled = clean && !ended_by_close && relay.is_done();
-    tracing::trace!(%addr, status = head.status, pooled, "answer relayed");
+    tracing::trace!(%addr, status, pooled, "answer relayed");
     if pooled {
         pool.put(addr, upstream);
     }
     Ok(Answered {
-        status: head.status,
+        status,
         keep_alive,
         head_at: at,
     })
