@@ -52,6 +52,16 @@ fn report(capacity: f32, waiting: f32) -> BackendReport {
     }
 }
 
+/// The addresses of every peer of `r` but this node (10.0.0.1:9090, see [`state`]).
+fn other_peers(r: &Router) -> Vec<String> {
+    r.topology()
+        .peers
+        .iter()
+        .map(|p| p.addr.clone())
+        .filter(|a| *a != "10.0.0.1:9090")
+        .collect()
+}
+
 fn peer_state(capacity: f32, hot: &[(u64, f32)]) -> PeerState {
     PeerState {
         instance: 7,
@@ -64,13 +74,7 @@ fn peer_state(capacity: f32, hot: &[(u64, f32)]) -> PeerState {
 #[test]
 fn replicas_follow_demand_and_shrink_after_the_cooldown() {
     let (r, s) = state(4);
-    let others: Vec<String> = r
-        .topology()
-        .peers
-        .iter()
-        .map(|p| p.addr.clone())
-        .filter(|a| *a != "10.0.0.1:9090")
-        .collect();
+    let others = other_peers(&r);
     let hot = xxh3_64(b"hot");
     let table = s.demand.table();
     s.set_local(sample(10.0));
@@ -110,13 +114,7 @@ fn replicas_follow_demand_and_shrink_after_the_cooldown() {
 #[test]
 fn without_learnt_capacity_a_key_grows_while_its_replicas_queue() {
     let (r, s) = state(3);
-    let others: Vec<String> = r
-        .topology()
-        .peers
-        .iter()
-        .map(|p| p.addr.clone())
-        .filter(|a| *a != "10.0.0.1:9090")
-        .collect();
+    let others = other_peers(&r);
     let hot = xxh3_64(b"hot");
     let table = s.demand.table();
     let mut queued = sample(0.0);
