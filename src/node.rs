@@ -18,7 +18,7 @@ use crate::{
     control::{Control, ControlPlane},
     error::Error,
     metrics::Metrics,
-    origin::{Origin, OriginChain, peer::PeerOrigin},
+    origin::{Origin, OriginChain, base::BaseModels, peer::PeerOrigin},
     proxy::{Pending, Proxy, Shared},
     server::{
         Server, bind,
@@ -131,6 +131,14 @@ impl Node {
             config.storage.max_size,
         )?;
         let preload_done = Arc::new(AtomicBool::new(false));
+        // Adapters' base models: rules, then disk, the name's owner, the configured origins.
+        let bases = BaseModels::new(
+            &config.routing.base_models,
+            configured.clone(),
+            config.storage.dir.clone(),
+            Some((router.clone(), peer_client.clone())),
+            control.clone(),
+        );
         // What routing reads: the local vLLM's metrics, the peers' states, the demand.
         let cluster = ClusterState::new(
             router.clone(),
@@ -168,6 +176,7 @@ impl Node {
             tracer,
             tls,
             preload_done: preload_done.clone(),
+            bases,
         });
         preload::start(
             preload_here,

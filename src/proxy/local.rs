@@ -35,6 +35,8 @@ pub enum Endpoint {
     Peer,
     /// This node's state for its peers (`/_loraplex/state`).
     State,
+    /// An adapter's base model, for peers (`/_loraplex/base/...`, `models.rs`).
+    Base,
 }
 
 /// Which own endpoint `path` is, if any.
@@ -45,6 +47,7 @@ pub fn route(path: &str) -> Option<Endpoint> {
         "/metrics" => Some(Endpoint::Metrics),
         p if p == "/admin" || p.starts_with("/admin/") => Some(Endpoint::Admin),
         protocol::STATE_PATH => Some(Endpoint::State),
+        p if p.starts_with(protocol::BASE_PREFIX) => Some(Endpoint::Base),
         p if p.starts_with(protocol::PREFIX) => Some(Endpoint::Peer),
         _ => None,
     }
@@ -102,6 +105,7 @@ pub(super) async fn serve(
         }
         Endpoint::Admin => super::admin_api::serve(w, conn, head, body, &mut out).await?,
         Endpoint::State => super::peer_state::serve(w, conn, head, &mut out)?,
+        Endpoint::Base => super::models::serve_base(w, conn, head, &mut out).await?,
         Endpoint::Peer => unreachable!("answered above"),
     };
     if head.kind == Method::Head {

@@ -13,6 +13,8 @@
 //! - `forward.rs`: the routing phase.
 //! - `local.rs`: the proxy's own endpoints.
 //! - `admin_api.rs`: the admin API (`/admin/*`).
+//! - `models.rs`: base-model pools: a request's pool, the 404/400 answers, the merged
+//!   `/v1/models`, adapters' base models for peers.
 //! - `peer_files.rs`: stored adapters served to peers.
 //! - `peer_state.rs`: this node's state for its peers.
 //! - `trace.rs`: the request's span and those of what it sends on.
@@ -24,6 +26,7 @@ pub mod admin_api;
 pub mod forward;
 mod handles;
 pub mod local;
+mod models;
 pub mod peer_files;
 mod peer_state;
 mod state;
