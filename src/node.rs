@@ -136,6 +136,7 @@ impl Node {
             router.clone(),
             metrics.clone(),
             config.vllm.metrics_interval,
+            1,
         );
         let stored = store.clone();
         cluster.set_stored(move || {
