@@ -72,7 +72,7 @@ fn setup(n: usize) -> (Router, View) {
     let topo = router.topology();
     let nodes = (0..n)
         .map(|i| NodeState {
-            backend: BackendState {
+            backends: vec![BackendState {
                 known: true,
                 healthy: true,
                 running: (i % 32) as f32,
@@ -87,7 +87,8 @@ fn setup(n: usize) -> (Router, View) {
                     .collect::<Vec<_>>()
                     .into(),
                 seq: 1,
-            },
+                models: Arc::from([]),
+            }],
             disk: None,
         })
         .collect();

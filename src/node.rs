@@ -144,6 +144,7 @@ impl Node {
             router.clone(),
             metrics.clone(),
             config.vllm.metrics_interval,
+            1,
         );
         let stored = store.clone();
         cluster.set_stored(move || {

@@ -39,6 +39,8 @@ use crate::{
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Vllm {
+    /// Its position in `vllm_urls` (the backend id).
+    pub id: usize,
     /// Base URL without a trailing slash, e.g. `http://localhost:8000`.
     pub url: String,
     /// Resolved once at start; the data plane connects to these.
@@ -143,6 +145,7 @@ impl Vllm {
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))?;
         Ok(Arc::new(Vllm {
+            id: 0,
             url,
             addrs,
             configured_model: cfg
@@ -209,6 +212,21 @@ impl Vllm {
         self.learnt_model
             .load_full()
             .or_else(|| self.configured_model.clone())
+    }
+
+    /// Its base-model names as peers and the router know them: `root` first, then every served
+    /// name, deduplicated; empty before they are known.
+    pub fn model_names(&self) -> Arc<[String]> {
+        let Some(base) = self.base_model() else {
+            return Arc::from([]);
+        };
+        let mut names: Vec<String> = vec![base.root.to_string()];
+        for s in &base.served {
+            if !names.iter().any(|n| n == &**s) {
+                names.push(s.to_string());
+            }
+        }
+        names.into()
     }
 
     /// `GET /v1/models` and keep its base entries (replacing what was learnt before).

@@ -62,7 +62,7 @@ pub async fn serve(
                 && let Some(peers) = answer["peers"].as_array_mut()
             {
                 for (p, node) in peers.iter_mut().zip(&view.nodes) {
-                    p["vllm"] = backend_json(&node.backend);
+                    p["vllm"] = backend_json(&node.backends()[0]);
                 }
             }
             answer

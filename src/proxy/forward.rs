@@ -72,6 +72,7 @@ pub(super) async fn route(
             adapter: adapter.map(|a| xxh3_64(a.as_str().as_bytes())),
             local_disk: adapter.is_some_and(|a| shared.store.contains(a)),
             my_load: load(shared.pending.load(Ordering::Relaxed) - 1),
+            pool: 0,
         };
         let d = router.decide(&topo, &view, &req, &w.sent);
         w.sent.add(&view, d.peers.iter().next().unwrap_or(topo.me));

@@ -245,8 +245,7 @@ async fn pipeline(
 
     // 7. Upstream.
     if let (Some(name), Some(_)) = (&adapter, &_pin) {
-        w.recent
-            .note(xxhash_rust::xxh3::xxh3_64(name.as_str().as_bytes()));
+        w.recent[0].note(xxhash_rust::xxh3::xxh3_64(name.as_str().as_bytes()));
     }
     span.set_str("loraplex.route.target", shared.router.me.canonical());
     let reply = to_vllm(w, conn, head, body, extra, span).await?;

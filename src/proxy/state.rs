@@ -70,8 +70,8 @@ pub struct Proxy {
     pub demand: Arc<DemandTable>,
     /// What this worker sent to each node since its last sample.
     pub sent: Sent,
-    /// Adapters this worker sent to the local vLLM.
-    pub recent: Arc<Recent>,
+    /// Adapters this worker sent to each local vLLM, by backend id.
+    pub recent: Vec<Arc<Recent>>,
     /// `loraplex_route_decisions_total` by reason (`Reason::ALL` order), resolved once.
     decisions: Vec<Counter>,
 }

@@ -150,6 +150,8 @@ impl Vllm {
                     *warned = true;
                 }
                 return LocalSample {
+                    backend: self.id,
+                    models: self.model_names(),
                     healthy,
                     max_lora: self.fallback_max_loras,
                     ..LocalSample::default()
@@ -164,6 +166,8 @@ impl Vllm {
             n.min(u32::from(u16::MAX)) as u16
         });
         LocalSample {
+            backend: self.id,
+            models: self.model_names(),
             healthy,
             known: true,
             running: m.running as f32,
