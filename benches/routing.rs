@@ -96,6 +96,7 @@ fn setup(n: usize) -> (Router, View) {
         generation: topo.generation,
         nodes,
         replicas: ReplicaTable::build([(xxh3_64(HOT), 4)]),
+        pools: Default::default(),
     };
     (router, view)
 }

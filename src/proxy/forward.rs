@@ -47,7 +47,7 @@ pub async fn acknowledge(conn: &mut Conn, head: &RequestHead) -> Result<(), Erro
 }
 
 /// Route a request by its hash key (`None`: no key, a base-model request under `hash_on:
-/// model`) and, for an adapter request, the adapter. `Some(done)` when a peer answered (or the
+/// model`), its base-model pool (0: any) and, for an adapter request, the adapter. `Some(done)` when a peer answered (or the
 /// client is gone); `None` when the request is to be served here.
 pub(super) async fn route(
     w: &Proxy,
@@ -56,6 +56,7 @@ pub(super) async fn route(
     body: &Bytes,
     key: Option<&str>,
     adapter: Option<&AdapterName>,
+    pool: u64,
     span: &mut Span,
 ) -> Result<Option<Served>, Error> {
     let shared = &w.shared;
@@ -72,7 +73,7 @@ pub(super) async fn route(
             adapter: adapter.map(|a| xxh3_64(a.as_str().as_bytes())),
             local_disk: adapter.is_some_and(|a| shared.store.contains(a)),
             my_load: load(shared.pending.load(Ordering::Relaxed) - 1),
-            pool: 0,
+            pool,
         };
         let d = router.decide(&topo, &view, &req, &w.sent);
         w.sent.add(&view, d.peers.iter().next().unwrap_or(topo.me));

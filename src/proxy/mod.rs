@@ -166,14 +166,20 @@ async fn pipeline(
         None | Some("") => None,
         Some(_) => Some(base_model(w).await?),
     };
+    // With several base models in the cluster, a name is also a base model when another
+    // node's backend serves it (its pool, `models.rs`).
+    let pools = shared.router.view().pools.clone();
     let adapter = match (model.as_deref(), &base) {
-        (Some(name), Some(base)) if !base.is_base(name) => {
+        (Some(name), Some(base))
+            if !base.is_base(name) && !models::is_cluster_base(&pools, name) =>
+        {
             let adapter = w.handles.adapter_name(name)?;
             span.set_str("loraplex.adapter", adapter.as_str());
             Some(adapter)
         }
         _ => None,
     };
+    let pool = models::pool_of(w, &pools, model.as_deref(), adapter.as_ref()).await?;
     let mut tier = if adapter.is_some() {
         Tier::Local
     } else {
@@ -202,8 +208,16 @@ async fn pipeline(
             span.set("loraplex.route", "local");
         }
         if key.is_some() || base_request {
-            let routed =
-                forward::route(w, conn, head, &body, key.as_deref(), adapter.as_ref(), span);
+            let routed = forward::route(
+                w,
+                conn,
+                head,
+                &body,
+                key.as_deref(),
+                adapter.as_ref(),
+                pool,
+                span,
+            );
             if let Some(done) = routed.await? {
                 return Ok(done);
             }
