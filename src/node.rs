@@ -99,8 +99,20 @@ impl Node {
 
         // The store: peers first (an adapter already in the cluster is copied, not refetched),
         // then the configured origins in order.
-        let peers: Arc<dyn Origin> = Arc::new(PeerOrigin::new(router.clone(), peer_client.clone()));
         let configured = OriginChain::from_config(&config, &control)?;
+        // Adapters' base models: rules, then disk, the name's owner, the configured origins.
+        let bases = BaseModels::new(
+            &config.routing.base_models,
+            configured.clone(),
+            config.storage.dir.clone(),
+            Some((router.clone(), peer_client.clone())),
+            control.clone(),
+        );
+        let peers: Arc<dyn Origin> = Arc::new(PeerOrigin::new(
+            router.clone(),
+            peer_client.clone(),
+            bases.clone(),
+        ));
         let origins = OriginChain::new(
             std::iter::once(peers)
                 .chain(configured.iter().cloned())
@@ -131,14 +143,6 @@ impl Node {
             config.storage.max_size,
         )?;
         let preload_done = Arc::new(AtomicBool::new(false));
-        // Adapters' base models: rules, then disk, the name's owner, the configured origins.
-        let bases = BaseModels::new(
-            &config.routing.base_models,
-            configured.clone(),
-            config.storage.dir.clone(),
-            Some((router.clone(), peer_client.clone())),
-            control.clone(),
-        );
         // What routing reads: the local vLLM's metrics, the peers' states, the demand.
         let cluster = ClusterState::new(
             router.clone(),
