@@ -124,6 +124,9 @@ pub struct BackendReport {
     /// deduplicated; empty: not learnt yet (or a peer of an earlier version).
     #[serde(default)]
     pub models: Vec<String>,
+    /// Its URL as the node has it configured (for `/admin/peers`).
+    #[serde(default)]
+    pub url: String,
 }
 
 /// A key entering a node from clients, and its rate there (requests/s).

@@ -153,6 +153,8 @@ pub struct ClusterState {
     instance: u64,
     /// The node's own disk set, from the store (set by the node at start).
     stored: Mutex<Option<StoredSet>>,
+    /// The local backends' URLs, by id (published for `/admin/peers`).
+    urls: Mutex<Vec<String>>,
 }
 
 impl ClusterState {
@@ -189,6 +191,7 @@ impl ClusterState {
             interval,
             instance,
             stored: Mutex::new(None),
+            urls: Mutex::new(Vec::new()),
         })
     }
 
@@ -206,6 +209,24 @@ impl ClusterState {
                 r
             })
             .collect()
+    }
+
+    /// The local backends' URLs, by id.
+    pub fn set_urls(&self, urls: Vec<String>) {
+        *self.urls.lock().unwrap_or_else(|e| e.into_inner()) = urls;
+    }
+
+    /// What is known of every backend of node `addr` (this node's own included), by id.
+    pub fn reports_of(&self, addr: &str) -> Vec<BackendReport> {
+        let inner = self.lock();
+        if addr == self.router.me.canonical() {
+            return self.local_reports(&inner);
+        }
+        inner
+            .peers
+            .get(addr)
+            .map(|p| p.reports.iter().map(|(r, _)| r.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// How many vLLMs this node fronts.
@@ -279,14 +300,20 @@ impl ClusterState {
             seq: inner.local_seq,
             gpu,
             models: s.models.to_vec(),
+            url: String::new(),
         };
         Some((report, *at))
     }
 
     /// Every local backend's report, by backend id (a default report for one not sampled yet).
     fn local_reports(&self, inner: &Inner) -> Vec<BackendReport> {
+        let urls = self.urls.lock().unwrap_or_else(|e| e.into_inner());
         (0..inner.local.len())
-            .map(|b| self.local_report(inner, b).map(|r| r.0).unwrap_or_default())
+            .map(|b| {
+                let mut r = self.local_report(inner, b).map(|r| r.0).unwrap_or_default();
+                r.url = urls.get(b).cloned().unwrap_or_default();
+                r
+            })
             .collect()
     }
 

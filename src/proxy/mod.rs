@@ -4,9 +4,10 @@
 //! 2. the body, read whole (bounded by `server.max_body_size`);
 //! 3. the `model`: the top-level one of a JSON body, or the field of a multipart form;
 //! 4. base model or adapter (adapter names validated before anything touches the disk);
-//! 5. routing: forward to the node owning the request's hash key, or keep it here;
+//! 5. routing: forward to the node owning the request's hash key, or keep it here, on one of
+//!    its vLLM backends (`cluster::router`: only backends serving the requested base model);
 //! 6. the adapter on local disk (fetched on a miss), pinned while the request runs;
-//! 7. upstream: vLLM, streaming the answer back;
+//! 7. upstream: the chosen vLLM backend, streaming the answer back;
 //! 8. metrics.
 //!
 //! - `upstream.rs`: pooled connections and streaming an answer back.
@@ -39,7 +40,10 @@ use bytes::Bytes;
 
 use crate::{
     adapter::AdapterName,
-    cluster::{hashkey::hash_key, protocol},
+    cluster::{
+        hashkey::{hash_key, pool_hash},
+        protocol,
+    },
     config::units::format_duration,
     error::{Error, ErrorKind},
     http::{
@@ -161,25 +165,29 @@ async fn pipeline(
         None => None,
     };
 
-    // 4. Base model (any name vLLM serves it by) or adapter.
+    // 4. Base model (any name a backend serves its base model by) or adapter.
     let base = match model.as_deref() {
         None | Some("") => None,
-        Some(_) => Some(base_model(w).await?),
+        Some(name) => Some(base_backend(w, name).await?),
     };
     // With several base models in the cluster, a name is also a base model when another
     // node's backend serves it (its pool, `models.rs`).
     let pools = shared.router.view().pools.clone();
     let adapter = match (model.as_deref(), &base) {
-        (Some(name), Some(base))
-            if !base.is_base(name) && !models::is_cluster_base(&pools, name) =>
-        {
+        (Some(name), Some(None)) if !models::is_cluster_base(&pools, name) => {
             let adapter = w.handles.adapter_name(name)?;
             span.set_str("loraplex.adapter", adapter.as_str());
             Some(adapter)
         }
         _ => None,
     };
-    let pool = models::pool_of(w, &pools, model.as_deref(), adapter.as_ref()).await?;
+    // A base-model request needs a backend serving that name; an adapter, one serving its
+    // base model once the cluster has several (`models.rs`).
+    let pool = match (model.as_deref(), &base) {
+        (Some(name), Some(Some(_))) => pool_hash(name),
+        _ => models::pool_of(w, &pools, model.as_deref(), adapter.as_ref()).await?,
+    };
+    let mut backend = None;
     let mut tier = if adapter.is_some() {
         Tier::Local
     } else {
@@ -193,6 +201,8 @@ async fn pipeline(
     }
     if protocol::is_trusted_forward(&shared.router, head, conn.peer.ip()) {
         span.set("loraplex.route", "from_peer");
+        let req = forward::route_request(w, None, adapter.as_ref(), pool);
+        backend = forward::local_backend(w, &req);
     } else {
         // A base-model request names the base model by the name it uses.
         let base_name = model.as_deref().filter(|_| adapter.is_none());
@@ -206,6 +216,8 @@ async fn pipeline(
         let base_request = adapter.is_none() && model.as_deref().is_some_and(|m| !m.is_empty());
         if !(key.is_some() || base_request) {
             span.set("loraplex.route", "local");
+            let req = forward::route_request(w, None, adapter.as_ref(), pool);
+            backend = forward::local_backend(w, &req);
         }
         if key.is_some() || base_request {
             let routed = forward::route(
@@ -218,8 +230,9 @@ async fn pipeline(
                 pool,
                 span,
             );
-            if let Some(done) = routed.await? {
-                return Ok(done);
+            match routed.await? {
+                forward::Routed::Done(done) => return Ok(done),
+                forward::Routed::Here(b) => backend = b,
             }
             if key.is_some() && adapter.is_none() {
                 tier = Tier::Routed;
@@ -242,7 +255,7 @@ async fn pipeline(
                 Some(ensured.pin)
             }
             Err(err) if shared.config.routing.fallback_to_base_model => {
-                let base = base_model(w).await?;
+                let base = base_model(w, backend).await?;
                 tracing::warn!(adapter = %name, error = %err, "adapter unavailable: base model");
                 body = match &form {
                     Some(boundary) => multipart::rewrite_model(&body, boundary, base.name())?,
@@ -257,12 +270,17 @@ async fn pipeline(
         },
     };
 
-    // 7. Upstream.
-    if let (Some(name), Some(_)) = (&adapter, &_pin) {
-        w.recent[0].note(xxhash_rust::xxh3::xxh3_64(name.as_str().as_bytes()));
+    // 7. Upstream: the chosen backend; without one (none known to serve the request's base
+    // model), the first backend serving its name, else the first (vLLM answers for itself).
+    let backend = backend.map(usize::from).unwrap_or_else(|| match &base {
+        Some(Some(id)) => *id,
+        _ => 0,
+    });
+    if let (Some(name), Some(_), Some(recent)) = (&adapter, &_pin, w.recent.get(backend)) {
+        recent.note(xxhash_rust::xxh3::xxh3_64(name.as_str().as_bytes()));
     }
     span.set_str("loraplex.route.target", shared.router.me.canonical());
-    let reply = to_vllm(w, conn, head, body, extra, span).await?;
+    let reply = to_vllm(w, conn, head, body, extra, span, backend).await?;
     Ok(Served { tier, reply })
 }
 
@@ -289,19 +307,37 @@ async fn ensure_in_time(w: &Proxy, name: &AdapterName, span: &mut Span) -> Resul
     }
 }
 
-/// The base model, learnt from vLLM on first need when not configured.
-async fn base_model(w: &Proxy) -> Result<Arc<BaseModel>, Error> {
-    if let Some(base) = w.shared.vllm.base_model() {
+/// Which backend serves `model` as its base model (`None`: no backend does, so `model` is an
+/// adapter), the backends' base models learnt on first need when not configured.
+async fn base_backend(w: &Proxy, model: &str) -> Result<Option<usize>, Error> {
+    let backends = &w.shared.backends;
+    if !backends.all_known() {
+        let backends = backends.clone();
+        w.shared
+            .control
+            .run(async move { backends.learn_base_models().await })
+            .await??;
+    }
+    Ok(backends.base_for(model).map(|(id, _)| id))
+}
+
+/// The base model of backend `backend` (the first when `None`), learnt on first need.
+async fn base_model(w: &Proxy, backend: Option<u16>) -> Result<Arc<BaseModel>, Error> {
+    let vllm = w
+        .shared
+        .backends
+        .get(backend.map_or(0, usize::from))
+        .clone();
+    if let Some(base) = vllm.base_model() {
         return Ok(base);
     }
-    let vllm = w.shared.vllm.clone();
     w.shared
         .control
         .run(async move { vllm.learn_base_model().await })
         .await?
 }
 
-/// Send the request to the local vLLM and stream the answer.
+/// Send the request to local backend `backend` and stream the answer.
 async fn to_vllm(
     w: &Proxy,
     conn: &mut Conn,
@@ -309,8 +345,9 @@ async fn to_vllm(
     body: Bytes,
     extra: &[(&str, &[u8])],
     span: &Span,
+    backend: usize,
 ) -> Result<Reply, Error> {
-    let vllm = &w.shared.vllm;
+    let vllm = w.shared.backends.get(backend);
     let (mut up, tp) = trace::outgoing(span, "vllm", || {
         vllm.addrs
             .first()

@@ -27,14 +27,15 @@ use crate::{
     store::Store,
     telemetry::Tracer,
     tls::Tls,
-    vllm::Vllm,
+    vllm::Backends,
 };
 
 /// What every worker shares.
 pub struct Shared {
     pub config: Config,
     pub metrics: Arc<Metrics>,
-    pub vllm: Arc<Vllm>,
+    /// The node's vLLMs, by backend id.
+    pub backends: Arc<Backends>,
     pub control: Control,
     pub shutdown: Shutdown,
     /// Requests in flight on this node (the Go project's `pending`).
