@@ -11,6 +11,7 @@
 //!   ([`PeerManifest`]) and `GET {PREFIX}{name}/files/{path}` (`Range: bytes=N-`).
 //! - Evict broadcast: `POST /admin/cache/evict {"adapter": name}`, marked forwarded so it is
 //!   not broadcast again.
+//! - `GET {MODELS_PATH}`: a node's own part of the merged `/v1/models`; peers only.
 //! - `GET {BASE_PREFIX}{name}` ([`PeerBase`]): an adapter's base model, asked of the node that
 //!   learns it once for the cluster (`crate::origin::base`); peers only.
 //! - `GET {STATE_PATH}?since=V&instance=I` ([`PeerState`]): a node's vLLM state per backend,
@@ -43,6 +44,10 @@ pub const PREFIX: &str = "/_loraplex/adapters/";
 
 /// The peer-state endpoint.
 pub const STATE_PATH: &str = "/_loraplex/state";
+
+/// The model-list endpoint: `GET {MODELS_PATH}`, a node's own part of the merged `/v1/models`
+/// (its backends' base models, the adapters it stores), peers only.
+pub const MODELS_PATH: &str = "/_loraplex/models";
 
 /// Path prefix of the base-model endpoint: `GET {BASE_PREFIX}{adapter}` ([`PeerBase`]).
 pub const BASE_PREFIX: &str = "/_loraplex/base/";
@@ -331,6 +336,22 @@ impl PeerClient {
             .await
             .ok()
             .filter(|b| b.adapter == name.as_str())
+    }
+
+    /// `peer`'s own part of the model list (`GET {MODELS_PATH}`, vLLM's `/v1/models` shape);
+    /// `None` when it does not answer in time.
+    pub async fn models(&self, peer: &str) -> Option<serde_json::Value> {
+        let url = format!("{}://{peer}{MODELS_PATH}", self.scheme);
+        let resp = self
+            .with_token(self.http.get(url))
+            .timeout(HEALTH_TIMEOUT)
+            .send()
+            .await
+            .ok()?;
+        if resp.status() != StatusCode::OK {
+            return None;
+        }
+        resp.json().await.ok()
     }
 
     /// The URL of `file` of adapter `name` on `peer`.

@@ -251,6 +251,26 @@ impl BaseModels {
         );
     }
 
+    /// The bases of adapters stored here, from their configs on disk (cached like any answer):
+    /// no origin or peer is asked. Run on the control plane.
+    pub async fn stored(&self, names: &[AdapterName]) -> Vec<Base> {
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let base = match self.known(name.as_str()) {
+                Some(base) => base,
+                None => {
+                    let base = self.from_disk(name).await.unwrap_or(Base::Unknown);
+                    if matches!(base, Base::Known(_)) {
+                        self.remember(name.as_str(), base.clone());
+                    }
+                    base
+                }
+            };
+            out.push(base);
+        }
+        out
+    }
+
     /// Names cached (fresh or not).
     pub fn cached_len(&self) -> usize {
         self.cache.len()

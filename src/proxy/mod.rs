@@ -14,6 +14,7 @@
 //! - `forward.rs`: the routing phase.
 //! - `local.rs`: the proxy's own endpoints.
 //! - `admin_api.rs`: the admin API (`/admin/*`).
+//! - `model_list.rs`: `GET /v1/models` merged over the cluster's backends.
 //! - `models.rs`: base-model pools: a request's pool, the 404/400 answers, the merged
 //!   `/v1/models`, adapters' base models for peers.
 //! - `peer_files.rs`: stored adapters served to peers.
@@ -27,6 +28,7 @@ pub mod admin_api;
 pub mod forward;
 mod handles;
 pub mod local;
+mod model_list;
 mod models;
 pub mod peer_files;
 mod peer_state;
@@ -155,6 +157,9 @@ async fn pipeline(
     *body_read = true;
     if let Some(endpoint) = own {
         return local::serve(w, conn, head, &body, endpoint).await;
+    }
+    if model_list::merges(w, head) {
+        return model_list::serve(w, conn, head).await;
     }
 
     // 3. The model: the top-level `model` of a JSON body, or the `model` field of a form.
