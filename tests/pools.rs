@@ -1,0 +1,159 @@
+//! Base-model pools across a cluster, through the real binary, stand-in vLLMs and a stand-in
+//! HTTP origin: two nodes, three backends (node A: two vLLMs of M1; node B: one of M1, one of
+//! M2). Requests for M1, M2 and their adapters land only on backends of their base model; an M2
+//! request or adapter entering node A is forwarded to B; a model no backend serves is a 404, an
+//! adapter whose base model nobody serves a 400; an adapter's base model is read from the origin
+//! once for the whole cluster; `GET /v1/models` on either node lists both base models and the
+//! stored adapters with their parent.
+
+mod common;
+
+use common::{
+    Driver, chat_with as chat,
+    cluster::{Cluster, Spec},
+    store::request,
+};
+use loraplex::testkit::{
+    adapters::{AdapterSpec, CONFIG_FILE, SAFETENSORS_FILE},
+    origin::{OriginConfig, OriginStandIn},
+    vllm::VllmConfig,
+};
+use serde_json::Value;
+
+const M1: &str = "model-one";
+const M2: &str = "model-two";
+const A: usize = 0;
+const B: usize = 1;
+
+/// Node A: two vLLMs of M1; node B: M1, then M2.
+fn backends(node: usize) -> Vec<VllmConfig> {
+    match node {
+        A => vec![VllmConfig::new(M1), VllmConfig::new(M1)],
+        _ => vec![VllmConfig::new(M1), VllmConfig::new(M2)],
+    }
+}
+
+async fn two_pools(driver: Driver, origin: &OriginStandIn) -> Cluster {
+    let spec = Spec {
+        backends: Some(&backends),
+        origin: Some(origin),
+        ..Spec::new(2)
+    };
+    let c = Cluster::start(driver, spec).await;
+    for i in [A, B] {
+        c.node(i).wait_ready().await;
+    }
+    c
+}
+
+fn body(r: &common::RawResponse) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// Requests of `model` each stand-in of the cluster received, as `[[A0, A1], [B0, B1]]`.
+fn spread(c: &Cluster, model: &str) -> [[u64; 2]; 2] {
+    [A, B].map(|i| [0, 1].map(|j| c.backend(i, j).requests(model)))
+}
+
+async fn requests_land_on_backends_of_their_base_model(driver: Driver) {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    origin.put_adapter("acme/one-lora", &AdapterSpec::new(M1, 60_000, 1));
+    origin.put_adapter("acme/two-lora", &AdapterSpec::new(M2, 60_000, 2));
+    origin.put_adapter("acme/three-lora", &AdapterSpec::new("model-three", 60_000, 3));
+    let c = two_pools(driver, &origin).await;
+    let (a, b) = (c.node(A).addr, c.node(B).addr);
+
+    // Base models: M1 from both entry nodes on M1's three backends only; M2 entering A is
+    // forwarded to B's M2 backend.
+    for entry in [a, b, a, b, a, b] {
+        let r = chat(entry, M1).await;
+        assert_eq!(r.status, 200, "{}", body(&r));
+        let r = chat(entry, M2).await;
+        assert_eq!(r.status, 200, "{}", body(&r));
+    }
+    let m1 = spread(&c, M1);
+    assert_eq!(m1[0][0] + m1[0][1] + m1[1][0], 6, "{m1:?}");
+    assert_eq!(m1[1][1], 0, "M2's backend never gets M1: {m1:?}");
+    assert_eq!(spread(&c, M2), [[0, 0], [0, 6]], "M2 only on B's second backend");
+
+    // Adapters: each on a backend of its base model, whichever node it enters.
+    for entry in [a, b, a, b] {
+        for adapter in ["acme/one-lora", "acme/two-lora"] {
+            let r = chat(entry, adapter).await;
+            assert_eq!(r.status, 200, "{adapter}: {}", body(&r));
+        }
+    }
+    let one = spread(&c, "acme/one-lora");
+    assert_eq!(one[0][0] + one[0][1] + one[1][0], 4, "{one:?}");
+    assert_eq!(one[1][1], 0, "an M1 adapter never on M2's backend: {one:?}");
+    assert_eq!(
+        spread(&c, "acme/two-lora"),
+        [[0, 0], [0, 4]],
+        "an M2 adapter entering A is forwarded to B's M2 backend"
+    );
+    assert!(c.stores(B, "acme/two-lora") && !c.stores(A, "acme/two-lora"));
+
+    // The adapter's base model was read from the origin once for the cluster: one config GET
+    // to learn it (by the name's owner, asked by the other node), one per download.
+    for name in ["acme/one-lora", "acme/two-lora"] {
+        let downloads = origin.gets(&format!("{name}/{SAFETENSORS_FILE}"));
+        assert_eq!(downloads, 1, "{name}");
+        assert_eq!(
+            origin.gets(&format!("{name}/{CONFIG_FILE}")),
+            1 + downloads,
+            "{name}: the base model learnt once per cluster"
+        );
+    }
+
+    // A model no backend serves (and no origin has): vLLM's 404, from either node, routed
+    // nowhere.
+    for entry in [a, b] {
+        let r = chat(entry, "model-three").await;
+        assert_eq!(r.status, 404, "{}", body(&r));
+        let e = &r.json()["error"];
+        assert_eq!(e["message"], "The model `model-three` does not exist.", "{e}");
+        assert_eq!(e["type"], "NotFoundError");
+        assert_eq!(e["param"], "model");
+    }
+    // An adapter whose base model no backend serves: a 400 naming it and the served ones.
+    for entry in [a, b] {
+        let r = chat(entry, "acme/three-lora").await;
+        assert_eq!(r.status, 400, "{}", body(&r));
+        let e = &r.json()["error"];
+        let msg = e["message"].as_str().unwrap();
+        assert!(
+            msg.contains("acme/three-lora")
+                && msg.contains("needs base model model-three")
+                && msg.contains("served base models: model-one, model-two"),
+            "{msg}"
+        );
+        assert_eq!(e["type"], "BadRequestError");
+    }
+    assert_eq!(origin.gets(&format!("acme/three-lora/{SAFETENSORS_FILE}")), 0);
+    for i in [A, B] {
+        for j in [0, 1] {
+            assert_eq!(c.backend(i, j).requests("acme/three-lora"), 0);
+            assert_eq!(c.backend(i, j).requests("model-three"), 0);
+        }
+    }
+
+    // /v1/models on either node: both base models, each stored adapter under its parent.
+    for entry in [a, b] {
+        let list = request(entry, "GET", "/v1/models", "").await.json();
+        assert_eq!(list["object"], "list", "{list}");
+        let data = list["data"].as_array().unwrap();
+        let parent = |id: &str| -> Option<Value> {
+            data.iter()
+                .find(|m| m["id"] == id)
+                .map(|m| m["parent"].clone())
+        };
+        assert_eq!(parent(M1), Some(Value::Null), "{list}");
+        assert_eq!(parent(M2), Some(Value::Null), "{list}");
+        assert_eq!(parent("acme/one-lora"), Some(Value::from(M1)), "{list}");
+        assert_eq!(parent("acme/two-lora"), Some(Value::from(M2)), "{list}");
+        assert_eq!(data.len(), 4, "each model once: {list}");
+        assert!(data.iter().all(|m| m["object"] == "model"), "{list}");
+    }
+}
+
+on_both_drivers!(requests_land_on_backends_of_their_base_model);
