@@ -8,15 +8,30 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use common::{
     Driver, chat_with as chat,
     cluster::{Cluster, Spec},
+    s3::{S3Server, credentials},
     store::request,
 };
-use loraplex::testkit::{
-    adapters::{AdapterSpec, CONFIG_FILE, SAFETENSORS_FILE},
-    origin::{OriginConfig, OriginStandIn},
-    vllm::VllmConfig,
+use loraplex::{
+    adapter::AdapterName,
+    config::TransferConfig,
+    control::Control,
+    origin::{
+        Origin, OriginChain,
+        base::{Base, BaseModels},
+        huggingface::HuggingFace,
+        s3::{S3, S3Settings},
+    },
+    testkit::{
+        adapters::{AdapterSpec, CONFIG_FILE, SAFETENSORS_FILE, adapter_files},
+        hub::{CdnHost, HubFile, StandInHub},
+        origin::{OriginConfig, OriginStandIn},
+        vllm::VllmConfig,
+    },
 };
 use serde_json::Value;
 
@@ -59,7 +74,10 @@ async fn requests_land_on_backends_of_their_base_model(driver: Driver) {
     let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
     origin.put_adapter("acme/one-lora", &AdapterSpec::new(M1, 60_000, 1));
     origin.put_adapter("acme/two-lora", &AdapterSpec::new(M2, 60_000, 2));
-    origin.put_adapter("acme/three-lora", &AdapterSpec::new("model-three", 60_000, 3));
+    origin.put_adapter(
+        "acme/three-lora",
+        &AdapterSpec::new("model-three", 60_000, 3),
+    );
     let c = two_pools(driver, &origin).await;
     let (a, b) = (c.node(A).addr, c.node(B).addr);
 
@@ -74,7 +92,11 @@ async fn requests_land_on_backends_of_their_base_model(driver: Driver) {
     let m1 = spread(&c, M1);
     assert_eq!(m1[0][0] + m1[0][1] + m1[1][0], 6, "{m1:?}");
     assert_eq!(m1[1][1], 0, "M2's backend never gets M1: {m1:?}");
-    assert_eq!(spread(&c, M2), [[0, 0], [0, 6]], "M2 only on B's second backend");
+    assert_eq!(
+        spread(&c, M2),
+        [[0, 0], [0, 6]],
+        "M2 only on B's second backend"
+    );
 
     // Adapters: each on a backend of its base model, whichever node it enters.
     for entry in [a, b, a, b] {
@@ -111,7 +133,10 @@ async fn requests_land_on_backends_of_their_base_model(driver: Driver) {
         let r = chat(entry, "model-three").await;
         assert_eq!(r.status, 404, "{}", body(&r));
         let e = &r.json()["error"];
-        assert_eq!(e["message"], "The model `model-three` does not exist.", "{e}");
+        assert_eq!(
+            e["message"], "The model `model-three` does not exist.",
+            "{e}"
+        );
         assert_eq!(e["type"], "NotFoundError");
         assert_eq!(e["param"], "model");
     }
@@ -129,7 +154,10 @@ async fn requests_land_on_backends_of_their_base_model(driver: Driver) {
         );
         assert_eq!(e["type"], "BadRequestError");
     }
-    assert_eq!(origin.gets(&format!("acme/three-lora/{SAFETENSORS_FILE}")), 0);
+    assert_eq!(
+        origin.gets(&format!("acme/three-lora/{SAFETENSORS_FILE}")),
+        0
+    );
     for i in [A, B] {
         for j in [0, 1] {
             assert_eq!(c.backend(i, j).requests("acme/three-lora"), 0);
@@ -154,6 +182,81 @@ async fn requests_land_on_backends_of_their_base_model(driver: Driver) {
         assert_eq!(data.len(), 4, "each model once: {list}");
         assert!(data.iter().all(|m| m["object"] == "model"), "{list}");
     }
+}
+
+/// The base model of an adapter from each kind of origin (the Hub's file list then the file; an
+/// S3 object; the HTTP origin's file), in chain order, and "missing" when none has it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_base_model_is_read_from_each_kind_of_origin() {
+    let hub = StandInHub::start(None, CdnHost::Other).await.unwrap();
+    let files = |spec: &AdapterSpec| -> Vec<HubFile> {
+        adapter_files(spec)
+            .into_iter()
+            .map(|(n, b)| match n {
+                SAFETENSORS_FILE => HubFile::lfs(n, b),
+                _ => HubFile::small(n, b),
+            })
+            .collect()
+    };
+    hub.add_commit(
+        "acme/hub-lora",
+        &"a".repeat(40),
+        &["main"],
+        files(&AdapterSpec::new(M1, 10_000, 1)),
+    );
+    let s3 = S3Server::start(&["loras"]).await;
+    for (file, bytes) in adapter_files(&AdapterSpec::new(M2, 10_000, 2)) {
+        s3.put_file("loras", &format!("p/acme/s3-lora/{file}"), &bytes);
+    }
+    let http = OriginStandIn::start(OriginConfig::default()).unwrap();
+    http.put_adapter("acme/http-lora", &AdapterSpec::new("/models/m3", 10_000, 3));
+    let s3_origin = S3::with_credentials(
+        S3Settings {
+            bucket: "loras".into(),
+            region: Some("us-east-1".into()),
+            prefix: "p/".into(),
+            endpoint: Some(s3.url.clone()),
+        },
+        TransferConfig::default(),
+        Some(credentials()),
+    );
+    let http_origin =
+        loraplex::origin::http::HttpOrigin::new(&http.base_url(), None, TransferConfig::default())
+            .unwrap();
+    let chain = OriginChain::new(vec![
+        Arc::new(HuggingFace::new(&hub.url(), None, TransferConfig::default()).unwrap())
+            as Arc<dyn Origin>,
+        Arc::new(s3_origin),
+        Arc::new(http_origin),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let bases = BaseModels::new(&[], chain, dir.path().into(), None, Control::current());
+    let base_of = |name: &str| {
+        let bases = bases.clone();
+        let name = AdapterName::parse(name).unwrap();
+        async move {
+            match bases.lookup(&name, true) {
+                Ok(b) => b,
+                Err(waiter) => waiter.wait().await,
+            }
+        }
+    };
+    assert_eq!(base_of("acme/hub-lora").await, Base::Known(M1.into()));
+    assert_eq!(base_of("acme/s3-lora").await, Base::Known(M2.into()));
+    assert_eq!(
+        base_of("acme/http-lora").await,
+        Base::Known("/models/m3".into())
+    );
+    assert_eq!(base_of("acme/nowhere").await, Base::Missing);
+    // The config file alone: no weights read.
+    assert_eq!(http.gets(&format!("acme/http-lora/{CONFIG_FILE}")), 1);
+    assert_eq!(http.adapter_gets("acme/http-lora"), 1);
+    assert_eq!(
+        hub.hits(&StandInHub::cdn_path(
+            &files(&AdapterSpec::new(M1, 10_000, 1))[1]
+        )),
+        0
+    );
 }
 
 on_both_drivers!(requests_land_on_backends_of_their_base_model);
