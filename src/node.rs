@@ -2,6 +2,7 @@
 //! origins, store), then serves the proxy on the server's workers; waits for a signal, shuts down
 //! gracefully.
 
+mod pool_hooks;
 mod preload;
 
 use std::{
@@ -124,9 +125,14 @@ impl Node {
                 .chain(configured.iter().cloned())
                 .collect(),
         );
-        let hooks = Arc::new(Hooks {
+        // `storage.rewrite_base_model` writes the `--model` of the adapter's pool here.
+        let hooks = Arc::new(pool_hooks::PoolHooks {
+            inner: Arc::new(Hooks {
+                backends: backends.clone(),
+                control: control.clone(),
+            }),
             backends: backends.clone(),
-            control: control.clone(),
+            bases: bases.clone(),
         });
         let preloaded = preload::names(&config)?;
         let store = Store::open(

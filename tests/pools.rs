@@ -184,6 +184,45 @@ async fn requests_land_on_backends_of_their_base_model(driver: Driver) {
     }
 }
 
+/// `storage.rewrite_base_model` with pools: an adapter whose config names its base by another
+/// name (a training path) is mapped to M2 by `routing.base_models`, placed on node B's M2 vLLM
+/// and its stored config rewritten to that vLLM's `--model` (not B's first vLLM's, M1's), so
+/// the M2 vLLM resolves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rule_places_and_rewrites_an_adapter_naming_another_base() {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    origin.put_adapter(
+        "acme/two-tuned",
+        &AdapterSpec::new("/train/m2-ckpt", 60_000, 4),
+    );
+    let spec = Spec {
+        backends: Some(&backends),
+        origin: Some(&origin),
+        extra: "storage:\n  dir: \"{DIR}/store\"\n  rewrite_base_model: true\nrouting:\n  \
+                base_models:\n    \"acme/two-\": \"model-two\"\n"
+            .into(),
+        ..Spec::new(2)
+    };
+    let c = Cluster::start(Driver::Epoll, spec).await;
+    for i in [A, B] {
+        c.node(i).wait_ready().await;
+    }
+    for entry in [c.node(A).addr, c.node(B).addr] {
+        let r = chat(entry, "acme/two-tuned").await;
+        assert_eq!(r.status, 200, "{}", body(&r));
+    }
+    assert_eq!(spread(&c, "acme/two-tuned"), [[0, 0], [0, 2]]);
+    let stored = c
+        .node(B)
+        .path("store")
+        .join("acme/two-tuned")
+        .join(CONFIG_FILE);
+    let config: Value = serde_json::from_slice(&std::fs::read(stored).unwrap()).unwrap();
+    assert_eq!(config["base_model_name_or_path"], M2);
+    // The rule answered: the origin's config was read only by the download.
+    assert_eq!(origin.gets(&format!("acme/two-tuned/{CONFIG_FILE}")), 1);
+}
+
 /// The base model of an adapter from each kind of origin (the Hub's file list then the file; an
 /// S3 object; the HTTP origin's file), in chain order, and "missing" when none has it.
 #[tokio::test(flavor = "multi_thread")]
