@@ -167,8 +167,10 @@ async fn pipeline(
         None | Some("") => None,
         Some(name) => Some(base_backend(w, name).await?),
     };
+    // A name no backend here serves but one of another node does is that node's base model.
+    let elsewhere = |name: &str| shared.router.view().serves(pool_hash(name));
     let adapter = match (model.as_deref(), &base) {
-        (Some(name), Some(None)) => {
+        (Some(name), Some(None)) if !elsewhere(name) => {
             let adapter = w.handles.adapter_name(name)?;
             span.set_str("loraplex.adapter", adapter.as_str());
             Some(adapter)
@@ -176,8 +178,8 @@ async fn pipeline(
         _ => None,
     };
     // A base-model request needs a backend serving that name; an adapter, any (for now).
-    let pool = match (model.as_deref(), &base) {
-        (Some(name), Some(Some(_))) => pool_hash(name),
+    let pool = match (model.as_deref(), &adapter) {
+        (Some(name), None) if !name.is_empty() => pool_hash(name),
         _ => 0,
     };
     let mut backend = None;
