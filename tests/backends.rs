@@ -1,8 +1,8 @@
 //! A node fronting several vLLMs (`vllm_urls`), through the real binary and stand-in vLLMs:
 //! requests for a base model land only on the backends serving it; backends share the node's
 //! one store (one download, loaded into each); an eviction unloads from every backend and
-//! counts each; the node stays healthy and ready while one backend is; `vllm_url` and
-//! `vllm_urls` together are refused. Proxy-level cases run under both io drivers.
+//! counts each; the node stays healthy and ready while one backend is; a base model only a
+//! peer's backend serves is forwarded there; `vllm_url` and `vllm_urls` together are refused. Proxy-level cases run under both io drivers.
 
 mod common;
 
@@ -233,6 +233,56 @@ async fn the_node_is_healthy_and_ready_while_one_backend_is(driver: Driver) {
     assert!(metrics(addr).await.contains("loraplex_vllm_healthy 1"));
 }
 
+/// Node 0: two vLLMs of M1; node 1: one of M1, one of M2.
+fn two_nodes(i: usize) -> Vec<VllmConfig> {
+    match i {
+        0 => vec![VllmConfig::new(M1), VllmConfig::new(M1)],
+        _ => vec![
+            VllmConfig::new(M1),
+            VllmConfig::new(M2_ROOT).served_model_names([M2]),
+        ],
+    }
+}
+
+async fn a_base_model_only_a_peer_serves_is_forwarded_to_its_backend(driver: Driver) {
+    let spec = Spec {
+        backends: Some(&two_nodes),
+        ..Spec::new(2)
+    };
+    let c = Cluster::start(driver, spec).await;
+    for i in 0..2 {
+        c.node(i).wait_ready().await;
+    }
+    for _ in 0..4 {
+        let r = chat(c.node(0).addr, M2).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    assert_eq!(c.backend(1, 1).requests(M2), 4);
+    for (i, j) in [(0, 0), (0, 1), (1, 0)] {
+        assert_eq!(c.backend(i, j).requests(M2), 0, "backend {j} of node {i}");
+    }
+    // M1 entering node 0 stays there (a local backend needs no hop).
+    for _ in 0..6 {
+        assert_eq!(chat(c.node(0).addr, M1).await.status, 200);
+    }
+    assert_eq!(
+        c.backend(0, 0).requests(M1) + c.backend(0, 1).requests(M1),
+        6
+    );
+    // Node 0 sees node 1's backends and their base models.
+    let peers = c.admin_peers(c.node(0)).await;
+    let node1 = peers["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["addr"] == c.peers[1])
+        .unwrap();
+    assert_eq!(
+        node1["backends"][1]["models"],
+        serde_json::json!([M2_ROOT, M2])
+    );
+}
+
 /// `loraplex check-config` of `yaml`: (success, stdout, stderr).
 fn check_config(yaml: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -275,4 +325,5 @@ on_both_drivers!(
     base_requests_go_only_to_backends_serving_their_model,
     backends_share_one_download_and_an_eviction_unloads_from_each,
     the_node_is_healthy_and_ready_while_one_backend_is,
+    a_base_model_only_a_peer_serves_is_forwarded_to_its_backend,
 );

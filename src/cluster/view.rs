@@ -188,6 +188,17 @@ pub struct View {
     pub pools: Arc<super::pools::Pools>,
 }
 
+impl View {
+    /// Whether a backend of some node (by its learnt names) serves base model `pool`.
+    pub fn serves(&self, pool: u64) -> bool {
+        self.nodes.iter().any(|n| {
+            n.backends
+                .iter()
+                .any(|b| b.models.binary_search(&pool).is_ok())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -175,11 +175,10 @@ async fn pipeline(
         None | Some("") => None,
         Some(name) => Some(base_backend(w, name).await?),
     };
-    // With several base models in the cluster, a name is also a base model when another
-    // node's backend serves it (its pool, `models.rs`).
-    let pools = shared.router.view().pools.clone();
+    // A name no backend here serves but one of another node does is that node's base model.
+    let elsewhere = |name: &str| shared.router.view().serves(pool_hash(name));
     let adapter = match (model.as_deref(), &base) {
-        (Some(name), Some(None)) if !models::is_cluster_base(&pools, name) => {
+        (Some(name), Some(None)) if !elsewhere(name) => {
             let adapter = w.handles.adapter_name(name)?;
             span.set_str("loraplex.adapter", adapter.as_str());
             Some(adapter)
@@ -188,8 +187,9 @@ async fn pipeline(
     };
     // A base-model request needs a backend serving that name; an adapter, one serving its
     // base model once the cluster has several (`models.rs`).
-    let pool = match (model.as_deref(), &base) {
-        (Some(name), Some(Some(_))) => pool_hash(name),
+    let pools = shared.router.view().pools.clone();
+    let pool = match (model.as_deref(), &adapter) {
+        (Some(name), None) if !name.is_empty() => pool_hash(name),
         _ => models::pool_of(w, &pools, model.as_deref(), adapter.as_ref()).await?,
     };
     let mut backend = None;

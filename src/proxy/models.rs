@@ -28,12 +28,6 @@ pub(super) async fn base_of(w: &Proxy, name: &AdapterName, ask_owner: bool) -> B
     }
 }
 
-/// Whether `model` is a base model some backend of the cluster serves (pools in play only).
-#[inline]
-pub(super) fn is_cluster_base(pools: &Pools, model: &str) -> bool {
-    pools.multi() && pools.serves(pool_hash(model))
-}
-
 /// The pool a request needs ([`pool_hash`] of its base model; 0: any, routed as today), or the
 /// clear answer when no backend of the cluster can serve it. Pools are in play once the cluster
 /// serves two base models; the answers are given once every node reported its backends

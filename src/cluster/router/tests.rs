@@ -475,3 +475,23 @@ fn a_keys_order_is_over_the_nodes_of_its_pool() {
         }
     }
 }
+
+#[test]
+fn a_base_model_only_a_peer_serves_goes_there_under_auto() {
+    let (r, t) = router(3, RoutingPolicy::Auto);
+    let mut v = view(&t);
+    for i in 0..3 {
+        with_backends(&mut v, i, &["m1"]);
+    }
+    let o = other(&t);
+    with_backends(&mut v, o, &["m1", "m2"]);
+    assert!(v.serves(pool_hash("m2")) && !v.serves(pool_hash("m3")));
+    let m2 = RouteRequest {
+        pool: pool_hash("m2"),
+        ..RouteRequest::default()
+    };
+    for _ in 0..10 {
+        let d = r.decide(&t, &v, &m2, &Sent::default());
+        assert_eq!(target(&d), Some(o), "{d:?}");
+    }
+}
