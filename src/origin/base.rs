@@ -146,7 +146,7 @@ impl BaseModels {
             .iter()
             .map(|(p, b)| (p.clone(), Arc::from(b.as_str())))
             .collect();
-        rules.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        rules.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
         Arc::new(BaseModels {
             rules,
             cache: papaya::HashMap::builder()
@@ -259,7 +259,7 @@ impl BaseModels {
             let base = match self.known(name.as_str()) {
                 Some(base) => base,
                 None => {
-                    let base = self.from_disk(name).await.unwrap_or(Base::Unknown);
+                    let base = self.read_disk(name).await.unwrap_or(Base::Unknown);
                     if matches!(base, Base::Known(_)) {
                         self.remember(name.as_str(), base.clone());
                     }
@@ -283,16 +283,16 @@ impl BaseModels {
 
     /// Disk, then the owner (when `ask_owner` and another node), then the origins.
     async fn learn(&self, name: &AdapterName, ask_owner: bool) -> Base {
-        if let Some(base) = self.from_disk(name).await {
+        if let Some(base) = self.read_disk(name).await {
             return base;
         }
-        if ask_owner && let Some(base) = self.from_owner(name).await {
+        if ask_owner && let Some(base) = self.ask_owner_of(name).await {
             return base;
         }
-        self.from_origins(name).await
+        self.read_origins(name).await
     }
 
-    async fn from_disk(&self, name: &AdapterName) -> Option<Base> {
+    async fn read_disk(&self, name: &AdapterName) -> Option<Base> {
         let path = self.dir.join(name.rel_path()).join(CONFIG_FILE);
         let meta = tokio::fs::metadata(&path).await.ok()?;
         if meta.len() > MAX_CONFIG as u64 {
@@ -304,7 +304,7 @@ impl BaseModels {
 
     /// Ask the first reachable node of the name's order, when that is not this node. `None`:
     /// this node is the owner, or the owner did not answer (then this node asks the origins).
-    async fn from_owner(&self, name: &AdapterName) -> Option<Base> {
+    async fn ask_owner_of(&self, name: &AdapterName) -> Option<Base> {
         let (router, client) = self.peers.as_ref()?;
         let topo = router.topology();
         if topo.is_single() {
@@ -335,7 +335,7 @@ impl BaseModels {
     }
 
     /// The config from the first origin that has the adapter.
-    async fn from_origins(&self, name: &AdapterName) -> Base {
+    async fn read_origins(&self, name: &AdapterName) -> Base {
         let mut missing = 0;
         for origin in self.origins.iter() {
             match read_config(origin.as_ref(), name).await {

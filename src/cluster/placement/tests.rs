@@ -337,7 +337,8 @@ fn top_is_the_start_of_the_order() {
 #[test]
 fn top_where_is_the_start_of_the_filtered_order() {
     // Pools of every shape: most nodes, half, a few, one, none.
-    let pools: [(&str, fn(usize) -> bool); 6] = [
+    type Pool = (&'static str, fn(usize) -> bool);
+    let pools: [Pool; 6] = [
         ("all", |_| true),
         ("even", |i| i % 2 == 0),
         ("thirds", |i| i % 3 == 1),
