@@ -13,7 +13,7 @@
 //!   not broadcast again.
 //! - `GET {MODELS_PATH}`: a node's own part of the merged `/v1/models`; peers only.
 //! - `GET {BASE_PREFIX}{name}` ([`PeerBase`]): an adapter's base model, asked of the node that
-//!   learns it once for the cluster (`crate::origin::base`); peers only.
+//!   learns it once for the cluster; peers only.
 //! - `GET {STATE_PATH}?since=V&instance=I` ([`PeerState`]): a node's vLLM state per backend,
 //!   its hot keys and the changed segments of its disk filter; polled every
 //!   `vllm.metrics_interval`, peers only.
@@ -172,7 +172,7 @@ pub struct PeerFile {
 }
 
 /// `GET {BASE_PREFIX}{adapter}`: an adapter's base model as the asked node learnt it (its disk,
-/// else its origins; `crate::origin::base`), peers only.
+/// else its origins), peers only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerBase {
     pub adapter: String,
