@@ -3,7 +3,7 @@
 # the cluster's pooled connections) against the same request entering the owner, next to nginx
 # proxying through a second nginx against one nginx, all measured the same way (wrk -t1 -c64).
 #
-#   usage: [KERNEL=1] [LORAPLEX_BIN=path] scripts/bench-forward.sh [ROUNDS] [SECONDS]
+#   usage: [KERNEL=1] [WORKERS=n] [LORAPLEX_BIN=path] scripts/bench-forward.sh [ROUNDS] [SECONDS]
 #          (defaults: 3 rounds of 8 s; KERNEL=1 adds syscalls, io_uring submissions and context
 #          switches per request, from one more run of each case under `perf stat`)
 #   output: a markdown table on stdout, and target/bench/forward.{md,csv}
@@ -13,6 +13,9 @@
 set -euo pipefail
 ROUNDS=${1:-3}
 SECS=${2:-8}
+# Workers per loraplex node (nginx runs 2; under this load one nginx worker takes every
+# connection, docs/hotpath.md).
+WORKERS=${WORKERS:-2}
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
 for tool in wrk nginx curl; do need "$tool" "$tool"; done
@@ -43,7 +46,7 @@ listen: "$node"
 vllm_url: "http://127.0.0.1:$UP_PORT"
 vllm: { model_name: "base-model", health_check_interval: 1s }
 storage: { dir: "$WORK/store-$node", max_size: "1GB" }
-server: { workers: 2 }
+server: { workers: $WORKERS }
 routing: { hash_on: "header:X-Session-ID" }
 discovery: { mode: static, static: { peers: ["$A", "$B"] } }
 CONF
@@ -140,7 +143,7 @@ ratio() { awk -v a="$(col "$2" 2)" -v b="$(col "$1" 2)" 'BEGIN { printf "%.2f", 
 hop_p99_ratio() {
   awk '$1=="nginx-1hop" { i++; a1[i]=$4 } $1=="nginx-2hop" { j++; a2[j]=$4 }
        $1=="owner" { k++; o[k]=$4 } $1=="non-owner" { l++; f[l]=$4 }
-       END { for (r = 1; r <= i; r++) { d = a2[r] - a1[r]; printf "%.2f\n", (d > 0) ? (f[r] - o[r]) / d : 0 } }' "$WORK/runs"
+       END { for (r = 1; r <= i; r++) { d = a2[r] - a1[r]; if (d > 0) printf "%.2f\n", (f[r] - o[r]) / d; else print "n/a" } }' "$WORK/runs"
 }
 {
   h=""; hs=""
@@ -155,9 +158,9 @@ hop_p99_ratio() {
   echo "Added by the hop: loraplex p50 $(added owner non-owner 3) ms, p99 $(added owner non-owner 4) ms," \
        "CPU $(added owner non-owner 6) µs/req, req/s x$(ratio owner non-owner); nginx p50 $(added nginx-1hop nginx-2hop 3) ms," \
        "p99 $(added nginx-1hop nginx-2hop 4) ms, CPU $(added nginx-1hop nginx-2hop 6) µs/req, req/s x$(ratio nginx-1hop nginx-2hop)." \
-       "Per round, loraplex's added p99 / nginx's: $(hop_p99_ratio | tr '\n' ' ')(median $(hop_p99_ratio | median))." \
+       "Per round, loraplex's added p99 / nginx's (n/a: nginx's hop added none): $(hop_p99_ratio | tr '\n' ' ')(median $(hop_p99_ratio | grep -v n/a | median))." \
        "Forwards counted by the entry node: $FWD."
-  echo "Machine: $MACHINE, after: $LOAD_AFTER (two loraplex nodes and two nginx proxies of 2 workers each, all on it)."
+  echo "Machine: $MACHINE, after: $LOAD_AFTER (two loraplex nodes of $WORKERS workers and two nginx proxies of 2 workers, all on it)."
 } | tee "$OUT/forward.md"
 {
   echo "name,rps,p50_ms,p99_ms,cpu_us_per_request"
