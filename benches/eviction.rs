@@ -260,7 +260,9 @@ fn main() {
     println!(
         "eviction: {OBJECTS} adapters, sizes 10 MB..1 GB log-uniform, {requests} requests per trace, {seeds} seeds"
     );
-    println!("byte miss ratio (lower is better), means over the seeds; cache = share of all adapter bytes");
+    println!(
+        "byte miss ratio (lower is better), means over the seeds; cache = share of all adapter bytes"
+    );
     let mut all = (0, 0);
     for family in Family::ALL {
         println!();
@@ -314,5 +316,8 @@ fn main() {
         all = (all.0 + wins, all.1 + rows);
     }
     println!();
-    println!("all families: S3-FIFO lower than LRU in {}/{} runs", all.0, all.1);
+    println!(
+        "all families: S3-FIFO lower than LRU in {}/{} runs",
+        all.0, all.1
+    );
 }

@@ -339,7 +339,9 @@ async fn run(repeats: usize, mib: usize, link_mbps: u64, hub: &StandInHub, s3_se
                 0 => rows[1]
                     .samples
                     .push(curl_async(vec!["-L".into(), resolve.clone()]).await),
-                _ => rows[1 + k].samples.push(timed_fetch(&hf, &name, k == 1).await),
+                _ => rows[1 + k]
+                    .samples
+                    .push(timed_fetch(&hf, &name, k == 1).await),
             }
         }
         hub.set_link_rate(Some(link_mbps * 1_000_000));
@@ -348,14 +350,18 @@ async fn run(repeats: usize, mib: usize, link_mbps: u64, hub: &StandInHub, s3_se
                 0 => rows[4]
                     .samples
                     .push(curl_async(vec!["-L".into(), resolve.clone()]).await),
-                _ => rows[4 + k].samples.push(timed_fetch(&hf, &name, k == 1).await),
+                _ => rows[4 + k]
+                    .samples
+                    .push(timed_fetch(&hf, &name, k == 1).await),
             }
         }
         hub.set_link_rate(None);
         for k in order(3) {
             match k {
                 0 => rows[7].samples.push(curl_async(sigv4(&s3_url)).await),
-                _ => rows[7 + k].samples.push(timed_fetch(&s3, &name, k == 1).await),
+                _ => rows[7 + k]
+                    .samples
+                    .push(timed_fetch(&s3, &name, k == 1).await),
             }
         }
         for k in order(2) {
