@@ -112,16 +112,19 @@ origins:
 EOF
   local why=""
   if ! "$REPO/target/release/loraplex" check-config "$WORK/loraplex-pools.yaml" >"$WORK/check-config-pools.txt" 2>&1; then
-    why="check-config refused vllm_urls: $(tail -n 3 "$WORK/check-config-pools.txt" | tr '\n' ' ')"
+    why="check-config refused the config: $(grep -m 1 -i error "$WORK/check-config-pools.txt" || tail -n 1 "$WORK/check-config-pools.txt")"
+  elif grep -q 'unknown key vllm_urls' "$WORK/check-config-pools.txt"; then
+    why="this loraplex does not know vllm_urls (check-config: unknown key vllm_urls)"
   else
     cat "$WORK/check-config-pools.txt"
     start loraplex-pools "$REPO/target/release/loraplex" --config "$WORK/loraplex-pools.yaml"
     LP_PID=${PIDS[-1]}
-    wait_http "$LP/readyz" 30 "$LP_PID" || why="loraplex over two vLLMs never got ready: $(tail -n 3 "$WORK/loraplex-pools.log" | tr '\n' ' ')"
+    wait_http "$LP/readyz" 30 "$LP_PID" || why="loraplex over two vLLMs not ready in 30 s (see loraplex-pools.log)"
   fi
   if [ -n "$why" ]; then
-    for c in "i. pools: base models" "j. pools: adapters" "k. pools: /v1/models" "l. pools: unknown model" "m. pools: unserved base"; do
-      record "$c" FAIL "not run: $why"
+    record "i. pools: base models" FAIL "not run: $why"
+    for c in "j. pools: adapters" "k. pools: /v1/models" "l. pools: unknown model" "m. pools: unserved base"; do
+      record "$c" FAIL "not run (see i)"
     done
     return 0
   fi
