@@ -1,6 +1,7 @@
 //! The routing decision's cost (criterion): a rare key (its owner), a hot key scored over its
 //! four replicas, a base-model request (the least loaded of all nodes), at 3, 64 and 256 peers,
-//! with every node's vLLM known. Before the timed part, it counts the heap allocations of
+//! with every node's vLLM known; and at 64 peers with two vLLMs per node (one of base model
+//! `m1`, one of `m2`), every request for `m1` (`/64x2`). Before the timed part, it counts the heap allocations of
 //! 10,000 decisions of each kind (a counting global allocator) and fails if there is any: the
 //! decision must stay allocation-free.
 //!
@@ -9,7 +10,7 @@
 //! says how much slower than a quiet machine the shared one ran (the README has the quiet
 //! figures).
 //!
-//! Run: `cargo bench --bench routing` (`-- /64` for 64 peers only).
+//! Run: `cargo bench --bench routing` (`-- /64` for 64 peers only, with the two-backend case).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -26,6 +27,7 @@ use criterion::{BenchmarkId, Criterion};
 use loraplex::{
     cluster::{
         discovery::Members,
+        hashkey::pool_hash,
         identity::Identity,
         router::{RouteRequest, Router, Sent},
         view::{BackendState, NodeState, ReplicaTable, View},
@@ -61,7 +63,11 @@ static GLOBAL: Counting = Counting;
 const SIZES: [usize; 3] = [3, 64, 256];
 const HOT: &[u8] = b"acme/hot-adapter";
 
-fn setup(n: usize) -> (Router, View) {
+/// Nodes with two vLLMs each (`m1`, `m2`) in the two-backend case.
+const TWO: usize = 64;
+
+/// `n` peers with `backends` vLLMs each (backend `j` serves `m1` when `j` is even, else `m2`).
+fn setup(n: usize, backends: usize) -> (Router, View) {
     let ips = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))];
     let me = Identity::with_local_ips("10.0.0.1:9090".parse().unwrap(), None, ips).unwrap();
     let router = Router::new(&Config::default(), me, Arc::new(Metrics::new()));
@@ -72,22 +78,25 @@ fn setup(n: usize) -> (Router, View) {
     let topo = router.topology();
     let nodes = (0..n)
         .map(|i| NodeState {
-            backend: BackendState {
-                known: true,
-                healthy: true,
-                running: (i % 32) as f32,
-                waiting: (i % 3) as f32,
-                kv: 0.4,
-                max_lora: 16,
-                lora_busy: 8,
-                batch: 32.0,
-                capacity: 10.0,
-                gpu: (0..16u64)
-                    .map(|g| g * 7919 + i as u64)
-                    .collect::<Vec<_>>()
-                    .into(),
-                seq: 1,
-            },
+            backends: (0..backends)
+                .map(|j| BackendState {
+                    known: true,
+                    healthy: true,
+                    running: ((i + j) % 32) as f32,
+                    waiting: ((i + j) % 3) as f32,
+                    kv: 0.4,
+                    max_lora: 16,
+                    lora_busy: 8,
+                    batch: 32.0,
+                    capacity: 10.0,
+                    gpu: (0..16u64)
+                        .map(|g| g * 7919 + i as u64)
+                        .collect::<Vec<_>>()
+                        .into(),
+                    seq: 1,
+                    models: Arc::from([pool_hash(["m1", "m2"][j % 2])]),
+                })
+                .collect(),
             disk: None,
         })
         .collect();
@@ -99,7 +108,8 @@ fn setup(n: usize) -> (Router, View) {
     (router, view)
 }
 
-fn requests() -> [(&'static str, RouteRequest); 3] {
+/// The three kinds of request; `pool`: the base model they need (0: any).
+fn requests(pool: u64) -> [(&'static str, RouteRequest); 3] {
     let rare = xxh3_64(b"acme/rare-adapter");
     let hot = xxh3_64(HOT);
     [
@@ -108,6 +118,7 @@ fn requests() -> [(&'static str, RouteRequest); 3] {
             RouteRequest {
                 key: Some(rare),
                 adapter: Some(rare),
+                pool,
                 ..RouteRequest::default()
             },
         ),
@@ -116,26 +127,43 @@ fn requests() -> [(&'static str, RouteRequest); 3] {
             RouteRequest {
                 key: Some(hot),
                 adapter: Some(hot),
+                pool,
                 ..RouteRequest::default()
             },
         ),
-        ("base model, least loaded", RouteRequest::default()),
+        (
+            "base model, least loaded",
+            RouteRequest {
+                pool,
+                ..RouteRequest::default()
+            },
+        ),
     ]
 }
 
+/// Every case: (peers, vLLMs per node, pool of the requests, id suffix).
+fn cases() -> Vec<(usize, usize, u64, String)> {
+    SIZES
+        .iter()
+        .map(|&n| (n, 1, 0, n.to_string()))
+        .chain([(TWO, 2, pool_hash("m1"), format!("{TWO}x2"))])
+        .collect()
+}
+
 fn check_no_allocation() {
-    for n in SIZES {
-        let (router, view) = setup(n);
+    for (n, backends, pool, id) in cases() {
+        let (router, view) = setup(n, backends);
         let topo = router.topology();
         let sent = Sent::default();
         sent.add(&view, 0);
-        for (name, req) in requests() {
+        sent.add_local(&view, topo.me, 0);
+        for (name, req) in requests(pool) {
             let before = ALLOCATIONS.load(Ordering::Relaxed);
             for _ in 0..10_000 {
                 black_box(router.decide(&topo, &view, black_box(&req), &sent));
             }
             let allocs = ALLOCATIONS.load(Ordering::Relaxed) - before;
-            println!("{n} peers, {name}: {allocs} allocations in 10,000 decisions");
+            println!("{id} peers, {name}: {allocs} allocations in 10,000 decisions");
             assert_eq!(allocs, 0, "the routing decision allocated");
         }
     }
@@ -157,12 +185,12 @@ fn bench(c: &mut Criterion) {
     check_no_allocation();
     let keys = reference_keys();
     let mut g = c.benchmark_group("decide");
-    for n in SIZES {
-        let (router, view) = setup(n);
+    for (n, backends, pool, id) in cases() {
+        let (router, view) = setup(n, backends);
         let topo = router.topology();
         let mut i = 0;
         g.bench_with_input(
-            BenchmarkId::new("owner lookup (reference)", n),
+            BenchmarkId::new("owner lookup (reference)", &id),
             &keys,
             |b, keys| {
                 b.iter(|| {
@@ -173,8 +201,8 @@ fn bench(c: &mut Criterion) {
         );
         let sent = Sent::default();
         sent.add(&view, 0);
-        for (name, req) in requests() {
-            g.bench_with_input(BenchmarkId::new(name, n), &req, |b, req| {
+        for (name, req) in requests(pool) {
+            g.bench_with_input(BenchmarkId::new(name, &id), &req, |b, req| {
                 b.iter(|| router.decide(&topo, &view, black_box(req), &sent))
             });
         }

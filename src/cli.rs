@@ -126,9 +126,10 @@ struct Cli {
     /// address].
     #[arg(long = "self", value_name = "ADDR")]
     self_addr: Option<String>,
-    /// vLLM's base URL [default: the file's `vllm_url`, else http://localhost:8000].
+    /// vLLM's base URL [default: the file's `vllm_url`/`vllm_urls`, else
+    /// http://localhost:8000]. Repeat it for a node fronting several vLLMs.
     #[arg(long, value_name = "URL")]
-    vllm_url: Option<String>,
+    vllm_url: Vec<String>,
     /// Adapter directory, the one vLLM's resolver reads (VLLM_LORA_RESOLVER_CACHE_DIR)
     /// [default: the file's `storage.dir`, else /mnt/nvme/loraplex].
     #[arg(long, value_name = "DIR")]
@@ -264,7 +265,7 @@ where
     let overrides = Overrides {
         listen: cli.listen,
         self_addr: cli.self_addr,
-        vllm_url: cli.vllm_url,
+        vllm_urls: cli.vllm_url,
         dir: cli.dir,
         discovery: cli.discovery,
         // As Go's splitPeers: empty items are dropped, an empty list overrides nothing.

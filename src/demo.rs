@@ -57,7 +57,7 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     let defaults = Config::default();
     let cfg = Config {
         listen: "127.0.0.1:0".into(),
-        vllm_url: vllm.url(),
+        vllm_urls: vec![vllm.url()],
         vllm: crate::config::VllmConfig {
             model_name: Some(BASE.into()),
             ..defaults.vllm.clone()

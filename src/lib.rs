@@ -36,7 +36,8 @@
 //! - [`origin`]: where adapters come from (HTTP, file, Hugging Face, S3, peers).
 //! - [`store`]: the adapter store: index, eviction, single-flight fetch, O_DIRECT writer,
 //!   publish.
-//! - [`vllm`]: talking to vLLM: health, base-model name, unloading adapters.
+//! - [`vllm`]: talking to vLLM: the node's backends (`vllm_urls`), each one's health,
+//!   base-model names, metrics scrape; loading and unloading adapters.
 //! - [`proxy`]: the request pipeline (`process_request`, the server's handler), the upstream
 //!   connection pool, the proxy's own endpoints (`/healthz`, `/readyz`, `/metrics`, `/admin/*`,
 //!   adapter files for peers).

@@ -135,6 +135,14 @@ pub struct KeyLabel {
     pub key: String,
 }
 
+/// One vLLM of the node: `backend` is its URL as configured (`vllm_urls`), `base_model` the
+/// first name it serves its base model by (empty until learnt from its `/v1/models`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
+    pub base_model: String,
+}
+
 /// A gauge of a fractional value.
 pub type FloatGauge = Gauge<f64, AtomicU64>;
 
@@ -221,6 +229,12 @@ pub struct Metrics {
     pub vllm_scrapes: Family<ResultLabel, Counter>,
     pub key_replicas: Family<KeyLabel, Gauge>,
     pub key_request_rate: Family<KeyLabel, FloatGauge>,
+    // Several vLLMs per node (issue 14): one series per backend.
+    pub backend_healthy: Family<BackendLabel, Gauge>,
+    pub backend_requests_running: Family<BackendLabel, FloatGauge>,
+    pub backend_requests_waiting: Family<BackendLabel, FloatGauge>,
+    pub backend_kv_cache_usage: Family<BackendLabel, FloatGauge>,
+    pub backend_unloads: Family<BackendLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -272,6 +286,11 @@ impl Metrics {
             vllm_scrapes: Family::default(),
             key_replicas: Family::default(),
             key_request_rate: Family::default(),
+            backend_healthy: Family::default(),
+            backend_requests_running: Family::default(),
+            backend_requests_waiting: Family::default(),
+            backend_kv_cache_usage: Family::default(),
+            backend_unloads: Family::default(),
         };
         // Both reasons from the start: a drop shows as a rise from 0, not a new series.
         for reason in [SPANS_QUEUE_FULL, SPANS_EXPORT_FAILED] {
@@ -457,6 +476,31 @@ impl Metrics {
             "vllm_capacity_requests_per_second",
             "Requests per second vLLM completes when saturated (learnt; 0 until seen)",
             m.vllm_capacity.clone(),
+        );
+        r.register(
+            "vllm_backend_healthy",
+            "1 while this vLLM backend of the node is healthy (its /health answers)",
+            m.backend_healthy.clone(),
+        );
+        r.register(
+            "vllm_backend_requests_running",
+            "Requests in this backend's running batch, as last read from its /metrics",
+            m.backend_requests_running.clone(),
+        );
+        r.register(
+            "vllm_backend_requests_waiting",
+            "Requests waiting in this backend's queue, as last read from its /metrics",
+            m.backend_requests_waiting.clone(),
+        );
+        r.register(
+            "vllm_backend_kv_cache_usage",
+            "This backend's KV-cache use (0..1), as last read from its /metrics",
+            m.backend_kv_cache_usage.clone(),
+        );
+        r.register(
+            "vllm_backend_unloads",
+            "Adapter unloads sent to this backend (an eviction unloads from every backend)",
+            m.backend_unloads.clone(),
         );
         r.register(
             "vllm_scrapes",

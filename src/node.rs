@@ -1,5 +1,5 @@
-//! A loraplex node: builds every part in order (control plane, vLLM client, cluster, origins,
-//! store), then serves the proxy on the server's workers; waits for a signal, shuts down
+//! A loraplex node: builds every part in order (control plane, its vLLM backends, cluster,
+//! origins, store), then serves the proxy on the server's workers; waits for a signal, shuts down
 //! gracefully.
 
 mod preload;
@@ -28,7 +28,7 @@ use crate::{
     store::{Store, StoreOptions},
     telemetry::Tracer,
     tls::Tls,
-    vllm::{Hooks, Vllm},
+    vllm::{Backends, Hooks},
 };
 
 /// A running loraplex: its workers, control plane and shared state.
@@ -74,7 +74,13 @@ impl Node {
         // The TLS files are read before anything binds: a bad certificate stops the start.
         let tls = Tls::from_config(&config, metrics.clone())
             .map_err(|e| Error::internal(e.to_string()))?;
-        let vllm = Vllm::new(&config, metrics.clone())?;
+        let backends = Arc::new(Backends::new(&config, metrics.clone())?);
+        if backends.len() > 1 && config.vllm.model_name.is_some() {
+            tracing::warn!(
+                "vllm.model_name is ignored with several vLLM backends: each one's base model is \
+                 learnt from its /v1/models"
+            );
+        }
         let listeners = bind(&config.listen, config.server.workers.max(1))?;
         let addr = listeners[0].local_addr()?;
         let shutdown = Shutdown::new();
@@ -107,7 +113,7 @@ impl Node {
                 .collect(),
         );
         let hooks = Arc::new(Hooks {
-            vllm: vllm.clone(),
+            backends: backends.clone(),
             control: control.clone(),
         });
         let preloaded = preload::names(&config)?;
@@ -136,7 +142,9 @@ impl Node {
             router.clone(),
             metrics.clone(),
             config.vllm.metrics_interval,
+            backends.len(),
         );
+        cluster.set_urls(backends.all().iter().map(|b| b.url.clone()).collect());
         let stored = store.clone();
         cluster.set_stored(move || {
             stored
@@ -153,11 +161,11 @@ impl Node {
             config.vllm.metrics_interval,
             shutdown.clone(),
         );
-        vllm.spawn_metrics_scrape(cluster.clone(), &control, shutdown.clone());
+        backends.spawn_metrics_scrapes(cluster.clone(), &control, shutdown.clone());
         let shared = Arc::new(Shared {
             config,
             metrics,
-            vllm,
+            backends,
             control,
             shutdown,
             pending: Pending::new(listeners.len()),
@@ -172,14 +180,14 @@ impl Node {
         preload::start(
             preload_here,
             shared.store.clone(),
-            shared.vllm.clone(),
+            shared.backends.clone(),
             &shared.control,
             preload_done,
             shared.shutdown.clone(),
         );
         shared
-            .vllm
-            .spawn_health_poll(&shared.control, shared.shutdown.clone());
+            .backends
+            .spawn_health_polls(&shared.control, shared.shutdown.clone());
         let for_workers = shared.clone();
         let server = Server::start(
             listeners,
@@ -267,7 +275,7 @@ fn log_summary(shared: &Shared, driver: DriverKind, addr: SocketAddr) {
         listen = %addr,
         node = %shared.router.me.canonical(),
         discovery = cfg.discovery.mode(),
-        vllm = %cfg.vllm_url,
+        vllm = %cfg.vllm_urls.join(","),
         tls = match (&cfg.server.tls, &cfg.cluster.tls) {
             (None, _) => "off",
             (Some(t), None) if t.allow_plain => "server (plain allowed)",

@@ -1,5 +1,9 @@
-//! Talking to the local vLLM: where it is, whether it is healthy, which base model it serves,
-//! and telling it to forget an adapter.
+//! Talking to the local vLLMs: where each is, whether it is healthy, which base model it
+//! serves, and telling it to forget an adapter.
+//!
+//! A node fronts one or more vLLMs, its *backends* ([`Backends`], `backends.rs`), each a
+//! [`Vllm`] with its own health poll, base model, metrics scrape and restart detection; they
+//! share the node's one adapter store.
 //!
 //! The data plane proxies to vLLM over its own pooled connections (see `proxy::upstream`);
 //! this module is the control-plane side (reqwest on tokio): the `/health` poll every
@@ -24,14 +28,17 @@ use std::{
 use arc_swap::ArcSwapOption;
 use serde::Deserialize;
 
+mod backends;
 pub mod metrics;
 mod scrape;
+
+pub use backends::{Backends, Hooks};
 
 use crate::{
     config::Config,
     control::Control,
     error::{Error, ErrorKind},
-    metrics::{Metrics, ResultLabel},
+    metrics::{BackendLabel, Metrics, ResultLabel},
     shutdown::Shutdown,
 };
 
@@ -39,6 +46,8 @@ use crate::{
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Vllm {
+    /// Its position in `vllm_urls` (the backend id).
+    pub id: usize,
     /// Base URL without a trailing slash, e.g. `http://localhost:8000`.
     pub url: String,
     /// Resolved once at start; the data plane connects to these.
@@ -58,8 +67,13 @@ pub struct Vllm {
     metrics_interval: Duration,
     /// `vllm.max_loras`: the slot count when vLLM does not say.
     fallback_max_loras: u16,
-    /// Bumped when vLLM comes back healthy or its process start time changes.
+    /// Bumped when vLLM comes back healthy or its process start time changes (shared by
+    /// every backend of the node).
     restarts: tokio::sync::watch::Sender<u64>,
+    /// The labels of its `loraplex_vllm_backend_*` series, as last published.
+    label: std::sync::Mutex<BackendLabel>,
+    /// Its last sample (the node-wide gauges add the backends' up).
+    last: std::sync::Mutex<Option<crate::cluster::state::LocalSample>>,
 }
 
 #[derive(Deserialize)]
@@ -135,20 +149,36 @@ impl BaseModel {
 }
 
 impl Vllm {
-    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Arc<Vllm>, Error> {
-        let url = cfg.vllm_url.trim_end_matches('/').to_owned();
+    /// Backend `id` of `cfg.vllm_urls`; `restarts` is shared by the node's backends.
+    pub fn new(
+        cfg: &Config,
+        id: usize,
+        metrics: Arc<Metrics>,
+        restarts: tokio::sync::watch::Sender<u64>,
+    ) -> Result<Arc<Vllm>, Error> {
+        let url = cfg.vllm_urls[id].trim_end_matches('/').to_owned();
         let addrs = resolve(&url)?;
         let client = reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))?;
+        let label = BackendLabel {
+            backend: url.clone(),
+            base_model: cfg.vllm.model_name.clone().unwrap_or_default(),
+        };
         Ok(Arc::new(Vllm {
+            id,
+            label: std::sync::Mutex::new(label),
+            last: std::sync::Mutex::new(None),
             url,
             addrs,
+            // With several backends each tells its own base model: `vllm.model_name` (one name)
+            // would be wrong for all but one, so it is ignored (warned at start).
             configured_model: cfg
                 .vllm
                 .model_name
                 .as_deref()
+                .filter(|_| cfg.vllm_urls.len() == 1)
                 .map(|name| Arc::new(BaseModel::configured(name))),
             learnt_model: ArcSwapOption::empty(),
             base_stale: AtomicBool::new(true),
@@ -159,8 +189,27 @@ impl Vllm {
             interval: cfg.vllm.health_check_interval,
             metrics_interval: cfg.vllm.metrics_interval,
             fallback_max_loras: cfg.vllm.max_loras.min(u32::from(u16::MAX)) as u16,
-            restarts: tokio::sync::watch::Sender::new(0),
+            restarts,
         }))
+    }
+
+    /// The labels of its per-backend series now (the base model as last learnt).
+    pub fn label(&self) -> BackendLabel {
+        let mut label = self.label.lock().unwrap_or_else(|e| e.into_inner());
+        let base = self.base_model().map(|b| b.name().to_string());
+        if let Some(base) = base
+            && base != label.base_model
+        {
+            // The base model changed (learnt, or vLLM restarted with another): its gauges move
+            // to the new labels.
+            let m = &self.metrics;
+            m.backend_healthy.remove(&label);
+            m.backend_requests_running.remove(&label);
+            m.backend_requests_waiting.remove(&label);
+            m.backend_kv_cache_usage.remove(&label);
+            label.base_model = base;
+        }
+        label.clone()
     }
 
     /// Changes whenever vLLM came back healthy or restarted (its loaded adapters are gone).
@@ -204,11 +253,31 @@ impl Vllm {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// A health check found it down (not before the first check).
+    pub fn is_down(&self) -> bool {
+        self.checked.load(Ordering::Relaxed) && !self.is_healthy()
+    }
+
     /// The base model: as vLLM last listed it, else `vllm.model_name`; `None` before either.
     pub fn base_model(&self) -> Option<Arc<BaseModel>> {
         self.learnt_model
             .load_full()
             .or_else(|| self.configured_model.clone())
+    }
+
+    /// Its base-model names as peers and the router know them: `root` first, then every served
+    /// name, deduplicated; empty before they are known.
+    pub fn model_names(&self) -> Arc<[String]> {
+        let Some(base) = self.base_model() else {
+            return Arc::from([]);
+        };
+        let mut names: Vec<String> = vec![base.root.to_string()];
+        for s in &base.served {
+            if !names.iter().any(|n| n == &**s) {
+                names.push(s.to_string());
+            }
+        }
+        names.into()
     }
 
     /// `GET /v1/models` and keep its base entries (replacing what was learnt before).
@@ -262,6 +331,10 @@ impl Vllm {
             .vllm_unloads
             .get_or_create(&ResultLabel { result })
             .inc();
+        self.metrics
+            .backend_unloads
+            .get_or_create(&self.label())
+            .inc();
         match res {
             Ok(r) if result != "error" => {
                 tracing::debug!(
@@ -282,7 +355,8 @@ impl Vllm {
         }
     }
 
-    async fn check_health(&self) -> bool {
+    /// `all`: every backend of the node (this one among them), for the node-wide gauge.
+    async fn check_health(&self, all: &[Arc<Vllm>]) -> bool {
         let ok = matches!(
             self.client.get(format!("{}/health", self.url)).send().await,
             Ok(r) if r.status().is_success()
@@ -298,30 +372,42 @@ impl Vllm {
                 Err(e) => tracing::warn!(error = %e, "cannot learn the base model yet"),
             }
         }
-        // The gauge first: whoever sees the new health (`/healthz`) sees it in `/metrics` too.
-        self.metrics.vllm_healthy.set(i64::from(ok));
+        // The gauges first: whoever sees the new health (`/healthz`) sees it in `/metrics` too.
+        // The node-wide one is 1 while any backend is healthy.
+        let any = ok || all.iter().any(|b| b.id != self.id && b.is_healthy());
+        self.metrics.vllm_healthy.set(i64::from(any));
+        self.metrics
+            .backend_healthy
+            .get_or_create(&self.label())
+            .set(i64::from(ok));
         let was = self.healthy.swap(ok, Ordering::Relaxed);
         self.checked.store(true, Ordering::Relaxed);
         if was != ok {
             if ok {
-                tracing::info!(url = %self.url, "vLLM is healthy");
+                tracing::info!(url = %self.url, backend = self.id, "vLLM is healthy");
                 self.announce_restart();
             } else {
-                tracing::warn!(url = %self.url, "vLLM is unhealthy or unreachable");
+                tracing::warn!(url = %self.url, backend = self.id, "vLLM is unhealthy or unreachable");
             }
         }
         ok
     }
 
-    /// Poll `/health` now and every `vllm.health_check_interval` until shutdown.
-    pub fn spawn_health_poll(self: &Arc<Self>, control: &Control, shutdown: Shutdown) {
+    /// Poll `/health` now and every `vllm.health_check_interval` until shutdown (`all`: every
+    /// backend of the node).
+    fn spawn_health_poll(
+        self: &Arc<Self>,
+        all: Arc<[Arc<Vllm>]>,
+        control: &Control,
+        shutdown: Shutdown,
+    ) {
         let this = self.clone();
         control.spawn(async move {
             let mut tick = tokio::time::interval(this.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => { this.check_health().await; }
+                    _ = tick.tick() => { this.check_health(&all).await; }
                     _ = shutdown.wait() => return,
                 }
             }
@@ -349,25 +435,6 @@ fn resolve(url: &str) -> Result<Vec<SocketAddr>, Error> {
         return Err(bad("resolves to no address"));
     }
     Ok(addrs)
-}
-
-/// The store's view of vLLM: unload calls run on the control plane (reqwest needs tokio), so
-/// they can be awaited from any thread.
-pub struct Hooks {
-    pub vllm: Arc<Vllm>,
-    pub control: Control,
-}
-
-impl crate::store::VllmHooks for Hooks {
-    fn unload(&self, name: &str) -> futures_util::future::BoxFuture<'static, Result<(), Error>> {
-        let (vllm, name) = (self.vllm.clone(), name.to_owned());
-        let unload = self.control.run(async move { vllm.unload(&name).await });
-        Box::pin(async move { unload.await? })
-    }
-
-    fn base_model(&self) -> Option<String> {
-        self.vllm.base_model().map(|m| m.root.to_string())
-    }
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ fn three_peers() -> DiscoveryConfig {
 /// What every example shares.
 fn check_common(c: &Config, max_size_gb: u64) {
     assert_eq!(c.listen, ":9090");
-    assert_eq!(c.vllm_url, "http://localhost:8000");
+    assert_eq!(c.vllm_url(), "http://localhost:8000");
     assert_eq!(
         c.vllm.model_name.as_deref(),
         Some("meta-llama/Llama-3.1-8B-Instruct")

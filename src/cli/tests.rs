@@ -67,7 +67,7 @@ fn flags_override_the_file() {
     ]);
     assert_eq!(c.listen, ":7000");
     assert_eq!(c.self_addr.as_deref(), Some("10.0.0.5:7000"));
-    assert_eq!(c.vllm_url, "http://127.0.0.1:8001");
+    assert_eq!(c.vllm_url(), "http://127.0.0.1:8001");
     assert_eq!(c.storage.dir, PathBuf::from("/nvme"));
     assert_eq!(c.server.workers, 3);
     assert_eq!(c.vllm.model_name.as_deref(), Some("base/m"));
@@ -369,5 +369,18 @@ fn check_config_reads_the_tls_files() {
     assert!(
         e.contains(&format!("server.tls.cert: {d}/none.crt: No such file")),
         "{e}"
+    );
+}
+
+#[test]
+fn vllm_url_repeats_for_several_backends() {
+    let c = serve(&[
+        "--vllm-url",
+        "http://127.0.0.1:8001",
+        "-vllm-url=http://127.0.0.1:8002",
+    ]);
+    assert_eq!(
+        c.vllm_urls,
+        ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
     );
 }

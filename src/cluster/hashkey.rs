@@ -62,6 +62,12 @@ pub fn hash_key<'a>(
     }
 }
 
+/// The pool of a base-model name: xxh3 of its exact bytes, never 0 (0 means "any pool" in
+/// `RouteRequest::pool`). Every backend's names and every request's base model hash with this.
+pub fn pool_hash(name: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(name.as_bytes()).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

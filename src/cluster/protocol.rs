@@ -115,6 +115,13 @@ pub struct BackendReport {
     pub seq: u64,
     /// xxh3 of the adapters likely in its GPU slots.
     pub gpu: Vec<u64>,
+    /// Its base-model names: vLLM's `root` (`--model`) first, then every served name,
+    /// deduplicated; empty: not learnt yet (or a peer of an earlier version).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Its URL as the node has it configured (for `/admin/peers`).
+    #[serde(default)]
+    pub url: String,
 }
 
 /// A key entering a node from clients, and its rate there (requests/s).

@@ -14,6 +14,14 @@
 //!   overflow threshold, by loraplex's own load; base-model requests stay here.
 //! - `least-load`: the least loaded node by vLLM's queue, ignoring residency (every node read).
 //!
+//! Over backends: a node fronts one or more vLLMs ([`super::view::NodeState::backends`]).
+//! Only backends that serve the request's base model ([`RouteRequest::pool`]) are candidates;
+//! a node is usable while one of them is, and its figures are those of its best such backend
+//! (the lowest cost; requests this worker sent there since the sample are spread over them).
+//! The chosen node then picks its own backend: [`Decision::backend`] for a request served here,
+//! [`Router::local_backend`] for one a peer forwarded (lowest cost, ties to the backend with
+//! fewer requests running, waiting and sent, so equal backends share the load).
+//!
 //! The decision reads two `arc-swap` snapshots (topology, view), takes no lock and allocates
 //! nothing: candidates and fallbacks are fixed arrays; a key's first nodes come from the
 //! placement's per-slot cache ([`Placement::top`]), so no decision of `auto` reads every node.
@@ -32,7 +40,7 @@ pub use super::topology::{FAILED_CHECKS_DOWN, Peer, PeerHealth, Topology};
 use super::{
     placement::{MAX_TOP, Placement},
     score::{self, HOP_MS, Residency},
-    view::{BackendState, View},
+    view::{BackendState, NodeState, View},
 };
 use crate::{
     cluster::{discovery::Members, identity::Identity},
@@ -117,6 +125,9 @@ pub struct Decision {
     /// The key's owner is another node, usable, and was passed over (load, residency, the
     /// overflow threshold): `loraplex_overflow_local_total` when served here.
     pub overflow: bool,
+    /// The backend of this node that serves the request if it ends up served here; `None`: no
+    /// local backend serves its pool.
+    pub backend: Option<u16>,
 }
 
 impl Decision {
@@ -125,6 +136,7 @@ impl Decision {
             peers: Peers::default(),
             reason,
             overflow: false,
+            backend: None,
         }
     }
 
@@ -144,6 +156,10 @@ pub struct RouteRequest {
     pub local_disk: bool,
     /// This node's own load (requests in flight over 200).
     pub my_load: f64,
+    /// [`pool_hash`](super::hashkey::pool_hash) of the base model the request needs (a
+    /// base-model request: the name it asks for; an adapter request: the adapter's base model
+    /// once known); 0: unknown, any backend.
+    pub pool: u64,
 }
 
 /// Requests one worker sent to each node since that node's last sample: counted on top of the
@@ -153,6 +169,8 @@ pub struct RouteRequest {
 /// draw different nodes).
 pub struct Sent {
     inner: RefCell<(u64, Vec<(u64, u32)>)>,
+    /// The same for this node's own backends, by backend id.
+    local: RefCell<Vec<(u64, u32)>>,
     rng: Cell<u64>,
 }
 
@@ -165,6 +183,7 @@ impl Default for Sent {
         let n = SEEDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Sent {
             inner: RefCell::default(),
+            local: RefCell::default(),
             rng: Cell::new(nanos ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         }
     }
@@ -185,11 +204,7 @@ impl Sent {
     fn ahead(&self, view: &View, idx: usize) -> u32 {
         let inner = self.inner.borrow();
         match (inner.1.get(idx), view.nodes.get(idx)) {
-            (Some(&(seq, n)), Some(node))
-                if inner.0 == view.generation && seq == node.backend.seq =>
-            {
-                n
-            }
+            (Some(&(seq, n)), Some(node)) if inner.0 == view.generation && seq == node.seq() => n,
             _ => 0,
         }
     }
@@ -200,10 +215,44 @@ impl Sent {
         if inner.0 != view.generation || inner.1.len() != view.nodes.len() {
             *inner = (view.generation, vec![(0, 0); view.nodes.len()]);
         }
-        let Some(seq) = view.nodes.get(idx).map(|n| n.backend.seq) else {
+        let Some(seq) = view.nodes.get(idx).map(NodeState::seq) else {
             return;
         };
         let entry = &mut inner.1[idx];
+        if entry.0 != seq {
+            *entry = (seq, 0);
+        }
+        entry.1 += 1;
+    }
+
+    /// Requests sent to this node's backend `b` since its sample (`me`: this node's index).
+    fn ahead_local(&self, view: &View, me: usize, b: usize) -> u32 {
+        let seq = view
+            .nodes
+            .get(me)
+            .and_then(|n| n.backends.get(b))
+            .map(|b| b.seq);
+        match (self.local.borrow().get(b), seq) {
+            (Some(&(s, n)), Some(seq)) if s == seq => n,
+            _ => 0,
+        }
+    }
+
+    /// Count one request sent to this node's backend `b`.
+    pub fn add_local(&self, view: &View, me: usize, b: usize) {
+        let Some(seq) = view
+            .nodes
+            .get(me)
+            .and_then(|n| n.backends.get(b))
+            .map(|b| b.seq)
+        else {
+            return;
+        };
+        let mut local = self.local.borrow_mut();
+        if local.len() <= b {
+            local.resize(b + 1, (0, 0));
+        }
+        let entry = &mut local[b];
         if entry.0 != seq {
             *entry = (seq, 0);
         }
@@ -307,11 +356,78 @@ impl Router {
         req: &RouteRequest,
         sent: &Sent,
     ) -> Decision {
+        let mut d = self.decide_node(topo, view, req, sent);
+        d.backend = self.pick_local(topo, view, req, Some(sent));
+        d
+    }
+
+    /// The best backend of this node for a request served here (a peer forwarded it, or the
+    /// chosen peers were unreachable); `None` when none serves its pool. See the module doc.
+    pub fn local_backend(&self, view: &View, req: &RouteRequest) -> Option<u16> {
+        self.pick_local(&self.topology.load(), view, req, None)
+    }
+
+    /// [`Router::local_backend`], counting what this worker sent to each backend since its
+    /// sample (`sent`), so that equal backends take turns.
+    pub fn local_backend_sent(&self, view: &View, req: &RouteRequest, sent: &Sent) -> Option<u16> {
+        self.pick_local(&self.topology.load(), view, req, Some(sent))
+    }
+
+    /// The view if it was built for `topo`.
+    fn valid<'v>(topo: &Topology, view: &'v View) -> Option<&'v View> {
+        (view.generation == topo.generation && view.nodes.len() == topo.peers.len()).then_some(view)
+    }
+
+    fn pick_local(
+        &self,
+        topo: &Topology,
+        view: &View,
+        req: &RouteRequest,
+        sent: Option<&Sent>,
+    ) -> Option<u16> {
+        let Some(view) = Self::valid(topo, view) else {
+            // Nothing known of the backends yet: the first serves a request for any pool.
+            return (req.pool == 0).then_some(0);
+        };
+        let node = &view.nodes[topo.me];
+        // (id, cost, tie-break) of the best up backend; the first serving one if none is up.
+        let mut best: Option<(usize, f32, f32)> = None;
+        let mut first = None;
+        for (j, b) in node.serving(req.pool) {
+            first.get_or_insert(j);
+            if !b.up() {
+                continue;
+            }
+            let ahead = sent.map_or(0, |s| s.ahead_local(view, topo.me, j)) as f32;
+            let residency = match req.adapter {
+                None => 0.0,
+                Some(a) if b.known && b.gpu_has(a) => 0.0,
+                Some(_) => score::residency_ms(b, Residency::Disk),
+            };
+            let cost = residency + score::queue_ms(b, ahead).unwrap_or(0.0);
+            let load = if b.known {
+                b.running + b.waiting + ahead
+            } else {
+                ahead
+            };
+            if best.is_none_or(|(_, c, l)| cost < c || (cost == c && load < l)) {
+                best = Some((j, cost, load));
+            }
+        }
+        best.map(|b| b.0).or(first).map(|j| j as u16)
+    }
+
+    fn decide_node(
+        &self,
+        topo: &Topology,
+        view: &View,
+        req: &RouteRequest,
+        sent: &Sent,
+    ) -> Decision {
         if topo.is_single() {
             return Decision::local(Reason::Owner);
         }
-        let view = (view.generation == topo.generation && view.nodes.len() == topo.peers.len())
-            .then_some(view);
+        let view = Self::valid(topo, view);
         match (self.policy, req.key, view) {
             (RoutingPolicy::Hash, None, _) => Decision::local(Reason::Spread),
             (RoutingPolicy::Hash, Some(key), _) | (_, Some(key), None) => {
@@ -323,7 +439,7 @@ impl Router {
             (RoutingPolicy::LeastLoad, _, Some(view)) => {
                 self.least_loaded(topo, view, req, sent, Reason::Load, 0..view.nodes.len())
             }
-            (RoutingPolicy::Auto, None, Some(view)) => match self.sample(topo, view, sent) {
+            (RoutingPolicy::Auto, None, Some(view)) => match self.sample(topo, view, req, sent) {
                 Some(sampled) => {
                     self.least_loaded(topo, view, req, sent, Reason::Spread, sampled.iter())
                 }
@@ -341,17 +457,16 @@ impl Router {
         }
     }
 
-    /// Whether node `i` can take requests.
-    fn usable(topo: &Topology, view: Option<&View>, i: usize) -> bool {
-        let vllm_up = view.is_none_or(|v| {
-            let b = &v.nodes[i].backend;
-            !b.known || b.healthy
-        });
+    /// Whether node `i` can take requests for base model `pool`: reachable, and one of its
+    /// backends serving `pool` is up.
+    fn usable(topo: &Topology, view: Option<&View>, i: usize, pool: u64) -> bool {
+        let vllm_up = view.is_none_or(|v| v.nodes[i].up_for(pool));
         (i == topo.me || topo.peers[i].health.usable()) && vllm_up
     }
 
     /// Load in 0..=1 for the overflow threshold: loraplex's own requests in flight, and with a
-    /// view the vLLM's queue and LoRA slots ([`score::shed_load`]).
+    /// view the queue and LoRA slots of its least loaded backend serving the pool
+    /// ([`score::shed_load`]).
     fn shed_load(&self, topo: &Topology, view: Option<&View>, i: usize, req: &RouteRequest) -> f64 {
         let proxy = if i == topo.me {
             req.my_load
@@ -359,9 +474,26 @@ impl Router {
             topo.peers[i].health.load()
         };
         match view {
-            Some(v) => score::shed_load(&v.nodes[i].backend, proxy, req.adapter),
+            Some(v) => v.nodes[i]
+                .serving(req.pool)
+                .filter(|(_, b)| b.up())
+                .map(|(_, b)| score::shed_load(b, proxy, req.adapter))
+                .reduce(f64::min)
+                .unwrap_or(proxy),
             None => proxy,
         }
+    }
+
+    /// Node `i`'s queue cost for `req`: its best up backend serving the pool, `ahead` (sent
+    /// there since the samples, every entry node counted) spread over them; `None` when none of
+    /// them has known metrics.
+    fn node_queue(view: &View, i: usize, pool: u64, ahead: f32) -> Option<f32> {
+        let node = &view.nodes[i];
+        let n = node.serving(pool).filter(|(_, b)| b.up()).count().max(1) as f32;
+        node.serving(pool)
+            .filter(|(_, b)| b.up())
+            .filter_map(|(_, b)| score::queue_ms(b, ahead / n))
+            .reduce(f32::min)
     }
 
     /// The owner, unless it is down or past the overflow threshold: then the next usable node
@@ -384,7 +516,7 @@ impl Router {
                 if usize::from(cands.len) == SPREAD {
                     break;
                 }
-                if Self::usable(topo, view, i) {
+                if Self::usable(topo, view, i, req.pool) {
                     cands.push(i);
                 }
             }
@@ -413,6 +545,7 @@ impl Router {
             peers,
             reason,
             overflow: pos > 0 && first == owner,
+            backend: None,
         }
     }
 
@@ -433,7 +566,7 @@ impl Router {
             let n = topo.placement.top(key, &mut order[..want]);
             cands = Peers::default();
             for i in order[..n].iter().map(|&i| usize::from(i)) {
-                if usize::from(cands.len) < k && Self::usable(topo, Some(view), i) {
+                if usize::from(cands.len) < k && Self::usable(topo, Some(view), i, req.pool) {
                     cands.push(i);
                 }
             }
@@ -448,14 +581,12 @@ impl Router {
         let mut costs = [(0.0f32, 0.0f32, false); MAX_TOP];
         for (c, i) in cands.iter().enumerate() {
             let node = &view.nodes[i];
-            let b = &node.backend;
-            let residency = if b.known && b.gpu_has(adapter) {
-                Residency::Gpu
-            } else if if i == topo.me {
+            let on_disk = if i == topo.me {
                 req.local_disk
             } else {
                 node.disk.as_ref().is_none_or(|d| d.contains(adapter))
-            } {
+            };
+            let not_here = if on_disk {
                 Residency::Disk
             } else if *anywhere.get_or_insert_with(|| {
                 req.local_disk
@@ -467,13 +598,36 @@ impl Router {
             } else {
                 Residency::Origin
             };
-            let ahead = sent.ahead(view, i) as f32 * scale;
-            let queue = score::queue_ms(b, ahead);
-            costs[c] = (
-                score::residency_ms(b, residency),
-                queue.unwrap_or(0.0),
-                queue.is_some(),
-            );
+            // The node's best backend serving the pool: known metrics first, then the lowest
+            // residency + queue; what was sent there is spread over its backends.
+            let up = node.serving(req.pool).filter(|(_, b)| b.up());
+            let n = up.clone().count().max(1) as f32;
+            let ahead = sent.ahead(view, i) as f32 * scale / n;
+            let mut best: Option<(f32, f32, bool)> = None;
+            for (_, b) in up {
+                let residency = if b.known && b.gpu_has(adapter) {
+                    Residency::Gpu
+                } else {
+                    not_here
+                };
+                let queue = score::queue_ms(b, ahead);
+                let cost = (
+                    score::residency_ms(b, residency),
+                    queue.unwrap_or(0.0),
+                    queue.is_some(),
+                );
+                let better = best.is_none_or(|bc| {
+                    (cost.2 && !bc.2) || (cost.2 == bc.2 && cost.0 + cost.1 < bc.0 + bc.1)
+                });
+                if better {
+                    best = Some(cost);
+                }
+            }
+            costs[c] = best.unwrap_or((
+                score::residency_ms(&BackendState::default(), not_here),
+                0.0,
+                false,
+            ));
         }
         let len = usize::from(cands.len);
         if len == 0 {
@@ -523,6 +677,7 @@ impl Router {
             peers,
             reason,
             overflow: best != 0 && at(0) == usize::from(order[0]),
+            backend: None,
         }
     }
 
@@ -530,7 +685,13 @@ impl Router {
     /// least loaded of a few random nodes balances almost as well as the least loaded of all,
     /// and herds less on stale figures; `docs/routing.md`). `None` when the cluster is small
     /// enough to read every node, or when the draws found no usable node (most are down).
-    fn sample(&self, topo: &Topology, view: &View, sent: &Sent) -> Option<Peers> {
+    fn sample(
+        &self,
+        topo: &Topology,
+        view: &View,
+        req: &RouteRequest,
+        sent: &Sent,
+    ) -> Option<Peers> {
         let n = view.nodes.len();
         if n <= SAMPLED + 1 {
             return None;
@@ -543,7 +704,7 @@ impl Router {
             if i >= topo.me {
                 i += 1;
             }
-            if !out.iter().any(|c| c == i) && Self::usable(topo, Some(view), i) {
+            if !out.iter().any(|c| c == i) && Self::usable(topo, Some(view), i, req.pool) {
                 out.push(i);
                 if usize::from(out.len) == SAMPLED + 1 {
                     break;
@@ -566,7 +727,7 @@ impl Router {
     ) -> Decision {
         let scale = view.nodes.len() as f32;
         let cost =
-            |i: usize| score::queue_ms(&view.nodes[i].backend, sent.ahead(view, i) as f32 * scale);
+            |i: usize| Self::node_queue(view, i, req.pool, sent.ahead(view, i) as f32 * scale);
         let (mut sum, mut known) = (0.0, 0);
         for i in cands.clone() {
             if let Some(c) = cost(i) {
@@ -586,14 +747,18 @@ impl Router {
         let start = req
             .key
             .and_then(|key| topo.placement.owner_of_hash(key))
-            .filter(|&o| Self::usable(topo, Some(view), o));
+            .filter(|&o| Self::usable(topo, Some(view), o, req.pool));
         let mut best = start
-            .or_else(|| cands.clone().find(|&i| Self::usable(topo, Some(view), i)))
+            .or_else(|| {
+                cands
+                    .clone()
+                    .find(|&i| Self::usable(topo, Some(view), i, req.pool))
+            })
             .unwrap_or(topo.me);
         // Each candidate's cost once (the best one's kept).
         let mut best_cost = total(best);
         for i in cands {
-            if i == best || !Self::usable(topo, Some(view), i) {
+            if i == best || !Self::usable(topo, Some(view), i, req.pool) {
                 continue;
             }
             let c = total(i);
@@ -601,7 +766,8 @@ impl Router {
                 (best, best_cost) = (i, c);
             }
         }
-        if Self::usable(topo, Some(view), topo.me) && total(topo.me) <= best_cost + HOP_MS {
+        if Self::usable(topo, Some(view), topo.me, req.pool) && total(topo.me) <= best_cost + HOP_MS
+        {
             best = topo.me;
         }
         let owner = req.key.and_then(|key| topo.placement.owner_of_hash(key));
@@ -617,7 +783,9 @@ impl Router {
         Decision {
             peers,
             reason,
-            overflow: owner.is_some_and(|o| o != best && Self::usable(topo, Some(view), o)),
+            overflow: owner
+                .is_some_and(|o| o != best && Self::usable(topo, Some(view), o, req.pool)),
+            backend: None,
         }
     }
 }

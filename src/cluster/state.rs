@@ -1,8 +1,8 @@
 //! What this node knows of every backend and every hot key, merged into the router's
 //! [`View`] (control plane).
 //!
-//! Inputs: the local vLLM's samples (fed in by the `vllm` module's metrics scrape), the adapters
-//! this node's workers sent to it ([`Recent`]), its store's disk set, the peers' states (their
+//! Inputs: each local vLLM's samples (fed in by the `vllm` module's metrics scrape, one per
+//! backend), the adapters this node's workers sent to each ([`Recent`]), its store's disk set, the peers' states (their
 //! `/_loraplex/state`, polled), and the demand tables ([`super::demand`]). Outputs: the view the
 //! workers route by, this node's own state for its peers ([`ClusterState::publish`]), and the
 //! replica counts of hot keys.
@@ -27,6 +27,7 @@ use std::{
 use super::{
     demand::{DemandBoard, DemandReader, KeyRate},
     disk_filter::DiskFilter,
+    hashkey::pool_hash,
     protocol::{BackendReport, HotKey, PeerState},
     router::Router,
     view::{BackendState, NodeState, ReplicaTable, View},
@@ -86,9 +87,14 @@ impl Recent {
     }
 }
 
-/// One sample of the local vLLM, as the scrape read it.
+/// One sample of a local vLLM, as the scrape read it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LocalSample {
+    /// Which backend of this node (its position in `vllm_urls`).
+    pub backend: usize,
+    /// Its base-model names: `root` first, then every served name, deduplicated (empty: not
+    /// learnt yet).
+    pub models: Arc<[String]>,
     pub healthy: bool,
     /// Metrics were read (false: old vLLM without them, or the scrape failed).
     pub known: bool,
@@ -110,12 +116,14 @@ struct PeerRecord {
     /// Shared with the views built since it last changed.
     filter: Arc<DiskFilter>,
     filter_known: bool,
-    report: Option<(BackendReport, Instant)>,
+    /// One per backend of the peer.
+    reports: Vec<(BackendReport, Instant)>,
     hot: Vec<HotKey>,
 }
 
 struct Inner {
-    local: Option<(LocalSample, Instant)>,
+    /// One per local backend.
+    local: Vec<Option<(LocalSample, Instant)>>,
     local_seq: u64,
     peers: HashMap<String, PeerRecord>,
     disk: DiskFilter,
@@ -136,21 +144,27 @@ pub struct ClusterState {
     router: Arc<Router>,
     metrics: Arc<Metrics>,
     pub demand: Arc<DemandBoard>,
-    recent: Mutex<Vec<Arc<Recent>>>,
+    /// By backend, then by worker.
+    recent: Mutex<Vec<Vec<Arc<Recent>>>>,
     inner: Mutex<Inner>,
     interval: Duration,
     /// This process's id in the peer state (a restarted node resends its whole filter).
     instance: u64,
     /// The node's own disk set, from the store (set by the node at start).
     stored: Mutex<Option<StoredSet>>,
+    /// The local backends' URLs, by id (published for `/admin/peers`).
+    urls: Mutex<Vec<String>>,
 }
 
 impl ClusterState {
+    /// `backends`: how many vLLMs this node fronts (at least one).
     pub fn new(
         router: Arc<Router>,
         metrics: Arc<Metrics>,
         interval: Duration,
+        backends: usize,
     ) -> Arc<ClusterState> {
+        let backends = backends.max(1);
         let demand = Arc::new(DemandBoard::default());
         let instance = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -160,7 +174,7 @@ impl ClusterState {
             router,
             metrics,
             inner: Mutex::new(Inner {
-                local: None,
+                local: vec![None; backends],
                 local_seq: 0,
                 peers: HashMap::new(),
                 disk: DiskFilter::default(),
@@ -172,10 +186,11 @@ impl ClusterState {
                 top: Vec::new(),
             }),
             demand,
-            recent: Mutex::new(Vec::new()),
+            recent: Mutex::new(vec![Vec::new(); backends]),
             interval,
             instance,
             stored: Mutex::new(None),
+            urls: Mutex::new(Vec::new()),
         })
     }
 
@@ -183,14 +198,39 @@ impl ClusterState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A worker's ring of adapters sent to the local vLLM.
-    pub fn recent(&self) -> Arc<Recent> {
-        let r = Arc::new(Recent::default());
-        self.recent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(r.clone());
-        r
+    /// A worker's rings of adapters sent to the local vLLMs, one per backend.
+    pub fn recent(&self) -> Vec<Arc<Recent>> {
+        let mut all = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter_mut()
+            .map(|per_worker| {
+                let r = Arc::new(Recent::default());
+                per_worker.push(r.clone());
+                r
+            })
+            .collect()
+    }
+
+    /// The local backends' URLs, by id.
+    pub fn set_urls(&self, urls: Vec<String>) {
+        *self.urls.lock().unwrap_or_else(|e| e.into_inner()) = urls;
+    }
+
+    /// What is known of every backend of node `addr` (this node's own included), by id.
+    pub fn reports_of(&self, addr: &str) -> Vec<BackendReport> {
+        let inner = self.lock();
+        if addr == self.router.me.canonical() {
+            return self.local_reports(&inner);
+        }
+        inner
+            .peers
+            .get(addr)
+            .map(|p| p.reports.iter().map(|(r, _)| r.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// How many vLLMs this node fronts.
+    pub fn backends(&self) -> usize {
+        self.lock().local.len()
     }
 
     /// Where the node's disk set comes from (xxh3 of every stored adapter's name).
@@ -202,22 +242,31 @@ impl ClusterState {
         self.interval * STALE_INTERVALS + Duration::from_secs(1)
     }
 
-    /// A new sample of the local vLLM.
+    /// A new sample of a local vLLM (`sample.backend`; one past the backends is ignored).
     pub fn set_local(&self, sample: LocalSample) {
         let mut inner = self.lock();
         inner.local_seq += 1;
-        inner.local = Some((sample, Instant::now()));
+        let b = sample.backend;
+        match inner.local.get_mut(b) {
+            Some(slot) => *slot = Some((sample, Instant::now())),
+            None => return,
+        }
         self.install(&inner);
     }
 
-    /// The local backend as published and routed by: the sample, with the GPU-likely set (what
+    /// Local backend `b` as published and routed by: the sample, with the GPU-likely set (what
     /// vLLM runs, then what was sent to it most recently, `max_lora` in all).
-    fn local_report(&self, inner: &Inner) -> Option<BackendReport> {
-        let (s, at) = inner.local.as_ref()?;
+    fn local_report(&self, inner: &Inner, b: usize) -> Option<(BackendReport, Instant)> {
+        let (s, at) = inner.local.get(b)?.as_ref()?;
         let slots = usize::from(s.max_lora).clamp(1, MAX_GPU_SET);
         let mut gpu: Vec<u64> = s.running_adapters.iter().copied().take(slots).collect();
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        let mut iters: Vec<_> = recent.iter().map(|r| r.newest()).collect();
+        let mut iters: Vec<_> = recent
+            .get(b)
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .map(|r| r.newest())
+            .collect();
         'fill: loop {
             let mut any = false;
             for it in &mut iters {
@@ -235,7 +284,7 @@ impl ClusterState {
                 break;
             }
         }
-        Some(BackendReport {
+        let report = BackendReport {
             known: s.known,
             healthy: s.healthy,
             running: s.running,
@@ -249,7 +298,22 @@ impl ClusterState {
             age_ms: at.elapsed().as_millis() as u64,
             seq: inner.local_seq,
             gpu,
-        })
+            models: s.models.to_vec(),
+            url: String::new(),
+        };
+        Some((report, *at))
+    }
+
+    /// Every local backend's report, by backend id (a default report for one not sampled yet).
+    fn local_reports(&self, inner: &Inner) -> Vec<BackendReport> {
+        let urls = self.urls.lock().unwrap_or_else(|e| e.into_inner());
+        (0..inner.local.len())
+            .map(|b| {
+                let mut r = self.local_report(inner, b).map(|r| r.0).unwrap_or_default();
+                r.url = urls.get(b).cloned().unwrap_or_default();
+                r
+            })
+            .collect()
     }
 
     /// This node's state for a peer that has the disk filter up to version `since` (and
@@ -260,7 +324,7 @@ impl ClusterState {
         let (segments, synced_to) = inner.disk.delta(since, inner.disk_counter);
         PeerState {
             instance: self.instance,
-            backends: self.local_report(&inner).into_iter().collect(),
+            backends: self.local_reports(&inner),
             hot: inner
                 .demand
                 .top(HOT_KEYS)
@@ -294,7 +358,7 @@ impl ClusterState {
                 since: 0,
                 filter: Arc::default(),
                 filter_known: false,
-                report: None,
+                reports: Vec::new(),
                 hot: Vec::new(),
             });
         if rec.instance != state.instance {
@@ -320,12 +384,16 @@ impl ClusterState {
             }
         }
         let now = Instant::now();
-        rec.report = state.backends.into_iter().next().map(|b| {
-            let at = now
-                .checked_sub(Duration::from_millis(b.age_ms))
-                .unwrap_or(now);
-            (b, at)
-        });
+        rec.reports = state
+            .backends
+            .into_iter()
+            .map(|b| {
+                let at = now
+                    .checked_sub(Duration::from_millis(b.age_ms))
+                    .unwrap_or(now);
+                (b, at)
+            })
+            .collect();
         rec.hot = state.hot;
         self.install(&inner);
     }
@@ -374,8 +442,12 @@ impl ClusterState {
                 .set(inner.table.get(k.hash) as i64);
             m.key_request_rate.get_or_create(&label).set(k.rate);
         }
-        if let Some(r) = self.local_report(inner) {
-            m.vllm_gpu_adapters.set(r.gpu.len() as i64);
+        let reports: Vec<_> = (0..inner.local.len())
+            .filter_map(|b| self.local_report(inner, b))
+            .collect();
+        if !reports.is_empty() {
+            let gpu: usize = reports.iter().map(|(r, _)| r.gpu.len()).sum();
+            m.vllm_gpu_adapters.set(gpu as i64);
         }
     }
 
@@ -385,16 +457,21 @@ impl ClusterState {
         let usable = (0..topo.peers.len())
             .filter(|&i| {
                 (i == topo.me || topo.peers[i].health.usable())
-                    && view
-                        .get(i)
-                        .is_none_or(|n| !n.backend.known || n.backend.healthy)
+                    && view.get(i).is_none_or(|n| n.up_for(0))
             })
             .count()
             .max(1);
+        // A node's capacity: what its backends with a learnt capacity complete together.
         let caps: Vec<f64> = view
             .iter()
-            .filter(|n| n.backend.known && n.backend.capacity > 0.0)
-            .map(|n| f64::from(n.backend.capacity))
+            .map(|n| {
+                n.backends()
+                    .iter()
+                    .filter(|b| b.known && b.capacity > 0.0)
+                    .map(|b| f64::from(b.capacity))
+                    .sum::<f64>()
+            })
+            .filter(|&c| c > 0.0)
             .collect();
         let cap = (!caps.is_empty()).then(|| caps.iter().sum::<f64>() / caps.len() as f64);
         // Cluster rates: own top keys plus what the peers report.
@@ -451,7 +528,8 @@ impl ClusterState {
             .collect();
     }
 
-    /// Whether every one of the key's first `k` nodes has a queue.
+    /// Whether every one of the key's first `k` nodes has a queue (on every backend whose
+    /// metrics are known, one at least).
     fn replicas_queue(
         &self,
         topo: &super::router::Topology,
@@ -464,8 +542,10 @@ impl ClusterState {
         let firsts = &order[..n.min(usize::from(k))];
         !firsts.is_empty()
             && firsts.iter().all(|&i| {
-                view.get(usize::from(i))
-                    .is_some_and(|s| s.backend.known && s.backend.waiting > 0.0)
+                view.get(usize::from(i)).is_some_and(|s| {
+                    let mut known = s.backends().iter().filter(|b| b.known).peekable();
+                    known.peek().is_some() && known.all(|b| b.waiting > 0.0)
+                })
             })
     }
 
@@ -500,6 +580,12 @@ impl ClusterState {
                 g.into()
             },
             seq: r.seq,
+            models: {
+                let mut m: Vec<u64> = r.models.iter().map(|n| pool_hash(n)).collect();
+                m.sort_unstable();
+                m.dedup();
+                m.into()
+            },
         };
         topo.peers
             .iter()
@@ -507,19 +593,18 @@ impl ClusterState {
             .map(|(i, p)| {
                 if i == topo.me {
                     return NodeState {
-                        backend: self
-                            .local_report(inner)
-                            .zip(inner.local.as_ref().map(|l| l.1))
-                            .map_or_else(BackendState::default, |(r, at)| backend(&r, at)),
+                        backends: (0..inner.local.len())
+                            .map(|b| {
+                                self.local_report(inner, b)
+                                    .map_or_else(BackendState::default, |(r, at)| backend(&r, at))
+                            })
+                            .collect(),
                         disk: None,
                     };
                 }
                 match inner.peers.get(&p.addr) {
                     Some(rec) => NodeState {
-                        backend: rec
-                            .report
-                            .as_ref()
-                            .map_or_else(BackendState::default, |(r, at)| backend(r, *at)),
+                        backends: rec.reports.iter().map(|(r, at)| backend(r, *at)).collect(),
                         disk: rec.filter_known.then(|| rec.filter.clone()),
                     },
                     None => NodeState::default(),

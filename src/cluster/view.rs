@@ -8,8 +8,9 @@
 //! they were built for: a view older than the topology is ignored (routing by hash) until the
 //! next one.
 //!
-//! Per backend: a node has one vLLM today ([`NodeState::backend`]); several per node (a later
-//! change) become a list here, each scored on its own.
+//! Per backend: a node fronts one or more vLLMs ([`NodeState::backends`], by position in its
+//! `vllm_urls`), each with its base-model names ([`BackendState::models`]) and scored on its
+//! own.
 
 use std::sync::Arc;
 
@@ -38,20 +39,79 @@ pub struct BackendState {
     pub gpu: Arc<[u64]>,
     /// Changes with every new sample: requests sent since then are counted on top of it.
     pub seq: u64,
+    /// [`pool_hash`](super::hashkey::pool_hash) of its base-model names, sorted; empty: not
+    /// learnt yet.
+    pub models: Arc<[u64]>,
 }
 
 impl BackendState {
     pub fn gpu_has(&self, adapter: u64) -> bool {
         self.gpu.binary_search(&adapter).is_ok()
     }
+
+    /// Whether it serves base model `pool` (0: any).
+    #[inline]
+    pub fn serves(&self, pool: u64) -> bool {
+        pool == 0 || self.models.binary_search(&pool).is_ok()
+    }
+
+    /// It can take requests: healthy, or nothing known of it (routed by hash).
+    #[inline]
+    pub fn up(&self) -> bool {
+        !self.known || self.healthy
+    }
 }
 
 /// One node.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeState {
-    pub backend: BackendState,
+    /// Its vLLMs, by position in its `vllm_urls` (the backend id). Empty: nothing known yet
+    /// (read as one unknown backend serving any pool, see [`NodeState::backends`]).
+    pub backends: Vec<BackendState>,
     /// Its disk set; `None` until received.
     pub disk: Option<Arc<DiskFilter>>,
+}
+
+/// What a node without reported backends counts as: one backend, nothing known.
+static UNKNOWN: std::sync::LazyLock<[BackendState; 1]> =
+    std::sync::LazyLock::new(|| [BackendState::default()]);
+
+impl NodeState {
+    /// Its backends; one unknown backend when none was reported.
+    #[inline]
+    pub fn backends(&self) -> &[BackendState] {
+        if self.backends.is_empty() {
+            &UNKNOWN[..]
+        } else {
+            &self.backends
+        }
+    }
+
+    /// Its backends serving `pool` (0: all), with their ids. A node that reported none counts
+    /// as serving every pool (an unknown node is routed by hash, as before backends were
+    /// reported).
+    #[inline]
+    pub fn serving(&self, pool: u64) -> impl Iterator<Item = (usize, &BackendState)> + Clone {
+        let unknown = self.backends.is_empty();
+        self.backends()
+            .iter()
+            .enumerate()
+            .filter(move |(_, b)| unknown || b.serves(pool))
+    }
+
+    /// Some backend serving `pool` can take requests.
+    #[inline]
+    pub fn up_for(&self, pool: u64) -> bool {
+        self.serving(pool).any(|(_, b)| b.up())
+    }
+
+    /// Changes whenever any backend has a new sample (requests sent since are counted on top).
+    #[inline]
+    pub fn seq(&self) -> u64 {
+        self.backends
+            .iter()
+            .fold(0u64, |s, b| s.wrapping_mul(31).wrapping_add(b.seq))
+    }
 }
 
 /// Hot keys and their replica counts: a fixed open-addressing table, read without locks. Keys
@@ -124,6 +184,17 @@ pub struct View {
     /// By topology index.
     pub nodes: Vec<NodeState>,
     pub replicas: ReplicaTable,
+}
+
+impl View {
+    /// Whether a backend of some node (by its learnt names) serves base model `pool`.
+    pub fn serves(&self, pool: u64) -> bool {
+        self.nodes.iter().any(|n| {
+            n.backends
+                .iter()
+                .any(|b| b.models.binary_search(&pool).is_ok())
+        })
+    }
 }
 
 #[cfg(test)]

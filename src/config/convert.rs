@@ -189,8 +189,37 @@ impl Convert<'_> {
         if let Some(s) = text(&f.self_addr) {
             cfg.self_addr = Some(self.address("self_addr", &s)?);
         }
-        if let Some(s) = text(&f.vllm_url) {
-            cfg.vllm_url = self.url("vllm_url", &s, false)?;
+        let one = text(&f.vllm_url);
+        match (&one, &f.vllm_urls) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    "vllm_urls",
+                    "vllm_url and vllm_urls are both set: use vllm_url for one vLLM or \
+                     vllm_urls for several, not both",
+                ));
+            }
+            (Some(s), None) => cfg.vllm_urls = vec![self.url("vllm_url", s, false)?],
+            (None, Some(list)) => {
+                cfg.vllm_urls = Vec::new();
+                for (i, leaf) in list.iter().enumerate() {
+                    let key = format!("vllm_urls[{i}]");
+                    let Some(s) = text(leaf) else {
+                        return Err(self.err(&key, "empty URL"));
+                    };
+                    let url = self.url(&key, &s, false)?;
+                    if cfg.vllm_urls.contains(&url) {
+                        return Err(self.err(&key, format!("{url} is listed twice")));
+                    }
+                    cfg.vllm_urls.push(url);
+                }
+                if cfg.vllm_urls.is_empty() {
+                    return Err(self.err("vllm_urls", "empty list: name one vLLM at least"));
+                }
+                if cfg.vllm_urls.len() > usize::from(u16::MAX) {
+                    return Err(self.err("vllm_urls", "too many backends"));
+                }
+            }
+            (None, None) => {}
         }
 
         let st = f.storage.clone().unwrap_or_default();

@@ -98,6 +98,8 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vllm_url: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub vllm_urls: Option<Vec<Leaf>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<FileStorage>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub origins: Option<Vec<FileOrigin>>,

@@ -66,7 +66,9 @@ impl ConfigError {
 pub struct Overrides {
     pub listen: Option<String>,
     pub self_addr: Option<String>,
-    pub vllm_url: Option<String>,
+    /// `--vllm-url`, repeatable: one replaces the file's `vllm_url`/`vllm_urls`, several are
+    /// the node's backends.
+    pub vllm_urls: Vec<String>,
     pub dir: Option<String>,
     pub discovery: Option<String>,
     pub peers: Option<Vec<String>>,
@@ -90,9 +92,29 @@ impl Overrides {
             f.self_addr = Some(v);
             set.push(("self_addr", "--self"));
         }
-        if let Some(v) = given(&self.vllm_url) {
-            f.vllm_url = Some(v);
-            set.push(("vllm_url", "--vllm-url"));
+        let urls: Vec<String> = self
+            .vllm_urls
+            .iter()
+            .filter(|u| !u.is_empty())
+            .cloned()
+            .collect();
+        match urls.as_slice() {
+            [] => {}
+            [one] => {
+                f.vllm_url = Some(Scalar::Str(one.clone()));
+                f.vllm_urls = None;
+                set.push(("vllm_url", "--vllm-url"));
+            }
+            several => {
+                f.vllm_url = None;
+                f.vllm_urls = Some(
+                    several
+                        .iter()
+                        .map(|u| Some(Scalar::Str(u.clone())))
+                        .collect(),
+                );
+                set.push(("vllm_urls", "--vllm-url"));
+            }
         }
         if let Some(v) = given(&self.dir) {
             f.storage.get_or_insert_default().dir = Some(v);
@@ -146,6 +168,11 @@ pub fn read_file(path: &Path) -> Result<String, ConfigError> {
 }
 
 impl Config {
+    /// The first backend's URL (the only one with `vllm_url`).
+    pub fn vllm_url(&self) -> &str {
+        &self.vllm_urls[0]
+    }
+
     /// Load a file (with `${VAR}` from the process environment), logging its warnings.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Config::from_yaml_str(&read_file(path)?, process_env)
@@ -218,8 +245,10 @@ pub struct Config {
     pub listen: String,
     /// This node's address as peers know it (`--self`); `None`: derived from `listen`.
     pub self_addr: Option<String>,
-    /// vLLM base URL, `http://host:port` (no TLS: vLLM is on the same host or pod).
-    pub vllm_url: String,
+    /// The node's vLLMs (its backends), base URLs `http://host:port` (no TLS: vLLM is on the
+    /// same host or pod), at least one: `vllm_url`, or `vllm_urls` for several. A backend's id
+    /// is its position here.
+    pub vllm_urls: Vec<String>,
     pub storage: StorageConfig,
     /// Tried in order for every cold adapter.
     pub origins: Vec<OriginConfig>,
@@ -495,7 +524,7 @@ impl Default for Config {
         Config {
             listen: ":8080".into(),
             self_addr: None,
-            vllm_url: "http://localhost:8000".into(),
+            vllm_urls: vec!["http://localhost:8000".into()],
             storage: StorageConfig {
                 dir: "/mnt/nvme/loraplex".into(),
                 max_size: 100 << 30,

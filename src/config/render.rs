@@ -45,7 +45,13 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
     let file = FileConfig {
         listen: s(cfg.listen.as_str()),
         self_addr: s(cfg.self_addr.clone().unwrap_or_default()),
-        vllm_url: s(cfg.vllm_url.as_str()),
+        // One backend as `vllm_url`, several as `vllm_urls`.
+        vllm_url: match cfg.vllm_urls.as_slice() {
+            [one] => s(one.as_str()),
+            _ => None,
+        },
+        vllm_urls: (cfg.vllm_urls.len() > 1)
+            .then(|| cfg.vllm_urls.iter().map(|u| s(u.as_str())).collect()),
         storage: Some(FileStorage {
             dir: s(cfg.storage.dir.to_string_lossy()),
             max_size: s(format_size(cfg.storage.max_size)),

@@ -36,7 +36,7 @@ fn no_file_is_the_default_config() {
 fn go_defaults_apply() {
     let c = cfg("storage:\n  dir: \"/tmp/loraplex\"\n");
     assert_eq!(c.listen, ":8080");
-    assert_eq!(c.vllm_url, "http://localhost:8000");
+    assert_eq!(c.vllm_url(), "http://localhost:8000");
     assert_eq!(c.storage.dir, PathBuf::from("/tmp/loraplex"));
     assert_eq!(c.storage.max_size, 100 << 30);
     assert_eq!(c.invalidation.ttl, Some(Duration::from_secs(3600)));
@@ -412,7 +412,7 @@ fn overrides_win_and_errors_name_the_flag() {
     let ov = Overrides {
         listen: Some(":7000".into()),
         self_addr: Some("10.0.0.9:7000".into()),
-        vllm_url: Some("http://127.0.0.1:8001".into()),
+        vllm_urls: vec!["http://127.0.0.1:8001".into()],
         dir: Some("/tmp/x".into()),
         discovery: Some("static".into()),
         peers: Some(vec!["10.0.0.9:7000".into(), "10.0.0.8:7000".into()]),
@@ -423,7 +423,7 @@ fn overrides_win_and_errors_name_the_flag() {
     let c = Config::resolve(Some(file), &ov, no_env).unwrap().config;
     assert_eq!(c.listen, ":7000");
     assert_eq!(c.self_addr.as_deref(), Some("10.0.0.9:7000"));
-    assert_eq!(c.vllm_url, "http://127.0.0.1:8001");
+    assert_eq!(c.vllm_url(), "http://127.0.0.1:8001");
     assert_eq!(c.storage.dir, PathBuf::from("/tmp/x"));
     assert_eq!(c.server.workers, 3);
     assert_eq!(c.vllm.model_name.as_deref(), Some("base/m"));
@@ -670,4 +670,70 @@ fn tls_keys() {
         l.warnings,
         ["server.tls.allow_plain has no effect without server.tls.cert and key"]
     );
+}
+
+#[test]
+fn vllm_urls_name_several_backends_and_vllm_url_one() {
+    let c = cfg("vllm_urls: [\"http://127.0.0.1:8001/\", \"http://127.0.0.1:8002\"]\n");
+    assert_eq!(
+        c.vllm_urls,
+        ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
+    );
+    assert_eq!(c.vllm_url(), "http://127.0.0.1:8001");
+    assert_eq!(cfg("vllm_url: http://v:1\n").vllm_urls, ["http://v:1"]);
+    // Printed back as they were given: several as vllm_urls, one as vllm_url.
+    let text = c.to_yaml(Redact::Nothing);
+    assert!(text.contains("vllm_urls:"), "{text}");
+    assert!(!text.contains("vllm_url:"), "{text}");
+    assert_eq!(
+        cfg(&text).vllm_urls,
+        c.vllm_urls,
+        "the printed config loads back"
+    );
+    let one = cfg("vllm_url: http://v:1\n").to_yaml(Redact::Nothing);
+    assert!(
+        one.contains("vllm_url: http://v:1") && !one.contains("vllm_urls"),
+        "{one}"
+    );
+}
+
+#[test]
+fn vllm_url_and_vllm_urls_together_are_refused() {
+    assert_eq!(
+        err("vllm_url: http://a:1\nvllm_urls: [\"http://b:1\"]\n"),
+        "vllm_urls: vllm_url and vllm_urls are both set: use vllm_url for one vLLM or \
+         vllm_urls for several, not both"
+    );
+    assert_eq!(
+        err("vllm_urls: []\n"),
+        "vllm_urls: empty list: name one vLLM at least"
+    );
+    assert_eq!(
+        err("vllm_urls: [\"http://a:1\", \"http://a:1/\"]\n"),
+        "vllm_urls[1]: http://a:1 is listed twice"
+    );
+    assert_eq!(
+        err("vllm_urls: [\"http://a:1\", \"https://b:1\"]\n"),
+        r#"vllm_urls[1]: URL "https://b:1" must start with http://"#
+    );
+}
+
+#[test]
+fn repeated_vllm_url_flags_replace_the_files_backends() {
+    let text = "vllm_url: http://a:1\n";
+    let several = Overrides {
+        vllm_urls: vec!["http://b:1".into(), "http://c:1".into()],
+        ..Overrides::default()
+    };
+    let c = Config::resolve(Some(text), &several, no_env)
+        .unwrap()
+        .config;
+    assert_eq!(c.vllm_urls, ["http://b:1", "http://c:1"]);
+    let one = Overrides {
+        vllm_urls: vec!["http://d:1".into()],
+        ..Overrides::default()
+    };
+    let text = "vllm_urls: [\"http://a:1\", \"http://b:1\"]\n";
+    let c = Config::resolve(Some(text), &one, no_env).unwrap().config;
+    assert_eq!(c.vllm_urls, ["http://d:1"]);
 }

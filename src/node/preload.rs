@@ -25,7 +25,7 @@ use crate::{
     origin::OriginChain,
     shutdown::Shutdown,
     store::Store,
-    vllm::Vllm,
+    vllm::Backends,
 };
 
 /// Time the start-up size check may take (manifests of the preload set).
@@ -108,7 +108,7 @@ async fn manifest_size(origins: &OriginChain, name: &AdapterName) -> Option<u64>
 pub fn start(
     names: Vec<AdapterName>,
     store: Arc<Store>,
-    vllm: Arc<Vllm>,
+    vllm: Arc<Backends>,
     control: &Control,
     done: Arc<AtomicBool>,
     shutdown: Shutdown,
@@ -144,14 +144,14 @@ pub fn start(
 }
 
 /// Load every stored preloaded adapter into vLLM.
-async fn load_all(names: &[AdapterName], store: &Store, vllm: &Vllm) {
+async fn load_all(names: &[AdapterName], store: &Store, vllm: &Backends) {
     for name in names {
         if !store.contains(name) {
             continue;
         }
         let path = store.dir().join(name.rel_path());
-        match vllm.load(name.as_str(), &path).await {
-            Ok(()) => store.set_preload_status(name, "loaded"),
+        match vllm.load_all(name.as_str(), &path).await {
+            Ok(_) => store.set_preload_status(name, "loaded"),
             Err(e) => {
                 tracing::warn!(adapter = %name, error = %e, "preload: loading into vLLM failed");
                 store.set_preload_status(name, format!("stored; load failed: {}", e.message));

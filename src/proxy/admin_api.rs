@@ -4,12 +4,15 @@
 //!   misses, fetches in flight, pinned.
 //! - `GET /admin/cache/fetches`: fetches in flight with bytes, total, rate, elapsed.
 //! - `POST /admin/cache/warmup {"adapters": [...], "load": bool}`: fetch now; per adapter `ok`
-//!   or the error; with `load`, also load each into vLLM (`"loaded": true`), so its first request
-//!   pays no load.
+//!   or the error; with `load`, also load each into every vLLM backend of the node
+//!   (`"loaded": true` when one at least took it, `"loaded_on"`: their URLs), so its first
+//!   request pays no load.
 //! - `POST /admin/cache/evict {"adapter": NAME}`: remove it here (vLLM is told to unload it)
 //!   and on every peer. The name is validated: nothing outside the storage dir is touched. A
 //!   preloaded adapter (`storage.preload`) is refused with 409.
-//! - `GET /admin/peers`: the peers with load and health, and each node's vLLM as last known.
+//! - `GET /admin/peers`: the peers with load and health, each node's first vLLM as routing
+//!   sees it (`vllm`), and all its backends as it last published them (`backends`: URL,
+//!   base-model names, health, load figures).
 //!
 //! Who may call them ([`authorize`]): with `admin.token` set, every admin request needs
 //! `Authorization: Bearer <token>`. Without one, the reads are open but the calls that change
@@ -26,7 +29,7 @@ use crate::{
     adapter::AdapterName,
     cluster::{
         peering::broadcast_evict,
-        protocol::{is_marked, is_trusted_peer, load},
+        protocol::{BackendReport, is_marked, is_trusted_peer, load},
         router::backend_json,
     },
     config::AdminConfig,
@@ -62,7 +65,14 @@ pub async fn serve(
                 && let Some(peers) = answer["peers"].as_array_mut()
             {
                 for (p, node) in peers.iter_mut().zip(&view.nodes) {
-                    p["vllm"] = backend_json(&node.backend);
+                    p["vllm"] = backend_json(&node.backends()[0]);
+                }
+            }
+            // Each node's backends, as it last published them (this node's: now).
+            if let Some(peers) = answer["peers"].as_array_mut() {
+                for (p, peer) in peers.iter_mut().zip(&topo.peers) {
+                    let backends = shared.cluster.reports_of(&peer.addr);
+                    p["backends"] = backends.iter().map(backend_report_json).collect();
                 }
             }
             answer
@@ -138,22 +148,43 @@ async fn load_warmed(w: &Proxy, answer: &mut Value) {
             r["loaded"] = json!(false);
             continue;
         };
-        let vllm = w.shared.vllm.clone();
+        let backends = w.shared.backends.clone();
         let path = w.shared.store.dir().join(name.rel_path());
         let loaded = w
             .shared
             .control
-            .run(async move { vllm.load(name.as_str(), &path).await })
+            .run(async move { backends.load_all(name.as_str(), &path).await })
             .await
             .and_then(|r| r);
         match loaded {
-            Ok(()) => r["loaded"] = json!(true),
+            Ok(on) => {
+                r["loaded"] = json!(true);
+                r["loaded_on"] = json!(on);
+            }
             Err(e) => {
                 r["loaded"] = json!(false);
                 r["status"] = json!(format!("error: {}", e.message));
             }
         }
     }
+}
+
+/// One backend of a node for `/admin/peers`: its URL, base-model names (`root` first), health
+/// and load figures.
+fn backend_report_json(b: &BackendReport) -> Value {
+    json!({
+        "url": b.url,
+        "models": b.models,
+        "known": b.known,
+        "healthy": b.healthy,
+        "running": b.running,
+        "waiting": b.waiting,
+        "kv_cache_usage": b.kv,
+        "lora_slots": b.max_lora,
+        "lora_busy": b.lora_busy,
+        "capacity_rps": b.capacity,
+        "gpu_adapters": b.gpu.len(),
+    })
 }
 
 #[derive(Deserialize)]

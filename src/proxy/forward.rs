@@ -46,9 +46,47 @@ pub async fn acknowledge(conn: &mut Conn, head: &RequestHead) -> Result<(), Erro
         .map_err(|e| Error::bad_request(format!("peer went away: {e}")))
 }
 
+/// Where a routed request ended up.
+pub(super) enum Routed {
+    /// A peer answered (or the client is gone).
+    Done(Served),
+    /// To be served here, by this local backend (`None`: none serves the request's pool).
+    Here(Option<u16>),
+}
+
+/// What the router needs to know of a request: its key's hash, its adapter, its pool
+/// (`pool_hash` of the base model it needs; 0: any).
+pub(super) fn route_request(
+    w: &Proxy,
+    key_hash: Option<u64>,
+    adapter: Option<&AdapterName>,
+    pool: u64,
+) -> RouteRequest {
+    let shared = &w.shared;
+    RouteRequest {
+        key: key_hash,
+        adapter: adapter.map(|a| xxh3_64(a.as_str().as_bytes())),
+        local_disk: adapter.is_some_and(|a| shared.store.contains(a)),
+        my_load: load(shared.pending.load(Ordering::Relaxed) - 1),
+        pool,
+    }
+}
+
+/// The local backend for a request served here without a routing decision (a peer forwarded
+/// it, or it is not routed), counted as sent there.
+pub(super) fn local_backend(w: &Proxy, req: &RouteRequest) -> Option<u16> {
+    let router = &w.shared.router;
+    let view = router.view();
+    let b = router.local_backend_sent(&view, req, &w.sent)?;
+    w.sent
+        .add_local(&view, router.topology().me, usize::from(b));
+    Some(b)
+}
+
 /// Route a request by its hash key (`None`: no key, a base-model request under `hash_on:
-/// model`) and, for an adapter request, the adapter. `Some(done)` when a peer answered (or the
-/// client is gone); `None` when the request is to be served here.
+/// model`), for an adapter request the adapter, and the pool of the base model it needs (0:
+/// any).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn route(
     w: &Proxy,
     conn: &mut Conn,
@@ -56,8 +94,9 @@ pub(super) async fn route(
     body: &Bytes,
     key: Option<&str>,
     adapter: Option<&AdapterName>,
+    pool: u64,
     span: &mut Span,
-) -> Result<Option<Served>, Error> {
+) -> Result<Routed, Error> {
     let shared = &w.shared;
     let router = &shared.router;
     let topo = router.topology();
@@ -65,16 +104,14 @@ pub(super) async fn route(
     if let Some(h) = key_hash {
         w.demand.count(h, key.unwrap_or_default());
     }
+    let req = route_request(w, key_hash, adapter, pool);
     let decision = {
         let view = router.view();
-        let req = RouteRequest {
-            key: key_hash,
-            adapter: adapter.map(|a| xxh3_64(a.as_str().as_bytes())),
-            local_disk: adapter.is_some_and(|a| shared.store.contains(a)),
-            my_load: load(shared.pending.load(Ordering::Relaxed) - 1),
-        };
         let d = router.decide(&topo, &view, &req, &w.sent);
         w.sent.add(&view, d.peers.iter().next().unwrap_or(topo.me));
+        if let (true, Some(b)) = (d.is_local(), d.backend) {
+            w.sent.add_local(&view, topo.me, usize::from(b));
+        }
         d
     };
     w.count_decision(decision.reason);
@@ -89,7 +126,7 @@ pub(super) async fn route(
             "local"
         };
         span.set("loraplex.route", route);
-        return Ok(None);
+        return Ok(Routed::Here(decision.backend));
     }
     let peers = decision.peers;
     let token = router.token.as_deref().unwrap_or_default();
@@ -124,7 +161,7 @@ pub(super) async fn route(
                 w.handles.count_forward(&peer.addr);
                 m.forward_duration
                     .observe((answered.head_at - started).as_secs_f64());
-                return Ok(Some(Served {
+                return Ok(Routed::Done(Served {
                     tier: Tier::Forwarded,
                     reply: Reply {
                         status: answered.status,
@@ -139,7 +176,7 @@ pub(super) async fn route(
             Err(e) if e.stage == Stage::Sent => return Err(e.error),
             Err(e) => {
                 tracing::debug!(peer = %peer.addr, error = %e.error, "forward cut short");
-                return Ok(Some(Served {
+                return Ok(Routed::Done(Served {
                     tier: Tier::Forwarded,
                     reply: Reply {
                         status: 499,
@@ -151,5 +188,5 @@ pub(super) async fn route(
     }
     tracing::warn!(key, "no chosen peer reachable: serving here");
     span.set("loraplex.route", "unreachable");
-    Ok(None)
+    Ok(Routed::Here(local_backend(w, &req)))
 }

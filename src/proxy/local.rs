@@ -2,8 +2,9 @@
 //!
 //! - `GET /healthz`: liveness, always 200, the Go project's JSON (`cluster::protocol::Healthz`):
 //!   `status` (`ok`|`degraded`), `load`, `pending`, `vllm_healthy`.
-//! - `GET /readyz`: readiness, 503 while vLLM is unhealthy or the `storage.preload` attempts
-//!   have not finished.
+//! - `GET /readyz`: readiness, 503 while no vLLM backend is healthy or the `storage.preload`
+//!   attempts have not finished. (`vllm_healthy` here and in `/healthz`: at least one backend
+//!   is healthy.)
 //! - `GET /metrics`: Prometheus text. (vLLM's own `/metrics` stays on vLLM's port.)
 //! - `/admin/*`: see `admin_api.rs`; Bearer `admin.token` required when set.
 //! - `GET /_loraplex/state`: this node's state for its peers (`peer_state.rs`).
@@ -77,13 +78,13 @@ pub(super) async fn serve(
         Endpoint::Healthz => {
             // This request counts itself; report the others.
             let pending = shared.pending.load(Ordering::Relaxed) - 1;
-            let healthy = shared.vllm.is_healthy();
+            let healthy = shared.backends.is_healthy();
             let body = Healthz::new(pending, healthy);
             response::json(&mut out, 200, &body, keep_alive);
             200
         }
         Endpoint::Readyz => {
-            let healthy = shared.vllm.is_healthy();
+            let healthy = shared.backends.is_healthy();
             let preloaded = shared.preload_done.load(Ordering::Relaxed);
             let ready = healthy && preloaded;
             let status = if ready { 200 } else { 503 };

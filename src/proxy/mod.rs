@@ -4,9 +4,10 @@
 //! 2. the body, read whole (bounded by `server.max_body_size`);
 //! 3. the `model`: the top-level one of a JSON body, or the field of a multipart form;
 //! 4. base model or adapter (adapter names validated before anything touches the disk);
-//! 5. routing: forward to the node owning the request's hash key, or keep it here;
+//! 5. routing: forward to the node owning the request's hash key, or keep it here, on one of
+//!    its vLLM backends (`cluster::router`: only backends serving the requested base model);
 //! 6. the adapter on local disk (fetched on a miss), pinned while the request runs;
-//! 7. upstream: vLLM, streaming the answer back;
+//! 7. upstream: the chosen vLLM backend, streaming the answer back;
 //! 8. metrics.
 //!
 //! - `upstream.rs`: pooled connections and streaming an answer back.
@@ -36,7 +37,10 @@ use bytes::Bytes;
 
 use crate::{
     adapter::AdapterName,
-    cluster::{hashkey::hash_key, protocol},
+    cluster::{
+        hashkey::{hash_key, pool_hash},
+        protocol,
+    },
     config::units::format_duration,
     error::{Error, ErrorKind},
     http::{
@@ -158,19 +162,27 @@ async fn pipeline(
         None => None,
     };
 
-    // 4. Base model (any name vLLM serves it by) or adapter.
+    // 4. Base model (any name a backend serves its base model by) or adapter.
     let base = match model.as_deref() {
         None | Some("") => None,
-        Some(_) => Some(base_model(w).await?),
+        Some(name) => Some(base_backend(w, name).await?),
     };
+    // A name no backend here serves but one of another node does is that node's base model.
+    let elsewhere = |name: &str| shared.router.view().serves(pool_hash(name));
     let adapter = match (model.as_deref(), &base) {
-        (Some(name), Some(base)) if !base.is_base(name) => {
+        (Some(name), Some(None)) if !elsewhere(name) => {
             let adapter = w.handles.adapter_name(name)?;
             span.set_str("loraplex.adapter", adapter.as_str());
             Some(adapter)
         }
         _ => None,
     };
+    // A base-model request needs a backend serving that name; an adapter, any (for now).
+    let pool = match (model.as_deref(), &adapter) {
+        (Some(name), None) if !name.is_empty() => pool_hash(name),
+        _ => 0,
+    };
+    let mut backend = None;
     let mut tier = if adapter.is_some() {
         Tier::Local
     } else {
@@ -184,6 +196,8 @@ async fn pipeline(
     }
     if protocol::is_trusted_forward(&shared.router, head, conn.peer.ip()) {
         span.set("loraplex.route", "from_peer");
+        let req = forward::route_request(w, None, adapter.as_ref(), pool);
+        backend = forward::local_backend(w, &req);
     } else {
         // A base-model request names the base model by the name it uses.
         let base_name = model.as_deref().filter(|_| adapter.is_none());
@@ -197,12 +211,23 @@ async fn pipeline(
         let base_request = adapter.is_none() && model.as_deref().is_some_and(|m| !m.is_empty());
         if !(key.is_some() || base_request) {
             span.set("loraplex.route", "local");
+            let req = forward::route_request(w, None, adapter.as_ref(), pool);
+            backend = forward::local_backend(w, &req);
         }
         if key.is_some() || base_request {
-            let routed =
-                forward::route(w, conn, head, &body, key.as_deref(), adapter.as_ref(), span);
-            if let Some(done) = routed.await? {
-                return Ok(done);
+            let routed = forward::route(
+                w,
+                conn,
+                head,
+                &body,
+                key.as_deref(),
+                adapter.as_ref(),
+                pool,
+                span,
+            );
+            match routed.await? {
+                forward::Routed::Done(done) => return Ok(done),
+                forward::Routed::Here(b) => backend = b,
             }
             if key.is_some() && adapter.is_none() {
                 tier = Tier::Routed;
@@ -225,7 +250,7 @@ async fn pipeline(
                 Some(ensured.pin)
             }
             Err(err) if shared.config.routing.fallback_to_base_model => {
-                let base = base_model(w).await?;
+                let base = base_model(w, backend).await?;
                 tracing::warn!(adapter = %name, error = %err, "adapter unavailable: base model");
                 body = match &form {
                     Some(boundary) => multipart::rewrite_model(&body, boundary, base.name())?,
@@ -240,13 +265,17 @@ async fn pipeline(
         },
     };
 
-    // 7. Upstream.
-    if let (Some(name), Some(_)) = (&adapter, &_pin) {
-        w.recent
-            .note(xxhash_rust::xxh3::xxh3_64(name.as_str().as_bytes()));
+    // 7. Upstream: the chosen backend; without one (none known to serve the request's base
+    // model), the first backend serving its name, else the first (vLLM answers for itself).
+    let backend = backend.map(usize::from).unwrap_or_else(|| match &base {
+        Some(Some(id)) => *id,
+        _ => 0,
+    });
+    if let (Some(name), Some(_), Some(recent)) = (&adapter, &_pin, w.recent.get(backend)) {
+        recent.note(xxhash_rust::xxh3::xxh3_64(name.as_str().as_bytes()));
     }
     span.set_str("loraplex.route.target", shared.router.me.canonical());
-    let reply = to_vllm(w, conn, head, body, extra, span).await?;
+    let reply = to_vllm(w, conn, head, body, extra, span, backend).await?;
     Ok(Served { tier, reply })
 }
 
@@ -273,19 +302,37 @@ async fn ensure_in_time(w: &Proxy, name: &AdapterName, span: &mut Span) -> Resul
     }
 }
 
-/// The base model, learnt from vLLM on first need when not configured.
-async fn base_model(w: &Proxy) -> Result<Arc<BaseModel>, Error> {
-    if let Some(base) = w.shared.vllm.base_model() {
+/// Which backend serves `model` as its base model (`None`: no backend does, so `model` is an
+/// adapter), the backends' base models learnt on first need when not configured.
+async fn base_backend(w: &Proxy, model: &str) -> Result<Option<usize>, Error> {
+    let backends = &w.shared.backends;
+    if !backends.all_known() {
+        let backends = backends.clone();
+        w.shared
+            .control
+            .run(async move { backends.learn_base_models().await })
+            .await??;
+    }
+    Ok(backends.base_for(model).map(|(id, _)| id))
+}
+
+/// The base model of backend `backend` (the first when `None`), learnt on first need.
+async fn base_model(w: &Proxy, backend: Option<u16>) -> Result<Arc<BaseModel>, Error> {
+    let vllm = w
+        .shared
+        .backends
+        .get(backend.map_or(0, usize::from))
+        .clone();
+    if let Some(base) = vllm.base_model() {
         return Ok(base);
     }
-    let vllm = w.shared.vllm.clone();
     w.shared
         .control
         .run(async move { vllm.learn_base_model().await })
         .await?
 }
 
-/// Send the request to the local vLLM and stream the answer.
+/// Send the request to local backend `backend` and stream the answer.
 async fn to_vllm(
     w: &Proxy,
     conn: &mut Conn,
@@ -293,8 +340,9 @@ async fn to_vllm(
     body: Bytes,
     extra: &[(&str, &[u8])],
     span: &Span,
+    backend: usize,
 ) -> Result<Reply, Error> {
-    let vllm = &w.shared.vllm;
+    let vllm = w.shared.backends.get(backend);
     let (mut up, tp) = trace::outgoing(span, "vllm", || {
         vllm.addrs
             .first()

@@ -26,14 +26,15 @@ use crate::{
     store::Store,
     telemetry::Tracer,
     tls::Tls,
-    vllm::Vllm,
+    vllm::Backends,
 };
 
 /// What every worker shares.
 pub struct Shared {
     pub config: Config,
     pub metrics: Arc<Metrics>,
-    pub vllm: Arc<Vllm>,
+    /// The node's vLLMs, by backend id.
+    pub backends: Arc<Backends>,
     pub control: Control,
     pub shutdown: Shutdown,
     /// Requests in flight on this node (the Go project's `pending`).
@@ -67,8 +68,8 @@ pub struct Proxy {
     pub demand: Arc<DemandTable>,
     /// What this worker sent to each node since its last sample.
     pub sent: Sent,
-    /// Adapters this worker sent to the local vLLM.
-    pub recent: Arc<Recent>,
+    /// Adapters this worker sent to each local vLLM, by backend id.
+    pub recent: Vec<Arc<Recent>>,
     /// `loraplex_route_decisions_total` by reason (`Reason::ALL` order), resolved once.
     decisions: Vec<Counter>,
 }

@@ -1,5 +1,7 @@
-//! The scrape of the local vLLM's `/metrics` every `vllm.metrics_interval`: each sample goes to
-//! the cluster state (what routing reads) and to the `loraplex_vllm_*` gauges.
+//! The scrape of each local vLLM's `/metrics` every `vllm.metrics_interval`: each sample goes
+//! to the cluster state (what routing reads, one sample per backend), to its backend's
+//! `loraplex_vllm_backend_*` gauges and to the node-wide `loraplex_vllm_*` gauges (the sums
+//! over the backends; KV-cache use: the highest).
 //!
 //! Learnt on the way: the capacity (requests per second vLLM completes while requests wait,
 //! an exponential moving average of `vllm:request_success_total`'s rate over intervals that
@@ -92,8 +94,9 @@ impl Vllm {
     }
 
     /// Scrape now and every `vllm.metrics_interval` until shutdown.
-    pub fn spawn_metrics_scrape(
+    pub(super) fn spawn_metrics_scrape(
         self: &Arc<Self>,
+        all: Arc<[Arc<Vllm>]>,
         cluster: Arc<ClusterState>,
         control: &Control,
         shutdown: Shutdown,
@@ -111,7 +114,8 @@ impl Vllm {
                 }
                 let read = this.read_metrics().await;
                 let sample = this.sample(&mut learner, read, &mut warned);
-                this.publish_gauges(&sample);
+                *this.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(sample.clone());
+                this.publish_gauges(&sample, &all);
                 cluster.set_local(sample);
             }
         });
@@ -150,6 +154,8 @@ impl Vllm {
                     *warned = true;
                 }
                 return LocalSample {
+                    backend: self.id,
+                    models: self.model_names(),
                     healthy,
                     max_lora: self.fallback_max_loras,
                     ..LocalSample::default()
@@ -164,6 +170,8 @@ impl Vllm {
             n.min(u32::from(u16::MAX)) as u16
         });
         LocalSample {
+            backend: self.id,
+            models: self.model_names(),
             healthy,
             known: true,
             running: m.running as f32,
@@ -177,13 +185,35 @@ impl Vllm {
         }
     }
 
-    fn publish_gauges(&self, s: &LocalSample) {
+    fn publish_gauges(&self, s: &LocalSample, all: &[Arc<Vllm>]) {
         let m = &self.metrics;
-        m.vllm_requests_running.set(f64::from(s.running));
-        m.vllm_requests_waiting.set(f64::from(s.waiting));
-        m.vllm_kv_cache_usage.set(f64::from(s.kv));
-        m.vllm_lora_slots.set(i64::from(s.max_lora));
-        m.vllm_capacity.set(f64::from(s.capacity));
+        let label = self.label();
+        m.backend_requests_running
+            .get_or_create(&label)
+            .set(f64::from(s.running));
+        m.backend_requests_waiting
+            .get_or_create(&label)
+            .set(f64::from(s.waiting));
+        m.backend_kv_cache_usage
+            .get_or_create(&label)
+            .set(f64::from(s.kv));
+        let (mut running, mut waiting, mut kv, mut slots, mut capacity) =
+            (0.0, 0.0, 0.0f32, 0, 0.0);
+        for b in all {
+            let last = b.last.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = last.as_ref() {
+                running += f64::from(s.running);
+                waiting += f64::from(s.waiting);
+                kv = kv.max(s.kv);
+                slots += i64::from(s.max_lora);
+                capacity += f64::from(s.capacity);
+            }
+        }
+        m.vllm_requests_running.set(running);
+        m.vllm_requests_waiting.set(waiting);
+        m.vllm_kv_cache_usage.set(f64::from(kv));
+        m.vllm_lora_slots.set(slots);
+        m.vllm_capacity.set(capacity);
     }
 }
 

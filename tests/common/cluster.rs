@@ -1,5 +1,6 @@
 //! Clusters of real nodes on a loopback subnet of their own (`127.x.y.1..n`, one port), each in
-//! front of its own stand-in vLLM reading the node's store, for the routing tests.
+//! front of its own stand-in vLLM reading the node's store, for the routing tests; or of
+//! several stand-in vLLMs ([`Spec::backends`], `vllm_urls`), all reading the node's one store.
 
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,11 @@ pub const BASE: &str = "tiny-base";
 /// A cluster under test; a failing test prints every node's log.
 pub struct Cluster {
     pub nodes: Vec<Option<Node>>,
+    /// Node `i`'s (first) stand-in vLLM; [`Cluster::backend`] for the others.
     pub vllms: Vec<VllmStandIn>,
     pub peers: Vec<String>,
+    /// Node `i`'s stand-ins after its first, with [`Spec::backends`].
+    more: Vec<Vec<VllmStandIn>>,
 }
 
 /// A loopback subnet nobody else uses in this process (nodes listen with `SO_REUSEPORT`: two
@@ -45,6 +49,11 @@ pub struct Spec<'a> {
     pub origin: Option<&'a OriginStandIn>,
     /// Nodes whose vLLM exports no metrics (their state stays unknown).
     pub unknown: Vec<usize>,
+    /// Node `i`'s stand-in vLLMs when it fronts several (replaces `vllm`; each one's
+    /// `lora_dir` is the node's store). The node lists them in `vllm_urls` in this order
+    /// (backend ids 0, 1, ...) and learns each one's base model from its `/v1/models` (no
+    /// `vllm.model_name`); [`Cluster::backend`]`(i, j)` is backend `j` of node `i`.
+    pub backends: Option<&'a dyn Fn(usize) -> Vec<VllmConfig>>,
 }
 
 impl Spec<'_> {
@@ -55,6 +64,7 @@ impl Spec<'_> {
             extra: String::new(),
             origin: None,
             unknown: Vec::new(),
+            backends: None,
         }
     }
 }
@@ -69,15 +79,22 @@ impl Cluster {
         let dirs: Vec<tempfile::TempDir> = (0..spec.nodes)
             .map(|_| tempfile::tempdir().unwrap())
             .collect();
-        let vllms: Vec<VllmStandIn> = dirs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let store = d.path().join("store");
-                std::fs::create_dir_all(&store).unwrap();
-                VllmStandIn::start((spec.vllm)(i).lora_dir(store)).unwrap()
-            })
-            .collect();
+        let mut vllms: Vec<VllmStandIn> = Vec::new();
+        let mut more: Vec<Vec<VllmStandIn>> = Vec::new();
+        for (i, d) in dirs.iter().enumerate() {
+            let store = d.path().join("store");
+            std::fs::create_dir_all(&store).unwrap();
+            let configs = match spec.backends {
+                Some(f) => f(i),
+                None => vec![(spec.vllm)(i)],
+            };
+            assert!(!configs.is_empty(), "node {i} needs one vLLM at least");
+            let mut started = configs
+                .into_iter()
+                .map(|c| VllmStandIn::start(c.lora_dir(&store)).unwrap());
+            vllms.push(started.next().unwrap());
+            more.push(started.collect());
+        }
         let origins = spec.origin.map_or(String::new(), |o| {
             format!(
                 "origins:\n  - type: http\n    base_url: \"{}\"\n",
@@ -93,12 +110,24 @@ impl Cluster {
             .into_iter()
             .enumerate()
             .map(|(i, dir)| {
+                let backends = match spec.backends {
+                    Some(_) => {
+                        let urls: Vec<String> = std::iter::once(&vllms[i])
+                            .chain(&more[i])
+                            .map(|v| format!("\"{}\"", v.url()))
+                            .collect();
+                        format!("vllm_urls: [{}]\nvllm:\n", urls.join(", "))
+                    }
+                    None => format!(
+                        "vllm_url: \"{}\"\nvllm:\n  model_name: \"{BASE}\"\n",
+                        vllms[i].url()
+                    ),
+                };
                 let yaml = format!(
-                    "listen: \"{peer}\"\nvllm_url: \"{url}\"\nvllm:\n  model_name: \"{BASE}\"\n  \
+                    "listen: \"{peer}\"\n{backends}  \
                      health_check_interval: 200ms\n  metrics_interval: 200ms\ndiscovery:\n  \
                      mode: static\n  static:\n    peers: [{list}]\n{origins}{extra}",
                     peer = peers[i],
-                    url = vllms[i].url(),
                     extra = spec.extra,
                 );
                 let node =
@@ -111,6 +140,7 @@ impl Cluster {
             nodes,
             vllms,
             peers,
+            more,
         };
         c.wait_until_all_see_each_other(&spec.unknown).await;
         c
@@ -124,8 +154,18 @@ impl Cluster {
         for n in self.nodes.iter().flatten() {
             loop {
                 let peers = self.admin_peers(n).await;
+                // Every backend's state known, base models included.
+                let backends_known = |p: &serde_json::Value| {
+                    p["backends"].as_array().is_some_and(|bs| {
+                        !bs.is_empty()
+                            && bs.iter().all(|b| {
+                                b["known"] == true
+                                    && b["models"].as_array().is_some_and(|m| !m.is_empty())
+                            })
+                    })
+                };
                 let all_ok = peers["peers"].as_array().unwrap().iter().all(|p| {
-                    (p["vllm"]["known"] == true
+                    ((p["vllm"]["known"] == true && backends_known(p))
                         || unknown.contains(&p["addr"].as_str().unwrap_or_default()))
                         && (p["self"] == true
                             || (p["healthy"] == true
@@ -149,6 +189,19 @@ impl Cluster {
         raw.send(b"GET /admin/peers HTTP/1.1\r\nHost: t\r\n\r\n")
             .await;
         raw.response(false).await.json()
+    }
+
+    /// Backend `j` of node `i` (its position in the node's `vllm_urls`).
+    pub fn backend(&self, i: usize, j: usize) -> &VllmStandIn {
+        match j {
+            0 => &self.vllms[i],
+            j => &self.more[i][j - 1],
+        }
+    }
+
+    /// Every stand-in vLLM of node `i`, by backend id.
+    pub fn backends_of(&self, i: usize) -> impl Iterator<Item = &VllmStandIn> {
+        std::iter::once(&self.vllms[i]).chain(&self.more[i])
     }
 
     pub fn node(&self, i: usize) -> &Node {

@@ -3,7 +3,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::*;
-use crate::cluster::view::{NodeState, ReplicaTable};
+use crate::cluster::{
+    hashkey::pool_hash,
+    view::{NodeState, ReplicaTable},
+};
 
 fn router(n: usize, policy: RoutingPolicy) -> (Router, Arc<Topology>) {
     let ips = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))];
@@ -40,7 +43,7 @@ fn req(key: u64) -> RouteRequest {
 /// A view where every node's vLLM is known, idle, with a batch of 8 at 16 requests/s.
 fn view(t: &Topology) -> View {
     let idle = NodeState {
-        backend: BackendState {
+        backends: vec![BackendState {
             known: true,
             healthy: true,
             batch: 8.0,
@@ -48,7 +51,7 @@ fn view(t: &Topology) -> View {
             max_lora: 4,
             seq: 1,
             ..BackendState::default()
-        },
+        }],
         disk: None,
     };
     View {
@@ -75,8 +78,8 @@ fn a_rare_key_goes_to_its_owner_whatever_the_load_elsewhere() {
     let o = other(&t);
     let key = key_owned_by(&t, o);
     let mut v = view(&t);
-    v.nodes[o].backend.waiting = 3.0;
-    v.nodes[o].backend.running = 8.0;
+    v.nodes[o].backends[0].waiting = 3.0;
+    v.nodes[o].backends[0].running = 8.0;
     let d = r.decide(&t, &v, &req(key), &Sent::default());
     assert_eq!((target(&d), d.reason), (Some(o), Reason::Owner));
     let mine = key_owned_by(&t, t.me);
@@ -93,8 +96,8 @@ fn an_owner_past_the_threshold_or_down_sheds_in_key_order() {
     let next = usize::from(order[1]);
     let mut v = view(&t);
     // A queue as long as the batch: load 1.0, past 0.8.
-    v.nodes[o].backend.running = 8.0;
-    v.nodes[o].backend.waiting = 8.0;
+    v.nodes[o].backends[0].running = 8.0;
+    v.nodes[o].backends[0].waiting = 8.0;
     let d = r.decide(&t, &v, &req(key), &Sent::default());
     assert_eq!(d.reason, Reason::Fallback);
     assert_eq!(target(&d), (next != t.me).then_some(next));
@@ -169,14 +172,14 @@ fn a_hot_key_goes_to_the_replica_holding_it_or_the_least_busy() {
         assert_eq!((target(&d), d.reason), (Some(o), Reason::Owner));
     }
     // The second replica has it in a GPU slot: it wins on residency.
-    v.nodes[second].backend.gpu = Arc::from([key]);
+    v.nodes[second].backends[0].gpu = Arc::from([key]);
     let d = r.decide(&t, &v, &req(key), &Sent::default());
     assert_eq!(d.reason, Reason::Residency);
     assert_eq!(target(&d), (second != t.me).then_some(second));
     // Both hold it, the owner has a queue: the second wins on load.
-    v.nodes[o].backend.gpu = Arc::from([key]);
-    v.nodes[o].backend.running = 8.0;
-    v.nodes[o].backend.waiting = 6.0;
+    v.nodes[o].backends[0].gpu = Arc::from([key]);
+    v.nodes[o].backends[0].running = 8.0;
+    v.nodes[o].backends[0].waiting = 6.0;
     let d = r.decide(&t, &v, &req(key), &Sent::default());
     assert_eq!(d.reason, Reason::Load);
     assert_eq!(target(&d), (second != t.me).then_some(second));
@@ -202,7 +205,7 @@ fn what_this_worker_sent_counts_until_the_next_sample() {
     assert!(!d.is_local());
     // A new sample of this node resets the count.
     let mut v2 = v.clone();
-    v2.nodes[t.me].backend.seq = 2;
+    v2.nodes[t.me].backends[0].seq = 2;
     assert!(r.decide(&t, &v2, &base, &sent).is_local());
 }
 
@@ -214,7 +217,7 @@ fn unknown_metrics_route_by_hash() {
     let mut v = view(&t);
     v.replicas = ReplicaTable::build([(key, 3)]);
     for n in &mut v.nodes {
-        n.backend = BackendState::default();
+        n.backends[0] = BackendState::default();
     }
     let d = r.decide(&t, &v, &req(key), &Sent::default());
     assert_eq!((target(&d), d.reason), (Some(o), Reason::Owner));
@@ -226,10 +229,10 @@ fn unknown_metrics_route_by_hash() {
     let mut v = view(&t);
     v.replicas = ReplicaTable::build([(key, 3)]);
     for n in &mut v.nodes {
-        n.backend.running = 8.0;
-        n.backend.waiting = 4.0;
+        n.backends[0].running = 8.0;
+        n.backends[0].waiting = 4.0;
     }
-    v.nodes[o].backend = BackendState::default();
+    v.nodes[o].backends[0] = BackendState::default();
     let d = r.decide(&t, &v, &req(key), &Sent::default());
     assert_eq!(
         target(&d),
@@ -245,7 +248,7 @@ fn hash_policy_is_round_one() {
     let key = key_owned_by(&t, o);
     let mut v = view(&t);
     v.replicas = ReplicaTable::build([(key, 3)]);
-    v.nodes[o].backend.waiting = 100.0;
+    v.nodes[o].backends[0].waiting = 100.0;
     let d = r.decide(&t, &v, &req(key), &Sent::default());
     assert_eq!((target(&d), d.reason), (Some(o), Reason::Owner));
     t.peers[o].health.observe(true, 0.95);
@@ -263,13 +266,13 @@ fn least_load_ignores_residency() {
     let o = other(&t);
     let key = key_owned_by(&t, t.me);
     let mut v = view(&t);
-    v.nodes[t.me].backend.gpu = Arc::from([key]);
-    v.nodes[t.me].backend.running = 8.0;
-    v.nodes[t.me].backend.waiting = 2.0;
+    v.nodes[t.me].backends[0].gpu = Arc::from([key]);
+    v.nodes[t.me].backends[0].running = 8.0;
+    v.nodes[t.me].backends[0].waiting = 2.0;
     for i in 0..3 {
         if i != t.me && i != o {
-            v.nodes[i].backend.running = 8.0;
-            v.nodes[i].backend.waiting = 9.0;
+            v.nodes[i].backends[0].running = 8.0;
+            v.nodes[i].backends[0].waiting = 9.0;
         }
     }
     let d = r.decide(&t, &v, &req(key), &Sent::default());
@@ -298,8 +301,8 @@ fn a_base_model_request_samples_a_few_nodes_and_avoids_a_long_queue() {
     let long = other(&t);
     let mut v = view(&t);
     for i in [t.me, long] {
-        v.nodes[i].backend.running = 8.0;
-        v.nodes[i].backend.waiting = 40.0;
+        v.nodes[i].backends[0].running = 8.0;
+        v.nodes[i].backends[0].waiting = 40.0;
     }
     let sent = Sent::default();
     let mut chosen = vec![0u32; 16];
@@ -326,5 +329,115 @@ fn a_base_model_request_samples_a_few_nodes_and_avoids_a_long_queue() {
     for _ in 0..200 {
         let d = r.decide(&t, &v, &RouteRequest::default(), &sent);
         assert_eq!(target(&d), Some(idle));
+    }
+}
+
+/// `v` with node `i`'s one backend replaced by backends serving `models` (pool names), each
+/// idle and known.
+fn with_backends(v: &mut View, i: usize, models: &[&str]) {
+    let template = v.nodes[i].backends[0].clone();
+    v.nodes[i].backends = models
+        .iter()
+        .map(|m| BackendState {
+            models: Arc::from([pool_hash(m)]),
+            ..template.clone()
+        })
+        .collect();
+}
+
+#[test]
+fn only_backends_serving_the_pool_are_candidates() {
+    let (r, t) = router(3, RoutingPolicy::LeastLoad);
+    let mut v = view(&t);
+    with_backends(&mut v, t.me, &["m1", "m1"]);
+    let o = other(&t);
+    with_backends(&mut v, o, &["m1", "m2"]);
+    let third = (0..3).find(|&i| i != t.me && i != o).unwrap();
+    with_backends(&mut v, third, &["m1"]);
+    let sent = Sent::default();
+    // M2: only the other node's second backend serves it; this node has none.
+    let m2 = RouteRequest {
+        pool: pool_hash("m2"),
+        ..RouteRequest::default()
+    };
+    for _ in 0..20 {
+        let d = r.decide(&t, &v, &m2, &sent);
+        assert_eq!(target(&d), Some(o));
+        assert_eq!(d.backend, None, "no backend here serves m2");
+    }
+    assert_eq!(r.local_backend(&v, &m2), None);
+    // M1: this node's own backends (no hop), taking turns.
+    let m1 = RouteRequest {
+        pool: pool_hash("m1"),
+        ..RouteRequest::default()
+    };
+    let mut used = [0; 2];
+    for _ in 0..20 {
+        let d = r.decide(&t, &v, &m1, &sent);
+        assert!(d.is_local());
+        let b = d.backend.expect("m1 is served here");
+        sent.add_local(&v, t.me, usize::from(b));
+        used[usize::from(b)] += 1;
+    }
+    assert_eq!(used, [10, 10], "equal backends take turns");
+    // A busy backend is passed over.
+    v.nodes[t.me].backends[0].running = 8.0;
+    v.nodes[t.me].backends[0].waiting = 6.0;
+    assert_eq!(r.local_backend(&v, &m1), Some(1));
+    // Down: not a candidate; every backend of the pool down: the node is not usable.
+    v.nodes[o].backends[1].healthy = false;
+    let d = r.decide(&t, &v, &m2, &sent);
+    assert!(d.is_local() && d.backend.is_none(), "{d:?}");
+    // Pool 0 (unknown): every backend is a candidate, as before pools.
+    assert!(r.local_backend(&v, &RouteRequest::default()).is_some());
+}
+
+#[test]
+fn an_adapter_in_a_backends_gpu_slot_picks_that_backend() {
+    let (r, t) = router(1, RoutingPolicy::Auto);
+    let mut v = view(&t);
+    with_backends(&mut v, t.me, &["m1", "m1", "m1"]);
+    let key = xxh3_64(b"acme/x");
+    v.nodes[t.me].backends[2].gpu = Arc::from([key]);
+    let d = r.decide(&t, &v, &req(key), &Sent::default());
+    assert!(d.is_local());
+    assert_eq!(d.backend, Some(2));
+    // A peer's node is scored by its best backend: a slot on its second backend counts.
+    let (r, t) = router(3, RoutingPolicy::Auto);
+    let o = other(&t);
+    let key = key_owned_by(&t, o);
+    let mut v = view(&t);
+    v.replicas = ReplicaTable::build([(key, 3)]);
+    for i in 0..3 {
+        with_backends(&mut v, i, &["m1", "m1"]);
+    }
+    let second = (0..3).find(|&i| i != t.me && i != o).unwrap();
+    v.nodes[second].backends[1].gpu = Arc::from([key]);
+    v.nodes[o].backends[0].running = 8.0;
+    v.nodes[o].backends[0].waiting = 6.0;
+    v.nodes[o].backends[1].running = 8.0;
+    v.nodes[o].backends[1].waiting = 6.0;
+    let d = r.decide(&t, &v, &req(key), &Sent::default());
+    assert_eq!(target(&d), Some(second), "{d:?}");
+    assert_eq!(d.reason, Reason::Residency);
+}
+
+#[test]
+fn a_base_model_only_a_peer_serves_goes_there_under_auto() {
+    let (r, t) = router(3, RoutingPolicy::Auto);
+    let mut v = view(&t);
+    for i in 0..3 {
+        with_backends(&mut v, i, &["m1"]);
+    }
+    let o = other(&t);
+    with_backends(&mut v, o, &["m1", "m2"]);
+    assert!(v.serves(pool_hash("m2")) && !v.serves(pool_hash("m3")));
+    let m2 = RouteRequest {
+        pool: pool_hash("m2"),
+        ..RouteRequest::default()
+    };
+    for _ in 0..10 {
+        let d = r.decide(&t, &v, &m2, &Sent::default());
+        assert_eq!(target(&d), Some(o), "{d:?}");
     }
 }

@@ -23,6 +23,7 @@ fn state(n: usize) -> (Arc<Router>, Arc<ClusterState>) {
         r.clone(),
         Arc::new(Metrics::new()),
         Duration::from_millis(100),
+        1,
     );
     (r, s)
 }
@@ -149,17 +150,17 @@ fn stale_peer_state_ages_out() {
         .clone();
     let idx = r.topology().placement.index_of(&peer).unwrap();
     s.set_peer(&peer, peer_state(10.0, &[]));
-    assert!(r.view().nodes[idx].backend.known);
+    assert!(r.view().nodes[idx].backends[0].known);
     // A sample already old when it arrived is stale at once.
     let mut old = peer_state(10.0, &[]);
     old.backends[0].age_ms = 60_000;
     s.set_peer(&peer, old);
-    assert!(!r.view().nodes[idx].backend.known);
+    assert!(!r.view().nodes[idx].backends[0].known);
     // And a fresh one ages out by itself after a few intervals.
     s.set_peer(&peer, peer_state(10.0, &[]));
     std::thread::sleep(s.stale_after() + Duration::from_millis(50));
     s.tick();
-    assert!(!r.view().nodes[idx].backend.known);
+    assert!(!r.view().nodes[idx].backends[0].known);
 }
 
 #[test]
@@ -191,14 +192,14 @@ fn the_disk_filter_travels_in_deltas_and_resets_with_a_new_instance() {
 #[test]
 fn the_local_gpu_set_is_what_vllm_runs_then_what_was_sent() {
     let (r, s) = state(1);
-    let ring = s.recent();
+    let ring = s.recent().remove(0);
     for name in ["a", "b", "c", "d", "e", "f"] {
         ring.note(xxh3_64(name.as_bytes()));
     }
     let mut smp = sample(10.0);
     smp.running_adapters = vec![xxh3_64(b"z")];
     s.set_local(smp);
-    let b = &r.view().nodes[0].backend;
+    let b = &r.view().nodes[0].backends[0];
     // 4 slots: z (running), then f, e, d (sent last).
     for name in ["z", "f", "e", "d"] {
         assert!(b.gpu_has(xxh3_64(name.as_bytes())), "{name}");
@@ -206,4 +207,77 @@ fn the_local_gpu_set_is_what_vllm_runs_then_what_was_sent() {
     assert!(!b.gpu_has(xxh3_64(b"c")));
     let published = s.publish(0, 0);
     assert_eq!(published.backends[0].gpu.len(), 4);
+}
+
+#[test]
+fn each_local_backend_is_sampled_published_and_viewed_with_its_models() {
+    let ips = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))];
+    let me = Identity::with_local_ips("10.0.0.1:9090".parse().unwrap(), None, ips).unwrap();
+    let r = Arc::new(Router::new(
+        &Config::default(),
+        me,
+        Arc::new(Metrics::new()),
+    ));
+    let s = ClusterState::new(
+        r.clone(),
+        Arc::new(Metrics::new()),
+        Duration::from_secs(1),
+        2,
+    );
+    assert_eq!(s.backends(), 2);
+    let rings = s.recent();
+    assert_eq!(rings.len(), 2, "one ring per backend");
+    rings[1].note(xxh3_64(b"acme/x"));
+    let m2: Arc<[String]> = Arc::from(["/m/m2".to_owned(), "m2".to_owned()]);
+    s.set_local(LocalSample {
+        backend: 1,
+        models: m2.clone(),
+        waiting: 3.0,
+        ..sample(10.0)
+    });
+    // Backend 0 not sampled yet: published as a default report, in its place.
+    let published = s.publish(0, 0);
+    assert_eq!(published.backends.len(), 2);
+    assert_eq!(published.backends[0], BackendReport::default());
+    assert_eq!(published.backends[1].models, m2.to_vec());
+    assert_eq!(published.backends[1].waiting, 3.0);
+    assert_eq!(published.backends[1].gpu, vec![xxh3_64(b"acme/x")]);
+    let view = r.view();
+    let node = &view.nodes[0];
+    assert_eq!(node.backends.len(), 2);
+    assert!(node.backends[1].serves(pool_hash("m2")));
+    assert!(node.backends[1].serves(pool_hash("/m/m2")));
+    assert!(!node.backends[1].serves(pool_hash("m1")));
+    assert!(node.backends[1].serves(0), "pool 0 is any");
+    assert!(!node.backends[0].serves(pool_hash("m2")), "not learnt yet");
+    // A sample for a backend this node does not have is ignored.
+    s.set_local(LocalSample {
+        backend: 5,
+        ..sample(1.0)
+    });
+    assert_eq!(r.view().nodes[0].backends.len(), 2);
+}
+
+#[test]
+fn a_peer_with_several_backends_is_viewed_with_all_of_them() {
+    let (r, s) = state(2);
+    let peer = other_peers(&r).remove(0);
+    let idx = r.topology().placement.index_of(&peer).unwrap();
+    let mut st = peer_state(10.0, &[]);
+    let mut second = report(5.0, 2.0);
+    second.models = vec!["m2".into()];
+    st.backends.push(second);
+    s.set_peer(&peer, st);
+    let view = r.view();
+    let node = &view.nodes[idx];
+    assert_eq!(node.backends.len(), 2);
+    assert!(node.backends[1].serves(pool_hash("m2")) && !node.backends[0].serves(pool_hash("m2")));
+    assert!(node.up_for(pool_hash("m2")));
+    // A report without `models` (an earlier version) still parses.
+    let old: BackendReport = serde_json::from_str(
+        r#"{"known":true,"healthy":true,"running":1,"waiting":0,"kv":0,"max_lora":4,"lora_busy":0,
+        "batch":0,"capacity":0,"started":0,"age_ms":0,"seq":1,"gpu":[]}"#,
+    )
+    .unwrap();
+    assert!(old.models.is_empty());
 }

@@ -1,0 +1,178 @@
+//! The node's vLLMs (`vllm_urls`): one [`Vllm`] per backend, by backend id (its position in
+//! the list), and what the rest of the node asks of them as a whole.
+//!
+//! - Health: the node is healthy (`/healthz`'s `vllm_healthy`, `/readyz`,
+//!   `loraplex_vllm_healthy`) while at least one backend is.
+//! - Base models: each backend learns its own from its `/v1/models`; a request naming any of
+//!   them is a base-model request ([`Backends::base_for`]).
+//! - One adapter store for all: an evicted or replaced adapter is unloaded from every backend
+//!   ([`Hooks`]), each call counted on its own; warm-up `load` and `storage.preload` load into
+//!   every backend ([`Backends::load_all`]), since any of them may be sent the adapter.
+
+use std::sync::Arc;
+
+use super::{BaseModel, Vllm};
+use crate::{
+    cluster::state::ClusterState, config::Config, control::Control, error::Error, metrics::Metrics,
+    shutdown::Shutdown,
+};
+
+/// See the module doc.
+pub struct Backends {
+    all: Arc<[Arc<Vllm>]>,
+}
+
+impl Backends {
+    /// One backend per `cfg.vllm_urls` entry (each resolved now).
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Backends, Error> {
+        let restarts = tokio::sync::watch::Sender::new(0);
+        let all = (0..cfg.vllm_urls.len())
+            .map(|id| Vllm::new(cfg, id, metrics.clone(), restarts.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Backends { all: all.into() })
+    }
+
+    /// Every backend, by id.
+    pub fn all(&self) -> &[Arc<Vllm>] {
+        &self.all
+    }
+
+    /// Backend `id`; the first for an id past the list.
+    pub fn get(&self, id: usize) -> &Arc<Vllm> {
+        self.all.get(id).unwrap_or(&self.all[0])
+    }
+
+    /// The first backend (the node's only one with `vllm_url`).
+    pub fn first(&self) -> &Arc<Vllm> {
+        &self.all[0]
+    }
+
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    /// At least one backend is healthy.
+    pub fn is_healthy(&self) -> bool {
+        self.all.iter().any(|b| b.is_healthy())
+    }
+
+    /// Changes whenever any backend came back healthy or restarted.
+    pub fn restarts(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.all[0].restarts()
+    }
+
+    /// The first backend whose base model `model` names (served name or `--model`), with its
+    /// base model; `None` when no backend's known base model is `model`.
+    pub fn base_for(&self, model: &str) -> Option<(usize, Arc<BaseModel>)> {
+        self.all.iter().find_map(|b| {
+            b.base_model()
+                .filter(|base| base.is_base(model))
+                .map(|base| (b.id, base))
+        })
+    }
+
+    /// Whether every backend's base model is known (learnt or configured), down ones aside.
+    pub fn all_known(&self) -> bool {
+        self.all.iter().any(|b| b.base_model().is_some())
+            && self
+                .all
+                .iter()
+                .all(|b| b.base_model().is_some() || b.is_down())
+    }
+
+    /// Learn the base model of every backend not known yet now, in parallel, but those a health
+    /// check found down (their health poll learns it when they come back); the first error
+    /// when none is known afterwards.
+    pub async fn learn_base_models(&self) -> Result<(), Error> {
+        let missing = self
+            .all
+            .iter()
+            .filter(|b| b.base_model().is_none() && !b.is_down());
+        let results = futures_util::future::join_all(missing.map(|b| b.learn_base_model())).await;
+        match results.into_iter().find_map(Result::err) {
+            Some(e) if !self.all.iter().any(|b| b.base_model().is_some()) => Err(e),
+            None if !self.all.iter().any(|b| b.base_model().is_some()) => Err(Error::new(
+                crate::error::ErrorKind::Unavailable,
+                "no vLLM backend is reachable to tell its base model",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Load an adapter stored at `path` into every backend. `Ok` with the URLs of the backends
+    /// that loaded it when one did at least; else the first backend's error.
+    pub async fn load_all(&self, name: &str, path: &std::path::Path) -> Result<Vec<String>, Error> {
+        let results =
+            futures_util::future::join_all(self.all.iter().map(|b| b.load(name, path))).await;
+        let mut loaded = Vec::new();
+        let mut first_err = None;
+        for (b, r) in self.all.iter().zip(results) {
+            match r {
+                Ok(()) => loaded.push(b.url.clone()),
+                Err(e) => {
+                    tracing::debug!(adapter = name, backend = %b.url, error = %e, "load refused");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match (loaded.is_empty(), first_err) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(loaded),
+        }
+    }
+
+    /// Poll every backend's `/health` (each every `vllm.health_check_interval`).
+    pub fn spawn_health_polls(&self, control: &Control, shutdown: Shutdown) {
+        for b in self.all.iter() {
+            b.spawn_health_poll(self.all.clone(), control, shutdown.clone());
+        }
+    }
+
+    /// Scrape every backend's `/metrics` (each every `vllm.metrics_interval`).
+    pub fn spawn_metrics_scrapes(
+        &self,
+        cluster: Arc<ClusterState>,
+        control: &Control,
+        shutdown: Shutdown,
+    ) {
+        for b in self.all.iter() {
+            b.spawn_metrics_scrape(self.all.clone(), cluster.clone(), control, shutdown.clone());
+        }
+    }
+}
+
+/// The store's view of vLLM: unload calls run on the control plane (reqwest needs tokio), so
+/// they can be awaited from any thread.
+pub struct Hooks {
+    pub backends: Arc<Backends>,
+    pub control: Control,
+}
+
+impl crate::store::VllmHooks for Hooks {
+    /// Unload from every backend (each may have loaded it), each call counted on its own;
+    /// the first failure once all were tried.
+    fn unload(&self, name: &str) -> futures_util::future::BoxFuture<'static, Result<(), Error>> {
+        let (backends, name) = (self.backends.clone(), name.to_owned());
+        let unload = self.control.run(async move {
+            let calls = backends.all().iter().map(|b| b.unload(&name));
+            futures_util::future::join_all(calls)
+                .await
+                .into_iter()
+                .find_map(Result::err)
+                .map_or(Ok(()), Err)
+        });
+        Box::pin(async move { unload.await? })
+    }
+
+    /// The first backend's `--model` (what `storage.rewrite_base_model` writes).
+    fn base_model(&self) -> Option<String> {
+        self.backends
+            .first()
+            .base_model()
+            .map(|m| m.root.to_string())
+    }
+}
