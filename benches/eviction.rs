@@ -1,13 +1,12 @@
 //! Byte miss ratio of the store's eviction policy (size-aware S3-FIFO) against plain LRU, on
-//! Zipf-popularity traces with mixed adapter sizes (10 MB .. 1 GB, log-uniform, independent of
-//! popularity), for several skews and cache sizes. Prints a table; lower is better.
+//! Zipf-popularity traces with mixed adapter sizes (10 MB .. 1 GB, log-uniform), for several
+//! skews, cache sizes and seeds, and four trace families: sizes independent of popularity,
+//! popular adapters the large ones, popular adapters the small ones, and a popular set that
+//! shifts over the trace. Prints a table per family; lower is better.
 //!
-//! Run: `cargo bench --bench eviction`
+//! Run: `cargo bench --bench eviction` (`-- SEEDS` for another number of seeds; default 3)
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, atomic::AtomicU8},
-};
+use std::sync::{Arc, atomic::AtomicU8};
 
 use loraplex::store::policy::{S3Fifo, Tracked, touch};
 
@@ -40,8 +39,65 @@ fn sizes(rng: &mut Rng) -> Vec<u64> {
         .collect()
 }
 
-/// A Zipf(alpha) trace over a random permutation of the objects.
-fn trace(alpha: f64, requests: usize, rng: &mut Rng) -> Vec<u32> {
+/// How a trace relates popularity, sizes and time.
+#[derive(Clone, Copy)]
+enum Family {
+    /// Sizes independent of popularity; the popular set fixed.
+    Independent,
+    /// The more popular an adapter, the larger (rank 1 the largest).
+    PopularLarge,
+    /// The more popular an adapter, the smaller.
+    PopularSmall,
+    /// Sizes independent; every eighth of the trace, the 500 most popular ranks are given to
+    /// other adapters (drawn from the rest), so the popular set keeps moving.
+    Shifting,
+}
+
+impl Family {
+    const ALL: [Family; 4] = [
+        Family::Independent,
+        Family::PopularLarge,
+        Family::PopularSmall,
+        Family::Shifting,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::Independent => "sizes independent of popularity",
+            Family::PopularLarge => "popular adapters large",
+            Family::PopularSmall => "popular adapters small",
+            Family::Shifting => "popular set shifting every 1/8 of the trace",
+        }
+    }
+}
+
+/// Phases of a [`Family::Shifting`] trace, and the ranks that move at each phase change.
+const PHASES: usize = 8;
+const SHIFTED: usize = 500;
+
+/// Reorder `sizes` so that they follow popularity as `family` says: `perm[rank]` is the object
+/// at that popularity rank.
+fn correlate(family: Family, sizes: &mut [u64], perm: &[u32]) {
+    let mut sorted = sizes.to_vec();
+    match family {
+        Family::PopularLarge => sorted.sort_unstable_by(|a, b| b.cmp(a)),
+        Family::PopularSmall => sorted.sort_unstable(),
+        Family::Independent | Family::Shifting => return,
+    }
+    for (rank, &obj) in perm.iter().enumerate() {
+        sizes[obj as usize] = sorted[rank];
+    }
+}
+
+/// A Zipf(alpha) trace over a random permutation of the objects (shifting it between phases
+/// for [`Family::Shifting`]); sizes are reordered by [`correlate`] for the correlated families.
+fn trace(
+    family: Family,
+    alpha: f64,
+    requests: usize,
+    sizes: &mut [u64],
+    rng: &mut Rng,
+) -> Vec<u32> {
     let mut cdf = Vec::with_capacity(OBJECTS);
     let mut acc = 0.0;
     for rank in 1..=OBJECTS {
@@ -52,8 +108,16 @@ fn trace(alpha: f64, requests: usize, rng: &mut Rng) -> Vec<u32> {
     for i in (1..perm.len()).rev() {
         perm.swap(i, (rng.next() % (i as u64 + 1)) as usize);
     }
+    correlate(family, sizes, &perm);
+    let phase = requests.div_ceil(PHASES);
     (0..requests)
-        .map(|_| {
+        .map(|i| {
+            if matches!(family, Family::Shifting) && i > 0 && i % phase == 0 {
+                for rank in 0..SHIFTED {
+                    let other = SHIFTED + (rng.next() % (OBJECTS - SHIFTED) as u64) as usize;
+                    perm.swap(rank, other);
+                }
+            }
             let x = rng.unit() * acc;
             perm[cdf.partition_point(|&c| c < x).min(OBJECTS - 1)]
         })
@@ -189,44 +253,71 @@ fn smoke() -> bool {
 
 fn main() {
     let requests = if smoke() { REQUESTS / 50 } else { REQUESTS };
-    let mut rng = Rng(0x10AA_F1E5);
-    let sizes = sizes(&mut rng);
-    let total: u64 = sizes.iter().sum();
+    let seeds: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(if smoke() { 1 } else { 3 });
     println!(
-        "eviction: {OBJECTS} adapters, {:.0} GiB in all, sizes 10 MB..1 GB log-uniform, {requests} requests per trace",
-        total as f64 / (1u64 << 30) as f64
+        "eviction: {OBJECTS} adapters, sizes 10 MB..1 GB log-uniform, {requests} requests per trace, {seeds} seeds"
     );
-    println!("byte miss ratio (lower is better); cache = share of all adapter bytes");
     println!(
-        "{:>5} {:>6} {:>10} {:>9} {:>9} {:>8}",
-        "alpha", "cache", "cache GiB", "LRU", "S3-FIFO", "change"
+        "byte miss ratio (lower is better), means over the seeds; cache = share of all adapter bytes"
     );
-    let mut wins = 0;
-    let mut rows = 0;
-    let mut summary: HashMap<&str, f64> = HashMap::new();
-    for alpha in [0.6, 0.8, 1.0, 1.2] {
-        let t = trace(alpha, requests, &mut rng);
-        for share in [0.01, 0.05, 0.10, 0.25] {
-            let cap = (total as f64 * share) as u64;
-            let lru = byte_miss_ratio(&mut Lru::new(cap), &t, &sizes);
-            let ours = byte_miss_ratio(&mut Store(S3Fifo::new(cap)), &t, &sizes);
-            rows += 1;
-            if ours < lru {
-                wins += 1;
+    let mut all = (0, 0);
+    for family in Family::ALL {
+        println!();
+        println!("{}", family.name());
+        println!(
+            "{:>5} {:>6} {:>9} {:>9} {:>8} {:>9}",
+            "alpha", "cache", "LRU", "S3-FIFO", "change", "S3 wins"
+        );
+        let (mut wins, mut rows, mut lru_sum, mut ours_sum) = (0, 0, 0.0, 0.0);
+        for alpha in [0.6, 0.8, 1.0, 1.2] {
+            // Every seed's trace (and sizes), then each cache share over all of them.
+            let runs: Vec<(Vec<u64>, Vec<u32>)> = (0..seeds)
+                .map(|seed| {
+                    let mut rng = Rng(0x10AA_F1E5 ^ seed.wrapping_mul(0x9E37_79B9));
+                    let mut sizes = sizes(&mut rng);
+                    let t = trace(family, alpha, requests, &mut sizes, &mut rng);
+                    (sizes, t)
+                })
+                .collect();
+            for share in [0.01, 0.05, 0.10, 0.25] {
+                let (mut lru, mut ours, mut seed_wins) = (0.0, 0.0, 0);
+                for (sizes, t) in &runs {
+                    let cap = (sizes.iter().sum::<u64>() as f64 * share) as u64;
+                    let l = byte_miss_ratio(&mut Lru::new(cap), t, sizes);
+                    let o = byte_miss_ratio(&mut Store(S3Fifo::new(cap)), t, sizes);
+                    lru += l / seeds as f64;
+                    ours += o / seeds as f64;
+                    rows += 1;
+                    if o < l {
+                        wins += 1;
+                        seed_wins += 1;
+                    }
+                }
+                lru_sum += lru;
+                ours_sum += ours;
+                println!(
+                    "{alpha:>5.1} {:>5.0}% {lru:>9.4} {ours:>9.4} {:>+7.1}% {:>5}/{seeds}",
+                    share * 100.0,
+                    (ours - lru) / lru * 100.0,
+                    seed_wins
+                );
             }
-            *summary.entry("lru").or_default() += lru;
-            *summary.entry("ours").or_default() += ours;
-            println!(
-                "{alpha:>5.1} {:>5.0}% {:>10.1} {lru:>9.4} {ours:>9.4} {:>+7.1}%",
-                share * 100.0,
-                cap as f64 / (1u64 << 30) as f64,
-                (ours - lru) / lru * 100.0
-            );
         }
+        let cells = rows as f64 / seeds as f64;
+        println!(
+            "{}: S3-FIFO lower than LRU in {wins}/{rows} runs; mean byte miss ratio LRU {:.4}, S3-FIFO {:.4}",
+            family.name(),
+            lru_sum / cells,
+            ours_sum / cells
+        );
+        all = (all.0 + wins, all.1 + rows);
     }
+    println!();
     println!(
-        "S3-FIFO lower than LRU in {wins}/{rows} cases; mean byte miss ratio LRU {:.4}, S3-FIFO {:.4}",
-        summary["lru"] / rows as f64,
-        summary["ours"] / rows as f64
+        "all families: S3-FIFO lower than LRU in {}/{} runs",
+        all.0, all.1
     );
 }

@@ -78,6 +78,13 @@ async fn fetch(origin: &dyn Origin, name: &AdapterName, verify: bool) -> u64 {
     sink.0
 }
 
+/// [`fetch`] timed: MB/s.
+async fn timed_fetch(origin: &dyn Origin, name: &AdapterName, verify: bool) -> f64 {
+    let t = Instant::now();
+    let n = fetch(origin, name, verify).await;
+    mbps(n, t.elapsed())
+}
+
 fn mbps(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / took.as_secs_f64() / 1e6
 }
@@ -317,35 +324,50 @@ async fn run(repeats: usize, mib: usize, link_mbps: u64, hub: &StandInHub, s3_se
         "{}/bench/big/resolve/main/adapter_model.safetensors",
         hub.url()
     );
-    for _ in 0..repeats {
-        rows[1]
-            .samples
-            .push(curl_async(vec!["-L".into(), resolve.clone()]).await);
-        for (row, verify) in [(2, true), (3, false)] {
-            let t = Instant::now();
-            let n = fetch(&hf, &name, verify).await;
-            rows[row].samples.push(mbps(n, t.elapsed()));
+    // One group per origin: curl, then the origin verifying, then not; the order within a
+    // group flips every repeat, so no contender always runs first (or right after another).
+    for i in 0..repeats {
+        let order = |n: usize| -> Vec<usize> {
+            if i % 2 == 0 {
+                (0..n).collect()
+            } else {
+                (0..n).rev().collect()
+            }
+        };
+        for k in order(3) {
+            match k {
+                0 => rows[1]
+                    .samples
+                    .push(curl_async(vec!["-L".into(), resolve.clone()]).await),
+                _ => rows[1 + k]
+                    .samples
+                    .push(timed_fetch(&hf, &name, k == 1).await),
+            }
         }
         hub.set_link_rate(Some(link_mbps * 1_000_000));
-        rows[4]
-            .samples
-            .push(curl_async(vec!["-L".into(), resolve.clone()]).await);
-        for (row, verify) in [(5, true), (6, false)] {
-            let t = Instant::now();
-            let n = fetch(&hf, &name, verify).await;
-            rows[row].samples.push(mbps(n, t.elapsed()));
+        for k in order(3) {
+            match k {
+                0 => rows[4]
+                    .samples
+                    .push(curl_async(vec!["-L".into(), resolve.clone()]).await),
+                _ => rows[4 + k]
+                    .samples
+                    .push(timed_fetch(&hf, &name, k == 1).await),
+            }
         }
         hub.set_link_rate(None);
-        rows[7].samples.push(curl_async(sigv4(&s3_url)).await);
-        for (row, verify) in [(8, true), (9, false)] {
-            let t = Instant::now();
-            let n = fetch(&s3, &name, verify).await;
-            rows[row].samples.push(mbps(n, t.elapsed()));
+        for k in order(3) {
+            match k {
+                0 => rows[7].samples.push(curl_async(sigv4(&s3_url)).await),
+                _ => rows[7 + k]
+                    .samples
+                    .push(timed_fetch(&s3, &name, k == 1).await),
+            }
         }
-        for (row, verify) in [(10, true), (11, false)] {
-            let t = Instant::now();
-            let n = fetch(&s3, &crc_name, verify).await;
-            rows[row].samples.push(mbps(n, t.elapsed()));
+        for k in order(2) {
+            rows[10 + k]
+                .samples
+                .push(timed_fetch(&s3, &crc_name, k == 0).await);
         }
     }
     for r in &rows {

@@ -6,9 +6,11 @@
 #   output: a markdown table on stdout, and target/bench/fetch.{md,csv}
 #
 # The origin is nginx serving the adapter from the page cache (so the network side is not the
-# bottleneck for either contender); "vLLM" is nginx answering 200, so the time to the first
-# response byte of the cold request is the fetch + verify + publish time. The storage directory
-# is under target/ on the machine's real disk.
+# bottleneck for either contender), a plain HTTP origin: it publishes no checksum, so this fetch
+# hashes nothing (the Hub and S3 origins verify SHA-256: scripts/bench-origins.sh). "vLLM" is
+# nginx answering 200, so the time to the first response byte of the cold request is the
+# fetch + checks + publish time. Each round runs loraplex, curl and fio in a rotated order.
+# The storage directory is under target/ on the machine's real disk.
 set -euo pipefail
 SIZE_MIB=${1:-1024}
 ROUNDS=${2:-3}
@@ -83,29 +85,47 @@ mbps() { awk -v b="$FILE_BYTES" -v s="$1" 'BEGIN { printf "%.0f", b / s / 1e6 }'
 # CPU seconds (user + system, all threads) loraplex has used so far.
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$LP_PID/stat"; }
 : > "$WORK/runs"
-for r in $(seq "$ROUNDS"); do
-  sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null || true; cat "$FILE" > /dev/null
-  CPU0=$(cpu_s)
-  T=$(curl -s -o /dev/null -w '%{time_starttransfer}' -X POST "127.0.0.1:$LP_PORT/v1/chat/completions" \
+# The three contenders of a round, as functions; each round runs them in a rotated order
+# (loraplex first, then curl first, then fio first, ...), so none always runs on a disk the
+# others have just written to (or just left idle).
+fetch_loraplex() {
+  local cpu0 t
+  cat "$FILE" > /dev/null # the origin serves from memory
+  cpu0=$(cpu_s)
+  t=$(curl -s -o /dev/null -w '%{time_starttransfer}' -X POST "127.0.0.1:$LP_PORT/v1/chat/completions" \
         -H 'content-type: application/json' -d '{"model":"bench/big-lora","messages":[]}')
-  test -f "$STORE/bench/big-lora/adapter_model.safetensors" || { echo "fetch failed: $(cat "$WORK/lp.log" | tail -5)" >&2; exit 1; }
-  T_LP=$T
-  echo "loraplex $T" >> "$WORK/runs"
-  echo "cpu $(awk -v a="$CPU0" -v b="$(cpu_s)" 'BEGIN { printf "%.2f", b - a }')" >> "$WORK/runs"
+  test -f "$STORE/bench/big-lora/adapter_model.safetensors" || { echo "fetch failed: $(tail -5 "$WORK/lp.log")" >&2; exit 1; }
+  T_LP=$t
+  echo "loraplex $t" >> "$WORK/runs"
+  echo "cpu $(awk -v a="$cpu0" -v b="$(cpu_s)" 'BEGIN { printf "%.2f", b - a }')" >> "$WORK/runs"
   curl -sf -X POST "127.0.0.1:$LP_PORT/admin/cache/evict" -d '{"adapter":"bench/big-lora"}' >/dev/null
   sync
-  T=$( { /usr/bin/time -f %e sh -c "curl -s -o '$STORE/curl.out' http://127.0.0.1:$ORIGIN_PORT/bench/big-lora/adapter_model.safetensors && sync '$STORE/curl.out'"; } 2>&1 )
-  echo "curl $T" >> "$WORK/runs"
+}
+fetch_curl() {
+  local t
+  cat "$FILE" > /dev/null
+  t=$( { /usr/bin/time -f %e sh -c "curl -s -o '$STORE/curl.out' http://127.0.0.1:$ORIGIN_PORT/bench/big-lora/adapter_model.safetensors && sync '$STORE/curl.out'"; } 2>&1 )
+  echo "curl $t" >> "$WORK/runs"
   rm -f "$STORE/curl.out"
+  sync
+}
+fetch_fio() {
   FIO=$(fio --name=w --filename="$STORE/fio.dat" --rw=write --bs=1M --size="${SIZE_MIB}M" --direct=1 \
         --ioengine=io_uring --iodepth=4 --end_fsync=1 --output-format=json 2>/dev/null \
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["write"]["bw_bytes"]/1e6)')
   rm -f "$STORE/fio.dat"
   echo "fio_mbps $FIO" >> "$WORK/runs"
+}
+CONTENDERS=(loraplex curl fio)
+for r in $(seq "$ROUNDS"); do
+  sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  k=$(( (r - 1) % 3 ))
+  order="${CONTENDERS[*]:k} ${CONTENDERS[*]:0:k}"
+  for c in $order; do "fetch_$c"; done
   # The disk's speed swings by 2x between minutes here, so each round's fetch is also set
   # against the fio run of the same round.
   echo "ratio $(awk -v b="$FILE_BYTES" -v t="$T_LP" -v f="$FIO" 'BEGIN { printf "%.2f", b / t / 1e6 / f }')" >> "$WORK/runs"
-  echo "round $r/$ROUNDS: $(tail -5 "$WORK/runs" | tr '\n' ' ')" >&2
+  echo "round $r/$ROUNDS ($order): $(tail -5 "$WORK/runs" | tr '\n' ' ')" >&2
 done
 HWM=$(awk '/VmHWM/ {print $2}' "/proc/$LP_PID/status")
 
@@ -119,7 +139,7 @@ LM=$(mbps "$L"); CM=$(mbps "$C")
 {
   echo "| ${SIZE_MIB} MiB adapter, cold (median of $ROUNDS) | seconds | MB/s |"
   echo "|---|---:|---:|"
-  echo "| loraplex: time to first response byte (fetch, verify, O_DIRECT write, fsync, publish) | $L | $LM |"
+  echo "| loraplex: time to first response byte (fetch, safetensors header and size checks, O_DIRECT write, fsync, publish; no hash) | $L | $LM |"
   echo "| curl -o + fsync of the same file | $C | $CM |"
   echo "| fio, 1 MiB O_DIRECT writes, io_uring, end fsync (disk limit) | | $(printf %.0f "$F") |"
   echo
@@ -128,7 +148,8 @@ LM=$(mbps "$L"); CM=$(mbps "$C")
        "**${RATIO}x** as the median of the per-round ratios (${RATIOS% });" \
        "loraplex CPU per fetch: ${CPU} s (user + system, all threads);" \
        "RSS growth during the fetch: $(( (HWM - RSS0) / 1024 )) MiB (peak $((HWM / 1024)) MiB)."
-  echo "Machine: $MACHINE; storage: $(df -T "$STORE" | awk 'NR==2 {print $1 " (" $2 ")"}')."
+  echo "The HTTP origin publishes no checksum, so this fetch hashes nothing; the Hugging Face and S3 origins verify SHA-256 (scripts/bench-origins.sh measures what that costs)."
+  echo "Machine: $MACHINE, after: $(cut -d' ' -f1-3 /proc/loadavg); storage: $(df -T "$STORE" | awk 'NR==2 {print $1 " (" $2 ")"}')."
 } | tee "$OUT/fetch.md"
 {
   echo "name,seconds,mbps"

@@ -114,6 +114,42 @@ cpu_ticks() {
   echo "$t"
 }
 
+# kernel_work NAME URL PID...: one more wrk run of URL with `perf stat` on the PIDs (every thread)
+# meanwhile; prints "NAME syscalls io_uring_sqes context_switches", each per request (the
+# requests wrk completed). Needs perf (linux-perf) and root or perf_event_paranoid <= 1.
+kernel_work() {
+  local name=$1 url=$2 pids line n
+  shift 2
+  pids=$(echo "$@" | tr ' ' ,)
+  perf stat -x, -e raw_syscalls:sys_enter,io_uring:io_uring_submit_req,context-switches \
+    -p "$pids" -o "$WORK/perf-$name.txt" &
+  local perf_pid=$!
+  sleep 0.2
+  line=$(wrk_run "$name" "$url")
+  kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+  n=$(echo "$line" | awk '{print $5}')
+  awk -F, -v name="$name" -v n="$n" '
+    $3 ~ /sys_enter/ { s=$1 } $3 ~ /submit_req/ { q=$1 } $3 ~ /context-switches/ { c=$1 }
+    END { printf "%s %.2f %.2f %.2f\n", name, s/n, q/n, c/n }' "$WORK/perf-$name.txt"
+}
+
+# profile_run NAME URL DIR PID...: one more wrk run of URL with `perf record -g` on the PIDs
+# (every thread) into DIR/NAME.perf; prints "NAME kernel_share_% user_share_%" of the samples.
+profile_run() {
+  local name=$1 url=$2 dir=$3 pids
+  shift 3
+  pids=$(echo "$@" | tr ' ' ,)
+  mkdir -p "$dir"
+  perf record -q -F 999 -g -p "$pids" -o "$dir/$name.perf" 2>/dev/null &
+  local perf_pid=$!
+  sleep 0.2
+  wrk_run "$name" "$url" >/dev/null
+  kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+  perf report -i "$dir/$name.perf" --no-children --sort dso -g none --stdio 2>/dev/null \
+    | awk -v name="$name" '/%/ && !/^#/ { p=$1; sub(/%/,"",p); if ($2 ~ /kernel/) k+=p; else u+=p }
+        END { printf "%s %.1f %.1f\n", name, k, u }'
+}
+
 # nginx_pids NAME: the master and worker processes of the nginx started as NAME.
 nginx_pids() {
   local master

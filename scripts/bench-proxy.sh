@@ -5,6 +5,10 @@
 #   usage: scripts/bench-proxy.sh [ROUNDS] [SECONDS]      (defaults: 5 rounds of 10 s)
 #   output: a markdown table on stdout, and target/bench/proxy.{md,csv}
 #   LORAPLEX_BIN=path: that binary instead of this tree's release build (before/after runs)
+#   KERNEL=1: then one more run of each proxy and case under `perf stat`: syscalls, io_uring
+#   submissions and context switches per request (docs/hotpath.md)
+#   PROFILE=DIR: then one more base-model run of each proxy under `perf record -g`, into
+#   DIR/{nginx,loraplex}.perf, with the kernel's share of the samples
 #
 # wrk -t1 -c64 POSTs a ~300 B chat body, three cases:
 # - base model: body read, `model` parsed, request streamed to the upstream and back;
@@ -136,6 +140,31 @@ for r in $(seq "$ROUNDS"); do
   done
   echo "round $r/$ROUNDS ($order): $(tail -$n "$WORK/runs" | tr '\n' ' ')" >&2
 done
+# The extra runs, the order alternating as above.
+: > "$WORK/kernel"
+: > "$WORK/profile"
+if [ "${KERNEL:-0}" = 1 ] || [ -n "${PROFILE:-}" ]; then need perf linux-perf; fi
+if [ "${KERNEL:-0}" = 1 ]; then
+  i=0
+  for c in base adapter; do
+    order="nginx loraplex"
+    [ $((i % 2)) = 1 ] && order="loraplex nginx"
+    i=$((i + 1))
+    for p in $order; do
+      # shellcheck disable=SC2046
+      case $p in
+        nginx) LUA=$WORK/$c.lua kernel_work "$c-nginx" "$NGX" $(nginx_pids px) ;;
+        loraplex) LUA=$WORK/$c.lua kernel_work "$c-loraplex" "$LP" "$LP_PID" ;;
+      esac >> "$WORK/kernel"
+    done
+  done
+fi
+if [ -n "${PROFILE:-}" ]; then
+  # shellcheck disable=SC2046
+  LUA=$WORK/base.lua profile_run nginx "$NGX" "$PROFILE" $(nginx_pids px) >> "$WORK/profile"
+  LUA=$WORK/base.lua profile_run loraplex "$LP" "$PROFILE" "$LP_PID" >> "$WORK/profile"
+fi
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$LP_PID/status")
 UPSTREAM=$(LUA=$WORK/base.lua wrk_run upstream-alone "http://127.0.0.1:$UP_PORT/v1/chat/completions")
 
@@ -164,8 +193,18 @@ what() {
   if [ "$TLS" = 1 ]; then
     echo "- TLS / plain req/s (base model): loraplex **$(ratio "$(col tls-loraplex 2)" "$(col base-loraplex 2)")x**, nginx **$(ratio "$(col tls-nginx 2)" "$(col base-nginx 2)")x**."
   fi
+  if [ -s "$WORK/kernel" ]; then
+    echo
+    echo "| one more run each, under perf stat | syscalls/request | io_uring SQEs/request | context switches/request |"
+    echo "|---|---:|---:|---:|"
+    while read -r n s q w; do echo "| $n | $s | $q | $w |"; done < "$WORK/kernel"
+  fi
+  if [ -s "$WORK/profile" ]; then
+    echo
+    while read -r n k u; do echo "- perf record -g of $n (base model, $PROFILE/$n.perf): $k% of samples in the kernel, $u% in user space."; done < "$WORK/profile"
+  fi
   echo
-  echo "loraplex peak RSS: $((RSS_KB / 1024)) MiB. Machine: $MACHINE."
+  echo "loraplex peak RSS: $((RSS_KB / 1024)) MiB. Machine: $MACHINE, after: $LOAD_AFTER."
 } | tee "$OUT/proxy.md"
 {
   echo "name,rps,p50_ms,p99_ms,cpu_us_per_request"

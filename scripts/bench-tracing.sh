@@ -87,12 +87,15 @@ pid_of() { local v="${1}_PID"; echo "${!v}"; }
 for n in "${NAMES[@]}"; do wrk_run warmup "$(url "$n")" 2 >/dev/null; done
 : > "$WORK/runs"
 for r in $(seq "$ROUNDS"); do
-  for n in "${NAMES[@]}"; do
+  # A rotated order every round: no build always runs first (or after the same one).
+  k=$(( (r - 1) % ${#NAMES[@]} ))
+  order=("${NAMES[@]:k}" "${NAMES[@]:0:k}")
+  for n in "${order[@]}"; do
     before=$(cpu_ticks "$(pid_of "$n")")
     wrk_run "$n" "$(url "$n")" >> "$WORK/runs"
     TICKS[$n]=$(( ${TICKS[$n]} + $(cpu_ticks "$(pid_of "$n")") - before ))
   done
-  echo "round $r/$ROUNDS: $(tail -${#NAMES[@]} "$WORK/runs" | tr '\n' ' ')" >&2
+  echo "round $r/$ROUNDS (${order[*]}): $(tail -${#NAMES[@]} "$WORK/runs" | tr '\n' ' ')" >&2
 done
 sleep 2 # the last batch of spans
 SPANS=$(curl -sf "127.0.0.1:$ON_PORT/metrics" | awk '

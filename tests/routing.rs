@@ -158,12 +158,14 @@ async fn a_rare_adapter_is_stored_on_exactly_one_node(driver: Driver) {
 }
 
 async fn a_vllm_with_a_long_queue_and_a_full_cache_gets_little_new_work(driver: Driver) {
-    // Node 0's vLLM runs one request at a time, each for 3 s.
+    // Node 0's vLLM runs one request at a time, each for 15 s: the four held below keep it
+    // busy for a minute, longer than the requests below take on a loaded machine (with 3 s
+    // each its queue could drain mid-test, and then it rightly got work again).
     let slow = |i: usize| {
         if i == 0 {
             VllmConfig::new(BASE).engine(EngineConfig {
                 max_running: 1,
-                prefill: Duration::from_secs(3),
+                prefill: Duration::from_secs(15),
                 ..EngineConfig::unbounded()
             })
         } else {

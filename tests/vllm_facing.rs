@@ -165,8 +165,38 @@ async fn a_request_after_vllm_closed_the_idle_pooled_connection_succeeds(driver:
     assert_eq!(vllm.connections(), connections + 1, "a fresh connection");
 }
 
+/// A connection pooled a moment ago is reused without a peek (`PEEK_AFTER`); one the upstream
+/// closed in that moment fails before any byte, and the request goes once more on a fresh
+/// connection: served once, never lost, never twice. (If the machine is slow enough that the
+/// pause outlasts `PEEK_AFTER`, the peek path runs instead; the assertions are the same.)
+async fn a_request_on_a_young_pooled_connection_vllm_closed_is_served_once(driver: Driver) {
+    let vllm = VllmStandIn::start(
+        VllmConfig::new(MODEL).keep_alive_timeout(Some(Duration::from_millis(5))),
+    )
+    .unwrap();
+    let lp = Node::start_on(
+        driver,
+        &format!(
+            "vllm_url: \"{}\"\nvllm:\n  model_name: \"{MODEL}\"\n  health_check_interval: 1h\n",
+            vllm.url()
+        ),
+    );
+    wait_ready(&lp, 200).await;
+    let mut c = Raw::connect(lp.addr).await;
+    let body = format!(r#"{{"model":"{MODEL}","messages":[]}}"#);
+    for i in 1..=5 {
+        c.send(&post("/v1/chat/completions", &body, "")).await;
+        let r = c.response(false).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(vllm.served(MODEL), i, "each request served exactly once");
+        // Past vLLM's keep-alive (5 ms), well within loraplex's PEEK_AFTER (100 ms).
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
 on_both_drivers!(
     every_served_name_is_the_base_model_and_adapters_name_the_model_path,
     a_vllm_that_comes_back_serving_another_model_is_learnt_again,
     a_request_after_vllm_closed_the_idle_pooled_connection_succeeds,
+    a_request_on_a_young_pooled_connection_vllm_closed_is_served_once,
 );

@@ -48,6 +48,16 @@ stop_all() {
   done
 }
 
+# stop_one PID: stop one group started by `start` as stop_all does, and forget it.
+stop_one() {
+  local pid=$1 keep=() p
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # wait_http URL SECS PID: wait up to SECS seconds for URL to answer 2xx; fail early if PID died.
@@ -62,8 +72,8 @@ wait_http() {
   return 1
 }
 
-# make_models OUT [--base NAME] [--seed N] ADAPTER...: scripts/vllm/make_tiny_model.py, its
-# output in $WORK/make_tiny_model.log.
+# make_models OUT [--base NAME] [--seed N] [--hidden H] [--layers L] ADAPTER...:
+# scripts/vllm/make_tiny_model.py, its output in $WORK/make_tiny_model.log.
 make_models() {
   "$PY" "$REPO/scripts/vllm/make_tiny_model.py" "$@" >>"$WORK/make_tiny_model.log" 2>&1 ||
     { tail -n 20 "$WORK/make_tiny_model.log" >&2; return 1; }

@@ -1,21 +1,23 @@
 """Writes a tiny random Llama and real PEFT LoRA adapters for it, for a real vLLM on CPU.
 
-    python make_tiny_model.py OUT_DIR [--base NAME] [--seed N] [ADAPTER ...]
+    python make_tiny_model.py OUT_DIR [--base NAME] [--seed N] [--hidden H] [--layers L] [ADAPTER ...]
 
   OUT_DIR/NAME/                   the base model (default NAME: base); serve it with
                                   `vllm serve OUT_DIR/NAME`: that path is its model name
   OUT_DIR/adapters/ADAPTER/       adapter_config.json + adapter_model.safetensors
 
-Run it once per base model to get several (e.g. `--base base-a`, then `--base base-b --seed 1`):
-the bases differ in their weights (a base already written is kept, so a rerun only adds
-adapters), and the adapters of all bases share OUT_DIR/adapters/, as adapter names share one
-namespace behind loraplex. Each adapter's `base_model_name_or_path` is
+Run it once per base model to get several (e.g. `--base base-a`, then `--base base-b --seed 1
+--hidden 128 --layers 3`): the bases differ in their weights, and in their shapes if asked (a
+base already written is kept, so a rerun only adds adapters), and the adapters of all bases share
+OUT_DIR/adapters/, as adapter names share one namespace behind loraplex. Each adapter's `base_model_name_or_path` is
 the absolute path of its base, because vLLM's filesystem resolver compares it exactly with the
 `--model` string (not `--served-model-name`).
 
 The model: byte-level tokenizer (256 tokens), 2 layers, hidden 256, 4 query and 2 KV heads of 64
 (vLLM's CPU attention rejects a head_dim below 64); loraplex's testkit mirrors these dimensions
-in `ModelDims::TINY_LLAMA`. Adapters: rank 8 on q/k/v/o_proj with random (not zero) B matrices,
+in `ModelDims::TINY_LLAMA`. `--hidden` (a multiple of 128) and `--layers` change the shape: heads
+stay 64 wide (hidden/64 query heads, half as many KV heads), the MLP twice the hidden size. An
+adapter made for one shape does not load on another. Adapters: rank 8 on q/k/v/o_proj with random (not zero) B matrices,
 seeded by base seed and adapter name, so every adapter changes greedy outputs and the same name
 always gets the same weights.
 """
@@ -49,15 +51,17 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def write_base(path: str, seed: int) -> None:
+def write_base(path: str, seed: int, hidden: int, layers: int) -> None:
+    if hidden % 128 or hidden <= 0 or layers <= 0:
+        raise SystemExit(f"--hidden {hidden} --layers {layers}: want a multiple of 128 and >= 1")
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=256,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
         head_dim=64,
         max_position_embeddings=512,
         bos_token_id=1,
@@ -91,6 +95,8 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--base", default="base", help="directory name of the base model")
     ap.add_argument("--seed", type=int, default=0, help="seed of the base model's weights")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size (a multiple of 128)")
+    ap.add_argument("--layers", type=int, default=2, help="number of decoder layers")
     ap.add_argument("adapters", nargs="*", help="adapter names, e.g. acme/summarizer-lora")
     args = ap.parse_intermixed_args()
     hf_logging.disable_progress_bar()
@@ -98,7 +104,7 @@ def main() -> None:
     out = os.path.abspath(args.out_dir)
     base = os.path.join(out, args.base)
     if not os.path.isfile(os.path.join(base, "config.json")):
-        write_base(base, args.seed)
+        write_base(base, args.seed, args.hidden, args.layers)
     print("base", base)
     for name in args.adapters:
         d = os.path.join(out, "adapters", name)
