@@ -1,7 +1,9 @@
 //! The routing decision's cost (criterion): a rare key (its owner), a hot key scored over its
 //! four replicas, a base-model request (the least loaded of all nodes), at 3, 64 and 256 peers,
 //! with every node's vLLM known; and at 64 peers with two vLLMs per node (one of base model
-//! `m1`, one of `m2`), every request for `m1` (`/64x2`). Before the timed part, it counts the heap allocations of
+//! `m1`, one of `m2`), every request for `m1` (`/64x2`); and at 64 peers in two base-model
+//! pools (one vLLM per node, `m1` on even nodes, `m2` on odd ones), every request for `m2`, a
+//! key's order then over the pool's nodes (`/64p2`). Before the timed part, it counts the heap allocations of
 //! 10,000 decisions of each kind (a counting global allocator) and fails if there is any: the
 //! decision must stay allocation-free.
 //!
@@ -66,8 +68,9 @@ const HOT: &[u8] = b"acme/hot-adapter";
 /// Nodes with two vLLMs each (`m1`, `m2`) in the two-backend case.
 const TWO: usize = 64;
 
-/// `n` peers with `backends` vLLMs each (backend `j` serves `m1` when `j` is even, else `m2`).
-fn setup(n: usize, backends: usize) -> (Router, View) {
+/// `n` peers with `backends` vLLMs each (backend `j` serves `m1` when `j` is even, else `m2`;
+/// with `node_pools`, node `i`'s serve `m1` when `i` is even, else `m2`).
+fn setup(n: usize, backends: usize, node_pools: bool) -> (Router, View) {
     let ips = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))];
     let me = Identity::with_local_ips("10.0.0.1:9090".parse().unwrap(), None, ips).unwrap();
     let router = Router::new(&Config::default(), me, Arc::new(Metrics::new()));
@@ -94,7 +97,9 @@ fn setup(n: usize, backends: usize) -> (Router, View) {
                         .collect::<Vec<_>>()
                         .into(),
                     seq: 1,
-                    models: Arc::from([pool_hash(["m1", "m2"][j % 2])]),
+                    models: Arc::from([pool_hash(
+                        ["m1", "m2"][if node_pools { i % 2 } else { j % 2 }],
+                    )]),
                 })
                 .collect(),
             disk: None,
@@ -104,6 +109,7 @@ fn setup(n: usize, backends: usize) -> (Router, View) {
         generation: topo.generation,
         nodes,
         replicas: ReplicaTable::build([(xxh3_64(HOT), 4)]),
+        pools: Default::default(),
     };
     (router, view)
 }
@@ -141,18 +147,21 @@ fn requests(pool: u64) -> [(&'static str, RouteRequest); 3] {
     ]
 }
 
-/// Every case: (peers, vLLMs per node, pool of the requests, id suffix).
-fn cases() -> Vec<(usize, usize, u64, String)> {
+/// Every case: (peers, vLLMs per node, pools by node, pool of the requests, id suffix).
+fn cases() -> Vec<(usize, usize, bool, u64, String)> {
     SIZES
         .iter()
-        .map(|&n| (n, 1, 0, n.to_string()))
-        .chain([(TWO, 2, pool_hash("m1"), format!("{TWO}x2"))])
+        .map(|&n| (n, 1, false, 0, n.to_string()))
+        .chain([
+            (TWO, 2, false, pool_hash("m1"), format!("{TWO}x2")),
+            (TWO, 1, true, pool_hash("m2"), format!("{TWO}p2")),
+        ])
         .collect()
 }
 
 fn check_no_allocation() {
-    for (n, backends, pool, id) in cases() {
-        let (router, view) = setup(n, backends);
+    for (n, backends, node_pools, pool, id) in cases() {
+        let (router, view) = setup(n, backends, node_pools);
         let topo = router.topology();
         let sent = Sent::default();
         sent.add(&view, 0);
@@ -185,8 +194,8 @@ fn bench(c: &mut Criterion) {
     check_no_allocation();
     let keys = reference_keys();
     let mut g = c.benchmark_group("decide");
-    for (n, backends, pool, id) in cases() {
-        let (router, view) = setup(n, backends);
+    for (n, backends, node_pools, pool, id) in cases() {
+        let (router, view) = setup(n, backends, node_pools);
         let topo = router.topology();
         let mut i = 0;
         g.bench_with_input(

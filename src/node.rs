@@ -2,6 +2,7 @@
 //! origins, store), then serves the proxy on the server's workers; waits for a signal, shuts down
 //! gracefully.
 
+mod pool_hooks;
 mod preload;
 
 use std::{
@@ -18,7 +19,7 @@ use crate::{
     control::{Control, ControlPlane},
     error::Error,
     metrics::Metrics,
-    origin::{Origin, OriginChain, peer::PeerOrigin},
+    origin::{Origin, OriginChain, base::BaseModels, peer::PeerOrigin},
     proxy::{Pending, Proxy, Shared},
     server::{
         Server, bind,
@@ -105,16 +106,33 @@ impl Node {
 
         // The store: peers first (an adapter already in the cluster is copied, not refetched),
         // then the configured origins in order.
-        let peers: Arc<dyn Origin> = Arc::new(PeerOrigin::new(router.clone(), peer_client.clone()));
         let configured = OriginChain::from_config(&config, &control)?;
+        // Adapters' base models: rules, then disk, the name's owner, the configured origins.
+        let bases = BaseModels::new(
+            &config.routing.base_models,
+            configured.clone(),
+            config.storage.dir.clone(),
+            Some((router.clone(), peer_client.clone())),
+            control.clone(),
+        );
+        let peers: Arc<dyn Origin> = Arc::new(PeerOrigin::new(
+            router.clone(),
+            peer_client.clone(),
+            bases.clone(),
+        ));
         let origins = OriginChain::new(
             std::iter::once(peers)
                 .chain(configured.iter().cloned())
                 .collect(),
         );
-        let hooks = Arc::new(Hooks {
+        // `storage.rewrite_base_model` writes the `--model` of the adapter's pool here.
+        let hooks = Arc::new(pool_hooks::PoolHooks {
+            inner: Arc::new(Hooks {
+                backends: backends.clone(),
+                control: control.clone(),
+            }),
             backends: backends.clone(),
-            control: control.clone(),
+            bases: bases.clone(),
         });
         let preloaded = preload::names(&config)?;
         let store = Store::open(
@@ -176,6 +194,7 @@ impl Node {
             tracer,
             tls,
             preload_done: preload_done.clone(),
+            bases,
         });
         preload::start(
             preload_here,

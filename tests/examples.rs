@@ -152,3 +152,18 @@ fn kubernetes() {
         ],
     );
 }
+
+#[test]
+fn two_pools() {
+    assert_keys(
+        "two-pools",
+        &[
+            ("vllm_urls.1", "http://localhost:8001"),
+            ("routing.base_models.acme/qwen-", "Qwen/Qwen2.5-7B-Instruct"),
+            (
+                "routing.base_models.acme/llama-",
+                "meta-llama/Llama-3.1-8B-Instruct",
+            ),
+        ],
+    );
+}

@@ -2,6 +2,7 @@
 //!
 //! - [`hashkey`]: a request's hash key (`routing.hash_on`).
 //! - [`placement`]: a key onto the peer set (owner, then fallbacks).
+//! - [`pools`]: which base models the cluster serves (base-model pools), for the view.
 //! - [`identity`]: this node's address, and whether a peer entry is this node.
 //! - [`discovery`]: the peer set (static, shared directory, Kubernetes).
 //! - [`topology`]: the current peers, their placement and health.
@@ -23,6 +24,7 @@ pub mod hashkey;
 pub mod identity;
 pub mod peering;
 pub mod placement;
+pub mod pools;
 pub mod protocol;
 pub mod router;
 pub mod score;

@@ -372,6 +372,73 @@ impl Placement {
         len
     }
 
+    /// The first `out.len()` (at most [`MAX_TOP`]) entries of [`order`](Self::order) among the
+    /// peers `keep` accepts (the nodes of a base-model pool), written into `out`; returns how
+    /// many. The same peers in the same order as `order(key).filter(keep)`, so every node agrees
+    /// on a key's owner within a pool, and a peer joining or leaving a pool moves only the keys
+    /// it owns there. Allocates nothing: the slot's hot peers, then its cached tail when enough
+    /// of it is kept, else one pass scoring the kept peers.
+    pub fn top_where(&self, key_hash: u64, out: &mut [u16], keep: impl Fn(usize) -> bool) -> usize {
+        let cap = out.len().min(MAX_TOP).min(self.peers.len());
+        if cap == 0 {
+            return 0;
+        }
+        let slot = slot_of(key_hash);
+        let hot: &[u16] = if self.slot_is_hot(slot) {
+            self.slot_candidates(slot)
+        } else {
+            &[]
+        };
+        let (mut ranks, mut len) = ([0u64; MAX_TOP], 0);
+        for i in hot.iter().map(|&i| usize::from(i)).filter(|&i| keep(i)) {
+            insert_ranked(&mut ranks, &mut len, cap, self.key_rank(key_hash, i));
+        }
+        for (o, r) in out.iter_mut().zip(&ranks[..len]) {
+            *o = unpack(*r) as u16;
+        }
+        let mut n = len;
+        if n == cap {
+            return n;
+        }
+        // The cached tail is the order's next entries: enough when it holds the rest.
+        if hot.len() < TAIL_CACHE
+            && let Some(tail) = self.tails.get(slot)
+        {
+            let mut exhausted = false;
+            for &t in tail {
+                if t == NO_PEER {
+                    exhausted = true;
+                    break;
+                }
+                if keep(usize::from(t)) {
+                    out[n] = t;
+                    n += 1;
+                    if n == cap {
+                        return n;
+                    }
+                }
+            }
+            if exhausted {
+                return n;
+            }
+            n = len;
+        }
+        // The rest by slot-level rank among the kept, skipping the hot ones (both ascending).
+        let (mut tail, mut tlen) = ([0u64; MAX_TOP], 0);
+        let mut hot = hot.iter().map(|&i| usize::from(i)).peekable();
+        for i in 0..self.peers.len() {
+            if hot.next_if_eq(&i).is_some() || !keep(i) {
+                continue;
+            }
+            insert_ranked(&mut tail, &mut tlen, cap - n, self.slot_rank(slot, i));
+        }
+        for r in &tail[..tlen] {
+            out[n] = unpack(*r) as u16;
+            n += 1;
+        }
+        n
+    }
+
     /// The owner of a key hashed with xxh3 (see [`owner`](Self::owner)).
     #[inline]
     pub fn owner_of_hash(&self, key_hash: u64) -> Option<usize> {

@@ -11,6 +11,9 @@
 //!   ([`PeerManifest`]) and `GET {PREFIX}{name}/files/{path}` (`Range: bytes=N-`).
 //! - Evict broadcast: `POST /admin/cache/evict {"adapter": name}`, marked forwarded so it is
 //!   not broadcast again.
+//! - `GET {MODELS_PATH}`: a node's own part of the merged `/v1/models`; peers only.
+//! - `GET {BASE_PREFIX}{name}` ([`PeerBase`]): an adapter's base model, asked of the node that
+//!   learns it once for the cluster; peers only.
 //! - `GET {STATE_PATH}?since=V&instance=I` ([`PeerState`]): a node's vLLM state per backend,
 //!   its hot keys and the changed segments of its disk filter; polled every
 //!   `vllm.metrics_interval`, peers only.
@@ -41,6 +44,13 @@ pub const PREFIX: &str = "/_loraplex/adapters/";
 
 /// The peer-state endpoint.
 pub const STATE_PATH: &str = "/_loraplex/state";
+
+/// The model-list endpoint: `GET {MODELS_PATH}`, a node's own part of the merged `/v1/models`
+/// (its backends' base models, the adapters it stores), peers only.
+pub const MODELS_PATH: &str = "/_loraplex/models";
+
+/// Path prefix of the base-model endpoint: `GET {BASE_PREFIX}{adapter}` ([`PeerBase`]).
+pub const BASE_PREFIX: &str = "/_loraplex/base/";
 
 /// Requests in flight that count as full load (the Go project's `Load(200)`).
 pub const FULL_LOAD: i64 = 200;
@@ -159,6 +169,18 @@ pub struct PeerManifest {
 pub struct PeerFile {
     pub path: String,
     pub size: u64,
+}
+
+/// `GET {BASE_PREFIX}{adapter}`: an adapter's base model as the asked node learnt it (its disk,
+/// else its origins), peers only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerBase {
+    pub adapter: String,
+    /// `base_model_name_or_path`; `None`: not learnt (or missing).
+    pub base_model: Option<String>,
+    /// No origin has the adapter.
+    #[serde(default)]
+    pub missing: bool,
 }
 
 /// An adapter-copy request, by its path.
@@ -283,6 +305,46 @@ impl PeerClient {
         let resp = self
             .with_token(self.http.get(url))
             .timeout(MANIFEST_TIMEOUT)
+            .send()
+            .await
+            .ok()?;
+        if resp.status() != StatusCode::OK {
+            return None;
+        }
+        resp.json().await.ok()
+    }
+
+    /// The base model of `name` as `peer` learns it; `None` when it does not answer (within
+    /// `timeout`) or answers something else.
+    pub async fn base_model(
+        &self,
+        peer: &str,
+        name: &AdapterName,
+        timeout: Duration,
+    ) -> Option<PeerBase> {
+        let url = format!("{}://{peer}{BASE_PREFIX}{name}", self.scheme);
+        let resp = self
+            .with_token(self.http.get(url))
+            .timeout(timeout)
+            .send()
+            .await
+            .ok()?;
+        if resp.status() != StatusCode::OK {
+            return None;
+        }
+        resp.json::<PeerBase>()
+            .await
+            .ok()
+            .filter(|b| b.adapter == name.as_str())
+    }
+
+    /// `peer`'s own part of the model list (`GET {MODELS_PATH}`, vLLM's `/v1/models` shape);
+    /// `None` when it does not answer in time.
+    pub async fn models(&self, peer: &str) -> Option<serde_json::Value> {
+        let url = format!("{}://{peer}{MODELS_PATH}", self.scheme);
+        let resp = self
+            .with_token(self.http.get(url))
+            .timeout(HEALTH_TIMEOUT)
             .send()
             .await
             .ok()?;

@@ -428,6 +428,20 @@ impl Router {
             return Decision::local(Reason::Owner);
         }
         let view = Self::valid(topo, view);
+        // A request of a pool under `hash` (base-model pools): its key's order within the pool,
+        // and a base-model request this node has no backend for goes to the pool's least loaded.
+        if let (RoutingPolicy::Hash, Some(v)) = (self.policy, view)
+            && req.pool != 0
+        {
+            match req.key {
+                Some(key) => return self.bounded(topo, Some(v), key, req),
+                None if v.nodes[topo.me].serving(req.pool).next().is_none() => {
+                    let all = 0..v.nodes.len();
+                    return self.least_loaded(topo, v, req, sent, Reason::Spread, all);
+                }
+                None => {}
+            }
+        }
         match (self.policy, req.key, view) {
             (RoutingPolicy::Hash, None, _) => Decision::local(Reason::Spread),
             (RoutingPolicy::Hash, Some(key), _) | (_, Some(key), None) => {
@@ -496,6 +510,26 @@ impl Router {
             .reduce(f32::min)
     }
 
+    /// The key's first nodes ([`Placement::top`]); within the request's pool when it has one
+    /// and the view says which nodes serve it: the nodes with a backend serving the pool, in
+    /// the key's order ([`Placement::top_where`]), so a small pool is found however far down
+    /// the order its nodes are.
+    #[inline]
+    fn key_order(
+        topo: &Topology,
+        view: Option<&View>,
+        key: u64,
+        pool: u64,
+        out: &mut [u16],
+    ) -> usize {
+        match view {
+            Some(v) if pool != 0 => topo
+                .placement
+                .top_where(key, out, |i| v.nodes[i].serving(pool).next().is_some()),
+            _ => topo.placement.top(key, out),
+        }
+    }
+
     /// The owner, unless it is down or past the overflow threshold: then the next usable node
     /// of the key's order below it (at most [`SPREAD`] candidates; all overloaded: the owner).
     fn bounded(
@@ -510,7 +544,7 @@ impl Router {
         // The key's first SPREAD nodes (cheap: past the slot's hot peers `top` scores every
         // peer, and keeps as many as asked); more only when some of them are not usable.
         for want in [SPREAD, MAX_TOP] {
-            let n = topo.placement.top(key, &mut order[..want]);
+            let n = Self::key_order(topo, view, key, req.pool, &mut order[..want]);
             cands = Peers::default();
             for i in order[..n].iter().map(|&i| usize::from(i)) {
                 if usize::from(cands.len) == SPREAD {
@@ -563,7 +597,7 @@ impl Router {
         let mut cands = Peers::default();
         // The key's first k nodes; more only when some of them are not usable (as `bounded`).
         for want in [k.min(MAX_TOP), MAX_TOP] {
-            let n = topo.placement.top(key, &mut order[..want]);
+            let n = Self::key_order(topo, Some(view), key, req.pool, &mut order[..want]);
             cands = Peers::default();
             for i in order[..n].iter().map(|&i| usize::from(i)) {
                 if usize::from(cands.len) < k && Self::usable(topo, Some(view), i, req.pool) {

@@ -28,6 +28,7 @@ use super::{
     demand::{DemandBoard, DemandReader, KeyRate},
     disk_filter::DiskFilter,
     hashkey::pool_hash,
+    pools::Pools,
     protocol::{BackendReport, HotKey, PeerState},
     router::Router,
     view::{BackendState, NodeState, ReplicaTable, View},
@@ -620,7 +621,29 @@ impl ClusterState {
             generation,
             nodes: self.view_of(inner),
             replicas: inner.table.clone(),
+            pools: Arc::new(self.pools_of(inner)),
         });
+    }
+
+    /// The cluster's base models: every node's backends' names.
+    fn pools_of(&self, inner: &Inner) -> Pools {
+        let topo = self.router.topology();
+        Pools::build(topo.peers.iter().enumerate().map(|(i, p)| {
+            if i == topo.me {
+                Some(
+                    inner
+                        .local
+                        .iter()
+                        .map(|l| l.as_ref().map_or(&[][..], |(s, _)| &s.models[..]))
+                        .collect(),
+                )
+            } else {
+                inner
+                    .peers
+                    .get(&p.addr)
+                    .map(|r| r.reports.iter().map(|(r, _)| &r.models[..]).collect())
+            }
+        }))
     }
 }
 

@@ -184,6 +184,8 @@ pub struct View {
     /// By topology index.
     pub nodes: Vec<NodeState>,
     pub replicas: ReplicaTable,
+    /// The cluster's base models (pools).
+    pub pools: Arc<super::pools::Pools>,
 }
 
 impl View {

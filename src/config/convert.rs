@@ -576,7 +576,29 @@ impl Convert<'_> {
             &r.fallback_to_base_model,
             false,
         )?;
+        d.base_models = self.base_models(r.base_models.as_ref())?;
         Ok(())
+    }
+
+    /// `routing.base_models`: prefixes (any string, `""` for every adapter) to base-model
+    /// names (not empty), longest prefix first.
+    fn base_models(
+        &self,
+        map: Option<&std::collections::BTreeMap<String, Leaf>>,
+    ) -> Result<Vec<(String, String)>> {
+        let mut rules = Vec::new();
+        for (prefix, base) in map.into_iter().flatten() {
+            let key = format!("routing.base_models.{prefix:?}");
+            let Some(base) = text(base)
+                .map(|b| b.trim().to_owned())
+                .filter(|b| !b.is_empty())
+            else {
+                return Err(self.err(&key, "the base model name is empty".to_owned()));
+            };
+            rules.push((prefix.clone(), base));
+        }
+        rules.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        Ok(rules)
     }
 
     fn vllm(&self, f: &FileConfig, cfg: &mut Config) -> Result<()> {

@@ -233,6 +233,9 @@ pub struct FileRouting {
     pub overflow_threshold: Leaf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_to_base_model: Leaf,
+    /// Adapter-name prefix → base model (`routing.base_models`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_models: Option<std::collections::BTreeMap<String, Leaf>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

@@ -422,6 +422,10 @@ pub struct RoutingConfig {
     /// Load (0..=1) above which an owner sheds requests to the next node of the key.
     pub overflow_threshold: f64,
     pub fallback_to_base_model: bool,
+    /// `routing.base_models`: adapter-name prefix → the base model its adapters need, longest
+    /// prefix first (the longest matching prefix wins). Empty: learnt from each adapter's
+    /// `adapter_config.json`.
+    pub base_models: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -545,6 +549,7 @@ impl Default for Config {
                 forward_timeout: Duration::from_secs(5),
                 overflow_threshold: 0.8,
                 fallback_to_base_model: false,
+                base_models: Vec::new(),
             },
             vllm: VllmConfig {
                 model_name: None,

@@ -84,6 +84,12 @@ pub(super) fn render(cfg: &Config, redact: Redact) -> String {
             forward_timeout: dur(r.forward_timeout),
             overflow_threshold: Some(Scalar::Float(r.overflow_threshold)),
             fallback_to_base_model: Some(Scalar::Bool(r.fallback_to_base_model)),
+            base_models: Some(
+                r.base_models
+                    .iter()
+                    .map(|(prefix, base)| (prefix.clone(), s(base.as_str())))
+                    .collect(),
+            ),
         }),
         vllm: Some(FileVllm {
             model_name: s(cfg.vllm.model_name.clone().unwrap_or_default()),

@@ -143,6 +143,14 @@ fn bad_values_name_key_and_value() {
             "routing.vnodes_per_peer: 5000000000 is too large",
         ),
         (
+            "routing:\n  base_models:\n    acme/: \"\"\n",
+            r#"routing.base_models."acme/": the base model name is empty"#,
+        ),
+        (
+            "routing:\n  base_models: [a, b]\n",
+            "routing.base_models: invalid type: sequence, expected a map at line 2 column 16",
+        ),
+        (
             "routing:\n  fallback_to_base_model: maybe\n",
             r#"routing.fallback_to_base_model: invalid boolean "maybe" (true or false)"#,
         ),
@@ -467,6 +475,29 @@ fn overrides_win_and_errors_name_the_flag() {
 
 /// A config using every key prints as YAML that loads back to the same config.
 #[test]
+fn base_models_longest_prefix_first() {
+    let c = cfg(
+        "routing:\n  base_models:\n    acme/: org/m1\n    acme/qwen-: org/m2\n    \
+                 \"\": org/m0\n",
+    );
+    let rules: Vec<(&str, &str)> = c
+        .routing
+        .base_models
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_str()))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            ("acme/qwen-", "org/m2"),
+            ("acme/", "org/m1"),
+            ("", "org/m0")
+        ]
+    );
+    assert!(cfg("").routing.base_models.is_empty());
+}
+
+#[test]
 fn printed_config_loads_back() {
     let text = "listen: \"0.0.0.0:9090\"\nself_addr: 10.0.0.1:9090\nvllm_url: http://127.0.0.1:8000\n\
         storage: {dir: /mnt/x, max_size: 1.5TB, rewrite_base_model: true, direct_io: off, fetch_wait_timeout: 0}\n\
@@ -478,7 +509,8 @@ fn printed_config_loads_back() {
         invalidation: {ttl: 0}\n\
         discovery: {mode: static, static: {peers: ['10.0.0.1:9090', '[::1]:9090']}}\n\
         routing: {hash_on: 'header:X-Session-ID/model', vnodes_per_peer: 10, forward_timeout: 2m3.5s, \
-                  overflow_threshold: 0.65, fallback_to_base_model: true}\n\
+                  overflow_threshold: 0.65, fallback_to_base_model: true, \
+                  base_models: {'acme/qwen-': Qwen/Qwen2.5-0.5B, '': org/m1}}\n\
         vllm: {model_name: base/m, max_loras: 8, max_lora_rank: 16, health_check_interval: 750ms}\n\
         server: {workers: 3, driver: epoll, max_body_size: 1MB, max_header_size: 8KB, \
                  header_read_timeout: 7s, body_read_timeout: 9s, idle_timeout: 1h, upstream_connect_timeout: 1s, \

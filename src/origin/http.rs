@@ -175,6 +175,13 @@ impl Origin for HttpOrigin {
         .boxed()
     }
 
+    fn config<'a>(
+        &'a self,
+        name: &'a AdapterName,
+    ) -> BoxFuture<'a, Result<FileStream, OriginError>> {
+        super::config_by_path(self, name)
+    }
+
     fn open<'a>(
         &'a self,
         name: &'a AdapterName,

@@ -14,6 +14,7 @@
 //! Origins run on the control plane (tokio). Retries, resume from the offset reached, stall
 //! detection and checksums live once, in [`transfer`], for every origin.
 
+pub mod base;
 pub mod file;
 pub mod http;
 pub mod huggingface;
@@ -26,7 +27,7 @@ pub mod transfer;
 use std::{fmt, sync::Arc};
 
 use bytes::Bytes;
-use futures_util::{future::BoxFuture, stream::BoxStream};
+use futures_util::{FutureExt, future::BoxFuture, stream::BoxStream};
 
 use crate::{
     adapter::{AdapterName, BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE},
@@ -262,6 +263,44 @@ pub trait Origin: Send + Sync + 'static {
         file: &'a FileSpec,
         offset: u64,
     ) -> BoxFuture<'a, Result<FileStream, OriginError>>;
+
+    /// The adapter's `adapter_config.json` alone, to learn its base model before its weights
+    /// are placed ([`base`]). By default the manifest, then the file; an origin that can name
+    /// the file directly overrides it with [`config_by_path`] (one request).
+    fn config<'a>(
+        &'a self,
+        name: &'a AdapterName,
+    ) -> BoxFuture<'a, Result<FileStream, OriginError>> {
+        async move {
+            let manifest = self.manifest(name).await?;
+            let file = manifest
+                .files
+                .iter()
+                .find(|f| f.path == CONFIG_FILE)
+                .ok_or_else(|| OriginError::not_found(format!("no {CONFIG_FILE}")))?;
+            self.open(name, &manifest, file, 0).await
+        }
+        .boxed()
+    }
+}
+
+/// [`Origin::config`] for origins whose `open` needs no manifest (http, S3, file): the config
+/// file by its path, one request.
+pub fn config_by_path<'a, O: Origin + ?Sized>(
+    origin: &'a O,
+    name: &'a AdapterName,
+) -> BoxFuture<'a, Result<FileStream, OriginError>> {
+    async move {
+        let manifest = Manifest {
+            files: Vec::new(),
+            etag: None,
+            revision: None,
+            source: None,
+        };
+        let file = FileSpec::new(CONFIG_FILE, None);
+        origin.open(name, &manifest, &file, 0).await
+    }
+    .boxed()
 }
 
 /// The configured origins, tried in order.

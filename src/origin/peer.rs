@@ -7,7 +7,9 @@
 //!
 //! Which peers are asked: the ones after this node in the adapter name's placement order, which
 //! is where the adapter lived before this node took it over (rendezvous: a joining node takes
-//! keys from exactly those), at most [`ASK`] of them, each with a short timeout. What they send
+//! keys from exactly those), at most [`ASK`] of them, each with a short timeout. With base-model
+//! pools (`crate::cluster::pools`), the order is over the nodes of the adapter's pool: that is
+//! where it was placed. What they send
 //! is verified like any origin's (sizes, then the store's safetensors and config checks).
 //! `head` always answers "not found", and a revalidation downloads the new version from the
 //! configured origins only (the store skips this one): revalidation asks the real origins.
@@ -17,10 +19,14 @@ use std::sync::Arc;
 use futures_util::{FutureExt, StreamExt, TryStreamExt, future::BoxFuture};
 use reqwest::StatusCode;
 
-use super::{FileSpec, FileStream, Manifest, Origin, OriginError};
+use super::{
+    FileSpec, FileStream, Manifest, Origin, OriginError,
+    base::{Base, BaseModels},
+};
 use crate::{
     adapter::AdapterName,
     cluster::{
+        hashkey::pool_hash,
         protocol::PeerClient,
         router::{Router, Topology},
     },
@@ -33,21 +39,37 @@ pub const ASK: usize = 3;
 pub struct PeerOrigin {
     router: Arc<Router>,
     client: PeerClient,
+    /// Adapters' base models (their pools).
+    bases: Arc<BaseModels>,
 }
 
 impl PeerOrigin {
-    pub fn new(router: Arc<Router>, client: PeerClient) -> PeerOrigin {
-        PeerOrigin { router, client }
+    pub fn new(router: Arc<Router>, client: PeerClient, bases: Arc<BaseModels>) -> PeerOrigin {
+        PeerOrigin {
+            router,
+            client,
+            bases,
+        }
     }
 
-    /// The peers to ask, in the adapter name's order, usable ones only, this node excluded.
-    fn candidates(topo: &Topology, name: &AdapterName) -> Vec<String> {
+    /// The peers to ask, in the adapter name's order, usable ones only, this node excluded;
+    /// only nodes of its pool when the cluster has pools and its base model is known.
+    fn candidates(&self, topo: &Topology, name: &AdapterName) -> Vec<String> {
         if topo.is_single() {
             return Vec::new();
         }
+        let view = self.router.view();
+        let view = (view.generation == topo.generation && view.nodes.len() == topo.peers.len())
+            .then_some(&**view);
+        let pool = match (view, self.bases.known(name.as_str())) {
+            (Some(v), Some(Base::Known(base))) if v.pools.multi() => pool_hash(&base),
+            _ => 0,
+        };
+        let in_pool =
+            |i: usize| pool == 0 || view.is_some_and(|v| v.nodes[i].serving(pool).next().is_some());
         topo.placement
             .order(name.as_str().as_bytes())
-            .filter(|&i| i != topo.me && topo.peers[i].health.usable())
+            .filter(|&i| i != topo.me && topo.peers[i].health.usable() && in_pool(i))
             .take(ASK)
             .map(|i| topo.peers[i].addr.clone())
             .collect()
@@ -88,7 +110,7 @@ impl Origin for PeerOrigin {
     ) -> BoxFuture<'a, Result<Manifest, OriginError>> {
         async move {
             let topo = self.router.topology();
-            for peer in Self::candidates(&topo, name) {
+            for peer in self.candidates(&topo, name) {
                 let Some(m) = self.client.manifest(&peer, name).await else {
                     continue;
                 };

@@ -533,6 +533,13 @@ impl Origin for S3 {
         self.list_manifest(name).boxed()
     }
 
+    fn config<'a>(
+        &'a self,
+        name: &'a AdapterName,
+    ) -> BoxFuture<'a, Result<FileStream, OriginError>> {
+        super::config_by_path(self, name)
+    }
+
     fn open<'a>(
         &'a self,
         name: &'a AdapterName,

@@ -36,6 +36,10 @@ pub enum Endpoint {
     Peer,
     /// This node's state for its peers (`/_loraplex/state`).
     State,
+    /// An adapter's base model, for peers (`/_loraplex/base/...`, `models.rs`).
+    Base,
+    /// This node's part of the model list, for peers (`/_loraplex/models`, `model_list.rs`).
+    Models,
 }
 
 /// Which own endpoint `path` is, if any.
@@ -46,6 +50,8 @@ pub fn route(path: &str) -> Option<Endpoint> {
         "/metrics" => Some(Endpoint::Metrics),
         p if p == "/admin" || p.starts_with("/admin/") => Some(Endpoint::Admin),
         protocol::STATE_PATH => Some(Endpoint::State),
+        p if p.starts_with(protocol::BASE_PREFIX) => Some(Endpoint::Base),
+        protocol::MODELS_PATH => Some(Endpoint::Models),
         p if p.starts_with(protocol::PREFIX) => Some(Endpoint::Peer),
         _ => None,
     }
@@ -66,6 +72,9 @@ pub(super) async fn serve(
             tier: Tier::Passthrough,
             reply,
         });
+    }
+    if endpoint == Endpoint::Models {
+        return super::model_list::serve_part(w, conn, head).await;
     }
     if endpoint != Endpoint::Admin && !matches!(head.kind, Method::Get | Method::Head) {
         return Err(Error::new(
@@ -103,7 +112,8 @@ pub(super) async fn serve(
         }
         Endpoint::Admin => super::admin_api::serve(w, conn, head, body, &mut out).await?,
         Endpoint::State => super::peer_state::serve(w, conn, head, &mut out)?,
-        Endpoint::Peer => unreachable!("answered above"),
+        Endpoint::Base => super::models::serve_base(w, conn, head, &mut out).await?,
+        Endpoint::Peer | Endpoint::Models => unreachable!("answered above"),
     };
     if head.kind == Method::Head {
         response::strip_body(&mut out);

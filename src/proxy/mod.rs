@@ -14,6 +14,9 @@
 //! - `forward.rs`: the routing phase.
 //! - `local.rs`: the proxy's own endpoints.
 //! - `admin_api.rs`: the admin API (`/admin/*`).
+//! - `model_list.rs`: `GET /v1/models` merged over the cluster's backends.
+//! - `models.rs`: base-model pools: a request's pool, the 404/400 answers, the merged
+//!   `/v1/models`, adapters' base models for peers.
 //! - `peer_files.rs`: stored adapters served to peers.
 //! - `peer_state.rs`: this node's state for its peers.
 //! - `trace.rs`: the request's span and those of what it sends on.
@@ -25,6 +28,8 @@ pub mod admin_api;
 pub mod forward;
 mod handles;
 pub mod local;
+mod model_list;
+mod models;
 pub mod peer_files;
 mod peer_state;
 mod state;
@@ -153,6 +158,9 @@ async fn pipeline(
     if let Some(endpoint) = own {
         return local::serve(w, conn, head, &body, endpoint).await;
     }
+    if model_list::merges(w, head) {
+        return model_list::serve(w, conn, head).await;
+    }
 
     // 3. The model: the top-level `model` of a JSON body, or the `model` field of a form.
     let form = Boundary::of(head)?;
@@ -177,10 +185,12 @@ async fn pipeline(
         }
         _ => None,
     };
-    // A base-model request needs a backend serving that name; an adapter, any (for now).
+    // A base-model request needs a backend serving that name; an adapter, one serving its
+    // base model once the cluster has several (`models.rs`).
+    let pools = shared.router.view().pools.clone();
     let pool = match (model.as_deref(), &adapter) {
         (Some(name), None) if !name.is_empty() => pool_hash(name),
-        _ => 0,
+        _ => models::pool_of(w, &pools, model.as_deref(), adapter.as_ref()).await?,
     };
     let mut backend = None;
     let mut tier = if adapter.is_some() {

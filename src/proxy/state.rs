@@ -21,6 +21,7 @@ use crate::{
     config::Config,
     control::Control,
     metrics::{Metrics, Tier},
+    origin::base::BaseModels,
     proxy::{handles::Handles, upstream::Pool},
     shutdown::Shutdown,
     store::Store,
@@ -51,6 +52,8 @@ pub struct Shared {
     pub tls: Tls,
     /// The `storage.preload` attempts have finished (`/readyz` waits for it).
     pub preload_done: Arc<AtomicBool>,
+    /// Adapters' base models (their pools).
+    pub bases: Arc<BaseModels>,
 }
 
 /// One worker's proxy: built on the worker's thread, owned by it.

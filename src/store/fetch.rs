@@ -157,7 +157,7 @@ impl Store {
         let progress = self.progress.start(name, origin.describe(), known);
         let step = self.grow_step();
         let base = match self.opts.rewrite_base_model {
-            true => self.hooks.base_model(),
+            true => self.hooks.base_model_for(name),
             false => None,
         };
         let sent = async {

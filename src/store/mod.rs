@@ -70,6 +70,11 @@ pub trait VllmHooks: Send + Sync + 'static {
     fn unload(&self, name: &str) -> BoxFuture<'static, Result<(), Error>>;
     /// vLLM's `--model`, what `storage.rewrite_base_model` writes (not a served name), if known.
     fn base_model(&self) -> Option<String>;
+    /// What `storage.rewrite_base_model` writes into adapter `name`'s config: the `--model` of
+    /// the vLLM of its base model (its pool); by default [`VllmHooks::base_model`].
+    fn base_model_for(&self, _name: &AdapterName) -> Option<String> {
+        self.base_model()
+    }
 }
 
 /// No vLLM behind the store (the benchmarks drive a store alone): unloads succeed at once and

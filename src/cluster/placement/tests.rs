@@ -333,3 +333,35 @@ fn top_is_the_start_of_the_order() {
     }
     assert_eq!(Placement::build(&[]).top(1, &mut [0; 4]), 0);
 }
+
+#[test]
+fn top_where_is_the_start_of_the_filtered_order() {
+    // Pools of every shape: most nodes, half, a few, one, none.
+    type Pool = (&'static str, fn(usize) -> bool);
+    let pools: [Pool; 6] = [
+        ("all", |_| true),
+        ("even", |i| i % 2 == 0),
+        ("thirds", |i| i % 3 == 1),
+        ("few", |i| i % 17 == 5),
+        ("one", |i| i == 6),
+        ("none", |_| false),
+    ];
+    for n in [1, 2, 3, 7, 64, 130] {
+        let p = Placement::build(&addrs(n, 0));
+        for key in keys(200) {
+            let hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+            for (pool, keep) in pools {
+                let order: Vec<usize> = p.order(key.as_bytes()).filter(|&i| keep(i)).collect();
+                for want in [1, 2, 3, 4, 5, 6, MAX_TOP] {
+                    let mut out = [0u16; MAX_TOP];
+                    let got = p.top_where(hash, &mut out[..want], keep);
+                    let expect = want.min(order.len());
+                    assert_eq!(got, expect, "n={n} pool={pool} want={want}");
+                    let got: Vec<usize> = out[..got].iter().map(|&i| usize::from(i)).collect();
+                    assert_eq!(got, order[..expect], "n={n} pool={pool} key={key}");
+                }
+            }
+        }
+    }
+    assert_eq!(Placement::build(&[]).top_where(1, &mut [0; 4], |_| true), 0);
+}

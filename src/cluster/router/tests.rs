@@ -58,6 +58,7 @@ fn view(t: &Topology) -> View {
         generation: t.generation,
         nodes: vec![idle; t.peers.len()],
         replicas: ReplicaTable::default(),
+        pools: Default::default(),
     }
 }
 
@@ -420,6 +421,59 @@ fn an_adapter_in_a_backends_gpu_slot_picks_that_backend() {
     let d = r.decide(&t, &v, &req(key), &Sent::default());
     assert_eq!(target(&d), Some(second), "{d:?}");
     assert_eq!(d.reason, Reason::Residency);
+}
+
+/// Pools at the node level: an adapter's key goes to the first nodes of its order that serve
+/// its pool, under every policy, however far down the order a small pool's nodes are; without
+/// a pool, exactly the owner as before.
+#[test]
+fn a_keys_order_is_over_the_nodes_of_its_pool() {
+    for policy in [
+        RoutingPolicy::Auto,
+        RoutingPolicy::Hash,
+        RoutingPolicy::LeastLoad,
+    ] {
+        let (r, t) = router(64, policy);
+        let mut v = view(&t);
+        // m2 on two nodes (not this one), m1 everywhere else.
+        let small: Vec<usize> = (0..64).filter(|&i| i != t.me).step_by(29).take(2).collect();
+        for i in 0..64 {
+            with_backends(
+                &mut v,
+                i,
+                if small.contains(&i) { &["m2"] } else { &["m1"] },
+            );
+        }
+        let sent = Sent::default();
+        let m2 = pool_hash("m2");
+        for k in 0..300 {
+            let key = xxh3_64(format!("acme/m2-lora-{k}").as_bytes());
+            let d = r.decide(
+                &t,
+                &v,
+                &RouteRequest {
+                    pool: m2,
+                    ..req(key)
+                },
+                &sent,
+            );
+            let to = target(&d).expect("this node does not serve m2");
+            assert!(small.contains(&to), "{policy:?}: {to} does not serve m2");
+            assert!(d.peers.iter().all(|i| small.contains(&i)), "{d:?}");
+            if policy != RoutingPolicy::LeastLoad {
+                // The first of the pool in the key's order (its pool owner).
+                let mut out = [0u16; 1];
+                t.placement.top_where(key, &mut out, |i| small.contains(&i));
+                assert_eq!(to, usize::from(out[0]), "{policy:?}");
+            }
+        }
+        // Pool 0: the owner of the whole order, as before pools (`least-load` ignores keys).
+        let who = (0..64).find(|i| *i != t.me && !small.contains(i)).unwrap();
+        let d = r.decide(&t, &v, &req(key_owned_by(&t, who)), &sent);
+        if policy != RoutingPolicy::LeastLoad {
+            assert_eq!(target(&d), Some(who), "{policy:?}");
+        }
+    }
 }
 
 #[test]

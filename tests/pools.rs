@@ -1,0 +1,301 @@
+//! Base-model pools across a cluster, through the real binary, stand-in vLLMs and a stand-in
+//! HTTP origin: two nodes, three backends (node A: two vLLMs of M1; node B: one of M1, one of
+//! M2). Requests for M1, M2 and their adapters land only on backends of their base model; an M2
+//! request or adapter entering node A is forwarded to B; a model no backend serves is a 404, an
+//! adapter whose base model nobody serves a 400; an adapter's base model is read from the origin
+//! once for the whole cluster; `GET /v1/models` on either node lists both base models and the
+//! stored adapters with their parent.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{
+    Driver, chat_with as chat,
+    cluster::{Cluster, Spec},
+    s3::{S3Server, credentials},
+    store::request,
+};
+use loraplex::{
+    adapter::AdapterName,
+    config::TransferConfig,
+    control::Control,
+    origin::{
+        Origin, OriginChain,
+        base::{Base, BaseModels},
+        huggingface::HuggingFace,
+        s3::{S3, S3Settings},
+    },
+    testkit::{
+        adapters::{AdapterSpec, CONFIG_FILE, SAFETENSORS_FILE, adapter_files},
+        hub::{CdnHost, HubFile, StandInHub},
+        origin::{OriginConfig, OriginStandIn},
+        vllm::VllmConfig,
+    },
+};
+use serde_json::Value;
+
+const M1: &str = "model-one";
+const M2: &str = "model-two";
+const A: usize = 0;
+const B: usize = 1;
+
+/// Node A: two vLLMs of M1; node B: M1, then M2.
+fn backends(node: usize) -> Vec<VllmConfig> {
+    match node {
+        A => vec![VllmConfig::new(M1), VllmConfig::new(M1)],
+        _ => vec![VllmConfig::new(M1), VllmConfig::new(M2)],
+    }
+}
+
+async fn two_pools(driver: Driver, origin: &OriginStandIn) -> Cluster {
+    let spec = Spec {
+        backends: Some(&backends),
+        origin: Some(origin),
+        ..Spec::new(2)
+    };
+    let c = Cluster::start(driver, spec).await;
+    for i in [A, B] {
+        c.node(i).wait_ready().await;
+    }
+    c
+}
+
+fn body(r: &common::RawResponse) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// Requests of `model` each stand-in of the cluster received, as `[[A0, A1], [B0, B1]]`.
+fn spread(c: &Cluster, model: &str) -> [[u64; 2]; 2] {
+    [A, B].map(|i| [0, 1].map(|j| c.backend(i, j).requests(model)))
+}
+
+async fn requests_land_on_backends_of_their_base_model(driver: Driver) {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    origin.put_adapter("acme/one-lora", &AdapterSpec::new(M1, 60_000, 1));
+    origin.put_adapter("acme/two-lora", &AdapterSpec::new(M2, 60_000, 2));
+    origin.put_adapter(
+        "acme/three-lora",
+        &AdapterSpec::new("model-three", 60_000, 3),
+    );
+    let c = two_pools(driver, &origin).await;
+    let (a, b) = (c.node(A).addr, c.node(B).addr);
+
+    // Base models: M1 from both entry nodes on M1's three backends only; M2 entering A is
+    // forwarded to B's M2 backend.
+    for entry in [a, b, a, b, a, b] {
+        let r = chat(entry, M1).await;
+        assert_eq!(r.status, 200, "{}", body(&r));
+        let r = chat(entry, M2).await;
+        assert_eq!(r.status, 200, "{}", body(&r));
+    }
+    let m1 = spread(&c, M1);
+    assert_eq!(m1[0][0] + m1[0][1] + m1[1][0], 6, "{m1:?}");
+    assert_eq!(m1[1][1], 0, "M2's backend never gets M1: {m1:?}");
+    assert_eq!(
+        spread(&c, M2),
+        [[0, 0], [0, 6]],
+        "M2 only on B's second backend"
+    );
+
+    // Adapters: each on a backend of its base model, whichever node it enters.
+    for entry in [a, b, a, b] {
+        for adapter in ["acme/one-lora", "acme/two-lora"] {
+            let r = chat(entry, adapter).await;
+            assert_eq!(r.status, 200, "{adapter}: {}", body(&r));
+        }
+    }
+    let one = spread(&c, "acme/one-lora");
+    assert_eq!(one[0][0] + one[0][1] + one[1][0], 4, "{one:?}");
+    assert_eq!(one[1][1], 0, "an M1 adapter never on M2's backend: {one:?}");
+    assert_eq!(
+        spread(&c, "acme/two-lora"),
+        [[0, 0], [0, 4]],
+        "an M2 adapter entering A is forwarded to B's M2 backend"
+    );
+    assert!(c.stores(B, "acme/two-lora") && !c.stores(A, "acme/two-lora"));
+
+    // The adapter's base model was read from the origin once for the cluster: one config GET
+    // to learn it (by the name's owner, asked by the other node), one per download.
+    for name in ["acme/one-lora", "acme/two-lora"] {
+        let downloads = origin.gets(&format!("{name}/{SAFETENSORS_FILE}"));
+        assert_eq!(downloads, 1, "{name}");
+        assert_eq!(
+            origin.gets(&format!("{name}/{CONFIG_FILE}")),
+            1 + downloads,
+            "{name}: the base model learnt once per cluster"
+        );
+    }
+
+    // A model no backend serves (and no origin has): vLLM's 404, from either node, routed
+    // nowhere.
+    for entry in [a, b] {
+        let r = chat(entry, "model-three").await;
+        assert_eq!(r.status, 404, "{}", body(&r));
+        let e = &r.json()["error"];
+        assert_eq!(
+            e["message"], "The model `model-three` does not exist.",
+            "{e}"
+        );
+        assert_eq!(e["type"], "NotFoundError");
+        assert_eq!(e["param"], "model");
+    }
+    // An adapter whose base model no backend serves: a 400 naming it and the served ones.
+    for entry in [a, b] {
+        let r = chat(entry, "acme/three-lora").await;
+        assert_eq!(r.status, 400, "{}", body(&r));
+        let e = &r.json()["error"];
+        let msg = e["message"].as_str().unwrap();
+        assert!(
+            msg.contains("acme/three-lora")
+                && msg.contains("needs base model model-three")
+                && msg.contains("served base models: model-one, model-two"),
+            "{msg}"
+        );
+        assert_eq!(e["type"], "BadRequestError");
+    }
+    assert_eq!(
+        origin.gets(&format!("acme/three-lora/{SAFETENSORS_FILE}")),
+        0
+    );
+    for i in [A, B] {
+        for j in [0, 1] {
+            assert_eq!(c.backend(i, j).requests("acme/three-lora"), 0);
+            assert_eq!(c.backend(i, j).requests("model-three"), 0);
+        }
+    }
+
+    // /v1/models on either node: both base models, each stored adapter under its parent.
+    for entry in [a, b] {
+        let list = request(entry, "GET", "/v1/models", "").await.json();
+        assert_eq!(list["object"], "list", "{list}");
+        let data = list["data"].as_array().unwrap();
+        let parent = |id: &str| -> Option<Value> {
+            data.iter()
+                .find(|m| m["id"] == id)
+                .map(|m| m["parent"].clone())
+        };
+        assert_eq!(parent(M1), Some(Value::Null), "{list}");
+        assert_eq!(parent(M2), Some(Value::Null), "{list}");
+        assert_eq!(parent("acme/one-lora"), Some(Value::from(M1)), "{list}");
+        assert_eq!(parent("acme/two-lora"), Some(Value::from(M2)), "{list}");
+        assert_eq!(data.len(), 4, "each model once: {list}");
+        assert!(data.iter().all(|m| m["object"] == "model"), "{list}");
+    }
+}
+
+/// `storage.rewrite_base_model` with pools: an adapter whose config names its base by another
+/// name (a training path) is mapped to M2 by `routing.base_models`, placed on node B's M2 vLLM
+/// and its stored config rewritten to that vLLM's `--model` (not B's first vLLM's, M1's), so
+/// the M2 vLLM resolves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rule_places_and_rewrites_an_adapter_naming_another_base() {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    origin.put_adapter(
+        "acme/two-tuned",
+        &AdapterSpec::new("/train/m2-ckpt", 60_000, 4),
+    );
+    let spec = Spec {
+        backends: Some(&backends),
+        origin: Some(&origin),
+        extra: "storage:\n  dir: \"{DIR}/store\"\n  rewrite_base_model: true\nrouting:\n  \
+                base_models:\n    \"acme/two-\": \"model-two\"\n"
+            .into(),
+        ..Spec::new(2)
+    };
+    let c = Cluster::start(Driver::Epoll, spec).await;
+    for i in [A, B] {
+        c.node(i).wait_ready().await;
+    }
+    for entry in [c.node(A).addr, c.node(B).addr] {
+        let r = chat(entry, "acme/two-tuned").await;
+        assert_eq!(r.status, 200, "{}", body(&r));
+    }
+    assert_eq!(spread(&c, "acme/two-tuned"), [[0, 0], [0, 2]]);
+    let stored = c
+        .node(B)
+        .path("store")
+        .join("acme/two-tuned")
+        .join(CONFIG_FILE);
+    let config: Value = serde_json::from_slice(&std::fs::read(stored).unwrap()).unwrap();
+    assert_eq!(config["base_model_name_or_path"], M2);
+    // The rule answered: the origin's config was read only by the download.
+    assert_eq!(origin.gets(&format!("acme/two-tuned/{CONFIG_FILE}")), 1);
+}
+
+/// The base model of an adapter from each kind of origin (the Hub's file list then the file; an
+/// S3 object; the HTTP origin's file), in chain order, and "missing" when none has it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_base_model_is_read_from_each_kind_of_origin() {
+    let hub = StandInHub::start(None, CdnHost::Other).await.unwrap();
+    let files = |spec: &AdapterSpec| -> Vec<HubFile> {
+        adapter_files(spec)
+            .into_iter()
+            .map(|(n, b)| match n {
+                SAFETENSORS_FILE => HubFile::lfs(n, b),
+                _ => HubFile::small(n, b),
+            })
+            .collect()
+    };
+    hub.add_commit(
+        "acme/hub-lora",
+        &"a".repeat(40),
+        &["main"],
+        files(&AdapterSpec::new(M1, 10_000, 1)),
+    );
+    let s3 = S3Server::start(&["loras"]).await;
+    for (file, bytes) in adapter_files(&AdapterSpec::new(M2, 10_000, 2)) {
+        s3.put_file("loras", &format!("p/acme/s3-lora/{file}"), &bytes);
+    }
+    let http = OriginStandIn::start(OriginConfig::default()).unwrap();
+    http.put_adapter("acme/http-lora", &AdapterSpec::new("/models/m3", 10_000, 3));
+    let s3_origin = S3::with_credentials(
+        S3Settings {
+            bucket: "loras".into(),
+            region: Some("us-east-1".into()),
+            prefix: "p/".into(),
+            endpoint: Some(s3.url.clone()),
+        },
+        TransferConfig::default(),
+        Some(credentials()),
+    );
+    let http_origin =
+        loraplex::origin::http::HttpOrigin::new(&http.base_url(), None, TransferConfig::default())
+            .unwrap();
+    let chain = OriginChain::new(vec![
+        Arc::new(HuggingFace::new(&hub.url(), None, TransferConfig::default()).unwrap())
+            as Arc<dyn Origin>,
+        Arc::new(s3_origin),
+        Arc::new(http_origin),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let bases = BaseModels::new(&[], chain, dir.path().into(), None, Control::current());
+    let base_of = |name: &str| {
+        let bases = bases.clone();
+        let name = AdapterName::parse(name).unwrap();
+        async move {
+            match bases.lookup(&name, true) {
+                Ok(b) => b,
+                Err(waiter) => waiter.wait().await,
+            }
+        }
+    };
+    assert_eq!(base_of("acme/hub-lora").await, Base::Known(M1.into()));
+    assert_eq!(base_of("acme/s3-lora").await, Base::Known(M2.into()));
+    assert_eq!(
+        base_of("acme/http-lora").await,
+        Base::Known("/models/m3".into())
+    );
+    assert_eq!(base_of("acme/nowhere").await, Base::Missing);
+    // The config file alone: no weights read.
+    assert_eq!(http.gets(&format!("acme/http-lora/{CONFIG_FILE}")), 1);
+    assert_eq!(http.adapter_gets("acme/http-lora"), 1);
+    assert_eq!(
+        hub.hits(&StandInHub::cdn_path(
+            &files(&AdapterSpec::new(M1, 10_000, 1))[1]
+        )),
+        0
+    );
+}
+
+on_both_drivers!(requests_land_on_backends_of_their_base_model);
