@@ -302,16 +302,7 @@ impl PeerClient {
     /// time).
     pub async fn manifest(&self, peer: &str, name: &AdapterName) -> Option<PeerManifest> {
         let url = format!("{}://{peer}{PREFIX}{name}/manifest", self.scheme);
-        let resp = self
-            .with_token(self.http.get(url))
-            .timeout(MANIFEST_TIMEOUT)
-            .send()
-            .await
-            .ok()?;
-        if resp.status() != StatusCode::OK {
-            return None;
-        }
-        resp.json().await.ok()
+        self.get_json(url, MANIFEST_TIMEOUT).await
     }
 
     /// The base model of `name` as `peer` learns it; `None` when it does not answer (within
@@ -323,18 +314,8 @@ impl PeerClient {
         timeout: Duration,
     ) -> Option<PeerBase> {
         let url = format!("{}://{peer}{BASE_PREFIX}{name}", self.scheme);
-        let resp = self
-            .with_token(self.http.get(url))
-            .timeout(timeout)
-            .send()
+        self.get_json::<PeerBase>(url, timeout)
             .await
-            .ok()?;
-        if resp.status() != StatusCode::OK {
-            return None;
-        }
-        resp.json::<PeerBase>()
-            .await
-            .ok()
             .filter(|b| b.adapter == name.as_str())
     }
 
@@ -342,9 +323,19 @@ impl PeerClient {
     /// `None` when it does not answer in time.
     pub async fn models(&self, peer: &str) -> Option<serde_json::Value> {
         let url = format!("{}://{peer}{MODELS_PATH}", self.scheme);
+        self.get_json(url, HEALTH_TIMEOUT).await
+    }
+
+    /// `GET url` (with the token) answered 200 with JSON of type `T` within `timeout`; `None`
+    /// otherwise.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: String,
+        timeout: Duration,
+    ) -> Option<T> {
         let resp = self
             .with_token(self.http.get(url))
-            .timeout(HEALTH_TIMEOUT)
+            .timeout(timeout)
             .send()
             .await
             .ok()?;

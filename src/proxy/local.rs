@@ -115,6 +115,18 @@ pub(super) async fn serve(
         Endpoint::Base => super::models::serve_base(w, conn, head, &mut out).await?,
         Endpoint::Peer | Endpoint::Models => unreachable!("answered above"),
     };
+    Ok(send_answer(w, conn, head, out, status).await)
+}
+
+/// Write a proxy-made answer `out` (a whole response, status `status`), without its body for
+/// HEAD, and hand the buffer back for reuse.
+pub(super) async fn send_answer(
+    w: &Proxy,
+    conn: &mut Conn,
+    head: &RequestHead,
+    mut out: Vec<u8>,
+    status: u16,
+) -> Served {
     if head.kind == Method::Head {
         response::strip_body(&mut out);
     }
@@ -125,11 +137,11 @@ pub(super) async fn serve(
         }
         Err(_) => false,
     };
-    Ok(Served {
+    Served {
         tier: Tier::Passthrough,
         reply: Reply {
             status,
-            keep_alive: keep_alive && written,
+            keep_alive: head.keep_alive && written,
         },
-    })
+    }
 }

@@ -18,13 +18,12 @@ use crate::{
     cluster::protocol::is_trusted_peer,
     error::{Error, ErrorKind},
     http::{Method, RequestHead, response},
-    metrics::Tier,
     origin::base::Base,
     proxy::Proxy,
     server::conn::Conn,
 };
 
-use super::{Reply, Served};
+use super::Served;
 
 /// Whether this node answers `GET /v1/models` itself (several backends or several nodes).
 pub(super) fn merges(w: &Proxy, head: &RequestHead) -> bool {
@@ -154,21 +153,5 @@ async fn write(
 ) -> Result<Served, Error> {
     let mut out = w.take_answer_buf();
     response::json(&mut out, 200, body, head.keep_alive);
-    if head.kind == Method::Head {
-        response::strip_body(&mut out);
-    }
-    let written = match conn.write_all(out).await {
-        Ok(out) => {
-            w.give_answer_buf(out);
-            true
-        }
-        Err(_) => false,
-    };
-    Ok(Served {
-        tier: Tier::Passthrough,
-        reply: Reply {
-            status: 200,
-            keep_alive: head.keep_alive && written,
-        },
-    })
+    Ok(super::local::send_answer(w, conn, head, out, 200).await)
 }
