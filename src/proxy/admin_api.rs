@@ -6,7 +6,8 @@
 //! - `POST /admin/cache/warmup {"adapters": [...], "load": bool}`: fetch now; per adapter `ok`
 //!   or the error; with `load`, also load each into every vLLM backend of the node
 //!   (`"loaded": true` when one at least took it, `"loaded_on"`: their URLs), so its first
-//!   request pays no load.
+//!   request pays no load. The wait is bounded by `storage.fetch_wait_timeout` (a 504 past it,
+//!   the downloads going on), as a request's.
 //! - `POST /admin/cache/evict {"adapter": NAME}`: remove it here (vLLM is told to unload it)
 //!   and on every peer. The name is validated: nothing outside the storage dir is touched. A
 //!   preloaded adapter (`storage.preload`) is refused with 409.
@@ -32,8 +33,8 @@ use crate::{
         protocol::{BackendReport, is_marked, is_trusted_peer, load},
         router::backend_json,
     },
-    config::AdminConfig,
-    error::{Error, ErrorKind},
+    config::{AdminConfig, units::format_duration},
+    error::{Clipped, Error, ErrorKind},
     http::{Method, RequestHead, constant_time_eq, response},
     proxy::Proxy,
     server::conn::Conn,
@@ -79,7 +80,7 @@ pub async fn serve(
         }
         (Method::Post, "/admin/cache/warmup") => {
             let req: WarmupRequest = parse(body)?;
-            let mut answer = store.warmup(&req.adapters).await;
+            let mut answer = warm(w, req.adapters).await?;
             if req.load {
                 load_warmed(w, &mut answer).await;
             }
@@ -131,6 +132,38 @@ struct WarmupRequest {
     /// Also load each adapter into vLLM once its files are here.
     #[serde(default)]
     load: bool,
+}
+
+/// The warm-up's downloads, run on the control plane, waited for at most
+/// `storage.fetch_wait_timeout` as a request waits: past that, a 504 while they go on (the
+/// adapters after the one downloading too, one after another), so a later warm-up or request
+/// finds them stored.
+async fn warm(w: &Proxy, adapters: Vec<String>) -> Result<Value, Error> {
+    let store = w.shared.store.clone();
+    let count = adapters.len();
+    let first = adapters.first().map(|n| Clipped(n).to_string());
+    let warm = w
+        .shared
+        .control
+        .run(async move { store.warmup(&adapters).await });
+    let Some(limit) = w.shared.config.storage.fetch_wait_timeout else {
+        return warm.await;
+    };
+    match monoio::time::timeout(limit, warm).await {
+        Ok(answer) => answer,
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "the warm-up of {count} adapter(s) ({}{}) is still downloading after {} \
+                 (storage.fetch_wait_timeout); the downloads go on: warm up again later to see \
+                 them stored",
+                first.unwrap_or_default(),
+                if count > 1 { ", ..." } else { "" },
+                format_duration(limit)
+            ),
+        )
+        .with_param("adapters")),
+    }
 }
 
 /// Load every adapter the warm-up stored into vLLM (`POST /v1/load_lora_adapter`); each result
