@@ -183,7 +183,7 @@ async fn bases_first(
 }
 
 /// Put the refused adapters' results back in the warm-up's answer, in the request's order.
-fn merge_refused(adapters: &[String], answer: &mut Value, mut refused: HashMap<String, Error>) {
+fn merge_refused(adapters: &[String], answer: &mut Value, refused: HashMap<String, Error>) {
     if refused.is_empty() {
         return;
     }
@@ -193,7 +193,8 @@ fn merge_refused(adapters: &[String], answer: &mut Value, mut refused: HashMap<S
     let mut done = done.into_iter();
     let results: Vec<Value> = adapters
         .iter()
-        .filter_map(|raw| match refused.remove(raw) {
+        // By name: a name listed twice is refused twice, and takes no other's result.
+        .filter_map(|raw| match refused.get(raw) {
             Some(e) => Some(json!({"adapter": raw, "status": format!("error: {}", e.message)})),
             None => done.next(),
         })
