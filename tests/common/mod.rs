@@ -405,7 +405,18 @@ pub fn post(path: &str, body: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Poll `cond` every 10 ms; fail after 15 s.
+/// The value of `series` (a metric's name, or its name and all its labels) in a Prometheus
+/// text exposition, summed over the lines of that series; 0 when absent.
+pub fn metric_sum(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(series)
+                .is_some_and(|r| r.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A chat completion for `model` (no messages), its whole answer.
 pub async fn chat_with(addr: SocketAddr, model: &str) -> RawResponse {
     let mut c = Raw::connect(addr).await;
@@ -414,6 +425,7 @@ pub async fn chat_with(addr: SocketAddr, model: &str) -> RawResponse {
     c.response(false).await
 }
 
+/// Poll `cond` every 10 ms; fail after 15 s.
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !cond() {
