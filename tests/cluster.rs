@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{
     Driver, Raw,
     cluster::{BASE, Cluster, Spec},
-    post,
+    post, post_json,
 };
 use loraplex::testkit::{
     adapters::AdapterSpec,
@@ -382,21 +382,6 @@ async fn a_request_a_peer_acknowledged_is_never_sent_elsewhere(driver: Driver) {
     );
 }
 
-async fn post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> common::RawResponse {
-    admin_post(addr, path, body, "").await
-}
-
-async fn admin_post(
-    addr: std::net::SocketAddr,
-    path: &str,
-    body: &str,
-    extra: &str,
-) -> common::RawResponse {
-    let mut raw = Raw::connect(addr).await;
-    raw.send(&post(path, body, extra)).await;
-    raw.response(false).await
-}
-
 async fn each_adapter_lives_on_its_owner_only(driver: Driver) {
     let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
     let c = cluster_with(driver, "", Some(&origin)).await;
@@ -407,7 +392,7 @@ async fn each_adapter_lives_on_its_owner_only(driver: Driver) {
     for n in &names {
         for entry in 0..3 {
             let body = format!(r#"{{"model":"{n}","messages":[]}}"#);
-            let r = post_json(c.node(entry).addr, "/v1/chat/completions", &body).await;
+            let r = post_json(c.node(entry).addr, "/v1/chat/completions", &body, "").await;
             assert_eq!(r.status, 200, "{n} via {entry}");
         }
         let owner = c.owner_of(n);
@@ -434,13 +419,14 @@ async fn a_new_owner_copies_the_adapter_from_a_peer_not_the_origin(driver: Drive
         c.node(0).addr,
         "/admin/cache/warmup",
         &format!(r#"{{"adapters":["{name}"]}}"#),
+        "",
     )
     .await;
     assert_eq!(warm.json()["results"][0]["status"], "ok");
     let gets = origin.adapter_gets(&name);
     // Asked through node 1, the owner (node 2) fetches it: from node 0.
     let body = format!(r#"{{"model":"{name}","messages":[]}}"#);
-    let r = post_json(c.node(1).addr, "/v1/chat/completions", &body).await;
+    let r = post_json(c.node(1).addr, "/v1/chat/completions", &body, "").await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         origin.adapter_gets(&name),
@@ -479,7 +465,7 @@ async fn an_update_comes_from_the_origin_not_a_peers_old_copy(driver: Driver) {
     // The owner (node 2) and node 0 hold version 1 (node 0 as after the owner was down).
     for i in [0, 2] {
         let body = format!(r#"{{"adapters":["{name}"]}}"#);
-        let r = post_json(c.node(i).addr, "/admin/cache/warmup", &body).await;
+        let r = post_json(c.node(i).addr, "/admin/cache/warmup", &body, "").await;
         assert_eq!(r.json()["results"][0]["status"], "ok");
     }
     origin.put_adapter(&name, &AdapterSpec::new(BASE, 50_000, 2));
@@ -491,7 +477,7 @@ async fn an_update_comes_from_the_origin_not_a_peers_old_copy(driver: Driver) {
     let body = format!(r#"{{"model":"{name}","messages":[]}}"#);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let r = post_json(c.node(2).addr, "/v1/chat/completions", &body).await;
+        let r = post_json(c.node(2).addr, "/v1/chat/completions", &body, "").await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         if String::from_utf8_lossy(&r.body).contains(&new) {
             break;
@@ -530,7 +516,7 @@ async fn an_evict_reaches_every_peer(driver: Driver) {
         let addr = c.node(i).addr;
         async move {
             let body = r#"{"adapters":["acme/everywhere"]}"#;
-            let r = admin_post(addr, "/admin/cache/warmup", body, bearer).await;
+            let r = post_json(addr, "/admin/cache/warmup", body, bearer).await;
             assert_eq!(r.json()["results"][0]["status"], "ok");
         }
     };
@@ -539,7 +525,7 @@ async fn an_evict_reaches_every_peer(driver: Driver) {
         assert!(c.node(i).path("store/acme/everywhere").exists());
     }
     let evict = r#"{"adapter":"acme/everywhere"}"#;
-    let r = admin_post(c.node(1).addr, "/admin/cache/evict", evict, bearer)
+    let r = post_json(c.node(1).addr, "/admin/cache/evict", evict, bearer)
         .await
         .json();
     assert_eq!(
@@ -569,13 +555,13 @@ async fn an_evict_reaches_every_peer(driver: Driver) {
         warm(i).await;
     }
     let marked = format!("{bearer}X-Loraplex-Forwarded: 1\r\n");
-    let r = admin_post(c.node(0).addr, "/admin/cache/evict", evict, &marked)
+    let r = post_json(c.node(0).addr, "/admin/cache/evict", evict, &marked)
         .await
         .json();
     assert_eq!((&r["evicted"], &r["peers"]), (&json!(true), &json!([])));
     assert!(!c.node(0).path("store/acme/everywhere").exists());
     // Nor does the mark stand in for the token.
-    let spoof = admin_post(
+    let spoof = post_json(
         c.node(1).addr,
         "/admin/cache/evict",
         evict,

@@ -15,7 +15,7 @@ use std::{
 use common::{
     Driver, Node, Raw,
     cluster::{BASE, Cluster, Spec},
-    metric_sum,
+    metric_at as metric,
 };
 use loraplex::testkit::vllm::{VllmConfig, VllmStandIn};
 use rcgen::{
@@ -155,19 +155,6 @@ async fn chat(client: &reqwest::Client, url: &str, session: &str) -> (u16, Strin
         .await
         .unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
-}
-
-/// The value of `series` in `url`'s metrics ([`metric_sum`]).
-async fn metric(client: &reqwest::Client, url: &str, series: &str) -> f64 {
-    let text = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metric_sum(&text, series)
 }
 
 fn https(addr: SocketAddr) -> String {

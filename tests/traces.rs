@@ -19,7 +19,7 @@ use axum::{Router, body::Bytes, routing::post as route_post};
 use common::{
     Driver, Node, Raw, RawResponse,
     cluster::{BASE, Cluster, Spec},
-    metric_sum, post,
+    metric_sum, post, post_json,
 };
 use loraplex::testkit::{
     adapters::AdapterSpec,
@@ -183,10 +183,8 @@ async fn pair(driver: Driver, origin: &OriginStandIn, collector: &Collector) -> 
 }
 
 async fn chat(addr: SocketAddr, model: &str, extra: &str) -> RawResponse {
-    let mut c = Raw::connect(addr).await;
     let body = serde_json::json!({"model": model, "messages": []}).to_string();
-    c.send(&post("/v1/chat/completions", &body, extra)).await;
-    c.response(false).await
+    post_json(addr, "/v1/chat/completions", &body, extra).await
 }
 
 /// The id in a `traceparent` (`00-{trace}-{span}-{flags}`): (trace, span).

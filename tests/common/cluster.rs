@@ -15,7 +15,7 @@ use loraplex::{
     },
 };
 
-use super::{Driver, Node, Raw, metric_sum};
+use super::{Driver, Node, Raw, metric_at};
 
 pub const BASE: &str = "tiny-base";
 
@@ -309,15 +309,9 @@ impl Cluster {
             .is_file()
     }
 
-    /// Node `i`'s `/metrics` value of `series` ([`metric_sum`]).
+    /// Node `i`'s `/metrics` value of `series` ([`metric_sum`](super::metric_sum)).
     pub async fn metric(&self, i: usize, series: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.node(i).url()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        metric_sum(&text, series)
+        metric_at(&reqwest::Client::new(), &self.node(i).url(), series).await
     }
 }
 

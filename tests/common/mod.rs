@@ -417,12 +417,30 @@ pub fn metric_sum(text: &str, series: &str) -> f64 {
         .sum()
 }
 
+/// The value of `series` in the `/metrics` of the server at `base_url` ([`metric_sum`]).
+pub async fn metric_at(client: &reqwest::Client, base_url: &str, series: &str) -> f64 {
+    let text = client
+        .get(format!("{base_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric_sum(&text, series)
+}
+
+/// [`post`] `body` to `path` on a new connection (`extra`: more header lines), the whole answer.
+pub async fn post_json(addr: SocketAddr, path: &str, body: &str, extra: &str) -> RawResponse {
+    let mut c = Raw::connect(addr).await;
+    c.send(&post(path, body, extra)).await;
+    c.response(false).await
+}
+
 /// A chat completion for `model` (no messages), its whole answer.
 pub async fn chat_with(addr: SocketAddr, model: &str) -> RawResponse {
-    let mut c = Raw::connect(addr).await;
     let body = serde_json::json!({"model": model, "messages": []}).to_string();
-    c.send(&post("/v1/chat/completions", &body, "")).await;
-    c.response(false).await
+    post_json(addr, "/v1/chat/completions", &body, "").await
 }
 
 /// Poll `cond` every 10 ms; fail after 15 s.
