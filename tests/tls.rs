@@ -14,7 +14,7 @@ use std::{
 
 use common::{
     Driver, Node, Raw,
-    cluster::{BASE, Cluster, Spec},
+    cluster::{BASE, Cluster, NodeYaml, Spec},
     metric_at as metric,
 };
 use loraplex::testkit::vllm::{VllmConfig, VllmStandIn};
@@ -110,7 +110,7 @@ fn tls_yaml(allow_plain: bool, peers: bool) -> String {
 /// Two nodes (`common::cluster`), each with its own stand-in vLLM, requests hashed by
 /// `X-Session-ID`. `setup(i, dir, ip)` writes node `i`'s files and gives its TLS keys. Not
 /// waited for: each test knows which peers can see each other ([`wait_healthy`]).
-async fn pair(driver: Driver, setup: &dyn Fn(usize, &Path, &str) -> String) -> Cluster {
+async fn pair(driver: Driver, setup: &NodeYaml<'_>) -> Cluster {
     let spec = Spec {
         extra: "routing:\n  hash_on: \"header:X-Session-ID\"\n".to_owned(),
         per_node: Some(setup),

@@ -47,6 +47,9 @@ fn free_port(ip: &str) -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// YAML of one node of [`Spec::per_node`]: `(i, dir, ip) -> yaml`.
+pub type NodeYaml<'a> = dyn Fn(usize, &Path, &str) -> String + 'a;
+
 /// How to build a cluster.
 pub struct Spec<'a> {
     pub nodes: usize,
@@ -64,7 +67,7 @@ pub struct Spec<'a> {
     pub backends: Option<&'a dyn Fn(usize) -> Vec<VllmConfig>>,
     /// YAML added to node `i`'s config after `extra`: `(i, dir, ip)` is the node's index,
     /// tempdir (`{DIR}` in its YAML; files a node needs, such as TLS ones, go there) and IP.
-    pub per_node: Option<&'a dyn Fn(usize, &Path, &str) -> String>,
+    pub per_node: Option<&'a NodeYaml<'a>>,
     /// `admin.token` of every node; the harness's admin calls (`/admin/peers`) carry it.
     pub admin_token: Option<&'a str>,
 }
