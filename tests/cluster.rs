@@ -152,9 +152,7 @@ async fn a_dead_owner_moves_its_keys_to_the_next_node(driver: Driver) {
     chat(c.node(0).addr, session, false).await;
     let owner = c.served_by(session)[0];
     let entry = (owner + 1) % 3;
-    let mut dead = c.nodes[owner].take().unwrap();
-    dead.child.kill().unwrap();
-    let _ = dead.child.wait();
+    c.kill(owner);
     // Right away (before any health poll notices): a refused connect goes to the next node.
     let r = chat(c.node(entry).addr, session, false).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -371,9 +369,7 @@ async fn a_request_a_peer_acknowledged_is_never_sent_elsewhere(driver: Driver) {
         slow_seen(&c.vllms[1])
     })
     .await;
-    let mut owner = c.nodes[1].take().unwrap();
-    owner.child.kill().unwrap();
-    let _ = owner.child.wait();
+    c.kill(1);
     let r = raw.response(false).await;
     assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
     assert!(
