@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Driver, Node, Raw, eventually, post};
+use common::{Driver, Node, Raw, chat_with as chat, eventually, post};
 use loraplex::testkit::{
     adapters::{AdapterSpec, Defect, SAFETENSORS_FILE, file_hash},
     origin::{OriginConfig, OriginStandIn},
@@ -62,10 +62,6 @@ fn start(driver: Driver, extra: &str) -> (Node, Setup) {
 
 fn spec(size: u64, seed: u64) -> AdapterSpec {
     AdapterSpec::new(BASE, size, seed)
-}
-
-async fn chat(addr: std::net::SocketAddr, model: &str) -> common::RawResponse {
-    common::chat_with(addr, model).await
 }
 
 async fn admin(

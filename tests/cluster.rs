@@ -1,191 +1,41 @@
-//! Three real nodes on loopback (127.0.0.1, .2, .3, one port), each with its own stand-in vLLM:
-//! one owner per key, the same vLLM for a key from any entry node, dead, sick (vLLM down),
-//! returning and overloaded owners, a spoofed forward mark, SSE and forms through a peer, evict
-//! broadcasts. Every case runs under both io drivers
-//! (`io_uring::case`, `epoll::case`).
+//! Three real nodes on a loopback subnet of their own (`common::cluster`), each with its own
+//! stand-in vLLM: one owner per key, the same vLLM for a key from any entry node, dead, sick
+//! (vLLM down), returning and overloaded owners, a spoofed forward mark, SSE and forms through a
+//! peer, evict broadcasts. Every case runs under both io drivers (`io_uring::case`,
+//! `epoll::case`).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Driver, Node, Raw, post};
-use loraplex::{
-    cluster::placement::Placement,
-    testkit::{
-        adapters::AdapterSpec,
-        origin::{OriginConfig, OriginStandIn},
-        vllm::{VllmConfig, VllmStandIn},
-    },
+use common::{
+    Driver, Raw,
+    cluster::{BASE, Cluster, Spec},
+    post, post_json,
+};
+use loraplex::testkit::{
+    adapters::AdapterSpec,
+    origin::{OriginConfig, OriginStandIn},
+    vllm::VllmStandIn,
 };
 use serde_json::json;
 
-const BASE: &str = "tiny-base";
-
-struct Cluster {
-    nodes: Vec<Option<Node>>,
-    vllms: Vec<VllmStandIn>,
-    peers: Vec<String>,
-    /// Each node's config, to start it again.
-    yamls: Vec<String>,
-    driver: Driver,
-}
-
-/// A loopback subnet of its own for each cluster (`127.x.y.1-3`): nodes listen with
-/// `SO_REUSEPORT`, so two clusters that happened to pick the same port on the same address would
-/// silently share connections.
-fn subnet() -> String {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("127.{}.{}", 1 + std::process::id() % 250, 1 + n)
-}
-
-/// A free port on `ip`.
-fn free_port(ip: &str) -> u16 {
-    let l = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// Three nodes, each with its own stand-in vLLM reading the node's store, all with `origin`
-/// (when given) as their http origin.
+/// Three nodes, `extra` in each one's config.
 async fn cluster(driver: Driver, extra: &str) -> Cluster {
     cluster_with(driver, extra, None).await
 }
 
+/// Three nodes, `extra` in each one's config, `origin` (when given) their http origin.
 async fn cluster_with(driver: Driver, extra: &str, origin: Option<&OriginStandIn>) -> Cluster {
-    let net = subnet();
-    let port = free_port(&format!("{net}.1"));
-    let peers: Vec<String> = (1..=3).map(|i| format!("{net}.{i}:{port}")).collect();
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let vllms: Vec<VllmStandIn> = dirs
-        .iter()
-        .map(|d| {
-            let store = d.path().join("store");
-            std::fs::create_dir_all(&store).unwrap();
-            VllmStandIn::start(VllmConfig::new(BASE).lora_dir(store)).unwrap()
-        })
-        .collect();
-    let origins = origin.map_or(String::new(), |o| {
-        format!(
-            "origins:\n  - type: http\n    base_url: \"{}\"\n",
-            o.base_url()
-        )
-    });
-    let list = peers
-        .iter()
-        .map(|p| format!("\"{p}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let yamls: Vec<String> = (0..3)
-        .map(|i| {
-            let yaml = format!(
-                "listen: \"{peer}\"\nvllm_url: \"{url}\"\nvllm:\n  model_name: \"{BASE}\"\n  \
-                 health_check_interval: 200ms\ndiscovery:\n  mode: static\n  static:\n    \
-                 peers: [{list}]\n{origins}{extra}",
-                peer = peers[i],
-                url = vllms[i].url(),
-            );
-            driver.config(&yaml)
-        })
-        .collect();
-    let nodes = dirs
-        .into_iter()
-        .zip(&yamls)
-        .map(|(dir, yaml)| Some(start_node(driver, dir, yaml)))
-        .collect();
-    let c = Cluster {
-        nodes,
-        vllms,
-        peers,
-        yamls,
-        driver,
+    let spec = Spec {
+        extra: extra.to_owned(),
+        origin,
+        ..Spec::new(3)
     };
-    c.wait_until_all_see_each_other().await;
-    c
-}
-
-fn start_node(driver: Driver, dir: tempfile::TempDir, yaml: &str) -> Node {
-    let node = tokio::task::block_in_place(|| Node::start_in(dir, yaml, &[]));
-    node.assert_driver(driver);
-    node
-}
-
-impl Drop for Cluster {
-    /// A failing test shows what each node logged.
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for (i, n) in self
-                .nodes
-                .iter()
-                .enumerate()
-                .filter_map(|(i, n)| Some((i, n.as_ref()?)))
-            {
-                eprintln!("--- node {i} ({}) log:", self.peers[i]);
-                for line in n.logs.lock().unwrap().iter() {
-                    eprintln!("{line}");
-                }
-            }
-        }
-    }
+    Cluster::start(driver, spec).await
 }
 
 impl Cluster {
-    /// Every node has checked every peer successfully at least once and seen its vLLM healthy
-    /// (nodes start one after the other, so the first checks of the early ones fail, and a
-    /// node answers `/healthz` before its own first vLLM check has come back).
-    async fn wait_until_all_see_each_other(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for n in self.nodes.iter().flatten() {
-            loop {
-                let mut raw = Raw::connect(n.addr).await;
-                // The token of the clusters that set `admin.token`; ignored by the others.
-                raw.send(
-                    b"GET /admin/peers HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer adm1n\r\n\r\n",
-                )
-                .await;
-                let peers = raw.response(false).await.json();
-                let all_ok = peers["peers"].as_array().unwrap().iter().all(|p| {
-                    p["self"] == true
-                        || (p["healthy"] == true
-                            && p["vllm_healthy"] == true
-                            && p["checks_ok"].as_u64() > Some(0))
-                });
-                if all_ok && peers["count"] == 3 {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "cluster never converged: {peers}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-
-    fn node(&self, i: usize) -> &Node {
-        self.nodes[i].as_ref().unwrap()
-    }
-
-    /// `kill -9` node `i`.
-    fn kill(&mut self, i: usize) {
-        let mut dead = self.nodes[i].take().unwrap();
-        dead.child.kill().unwrap();
-        let _ = dead.child.wait();
-    }
-
-    /// Start node `i` again, same address and config (a fresh store).
-    fn restart(&mut self, i: usize) {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("store")).unwrap();
-        self.nodes[i] = Some(start_node(self.driver, dir, &self.yamls[i]));
-    }
-
-    /// The key's nodes, owner first (what every node computes).
-    fn order_of(&self, key: &str) -> Vec<usize> {
-        Placement::build(&self.peers)
-            .order(key.as_bytes())
-            .collect()
-    }
-
     /// Base-model answers each node's vLLM has given so far.
     fn served(&self) -> Vec<u64> {
         self.vllms.iter().map(|v| v.served(BASE)).collect()
@@ -211,48 +61,6 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// `name` of node `i`'s metrics, summed over its series (0 when absent).
-    async fn metric(&self, i: usize, name: &str) -> f64 {
-        let m = reqwest::get(format!("{}/metrics", self.node(i).url()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        m.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|r| r.starts_with([' ', '{']))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
-    /// The node owning `key`, as every node computes it (peers sort the same as node order).
-    fn owner_of(&self, key: &str) -> usize {
-        Placement::build(&self.peers).owner(key.as_bytes()).unwrap()
-    }
-
-    /// A key owned by node `i`.
-    fn key_owned_by(&self, i: usize, prefix: &str) -> String {
-        (0..)
-            .map(|n| format!("{prefix}-{n}"))
-            .find(|k| self.owner_of(k) == i)
-            .unwrap()
-    }
-
-    /// Which stand-in vLLM served `session` (by the session header it saw).
-    fn served_by(&self, session: &str) -> Vec<usize> {
-        (0..3)
-            .filter(|&i| {
-                self.vllms[i]
-                    .recent_heads()
-                    .iter()
-                    .any(|h| h.header("x-session-id") == Some(session))
-            })
-            .collect()
     }
 }
 
@@ -344,9 +152,7 @@ async fn a_dead_owner_moves_its_keys_to_the_next_node(driver: Driver) {
     chat(c.node(0).addr, session, false).await;
     let owner = c.served_by(session)[0];
     let entry = (owner + 1) % 3;
-    let mut dead = c.nodes[owner].take().unwrap();
-    dead.child.kill().unwrap();
-    let _ = dead.child.wait();
+    c.kill(owner);
     // Right away (before any health poll notices): a refused connect goes to the next node.
     let r = chat(c.node(entry).addr, session, false).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -563,30 +369,13 @@ async fn a_request_a_peer_acknowledged_is_never_sent_elsewhere(driver: Driver) {
         slow_seen(&c.vllms[1])
     })
     .await;
-    let mut owner = c.nodes[1].take().unwrap();
-    owner.child.kill().unwrap();
-    let _ = owner.child.wait();
+    c.kill(1);
     let r = raw.response(false).await;
     assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
     assert!(
         !slow_seen(&c.vllms[0]) && !slow_seen(&c.vllms[2]),
         "re-sent elsewhere"
     );
-}
-
-async fn post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> common::RawResponse {
-    admin_post(addr, path, body, "").await
-}
-
-async fn admin_post(
-    addr: std::net::SocketAddr,
-    path: &str,
-    body: &str,
-    extra: &str,
-) -> common::RawResponse {
-    let mut raw = Raw::connect(addr).await;
-    raw.send(&post(path, body, extra)).await;
-    raw.response(false).await
 }
 
 async fn each_adapter_lives_on_its_owner_only(driver: Driver) {
@@ -599,7 +388,7 @@ async fn each_adapter_lives_on_its_owner_only(driver: Driver) {
     for n in &names {
         for entry in 0..3 {
             let body = format!(r#"{{"model":"{n}","messages":[]}}"#);
-            let r = post_json(c.node(entry).addr, "/v1/chat/completions", &body).await;
+            let r = post_json(c.node(entry).addr, "/v1/chat/completions", &body, "").await;
             assert_eq!(r.status, 200, "{n} via {entry}");
         }
         let owner = c.owner_of(n);
@@ -626,6 +415,7 @@ async fn a_new_owner_copies_the_adapter_from_a_peer_not_the_origin(driver: Drive
         c.node(0).addr,
         "/admin/cache/warmup",
         &format!(r#"{{"adapters":["{name}"]}}"#),
+        "",
     )
     .await;
     assert_eq!(warm.json()["results"][0]["status"], "ok");
@@ -634,7 +424,7 @@ async fn a_new_owner_copies_the_adapter_from_a_peer_not_the_origin(driver: Drive
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // Asked through node 1, the owner (node 2) fetches it: from node 0.
     let body = format!(r#"{{"model":"{name}","messages":[]}}"#);
-    let r = post_json(c.node(1).addr, "/v1/chat/completions", &body).await;
+    let r = post_json(c.node(1).addr, "/v1/chat/completions", &body, "").await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         origin.adapter_gets(&name),
@@ -682,7 +472,7 @@ async fn an_update_comes_from_the_origin_not_a_peers_old_copy(driver: Driver) {
     // The owner (node 2) and node 0 hold version 1 (node 0 as after the owner was down).
     for i in [0, 2] {
         let body = format!(r#"{{"adapters":["{name}"]}}"#);
-        let r = post_json(c.node(i).addr, "/admin/cache/warmup", &body).await;
+        let r = post_json(c.node(i).addr, "/admin/cache/warmup", &body, "").await;
         assert_eq!(r.json()["results"][0]["status"], "ok");
     }
     origin.put_adapter(&name, &AdapterSpec::new(BASE, 50_000, 2));
@@ -694,7 +484,7 @@ async fn an_update_comes_from_the_origin_not_a_peers_old_copy(driver: Driver) {
     let body = format!(r#"{{"model":"{name}","messages":[]}}"#);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let r = post_json(c.node(2).addr, "/v1/chat/completions", &body).await;
+        let r = post_json(c.node(2).addr, "/v1/chat/completions", &body, "").await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         if String::from_utf8_lossy(&r.body).contains(&new) {
             break;
@@ -721,14 +511,19 @@ async fn an_update_comes_from_the_origin_not_a_peers_old_copy(driver: Driver) {
 async fn an_evict_reaches_every_peer(driver: Driver) {
     let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
     // With an admin token: the broadcast must carry it to the peers.
-    let c = cluster_with(driver, "admin:\n  token: adm1n\n", Some(&origin)).await;
+    let spec = Spec {
+        origin: Some(&origin),
+        admin_token: Some("adm1n"),
+        ..Spec::new(3)
+    };
+    let c = Cluster::start(driver, spec).await;
     origin.put_adapter("acme/everywhere", &AdapterSpec::new(BASE, 50_000, 3));
     let bearer = "Authorization: Bearer adm1n\r\n";
     let warm = |i: usize| {
         let addr = c.node(i).addr;
         async move {
             let body = r#"{"adapters":["acme/everywhere"]}"#;
-            let r = admin_post(addr, "/admin/cache/warmup", body, bearer).await;
+            let r = post_json(addr, "/admin/cache/warmup", body, bearer).await;
             assert_eq!(r.json()["results"][0]["status"], "ok");
         }
     };
@@ -737,7 +532,7 @@ async fn an_evict_reaches_every_peer(driver: Driver) {
         assert!(c.node(i).path("store/acme/everywhere").exists());
     }
     let evict = r#"{"adapter":"acme/everywhere"}"#;
-    let r = admin_post(c.node(1).addr, "/admin/cache/evict", evict, bearer)
+    let r = post_json(c.node(1).addr, "/admin/cache/evict", evict, bearer)
         .await
         .json();
     assert_eq!(
@@ -767,13 +562,13 @@ async fn an_evict_reaches_every_peer(driver: Driver) {
         warm(i).await;
     }
     let marked = format!("{bearer}X-Loraplex-Forwarded: 1\r\n");
-    let r = admin_post(c.node(0).addr, "/admin/cache/evict", evict, &marked)
+    let r = post_json(c.node(0).addr, "/admin/cache/evict", evict, &marked)
         .await
         .json();
     assert_eq!((&r["evicted"], &r["peers"]), (&json!(true), &json!([])));
     assert!(!c.node(0).path("store/acme/everywhere").exists());
     // Nor does the mark stand in for the token.
-    let spoof = admin_post(
+    let spoof = post_json(
         c.node(1).addr,
         "/admin/cache/evict",
         evict,

@@ -12,7 +12,7 @@ mod common;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use common::{
-    Driver, Node, RawResponse, eventually,
+    Driver, Node, RawResponse, chat_with as chat, eventually,
     s3::S3Server,
     store::{
         assert_ledger_matches_disk, http_origin, metrics, node, request, restart, spec, stand_ins,
@@ -25,10 +25,6 @@ use loraplex::testkit::{
 };
 
 const BUCKET: &str = "loras";
-
-async fn chat(addr: SocketAddr, model: &str) -> RawResponse {
-    common::chat_with(addr, model).await
-}
 
 async fn evict(addr: SocketAddr, name: &str) {
     let body = serde_json::json!({ "adapter": name }).to_string();

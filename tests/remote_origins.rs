@@ -6,8 +6,9 @@
 mod common;
 
 use common::{
-    Node, Raw,
+    Node, chat_with as chat,
     s3::{ACCESS_KEY, S3Server, SECRET_KEY},
+    store::metrics,
 };
 use loraplex::testkit::{
     adapters::{AdapterSpec, SAFETENSORS_FILE, adapter_files, file_hash, safetensors_bytes},
@@ -30,16 +31,6 @@ fn hub_files(spec: &AdapterSpec) -> Vec<HubFile> {
             }
         })
         .collect()
-}
-
-async fn chat(addr: std::net::SocketAddr, model: &str) -> common::RawResponse {
-    common::chat_with(addr, model).await
-}
-
-async fn metrics(addr: std::net::SocketAddr) -> String {
-    let mut c = Raw::connect(addr).await;
-    c.send(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await;
-    String::from_utf8(c.response(false).await.body).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,17 +12,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Driver, Node, Raw};
-use loraplex::{
-    cluster::placement::Placement,
-    testkit::vllm::{VllmConfig, VllmStandIn},
+use common::{
+    Driver, Node, Raw,
+    cluster::{BASE, Cluster, NodeYaml, Spec},
+    metric_at as metric,
 };
+use loraplex::testkit::vllm::{VllmConfig, VllmStandIn};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
-
-const BASE: &str = "tiny-base";
 
 /// A CA that signs node certificates.
 struct Ca {
@@ -94,129 +93,53 @@ fn write_files(dir: &Path, leaf: &Leaf, ca: &Ca) {
     std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
 }
 
-/// The `server.tls` (and, with `peers`, `cluster.tls`) keys for the files of [`write_files`].
-fn tls_yaml(driver: Driver, allow_plain: bool, peers: bool) -> String {
+/// The `server.tls` (and, with `peers`, `cluster.tls`) keys for the files of [`write_files`]
+/// (`server.driver` is for [`Driver::config`] to add).
+fn tls_yaml(allow_plain: bool, peers: bool) -> String {
     let cluster = if peers {
         "cluster:\n  tls:\n    ca: \"{DIR}/ca.crt\"\n"
     } else {
         ""
     };
     format!(
-        "server:\n  workers: 2\n  driver: {}\n  tls:\n    cert: \"{{DIR}}/tls.crt\"\n    \
-         key: \"{{DIR}}/tls.key\"\n    allow_plain: {allow_plain}\n{cluster}",
-        driver.as_str()
+        "server:\n  workers: 2\n  tls:\n    cert: \"{{DIR}}/tls.crt\"\n    \
+         key: \"{{DIR}}/tls.key\"\n    allow_plain: {allow_plain}\n{cluster}"
     )
 }
 
-/// A loopback subnet of its own (`127.x.y.1-2`), as `tests/cluster.rs` does.
-fn subnet() -> String {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("127.{}.{}", 1 + (std::process::id() + 101) % 250, 101 + n)
+/// Two nodes (`common::cluster`), each with its own stand-in vLLM, requests hashed by
+/// `X-Session-ID`. `setup(i, dir, ip)` writes node `i`'s files and gives its TLS keys. Not
+/// waited for: each test knows which peers can see each other ([`wait_healthy`]).
+async fn pair(driver: Driver, setup: &NodeYaml<'_>) -> Cluster {
+    let spec = Spec {
+        extra: "routing:\n  hash_on: \"header:X-Session-ID\"\n".to_owned(),
+        per_node: Some(setup),
+        ..Spec::new(2)
+    };
+    Cluster::launch(driver, spec).await
 }
 
-/// Two nodes on one port of a subnet of their own, each with its own stand-in vLLM, requests
-/// hashed by `X-Session-ID`. `setup(i, dir)` writes node `i`'s files and gives its TLS keys.
-struct Pair {
-    nodes: Vec<Node>,
-    vllms: Vec<VllmStandIn>,
-    peers: Vec<String>,
-}
-
-impl Pair {
-    fn start(mut setup: impl FnMut(usize, &Path, &str) -> String) -> Pair {
-        let net = subnet();
-        let port = {
-            let l = std::net::TcpListener::bind(format!("{net}.1:0")).unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let peers: Vec<String> = (1..=2).map(|i| format!("{net}.{i}:{port}")).collect();
-        let list = peers
-            .iter()
-            .map(|p| format!("\"{p}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut vllms = Vec::new();
-        let mut nodes = Vec::new();
-        for (i, peer) in peers.iter().enumerate() {
-            let dir = tempfile::tempdir().unwrap();
-            let store = dir.path().join("store");
-            std::fs::create_dir_all(&store).unwrap();
-            let vllm = VllmStandIn::start(VllmConfig::new(BASE).lora_dir(store)).unwrap();
-            let ip = peer.split(':').next().unwrap();
-            let tls = setup(i, dir.path(), ip);
-            let yaml = format!(
-                "listen: \"{peer}\"\nvllm_url: \"{url}\"\nvllm:\n  model_name: \"{BASE}\"\n  \
-                 health_check_interval: 200ms\ndiscovery:\n  mode: static\n  static:\n    \
-                 peers: [{list}]\nrouting:\n  hash_on: \"header:X-Session-ID\"\n{tls}",
-                url = vllm.url(),
-            );
-            nodes.push(Node::start_in(dir, &yaml, &[]));
-            vllms.push(vllm);
-        }
-        Pair {
-            nodes,
-            vllms,
-            peers,
-        }
-    }
-
-    /// A session owned by node `i`.
-    fn session_owned_by(&self, i: usize) -> String {
-        let placement = Placement::build(&self.peers);
-        (0..)
-            .map(|n| format!("tls-{n}"))
-            .find(|k| placement.owner(k.as_bytes()) == Some(i))
-            .unwrap()
-    }
-
-    /// Which stand-in vLLMs served `session`.
-    fn served_by(&self, session: &str) -> Vec<usize> {
-        (0..2)
-            .filter(|&i| {
-                self.vllms[i]
-                    .recent_heads()
-                    .iter()
-                    .any(|h| h.header("x-session-id") == Some(session))
+/// Wait until node `i` sees node `j` healthy, health-checked at least once.
+async fn wait_healthy(c: &Cluster, client: &reqwest::Client, scheme: &str, i: usize, j: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let url = format!("{scheme}://{}/admin/peers", c.node(i).addr);
+        if let Ok(r) = client.get(&url).send().await
+            && let Ok(v) = r.json::<serde_json::Value>().await
+            && v["peers"].as_array().unwrap().iter().any(|p| {
+                p["addr"] == c.peers[j].as_str()
+                    && p["healthy"] == true
+                    && p["vllm_healthy"] == true
+                    && p["checks_ok"].as_u64() > Some(0)
             })
-            .collect()
-    }
-
-    /// Wait until node `i` sees node `j` healthy, health-checked at least once.
-    async fn wait_healthy(&self, client: &reqwest::Client, scheme: &str, i: usize, j: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let url = format!("{scheme}://{}/admin/peers", self.nodes[i].addr);
-            if let Ok(r) = client.get(&url).send().await
-                && let Ok(v) = r.json::<serde_json::Value>().await
-                && v["peers"].as_array().unwrap().iter().any(|p| {
-                    p["addr"] == self.peers[j].as_str()
-                        && p["healthy"] == true
-                        && p["vllm_healthy"] == true
-                        && p["checks_ok"].as_u64() > Some(0)
-                })
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {i} never saw node {j} healthy"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        {
+            return;
         }
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for (i, n) in self.nodes.iter().enumerate() {
-                eprintln!("--- node {i} log:");
-                for line in n.logs.lock().unwrap().iter() {
-                    eprintln!("{line}");
-                }
-            }
-        }
+        assert!(
+            Instant::now() < deadline,
+            "node {i} never saw node {j} healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -234,21 +157,6 @@ async fn chat(client: &reqwest::Client, url: &str, session: &str) -> (u16, Strin
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-/// The value of the metric line starting with `series` (0 when absent).
-async fn metric(client: &reqwest::Client, url: &str, series: &str) -> f64 {
-    let text = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn https(addr: SocketAddr) -> String {
     format!("https://{addr}")
 }
@@ -257,24 +165,25 @@ fn https(addr: SocketAddr) -> String {
 /// (plain would be refused), SSE comes through a peer, a plain client gets a 400 saying why.
 async fn clients_and_peers_speak_tls_only(driver: Driver) {
     let ca = Ca::new("cluster CA");
-    let pair = Pair::start(|_, dir, ip| {
+    let pair = pair(driver, &|_, dir, ip| {
         write_files(dir, &ca.leaf(&[ip]), &ca);
-        tls_yaml(driver, false, true)
-    });
+        tls_yaml(false, true)
+    })
+    .await;
     let client = ca.https();
-    pair.wait_healthy(&client, "https", 0, 1).await;
-    pair.wait_healthy(&client, "https", 1, 0).await;
+    wait_healthy(&pair, &client, "https", 0, 1).await;
+    wait_healthy(&pair, &client, "https", 1, 0).await;
 
     // Entered at node 0, owned by node 1: forwarded over TLS, streamed back over TLS.
-    let session = pair.session_owned_by(1);
-    let (status, body) = chat(&client, &https(pair.nodes[0].addr), &session).await;
+    let session = pair.key_owned_by(1, "tls");
+    let (status, body) = chat(&client, &https(pair.node(0).addr), &session).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("data: [DONE]"), "{body}");
     assert!(body.matches("data: {").count() >= 2, "{body}");
     assert_eq!(pair.served_by(&session), vec![1]);
 
     // Plain HTTP on a TLS-only port: a 400 in plain text, then the connection closes.
-    let mut raw = Raw::connect(pair.nodes[0].addr).await;
+    let mut raw = Raw::connect(pair.node(0).addr).await;
     raw.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").await;
     let r = raw.response(false).await;
     assert_eq!(r.status, 400);
@@ -285,8 +194,8 @@ async fn clients_and_peers_speak_tls_only(driver: Driver) {
     );
     assert!(raw.closed().await);
 
-    let n0 = https(pair.nodes[0].addr);
-    let n1 = https(pair.nodes[1].addr);
+    let n0 = https(pair.node(0).addr);
+    let n1 = https(pair.node(1).addr);
     let refused = "loraplex_tls_connections_total{result=\"plain_refused\"}";
     // No peer call in plain (health and state polls, forwards): the only refusal is ours.
     assert_eq!(metric(&client, &n0, refused).await, 1.0);
@@ -303,18 +212,19 @@ async fn clients_and_peers_speak_tls_only(driver: Driver) {
 /// its dialler speaks.
 async fn plain_and_tls_peers_meet_while_a_cluster_moves_to_tls(driver: Driver) {
     let ca = Ca::new("cluster CA");
-    let pair = Pair::start(|i, dir, ip| {
+    let pair = pair(driver, &|i, dir, ip| {
         write_files(dir, &ca.leaf(&[ip]), &ca);
-        tls_yaml(driver, true, i == 1)
-    });
+        tls_yaml(true, i == 1)
+    })
+    .await;
     let client = ca.https();
     // A client of the old days, in plain, and one over TLS.
     let plain = reqwest::Client::builder().no_proxy().build().unwrap();
-    pair.wait_healthy(&plain, "http", 0, 1).await;
-    pair.wait_healthy(&client, "https", 1, 0).await;
+    wait_healthy(&pair, &plain, "http", 0, 1).await;
+    wait_healthy(&pair, &client, "https", 1, 0).await;
     for (entry, owner) in [(0, 1), (1, 0)] {
-        let session = pair.session_owned_by(owner);
-        let url = format!("http://{}", pair.nodes[entry].addr);
+        let session = pair.key_owned_by(owner, "tls");
+        let url = format!("http://{}", pair.node(entry).addr);
         let (status, body) = chat(&plain, &url, &session).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(pair.served_by(&session), vec![owner]);
@@ -322,8 +232,8 @@ async fn plain_and_tls_peers_meet_while_a_cluster_moves_to_tls(driver: Driver) {
     let tls = "loraplex_tls_connections_total{result=\"tls\"}";
     let plain_in = "loraplex_tls_connections_total{result=\"plain\"}";
     // Node 0 is dialled over TLS by node 1; node 1 in plain by node 0 (and by the client).
-    assert!(metric(&client, &https(pair.nodes[0].addr), tls).await >= 2.0);
-    assert!(metric(&client, &https(pair.nodes[1].addr), plain_in).await >= 2.0);
+    assert!(metric(&client, &https(pair.node(0).addr), tls).await >= 2.0);
+    assert!(metric(&client, &https(pair.node(1).addr), plain_in).await >= 2.0);
 }
 
 /// A peer whose certificate another CA signed is not talked to: node 0's health checks of it
@@ -331,11 +241,12 @@ async fn plain_and_tls_peers_meet_while_a_cluster_moves_to_tls(driver: Driver) {
 async fn a_peer_certificate_of_another_ca_is_refused(driver: Driver) {
     let ca = Ca::new("cluster CA");
     let rogue = Ca::new("someone else");
-    let pair = Pair::start(|i, dir, ip| {
+    let pair = pair(driver, &|i, dir, ip| {
         let signer = if i == 1 { &rogue } else { &ca };
         write_files(dir, &signer.leaf(&[ip]), &ca);
-        tls_yaml(driver, false, true)
-    });
+        tls_yaml(false, true)
+    })
+    .await;
     let client = ca.https();
     // Node 1's own certificate is not of `ca`: read its metrics without checking it.
     let blind = reqwest::Client::builder()
@@ -343,7 +254,7 @@ async fn a_peer_certificate_of_another_ca_is_refused(driver: Driver) {
         .tls_danger_accept_invalid_certs(true)
         .build()
         .unwrap();
-    let n1 = https(pair.nodes[1].addr);
+    let n1 = https(pair.node(1).addr);
     let failed = "loraplex_tls_connections_total{result=\"failed\"}";
     let deadline = Instant::now() + Duration::from_secs(20);
     while metric(&blind, &n1, failed).await < 2.0 {
@@ -351,7 +262,7 @@ async fn a_peer_certificate_of_another_ca_is_refused(driver: Driver) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let peers: serde_json::Value = client
-        .get(format!("{}/admin/peers", https(pair.nodes[0].addr)))
+        .get(format!("{}/admin/peers", https(pair.node(0).addr)))
         .send()
         .await
         .unwrap()
@@ -370,8 +281,8 @@ async fn a_peer_certificate_of_another_ca_is_refused(driver: Driver) {
         "{peers}"
     );
 
-    let session = pair.session_owned_by(1);
-    let (status, body) = chat(&client, &https(pair.nodes[0].addr), &session).await;
+    let session = pair.key_owned_by(1, "tls");
+    let (status, body) = chat(&client, &https(pair.node(0).addr), &session).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(pair.served_by(&session), vec![0]);
 }
@@ -386,9 +297,10 @@ async fn a_tls_client_hanging_up_cancels_the_upstream_request(driver: Driver) {
     let yaml = format!(
         "vllm_url: \"{}\"\nvllm:\n  model_name: \"{BASE}\"\n{}",
         vllm.url(),
-        tls_yaml(driver, false, false)
+        tls_yaml(false, false)
     );
-    let node = tokio::task::block_in_place(|| Node::start_in(dir, &yaml, &[]));
+    let node = tokio::task::block_in_place(|| Node::start_in(dir, &driver.config(&yaml), &[]));
+    node.assert_driver(driver);
     let connector = tokio_rustls::TlsConnector::from(Arc::new(ca.client_config()));
     let tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
     let name = ServerName::IpAddress(node.addr.ip().into());
@@ -444,8 +356,9 @@ async fn certificates_reload_on_change_and_on_sighup() {
     let yaml = format!(
         "vllm_url: \"{}\"\nvllm:\n  model_name: \"{BASE}\"\n{}",
         vllm.url(),
-        tls_yaml(Driver::Epoll, false, false)
+        tls_yaml(false, false)
     );
+    let yaml = Driver::Epoll.config(&yaml);
     let mut node = tokio::task::block_in_place(|| Node::start_in(dir, &yaml, &[]));
     let addr = node.addr;
     let url = https(addr);

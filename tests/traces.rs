@@ -16,14 +16,15 @@ use std::{
 };
 
 use axum::{Router, body::Bytes, routing::post as route_post};
-use common::{Driver, Node, Raw, RawResponse, post};
-use loraplex::{
-    cluster::placement::Placement,
-    testkit::{
-        adapters::AdapterSpec,
-        origin::{OriginConfig, OriginStandIn},
-        vllm::{VllmConfig, VllmStandIn},
-    },
+use common::{
+    Driver, Node, Raw, RawResponse,
+    cluster::{BASE, Cluster, Spec},
+    metric_sum, post, post_json,
+};
+use loraplex::testkit::{
+    adapters::AdapterSpec,
+    origin::{OriginConfig, OriginStandIn},
+    vllm::{VllmConfig, VllmStandIn},
 };
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
@@ -31,7 +32,6 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 
-const BASE: &str = "tiny-base";
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 
@@ -168,112 +168,23 @@ const CLIENT: i32 = 3;
 const INTERNAL: i32 = 1;
 const STATUS_ERROR: i32 = 2;
 
-/// A loopback subnet per test: nodes listen with `SO_REUSEPORT` on one port.
-fn subnet() -> String {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("127.{}.{}", 1 + std::process::id() % 250, 101 + n)
-}
-
-struct Pair {
-    nodes: Vec<Node>,
-    vllms: Vec<VllmStandIn>,
-    peers: Vec<String>,
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for (i, n) in self.nodes.iter().enumerate() {
-                eprintln!("--- node {i} ({}) log:", self.peers[i]);
-                for line in n.logs.lock().unwrap().iter() {
-                    eprintln!("{line}");
-                }
-            }
-        }
-    }
-}
-
-/// Two nodes on their own addresses, each with its own stand-in vLLM, `origin` as their http
-/// origin, both tracing to `collector`.
-async fn pair(driver: Driver, origin: &OriginStandIn, collector: &Collector) -> Pair {
-    let net = subnet();
-    let port = {
-        let l = std::net::TcpListener::bind(format!("{net}.1:0")).unwrap();
-        l.local_addr().unwrap().port()
+/// Two nodes, each with its own stand-in vLLM, `origin` as their http origin, both tracing to
+/// `collector`.
+async fn pair(driver: Driver, origin: &OriginStandIn, collector: &Collector) -> Cluster {
+    let spec = Spec {
+        origin: Some(origin),
+        extra: format!(
+            "tracing:\n  otlp_endpoint: \"{}\"\n  service_name: lp-test\n",
+            collector.url()
+        ),
+        ..Spec::new(2)
     };
-    let peers: Vec<String> = (1..=2).map(|i| format!("{net}.{i}:{port}")).collect();
-    let mut nodes = Vec::new();
-    let mut vllms = Vec::new();
-    for peer in &peers {
-        let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("store");
-        std::fs::create_dir_all(&store).unwrap();
-        let vllm = VllmStandIn::start(VllmConfig::new(BASE).lora_dir(store)).unwrap();
-        let yaml = format!(
-            "listen: \"{peer}\"\nvllm_url: \"{url}\"\nvllm:\n  model_name: \"{BASE}\"\n  \
-             health_check_interval: 200ms\ndiscovery:\n  mode: static\n  static:\n    \
-             peers: [\"{p0}\", \"{p1}\"]\norigins:\n  - type: http\n    base_url: \"{o}\"\n\
-             tracing:\n  otlp_endpoint: \"{c}\"\n  service_name: lp-test\n",
-            url = vllm.url(),
-            p0 = peers[0],
-            p1 = peers[1],
-            o = origin.base_url(),
-            c = collector.url(),
-        );
-        let node = tokio::task::block_in_place(|| Node::start_in(dir, &driver.config(&yaml), &[]));
-        node.assert_driver(driver);
-        nodes.push(node);
-        vllms.push(vllm);
-    }
-    let p = Pair {
-        nodes,
-        vllms,
-        peers,
-    };
-    p.wait_until_both_see_each_other().await;
-    p
-}
-
-impl Pair {
-    async fn wait_until_both_see_each_other(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for n in &self.nodes {
-            loop {
-                let mut raw = Raw::connect(n.addr).await;
-                raw.send(b"GET /admin/peers HTTP/1.1\r\nHost: t\r\n\r\n")
-                    .await;
-                let peers = raw.response(false).await.json();
-                let all_ok = peers["peers"].as_array().unwrap().iter().all(|p| {
-                    p["self"] == true
-                        || (p["healthy"] == true
-                            && p["vllm_healthy"] == true
-                            && p["checks_ok"].as_u64() > Some(0))
-                });
-                if all_ok && peers["count"] == 2 {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "never converged: {peers}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-
-    /// An adapter name owned by node `i`.
-    fn owned_by(&self, i: usize) -> String {
-        let placement = Placement::build(&self.peers);
-        (0..)
-            .map(|n| format!("org/traced-{n}"))
-            .find(|k| placement.owner(k.as_bytes()) == Some(i))
-            .unwrap()
-    }
+    Cluster::start(driver, spec).await
 }
 
 async fn chat(addr: SocketAddr, model: &str, extra: &str) -> RawResponse {
-    let mut c = Raw::connect(addr).await;
     let body = serde_json::json!({"model": model, "messages": []}).to_string();
-    c.send(&post("/v1/chat/completions", &body, extra)).await;
-    c.response(false).await
+    post_json(addr, "/v1/chat/completions", &body, extra).await
 }
 
 /// The id in a `traceparent` (`00-{trace}-{span}-{flags}`): (trace, span).
@@ -288,12 +199,12 @@ async fn a_trace_crosses_two_nodes(driver: Driver) {
     let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
     let p = pair(driver, &origin, &collector).await;
     let (a, b) = (&p.peers[0], &p.peers[1]);
-    let adapter = p.owned_by(1);
+    let adapter = p.key_owned_by(1, "org/traced");
     origin.put_adapter(&adapter, &AdapterSpec::new(BASE, 60_000, 3));
 
     // Enter through node 0, which forwards to the owner, node 1, which fetches the adapter.
     let tp = format!("traceparent: 00-{TRACE}-{CLIENT_SPAN}-01\r\ntracestate: vendor=abc\r\n");
-    let r = chat(p.nodes[0].addr, &adapter, &tp).await;
+    let r = chat(p.node(0).addr, &adapter, &tp).await;
     assert_eq!(r.status, 200, "{r:?}");
 
     let in_trace = |s: &Got| s.trace == TRACE;
@@ -411,7 +322,7 @@ async fn a_trace_crosses_two_nodes(driver: Driver) {
             .unwrap(),
     )
     .unwrap();
-    let mut c = Raw::from_stream(sock.connect(p.nodes[0].addr).await.unwrap());
+    let mut c = Raw::from_stream(sock.connect(p.node(0).addr).await.unwrap());
     let body = serde_json::json!({"model": adapter, "messages": []}).to_string();
     let extra =
         format!("x-loraplex-forwarded: 1\r\ntraceparent: 00-{COPY_TRACE}-{CLIENT_SPAN}-01\r\n");
@@ -509,17 +420,17 @@ async fn a_dead_collector_costs_requests_nothing(driver: Driver) {
     assert_eq!(tps.len(), 5, "{tps:?}");
     // The spans are dropped (after one bounded attempt per batch) and counted.
     let dropped = |text: &str| {
-        text.lines()
-            .find(|l| l.starts_with("loraplex_trace_spans_dropped_total{reason=\"export_failed\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
+        metric_sum(
+            text,
+            "loraplex_trace_spans_dropped_total{reason=\"export_failed\"}",
+        )
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut raw = Raw::connect(node.addr).await;
         raw.send(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await;
         let text = String::from_utf8(raw.response(false).await.body).unwrap();
-        if dropped(&text) >= 5 {
+        if dropped(&text) >= 5.0 {
             assert!(
                 text.contains("loraplex_trace_spans_exported_total 0"),
                 "{text}"

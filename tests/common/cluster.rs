@@ -2,7 +2,10 @@
 //! front of its own stand-in vLLM reading the node's store, for the routing tests; or of
 //! several stand-in vLLMs ([`Spec::backends`], `vllm_urls`), all reading the node's one store.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use loraplex::{
     cluster::placement::Placement,
@@ -12,7 +15,7 @@ use loraplex::{
     },
 };
 
-use super::{Driver, Node, Raw};
+use super::{Driver, Node, Raw, metric_at};
 
 pub const BASE: &str = "tiny-base";
 
@@ -24,6 +27,11 @@ pub struct Cluster {
     pub peers: Vec<String>,
     /// Node `i`'s stand-ins after its first, with [`Spec::backends`].
     more: Vec<Vec<VllmStandIn>>,
+    /// Node `i`'s config, to start it again ([`Cluster::restart`]).
+    yamls: Vec<String>,
+    driver: Driver,
+    /// [`Spec::admin_token`], sent with the harness's own admin calls.
+    admin_token: Option<String>,
 }
 
 /// A loopback subnet nobody else uses in this process (nodes listen with `SO_REUSEPORT`: two
@@ -38,6 +46,9 @@ fn free_port(ip: &str) -> u16 {
     let l = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// YAML of one node of [`Spec::per_node`]: `(i, dir, ip) -> yaml`.
+pub type NodeYaml<'a> = dyn Fn(usize, &Path, &str) -> String + 'a;
 
 /// How to build a cluster.
 pub struct Spec<'a> {
@@ -54,6 +65,11 @@ pub struct Spec<'a> {
     /// (backend ids 0, 1, ...) and learns each one's base model from its `/v1/models` (no
     /// `vllm.model_name`); [`Cluster::backend`]`(i, j)` is backend `j` of node `i`.
     pub backends: Option<&'a dyn Fn(usize) -> Vec<VllmConfig>>,
+    /// YAML added to node `i`'s config after `extra`: `(i, dir, ip)` is the node's index,
+    /// tempdir (`{DIR}` in its YAML; files a node needs, such as TLS ones, go there) and IP.
+    pub per_node: Option<&'a NodeYaml<'a>>,
+    /// `admin.token` of every node; the harness's admin calls (`/admin/peers`) carry it.
+    pub admin_token: Option<&'a str>,
 }
 
 impl Spec<'_> {
@@ -65,12 +81,24 @@ impl Spec<'_> {
             origin: None,
             unknown: Vec::new(),
             backends: None,
+            per_node: None,
+            admin_token: None,
         }
     }
 }
 
 impl Cluster {
+    /// Start the cluster and wait until every node sees every other healthy.
     pub async fn start(driver: Driver, spec: Spec<'_>) -> Cluster {
+        let unknown = spec.unknown.clone();
+        let c = Cluster::launch(driver, spec).await;
+        c.wait_until_all_see_each_other(&unknown).await;
+        c
+    }
+
+    /// Start the nodes, one after the other, without waiting for them to see each other (for
+    /// clusters whose nodes cannot, or that the harness cannot ask in plain HTTP).
+    pub async fn launch(driver: Driver, spec: Spec<'_>) -> Cluster {
         let net = subnet();
         let port = free_port(&format!("{net}.1"));
         let peers: Vec<String> = (1..=spec.nodes)
@@ -106,6 +134,10 @@ impl Cluster {
             .map(|p| format!("\"{p}\""))
             .collect::<Vec<_>>()
             .join(", ");
+        let admin = spec
+            .admin_token
+            .map_or(String::new(), |t| format!("admin:\n  token: \"{t}\"\n"));
+        let mut yamls = Vec::new();
         let nodes = dirs
             .into_iter()
             .enumerate()
@@ -123,27 +155,46 @@ impl Cluster {
                         vllms[i].url()
                     ),
                 };
+                let own = spec.per_node.map_or(String::new(), |f| {
+                    f(i, dir.path(), peers[i].split(':').next().unwrap())
+                });
                 let yaml = format!(
                     "listen: \"{peer}\"\n{backends}  \
                      health_check_interval: 200ms\n  metrics_interval: 200ms\ndiscovery:\n  \
-                     mode: static\n  static:\n    peers: [{list}]\n{origins}{extra}",
+                     mode: static\n  static:\n    peers: [{list}]\n{origins}{admin}{extra}{own}",
                     peer = peers[i],
                     extra = spec.extra,
                 );
-                let node =
-                    tokio::task::block_in_place(|| Node::start_in(dir, &driver.config(&yaml), &[]));
-                node.assert_driver(driver);
+                let yaml = driver.config(&yaml);
+                let node = start_node(driver, dir, &yaml);
+                yamls.push(yaml);
                 Some(node)
             })
             .collect();
-        let c = Cluster {
+        Cluster {
             nodes,
             vllms,
             peers,
             more,
-        };
-        c.wait_until_all_see_each_other(&spec.unknown).await;
-        c
+            yamls,
+            driver,
+            admin_token: spec.admin_token.map(str::to_owned),
+        }
+    }
+
+    /// `kill -9` node `i`.
+    pub fn kill(&mut self, i: usize) {
+        let mut dead = self.nodes[i].take().unwrap();
+        dead.child.kill().unwrap();
+        let _ = dead.child.wait();
+    }
+
+    /// Start node `i` again, same address and config (a fresh store; its vLLMs still read
+    /// the first one's).
+    pub fn restart(&mut self, i: usize) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("store")).unwrap();
+        self.nodes[i] = Some(start_node(self.driver, dir, &self.yamls[i]));
     }
 
     /// Every node has checked every peer and has fresh vLLM state for all of them (but the
@@ -186,7 +237,11 @@ impl Cluster {
 
     pub async fn admin_peers(&self, n: &Node) -> serde_json::Value {
         let mut raw = Raw::connect(n.addr).await;
-        raw.send(b"GET /admin/peers HTTP/1.1\r\nHost: t\r\n\r\n")
+        let auth = self
+            .admin_token
+            .as_ref()
+            .map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        raw.send(format!("GET /admin/peers HTTP/1.1\r\nHost: t\r\n{auth}\r\n").as_bytes())
             .await;
         raw.response(false).await.json()
     }
@@ -212,10 +267,32 @@ impl Cluster {
     pub fn owner_of(&self, key: &str) -> usize {
         let placement = Placement::build(&self.peers);
         let owner = placement.owner(key.as_bytes()).unwrap();
-        self.peers
-            .iter()
-            .position(|p| p == &placement.peers()[owner])
-            .unwrap()
+        self.index_of(&placement.peers()[owner])
+    }
+
+    /// The key's nodes, owner first (what every node computes).
+    pub fn order_of(&self, key: &str) -> Vec<usize> {
+        let placement = Placement::build(&self.peers);
+        placement
+            .order(key.as_bytes())
+            .map(|p| self.index_of(&placement.peers()[p]))
+            .collect()
+    }
+
+    fn index_of(&self, peer: &str) -> usize {
+        self.peers.iter().position(|p| p == peer).unwrap()
+    }
+
+    /// The nodes whose (first) stand-in vLLM saw `session` in an `X-Session-ID` header.
+    pub fn served_by(&self, session: &str) -> Vec<usize> {
+        (0..self.vllms.len())
+            .filter(|&i| {
+                self.vllms[i]
+                    .recent_heads()
+                    .iter()
+                    .any(|h| h.header("x-session-id") == Some(session))
+            })
+            .collect()
     }
 
     /// A key owned by node `i`.
@@ -235,19 +312,17 @@ impl Cluster {
             .is_file()
     }
 
-    /// A node's `/metrics` value of `line_start` (a metric with its labels), 0 when absent.
-    pub async fn metric(&self, i: usize, line_start: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.node(i).url()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|l| l.starts_with(line_start))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    /// Node `i`'s `/metrics` value of `series` ([`metric_sum`](super::metric_sum)).
+    pub async fn metric(&self, i: usize, series: &str) -> f64 {
+        metric_at(&reqwest::Client::new(), &self.node(i).url(), series).await
     }
+}
+
+/// Start one node of a cluster (`yaml` has its driver set already).
+fn start_node(driver: Driver, dir: tempfile::TempDir, yaml: &str) -> Node {
+    let node = tokio::task::block_in_place(|| Node::start_in(dir, yaml, &[]));
+    node.assert_driver(driver);
+    node
 }
 
 impl Drop for Cluster {

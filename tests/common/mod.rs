@@ -405,15 +405,45 @@ pub fn post(path: &str, body: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Poll `cond` every 10 ms; fail after 15 s.
-/// A chat completion for `model` (no messages), its whole answer.
-pub async fn chat_with(addr: SocketAddr, model: &str) -> RawResponse {
+/// The value of `series` (a metric's name, or its name and all its labels) in a Prometheus
+/// text exposition, summed over the lines of that series; 0 when absent.
+pub fn metric_sum(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(series)
+                .is_some_and(|r| r.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The value of `series` in the `/metrics` of the server at `base_url` ([`metric_sum`]).
+pub async fn metric_at(client: &reqwest::Client, base_url: &str, series: &str) -> f64 {
+    let text = client
+        .get(format!("{base_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric_sum(&text, series)
+}
+
+/// [`post`] `body` to `path` on a new connection (`extra`: more header lines), the whole answer.
+pub async fn post_json(addr: SocketAddr, path: &str, body: &str, extra: &str) -> RawResponse {
     let mut c = Raw::connect(addr).await;
-    let body = serde_json::json!({"model": model, "messages": []}).to_string();
-    c.send(&post("/v1/chat/completions", &body, "")).await;
+    c.send(&post(path, body, extra)).await;
     c.response(false).await
 }
 
+/// A chat completion for `model` (no messages), its whole answer.
+pub async fn chat_with(addr: SocketAddr, model: &str) -> RawResponse {
+    let body = serde_json::json!({"model": model, "messages": []}).to_string();
+    post_json(addr, "/v1/chat/completions", &body, "").await
+}
+
+/// Poll `cond` every 10 ms; fail after 15 s.
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !cond() {
