@@ -200,6 +200,7 @@ impl Node {
             preload_here,
             shared.store.clone(),
             shared.backends.clone(),
+            (shared.bases.clone(), shared.router.clone()),
             &shared.control,
             preload_done,
             shared.shutdown.clone(),

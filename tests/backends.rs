@@ -321,7 +321,70 @@ fn vllm_url_and_vllm_urls_together_are_a_config_error() {
     assert!(printed.get("vllm_url").is_none(), "{stdout}");
 }
 
+/// A warm-up with `load` learns each adapter's base model first: it loads an M2 adapter only
+/// into the backend serving M2, and refuses an adapter whose base no backend serves with the
+/// message a request gets, downloading nothing for it.
+async fn a_warm_up_loads_only_into_backends_of_the_adapters_base(driver: Driver) {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    origin.put_adapter("acme/two", &AdapterSpec::new(M2_ROOT, 100_000, 4));
+    origin.put_adapter("acme/three", &AdapterSpec::new("model-three", 100_000, 5));
+    let c = one_node_with(driver, &mixed, "", Some(&origin)).await;
+    let [b0, b1, b2] = [c.backend(0, 0), c.backend(0, 1), c.backend(0, 2)];
+    let warm = request(
+        c.node(0).addr,
+        "POST",
+        "/admin/cache/warmup",
+        r#"{"adapters":["acme/three","acme/two"],"load":true}"#,
+    )
+    .await
+    .json();
+    let [three, two] = [&warm["results"][0], &warm["results"][1]];
+    assert_eq!(two["adapter"], "acme/two", "{warm}");
+    assert_eq!(two["status"], "ok", "{warm}");
+    assert_eq!(two["loaded_on"], serde_json::json!([b2.url()]), "{warm}");
+    let loads = [b0, b1, b2].map(|b| b.loads("acme/two"));
+    assert_eq!(loads, [0, 0, 1], "only M2's backend");
+    assert_eq!(three["adapter"], "acme/three", "{warm}");
+    let status = three["status"].as_str().unwrap();
+    assert!(
+        status.starts_with("error: ")
+            && status.contains("needs base model model-three")
+            && status.contains("served base models: model-one, model-two, two-alias"),
+        "{warm}"
+    );
+    assert_eq!(origin.gets(&format!("acme/three/{SAFETENSORS_FILE}")), 0);
+    assert!(!c.stores(0, "acme/three"));
+}
+
+/// `storage.preload` learns each adapter's base model first: an M2 adapter is loaded only into
+/// the backend serving M2; one whose base no backend serves is skipped (not downloaded) and
+/// its status says why.
+async fn a_preload_loads_only_into_backends_of_the_adapters_base(driver: Driver) {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    origin.put_adapter("acme/two", &AdapterSpec::new(M2_ROOT, 100_000, 6));
+    origin.put_adapter("acme/three", &AdapterSpec::new("model-three", 100_000, 7));
+    let extra = "storage:\n  dir: \"{DIR}/store\"\n  preload: [\"acme/three\", \"acme/two\"]\n";
+    let c = one_node_with(driver, &mixed, extra, Some(&origin)).await;
+    let [b0, b1, b2] = [c.backend(0, 0), c.backend(0, 1), c.backend(0, 2)];
+    // Ready once every preload attempt finished.
+    let stats = request(c.node(0).addr, "GET", "/admin/cache/stats", "")
+        .await
+        .json();
+    assert_eq!(stats["preload"]["acme/two"], "loaded", "{stats}");
+    let loads = [b0, b1, b2].map(|b| b.loads("acme/two"));
+    assert_eq!(loads, [0, 0, 1], "only M2's backend");
+    let three = stats["preload"]["acme/three"].as_str().unwrap_or_default();
+    assert!(
+        three.contains("skipped") && three.contains("model-three"),
+        "{stats}"
+    );
+    assert_eq!(origin.gets(&format!("acme/three/{SAFETENSORS_FILE}")), 0);
+    assert!(!c.stores(0, "acme/three"));
+}
+
 on_both_drivers!(
+    a_preload_loads_only_into_backends_of_the_adapters_base,
+    a_warm_up_loads_only_into_backends_of_the_adapters_base,
     base_requests_go_only_to_backends_serving_their_model,
     backends_share_one_download_and_an_eviction_unloads_from_each,
     the_node_is_healthy_and_ready_while_one_backend_is,

@@ -420,6 +420,8 @@ async fn a_new_owner_copies_the_adapter_from_a_peer_not_the_origin(driver: Drive
     .await;
     assert_eq!(warm.json()["results"][0]["status"], "ok");
     let gets = origin.adapter_gets(&name);
+    // Later (so a copy stamped with its own time would differ)...
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     // Asked through node 1, the owner (node 2) fetches it: from node 0.
     let body = format!(r#"{{"model":"{name}","messages":[]}}"#);
     let r = post_json(c.node(1).addr, "/v1/chat/completions", &body, "").await;
@@ -448,6 +450,15 @@ async fn a_new_owner_copies_the_adapter_from_a_peer_not_the_origin(driver: Drive
         .await
         .unwrap();
     assert!(m.contains("origin=\"peer\",result=\"ok\""), "{m}");
+    // The copy keeps when the origin was last asked (node 0's time), not its own.
+    let fetched_at = |i: usize| -> serde_json::Value {
+        let meta = c.node(i).path("store").join(&name).join(".loraplex_meta");
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(meta).unwrap()).unwrap()
+            ["fetched_at"]
+            .clone()
+    };
+    assert!(fetched_at(0).is_string(), "{}", fetched_at(0));
+    assert_eq!(fetched_at(2), fetched_at(0));
 }
 
 /// Found by the chaos soak (`scripts/soak.sh`): a revalidation that saw a new version at the

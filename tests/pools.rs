@@ -298,4 +298,67 @@ async fn the_base_model_is_read_from_each_kind_of_origin() {
     );
 }
 
-on_both_drivers!(requests_land_on_backends_of_their_base_model);
+/// Backends with `--served-model-name` (one node: `/models/one` served as `one`, `/models/two`
+/// served as `two`): the 400 for an adapter whose base nobody serves lists only the names a
+/// request can use (vLLM's `id`s), never a `--model` path; an adapter whose config names the
+/// `--model` path still lands on that backend (the `root` counts when matching); a base-model
+/// request naming the `--model` path gets vLLM's own answer, a 404 in OpenAI's shape.
+async fn only_served_names_are_listed_as_served(driver: Driver) {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    origin.put_adapter("acme/by-path", &AdapterSpec::new("/models/two", 60_000, 1));
+    origin.put_adapter(
+        "acme/elsewhere",
+        &AdapterSpec::new("model-three", 60_000, 2),
+    );
+    let named = |_: usize| {
+        vec![
+            VllmConfig::new("/models/one").served_model_names(["one"]),
+            VllmConfig::new("/models/two").served_model_names(["two"]),
+        ]
+    };
+    let spec = Spec {
+        backends: Some(&named),
+        origin: Some(&origin),
+        ..Spec::new(1)
+    };
+    let c = Cluster::start(driver, spec).await;
+    c.node(0).wait_ready().await;
+    let addr = c.node(0).addr;
+
+    let r = chat(addr, "acme/elsewhere").await;
+    assert_eq!(r.status, 400, "{}", body(&r));
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(msg.ends_with("served base models: one, two"), "{msg}");
+    assert!(
+        !msg.contains("/models/"),
+        "a --model path is no usable name: {msg}"
+    );
+
+    let r = chat(addr, "acme/by-path").await;
+    assert_eq!(r.status, 200, "{}", body(&r));
+    assert_eq!(c.backend(0, 1).requests("acme/by-path"), 1);
+    assert_eq!(c.backend(0, 0).requests("acme/by-path"), 0);
+
+    for (path, name) in [("/models/two", "two"), ("/models/one", "one")] {
+        let r = chat(addr, path).await;
+        assert_eq!(r.status, 404, "{}", body(&r));
+        let e = &r.json()["error"];
+        assert_eq!(
+            e["message"],
+            format!("The model `{path}` does not exist."),
+            "{e}"
+        );
+        assert_eq!(
+            (&e["type"], &e["param"]),
+            (&"NotFoundError".into(), &"model".into())
+        );
+        let r = chat(addr, name).await;
+        assert_eq!(r.status, 200, "{}", body(&r));
+    }
+    assert_eq!(origin.gets(&format!("models/two/{SAFETENSORS_FILE}")), 0);
+}
+
+on_both_drivers!(
+    requests_land_on_backends_of_their_base_model,
+    only_served_names_are_listed_as_served,
+);

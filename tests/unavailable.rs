@@ -170,7 +170,54 @@ async fn an_eviction_unloads_once_and_counts_once(driver: Driver) {
     );
 }
 
+/// A warm-up waits for its downloads at most `storage.fetch_wait_timeout`, as a request does:
+/// past it, a 504 in OpenAI's shape naming the key, while the download goes on (a later
+/// warm-up finds it stored, downloaded once).
+async fn a_slow_warm_up_is_a_504_and_its_download_goes_on(driver: Driver) {
+    let (dir, vllm) = stand_ins();
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    origin.put_adapter("acme/slow-warm", &spec(800_000, 6)); // 8 s at 100 kB/s
+    trickle(&origin, "acme/slow-warm", 1);
+    let extra = "storage:\n  fetch_wait_timeout: 1s\n";
+    let lp = node(driver, dir, &vllm, &http_origin(&origin), extra);
+    let warm = r#"{"adapters": ["acme/slow-warm"], "load": true}"#;
+
+    let r = request(lp.addr, "POST", "/admin/cache/warmup", warm).await;
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    let e = &r.json()["error"];
+    assert_eq!(e["type"], "GatewayTimeoutError", "{e}");
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("storage.fetch_wait_timeout") && msg.contains("acme/slow-warm"),
+        "{msg}"
+    );
+    let fetches = request(lp.addr, "GET", "/admin/cache/fetches", "")
+        .await
+        .json();
+    assert_eq!(
+        fetches["fetches"][0]["adapter"], "acme/slow-warm",
+        "{fetches}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let r = request(lp.addr, "POST", "/admin/cache/warmup", warm).await;
+        if r.status == 200 {
+            break r.json();
+        }
+        assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+        assert!(Instant::now() < deadline, "the download never finished");
+    };
+    assert_eq!(answer["results"][0]["status"], "ok", "{answer}");
+    assert_eq!(answer["results"][0]["loaded"], true, "{answer}");
+    assert_eq!(
+        origin.gets(&format!("acme/slow-warm/{SAFETENSORS_FILE}")),
+        1
+    );
+}
+
 on_both_drivers!(
+    a_slow_warm_up_is_a_504_and_its_download_goes_on,
     a_slow_download_is_a_504_for_its_waiters_and_goes_on,
     the_base_model_answers_for_a_502_a_507_and_a_504_with_fallback,
     an_eviction_unloads_once_and_counts_once,

@@ -21,7 +21,8 @@ use super::hashkey::pool_hash;
 pub struct Pools {
     /// [`pool_hash`] of every name a backend of the cluster serves, sorted.
     hashes: Box<[u64]>,
-    /// The names, sorted, deduplicated: roots and served names.
+    /// The names a request can use (vLLM's `id`s, not a `root` that differs), sorted,
+    /// deduplicated.
     names: Box<[Arc<str>]>,
     /// Per backend of the cluster (deduplicated): its names, `root` first.
     backends: Box<[Arc<[Arc<str>]>]>,
@@ -56,10 +57,10 @@ impl Pools {
         let mut roots: Vec<&str> = backends.iter().map(|b| b[0]).collect();
         roots.sort_unstable();
         roots.dedup();
-        let mut names: Vec<&str> = backends.iter().flatten().copied().collect();
+        let mut hashes: Vec<u64> = backends.iter().flatten().map(|n| pool_hash(n)).collect();
+        let mut names: Vec<&str> = backends.iter().flat_map(|b| served(b)).copied().collect();
         names.sort_unstable();
         names.dedup();
-        let mut hashes: Vec<u64> = names.iter().map(|n| pool_hash(n)).collect();
         hashes.sort_unstable();
         hashes.dedup();
         Pools {
@@ -92,7 +93,8 @@ impl Pools {
         self.hashes.binary_search(&pool).is_ok()
     }
 
-    /// Every base-model name served, sorted.
+    /// Every base-model name a request can use (vLLM's `id`s), sorted: what the answers list
+    /// as served.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.names.iter().map(|n| &**n)
     }
@@ -111,6 +113,17 @@ impl Pools {
     }
 }
 
+/// The served names of a backend's names (`root` first, then the served names deduplicated,
+/// so a lone name is a `root` served under its own path): a request naming a `root` that differs
+/// is vLLM's 404. A backend served both under its path and under another name lists only the
+/// other (the wire format cannot tell that case apart; the path still routes).
+fn served<'a, 'b>(names: &'b [&'a str]) -> &'b [&'a str] {
+    match names {
+        [_, rest @ ..] if !rest.is_empty() => rest,
+        all => all,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,7 +139,11 @@ mod tests {
         assert!(!p.multi() && p.complete());
         assert!(p.serves(pool_hash("M1")) && p.serves(pool_hash("/m/m1")));
         assert!(!p.serves(pool_hash("M2")));
-        assert_eq!(p.names().collect::<Vec<_>>(), ["/m/m1", "M1"]);
+        assert_eq!(
+            p.names().collect::<Vec<_>>(),
+            ["M1"],
+            "a root with served names is no name"
+        );
         assert_eq!(p.backends().count(), 1);
     }
 
@@ -135,7 +152,15 @@ mod tests {
         let (m1, m2) = (s(&["/m/m1", "M1"]), s(&["/m/m2", "M2", "m2-alias"]));
         let p = Pools::build([Some(vec![&m1[..], &m1[..]]), Some(vec![&m1[..], &m2[..]])]);
         assert!(p.multi() && p.complete());
-        assert!(p.serves(pool_hash("m2-alias")));
+        assert!(p.serves(pool_hash("m2-alias")) && p.serves(pool_hash("/m/m2")));
+        assert_eq!(p.names().collect::<Vec<_>>(), ["M1", "M2", "m2-alias"]);
+        let plain = s(&["/m/m3"]);
+        let p3 = Pools::build([Some(vec![&m1[..], &plain[..]])]);
+        assert_eq!(
+            p3.names().collect::<Vec<_>>(),
+            ["/m/m3", "M1"],
+            "served as its path"
+        );
         let names: Vec<&str> = p
             .names_of(pool_hash("M2"))
             .unwrap()

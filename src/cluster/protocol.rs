@@ -163,6 +163,10 @@ pub struct PeerManifest {
     pub adapter: String,
     pub content_id: Option<String>,
     pub files: Vec<PeerFile>,
+    /// When the peer's copy last heard from the origin (`fetched_at`), in ms since the Unix
+    /// epoch; the copy keeps it. `None` from a peer of an earlier version.
+    #[serde(default)]
+    pub fetched_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

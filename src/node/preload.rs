@@ -18,11 +18,14 @@ use std::{
 
 use crate::{
     adapter::AdapterName,
-    cluster::router::Router,
+    cluster::{hashkey::pool_hash, router::Router},
     config::{Config, HashOn},
     control::Control,
     error::{Error, ErrorKind},
-    origin::OriginChain,
+    origin::{
+        OriginChain,
+        base::{Base, BaseModels, LEARN_TIMEOUT},
+    },
     shutdown::Shutdown,
     store::Store,
     vllm::Backends,
@@ -104,11 +107,14 @@ async fn manifest_size(origins: &OriginChain, name: &AdapterName) -> Option<u64>
 }
 
 /// Fetch and load the set now, then again after every vLLM restart; `done` is set once the
-/// first round of attempts finished.
+/// first round of attempts finished. Each adapter's base model is learnt first (`bases`, as a
+/// request learns it, once the cluster serves two base models): one no vLLM of this node
+/// serves is skipped with a warning, the others are loaded only into the backends serving it.
 pub fn start(
     names: Vec<AdapterName>,
     store: Arc<Store>,
     vllm: Arc<Backends>,
+    (bases, router): (Arc<BaseModels>, Arc<Router>),
     control: &Control,
     done: Arc<AtomicBool>,
     shutdown: Shutdown,
@@ -120,7 +126,8 @@ pub fn start(
     let mut restarts = vllm.restarts();
     restarts.mark_unchanged();
     control.spawn(async move {
-        for name in &names {
+        let names = with_bases(names, &store, &vllm, &bases, &router).await;
+        for (name, _) in &names {
             match store.ensure(name).await {
                 Ok(_) => store.set_preload_status(name, "stored"),
                 Err(e) => {
@@ -143,14 +150,65 @@ pub fn start(
     });
 }
 
-/// Load every stored preloaded adapter into vLLM.
-async fn load_all(names: &[AdapterName], store: &Store, vllm: &Backends) {
+/// Time the start-up waits for every node to report its vLLMs' base models (then the pools as
+/// known so far are used).
+const POOLS_WAIT: Duration = Duration::from_secs(10);
+
+/// The set with each adapter's base model (`None`: not learnt, or one base model in the
+/// cluster: every backend), those no vLLM of this node serves left out with a warning (and
+/// their status in the stats).
+async fn with_bases(
+    names: Vec<AdapterName>,
+    store: &Store,
+    vllm: &Backends,
+    bases: &Arc<BaseModels>,
+    router: &Router,
+) -> Vec<(AdapterName, Option<Arc<str>>)> {
+    let _ = vllm.learn_base_models().await;
+    let deadline = tokio::time::Instant::now() + POOLS_WAIT;
+    while !router.view().pools.complete() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pools = router.view().pools.clone();
+    let mut out = Vec::with_capacity(names.len());
     for name in names {
+        if !pools.multi() {
+            out.push((name, None));
+            continue;
+        }
+        let base = match bases.lookup(&name, true) {
+            Ok(base) => base,
+            Err(waiter) => tokio::time::timeout(LEARN_TIMEOUT, waiter.wait())
+                .await
+                .unwrap_or(Base::Unknown),
+        };
+        let Base::Known(base) = base else {
+            out.push((name, None));
+            continue;
+        };
+        if vllm.base_for(&base).is_some() {
+            out.push((name, Some(base)));
+            continue;
+        }
+        let why = if pools.complete() && !pools.serves(pool_hash(&base)) {
+            format!("its base model {base} is served by no vLLM of the cluster")
+        } else {
+            format!("its base model {base} is served by no vLLM of this node")
+        };
+        tracing::warn!(adapter = %name, base = %base, "preload: skipped: {why}");
+        store.set_preload_status(&name, format!("error: skipped: {why}"));
+    }
+    out
+}
+
+/// Load every stored preloaded adapter into the backends serving its base model.
+async fn load_all(names: &[(AdapterName, Option<Arc<str>>)], store: &Store, vllm: &Backends) {
+    for (name, base) in names {
         if !store.contains(name) {
             continue;
         }
         let path = store.dir().join(name.rel_path());
-        match vllm.load_all(name.as_str(), &path).await {
+        match vllm.load_for(name.as_str(), &path, base.as_deref()).await {
             Ok(_) => store.set_preload_status(name, "loaded"),
             Err(e) => {
                 tracing::warn!(adapter = %name, error = %e, "preload: loading into vLLM failed");

@@ -72,6 +72,7 @@ impl Origin for Configs {
                 etag: None,
                 revision: None,
                 source: None,
+                fetched_at_ms: None,
             })
         }
         .boxed()

@@ -149,6 +149,7 @@ impl Origin for FileOrigin {
                 etag: Some(id),
                 revision: None,
                 source: None,
+                fetched_at_ms: None,
             })
         }
         .boxed()

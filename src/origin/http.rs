@@ -170,6 +170,7 @@ impl Origin for HttpOrigin {
                 etag,
                 revision: None,
                 source: None,
+                fetched_at_ms: None,
             })
         }
         .boxed()

@@ -483,6 +483,7 @@ impl HuggingFace {
             etag: None,
             revision: Some(revision.sha),
             source: None,
+            fetched_at_ms: None,
         })
     }
 }

@@ -202,6 +202,10 @@ pub struct Manifest {
     /// Where the files are read from, when the origin chose it with the manifest (the `peer`
     /// origin: the node that gave it); `None` for the others.
     pub source: Option<String>,
+    /// When the origin was last asked about these files, in ms since the Unix epoch, when that
+    /// was earlier than now (a peer's copy: its `fetched_at`, which the copy keeps so it looks
+    /// no fresher than it is); `None`: now.
+    pub fetched_at_ms: Option<u64>,
 }
 
 impl Manifest {
@@ -296,6 +300,7 @@ pub fn config_by_path<'a, O: Origin + ?Sized>(
             etag: None,
             revision: None,
             source: None,
+            fetched_at_ms: None,
         };
         let file = FileSpec::new(CONFIG_FILE, None);
         origin.open(name, &manifest, &file, 0).await
@@ -471,6 +476,7 @@ mod tests {
             etag: None,
             revision: Some("r".into()),
             source: None,
+            fetched_at_ms: None,
         };
         assert!(check_manifest(&m(vec![cfg.clone(), w.clone()])).is_ok());
         let only_cfg = check_manifest(&m(vec![cfg.clone()])).unwrap_err();

@@ -126,6 +126,7 @@ impl Origin for PeerOrigin {
                     etag: m.content_id,
                     revision: None,
                     source: Some(peer),
+                    fetched_at_ms: m.fetched_at_ms,
                 });
             }
             Err(OriginError::not_found(format!("no peer holds {name}")))

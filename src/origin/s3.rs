@@ -478,6 +478,7 @@ impl S3 {
             etag: Some(etag),
             revision: None,
             source: None,
+            fetched_at_ms: None,
         })
     }
 }

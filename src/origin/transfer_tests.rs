@@ -110,6 +110,7 @@ async fn run(o: &Flaky, sha: Option<[u8; 32]>) -> (Result<Transferred, TransferE
         etag: None,
         revision: None,
         source: None,
+        fetched_at_ms: None,
     };
     let spec = FileSpec {
         path: "w".into(),

@@ -4,9 +4,11 @@
 //!   misses, fetches in flight, pinned.
 //! - `GET /admin/cache/fetches`: fetches in flight with bytes, total, rate, elapsed.
 //! - `POST /admin/cache/warmup {"adapters": [...], "load": bool}`: fetch now; per adapter `ok`
-//!   or the error; with `load`, also load each into every vLLM backend of the node
+//!   or the error; the base model learnt first (pools: a base nobody serves is refused as a
+//!   request is); with `load`, also load each into every vLLM backend of the node serving it
 //!   (`"loaded": true` when one at least took it, `"loaded_on"`: their URLs), so its first
-//!   request pays no load.
+//!   request pays no load. The wait is bounded by `storage.fetch_wait_timeout` (a 504 past it,
+//!   the downloads going on), as a request's.
 //! - `POST /admin/cache/evict {"adapter": NAME}`: remove it here (vLLM is told to unload it)
 //!   and on every peer. The name is validated: nothing outside the storage dir is touched. A
 //!   preloaded adapter (`storage.preload`) is refused with 409.
@@ -20,7 +22,10 @@
 //! authenticated peers (`cluster.token`, else a peer's address), 403 for others; `admin.open`
 //! opens them to every client, as the Go project does.
 
-use std::sync::atomic::Ordering;
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
+};
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -28,14 +33,16 @@ use serde_json::{Value, json};
 use crate::{
     adapter::AdapterName,
     cluster::{
+        hashkey::pool_hash,
         peering::broadcast_evict,
         protocol::{BackendReport, is_marked, is_trusted_peer, load},
         router::backend_json,
     },
-    config::AdminConfig,
-    error::{Error, ErrorKind},
+    config::{AdminConfig, units::format_duration},
+    error::{Clipped, Error, ErrorKind},
     http::{Method, RequestHead, constant_time_eq, response},
-    proxy::Proxy,
+    origin::base::Base,
+    proxy::{Proxy, models},
     server::conn::Conn,
 };
 
@@ -79,10 +86,12 @@ pub async fn serve(
         }
         (Method::Post, "/admin/cache/warmup") => {
             let req: WarmupRequest = parse(body)?;
-            let mut answer = store.warmup(&req.adapters).await;
+            let (wanted, refused, bases) = bases_first(w, &req.adapters, req.load).await;
+            let mut answer = warm(w, wanted).await?;
             if req.load {
-                load_warmed(w, &mut answer).await;
+                load_warmed(w, &mut answer, &bases).await;
             }
+            merge_refused(&req.adapters, &mut answer, refused);
             answer
         }
         (Method::Post, "/admin/cache/evict") => {
@@ -133,9 +142,101 @@ struct WarmupRequest {
     load: bool,
 }
 
+/// The base model of each adapter of a warm-up first, learnt as a request learns it (once the
+/// cluster serves two base models; else none is needed): the adapters to fetch, those refused
+/// (by name: the message a request for them would get, or with `load` the one saying this
+/// node's vLLMs do not serve their base), and each known base model for the loads.
+async fn bases_first(
+    w: &Proxy,
+    adapters: &[String],
+    load: bool,
+) -> (
+    Vec<String>,
+    HashMap<String, Error>,
+    HashMap<String, Arc<str>>,
+) {
+    let pools = w.shared.router.view().pools.clone();
+    let (mut wanted, mut refused, mut bases) = (Vec::new(), HashMap::new(), HashMap::new());
+    for raw in adapters {
+        let name = AdapterName::parse(raw).ok().filter(|_| pools.multi());
+        if let Some(name) = name
+            && let Base::Known(base) = models::base_of(w, &name, true).await
+        {
+            let here = w.shared.backends.base_for(&base).is_some();
+            if !pools.serves(pool_hash(&base)) && pools.complete() {
+                refused.insert(raw.clone(), models::unserved(w, &pools, &name, &base));
+                continue;
+            }
+            if load && !here {
+                let e = Error::bad_request(format!(
+                    "adapter {name} needs base model {base}, which no vLLM of this node serves: \
+                     warm it up on a node of its pool (requests for it go there)"
+                ));
+                refused.insert(raw.clone(), e);
+                continue;
+            }
+            bases.insert(raw.clone(), base);
+        }
+        wanted.push(raw.clone());
+    }
+    (wanted, refused, bases)
+}
+
+/// Put the refused adapters' results back in the warm-up's answer, in the request's order.
+fn merge_refused(adapters: &[String], answer: &mut Value, refused: HashMap<String, Error>) {
+    if refused.is_empty() {
+        return;
+    }
+    let Some(done) = answer["results"].as_array_mut().map(std::mem::take) else {
+        return;
+    };
+    let mut done = done.into_iter();
+    let results: Vec<Value> = adapters
+        .iter()
+        // By name: a name listed twice is refused twice, and takes no other's result.
+        .filter_map(|raw| match refused.get(raw) {
+            Some(e) => Some(json!({"adapter": raw, "status": format!("error: {}", e.message)})),
+            None => done.next(),
+        })
+        .collect();
+    answer["results"] = Value::Array(results);
+}
+
+/// The warm-up's downloads, run on the control plane, waited for at most
+/// `storage.fetch_wait_timeout` as a request waits: past that, a 504 while they go on (the
+/// adapters after the one downloading too, one after another), so a later warm-up or request
+/// finds them stored.
+async fn warm(w: &Proxy, adapters: Vec<String>) -> Result<Value, Error> {
+    let store = w.shared.store.clone();
+    let count = adapters.len();
+    let first = adapters.first().map(|n| Clipped(n).to_string());
+    let warm = w
+        .shared
+        .control
+        .run(async move { store.warmup(&adapters).await });
+    let Some(limit) = w.shared.config.storage.fetch_wait_timeout else {
+        return warm.await;
+    };
+    match monoio::time::timeout(limit, warm).await {
+        Ok(answer) => answer,
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "the warm-up of {count} adapter(s) ({}{}) is still downloading after {} \
+                 (storage.fetch_wait_timeout); the downloads go on: warm up again later to see \
+                 them stored",
+                first.unwrap_or_default(),
+                if count > 1 { ", ..." } else { "" },
+                format_duration(limit)
+            ),
+        )
+        .with_param("adapters")),
+    }
+}
+
 /// Load every adapter the warm-up stored into vLLM (`POST /v1/load_lora_adapter`); each result
 /// gets `"loaded": true`, or its status becomes the error.
-async fn load_warmed(w: &Proxy, answer: &mut Value) {
+async fn load_warmed(w: &Proxy, answer: &mut Value, bases: &HashMap<String, Arc<str>>) {
     let Some(results) = answer["results"].as_array_mut() else {
         return;
     };
@@ -150,10 +251,18 @@ async fn load_warmed(w: &Proxy, answer: &mut Value) {
         };
         let backends = w.shared.backends.clone();
         let path = w.shared.store.dir().join(name.rel_path());
+        let base = r["adapter"]
+            .as_str()
+            .and_then(|raw| bases.get(raw))
+            .cloned();
         let loaded = w
             .shared
             .control
-            .run(async move { backends.load_all(name.as_str(), &path).await })
+            .run(async move {
+                backends
+                    .load_for(name.as_str(), &path, base.as_deref())
+                    .await
+            })
             .await
             .and_then(|r| r);
         match loaded {

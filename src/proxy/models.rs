@@ -72,7 +72,7 @@ pub(super) async fn pool_of(
 }
 
 /// The 400 for an adapter whose base model no backend of the cluster serves.
-fn unserved(w: &Proxy, pools: &Pools, adapter: &AdapterName, base: &str) -> Error {
+pub(super) fn unserved(w: &Proxy, pools: &Pools, adapter: &AdapterName, base: &str) -> Error {
     let served: Vec<&str> = pools.names().collect();
     let hint = if w.shared.config.storage.rewrite_base_model {
         " (with storage.rewrite_base_model, map the adapter's name to the base model it runs \

@@ -2,7 +2,8 @@
 //! adapter's owner (scale-up, ring change) copies it from the node that has it instead of going
 //! back to Hugging Face or S3.
 //!
-//! - `GET /_loraplex/adapters/{name}/manifest`: `{"content_id", "files": [{"path","size"}]}`
+//! - `GET /_loraplex/adapters/{name}/manifest`: `{"content_id", "files": [{"path","size"}],
+//!   "fetched_at_ms"}`
 //!   for a stored adapter (404 when not stored here; this never starts a fetch).
 //! - `GET /_loraplex/adapters/{name}/files/{path}`: the file's bytes, `Range: bytes=N-` honoured.
 //!
@@ -51,6 +52,7 @@ pub async fn serve(w: &Proxy, conn: &mut Conn, head: &RequestHead) -> Result<Rep
             adapter: name.to_string(),
             content_id: pin.content_id().map(str::to_owned),
             files: files.collect(),
+            fetched_at_ms: Some(pin.fetched_at_ms()),
         };
         let mut out = Vec::new();
         response::json(&mut out, 200, &body, keep_alive);

@@ -193,7 +193,10 @@ impl Store {
                 origin: origin.kind().to_owned(),
                 etag: manifest.etag.clone(),
                 revision: manifest.revision.clone(),
-                fetched_at: timestamp_ms(now_ms()),
+                // A peer's copy keeps its time (never later than now: clocks differ).
+                fetched_at: timestamp_ms(
+                    manifest.fetched_at_ms.map_or(now_ms(), |t| t.min(now_ms())),
+                ),
                 ttl_seconds: self.opts.ttl.map_or(0, |t| t.as_secs() as i64),
             };
             sink.send(Msg::File(META_FILE.into(), None)).await?;

@@ -233,6 +233,11 @@ impl Pin {
         self.entry.provenance.content_id()
     }
 
+    /// When its origin was last asked (fetch or revalidation), in ms since the Unix epoch.
+    pub fn fetched_at_ms(&self) -> u64 {
+        self.entry.fetched_at_ms()
+    }
+
     pub(crate) fn entry(&self) -> &Arc<Entry> {
         &self.entry
     }

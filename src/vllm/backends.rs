@@ -7,7 +7,8 @@
 //!   them is a base-model request ([`Backends::base_for`]).
 //! - One adapter store for all: an evicted or replaced adapter is unloaded from every backend
 //!   ([`Hooks`]), each call counted on its own; warm-up `load` and `storage.preload` load into
-//!   every backend ([`Backends::load_all`]), since any of them may be sent the adapter.
+//!   every backend serving the adapter's base model ([`Backends::load_for`]), since any of them
+//!   may be sent the adapter.
 
 use std::sync::Arc;
 
@@ -106,11 +107,35 @@ impl Backends {
     /// Load an adapter stored at `path` into every backend. `Ok` with the URLs of the backends
     /// that loaded it when one did at least; else the first backend's error.
     pub async fn load_all(&self, name: &str, path: &std::path::Path) -> Result<Vec<String>, Error> {
+        self.load_for(name, path, None).await
+    }
+
+    /// [`Backends::load_all`], only into the backends whose base model is `base` (its `--model`
+    /// or a served name); into every backend when `base` is `None` (not learnt: any of them
+    /// may be sent the adapter). A 400 when no backend of the node serves `base`.
+    pub async fn load_for(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+        base: Option<&str>,
+    ) -> Result<Vec<String>, Error> {
+        let targets: Vec<&Arc<Vllm>> = self
+            .all
+            .iter()
+            .filter(|b| base.is_none_or(|m| b.base_model().is_some_and(|k| k.is_base(m))))
+            .collect();
+        if let (true, Some(base)) = (targets.is_empty(), base) {
+            return Err(Error::bad_request(format!(
+                "adapter {name} needs base model {base}, which no vLLM of this node serves \
+                 (requests for it go to the nodes of its pool)"
+            ))
+            .with_param("adapters"));
+        }
         let results =
-            futures_util::future::join_all(self.all.iter().map(|b| b.load(name, path))).await;
+            futures_util::future::join_all(targets.iter().map(|b| b.load(name, path))).await;
         let mut loaded = Vec::new();
         let mut first_err = None;
-        for (b, r) in self.all.iter().zip(results) {
+        for (b, r) in targets.iter().zip(results) {
             match r {
                 Ok(()) => loaded.push(b.url.clone()),
                 Err(e) => {
