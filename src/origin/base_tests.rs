@@ -70,9 +70,7 @@ impl Origin for Configs {
             Ok(Manifest {
                 files: vec![FileSpec::new(CONFIG_FILE, None)],
                 etag: None,
-                revision: None,
-                source: None,
-                fetched_at_ms: None,
+                ..Default::default()
             })
         }
         .boxed()

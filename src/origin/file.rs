@@ -147,9 +147,7 @@ impl Origin for FileOrigin {
             Ok(Manifest {
                 files,
                 etag: Some(id),
-                revision: None,
-                source: None,
-                fetched_at_ms: None,
+                ..Default::default()
             })
         }
         .boxed()

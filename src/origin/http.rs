@@ -168,9 +168,7 @@ impl Origin for HttpOrigin {
             Ok(Manifest {
                 files,
                 etag,
-                revision: None,
-                source: None,
-                fetched_at_ms: None,
+                ..Default::default()
             })
         }
         .boxed()

@@ -482,8 +482,7 @@ impl HuggingFace {
             files,
             etag: None,
             revision: Some(revision.sha),
-            source: None,
-            fetched_at_ms: None,
+            ..Default::default()
         })
     }
 }

@@ -191,7 +191,7 @@ impl FileSpec {
 }
 
 /// What an origin has for an adapter.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifest {
     /// The files to fetch, config first.
     pub files: Vec<FileSpec>,
@@ -298,9 +298,7 @@ pub fn config_by_path<'a, O: Origin + ?Sized>(
         let manifest = Manifest {
             files: Vec::new(),
             etag: None,
-            revision: None,
-            source: None,
-            fetched_at_ms: None,
+            ..Default::default()
         };
         let file = FileSpec::new(CONFIG_FILE, None);
         origin.open(name, &manifest, &file, 0).await
@@ -475,8 +473,7 @@ mod tests {
             files,
             etag: None,
             revision: Some("r".into()),
-            source: None,
-            fetched_at_ms: None,
+            ..Default::default()
         };
         assert!(check_manifest(&m(vec![cfg.clone(), w.clone()])).is_ok());
         let only_cfg = check_manifest(&m(vec![cfg.clone()])).unwrap_err();

@@ -476,9 +476,7 @@ impl S3 {
         Ok(Manifest {
             files,
             etag: Some(etag),
-            revision: None,
-            source: None,
-            fetched_at_ms: None,
+            ..Default::default()
         })
     }
 }

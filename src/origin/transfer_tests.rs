@@ -108,9 +108,7 @@ async fn run(o: &Flaky, sha: Option<[u8; 32]>) -> (Result<Transferred, TransferE
     let m = Manifest {
         files: vec![],
         etag: None,
-        revision: None,
-        source: None,
-        fetched_at_ms: None,
+        ..Default::default()
     };
     let spec = FileSpec {
         path: "w".into(),
