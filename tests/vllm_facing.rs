@@ -139,15 +139,21 @@ async fn a_vllm_that_comes_back_serving_another_model_is_learnt_again(driver: Dr
     assert_eq!(stored_base(&lp, "acme/new"), "/models/two");
 }
 
-async fn a_request_after_vllm_closed_the_idle_pooled_connection_succeeds(driver: Driver) {
-    let vllm = VllmStandIn::start(VllmConfig::new(MODEL)).unwrap();
-    let lp = Node::start_on(
+/// A node in front of `vllm` that probes it once (at start) and not again during the test, so
+/// the probe's connection stays out of the counts.
+fn node_for(driver: Driver, vllm: &VllmStandIn) -> Node {
+    Node::start_on(
         driver,
         &format!(
             "vllm_url: \"{}\"\nvllm:\n  model_name: \"{MODEL}\"\n  health_check_interval: 1h\n",
             vllm.url()
         ),
-    );
+    )
+}
+
+async fn a_request_after_vllm_closed_the_idle_pooled_connection_succeeds(driver: Driver) {
+    let vllm = VllmStandIn::start(VllmConfig::new(MODEL)).unwrap();
+    let lp = node_for(driver, &vllm);
     // The first health check (and its connection) done before counting connections.
     wait_ready(&lp, 200).await;
     // One client connection, so both requests use the same worker and its pool.
@@ -174,13 +180,7 @@ async fn a_request_on_a_young_pooled_connection_vllm_closed_is_served_once(drive
         VllmConfig::new(MODEL).keep_alive_timeout(Some(Duration::from_millis(5))),
     )
     .unwrap();
-    let lp = Node::start_on(
-        driver,
-        &format!(
-            "vllm_url: \"{}\"\nvllm:\n  model_name: \"{MODEL}\"\n  health_check_interval: 1h\n",
-            vllm.url()
-        ),
-    );
+    let lp = node_for(driver, &vllm);
     wait_ready(&lp, 200).await;
     let mut c = Raw::connect(lp.addr).await;
     let body = format!(r#"{{"model":"{MODEL}","messages":[]}}"#);

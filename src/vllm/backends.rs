@@ -104,15 +104,11 @@ impl Backends {
         }
     }
 
-    /// Load an adapter stored at `path` into every backend. `Ok` with the URLs of the backends
-    /// that loaded it when one did at least; else the first backend's error.
-    pub async fn load_all(&self, name: &str, path: &std::path::Path) -> Result<Vec<String>, Error> {
-        self.load_for(name, path, None).await
-    }
-
-    /// [`Backends::load_all`], only into the backends whose base model is `base` (its `--model`
-    /// or a served name); into every backend when `base` is `None` (not learnt: any of them
-    /// may be sent the adapter). A 400 when no backend of the node serves `base`.
+    /// Load an adapter stored at `path` into the backends whose base model is `base` (its
+    /// `--model` or a served name); into every backend when `base` is `None` (not learnt: any
+    /// of them may be sent the adapter). `Ok` with the URLs of the backends that loaded it when
+    /// one did at least; else the first backend's error. A 400 when no backend of the node
+    /// serves `base`.
     pub async fn load_for(
         &self,
         name: &str,
