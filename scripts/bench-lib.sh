@@ -40,9 +40,12 @@ CONF
 }
 
 # start_nginx_proxy NAME LISTEN UPSTREAM [tls]: nginx (2 workers) as a keep-alive reverse
-# proxy; with `tls`, its clients speak TLS (the certificate of make_tls_cert).
+# proxy; with `tls`, its clients speak TLS (the certificate of make_tls_cert). With REUSEPORT=1
+# each worker listens on its own `reuseport` socket, so the kernel spreads connections over the
+# workers as it does over loraplex's; without it one busy worker may accept them all.
 start_nginx_proxy() {
-  local ssl=""
+  local ssl="" rp=""
+  [ "${REUSEPORT:-0}" = 1 ] && rp=" reuseport"
   [ "${4:-}" = tls ] && ssl=" ssl; ssl_certificate $WORK/tls.crt; ssl_certificate_key $WORK/tls.key"
   cat > "$WORK/$1.conf" <<CONF
 worker_processes 2;
@@ -55,7 +58,7 @@ http {
   proxy_temp_path $WORK;
   upstream up { server $3; keepalive 256; }
   server {
-    listen $2$ssl;
+    listen $2$rp$ssl;
     keepalive_requests 1000000;
     location / {
       proxy_pass http://up;
@@ -96,7 +99,7 @@ write_post_lua() {
 # wrk_run NAME URL [SECONDS]: one wrk -t1 -c64 run of $LUA (default $WORK/post.lua); prints
 # "NAME rps p50_ms p99_ms requests".
 wrk_run() {
-  wrk -t1 -c64 -d"${3:-${SECS:-10}}s" -s "${LUA:-$WORK/post.lua}" --latency "$2" \
+  wrk -t1 -c"${CONNS:-64}" -d"${3:-${SECS:-10}}s" -s "${LUA:-$WORK/post.lua}" --latency "$2" \
     | awk -v name="$1" '
       function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
       /Requests\/sec/ { rps=$2 } / 50%/ { p50=ms($2) } / 99%/ { p99=ms($2) }
