@@ -19,11 +19,12 @@ use std::{
 use aws_sdk_s3::primitives::ByteStream;
 use base64::{Engine, engine::general_purpose::STANDARD};
 use bytes::Bytes;
+use futures_util::{FutureExt, future::BoxFuture};
 use loraplex::{
     adapter::AdapterName,
     config::TransferConfig,
     origin::{
-        CrcAlgorithm, Origin,
+        CrcAlgorithm, FileSpec, FileStream, Manifest, Origin, OriginError,
         huggingface::HuggingFace,
         s3::{S3, S3Settings},
         transfer::{ChunkSink, TransferError, pull_file},
@@ -58,17 +59,67 @@ impl ChunkSink for Sink {
     }
 }
 
-/// Fetch every file of `name` the way the store does (manifest, then `pull_file` per file)
-/// into a counting sink; bytes read. `verify: false` drops the announced checksums, which is
-/// how the transfer runs for an origin that has none (it then hashes nothing).
-async fn fetch(origin: &dyn Origin, name: &AdapterName, verify: bool) -> u64 {
-    let mut manifest = origin.manifest(name).await.expect("manifest");
-    if !verify {
-        manifest.files.iter_mut().for_each(|f| {
-            f.sha256 = None;
-            f.crc = None;
-        });
+/// An origin with its checksums hidden, for the rows with the check off: its manifest lists
+/// none and its answers announce none, so the transfer hashes nothing. (Dropping the
+/// manifest's alone is not enough: the transfer adopts the SHA-256 an answer announces, as
+/// the Hub's `X-Linked-Etag` does.)
+struct Unverified<O>(O);
+
+impl<O: Origin> Origin for Unverified<O> {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
     }
+
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+
+    fn transfer(&self) -> TransferConfig {
+        self.0.transfer()
+    }
+
+    fn head<'a>(
+        &'a self,
+        name: &'a AdapterName,
+    ) -> BoxFuture<'a, Result<Option<String>, OriginError>> {
+        self.0.head(name)
+    }
+
+    fn manifest<'a>(
+        &'a self,
+        name: &'a AdapterName,
+    ) -> BoxFuture<'a, Result<Manifest, OriginError>> {
+        async move {
+            let mut manifest = self.0.manifest(name).await?;
+            manifest.files.iter_mut().for_each(|f| {
+                f.sha256 = None;
+                f.crc = None;
+            });
+            Ok(manifest)
+        }
+        .boxed()
+    }
+
+    fn open<'a>(
+        &'a self,
+        name: &'a AdapterName,
+        manifest: &'a Manifest,
+        file: &'a FileSpec,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<FileStream, OriginError>> {
+        async move {
+            let mut stream = self.0.open(name, manifest, file, offset).await?;
+            stream.sha256 = None;
+            Ok(stream)
+        }
+        .boxed()
+    }
+}
+
+/// Fetch every file of `name` the way the store does (manifest, then `pull_file` per file)
+/// into a counting sink; bytes read.
+async fn fetch(origin: &dyn Origin, name: &AdapterName) -> u64 {
+    let manifest = origin.manifest(name).await.expect("manifest");
     let mut sink = Sink(0);
     for file in &manifest.files {
         pull_file(origin, name, &manifest, file, &mut sink)
@@ -79,9 +130,9 @@ async fn fetch(origin: &dyn Origin, name: &AdapterName, verify: bool) -> u64 {
 }
 
 /// [`fetch`] timed: MB/s.
-async fn timed_fetch(origin: &dyn Origin, name: &AdapterName, verify: bool) -> f64 {
+async fn timed_fetch(origin: &dyn Origin, name: &AdapterName) -> f64 {
     let t = Instant::now();
-    let n = fetch(origin, name, verify).await;
+    let n = fetch(origin, name).await;
     mbps(n, t.elapsed())
 }
 
@@ -193,6 +244,7 @@ async fn run(repeats: usize, mib: usize, link_mbps: u64, hub: &StandInHub, s3_se
     let files = vec![HubFile::small("adapter_config.json", CONFIG), lfs];
     hub.add_commit("bench/big", "be9c4000", &["main"], files);
     let hf = HuggingFace::new(&hub.url(), None, transfer.clone()).unwrap();
+    let hf_off = Unverified(HuggingFace::new(&hub.url(), None, transfer.clone()).unwrap());
 
     // S3: s3s-fs over a temporary directory; the object carries x-amz-checksum-sha256.
     let settings = S3Settings {
@@ -201,7 +253,12 @@ async fn run(repeats: usize, mib: usize, link_mbps: u64, hub: &StandInHub, s3_se
         prefix: String::new(),
         endpoint: Some(s3_server.url.clone()),
     };
-    let s3 = S3::with_credentials(settings, transfer, Some(credentials()));
+    let s3 = S3::with_credentials(settings.clone(), transfer.clone(), Some(credentials()));
+    let s3_off = Unverified(S3::with_credentials(
+        settings,
+        transfer,
+        Some(credentials()),
+    ));
     let sum = STANDARD.encode(Sha256::digest(&data));
     // The same weights again as `bench/crc`, carrying a CRC64NVME (S3's default checksum).
     let crc_name = AdapterName::parse("bench/crc").unwrap();
@@ -341,7 +398,7 @@ async fn run(repeats: usize, mib: usize, link_mbps: u64, hub: &StandInHub, s3_se
                     .push(curl_async(vec!["-L".into(), resolve.clone()]).await),
                 _ => rows[1 + k]
                     .samples
-                    .push(timed_fetch(&hf, &name, k == 1).await),
+                    .push(timed_fetch(if k == 1 { &hf } else { &hf_off }, &name).await),
             }
         }
         hub.set_link_rate(Some(link_mbps * 1_000_000));
@@ -352,7 +409,7 @@ async fn run(repeats: usize, mib: usize, link_mbps: u64, hub: &StandInHub, s3_se
                     .push(curl_async(vec!["-L".into(), resolve.clone()]).await),
                 _ => rows[4 + k]
                     .samples
-                    .push(timed_fetch(&hf, &name, k == 1).await),
+                    .push(timed_fetch(if k == 1 { &hf } else { &hf_off }, &name).await),
             }
         }
         hub.set_link_rate(None);
@@ -361,13 +418,13 @@ async fn run(repeats: usize, mib: usize, link_mbps: u64, hub: &StandInHub, s3_se
                 0 => rows[7].samples.push(curl_async(sigv4(&s3_url)).await),
                 _ => rows[7 + k]
                     .samples
-                    .push(timed_fetch(&s3, &name, k == 1).await),
+                    .push(timed_fetch(if k == 1 { &s3 } else { &s3_off }, &name).await),
             }
         }
         for k in order(2) {
             rows[10 + k]
                 .samples
-                .push(timed_fetch(&s3, &crc_name, k == 0).await);
+                .push(timed_fetch(if k == 0 { &s3 } else { &s3_off }, &crc_name).await);
         }
     }
     for r in &rows {
