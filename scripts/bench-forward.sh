@@ -5,9 +5,11 @@
 # nginx runs twice: as configured by default (one busy worker may accept every connection) and
 # with `reuseport` (the kernel spreads connections over its workers, as it does over loraplex's).
 #
-#   usage: [KERNEL=1] [WORKERS=n] [LORAPLEX_BIN=path] scripts/bench-forward.sh [ROUNDS] [SECONDS]
+#   usage: [KERNEL=1] [WORKERS=n] [CONNS=n] [LORAPLEX_BIN=path] scripts/bench-forward.sh [ROUNDS] [SECONDS]
 #          (defaults: 3 rounds of 8 s; KERNEL=1 adds syscalls, io_uring submissions and context
-#          switches per request, from one more run of each case under `perf stat`)
+#          switches per request, from one more run of each case under `perf stat`; CONNS: wrk's
+#          connections, 64 by default, which saturates two cores; 1 or 8 measure the hop's own
+#          latency rather than a queue's)
 #   output: a markdown table on stdout, and target/bench/forward.{md,csv}
 #
 # Two loraplex nodes (127.0.0.1 and 127.0.0.2, one port), `hash_on: header:X-Session-ID`, a

@@ -96,7 +96,8 @@ write_post_lua() {
   } > "${LUA:-$WORK/post.lua}"
 }
 
-# wrk_run NAME URL [SECONDS]: one wrk -t1 -c64 run of $LUA (default $WORK/post.lua); prints
+# wrk_run NAME URL [SECONDS]: one wrk -t1 -c$CONNS (default 64) run of $LUA (default
+# $WORK/post.lua); prints
 # "NAME rps p50_ms p99_ms requests".
 wrk_run() {
   wrk -t1 -c"${CONNS:-64}" -d"${3:-${SECS:-10}}s" -s "${LUA:-$WORK/post.lua}" --latency "$2" \
