@@ -20,7 +20,7 @@ use std::{
     net::{SocketAddr, ToSocketAddrs},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::Duration,
 };
@@ -35,6 +35,7 @@ mod scrape;
 pub use backends::{Backends, Hooks};
 
 use crate::{
+    cluster::topology::FAILED_CHECKS_DOWN,
     config::Config,
     control::Control,
     error::{Error, ErrorKind},
@@ -59,6 +60,8 @@ pub struct Vllm {
     /// Set while vLLM is down (and at start): the next healthy check learns the base again.
     base_stale: AtomicBool,
     healthy: AtomicBool,
+    /// Health checks in a row that got no answer (see [`Check`]).
+    missed: AtomicU32,
     /// A health check has completed (before it, a successful scrape counts as healthy).
     checked: AtomicBool,
     client: reqwest::Client,
@@ -183,6 +186,7 @@ impl Vllm {
             learnt_model: ArcSwapOption::empty(),
             base_stale: AtomicBool::new(true),
             healthy: AtomicBool::new(false),
+            missed: AtomicU32::new(0),
             checked: AtomicBool::new(false),
             client,
             metrics,
@@ -357,10 +361,18 @@ impl Vllm {
 
     /// `all`: every backend of the node (this one among them), for the node-wide gauge.
     async fn check_health(&self, all: &[Arc<Vllm>]) -> bool {
-        let ok = matches!(
-            self.client.get(format!("{}/health", self.url)).send().await,
-            Ok(r) if r.status().is_success()
-        );
+        let check = Check::of(self.client.get(format!("{}/health", self.url)).send().await);
+        let missed = match check {
+            Check::NoAnswer => self.missed.fetch_add(1, Ordering::Relaxed) + 1,
+            _ => {
+                self.missed.store(0, Ordering::Relaxed);
+                0
+            }
+        };
+        let ok = check.healthy(self.is_healthy(), missed);
+        if check == Check::NoAnswer {
+            tracing::debug!(url = %self.url, missed, "vLLM's /health did not answer");
+        }
         // The base model is learnt when vLLM is first seen healthy, and again whenever it
         // comes back (a restarted vLLM may serve other names or another model), before it is
         // reported healthy: ready means the base model's names are known.
@@ -412,6 +424,38 @@ impl Vllm {
                 }
             }
         });
+    }
+}
+
+/// What one `GET /health` found. vLLM answering anything but 2xx, or refusing the connection
+/// (nothing listens), is down at once; no answer in time (or a connection cut mid-answer) may be
+/// a busy vLLM or a busy machine, so it takes [`FAILED_CHECKS_DOWN`] in a row, as a peer's
+/// `/healthz` does: one slow answer must not move every key the node owns to other nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Healthy,
+    Down,
+    NoAnswer,
+}
+
+impl Check {
+    fn of(res: Result<reqwest::Response, reqwest::Error>) -> Check {
+        match res {
+            Ok(r) if r.status().is_success() => Check::Healthy,
+            Ok(_) => Check::Down,
+            Err(e) if e.is_connect() && !e.is_timeout() => Check::Down,
+            Err(_) => Check::NoAnswer,
+        }
+    }
+
+    /// Healthy after this check, given the health before it and the checks in a row (this
+    /// one included) that got no answer.
+    fn healthy(self, was: bool, missed: u32) -> bool {
+        match self {
+            Check::Healthy => true,
+            Check::Down => false,
+            Check::NoAnswer => was && missed < FAILED_CHECKS_DOWN,
+        }
     }
 }
 
@@ -507,5 +551,74 @@ mod tests {
         assert!(!resolve("http://localhost:8000/").unwrap().is_empty());
         assert!(resolve("https://vllm:8000").is_err());
         assert!(resolve("not a url").is_err());
+    }
+
+    /// What each kind of `/health` outcome does, over real sockets: a refused connection and a
+    /// non-2xx answer are down at once; a server that never answers (timeout) or hangs up
+    /// without answering is down only after two such checks in a row.
+    #[tokio::test]
+    async fn no_answer_takes_two_checks_in_a_row_a_refusal_or_an_error_status_one() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Each connection gets what the next entry says: "200", "503", "silent" (reads the
+        // request, never answers) or "hangup" (reads it, closes).
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let what = rx.recv().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                match what {
+                    "silent" => held.push(conn),
+                    "hangup" => drop(conn),
+                    status => {
+                        let head = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        );
+                        let _ = conn.write_all(head.as_bytes()).await;
+                    }
+                }
+            }
+        });
+        let check = |what| {
+            tx.send(what).unwrap();
+            let req = client.get(format!("http://{addr}/health")).send();
+            async move { Check::of(req.await) }
+        };
+        assert_eq!(check("200").await, Check::Healthy);
+        assert_eq!(check("503").await, Check::Down);
+        assert_eq!(check("silent").await, Check::NoAnswer);
+        assert_eq!(check("hangup").await, Check::NoAnswer);
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let res = client.get(format!("http://{refused}/health")).send().await;
+        assert_eq!(Check::of(res), Check::Down);
+
+        // Healthy until the second check in a row without an answer; one answer resets the
+        // count; a definite failure needs no second.
+        let mut healthy = true;
+        let mut missed = 0;
+        let mut step = |c: Check| {
+            missed = if c == Check::NoAnswer { missed + 1 } else { 0 };
+            healthy = c.healthy(healthy, missed);
+            healthy
+        };
+        assert!(step(Check::NoAnswer));
+        assert!(step(Check::Healthy));
+        assert!(step(Check::NoAnswer));
+        assert!(!step(Check::NoAnswer));
+        assert!(!step(Check::NoAnswer), "stays down while nothing answers");
+        assert!(step(Check::Healthy));
+        assert!(!step(Check::Down));
+        // Down before the first answer stays down on a missed check.
+        assert!(!Check::NoAnswer.healthy(false, 1));
     }
 }

@@ -371,6 +371,45 @@ async fn health_readiness_and_metrics(driver: Driver) {
     }
 }
 
+/// A `/health` check that gets no answer (the connection cut) leaves vLLM healthy; the second
+/// in a row marks it down; an answer brings it back.
+async fn one_unanswered_health_check_is_not_down_two_in_a_row_are(driver: Driver) {
+    let vllm = vllm();
+    let lp = node_polling(driver, &vllm, "100ms", "");
+    let ready = || {
+        let addr = lp.addr;
+        async move {
+            let mut c = Raw::connect(addr).await;
+            c.send(b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n").await;
+            c.response(false).await.status == 200
+        }
+    };
+    let until = |want: bool| async move {
+        for _ in 0..300 {
+            if ready().await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("/readyz never became {}", if want { 200 } else { 503 });
+    };
+    until(true).await;
+
+    vllm.hang_up_health(1);
+    // Ready all along, through the cut check and the checks after it.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(600) {
+        assert!(ready().await, "one unanswered check made vLLM down");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(vllm.health_hang_ups_left(), 0, "the cut check happened");
+
+    vllm.hang_up_health(u64::MAX);
+    until(false).await;
+    vllm.hang_up_health(0);
+    until(true).await;
+}
+
 async fn base_model_is_learnt_from_vllm_when_not_configured(driver: Driver) {
     let vllm = vllm();
     let lp = Node::start_on(driver, &format!("vllm_url: \"{}\"", vllm.url()));
@@ -449,6 +488,7 @@ on_both_drivers!(
     bad_names_and_bad_json_are_400_in_openai_shape,
     client_disconnect_cancels_the_upstream_request,
     health_readiness_and_metrics,
+    one_unanswered_health_check_is_not_down_two_in_a_row_are,
     base_model_is_learnt_from_vllm_when_not_configured,
     unreachable_vllm_is_503_in_openai_shape,
     admin_needs_the_token_when_set,

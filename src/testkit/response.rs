@@ -52,6 +52,8 @@ pub struct Response {
     pub announced_len: Option<u64>,
     /// Close the connection right after the last piece, without finishing the framing.
     pub abort: bool,
+    /// Close the connection without writing anything, not even the head.
+    pub hang_up: bool,
 }
 
 impl Response {
@@ -64,6 +66,15 @@ impl Response {
             pieces: Vec::new(),
             announced_len: None,
             abort: false,
+            hang_up: false,
+        }
+    }
+
+    /// No answer: the connection closes once the request is read.
+    pub fn hang_up() -> Response {
+        Response {
+            hang_up: true,
+            ..Response::new(500)
         }
     }
 
@@ -157,6 +168,9 @@ pub(crate) async fn write_response(
     // An HTTP/1.0 client cannot read chunks: fall back to ending the body by closing.
     if http10 && resp.framing == Framing::Chunked {
         resp.framing = Framing::CloseDelimited;
+    }
+    if resp.hang_up {
+        return Written::Close;
     }
     let close = client_close || http10 || resp.abort || resp.framing == Framing::CloseDelimited;
     let announced = resp.announced_len.unwrap_or_else(|| resp.body_len());

@@ -217,6 +217,8 @@ pub(super) struct Counters {
 pub(super) struct State {
     pub(super) config: VllmConfig,
     pub(super) healthy: AtomicBool,
+    /// `GET /health` requests still to be answered by closing the connection.
+    pub(super) health_hang_ups: AtomicU64,
     pub(super) event_gap_ms: AtomicU64,
     pub(super) next_id: AtomicU64,
     pub(super) inner: Mutex<Counters>,
@@ -245,6 +247,7 @@ impl VllmStandIn {
     pub fn start_on(rt: &Handle, config: VllmConfig) -> io::Result<VllmStandIn> {
         let state = Arc::new(State {
             healthy: AtomicBool::new(true),
+            health_hang_ups: AtomicU64::new(0),
             event_gap_ms: AtomicU64::new(config.event_gap.as_millis() as u64),
             next_id: AtomicU64::new(1),
             inner: Mutex::new(Counters::default()),
@@ -287,6 +290,17 @@ impl VllmStandIn {
     /// `GET /health` answers 200 when healthy, 503 otherwise.
     pub fn set_healthy(&self, healthy: bool) {
         self.state.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// The next `n` `GET /health` requests get no answer: the connection closes once each is
+    /// read (a busy or restarting server's cut connection).
+    pub fn hang_up_health(&self, n: u64) {
+        self.state.health_hang_ups.store(n, Ordering::SeqCst);
+    }
+
+    /// Hang-ups ordered by [`VllmStandIn::hang_up_health`] not yet used.
+    pub fn health_hang_ups_left(&self) -> u64 {
+        self.state.health_hang_ups.load(Ordering::SeqCst)
     }
 
     pub fn set_event_gap(&self, gap: Duration) {

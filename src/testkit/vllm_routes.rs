@@ -29,6 +29,14 @@ pub(super) async fn route(state: Arc<State>, req: Request) -> Response {
         other => other,
     };
     match (method, req.head.path()) {
+        ("GET", "/health")
+            if state
+                .health_hang_ups
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok() =>
+        {
+            Response::hang_up()
+        }
         ("GET", "/health") => Response::new(if state.healthy.load(Ordering::SeqCst) {
             200
         } else {
