@@ -227,10 +227,28 @@ macro_rules! on_both_drivers {
     };
 }
 
+/// Log lines of a node a failing test prints (its last ones).
+const LOG_TAIL: usize = 60;
+
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what its nodes logged, so that a failure seen once (in CI, under
+        // load) can be read afterwards. `TEST_RUST_LOG=debug` logs more.
+        if std::thread::panicking() {
+            let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+            let tail = &logs[logs.len().saturating_sub(LOG_TAIL)..];
+            eprintln!(
+                "--- loraplex at {} logged {} lines; the last {}:",
+                self.addr,
+                logs.len(),
+                tail.len()
+            );
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
