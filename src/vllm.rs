@@ -32,7 +32,7 @@ mod backends;
 pub mod metrics;
 mod scrape;
 
-pub use backends::{Backends, Hooks};
+pub use backends::{Backends, Hooks, Serving};
 
 use crate::{
     cluster::topology::FAILED_CHECKS_DOWN,

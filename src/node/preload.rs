@@ -18,7 +18,7 @@ use std::{
 
 use crate::{
     adapter::AdapterName,
-    cluster::{hashkey::pool_hash, router::Router},
+    cluster::router::Router,
     config::{Config, HashOn},
     control::Control,
     error::{Error, ErrorKind},
@@ -28,7 +28,7 @@ use crate::{
     },
     shutdown::Shutdown,
     store::Store,
-    vllm::Backends,
+    vllm::{Backends, Serving},
 };
 
 /// Time the start-up size check may take (manifests of the preload set).
@@ -186,14 +186,17 @@ async fn with_bases(
             out.push((name, None));
             continue;
         };
-        if vllm.base_for(&base).is_some() {
-            out.push((name, Some(base)));
-            continue;
-        }
-        let why = if pools.complete() && !pools.serves(pool_hash(&base)) {
-            format!("its base model {base} is served by no vLLM of the cluster")
-        } else {
-            format!("its base model {base} is served by no vLLM of this node")
+        let why = match vllm.serving(&pools, &base) {
+            Serving::Here => {
+                out.push((name, Some(base)));
+                continue;
+            }
+            Serving::Nowhere => {
+                format!("its base model {base} is served by no vLLM of the cluster")
+            }
+            Serving::Elsewhere => {
+                format!("its base model {base} is served by no vLLM of this node")
+            }
         };
         tracing::warn!(adapter = %name, base = %base, "preload: skipped: {why}");
         store.set_preload_status(&name, format!("error: skipped: {why}"));

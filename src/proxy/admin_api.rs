@@ -33,7 +33,6 @@ use serde_json::{Value, json};
 use crate::{
     adapter::AdapterName,
     cluster::{
-        hashkey::pool_hash,
         peering::broadcast_evict,
         protocol::{BackendReport, is_marked, is_trusted_peer, load},
         router::backend_json,
@@ -44,6 +43,7 @@ use crate::{
     origin::base::Base,
     proxy::{Proxy, models},
     server::conn::Conn,
+    vllm::Serving,
 };
 
 /// Answer an admin request into `out`; returns the status written.
@@ -162,20 +162,23 @@ async fn bases_first(
         if let Some(name) = name
             && let Base::Known(base) = models::base_of(w, &name, true).await
         {
-            let here = w.shared.backends.base_for(&base).is_some();
-            if !pools.serves(pool_hash(&base)) && pools.complete() {
-                refused.insert(raw.clone(), models::unserved(w, &pools, &name, &base));
-                continue;
+            match w.shared.backends.serving(&pools, &base) {
+                Serving::Nowhere => {
+                    refused.insert(raw.clone(), models::unserved(w, &pools, &name, &base));
+                    continue;
+                }
+                Serving::Elsewhere if load => {
+                    let e = Error::bad_request(format!(
+                        "adapter {name} needs base model {base}, which no vLLM of this node \
+                         serves: warm it up on a node of its pool (requests for it go there)"
+                    ));
+                    refused.insert(raw.clone(), e);
+                    continue;
+                }
+                Serving::Here | Serving::Elsewhere => {
+                    bases.insert(raw.clone(), base);
+                }
             }
-            if load && !here {
-                let e = Error::bad_request(format!(
-                    "adapter {name} needs base model {base}, which no vLLM of this node serves: \
-                     warm it up on a node of its pool (requests for it go there)"
-                ));
-                refused.insert(raw.clone(), e);
-                continue;
-            }
-            bases.insert(raw.clone(), base);
         }
         wanted.push(raw.clone());
     }

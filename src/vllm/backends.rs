@@ -14,9 +14,24 @@ use std::sync::Arc;
 
 use super::{BaseModel, Vllm};
 use crate::{
-    cluster::state::ClusterState, config::Config, control::Control, error::Error, metrics::Metrics,
+    cluster::{hashkey::pool_hash, pools::Pools, state::ClusterState},
+    config::Config,
+    control::Control,
+    error::Error,
+    metrics::Metrics,
     shutdown::Shutdown,
 };
+
+/// Where a base model is served ([`Backends::serving`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// By a vLLM of this node.
+    Here,
+    /// Not here; by another node, or not known yet (some node has not reported).
+    Elsewhere,
+    /// By no vLLM of the cluster (every node has reported).
+    Nowhere,
+}
 
 /// See the module doc.
 pub struct Backends {
@@ -74,6 +89,19 @@ impl Backends {
                 .filter(|base| base.is_base(model))
                 .map(|base| (b.id, base))
         })
+    }
+
+    /// Where base model `base` is served, as this node knows it: a vLLM of this node serving
+    /// it answers for itself (even before the cluster's view lists it); else the cluster's view
+    /// says whether another node does, or (once every node has reported) none.
+    pub fn serving(&self, pools: &Pools, base: &str) -> Serving {
+        if self.base_for(base).is_some() {
+            Serving::Here
+        } else if pools.complete() && !pools.serves(pool_hash(base)) {
+            Serving::Nowhere
+        } else {
+            Serving::Elsewhere
+        }
     }
 
     /// Whether every backend's base model is known (learnt or configured), down ones aside.
@@ -195,5 +223,29 @@ impl crate::store::VllmHooks for Hooks {
             .first()
             .base_model()
             .map(|m| m.root.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vLLM of this node answers for itself, even when the cluster's view (every node has
+    /// reported, and none lists it) has not caught up; else the view decides, and only once it
+    /// is complete may a base model be served nowhere.
+    #[test]
+    fn own_vllm_first_then_the_cluster_view() {
+        let yaml = "vllm_url: http://127.0.0.1:9\nvllm: { model_name: m-here }\n";
+        let cfg = Config::from_yaml_str(yaml, |_| None).unwrap();
+        let backends = Backends::new(&cfg, Arc::new(Metrics::new())).unwrap();
+        let other = ["m-other".to_string()];
+        let complete = Pools::build([Some(vec![&other[..]])]);
+        assert!(complete.complete() && !complete.serves(pool_hash("m-here")));
+        assert_eq!(backends.serving(&complete, "m-here"), Serving::Here);
+        assert_eq!(backends.serving(&complete, "m-other"), Serving::Elsewhere);
+        assert_eq!(backends.serving(&complete, "m-none"), Serving::Nowhere);
+        let partial = Pools::build([Some(vec![&other[..]]), None]);
+        assert_eq!(backends.serving(&partial, "m-none"), Serving::Elsewhere);
+        assert_eq!(backends.serving(&partial, "m-here"), Serving::Here);
     }
 }
