@@ -5,9 +5,11 @@
 # nginx runs twice: as configured by default (one busy worker may accept every connection) and
 # with `reuseport` (the kernel spreads connections over its workers, as it does over loraplex's).
 #
-#   usage: [KERNEL=1] [WORKERS=n] [CONNS=n] [LORAPLEX_BIN=path] scripts/bench-forward.sh [ROUNDS] [SECONDS]
+#   usage: [KERNEL=1] [PROFILE=dir] [WORKERS=n] [DRIVER=epoll] [CONNS=n] [LORAPLEX_BIN=path] scripts/bench-forward.sh [ROUNDS] [SECONDS]
 #          (defaults: 3 rounds of 8 s; KERNEL=1 adds syscalls, io_uring submissions and context
-#          switches per request, from one more run of each case under `perf stat`; CONNS: wrk's
+#          switches per request, from one more run of each case under `perf stat`; PROFILE=dir
+#          adds `perf record -g` of the loraplex cases and nginx's two proxies; DRIVER: the
+#          nodes' `server.driver` (auto: io_uring where the kernel allows); CONNS: wrk's
 #          connections, 64 by default, which saturates two cores; 1 or 8 measure the hop's own
 #          latency rather than a queue's)
 #   output: a markdown table on stdout, and target/bench/forward.{md,csv}
@@ -52,7 +54,7 @@ listen: "$node"
 vllm_url: "http://127.0.0.1:$UP_PORT"
 vllm: { model_name: "base-model", health_check_interval: 1s }
 storage: { dir: "$WORK/store-$node", max_size: "1GB" }
-server: { workers: $WORKERS }
+server: { workers: $WORKERS, driver: ${DRIVER:-auto} }
 routing: { hash_on: "header:X-Session-ID" }
 discovery: { mode: static, static: { peers: ["$A", "$B"] } }
 CONF
@@ -135,6 +137,16 @@ if [ "${KERNEL:-0}" = 1 ]; then
     # shellcheck disable=SC2207
     up=($(url_pids "$c"))
     kernel_work "$c" "${up[@]}" >> "$WORK/kernel"
+  done
+fi
+# PROFILE=DIR: one more run of each loraplex case and of nginx's two proxies under
+# `perf record -g` (every proxy the case passes through), into DIR/CASE.perf.
+if [ -n "${PROFILE:-}" ]; then
+  need perf linux-perf
+  for c in owner non-owner nginx-2hop; do
+    # shellcheck disable=SC2207
+    up=($(url_pids "$c"))
+    profile_run "$c" "${up[@]:0:1}" "$PROFILE" "${up[@]:1}" >&2
   done
 fi
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
