@@ -138,20 +138,21 @@ kernel_work() {
 }
 
 # profile_run NAME URL DIR PID...: one more wrk run of URL with `perf record -g` on the PIDs
-# (every thread) into DIR/NAME.perf; prints "NAME kernel_share_% user_share_%" of the samples.
+# (every thread) into DIR/NAME.perf; prints "NAME kernel_share_% user_share_% requests" (the
+# requests wrk completed meanwhile, to read samples per request: -F 999, a sample per ms).
 profile_run() {
-  local name=$1 url=$2 dir=$3 pids
+  local name=$1 url=$2 dir=$3 pids n
   shift 3
   pids=$(echo "$@" | tr ' ' ,)
   mkdir -p "$dir"
   perf record -q -F 999 -g -p "$pids" -o "$dir/$name.perf" 2>/dev/null &
   local perf_pid=$!
   sleep 0.2
-  wrk_run "$name" "$url" >/dev/null
+  n=$(wrk_run "$name" "$url" | awk '{print $5}')
   kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
   perf report -i "$dir/$name.perf" --no-children --sort dso -g none --stdio 2>/dev/null \
-    | awk -v name="$name" '/%/ && !/^#/ { p=$1; sub(/%/,"",p); if ($2 ~ /kernel/) k+=p; else u+=p }
-        END { printf "%s %.1f %.1f\n", name, k, u }'
+    | awk -v name="$name" -v n="$n" '/%/ && !/^#/ { p=$1; sub(/%/,"",p); if ($2 ~ /kernel/) k+=p; else u+=p }
+        END { printf "%s %.1f %.1f %d\n", name, k, u, n }'
 }
 
 # nginx_pids NAME: the master and worker processes of the nginx started as NAME.

@@ -201,7 +201,7 @@ what() {
   fi
   if [ -s "$WORK/profile" ]; then
     echo
-    while read -r n k u; do echo "- perf record -g of $n (base model, $PROFILE/$n.perf): $k% of samples in the kernel, $u% in user space."; done < "$WORK/profile"
+    while read -r n k u _; do echo "- perf record -g of $n (base model, $PROFILE/$n.perf): $k% of samples in the kernel, $u% in user space."; done < "$WORK/profile"
   fi
   echo
   echo "loraplex peak RSS: $((RSS_KB / 1024)) MiB. Machine: $MACHINE, after: $LOAD_AFTER."
