@@ -315,61 +315,11 @@ fn insert_ranked(top: &mut [u64; MAX_TOP], len: &mut usize, cap: usize, v: u64) 
 impl Placement {
     /// The first `out.len()` (at most [`MAX_TOP`]) entries of [`order`](Self::order) for a
     /// key hashed with xxh3, written into `out`; returns how many. Allocates nothing: the routing
-    /// decision calls it on every routed request with a key. Past the slot's hot peers it reads
-    /// the slot's cached tail ([`TAIL_CACHE`] entries), and scores every peer only beyond it.
+    /// decision calls it on every routed request with a key. [`top_where`](Self::top_where)
+    /// keeping every peer.
+    #[inline]
     pub fn top(&self, key_hash: u64, out: &mut [u16]) -> usize {
-        let cap = out.len().min(MAX_TOP).min(self.peers.len());
-        if cap == 0 {
-            return 0;
-        }
-        let slot = slot_of(key_hash);
-        let hot: &[u16] = if self.slot_is_hot(slot) {
-            self.slot_candidates(slot)
-        } else {
-            &[]
-        };
-        let (mut ranks, mut len) = ([0u64; MAX_TOP], 0);
-        for &i in hot {
-            insert_ranked(
-                &mut ranks,
-                &mut len,
-                cap,
-                self.key_rank(key_hash, usize::from(i)),
-            );
-        }
-        let head = len;
-        if head < cap
-            && hot.len() < TAIL_CACHE
-            && cap - head <= TAIL_CACHE
-            && let Some(tail) = self.tails.get(slot)
-        {
-            for (o, r) in out.iter_mut().zip(&ranks[..head]) {
-                *o = unpack(*r) as u16;
-            }
-            let mut n = head;
-            for &t in tail.iter().take(cap - head).take_while(|&&t| t != NO_PEER) {
-                out[n] = t;
-                n += 1;
-            }
-            return n;
-        }
-        if head < cap {
-            // The rest by slot-level rank, skipping the hot ones (both ascending).
-            let (mut tail, mut tlen) = ([0u64; MAX_TOP], 0);
-            let mut hot = hot.iter().map(|&i| usize::from(i)).peekable();
-            for i in 0..self.peers.len() {
-                if hot.next_if_eq(&i).is_some() {
-                    continue;
-                }
-                insert_ranked(&mut tail, &mut tlen, cap - head, self.slot_rank(slot, i));
-            }
-            ranks[head..head + tlen].copy_from_slice(&tail[..tlen]);
-            len = head + tlen;
-        }
-        for (o, r) in out.iter_mut().zip(&ranks[..len]) {
-            *o = unpack(*r) as u16;
-        }
-        len
+        self.top_where(key_hash, out, |_| true)
     }
 
     /// The first `out.len()` (at most [`MAX_TOP`]) entries of [`order`](Self::order) among the
