@@ -358,7 +358,69 @@ async fn only_served_names_are_listed_as_served(driver: Driver) {
     assert_eq!(origin.gets(&format!("models/two/{SAFETENSORS_FILE}")), 0);
 }
 
+/// A warm-up with `load` on a node none of whose vLLMs serves an adapter's base model sends
+/// that adapter to the node of its pool (its result comes back with `"node"`), warms the rest
+/// here, and refuses one whose base nobody serves, in the request's order. From a peer (the
+/// forwarded mark) it is refused instead: a warm-up is sent on once at most.
+async fn a_warm_up_with_load_goes_to_a_node_of_the_adapters_pool(driver: Driver) {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    origin.put_adapter("acme/one-lora", &AdapterSpec::new(M1, 60_000, 1));
+    origin.put_adapter("acme/two-lora", &AdapterSpec::new(M2, 60_000, 2));
+    origin.put_adapter(
+        "acme/three-lora",
+        &AdapterSpec::new("model-three", 60_000, 3),
+    );
+    let c = two_pools(driver, &origin).await;
+    let warm = r#"{"adapters":["acme/two-lora","acme/three-lora","acme/one-lora"],"load":true}"#;
+
+    // Marked as a peer's: M2's adapter refused on A, nothing sent to B.
+    let marked = common::post_json(
+        c.node(A).addr,
+        "/admin/cache/warmup",
+        warm,
+        "X-Loraplex-Forwarded: 1\r\n",
+    )
+    .await
+    .json();
+    let status = marked["results"][0]["status"].as_str().unwrap();
+    assert!(
+        status.contains("warm it up on a node of its pool"),
+        "{marked}"
+    );
+    assert!(!c.stores(B, "acme/two-lora"));
+
+    let r = request(c.node(A).addr, "POST", "/admin/cache/warmup", warm).await;
+    assert_eq!(r.status, 200, "{}", body(&r));
+    let answer = r.json();
+    let [two, three, one] = [0, 1, 2].map(|i| answer["results"][i].clone());
+    assert_eq!(two["adapter"], "acme/two-lora", "{answer}");
+    assert_eq!(two["status"], "ok", "{answer}");
+    assert_eq!(two["loaded"], true, "{answer}");
+    assert_eq!(two["node"], c.peers[B].as_str(), "{answer}");
+    assert_eq!(two["loaded_on"], serde_json::json!([c.backend(B, 1).url()]));
+    let loads =
+        [(A, 0), (A, 1), (B, 0), (B, 1)].map(|(i, j)| c.backend(i, j).loads("acme/two-lora"));
+    assert_eq!(loads, [0, 0, 0, 1], "only into M2's backend, on B");
+    assert!(c.stores(B, "acme/two-lora") && !c.stores(A, "acme/two-lora"));
+
+    assert_eq!(three["adapter"], "acme/three-lora", "{answer}");
+    let status = three["status"].as_str().unwrap();
+    assert!(status.contains("needs base model model-three"), "{answer}");
+    assert!(!c.stores(A, "acme/three-lora") && !c.stores(B, "acme/three-lora"));
+
+    assert_eq!(one["adapter"], "acme/one-lora", "{answer}");
+    assert_eq!(
+        (&one["status"], &one["loaded"]),
+        (&"ok".into(), &true.into())
+    );
+    assert!(one.get("node").is_none(), "warmed here: {answer}");
+    let loads =
+        [(A, 0), (A, 1), (B, 0), (B, 1)].map(|(i, j)| c.backend(i, j).loads("acme/one-lora"));
+    assert_eq!(loads, [1, 1, 0, 0], "into A's own M1 backends");
+}
+
 on_both_drivers!(
     requests_land_on_backends_of_their_base_model,
     only_served_names_are_listed_as_served,
+    a_warm_up_with_load_goes_to_a_node_of_the_adapters_pool,
 );

@@ -380,6 +380,36 @@ impl PeerClient {
         matches!(req.send().await, Ok(r) if r.status().is_success())
     }
 
+    /// Ask `peer` to warm `adapters` up and load them into its vLLMs (marked forwarded: it
+    /// sends none of them on again): the `results` of its answer, or why there are none.
+    pub async fn warmup(
+        &self,
+        peer: &str,
+        adapters: &[String],
+        admin_token: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Vec<serde_json::Value>, String> {
+        let mut req = self
+            .http
+            .post(format!("{}://{peer}/admin/cache/warmup", self.scheme))
+            .timeout(timeout)
+            .header(FORWARDED_HEADER, "1")
+            .json(&serde_json::json!({ "adapters": adapters, "load": true }));
+        req = self.with_token(req);
+        if let Some(t) = admin_token {
+            req = req.bearer_auth(t);
+        }
+        let answer = req.send().await.map_err(|e| e.to_string())?;
+        let status = answer.status();
+        let body: serde_json::Value = answer.json().await.map_err(|e| e.to_string())?;
+        match body["results"].as_array() {
+            Some(results) if status.is_success() => Ok(results.clone()),
+            _ => Err(body["error"]["message"]
+                .as_str()
+                .map_or_else(|| format!("it answered {status}"), str::to_string)),
+        }
+    }
+
     /// The cluster token, and the `traceparent` of the fetch this call is part of (a traced
     /// peer copy continues the trace on the peer).
     fn with_token(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {

@@ -373,6 +373,19 @@ impl Router {
         self.pick_local(&self.topology.load(), view, req, Some(sent))
     }
 
+    /// The node a request keyed `key` goes to within pool `pool` (a
+    /// [`pool_hash`](super::hashkey::pool_hash)) while its nodes are up: the first of the key's
+    /// order among the nodes serving the pool; `None` when no node is known to serve it (or the
+    /// view is not built for the topology yet).
+    pub fn pool_owner(&self, key: &[u8], pool: u64) -> Option<String> {
+        let (topo, view) = (self.topology(), self.view());
+        let view = Self::valid(&topo, &view)?;
+        let mut first = [0u16; 1];
+        let key = xxhash_rust::xxh3::xxh3_64(key);
+        let n = Self::key_order(&topo, Some(view), key, pool, &mut first);
+        (n == 1).then(|| topo.peers[usize::from(first[0])].addr.clone())
+    }
+
     /// The view if it was built for `topo`.
     fn valid<'v>(topo: &Topology, view: &'v View) -> Option<&'v View> {
         (view.generation == topo.generation && view.nodes.len() == topo.peers.len()).then_some(view)

@@ -7,8 +7,9 @@
 //!   or the error; the base model learnt first (pools: a base nobody serves is refused as a
 //!   request is); with `load`, also load each into every vLLM backend of the node serving it
 //!   (`"loaded": true` when one at least took it, `"loaded_on"`: their URLs), so its first
-//!   request pays no load. The wait is bounded by `storage.fetch_wait_timeout` (a 504 past it,
-//!   the downloads going on), as a request's.
+//!   request pays no load; an adapter no vLLM of this node can take is sent on to the node of
+//!   its pool its requests go to (`"node"` in its result), once at most. The wait is bounded by
+//!   `storage.fetch_wait_timeout` (a 504 past it, the downloads going on), as a request's.
 //! - `POST /admin/cache/evict {"adapter": NAME}`: remove it here (vLLM is told to unload it)
 //!   and on every peer. The name is validated: nothing outside the storage dir is touched. A
 //!   preloaded adapter (`storage.preload`) is refused with 409.
@@ -23,8 +24,9 @@
 //! opens them to every client, as the Go project does.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -33,6 +35,7 @@ use serde_json::{Value, json};
 use crate::{
     adapter::AdapterName,
     cluster::{
+        hashkey::pool_hash,
         peering::broadcast_evict,
         protocol::{BackendReport, is_marked, is_trusted_peer, load},
         router::backend_json,
@@ -86,12 +89,18 @@ pub async fn serve(
         }
         (Method::Post, "/admin/cache/warmup") => {
             let req: WarmupRequest = parse(body)?;
-            let (wanted, refused, bases) = bases_first(w, &req.adapters, req.load).await;
+            // A peer's warm-up is done here or refused, never sent on.
+            let forwards = req.load && !is_marked(head);
+            let (wanted, elsewhere, bases) =
+                bases_first(w, &req.adapters, req.load, forwards).await;
+            // Under way on the control plane while this node warms its own.
+            let forwarded = forward_warm(w, &elsewhere);
             let mut answer = warm(w, wanted).await?;
             if req.load {
                 load_warmed(w, &mut answer, &bases).await;
             }
-            merge_refused(&req.adapters, &mut answer, refused);
+            let forwarded = forwarded.await?;
+            merge_elsewhere(&req.adapters, &mut answer, elsewhere, forwarded);
             answer
         }
         (Method::Post, "/admin/cache/evict") => {
@@ -143,20 +152,23 @@ struct WarmupRequest {
 }
 
 /// The base model of each adapter of a warm-up first, learnt as a request learns it (once the
-/// cluster serves two base models; else none is needed): the adapters to fetch, those refused
-/// (by name: the message a request for them would get, or with `load` the one saying this
-/// node's vLLMs do not serve their base), and each known base model for the loads.
+/// cluster serves two base models; else none is needed): the adapters to fetch here, those
+/// warmed elsewhere (by name: refused with the message a request for them would get, or, with
+/// `load` and no vLLM of this node serving their base, sent to the node of their pool that
+/// requests for them go to when `forwards`, else refused), and each known base model for the
+/// loads.
 async fn bases_first(
     w: &Proxy,
     adapters: &[String],
     load: bool,
+    forwards: bool,
 ) -> (
     Vec<String>,
-    HashMap<String, Error>,
+    HashMap<String, Elsewhere>,
     HashMap<String, Arc<str>>,
 ) {
     let pools = w.shared.router.view().pools.clone();
-    let (mut wanted, mut refused, mut bases) = (Vec::new(), HashMap::new(), HashMap::new());
+    let (mut wanted, mut elsewhere, mut bases) = (Vec::new(), HashMap::new(), HashMap::new());
     for raw in adapters {
         let name = AdapterName::parse(raw).ok().filter(|_| pools.multi());
         if let Some(name) = name
@@ -164,15 +176,23 @@ async fn bases_first(
         {
             match w.shared.backends.serving(&pools, &base) {
                 Serving::Nowhere => {
-                    refused.insert(raw.clone(), models::unserved(w, &pools, &name, &base));
+                    let e = models::unserved(w, &pools, &name, &base);
+                    elsewhere.insert(raw.clone(), Elsewhere::Refused(e));
                     continue;
                 }
                 Serving::Elsewhere if load => {
-                    let e = Error::bad_request(format!(
-                        "adapter {name} needs base model {base}, which no vLLM of this node \
-                         serves: warm it up on a node of its pool (requests for it go there)"
-                    ));
-                    refused.insert(raw.clone(), e);
+                    let node = forwards
+                        .then(|| w.shared.router.pool_owner(raw.as_bytes(), pool_hash(&base)))
+                        .flatten();
+                    let to = match node {
+                        Some(node) => Elsewhere::Sent(node),
+                        None => Elsewhere::Refused(Error::bad_request(format!(
+                            "adapter {name} needs base model {base}, which no vLLM of this \
+                             node serves: warm it up on a node of its pool (requests for it go \
+                             there)"
+                        ))),
+                    };
+                    elsewhere.insert(raw.clone(), to);
                     continue;
                 }
                 Serving::Here | Serving::Elsewhere => {
@@ -182,12 +202,81 @@ async fn bases_first(
         }
         wanted.push(raw.clone());
     }
-    (wanted, refused, bases)
+    (wanted, elsewhere, bases)
 }
 
-/// Put the refused adapters' results back in the warm-up's answer, in the request's order.
-fn merge_refused(adapters: &[String], answer: &mut Value, refused: HashMap<String, Error>) {
-    if refused.is_empty() {
+/// What became of a warm-up's adapter not warmed on this node.
+enum Elsewhere {
+    Refused(Error),
+    /// Sent to this node (`host:port`), which serves its base model.
+    Sent(String),
+}
+
+/// Time a node's forwarded warm-up may take beyond `storage.fetch_wait_timeout` (its loads), and
+/// in all without that bound.
+const FORWARD_LOADS: Duration = Duration::from_secs(60);
+const FORWARD_UNBOUNDED: Duration = Duration::from_secs(30 * 60);
+
+/// The warm-ups sent to other nodes, one call per node, on the control plane: each adapter's
+/// result as that node gave it, with `"node"`, or the error of the call.
+fn forward_warm(
+    w: &Proxy,
+    elsewhere: &HashMap<String, Elsewhere>,
+) -> impl Future<Output = Result<HashMap<String, Value>, Error>> + use<> {
+    let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (raw, to) in elsewhere {
+        if let Elsewhere::Sent(node) = to {
+            by_node.entry(node.clone()).or_default().push(raw.clone());
+        }
+    }
+    let client = w.shared.peer_client.clone();
+    let token = w.shared.config.admin.token.clone();
+    let timeout = w
+        .shared
+        .config
+        .storage
+        .fetch_wait_timeout
+        .map_or(FORWARD_UNBOUNDED, |t| t + FORWARD_LOADS);
+    w.shared.control.run(async move {
+        let calls = by_node.into_iter().map(|(node, adapters)| {
+            let (client, token) = (&client, token.as_deref());
+            async move {
+                let answer = client.warmup(&node, &adapters, token, timeout).await;
+                (node, adapters, answer)
+            }
+        });
+        let mut results = HashMap::new();
+        for (node, adapters, answer) in futures_util::future::join_all(calls).await {
+            if let Err(why) = &answer {
+                tracing::warn!(%node, error = %why, "forwarded warm-up failed");
+            }
+            for raw in adapters {
+                let mut r = match &answer {
+                    Ok(results) => results
+                        .iter()
+                        .find(|r| r["adapter"] == raw.as_str())
+                        .cloned()
+                        .unwrap_or_else(|| json!({"status": "error: not in its answer"})),
+                    Err(why) => json!({"status": format!("error: {why}"), "loaded": false}),
+                };
+                r["adapter"] = json!(raw);
+                r["node"] = json!(node);
+                results.insert(raw, r);
+            }
+        }
+        results
+    })
+}
+
+/// Put the results of the adapters warmed elsewhere (refused, or another node's) back in the
+/// warm-up's answer, in the request's order.
+fn merge_elsewhere(
+    adapters: &[String],
+    answer: &mut Value,
+    elsewhere: HashMap<String, Elsewhere>,
+    forwarded: HashMap<String, Value>,
+) {
+    if elsewhere.is_empty() {
         return;
     }
     let Some(done) = answer["results"].as_array_mut().map(std::mem::take) else {
@@ -196,9 +285,12 @@ fn merge_refused(adapters: &[String], answer: &mut Value, refused: HashMap<Strin
     let mut done = done.into_iter();
     let results: Vec<Value> = adapters
         .iter()
-        // By name: a name listed twice is refused twice, and takes no other's result.
-        .filter_map(|raw| match refused.get(raw) {
-            Some(e) => Some(json!({"adapter": raw, "status": format!("error: {}", e.message)})),
+        // By name: a name listed twice gets its result twice, and takes no other's.
+        .filter_map(|raw| match elsewhere.get(raw) {
+            Some(Elsewhere::Refused(e)) => {
+                Some(json!({"adapter": raw, "status": format!("error: {}", e.message)}))
+            }
+            Some(Elsewhere::Sent(_)) => forwarded.get(raw).cloned(),
             None => done.next(),
         })
         .collect();
