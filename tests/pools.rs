@@ -48,6 +48,18 @@ fn backends(node: usize) -> Vec<VllmConfig> {
     }
 }
 
+/// An origin with an adapter of M1, one of M2 and one of a base model no backend serves.
+fn three_adapters() -> OriginStandIn {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    origin.put_adapter("acme/one-lora", &AdapterSpec::new(M1, 60_000, 1));
+    origin.put_adapter("acme/two-lora", &AdapterSpec::new(M2, 60_000, 2));
+    origin.put_adapter(
+        "acme/three-lora",
+        &AdapterSpec::new("model-three", 60_000, 3),
+    );
+    origin
+}
+
 async fn two_pools(driver: Driver, origin: &OriginStandIn) -> Cluster {
     let spec = Spec {
         backends: Some(&backends),
@@ -71,13 +83,7 @@ fn spread(c: &Cluster, model: &str) -> [[u64; 2]; 2] {
 }
 
 async fn requests_land_on_backends_of_their_base_model(driver: Driver) {
-    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
-    origin.put_adapter("acme/one-lora", &AdapterSpec::new(M1, 60_000, 1));
-    origin.put_adapter("acme/two-lora", &AdapterSpec::new(M2, 60_000, 2));
-    origin.put_adapter(
-        "acme/three-lora",
-        &AdapterSpec::new("model-three", 60_000, 3),
-    );
+    let origin = three_adapters();
     let c = two_pools(driver, &origin).await;
     let (a, b) = (c.node(A).addr, c.node(B).addr);
 
@@ -363,13 +369,7 @@ async fn only_served_names_are_listed_as_served(driver: Driver) {
 /// here, and refuses one whose base nobody serves, in the request's order. From a peer (the
 /// forwarded mark) it is refused instead: a warm-up is sent on once at most.
 async fn a_warm_up_with_load_goes_to_a_node_of_the_adapters_pool(driver: Driver) {
-    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
-    origin.put_adapter("acme/one-lora", &AdapterSpec::new(M1, 60_000, 1));
-    origin.put_adapter("acme/two-lora", &AdapterSpec::new(M2, 60_000, 2));
-    origin.put_adapter(
-        "acme/three-lora",
-        &AdapterSpec::new("model-three", 60_000, 3),
-    );
+    let origin = three_adapters();
     let c = two_pools(driver, &origin).await;
     let warm = r#"{"adapters":["acme/two-lora","acme/three-lora","acme/one-lora"],"load":true}"#;
 
