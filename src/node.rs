@@ -197,7 +197,7 @@ impl Node {
             bases,
         });
         preload::start(
-            preload_here,
+            preloaded,
             shared.store.clone(),
             shared.backends.clone(),
             (shared.bases.clone(), shared.router.clone()),

@@ -419,8 +419,46 @@ async fn a_warm_up_with_load_goes_to_a_node_of_the_adapters_pool(driver: Driver)
     assert_eq!(loads, [1, 1, 0, 0], "into A's own M1 backends");
 }
 
+/// `storage.preload` under `hash_on: model` with two pools: each adapter of M2 is preloaded by
+/// the node its requests go to, the first node of its name's order serving M2 (here always B),
+/// also when its owner by name is A, which serves no M2 and would skip it.
+async fn a_preloaded_adapter_goes_to_the_node_of_its_pool(driver: Driver) {
+    let origin = OriginStandIn::start(OriginConfig::default()).unwrap();
+    // Sixteen names: the chance that none of them is A's by name is 2^-16.
+    let names: Vec<String> = (0..16).map(|i| format!("acme/two-{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        origin.put_adapter(name, &AdapterSpec::new(M2, 20_000, i as u64));
+    }
+    let spec = Spec {
+        backends: Some(&backends),
+        origin: Some(&origin),
+        extra: format!(
+            "storage:\n  dir: \"{{DIR}}/store\"\n  preload: [{}]\n",
+            names.join(", ")
+        ),
+        ..Spec::new(2)
+    };
+    let c = Cluster::start(driver, spec).await;
+    for i in [A, B] {
+        c.node(i).wait_ready().await;
+    }
+    let stats = common::store::stats(c.node(B).addr).await;
+    for name in &names {
+        let by_name = c.owner_of(name);
+        assert!(
+            c.stores(B, name) && !c.stores(A, name),
+            "{name} (A's by name: {})",
+            by_name == A
+        );
+        assert_eq!(stats["preload"][name], "loaded", "{name}: {stats}");
+        let loads = [(A, 0), (A, 1), (B, 0), (B, 1)].map(|(i, j)| c.backend(i, j).loads(name));
+        assert_eq!(loads, [0, 0, 0, 1], "{name}: only into B's M2 backend");
+    }
+}
+
 on_both_drivers!(
     requests_land_on_backends_of_their_base_model,
+    a_preloaded_adapter_goes_to_the_node_of_its_pool,
     only_served_names_are_listed_as_served,
     a_warm_up_with_load_goes_to_a_node_of_the_adapters_pool,
 );

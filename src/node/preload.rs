@@ -3,10 +3,13 @@
 //! store refuses). `/readyz` waits until every attempt has finished (not succeeded): a failure
 //! is logged and shown in `/admin/cache/stats` under `preload`.
 //!
-//! Which nodes: under `hash_on: model` the adapter name is the key, and its owner (the first
-//! node of its order in the configured peer set) serves it; under any other `hash_on` every node
-//! may serve any adapter, so every node preloads. A preload set larger than `storage.max_size`
-//! (sizes from the origins' manifests, or the store for what it holds) is refused at start.
+//! Which nodes: under `hash_on: model` the adapter name is the key, and the node its requests go
+//! to preloads it: its owner (the first node of its order in the configured peer set), or, once
+//! the cluster serves several base models, the first node of that order serving the adapter's
+//! base model. Under any other `hash_on` every node may serve any adapter, so every node
+//! serving its base preloads it. A preload set larger than `storage.max_size` (sizes from the
+//! origins' manifests, or the store for what it holds) is refused at start; that check counts
+//! the adapters this node owns by name (their base models are not known yet).
 
 use std::{
     sync::{
@@ -18,7 +21,7 @@ use std::{
 
 use crate::{
     adapter::AdapterName,
-    cluster::router::Router,
+    cluster::{hashkey::pool_hash, router::Router},
     config::{Config, HashOn},
     control::Control,
     error::{Error, ErrorKind},
@@ -47,7 +50,8 @@ pub fn names(cfg: &Config) -> Result<Vec<AdapterName>, Error> {
         .collect()
 }
 
-/// The adapters this node preloads.
+/// The adapters this node preloads as far as names tell (before base models are known): for
+/// the start-time size check.
 pub fn mine(cfg: &Config, router: &Router, all: &[AdapterName]) -> Vec<AdapterName> {
     let topo = router.topology();
     all.iter()
@@ -106,10 +110,11 @@ async fn manifest_size(origins: &OriginChain, name: &AdapterName) -> Option<u64>
     None
 }
 
-/// Fetch and load the set now, then again after every vLLM restart; `done` is set once the
-/// first round of attempts finished. Each adapter's base model is learnt first (`bases`, as a
-/// request learns it, once the cluster serves two base models): one no vLLM of this node
-/// serves is skipped with a warning, the others are loaded only into the backends serving it.
+/// Fetch and load this node's part of the set (`names`: all of it) now, then again after every
+/// vLLM restart; `done` is set once the first round of attempts finished. Each adapter's base
+/// model is learnt first (`bases`, as a request learns it, once the cluster serves two base
+/// models), then its node chosen (module doc): one no vLLM of this node serves is skipped with
+/// a warning, the others are loaded only into the backends serving it.
 pub fn start(
     names: Vec<AdapterName>,
     store: Arc<Store>,
@@ -154,9 +159,10 @@ pub fn start(
 /// known so far are used).
 const POOLS_WAIT: Duration = Duration::from_secs(10);
 
-/// The set with each adapter's base model (`None`: not learnt, or one base model in the
-/// cluster: every backend), those no vLLM of this node serves left out with a warning (and
-/// their status in the stats).
+/// This node's part of the set with each adapter's base model (`None`: not learnt, or one base
+/// model in the cluster: every backend). Under `hash_on: model` only the adapters whose requests
+/// come to this node (module doc); those no vLLM of this node serves are left out with a
+/// warning (and their status in the stats).
 async fn with_bases(
     names: Vec<AdapterName>,
     store: &Store,
@@ -170,19 +176,35 @@ async fn with_bases(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let pools = router.view().pools.clone();
+    let topo = router.topology();
+    let by_owner = router.hash_on == HashOn::Model;
     let mut out = Vec::with_capacity(names.len());
     for name in names {
-        if !pools.multi() {
-            out.push((name, None));
-            continue;
-        }
-        let base = match bases.lookup(&name, true) {
-            Ok(base) => base,
-            Err(waiter) => tokio::time::timeout(LEARN_TIMEOUT, waiter.wait())
+        let base = match pools.multi().then(|| bases.lookup(&name, true)) {
+            None => Base::Unknown,
+            Some(Ok(base)) => base,
+            Some(Err(waiter)) => tokio::time::timeout(LEARN_TIMEOUT, waiter.wait())
                 .await
                 .unwrap_or(Base::Unknown),
         };
-        let Base::Known(base) = base else {
+        let base = match base {
+            Base::Known(base) => Some(base),
+            _ => None,
+        };
+        // Its requests come here: the first node of its pool, or, with no base model known or
+        // no node known to serve it, its owner by name (then that one node reports it).
+        let key = name.as_str().as_bytes();
+        let here = || match base
+            .as_deref()
+            .and_then(|b| router.pool_owner(key, pool_hash(b)))
+        {
+            Some(node) => node == topo.peers[topo.me].addr,
+            None => topo.placement.owner(key) == Some(topo.me),
+        };
+        if by_owner && !here() {
+            continue;
+        }
+        let Some(base) = base else {
             out.push((name, None));
             continue;
         };
