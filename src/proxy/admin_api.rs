@@ -181,9 +181,14 @@ async fn bases_first(
                     continue;
                 }
                 Serving::Elsewhere if load => {
+                    // Not to this node, whose view may still list a vLLM it no longer has.
+                    let router = &w.shared.router;
+                    let topo = router.topology();
+                    let me = &topo.peers[topo.me].addr;
                     let node = forwards
-                        .then(|| w.shared.router.pool_owner(raw.as_bytes(), pool_hash(&base)))
-                        .flatten();
+                        .then(|| router.pool_owner(raw.as_bytes(), pool_hash(&base)))
+                        .flatten()
+                        .filter(|node| node != me);
                     let to = match node {
                         Some(node) => Elsewhere::Sent(node),
                         None => Elsewhere::Refused(Error::bad_request(format!(
