@@ -367,16 +367,14 @@ impl PeerClient {
     /// Ask `peer` to evict `adapter` (marked forwarded: it is not broadcast again); whether it
     /// answered with a success.
     pub async fn evict(&self, peer: &str, adapter: &str, admin_token: Option<&str>) -> bool {
-        let mut req = self
-            .http
-            .post(format!("{}://{peer}/admin/cache/evict", self.scheme))
-            .timeout(EVICT_TIMEOUT)
-            .header(FORWARDED_HEADER, "1")
-            .json(&serde_json::json!({ "adapter": adapter }));
-        req = self.with_token(req);
-        if let Some(t) = admin_token {
-            req = req.bearer_auth(t);
-        }
+        let body = serde_json::json!({ "adapter": adapter });
+        let req = self.admin_post(
+            peer,
+            "/admin/cache/evict",
+            &body,
+            admin_token,
+            EVICT_TIMEOUT,
+        );
         matches!(req.send().await, Ok(r) if r.status().is_success())
     }
 
@@ -389,16 +387,8 @@ impl PeerClient {
         admin_token: Option<&str>,
         timeout: Duration,
     ) -> Result<Vec<serde_json::Value>, String> {
-        let mut req = self
-            .http
-            .post(format!("{}://{peer}/admin/cache/warmup", self.scheme))
-            .timeout(timeout)
-            .header(FORWARDED_HEADER, "1")
-            .json(&serde_json::json!({ "adapters": adapters, "load": true }));
-        req = self.with_token(req);
-        if let Some(t) = admin_token {
-            req = req.bearer_auth(t);
-        }
+        let body = serde_json::json!({ "adapters": adapters, "load": true });
+        let req = self.admin_post(peer, "/admin/cache/warmup", &body, admin_token, timeout);
         let answer = req.send().await.map_err(|e| e.to_string())?;
         let status = answer.status();
         let body: serde_json::Value = answer.json().await.map_err(|e| e.to_string())?;
@@ -407,6 +397,29 @@ impl PeerClient {
             _ => Err(body["error"]["message"]
                 .as_str()
                 .map_or_else(|| format!("it answered {status}"), str::to_string)),
+        }
+    }
+
+    /// An admin call to `peer`, marked as forwarded (the peer passes it on to nobody), with the
+    /// cluster token and `admin_token` (`admin.token`: every node has the same).
+    fn admin_post(
+        &self,
+        peer: &str,
+        path: &str,
+        body: &serde_json::Value,
+        admin_token: Option<&str>,
+        timeout: Duration,
+    ) -> reqwest::RequestBuilder {
+        let req = self
+            .http
+            .post(format!("{}://{peer}{path}", self.scheme))
+            .timeout(timeout)
+            .header(FORWARDED_HEADER, "1")
+            .json(body);
+        let req = self.with_token(req);
+        match admin_token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
         }
     }
 
