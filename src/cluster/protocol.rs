@@ -2,7 +2,8 @@
 //!
 //! - Forwarding: a request routed to its owner carries [`FORWARDED_HEADER`] (and
 //!   [`TOKEN_HEADER`] with `cluster.token` when one is set); the receiving node acknowledges it
-//!   with `100 Continue` as soon as it has read it, and serves it itself.
+//!   with `100 Continue` as soon as it has read it (held back to leave with the answer's head
+//!   when that comes at once: `Conn::acknowledge`), and serves it itself.
 //! - Trust ([`is_trusted_peer`]): a request is a peer's when it carries `cluster.token` (when one
 //!   is set), else when it comes from a peer's address. An untrusted mark is ignored.
 //! - `GET /healthz` ([`Healthz`], the Go project's shape): every node polls every peer for

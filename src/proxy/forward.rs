@@ -38,10 +38,11 @@ use crate::{
 
 use super::{Reply, Served};
 
-/// Tell the forwarding peer its request arrived (ends its forward timeout). Peers forward as
-/// HTTP/1.1; an HTTP/1.0 client that sends the mark gets no `100 Continue`.
+/// Tell the forwarding peer its request arrived (ends its forward timeout), in the same
+/// segment as the answer's head when that follows at once (`Conn::acknowledge`). Peers forward
+/// as HTTP/1.1; an HTTP/1.0 client that sends the mark gets no `100 Continue`.
 pub async fn acknowledge(conn: &mut Conn, head: &RequestHead) -> Result<(), Error> {
-    conn.write_continue(head)
+    conn.acknowledge(head)
         .await
         .map_err(|e| Error::bad_request(format!("peer went away: {e}")))
 }

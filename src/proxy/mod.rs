@@ -250,6 +250,10 @@ async fn pipeline(
     //    base model with `model` rewritten.
     let mut body = body;
     let mut extra: &[(&str, &[u8])] = &[];
+    if adapter.as_ref().is_some_and(|a| !shared.store.contains(a)) {
+        // A download ahead: a peer's acknowledgement held back goes now.
+        conn.release_ack();
+    }
     let _pin = match &adapter {
         None => None,
         Some(name) => match ensure_in_time(w, name, span).await {
@@ -260,6 +264,7 @@ async fn pipeline(
                 Some(ensured.pin)
             }
             Err(err) if shared.config.routing.fallback_to_base_model => {
+                conn.release_ack();
                 let base = base_model(w, backend).await?;
                 tracing::warn!(adapter = %name, error = %err, "adapter unavailable: base model");
                 body = match &form {

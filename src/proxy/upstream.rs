@@ -52,6 +52,9 @@ const BODY_CHUNK: usize = 64 * 1024;
 /// sends the request once more on a fresh connection. Under load most requests take a
 /// connection pooled a moment ago, and skip the syscall.
 const PEEK_AFTER: Duration = Duration::from_millis(100);
+/// A request this large may take a while to write: a peer's acknowledgement held back is
+/// sent first (`Conn::acknowledge`).
+const RELEASE_ACK_ABOVE: usize = 64 * 1024;
 /// How long an answer may take before the proxy starts watching the client for a hang-up.
 /// Quick answers (most of them) never pay for the extra poll.
 const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(5);
@@ -250,8 +253,14 @@ impl Pool {
             let reused = pooled.is_some();
             let (mut stream, addr) = match pooled.take() {
                 Some(c) => c,
-                None => self.connect(target, connect_budget).await?,
+                None => {
+                    client.release_ack();
+                    self.connect(target, connect_budget).await?
+                }
             };
+            if bytes.len() > RELEASE_ACK_ABOVE {
+                client.release_ack();
+            }
             tracing::trace!(upstream = target.name, %addr, reused, "sending");
             let (res, back) = stream.write_all(bytes).await;
             bytes = back;
@@ -686,18 +695,21 @@ async fn read_watching(
                 Err(e) => (buf, ReadEvent::Failed(e)),
             }
         }
-        _ = client_gone(&client.stream) => (Vec::new(), ReadEvent::ClientGone),
+        _ = client_gone(client) => (Vec::new(), ReadEvent::ClientGone),
         _ = deadline => (Vec::new(), ReadEvent::TimedOut),
     }
 }
 
 /// Resolves when the client has closed its side (EOF or error). Starts watching only after
-/// [`WATCH_CLIENT_AFTER`]. If the client has sent more bytes (a pipelined request), a hang-up
+/// [`WATCH_CLIENT_AFTER`], when a peer's acknowledgement still held back is sent (the answer
+/// is not coming at once). If the client has sent more bytes (a pipelined request), a hang-up
 /// can't be seen without reading them, so it stops watching; except over TLS, where a client
 /// closing sends bytes first (a close_notify alert): there a shut read side
 /// (`POLLRDHUP`) behind the bytes counts as gone, checked every [`RECHECK_TLS`].
-async fn client_gone(client: &Stream) {
+async fn client_gone(conn: &Conn) {
     monoio::time::sleep(WATCH_CLIENT_AFTER).await;
+    conn.release_ack();
+    let client = &conn.stream;
     let tcp = client.tcp();
     loop {
         if tcp.readable(false).await.is_err() {

@@ -16,7 +16,7 @@
 //!   `header_read_timeout`; plain HTTP on a TLS listener (unless `server.tls.allow_plain`) gets
 //!   a 400 in plain text and is closed.
 
-use std::{net::SocketAddr, rc::Rc, time::Duration};
+use std::{cell::Cell, net::SocketAddr, os::fd::AsRawFd, rc::Rc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use monoio::{
@@ -56,6 +56,9 @@ pub struct Conn {
     /// The head being read is a HEAD request's, as far as its first bytes tell: an answer
     /// refusing it has no body. (A read cut short by a timeout takes its buffer with it.)
     head_request: bool,
+    /// A peer's acknowledgement the kernel holds back (`MSG_MORE`) to send with the answer's
+    /// first bytes ([`Conn::acknowledge`]).
+    held_ack: Cell<bool>,
 }
 
 /// What reading the next head gave.
@@ -87,6 +90,7 @@ pub async fn serve<H: Handler>(worker: Rc<Worker<H>>, tcp: TcpStream, peer: Sock
         requests: 0,
         opened,
         head_request: false,
+        held_ack: Cell::new(false),
     };
     // Whether the server ends the connection while the client may still be sending.
     let mut linger = true;
@@ -157,6 +161,7 @@ async fn accept_tls<H>(
                 requests: 0,
                 opened,
                 head_request: read.starts_with(b"HEAD "),
+                held_ack: Cell::new(false),
             };
             let err = Error::bad_request(
                 "this port speaks HTTPS (server.tls): plain HTTP is refused \
@@ -330,7 +335,7 @@ impl Conn {
 
     /// Send `100 Continue` for `head`, unless its client speaks HTTP/1.0, which knows no 1xx
     /// answer (RFC 9110 §15.2: never sent to an HTTP/1.0 client).
-    pub async fn write_continue(&mut self, head: &RequestHead) -> std::io::Result<()> {
+    async fn write_continue(&mut self, head: &RequestHead) -> std::io::Result<()> {
         if head.minor == 0 {
             return Ok(());
         }
@@ -351,8 +356,54 @@ impl Conn {
         }
     }
 
+    /// Acknowledge a forwarded request with `100 Continue` (to a peer: HTTP/1.1 always).
+    ///
+    /// Over plain TCP the acknowledgement is queued with `MSG_MORE`: the kernel holds it and it
+    /// leaves in one segment with the answer's first bytes, which usually follow within tens
+    /// of microseconds; the peer wakes once for both, and this side makes one write fewer.
+    /// Every step that can take longer sends it first ([`Conn::release_ack`]: an answer not
+    /// there after 5 ms, a fresh upstream connection, a large body, an adapter not on disk),
+    /// so it always ends the peer's `routing.forward_timeout` soon after the request arrived;
+    /// one step missed would still see it sent by the kernel's own timer for held data (about
+    /// 200 ms). Over TLS it is written at once, as is one the kernel can't queue right away.
+    pub async fn acknowledge(&mut self, head: &RequestHead) -> std::io::Result<()> {
+        if head.minor == 0 {
+            return Ok(());
+        }
+        let mut sent = 0;
+        if let Stream::Plain(tcp) = &self.stream {
+            let ack = response::CONTINUE;
+            // SAFETY: a send from a static buffer on an fd this stream owns.
+            let n = unsafe {
+                libc::send(
+                    tcp.as_raw_fd(),
+                    ack.as_ptr().cast(),
+                    ack.len(),
+                    libc::MSG_MORE | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            sent = usize::try_from(n).unwrap_or(0);
+            if sent == ack.len() {
+                self.held_ack.set(true);
+                return Ok(());
+            }
+        }
+        let (res, _) = self.stream.write_all(&response::CONTINUE[sent..]).await;
+        res.map(drop)
+    }
+
+    /// Send a held acknowledgement now (setting `TCP_NODELAY` again pushes what the kernel
+    /// holds). Called before any step that may keep the answer's first bytes waiting.
+    pub fn release_ack(&self) {
+        if self.held_ack.replace(false) {
+            let _ = self.stream.tcp().set_nodelay(true);
+        }
+    }
+
     /// Write all of `buf` to the client; hands the buffer back for reuse.
     pub async fn write_all(&mut self, buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
+        // Whatever the kernel held leaves with these bytes.
+        self.held_ack.set(false);
         let (res, buf) = self.stream.write_all(buf).await;
         res.map(|_| buf)
     }
