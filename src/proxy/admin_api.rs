@@ -242,35 +242,44 @@ fn forward_warm(
         .storage
         .fetch_wait_timeout
         .map_or(FORWARD_UNBOUNDED, |t| t + FORWARD_LOADS);
-    w.shared.control.run(async move {
-        let calls = by_node.into_iter().map(|(node, adapters)| {
-            let (client, token) = (&client, token.as_deref());
-            async move {
-                let answer = client.warmup(&node, &adapters, token, timeout).await;
-                (node, adapters, answer)
-            }
-        });
-        let mut results = HashMap::new();
-        for (node, adapters, answer) in futures_util::future::join_all(calls).await {
-            if let Err(why) = &answer {
-                tracing::warn!(%node, error = %why, "forwarded warm-up failed");
-            }
-            for raw in adapters {
-                let mut r = match &answer {
-                    Ok(results) => results
-                        .iter()
-                        .find(|r| r["adapter"] == raw.as_str())
-                        .cloned()
-                        .unwrap_or_else(|| json!({"status": "error: not in its answer"})),
-                    Err(why) => json!({"status": format!("error: {why}"), "loaded": false}),
-                };
-                r["adapter"] = json!(raw);
-                r["node"] = json!(node);
-                results.insert(raw, r);
-            }
+    let control = w.shared.control.clone();
+    async move {
+        if by_node.is_empty() {
+            // Nothing for another node: no task on the control plane.
+            return Ok(HashMap::new());
         }
-        results
-    })
+        control
+            .run(async move {
+                let calls = by_node.into_iter().map(|(node, adapters)| {
+                    let (client, token) = (&client, token.as_deref());
+                    async move {
+                        let answer = client.warmup(&node, &adapters, token, timeout).await;
+                        (node, adapters, answer)
+                    }
+                });
+                let mut results = HashMap::new();
+                for (node, adapters, answer) in futures_util::future::join_all(calls).await {
+                    if let Err(why) = &answer {
+                        tracing::warn!(%node, error = %why, "forwarded warm-up failed");
+                    }
+                    for raw in adapters {
+                        let mut r = match &answer {
+                            Ok(results) => results
+                                .iter()
+                                .find(|r| r["adapter"] == raw.as_str())
+                                .cloned()
+                                .unwrap_or_else(|| json!({"status": "error: not in its answer"})),
+                            Err(why) => json!({"status": format!("error: {why}"), "loaded": false}),
+                        };
+                        r["adapter"] = json!(raw);
+                        r["node"] = json!(node);
+                        results.insert(raw, r);
+                    }
+                }
+                results
+            })
+            .await
+    }
 }
 
 /// Put the results of the adapters warmed elsewhere (refused, or another node's) back in the
