@@ -5,7 +5,8 @@
 //! key's xxh3, written only by that worker (plain atomic loads and stores, no read-modify-write
 //! shared with another core, no lock, no allocation). A key takes a way of its set when one is
 //! free or idle for two ticks; the first bytes of its name are kept beside it (for the metric
-//! labels of the top keys). A key that finds every way busy is counted as untracked. The
+//! labels of the top keys), and the pool its requests need (the base model's `pool_hash`; 0:
+//! any), so that a hot key's replicas are sized on the nodes that serve it. A key that finds every way busy is counted as untracked. The
 //! control plane ([`DemandReader`]) reads every table each tick, turns the differences into
 //! rates and keeps an exponential moving average per key (α = [`EMA_ALPHA`]).
 
@@ -36,6 +37,8 @@ struct Way {
     tick: AtomicU64,
     /// Changes whenever another key takes the way (odd while the name is written).
     seq: AtomicU32,
+    /// The pool of the key's requests when it took the way.
+    pool: AtomicU64,
     name_len: AtomicU32,
     name: [AtomicU64; NAME_WORDS],
 }
@@ -47,6 +50,7 @@ impl Default for Way {
             count: AtomicU64::new(0),
             tick: AtomicU64::new(0),
             seq: AtomicU32::new(0),
+            pool: AtomicU64::new(0),
             name_len: AtomicU32::new(0),
             name: Default::default(),
         }
@@ -84,10 +88,10 @@ impl DemandBoard {
 }
 
 impl DemandTable {
-    /// Count one request for key `hash` (`name`: the key, kept for labels). Called only by the
-    /// table's worker.
+    /// Count one request for key `hash` needing `pool` (0: any; `name`: the key, kept for
+    /// labels). Called only by the table's worker.
     #[inline]
-    pub fn count(&self, hash: u64, name: &str) {
+    pub fn count(&self, hash: u64, pool: u64, name: &str) {
         let hash = hash.max(1);
         let tick = self.board.tick.load(Relaxed);
         let set = ((hash >> 32) as usize % SETS) * WAYS;
@@ -121,6 +125,7 @@ impl DemandTable {
             word.store(u64::from_le_bytes(buf), Relaxed);
         }
         w.name_len.store(bytes.len() as u32, Relaxed);
+        w.pool.store(pool, Relaxed);
         w.hash.store(hash, Relaxed);
         w.count.store(1, Relaxed);
         w.tick.store(tick, Relaxed);
@@ -142,6 +147,8 @@ pub struct KeyRate {
     pub rate: f64,
     /// The key's first [`NAME_BYTES`] bytes, when seen.
     pub name: String,
+    /// The pool its requests need (0: any).
+    pub pool: u64,
 }
 
 /// The control plane's side: reads the tables each tick.
@@ -170,7 +177,7 @@ impl DemandReader {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         self.last.resize_with(tables.len(), Vec::new);
-        let mut deltas: HashMap<u64, (u64, Option<String>)> = HashMap::new();
+        let mut deltas: HashMap<u64, (u64, Option<(String, u64)>)> = HashMap::new();
         for (t, table) in tables.iter().enumerate() {
             let last = &mut self.last[t];
             last.resize(table.ways.len(), (0, 0, 0));
@@ -195,7 +202,7 @@ impl DemandReader {
                 let entry = deltas.entry(hash).or_default();
                 entry.0 += delta;
                 if entry.1.is_none() {
-                    entry.1 = read_name(way, seq);
+                    entry.1 = read_name_and_pool(way, seq);
                 }
             }
         }
@@ -204,14 +211,16 @@ impl DemandReader {
             let d = deltas.remove(hash).map_or(0, |d| d.0);
             r.rate = EMA_ALPHA * d as f64 / secs + (1.0 - EMA_ALPHA) * r.rate;
         }
-        for (hash, (d, name)) in deltas {
+        for (hash, (d, seen)) in deltas {
             if d > 0 {
+                let (name, pool) = seen.unwrap_or_default();
                 self.rates.insert(
                     hash,
                     KeyRate {
                         hash,
                         rate: EMA_ALPHA * d as f64 / secs,
-                        name: name.unwrap_or_default(),
+                        name,
+                        pool,
                     },
                 );
             }
@@ -234,9 +243,10 @@ impl DemandReader {
     }
 }
 
-/// The name in `way`, if it was not rewritten while read.
-fn read_name(way: &Way, seq: u32) -> Option<String> {
+/// The name and pool in `way`, if they were not rewritten while read.
+fn read_name_and_pool(way: &Way, seq: u32) -> Option<(String, u64)> {
     let len = (way.name_len.load(Relaxed) as usize).min(NAME_BYTES);
+    let pool = way.pool.load(Relaxed);
     let mut bytes = Vec::with_capacity(NAME_BYTES);
     for word in &way.name {
         bytes.extend_from_slice(&word.load(Relaxed).to_le_bytes());
@@ -246,7 +256,7 @@ fn read_name(way: &Way, seq: u32) -> Option<String> {
         return None;
     }
     bytes.truncate(len);
-    Some(String::from_utf8_lossy(&bytes).into_owned())
+    Some((String::from_utf8_lossy(&bytes).into_owned(), pool))
 }
 
 #[cfg(test)]
@@ -266,12 +276,12 @@ mod tests {
         let mut r = DemandReader::new(board.clone());
         for _ in 0..10 {
             for _ in 0..30 {
-                a.count(h("hot"), "hot");
+                a.count(h("hot"), 42, "hot");
             }
             for _ in 0..20 {
-                b.count(h("hot"), "hot");
+                b.count(h("hot"), 42, "hot");
             }
-            a.count(h("cold"), "cold");
+            a.count(h("cold"), 0, "cold");
             r.tick(1.0);
         }
         let hot = r.rate(h("hot"));
@@ -279,6 +289,7 @@ mod tests {
         assert!((r.rate(h("cold")) - 1.0).abs() < 0.1);
         let top = r.top(1);
         assert_eq!((top[0].name.as_str(), top[0].hash), ("hot", h("hot")));
+        assert_eq!(top[0].pool, 42, "the pool its requests need");
         for _ in 0..30 {
             r.tick(1.0);
         }
@@ -296,18 +307,18 @@ mod tests {
             .map(|i| (i * SETS as u64 + 7) << 32 | 1)
             .collect();
         for &k in &same_set[..WAYS] {
-            t.count(k, "k");
+            t.count(k, 0, "k");
         }
-        t.count(same_set[WAYS], "late");
+        t.count(same_set[WAYS], 0, "late");
         assert_eq!(t.untracked(), 1);
         // Two ticks later the first keys are idle: the newcomer takes a way.
         r.tick(1.0);
         r.tick(1.0);
-        t.count(same_set[WAYS], "late");
+        t.count(same_set[WAYS], 0, "late");
         r.tick(1.0);
         assert!(r.rate(same_set[WAYS]) > 0.0);
         let long = "x".repeat(300);
-        t.count(h(&long), &long);
+        t.count(h(&long), 0, &long);
         r.tick(1.0);
         let top = r.top(10);
         let kept = top.iter().find(|k| k.hash == h(&long)).unwrap();

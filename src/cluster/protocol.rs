@@ -135,11 +135,15 @@ pub struct BackendReport {
     pub url: String,
 }
 
-/// A key entering a node from clients, and its rate there (requests/s).
+/// A key entering a node from clients, its rate there (requests/s) and the pool its requests
+/// need (`p`: the base model's `pool_hash`; 0, or absent from a node of an earlier version:
+/// any).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct HotKey {
     pub h: u64,
     pub r: f32,
+    #[serde(default)]
+    pub p: u64,
 }
 
 /// `GET {STATE_PATH}`: what a node tells its peers.

@@ -28,9 +28,10 @@ use super::{
     demand::{DemandBoard, DemandReader, KeyRate},
     disk_filter::DiskFilter,
     hashkey::pool_hash,
+    placement::MAX_TOP,
     pools::Pools,
     protocol::{BackendReport, HotKey, PeerState},
-    router::Router,
+    router::{Router, Topology},
     view::{BackendState, NodeState, ReplicaTable, View},
 };
 use crate::metrics::{KeyLabel, Metrics};
@@ -333,6 +334,7 @@ impl ClusterState {
                 .map(|k| HotKey {
                     h: k.hash,
                     r: k.rate as f32,
+                    p: k.pool,
                 })
                 .collect(),
             disk_version: synced_to,
@@ -455,13 +457,16 @@ impl ClusterState {
     fn size_replicas(&self, inner: &mut Inner) {
         let topo = self.router.topology();
         let view = self.view_of(inner);
-        let usable = (0..topo.peers.len())
-            .filter(|&i| {
-                (i == topo.me || topo.peers[i].health.usable())
-                    && view.get(i).is_none_or(|n| n.up_for(0))
-            })
-            .count()
-            .max(1);
+        // Nodes that can take a key's requests: up, with a backend up for its pool.
+        let usable = |pool: u64| {
+            (0..topo.peers.len())
+                .filter(|&i| {
+                    (i == topo.me || topo.peers[i].health.usable())
+                        && view.get(i).is_none_or(|n| n.up_for(pool))
+                })
+                .count()
+                .max(1)
+        };
         // A node's capacity: what its backends with a learnt capacity complete together.
         let caps: Vec<f64> = view
             .iter()
@@ -475,26 +480,32 @@ impl ClusterState {
             .filter(|&c| c > 0.0)
             .collect();
         let cap = (!caps.is_empty()).then(|| caps.iter().sum::<f64>() / caps.len() as f64);
-        // Cluster rates: own top keys plus what the peers report.
+        // Cluster rates: own top keys plus what the peers report; and each key's pool.
         let own = inner.demand.top(HOT_KEYS * 2);
         let mut rates: HashMap<u64, f64> = own.iter().map(|k| (k.hash, k.rate)).collect();
+        let mut pools: HashMap<u64, u64> = own.iter().map(|k| (k.hash, k.pool)).collect();
         for p in inner.peers.values() {
             for h in &p.hot {
                 *rates.entry(h.h).or_insert_with(|| inner.demand.rate(h.h)) += f64::from(h.r);
+                let pool = pools.entry(h.h).or_default();
+                if *pool == 0 {
+                    *pool = h.p;
+                }
             }
         }
         let mut next = HashMap::new();
         for (&hash, &rate) in &rates {
             let (k, below) = inner.replicas.get(&hash).copied().unwrap_or((1, 0));
+            let pool = pools[&hash];
             let want = match cap {
                 Some(c) => (rate / (TARGET_SHARE * c)).ceil().max(1.0) as usize,
-                None if rate >= MIN_HOT_RATE && self.replicas_queue(&topo, &view, hash, k) => {
+                None if rate >= MIN_HOT_RATE && replicas_queue(&topo, &view, hash, pool, k) => {
                     usize::from(k) + 1
                 }
                 None if rate < MIN_HOT_RATE => 1,
                 None => usize::from(k),
             }
-            .clamp(1, usable.min(usize::from(u8::MAX))) as u8;
+            .clamp(1, usable(pool).min(usize::from(u8::MAX))) as u8;
             // Up at once; down after the cooldown.
             let entry = if want >= k || below + 1 >= COOLDOWN_TICKS {
                 (want, 0)
@@ -527,27 +538,6 @@ impl ClusterState {
                 k
             })
             .collect();
-    }
-
-    /// Whether every one of the key's first `k` nodes has a queue (on every backend whose
-    /// metrics are known, one at least).
-    fn replicas_queue(
-        &self,
-        topo: &super::router::Topology,
-        view: &[NodeState],
-        key: u64,
-        k: u8,
-    ) -> bool {
-        let mut order = [0u16; super::placement::MAX_TOP];
-        let n = topo.placement.top(key, &mut order);
-        let firsts = &order[..n.min(usize::from(k))];
-        !firsts.is_empty()
-            && firsts.iter().all(|&i| {
-                view.get(usize::from(i)).is_some_and(|s| {
-                    let mut known = s.backends().iter().filter(|b| b.known).peekable();
-                    known.peek().is_some() && known.all(|b| b.waiting > 0.0)
-                })
-            })
     }
 
     /// The top keys entering this node with their cluster rates and replicas (for metrics).
@@ -645,6 +635,24 @@ impl ClusterState {
             }
         }))
     }
+}
+
+/// Whether every one of the key's first `k` nodes among those serving its `pool` (0: any) has
+/// a queue: on each of its backends serving the pool whose metrics are known, one at least.
+fn replicas_queue(topo: &Topology, view: &[NodeState], key: u64, pool: u64, k: u8) -> bool {
+    let serving = |i: usize| view.get(i).map(|s| s.serving(pool).map(|(_, b)| b));
+    let mut order = [0u16; MAX_TOP];
+    let n = topo.placement.top_where(key, &mut order, |i| {
+        serving(i).is_some_and(|mut b| b.next().is_some())
+    });
+    let firsts = &order[..n.min(usize::from(k))];
+    !firsts.is_empty()
+        && firsts.iter().all(|&i| {
+            serving(usize::from(i)).is_some_and(|backends| {
+                let mut known = backends.filter(|b| b.known).peekable();
+                known.peek().is_some() && known.all(|b| b.waiting > 0.0)
+            })
+        })
 }
 
 #[cfg(test)]

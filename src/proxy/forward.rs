@@ -103,7 +103,7 @@ pub(super) async fn route(
     let topo = router.topology();
     let key_hash = key.map(|k| xxh3_64(k.as_bytes()));
     if let Some(h) = key_hash {
-        w.demand.count(h, key.unwrap_or_default());
+        w.demand.count(h, pool, key.unwrap_or_default());
     }
     let req = route_request(w, key_hash, adapter, pool);
     let decision = {

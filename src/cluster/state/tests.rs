@@ -67,7 +67,7 @@ fn peer_state(capacity: f32, hot: &[(u64, f32)]) -> PeerState {
     PeerState {
         instance: 7,
         backends: vec![report(capacity, 0.0)],
-        hot: hot.iter().map(|&(h, r)| HotKey { h, r }).collect(),
+        hot: hot.iter().map(|&(h, r)| HotKey { h, r, p: 0 }).collect(),
         ..PeerState::default()
     }
 }
@@ -83,7 +83,7 @@ fn replicas_follow_demand_and_shrink_after_the_cooldown() {
     // share of 0.5: 8 wanted, clamped to the 4 nodes.
     for _ in 0..8 {
         for _ in 0..10 {
-            table.count(hot, "hot");
+            table.count(hot, 0, "hot");
         }
         for p in &others {
             s.set_peer(p, peer_state(10.0, &[(hot, 10.0)]));
@@ -129,7 +129,7 @@ fn without_learnt_capacity_a_key_grows_while_its_replicas_queue() {
     }
     for _ in 0..6 {
         for _ in 0..20 {
-            table.count(hot, "hot");
+            table.count(hot, 0, "hot");
         }
         s.lock().last_tick = Instant::now() - Duration::from_secs(1);
         s.tick();
@@ -280,4 +280,59 @@ fn a_peer_with_several_backends_is_viewed_with_all_of_them() {
     )
     .unwrap();
     assert!(old.models.is_empty());
+}
+
+/// Without a learnt capacity a hot key grows while *its pool's* first nodes queue: the queues
+/// of nodes serving another base model say nothing of it, and it never counts more replicas
+/// than nodes serving its pool.
+#[test]
+fn without_learnt_capacity_a_key_is_sized_on_the_nodes_of_its_pool() {
+    let (r, s) = state(4);
+    let topo = r.topology();
+    let m1 = |i: usize| ["10.0.0.1:9090", "10.0.0.2:9090"].contains(&topo.peers[i].addr.as_str());
+    // A key whose first two nodes over all are the two serving m1.
+    let (key, hot) = (0..)
+        .map(|i| format!("hot-{i}"))
+        .map(|k| {
+            let h = xxh3_64(k.as_bytes());
+            (k, h)
+        })
+        .find(|(_, h)| {
+            let mut order = [0u16; 2];
+            topo.placement.top(*h, &mut order);
+            order.iter().all(|&i| m1(usize::from(i)))
+        })
+        .unwrap();
+    let m2 = pool_hash("m2");
+    // m1's nodes queue or m2's do.
+    let set = |m1_waiting: f32, m2_waiting: f32| {
+        let models = |m: &str| Arc::from([m.to_owned()]);
+        s.set_local(LocalSample {
+            models: models("m1"),
+            waiting: m1_waiting,
+            ..sample(0.0)
+        });
+        for p in other_peers(&r) {
+            let mut st = peer_state(0.0, &[]);
+            let on_m1 = p == "10.0.0.2:9090";
+            st.backends[0].models = vec![if on_m1 { "m1" } else { "m2" }.into()];
+            st.backends[0].waiting = if on_m1 { m1_waiting } else { m2_waiting };
+            s.set_peer(&p, st);
+        }
+    };
+    let table = s.demand.table();
+    let run = |ticks: usize| {
+        for _ in 0..ticks {
+            for _ in 0..20 {
+                table.count(hot, m2, &key);
+            }
+            s.lock().last_tick = Instant::now() - Duration::from_secs(1);
+            s.tick();
+        }
+        r.view().replicas.get(hot)
+    };
+    set(5.0, 0.0);
+    assert_eq!(run(6), 1, "m1's queues do not grow an m2 key");
+    set(0.0, 5.0);
+    assert_eq!(run(6), 2, "m2's two nodes queue: both, no more");
 }
