@@ -380,10 +380,18 @@ impl Router {
     pub fn pool_owner(&self, key: &[u8], pool: u64) -> Option<String> {
         let (topo, view) = (self.topology(), self.view());
         let view = Self::valid(&topo, &view)?;
-        let mut first = [0u16; 1];
         let key = xxhash_rust::xxh3::xxh3_64(key);
-        let n = Self::key_order(&topo, Some(view), key, pool, &mut first);
-        (n == 1).then(|| topo.peers[usize::from(first[0])].addr.clone())
+        Self::pool_first(&topo, view, key, pool).map(|i| topo.peers[i].addr.clone())
+    }
+
+    /// The first node of `key`'s order among those serving `pool` (0: any).
+    fn pool_first(topo: &Topology, view: &View, key: u64, pool: u64) -> Option<usize> {
+        if pool == 0 {
+            return topo.placement.owner_of_hash(key);
+        }
+        let mut first = [0u16; 1];
+        let n = Self::key_order(topo, Some(view), key, pool, &mut first);
+        (n == 1).then(|| usize::from(first[0]))
     }
 
     /// The view if it was built for `topo`.
@@ -790,11 +798,11 @@ impl Router {
         }
         let mean = sum / known as f32;
         let total = |i: usize| cost(i).unwrap_or(mean);
-        // Start from the key's owner (or this node), so ties stay put.
-        let start = req
+        // The key's owner within its pool; start from it (or this node), so ties stay put.
+        let owner = req
             .key
-            .and_then(|key| topo.placement.owner_of_hash(key))
-            .filter(|&o| Self::usable(topo, Some(view), o, req.pool));
+            .and_then(|key| Self::pool_first(topo, view, key, req.pool));
+        let start = owner.filter(|&o| Self::usable(topo, Some(view), o, req.pool));
         let mut best = start
             .or_else(|| {
                 cands
@@ -817,7 +825,6 @@ impl Router {
         {
             best = topo.me;
         }
-        let owner = req.key.and_then(|key| topo.placement.owner_of_hash(key));
         let reason = if owner == Some(best) {
             Reason::Owner
         } else {

@@ -460,11 +460,13 @@ fn a_keys_order_is_over_the_nodes_of_its_pool() {
             let to = target(&d).expect("this node does not serve m2");
             assert!(small.contains(&to), "{policy:?}: {to} does not serve m2");
             assert!(d.peers.iter().all(|i| small.contains(&i)), "{d:?}");
-            if policy != RoutingPolicy::LeastLoad {
-                // The first of the pool in the key's order (its pool owner).
-                let mut out = [0u16; 1];
-                t.placement.top_where(key, &mut out, |i| small.contains(&i));
-                assert_eq!(to, usize::from(out[0]), "{policy:?}");
+            // The first of the pool in the key's order (its pool owner); under `least-load`,
+            // where every node is as idle, ties stay with it too.
+            let mut out = [0u16; 1];
+            t.placement.top_where(key, &mut out, |i| small.contains(&i));
+            assert_eq!(to, usize::from(out[0]), "{policy:?}");
+            if policy == RoutingPolicy::LeastLoad {
+                assert_eq!(d.reason, Reason::Owner, "{d:?}");
             }
         }
         // Pool 0: the owner of the whole order, as before pools (`least-load` ignores keys).
