@@ -66,7 +66,7 @@ via_lp() {
   HITS="right+$r other+$o"
 }
 
-# The phase: vLLM B, loraplex over both, checks i-m.
+# The phase: vLLM B, loraplex over both, checks j-n.
 pools_checks() {
   local name_a=${SERVED:-$BASE}
   log "two pools: starting a second vLLM for $BASE_B as $SERVED_B (log: $WORK/vllm-b.log)"
@@ -122,9 +122,9 @@ EOF
     wait_http "$LP/readyz" 30 "$LP_PID" || why="loraplex over two vLLMs not ready in 30 s (see loraplex-pools.log)"
   fi
   if [ -n "$why" ]; then
-    record "i. pools: base models" FAIL "not run: $why"
-    for c in "j. pools: adapters" "k. pools: /v1/models" "l. pools: unknown model" "m. pools: unserved base"; do
-      record "$c" FAIL "not run (see i)"
+    record "j. pools: base models" FAIL "not run: $why"
+    for c in "k. pools: adapters" "l. pools: /v1/models" "m. pools: unknown model" "n. pools: unserved base"; do
+      record "$c" FAIL "not run (see j)"
     done
     return 0
   fi
@@ -145,13 +145,13 @@ EOF
   echo "   base A: direct $d_a | loraplex $p_a ($hits_a)"
   echo "   base B: direct $d_b | loraplex $p_b ($hits_b)"
   if [[ "$d_a" == ERROR* || "$d_b" == ERROR* ]]; then
-    record "i. pools: base models" FAIL "vLLM direct failed: $d_a $d_b"
+    record "j. pools: base models" FAIL "vLLM direct failed: $d_a $d_b"
   elif [ "$d_a" = "$d_b" ]; then
-    record "i. pools: base models" FAIL "bases A and B answer alike: the check would mean nothing"
+    record "j. pools: base models" FAIL "bases A and B answer alike: the check would mean nothing"
   elif [ "$p_a" = "$d_a" ] && [ "$p_b" = "$d_b" ] && [ "$hits_a" = "right+1 other+0" ] && [ "$hits_b" = "right+1 other+0" ]; then
-    record "i. pools: base models" PASS "$name_a and $SERVED_B each answered by its own vLLM (vllm:request_success_total), outputs == direct"
+    record "j. pools: base models" PASS "$name_a and $SERVED_B each answered by its own vLLM (vllm:request_success_total), outputs == direct"
   else
-    record "i. pools: base models" FAIL "A: $p_a vs $d_a ($hits_a); B: $p_b vs $d_b ($hits_b)"
+    record "j. pools: base models" FAIL "A: $p_a vs $d_a ($hits_a); B: $p_b vs $d_b ($hits_b)"
   fi
 
   # --- j. each base's adapters, cold from the Hub and S3, on the vLLM of that base only
@@ -177,9 +177,9 @@ EOF
   distinct=$(printf '%s\n' "${outs[@]}" | sort -u | wc -l)
   [ "$distinct" -eq 5 ] || bad+=("bases and adapters not all different ($distinct distinct of 5)")
   if [ "${#bad[@]}" -eq 0 ]; then
-    record "j. pools: adapters" PASS "alpha (A, Hub), beta (B, Hub), beta-s3 (B, S3): cold, each on its base's vLLM only, outputs == direct"
+    record "k. pools: adapters" PASS "alpha (A, Hub), beta (B, Hub), beta-s3 (B, S3): cold, each on its base's vLLM only, outputs == direct"
   else
-    record "j. pools: adapters" FAIL "$(printf '%s; ' "${bad[@]}")"
+    record "k. pools: adapters" FAIL "$(printf '%s; ' "${bad[@]}")"
   fi
 
   # --- k. /v1/models: every base model and the adapters on disk, each with its base as parent
@@ -203,9 +203,9 @@ print("; ".join(out))
 PY
 ) || problems="unparsable: $(head -c 300 "$WORK/models-pools.json")"
   if [ -z "$problems" ]; then
-    record "k. pools: /v1/models" PASS "lists $name_a and $SERVED_B, alpha with parent A, beta and beta-s3 with parent B"
+    record "l. pools: /v1/models" PASS "lists $name_a and $SERVED_B, alpha with parent A, beta and beta-s3 with parent B"
   else
-    record "k. pools: /v1/models" FAIL "$problems"
+    record "l. pools: /v1/models" FAIL "$problems"
   fi
 
   # --- l. a model no backend serves (and no origin has): 404 in vLLM's shape, naming it
@@ -218,9 +218,9 @@ PY
   theirs=$(json_get "$WORK/last.json" "$shape" 2>/dev/null || echo "not JSON")
   msg=$(json_get "$WORK/404-pools.json" 'd["error"]["message"]' 2>/dev/null || true)
   if [ "$status" = 404 ] && [ "$mine" = "$theirs" ] && [[ "$msg" == *tiny-c* ]]; then
-    record "l. pools: unknown model" PASS "404 $mine like vLLM's own: \"$msg\""
+    record "m. pools: unknown model" PASS "404 $mine like vLLM's own: \"$msg\""
   else
-    record "l. pools: unknown model" FAIL "loraplex $status $mine \"$msg\"; vLLM $vstatus $theirs"
+    record "m. pools: unknown model" FAIL "loraplex $status $mine \"$msg\"; vLLM $vstatus $theirs"
   fi
 
   # --- m. an adapter whose base no backend serves: 400 naming the base it needs and the served
@@ -240,8 +240,8 @@ PY
   [[ "$(vllm_models "$VLLM_B")" != *" acme/gamma-lora "* ]] || bad+=("on vLLM B")
   [ ! -e "$CACHE/acme/gamma-lora/adapter_model.safetensors" ] || bad+=("weights stored in storage.dir")
   if [ "${#bad[@]}" -eq 0 ]; then
-    record "m. pools: unserved base" PASS "400 BadRequestError: \"$msg\"; on no vLLM, weights not stored"
+    record "n. pools: unserved base" PASS "400 BadRequestError: \"$msg\"; on no vLLM, weights not stored"
   else
-    record "m. pools: unserved base" FAIL "$(printf '%s; ' "${bad[@]}")body $(head -c 300 "$WORK/400-pools.json")"
+    record "n. pools: unserved base" FAIL "$(printf '%s; ' "${bad[@]}")body $(head -c 300 "$WORK/400-pools.json")"
   fi
 }
