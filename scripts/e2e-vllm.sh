@@ -350,11 +350,14 @@ else
 fi
 
 # --- 6i. a forward through a peer. A second loraplex node (an entry: its own empty store, no
-# origins) sends a session this node owns here, with routing.forward_timeout 150 ms: below the
-# ~200 ms after which the kernel sends the acknowledgement this node holds back (to send it with
-# the answer's head), and shorter than the generation (200 tokens). So this node must let the
-# acknowledgement go while vLLM generates, or the entry gives up on it and serves the request
-# itself (where it fails: it has no origin). Answered by this node's vLLM once, output == direct.
+# origins, one worker, so one pooled connection to this node) sends a session this node owns
+# here, with routing.forward_timeout 150 ms: below the ~200 ms after which the kernel sends the
+# acknowledgement this node holds back (to send it with the answer's head), and shorter than
+# the generation (200 tokens). A quick request first, on the same connections, so that this
+# node's connection to vLLM is a pooled one (a fresh connect would let the acknowledgement go by
+# itself). This node must let it go while vLLM generates, or the entry gives up on it and serves
+# the request itself (where it fails: it has no origin). Answered by this node's vLLM once,
+# output == direct.
 LP2_PORT=$(free_port)
 LP2=http://127.0.0.1:$LP2_PORT
 cat >"$WORK/loraplex-entry.yaml" <<EOF
@@ -365,6 +368,8 @@ storage:
   max_size: $MAX_SIZE
 vllm:
   model_name: $BASE
+server:
+  workers: 1
 routing:
   hash_on: header:X-Session-ID
   forward_timeout: 150ms
@@ -376,30 +381,37 @@ EOF
 start loraplex-entry "$REPO/target/release/loraplex" --config "$WORK/loraplex-entry.yaml"
 wait_http "$LP2/readyz" 30 "${PIDS[-1]}"
 forwards() { curl -s "$LP2/metrics" | awk '/^loraplex_peer_forwards_total/ { s += $NF } END { print s + 0 }'; }
+via_entry() { # SESSION EXTRA_JSON: the status to stdout, the body to $WORK/last.json
+  local body
+  body=$("$PY" -c 'import json,sys; d={"model":"acme/summarizer-lora","prompt":sys.argv[1],"temperature":0}; d.update(json.loads(sys.argv[2])); print(json.dumps(d))' "$PROMPT" "$2")
+  curl -s -o "$WORK/last.json" -w '%{http_code}' -H 'content-type: application/json' \
+    -H "X-Session-ID: $1" -d "$body" "$LP2/v1/completions" || true
+}
 LONG='{"max_tokens":200,"ignore_eos":true}'
 complete "$VLLM" direct-summarizer "$LONG" >/dev/null
 d_long=$(json_get "$WORK/last.json" 'json.dumps(d["choices"][0]["text"])' 2>/dev/null || echo "direct failed")
-fwd_status="no session of this node found" fwd_secs=0 runs=0 p_long="" i=none
+session=none fwd_status="no session of this node found" fwd_secs=0 runs=0 fwd=0 p_long=""
 for i in $(seq 0 40); do
-  # Until the entry has seen this node healthy it serves every key itself: ask again.
-  f0=$(forwards) r0=$(vllm_requests "$VLLM")
-  t=$(date +%s.%N)
-  body=$("$PY" -c 'import json,sys; d={"model":"acme/summarizer-lora","prompt":sys.argv[1],"temperature":0}; d.update(json.loads(sys.argv[2])); print(json.dumps(d))' "$PROMPT" "$LONG")
-  fwd_status=$(curl -s -o "$WORK/last.json" -w '%{http_code}' -H 'content-type: application/json' \
-    -H "X-Session-ID: e2e-$i" -d "$body" "$LP2/v1/completions" || true)
-  fwd_secs=$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+  # A session this node owns: the quick request is forwarded. (Until the entry has seen this
+  # node healthy it serves every key itself: ask again.)
+  f0=$(forwards)
+  via_entry "e2e-$i" '{"max_tokens":1}' >/dev/null
   if [ "$(forwards)" -gt "$f0" ]; then
-    runs=$(($(vllm_requests "$VLLM") - r0))
+    session=e2e-$i f0=$(forwards) r0=$(vllm_requests "$VLLM")
+    t=$(date +%s.%N)
+    fwd_status=$(via_entry "$session" "$LONG")
+    fwd_secs=$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+    runs=$(($(vllm_requests "$VLLM") - r0)) fwd=$(($(forwards) - f0))
     p_long=$(json_get "$WORK/last.json" 'json.dumps(d["choices"][0]["text"])' 2>/dev/null || echo "unparsable")
     break
   fi
   sleep 0.2
 done
-if [ "$fwd_status" = 200 ] && [ "$runs" = 1 ] && [ "$p_long" = "$d_long" ] &&
+if [ "$fwd_status" = 200 ] && [ "$fwd" = 1 ] && [ "$runs" = 1 ] && [ "$p_long" = "$d_long" ] &&
   awk -v s="$fwd_secs" 'BEGIN { exit !(s > 0.15) }'; then
-  record "i. forward via a peer" PASS "session e2e-$i forwarded, run once by this node's vLLM, in ${fwd_secs}s (forward_timeout 150 ms); output == direct"
+  record "i. forward via a peer" PASS "session $session forwarded, run once by this node's vLLM, in ${fwd_secs}s (forward_timeout 150 ms); output == direct"
 else
-  record "i. forward via a peer" FAIL "session e2e-$i: status $fwd_status in ${fwd_secs}s, vLLM runs $runs, output $p_long vs direct $d_long; $(head -c 200 "$WORK/last.json")"
+  record "i. forward via a peer" FAIL "session $session: status $fwd_status in ${fwd_secs}s, forwarded $fwd, vLLM runs $runs, output $p_long vs direct $d_long; $(head -c 200 "$WORK/last.json")"
 fi
 
 # --- 7. two base models behind one loraplex: a second vLLM, checks j-n (scripts/vllm/two-pools.sh)
