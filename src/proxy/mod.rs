@@ -250,13 +250,9 @@ async fn pipeline(
     //    base model with `model` rewritten.
     let mut body = body;
     let mut extra: &[(&str, &[u8])] = &[];
-    if adapter.as_ref().is_some_and(|a| !shared.store.contains(a)) {
-        // A download ahead: a peer's acknowledgement held back goes now.
-        conn.release_ack();
-    }
     let _pin = match &adapter {
         None => None,
-        Some(name) => match ensure_in_time(w, name, span).await {
+        Some(name) => match ensure_in_time(w, conn, name, span).await {
             Ok(ensured) => {
                 if ensured.fetched {
                     tier = Tier::Origin;
@@ -297,9 +293,23 @@ async fn pipeline(
 /// The adapter on disk and pinned, waiting at most `storage.fetch_wait_timeout` for its
 /// download: past that, a 504 (or the fallback). The download itself goes on, for the requests
 /// after this one: it belongs to no request, and the transfer layer stops it if it crawls
-/// (`origins[].min_rate`).
-async fn ensure_in_time(w: &Proxy, name: &AdapterName, span: &mut Span) -> Result<Ensured, Error> {
+/// (`origins[].min_rate`). Before any wait, a peer's acknowledgement held back on `conn` is sent
+/// (`Conn::acknowledge`).
+async fn ensure_in_time(
+    w: &Proxy,
+    conn: &Conn,
+    name: &AdapterName,
+    span: &mut Span,
+) -> Result<Ensured, Error> {
     let store = &w.shared.store;
+    if let Some(pin) = store.pin(name) {
+        return Ok(Ensured {
+            pin,
+            fetched: false,
+        });
+    }
+    // A download or a wait ahead: a peer's acknowledgement held back goes now.
+    conn.release_ack();
     let Some(limit) = w.shared.config.storage.fetch_wait_timeout else {
         return store.ensure_traced(name, span).await;
     };
