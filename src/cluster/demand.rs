@@ -6,9 +6,10 @@
 //! shared with another core, no lock, no allocation). A key takes a way of its set when one is
 //! free or idle for two ticks; the first bytes of its name are kept beside it (for the metric
 //! labels of the top keys), and the pool its requests need (the base model's `pool_hash`; 0:
-//! any), so that a hot key's replicas are sized on the nodes that serve it. A key that finds every way busy is counted as untracked. The
-//! control plane ([`DemandReader`]) reads every table each tick, turns the differences into
-//! rates and keeps an exponential moving average per key (α = [`EMA_ALPHA`]).
+//! any), so that a hot key's replicas are sized on the nodes that serve it. A key that finds
+//! every way busy is counted as untracked. The control plane ([`DemandReader`]) reads every
+//! table each tick, turns the differences into rates and keeps an exponential moving average
+//! per key (α = [`EMA_ALPHA`]).
 
 use std::{
     collections::HashMap,

@@ -457,7 +457,8 @@ impl ClusterState {
     fn size_replicas(&self, inner: &mut Inner) {
         let topo = self.router.topology();
         let view = self.view_of(inner);
-        // Nodes that can take a key's requests: up, with a backend up for its pool.
+        // Nodes that can take a key's requests: up, with a backend up for its pool (counted
+        // once per pool below).
         let usable = |pool: u64| {
             (0..topo.peers.len())
                 .filter(|&i| {
@@ -493,10 +494,12 @@ impl ClusterState {
                 }
             }
         }
+        let mut usable_in: HashMap<u64, usize> = HashMap::new();
         let mut next = HashMap::new();
         for (&hash, &rate) in &rates {
             let (k, below) = inner.replicas.get(&hash).copied().unwrap_or((1, 0));
             let pool = pools[&hash];
+            let usable = *usable_in.entry(pool).or_insert_with(|| usable(pool));
             let want = match cap {
                 Some(c) => (rate / (TARGET_SHARE * c)).ceil().max(1.0) as usize,
                 None if rate >= MIN_HOT_RATE && replicas_queue(&topo, &view, hash, pool, k) => {
@@ -505,7 +508,7 @@ impl ClusterState {
                 None if rate < MIN_HOT_RATE => 1,
                 None => usize::from(k),
             }
-            .clamp(1, usable(pool).min(usize::from(u8::MAX))) as u8;
+            .clamp(1, usable.min(usize::from(u8::MAX))) as u8;
             // Up at once; down after the cooldown.
             let entry = if want >= k || below + 1 >= COOLDOWN_TICKS {
                 (want, 0)
