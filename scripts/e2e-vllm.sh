@@ -53,13 +53,15 @@ record() { # CHECK PASS|FAIL DETAIL
   if [ "$2" != PASS ]; then FAILED=1; fi
 }
 
-# POST a greedy completion of $PROMPT to $1 for model $2 (extra JSON fields in $3); the body
-# goes to $WORK/last.json, the status to stdout.
+# POST a greedy completion of $PROMPT to $1 for model $2 (extra JSON fields in $3, one more
+# header in $4); the body goes to $WORK/last.json, the status to stdout.
 complete() {
-  local body extra=${3:-}
+  local body extra=${3:-} header=()
   [ -n "$extra" ] || extra='{}'
+  [ -z "${4:-}" ] || header=(-H "$4")
   body=$("$PY" -c 'import json,sys; d={"model":sys.argv[1],"prompt":sys.argv[2],"max_tokens":16,"temperature":0}; d.update(json.loads(sys.argv[3])); print(json.dumps(d))' "$2" "$PROMPT" "$extra")
-  curl -s -o "$WORK/last.json" -w '%{http_code}' -H 'content-type: application/json' -d "$body" "$1/v1/completions" || true
+  curl -s -o "$WORK/last.json" -w '%{http_code}' -H 'content-type: application/json' "${header[@]}" \
+    -d "$body" "$1/v1/completions" || true
 }
 
 # The completion text of model $2 at $1, JSON-quoted on one line; "ERROR <status> <body>" otherwise.
@@ -381,12 +383,7 @@ EOF
 start loraplex-entry "$REPO/target/release/loraplex" --config "$WORK/loraplex-entry.yaml"
 wait_http "$LP2/readyz" 30 "${PIDS[-1]}"
 forwards() { curl -s "$LP2/metrics" | awk '/^loraplex_peer_forwards_total/ { s += $NF } END { print s + 0 }'; }
-via_entry() { # SESSION EXTRA_JSON: the status to stdout, the body to $WORK/last.json
-  local body
-  body=$("$PY" -c 'import json,sys; d={"model":"acme/summarizer-lora","prompt":sys.argv[1],"temperature":0}; d.update(json.loads(sys.argv[2])); print(json.dumps(d))' "$PROMPT" "$2")
-  curl -s -o "$WORK/last.json" -w '%{http_code}' -H 'content-type: application/json' \
-    -H "X-Session-ID: $1" -d "$body" "$LP2/v1/completions" || true
-}
+via_entry() { complete "$LP2" acme/summarizer-lora "$2" "X-Session-ID: $1"; } # SESSION EXTRA_JSON
 LONG='{"max_tokens":200,"ignore_eos":true}'
 complete "$VLLM" direct-summarizer "$LONG" >/dev/null
 d_long=$(json_get "$WORK/last.json" 'json.dumps(d["choices"][0]["text"])' 2>/dev/null || echo "direct failed")
