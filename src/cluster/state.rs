@@ -136,6 +136,8 @@ struct Inner {
     replicas: HashMap<u64, (u8, u32)>,
     table: ReplicaTable,
     top: Vec<KeyRate>,
+    /// The keys whose `loraplex_key_*` series are published.
+    labelled: Vec<String>,
 }
 
 /// Gives the xxh3 of every adapter name the node stores.
@@ -186,6 +188,7 @@ impl ClusterState {
                 replicas: HashMap::new(),
                 table: ReplicaTable::default(),
                 top: Vec::new(),
+                labelled: Vec::new(),
             }),
             demand,
             recent: Mutex::new(vec![Vec::new(); backends]),
@@ -427,15 +430,15 @@ impl ClusterState {
         }
         self.size_replicas(&mut inner);
         self.install(&inner);
-        self.publish_metrics(&inner);
+        self.publish_metrics(&mut inner);
     }
 
     /// `loraplex_key_replicas` and `loraplex_key_request_rate` of the top keys (others
     /// removed), `loraplex_vllm_gpu_adapters`.
-    fn publish_metrics(&self, inner: &Inner) {
+    fn publish_metrics(&self, inner: &mut Inner) {
         let m = &self.metrics;
-        m.key_replicas.clear();
-        m.key_request_rate.clear();
+        // Set the top keys' series, then remove those of keys no longer on top: a scrape in
+        // between never finds a top key's series missing, as it could after a clear.
         for k in &inner.top {
             let label = KeyLabel {
                 key: k.name.clone(),
@@ -445,6 +448,16 @@ impl ClusterState {
                 .set(inner.table.get(k.hash) as i64);
             m.key_request_rate.get_or_create(&label).set(k.rate);
         }
+        for gone in inner
+            .labelled
+            .iter()
+            .filter(|n| !inner.top.iter().any(|k| &k.name == *n))
+        {
+            let label = KeyLabel { key: gone.clone() };
+            m.key_replicas.remove(&label);
+            m.key_request_rate.remove(&label);
+        }
+        inner.labelled = inner.top.iter().map(|k| k.name.clone()).collect();
         let reports: Vec<_> = (0..inner.local.len())
             .filter_map(|b| self.local_report(inner, b))
             .collect();

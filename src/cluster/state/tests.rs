@@ -336,3 +336,28 @@ fn without_learnt_capacity_a_key_is_sized_on_the_nodes_of_its_pool() {
     set(0.0, 5.0);
     assert_eq!(run(6), 2, "m2's two nodes queue: both, no more");
 }
+
+/// A top key's `loraplex_key_*` series stay from tick to tick, and go once the key fades out.
+#[test]
+fn a_key_series_stays_while_the_key_is_on_top_and_goes_when_it_fades() {
+    let (_, s) = state(1);
+    let table = s.demand.table();
+    let label = KeyLabel { key: "hot".into() };
+    let tick = || {
+        s.lock().last_tick = Instant::now() - Duration::from_secs(1);
+        s.tick();
+    };
+    for _ in 0..3 {
+        for _ in 0..20 {
+            table.count(xxh3_64(b"hot"), 0, "hot");
+        }
+        tick();
+        assert!(s.metrics.key_replicas.get(&label).is_some());
+        assert!(s.metrics.key_request_rate.get(&label).is_some());
+    }
+    for _ in 0..40 {
+        tick();
+    }
+    assert!(s.metrics.key_replicas.get(&label).is_none(), "faded out");
+    assert!(s.metrics.key_request_rate.get(&label).is_none());
+}
