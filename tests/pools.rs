@@ -419,6 +419,54 @@ async fn a_warm_up_with_load_goes_to_a_node_of_the_adapters_pool(driver: Driver)
     assert_eq!(loads, [1, 1, 0, 0], "into A's own M1 backends");
 }
 
+/// A warm-up sent on goes where the adapter's requests go: with the first node of its pool
+/// down, to the next node of its order that serves its base model (A: M1 only; B and C: M1 and
+/// M2), not to the dead one, which would fail it.
+async fn a_warm_up_sent_on_skips_a_down_node_of_the_pool(driver: Driver) {
+    let origin = three_adapters();
+    let spec = Spec {
+        backends: Some(&backends),
+        origin: Some(&origin),
+        ..Spec::new(3)
+    };
+    let mut c = Cluster::start(driver, spec).await;
+    for i in 0..3 {
+        c.node(i).wait_ready().await;
+    }
+    c.wait_until_all_see_each_other(&[]).await;
+    let name = "acme/two-lora";
+    let pool: Vec<usize> = c.order_of(name).into_iter().filter(|&i| i != A).collect();
+    let (owner, next) = (pool[0], pool[1]);
+    c.kill(owner);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let peers = c.admin_peers(c.node(A)).await;
+        let dead = &peers["peers"][owner];
+        if dead["addr"] == c.peers[owner].as_str() && dead["healthy"] == false {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never saw it down: {peers}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let warm = format!(r#"{{"adapters":["{name}"],"load":true}}"#);
+    let r = request(c.node(A).addr, "POST", "/admin/cache/warmup", &warm).await;
+    assert_eq!(r.status, 200, "{}", body(&r));
+    let answer = r.json();
+    let result = &answer["results"][0];
+    assert_eq!(result["node"], c.peers[next].as_str(), "{answer}");
+    assert_eq!(
+        (&result["status"], &result["loaded"]),
+        (&"ok".into(), &true.into()),
+        "{answer}"
+    );
+    assert!(c.stores(next, name));
+    assert_eq!(c.backend(next, 1).loads(name), 1);
+}
+
 /// `storage.preload` under `hash_on: model` with two pools: each adapter of M2 is preloaded by
 /// the node its requests go to, the first node of its name's order serving M2 (here always B),
 /// also when its owner by name is A, which serves no M2 and would skip it.
@@ -461,4 +509,5 @@ on_both_drivers!(
     a_preloaded_adapter_goes_to_the_node_of_its_pool,
     only_served_names_are_listed_as_served,
     a_warm_up_with_load_goes_to_a_node_of_the_adapters_pool,
+    a_warm_up_sent_on_skips_a_down_node_of_the_pool,
 );

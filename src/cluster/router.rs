@@ -384,6 +384,28 @@ impl Router {
         Self::pool_first(&topo, view, key, pool).map(|i| topo.peers[i].addr.clone())
     }
 
+    /// Where `key`'s requests for `pool` go while its owner there is down: the first usable
+    /// node of the key's order among those serving the pool (the owner when none is usable);
+    /// `None` as for [`pool_owner`](Self::pool_owner). What a warm-up sent on aims at.
+    pub fn pool_target(&self, key: &[u8], pool: u64) -> Option<String> {
+        let (topo, view) = (self.topology(), self.view());
+        let view = Self::valid(&topo, &view)?;
+        let mut order = [0u16; MAX_TOP];
+        let n = Self::key_order(
+            &topo,
+            Some(view),
+            xxhash_rust::xxh3::xxh3_64(key),
+            pool,
+            &mut order,
+        );
+        let order = order[..n].iter().map(|&i| usize::from(i));
+        let mut usable = order
+            .clone()
+            .filter(|&i| Self::usable(&topo, Some(view), i, pool));
+        let i = usable.next().or_else(|| order.clone().next())?;
+        Some(topo.peers[i].addr.clone())
+    }
+
     /// The first node of `key`'s order among those serving `pool` (0: any).
     fn pool_first(topo: &Topology, view: &View, key: u64, pool: u64) -> Option<usize> {
         if pool == 0 {

@@ -181,12 +181,14 @@ async fn bases_first(
                     continue;
                 }
                 Serving::Elsewhere if load => {
-                    // Not to this node, whose view may still list a vLLM it no longer has.
+                    // Where its requests go (the pool's owner, or the next node while that
+                    // one is down); not to this node, whose view may still list a vLLM it no
+                    // longer has.
                     let router = &w.shared.router;
                     let topo = router.topology();
                     let me = &topo.peers[topo.me].addr;
                     let node = forwards
-                        .then(|| router.pool_owner(raw.as_bytes(), pool_hash(&base)))
+                        .then(|| router.pool_target(raw.as_bytes(), pool_hash(&base)))
                         .flatten()
                         .filter(|node| node != me);
                     let to = match node {
