@@ -398,12 +398,12 @@ impl Router {
             pool,
             &mut order,
         );
-        let order = order[..n].iter().map(|&i| usize::from(i));
-        let mut usable = order
-            .clone()
-            .filter(|&i| Self::usable(&topo, Some(view), i, pool));
-        let i = usable.next().or_else(|| order.clone().next())?;
-        Some(topo.peers[i].addr.clone())
+        let order = &order[..n];
+        let i = order
+            .iter()
+            .find(|&&i| Self::usable(&topo, Some(view), usize::from(i), pool))
+            .or(order.first())?;
+        Some(topo.peers[usize::from(*i)].addr.clone())
     }
 
     /// The first node of `key`'s order among those serving `pool` (0: any).
