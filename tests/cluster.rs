@@ -624,6 +624,45 @@ async fn a_forward_longer_than_the_forward_timeout_is_not_cut(driver: Driver) {
     assert_eq!(runs, 1, "sent to the owner once");
 }
 
+/// The owner of a forwarded request with a large body lets its held-back acknowledgement go
+/// before writing the body to its vLLM: a vLLM slow to read it (the owner's write blocks once
+/// the socket buffers are full) does not make the entry node time out and send the request
+/// elsewhere meanwhile.
+async fn a_forward_whose_large_body_vllm_reads_slowly_is_not_sent_elsewhere(driver: Driver) {
+    let c = cluster(
+        driver,
+        &format!("routing:\n  {SESSION}\n  forward_timeout: 180ms\n"),
+    )
+    .await;
+    let session = c.key_owned_by(1, "large");
+    let mut raw = Raw::connect(c.node(0).addr).await;
+    // A quick answer first, on the same connection: the next request takes the connections it
+    // opened (no fresh connect, which lets the acknowledgement go by itself).
+    raw.send(&post(
+        "/v1/chat/completions",
+        &format!(r#"{{"model":"{BASE}","messages":[]}}"#),
+        &format!("X-Session-ID: {session}\r\n"),
+    ))
+    .await;
+    assert_eq!(raw.response(false).await.status, 200);
+    c.vllms[1].delay_body_reads(Duration::from_millis(800));
+    let before = c.served();
+    // 4 MiB: more than the loopback socket buffers take while nobody reads (and small enough
+    // to be read and parsed well within the forward timeout in a debug build).
+    let filler = "x".repeat(4 << 20);
+    raw.send(&post(
+        "/v1/chat/completions",
+        &format!(r#"{{"model":"{BASE}","messages":[],"user":"{filler}"}}"#),
+        &format!("X-Session-ID: {session}\r\n"),
+    ))
+    .await;
+    let r = raw.response(false).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let after = c.served();
+    let by: Vec<u64> = (0..3).map(|i| after[i] - before[i]).collect();
+    assert_eq!(by, vec![0, 1, 0], "run once, by the owner's vLLM");
+}
+
 /// The owner of an adapter it must download first lets its held-back acknowledgement go before
 /// the download: a download slower than `routing.forward_timeout` (and than the kernel's own
 /// timer for held bytes) does not send the request elsewhere meanwhile.
@@ -665,4 +704,5 @@ on_both_drivers!(
     an_update_comes_from_the_origin_not_a_peers_old_copy,
     a_forward_longer_than_the_forward_timeout_is_not_cut,
     a_forward_waiting_for_a_download_is_not_sent_elsewhere,
+    a_forward_whose_large_body_vllm_reads_slowly_is_not_sent_elsewhere,
 );

@@ -64,6 +64,8 @@ pub struct ServerStats {
     keep_heads: usize,
     heads: Mutex<VecDeque<RequestHead>>,
     cancelled_targets: Mutex<Vec<String>>,
+    /// Milliseconds to wait after a request's head before reading its body.
+    body_delay_ms: AtomicU64,
 }
 
 impl ServerStats {
@@ -75,7 +77,15 @@ impl ServerStats {
             keep_heads,
             heads: Mutex::new(VecDeque::new()),
             cancelled_targets: Mutex::new(Vec::new()),
+            body_delay_ms: AtomicU64::new(0),
         }
+    }
+
+    /// From now on, wait `delay` after each request's head before reading its body (a busy
+    /// server: a large body fills the socket buffers and its sender's write blocks meanwhile).
+    pub fn delay_body_reads(&self, delay: Duration) {
+        self.body_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// TCP connections accepted (keep-alive reuse shows as fewer connections than requests).
@@ -259,7 +269,8 @@ async fn serve_connection(
             }
         }
         answered = true;
-        let req = match read_request(&mut rd, &mut wr, &mut buf).await {
+        let body_delay = Duration::from_millis(stats.body_delay_ms.load(Ordering::SeqCst));
+        let req = match read_request(&mut rd, &mut wr, &mut buf, body_delay).await {
             Ok(ReadOutcome::Request(req)) => req,
             Ok(ReadOutcome::Closed) | Err(_) => return,
             Ok(ReadOutcome::Bad(status, why)) => {

@@ -292,6 +292,11 @@ impl VllmStandIn {
         self.state.healthy.store(healthy, Ordering::SeqCst);
     }
 
+    /// From now on, read each request's body `delay` after its head (a busy server).
+    pub fn delay_body_reads(&self, delay: Duration) {
+        self.server.stats().delay_body_reads(delay);
+    }
+
     /// The next `n` `GET /health` requests get no answer: the connection closes once each is
     /// read (a busy or restarting server's cut connection).
     pub fn hang_up_health(&self, n: u64) {

@@ -5,6 +5,8 @@
 //! Deliberately independent of `crate::http` (the proxy's own codec): a stand-in that parsed
 //! with the code under test could not catch its bugs.
 
+use std::time::Duration;
+
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -108,10 +110,12 @@ enum Framing {
 }
 
 /// Read the next request. `buf` holds bytes already read (pipelining) and keeps the excess.
+/// The body is read `body_delay` after the head.
 pub(crate) async fn read_request(
     rd: &mut OwnedReadHalf,
     wr: &mut OwnedWriteHalf,
     buf: &mut BytesMut,
+    body_delay: Duration,
 ) -> std::io::Result<ReadOutcome> {
     let (head, head_len) = loop {
         match parse_head(buf) {
@@ -140,6 +144,9 @@ pub(crate) async fn read_request(
         wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
     }
 
+    if expects_body && !body_delay.is_zero() {
+        tokio::time::sleep(body_delay).await;
+    }
     let (body, chunked, body_chunks) = match framing {
         Framing::Length(len) => {
             let len = len as usize;
