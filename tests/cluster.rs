@@ -581,22 +581,18 @@ async fn an_evict_reaches_every_peer(driver: Driver) {
     }
 }
 
-/// `routing.forward_timeout` bounds connect + acknowledgement, never the generation: an answer
-/// that takes ten times as long on the owner arrives, from the owner only, run once. The owner
-/// holds its acknowledgement back to send it with the answer's head; the timeout is below the
-/// kernel's own timer for held bytes (never sooner than 200 ms, Linux's least retransmission
-/// timeout; 208 ms measured here), so this also shows that the owner lets it go when the answer
-/// is slow to come; 180 ms leaves the acknowledgement, sent after 5 ms, room on a busy machine.
-async fn a_forward_longer_than_the_forward_timeout_is_not_cut(driver: Driver) {
+/// Three nodes with `routing.forward_timeout: 180ms`, a session key (`prefix-N`) owned by node 1,
+/// and a client connection to node 0 that has had one quick answer for it: the next request
+/// on it takes the connections that one opened (no fresh connect, which would let the owner's
+/// held-back acknowledgement go by itself).
+async fn held_ack_cluster(driver: Driver, prefix: &str) -> (Cluster, String, Raw) {
     let c = cluster(
         driver,
         &format!("routing:\n  {SESSION}\n  forward_timeout: 180ms\n"),
     )
     .await;
-    let session = c.key_owned_by(1, "long");
+    let session = c.key_owned_by(1, prefix);
     let mut raw = Raw::connect(c.node(0).addr).await;
-    // A quick answer first, on the same connection: the next request takes the connections it
-    // opened (no fresh connect, which would let the acknowledgement go by itself).
     raw.send(&post(
         "/v1/chat/completions",
         &format!(r#"{{"model":"{BASE}","messages":[]}}"#),
@@ -604,6 +600,17 @@ async fn a_forward_longer_than_the_forward_timeout_is_not_cut(driver: Driver) {
     ))
     .await;
     assert_eq!(raw.response(false).await.status, 200);
+    (c, session, raw)
+}
+
+/// `routing.forward_timeout` bounds connect + acknowledgement, never the generation: an answer
+/// that takes ten times as long on the owner arrives, from the owner only, run once. The owner
+/// holds its acknowledgement back to send it with the answer's head; the timeout is below the
+/// kernel's own timer for held bytes (never sooner than 200 ms, Linux's least retransmission
+/// timeout; 208 ms measured here), so this also shows that the owner lets it go when the answer
+/// is slow to come; 180 ms leaves the acknowledgement, sent after 5 ms, room on a busy machine.
+async fn a_forward_longer_than_the_forward_timeout_is_not_cut(driver: Driver) {
+    let (c, session, mut raw) = held_ack_cluster(driver, "long").await;
     let started = Instant::now();
     raw.send(&post(
         "/v1/chat/completions",
@@ -629,22 +636,7 @@ async fn a_forward_longer_than_the_forward_timeout_is_not_cut(driver: Driver) {
 /// the socket buffers are full) does not make the entry node time out and send the request
 /// elsewhere meanwhile.
 async fn a_forward_whose_large_body_vllm_reads_slowly_is_not_sent_elsewhere(driver: Driver) {
-    let c = cluster(
-        driver,
-        &format!("routing:\n  {SESSION}\n  forward_timeout: 180ms\n"),
-    )
-    .await;
-    let session = c.key_owned_by(1, "large");
-    let mut raw = Raw::connect(c.node(0).addr).await;
-    // A quick answer first, on the same connection: the next request takes the connections it
-    // opened (no fresh connect, which lets the acknowledgement go by itself).
-    raw.send(&post(
-        "/v1/chat/completions",
-        &format!(r#"{{"model":"{BASE}","messages":[]}}"#),
-        &format!("X-Session-ID: {session}\r\n"),
-    ))
-    .await;
-    assert_eq!(raw.response(false).await.status, 200);
+    let (c, session, mut raw) = held_ack_cluster(driver, "large").await;
     c.vllms[1].delay_body_reads(Duration::from_millis(800));
     let before = c.served();
     // 4 MiB: more than the loopback socket buffers take while nobody reads (and small enough
