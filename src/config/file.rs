@@ -326,9 +326,13 @@ pub struct FileAdmin {
 
 /// Expand `${VAR}`s with `env`, then parse. Returns the file and the keys it has that
 /// loraplex does not know (as `routing.hash_onn`, `origins[1].bukket`).
+///
+/// `env` is a trait object, not a generic: the deserializers below are instantiated for the
+/// closures defined here, so a generic `env` compiled every struct's YAML reader once per caller
+/// (a sixth of the crate's LLVM code; docs/build.md).
 pub fn parse(
     text: &str,
-    env: impl Fn(&str) -> Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(FileConfig, Vec<String>), ConfigError> {
     let text = env::expand(text, env);
     // An empty file (or one of comments only) is an empty config, as in Go.
