@@ -392,7 +392,7 @@ mod tests {
         let (f, unknown) = parse(
             "listen: \":9090\"\ninvalidation: {ttl: 0}\nrouting:\n  overflow_threshold: 0.8\n  \
              fallback_to_base_model: true\n  vnodes_per_peer: \"150\"\n",
-            no_env,
+            &no_env,
         )
         .unwrap();
         assert!(unknown.is_empty());
@@ -413,7 +413,7 @@ mod tests {
             "~\n",
             "storage:\norigins:\n",
         ] {
-            let (f, unknown) = parse(text, no_env).unwrap();
+            let (f, unknown) = parse(text, &no_env).unwrap();
             assert!(unknown.is_empty(), "{text:?}");
             assert_eq!(f.storage.unwrap_or_default(), FileStorage::default());
             assert!(f.origins.unwrap_or_default().is_empty());
@@ -425,7 +425,7 @@ mod tests {
         let (_, mut unknown) = parse(
             "listn: x\nrouting:\n  hash_onn: model\norigins:\n  - type: s3\n  - bukket: b\n    \
              type: s3\ndiscovery:\n  static:\n    peers: []\n    extra: {a: 1}\n",
-            no_env,
+            &no_env,
         )
         .unwrap();
         unknown.sort();
@@ -442,16 +442,16 @@ mod tests {
 
     #[test]
     fn wrong_shapes_name_the_key() {
-        let e = parse("routing: [1, 2]\n", no_env).unwrap_err().to_string();
+        let e = parse("routing: [1, 2]\n", &no_env).unwrap_err().to_string();
         assert!(e.starts_with("routing: invalid type: sequence"), "{e}");
-        let e = parse("origins:\n  - type: [s3]\n", no_env)
+        let e = parse("origins:\n  - type: [s3]\n", &no_env)
             .unwrap_err()
             .to_string();
         assert!(
             e.starts_with("origins[0].type: invalid type: sequence"),
             "{e}"
         );
-        let e = parse("discovery:\n  static:\n    peers: a\n", no_env)
+        let e = parse("discovery:\n  static:\n    peers: a\n", &no_env)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("discovery.static.peers: invalid type"), "{e}");
@@ -459,18 +459,18 @@ mod tests {
 
     #[test]
     fn syntax_errors_say_where() {
-        let e = parse("{{{invalid", no_env).unwrap_err();
+        let e = parse("{{{invalid", &no_env).unwrap_err();
         assert!(matches!(e, ConfigError::Syntax(_)), "{e}");
-        let e = parse("a: b\n c: d\n:", no_env).unwrap_err().to_string();
+        let e = parse("a: b\n c: d\n:", &no_env).unwrap_err().to_string();
         assert!(e.contains("line"), "{e}");
-        let e = parse("- 1\n- 2\n", no_env).unwrap_err().to_string();
+        let e = parse("- 1\n- 2\n", &no_env).unwrap_err().to_string();
         assert!(e.contains("sequence"), "{e}");
     }
 
     #[test]
     fn env_is_expanded_before_parsing() {
         let env = |k: &str| (k == "PORT").then(|| "7070".to_string());
-        let (f, _) = parse("listen: \":${PORT}\"\nvllm_url: $UNSET\n", env).unwrap();
+        let (f, _) = parse("listen: \":${PORT}\"\nvllm_url: $UNSET\n", &env).unwrap();
         assert_eq!(f.listen, Some(Scalar::from(":7070")));
         assert_eq!(f.vllm_url, None);
     }
