@@ -15,6 +15,7 @@ use common::{
     cluster::{Cluster, Spec},
     s3::{S3Server, credentials},
     store::request,
+    until,
 };
 use loraplex::{
     adapter::AdapterName,
@@ -438,19 +439,12 @@ async fn a_warm_up_sent_on_skips_a_down_node_of_the_pool(driver: Driver) {
     let pool: Vec<usize> = c.order_of(name).into_iter().filter(|&i| i != A).collect();
     let (owner, next) = (pool[0], pool[1]);
     c.kill(owner);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    until("A to see the pool's owner down", 30, || async {
         let peers = c.admin_peers(c.node(A)).await;
         let dead = &peers["peers"][owner];
-        if dead["addr"] == c.peers[owner].as_str() && dead["healthy"] == false {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "A never saw it down: {peers}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        dead["addr"] == c.peers[owner].as_str() && dead["healthy"] == false
+    })
+    .await;
 
     let warm = format!(r#"{{"adapters":["{name}"],"load":true}}"#);
     let r = request(c.node(A).addr, "POST", "/admin/cache/warmup", &warm).await;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{
     Driver, Raw,
     cluster::{BASE, Cluster, Spec},
-    post,
+    post, until,
 };
 use loraplex::testkit::{
     adapters::AdapterSpec,
@@ -35,19 +35,6 @@ fn origin_with(names: &[&str]) -> OriginStandIn {
         o.put_adapter(n, &AdapterSpec::new(BASE, 4096, i as u64));
     }
     o
-}
-
-/// Poll `cond` (async) every 50 ms for up to `secs`.
-async fn until<F, Fut>(what: &str, secs: u64, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn served(c: &Cluster, model: &str) -> Vec<u64> {

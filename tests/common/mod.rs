@@ -23,6 +23,19 @@ use tokio::{
     net::TcpStream,
 };
 
+/// Poll `cond` (async) every 50 ms for up to `secs`.
+pub async fn until<F, Fut>(what: &str, secs: u64, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A running loraplex process.
 pub struct Node {
     pub child: Child,
