@@ -18,8 +18,6 @@ use criterion::{
 use loraplex::cluster::placement::Placement;
 use xxhash_rust::xxh3::xxh3_64;
 
-const SIZES: [usize; 3] = [3, 64, 256];
-
 /// Criterion measurement: CPU time of the calling thread, in nanoseconds.
 struct ThreadCpuTime;
 
@@ -161,13 +159,48 @@ fn peak_to_mean(load: &[usize]) -> f64 {
     *load.iter().max().unwrap() as f64 / (total as f64 / load.len() as f64)
 }
 
+/// What a run covers: the full figures under `cargo bench`; under `cargo test --all-targets` a
+/// smoke run of the same code, smaller (the full one took 79 s of CI in a debug build, where
+/// building a 256-peer table takes 2.4 s).
+struct Scale {
+    /// Peer counts.
+    sizes: &'static [usize],
+    /// Keys for moved-keys and peak-to-mean.
+    sample: usize,
+    /// Keys for the table's own imbalance.
+    large: u64,
+    /// Timed table builds (the median is printed).
+    builds: usize,
+}
+
+impl Scale {
+    /// `cargo bench` passes `--bench`; `cargo test` does not.
+    fn from_args() -> Scale {
+        if std::env::args().any(|a| a == "--bench") {
+            Scale {
+                sizes: &[3, 64, 256],
+                sample: 1_000_000,
+                large: 16_000_000,
+                builds: 5,
+            }
+        } else {
+            Scale {
+                sizes: &[3, 16],
+                sample: 10_000,
+                large: 100_000,
+                builds: 1,
+            }
+        }
+    }
+}
+
 /// Computed once, not timed by criterion.
-fn quality() {
-    let keys = make_keys(1_000_000, 0);
+fn quality(scale: &Scale) {
+    let keys = make_keys(scale.sample, 0);
     println!("placement quality over {} random keys", keys.len());
-    for n in SIZES {
+    for &n in scale.sizes {
         let peers = addrs(n, 0);
-        let mut builds: Vec<f64> = (0..5)
+        let mut builds: Vec<f64> = (0..scale.builds)
             .map(|_| {
                 let t = Instant::now();
                 black_box(Placement::build(&peers));
@@ -193,9 +226,10 @@ fn quality() {
             ideal[(xxh3_64(k.as_bytes()) % n as u64) as usize] += 1;
         }
         println!(
-            "  peers={n:>3}  build={:.1} ms (median of 5), table {:.2} MiB  remove middle: moved {:.4} = {:.3}/N  \
+            "  peers={n:>3}  build={:.1} ms (median of {}), table {:.2} MiB  remove middle: moved {:.4} = {:.3}/N  \
              add: moved {:.4} = {:.3}/(N+1)  peak-to-mean {:.4} (ideal for these keys {:.4})",
-            builds[2],
+            builds[builds.len() / 2],
+            builds.len(),
             full.table_bytes() as f64 / (1 << 20) as f64,
             removed,
             removed * n as f64,
@@ -207,46 +241,49 @@ fn quality() {
     }
     // With 16M keys the sampling noise is 4x smaller, so what remains is the table's own
     // imbalance. Keys are 8 random bytes here (no string building).
-    for n in SIZES {
+    let large = scale.large;
+    for &n in scale.sizes {
         let full = Placement::build(&addrs(n, 0));
         let mut load = vec![0usize; n];
-        for i in 0..16_000_000u64 {
+        for i in 0..large {
             load[full.owner(&splitmix(i ^ 0xabcd).to_le_bytes()).unwrap()] += 1;
         }
-        let mean = 16e6 / n as f64;
+        let mean = large as f64 / n as f64;
         let sd = (load
             .iter()
             .map(|&l| (l as f64 / mean - 1.0).powi(2))
             .sum::<f64>()
             / n as f64)
             .sqrt();
-        let noise = (n as f64 / 16e6).sqrt();
+        let noise = (n as f64 / large as f64).sqrt();
         println!(
-            "  peers={n:>3}  16M keys: peak-to-mean {:.4}, load sd {:.2}% (key noise alone {:.2}%)",
+            "  peers={n:>3}  {large} keys: peak-to-mean {:.4}, load sd {:.2}% (key noise alone {:.2}%)",
             peak_to_mean(&load),
             sd * 100.0,
             noise * 100.0
         );
     }
-    // Peak-to-mean over more key sets at 256 peers: how much is luck of the draw.
-    let full = Placement::build(&addrs(256, 0));
+    // Peak-to-mean over more key sets at the most peers (256): how much is luck of the draw.
+    let sample = scale.sample;
+    let n = *scale.sizes.last().unwrap();
+    let full = Placement::build(&addrs(n, 0));
     let (mut ours, mut ideal) = (Vec::new(), Vec::new());
     for seed in 1..=5u64 {
-        let (mut load, mut base) = (vec![0usize; 256], vec![0usize; 256]);
-        for k in make_keys(1_000_000, seed << 40) {
+        let (mut load, mut base) = (vec![0usize; n], vec![0usize; n]);
+        for k in make_keys(sample, seed << 40) {
             load[full.owner(k.as_bytes()).unwrap()] += 1;
-            base[(xxh3_64(k.as_bytes()) % 256) as usize] += 1;
+            base[(xxh3_64(k.as_bytes()) % n as u64) as usize] += 1;
         }
         ours.push(format!("{:.4}", peak_to_mean(&load)));
         ideal.push(format!("{:.4}", peak_to_mean(&base)));
     }
-    println!("  peers=256, 5 more 1M-key sets: peak-to-mean {ours:?}, ideal {ideal:?}");
+    println!("  peers={n}, 5 more {sample}-key sets: peak-to-mean {ours:?}, ideal {ideal:?}");
 }
 
-fn lookups(c: &mut Criterion<ThreadCpuTime>) {
+fn lookups(c: &mut Criterion<ThreadCpuTime>, scale: &Scale) {
     let keys = make_keys(1 << 16, 7);
     let mut group = c.benchmark_group("owner");
-    for n in SIZES {
+    for &n in scale.sizes {
         let p = Placement::build(&addrs(n, 0));
         let mut i = 0;
         group.bench_function(BenchmarkId::from_parameter(n), |b| {
@@ -258,7 +295,7 @@ fn lookups(c: &mut Criterion<ThreadCpuTime>) {
     }
     // A working set of 1024 keys, a cluster's worth of adapters or sessions in use: their
     // table lines stay in cache between lookups, as they would in a running proxy.
-    for n in SIZES {
+    for &n in scale.sizes {
         let p = Placement::build(&addrs(n, 0));
         let mut i = 0;
         group.bench_function(BenchmarkId::new("working_set_1024", n), |b| {
@@ -270,7 +307,7 @@ fn lookups(c: &mut Criterion<ThreadCpuTime>) {
     }
     // The same lookups over 64 keys only: the table lines stay cached, which separates the
     // scoring cost from the cache misses of the full runs above.
-    for n in SIZES {
+    for &n in scale.sizes {
         let p = Placement::build(&addrs(n, 0));
         let mut i = 0;
         group.bench_function(BenchmarkId::new("cached", n), |b| {
@@ -283,7 +320,7 @@ fn lookups(c: &mut Criterion<ThreadCpuTime>) {
     group.finish();
 
     let mut group = c.benchmark_group("order");
-    for n in SIZES {
+    for &n in scale.sizes {
         let p = Placement::build(&addrs(n, 0));
         let mut i = 0;
         group.bench_function(BenchmarkId::new("first3", n), |b| {
@@ -334,12 +371,13 @@ fn lookups(c: &mut Criterion<ThreadCpuTime>) {
 
 fn main() {
     check_jump_hash();
-    quality();
+    let scale = Scale::from_args();
+    quality(&scale);
     let mut c = Criterion::default()
         .with_measurement(ThreadCpuTime)
         .warm_up_time(std::time::Duration::from_secs(1))
         .measurement_time(std::time::Duration::from_secs(3))
         .configure_from_args();
-    lookups(&mut c);
+    lookups(&mut c, &scale);
     c.final_summary();
 }
