@@ -24,15 +24,42 @@ use tokio::{
 };
 
 /// Poll `cond` (async) every 50 ms for up to `secs`.
-pub async fn until<F, Fut>(what: &str, secs: u64, mut cond: F)
+pub async fn until<F, Fut>(what: &str, secs: u64, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(secs);
+    poll(
+        what,
+        Duration::from_secs(secs),
+        Duration::from_millis(50),
+        cond,
+    )
+    .await
+}
+
+/// Poll `cond` every 10 ms; fail after 15 s.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let cond = || std::future::ready(cond());
+    poll(
+        what,
+        Duration::from_secs(15),
+        Duration::from_millis(10),
+        cond,
+    )
+    .await
+}
+
+/// Await `cond` every `every` until it holds; fail naming `what` after `limit`.
+async fn poll<F, Fut>(what: &str, limit: Duration, every: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
     while !cond().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -472,13 +499,4 @@ pub async fn post_json(addr: SocketAddr, path: &str, body: &str, extra: &str) ->
 pub async fn chat_with(addr: SocketAddr, model: &str) -> RawResponse {
     let body = serde_json::json!({"model": model, "messages": []}).to_string();
     post_json(addr, "/v1/chat/completions", &body, "").await
-}
-
-/// Poll `cond` every 10 ms; fail after 15 s.
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
